@@ -1,0 +1,165 @@
+"""AsyncLLM: the Trio-native handle to a running engine, and `open_engine`, which starts one.
+
+Invariants:
+- Prompts are tokenized and checked here, in the caller's task, before anything reaches the
+  EngineCore: a bad prompt raises ValueError and costs the engine nothing.
+- Whatever way `generate` ends — finished, stop string, error, or the consumer cancelled or
+  walked away — the engine is told to abort the request from a shielded scope.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import fields
+from typing import Any
+
+import trio
+
+from .config import EngineConfig
+from .engine_core import EngineCore
+from .messages import AddRequest, SeqDelta
+from .model.source import ModelSource
+from .outbox import Outbox
+from .outputs import RequestError, RequestOutput, RequestTracker
+from .sampling_params import SamplingParams
+from .tokenizer import Tokenizer
+
+PromptType = str | Sequence[int] | Mapping[str, Any]
+_request_counter = itertools.count()
+
+
+class AsyncLLM:
+    def __init__(self, core: EngineCore, source: ModelSource) -> None:
+        self.core = core
+        self.source = source
+        self.model_name = source.name
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.source.tokenizer
+
+    @property
+    def config(self) -> EngineConfig:
+        return self.core.cfg
+
+    # ---- prompts ----------------------------------------------------------------------------
+    def prepare_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """(text, token ids) for a string, a list of token ids, or {"prompt_token_ids": [...]}."""
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, Mapping):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), self._check_ids(prompt["prompt_token_ids"])
+            if isinstance(prompt.get("prompt"), str):
+                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+            raise ValueError("a prompt dict needs 'prompt' (a string) or 'prompt_token_ids'")
+        if isinstance(prompt, Sequence):
+            return None, self._check_ids(prompt)
+        raise ValueError(f"a prompt must be a string, token ids or a dict, not {type(prompt).__name__}")
+
+    def chat_prompt(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> tuple[str | None, list[int]]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+        return text, self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _check_ids(self, ids: Any) -> list[int]:
+        if not isinstance(ids, Sequence) or isinstance(ids, str):
+            raise ValueError("prompt_token_ids must be a list of integers")
+        out = list(ids)
+        vocab = self.source.config.vocab_size
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in out):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        return out
+
+    def check_request(self, ids: list[int], params: SamplingParams) -> None:
+        max_len = self.config.max_model_len
+        assert max_len is not None
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= max_len:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens; this model's maximum context length is {max_len}"
+            )
+        params.check_for_model(self.source.config.vocab_size)
+
+    # ---- requests ---------------------------------------------------------------------------
+    async def generate(
+        self,
+        prompt: PromptType | None,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        *,
+        delta: bool = False,
+        prompt_ids: list[int] | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs: cumulative by default, or only what is new (`delta`)."""
+        params = params or SamplingParams()
+        if prompt_ids is None:
+            if prompt is None:
+                raise ValueError("give a prompt or prompt_ids")
+            text, ids = self.prepare_prompt(prompt)
+        else:
+            text, ids = (prompt if isinstance(prompt, str) else None), prompt_ids
+        self.check_request(ids, params)
+        rid = request_id or f"req-{next(_request_counter)}-{uuid.uuid4().hex[:8]}"
+        outbox: Outbox[SeqDelta] = Outbox()
+        tracker = RequestTracker(rid, text, ids, params, self.tokenizer)
+        await self.core.add(AddRequest(rid, ids, params, outbox))
+        try:
+            while not tracker.finished:
+                for d in await outbox.get():
+                    if tracker.apply(d):  # a stop string ended this sample
+                        await self.core.abort(rid, d.index)
+                if tracker.error:
+                    raise RequestError(tracker.error)
+                yield tracker.delta_output() if delta else tracker.output()
+        finally:
+            # Idempotent: a no-op for a request the engine has already finished.
+            with trio.CancelScope(shield=True):
+                await self.core.abort(rid)
+
+    async def generate_one(self, prompt: PromptType | None, params: SamplingParams | None = None,
+                           **kw: Any) -> RequestOutput:
+        """Run a request to the end and return its final output."""
+        final: RequestOutput | None = None
+        async for out in self.generate(prompt, params, **kw):
+            final = out
+        assert final is not None
+        return final
+
+    async def abort(self, request_id: str) -> None:
+        await self.core.abort(request_id)
+
+    def stats(self) -> dict[str, Any]:
+        return self.core.snapshot()
+
+
+def engine_config(config: EngineConfig | None = None, **kwargs: Any) -> EngineConfig:
+    known = {f.name for f in fields(EngineConfig)}
+    unknown = set(kwargs) - known
+    if unknown:
+        raise TypeError(f"unknown engine setting(s): {', '.join(sorted(unknown))}")
+    if config is None:
+        return EngineConfig(**kwargs)
+    return EngineConfig(**{**{k: getattr(config, k) for k in known}, **kwargs})
+
+
+@asynccontextmanager
+async def open_engine(
+    model: str | None = None, config: EngineConfig | None = None, **kwargs: Any
+) -> AsyncIterator[AsyncLLM]:
+    """Load a model and run its EngineCore in a nursery owned by this context manager."""
+    cfg = engine_config(config, **kwargs)
+    source = await trio.to_thread.run_sync(ModelSource.open, model)
+    resolved = cfg.resolve(source.config)
+    core = EngineCore(source, resolved)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(core.run)
+        try:
+            yield AsyncLLM(core, source)
+        finally:
+            nursery.cancel_scope.cancel()

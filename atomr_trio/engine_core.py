@@ -1,0 +1,290 @@
+"""EngineCore: the actor that owns a scheduler, a block manager and a Worker, and runs the step loop.
+
+Invariants:
+- One Trio task reads the inbox and steps, so scheduler and block state change only between
+  steps: an `AbortRequest` handled before a step has freed its blocks before that step runs.
+- Results go to each request's Outbox with a non-blocking push: a slow consumer never stalls
+  the loop.
+- An AddRequest the engine cannot serve ends with an error delta; it never raises in the loop.
+  When the loop ends for any reason, every live request gets a final delta ("abort").
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .messages import AbortRequest, AddRequest, SeqDelta
+from .model.source import ModelSource
+from .model_runner import BatchItem, StepBatch, StepResult
+from .outbox import Outbox
+from .sampler import SampleRow
+from .scheduler import Scheduler, SchedulerOutput
+from .sequence import SeqStatus, Sequence
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+INBOX_SIZE = 1024
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    multi_seq_steps: int = 0  # steps whose batch carried more than one sequence
+    prompt_tokens: int = 0  # prompt tokens computed (recomputation included)
+    generation_tokens: int = 0
+    forward_s: float = 0.0
+    step_s: float = 0.0
+    finished: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Live:
+    seqs: list[Sequence]
+    outbox: Outbox[SeqDelta]
+
+
+class EngineCore:
+    def __init__(self, source: ModelSource, cfg: EngineConfig, name: str = "engine-0") -> None:
+        assert cfg.num_kv_blocks is not None and cfg.max_model_len is not None, "resolve cfg first"
+        self.name = name
+        self.cfg = cfg
+        self.source = source
+        self.vocab_size = source.config.vocab_size
+        self.eos_token_ids = frozenset(source.tokenizer.eos_token_ids) | set(source.config.eos_token_ids)
+        self.block_manager = BlockManager(cfg.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.worker = Worker(source, cfg, name)
+        self.stats = EngineStats()
+        self.state = "created"
+        self._requests: dict[str, _Live] = {}
+        self._send, self._inbox = trio.open_memory_channel[AddRequest | AbortRequest](INBOX_SIZE)
+
+    # ---- what other actors call (they only send messages) -----------------------------------
+    async def add(self, req: AddRequest) -> None:
+        await self._send.send(req)
+
+    async def abort(self, request_id: str, index: int | None = None) -> None:
+        """Idempotent; safe after the request finished and after the engine stopped."""
+        try:
+            await self._send.send(AbortRequest(request_id, index))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ---- the actor ------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[EngineCore] = trio.TASK_STATUS_IGNORED) -> None:
+        self.state = "loading"
+        try:
+            await self.worker.start()
+            self.state = "serving"
+            task_status.started(self)
+            async with self._inbox:
+                while True:
+                    if not self.scheduler.has_work():
+                        try:
+                            self._handle(await self._inbox.receive())
+                        except trio.EndOfChannel:
+                            return
+                    self._drain_inbox()
+                    if self.scheduler.has_work():
+                        await self._step()
+        finally:
+            self.state = "stopped"
+            for rid in list(self._requests):
+                self._abort(rid, None, reason="abort")
+            self.worker.close()
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                msg = self._inbox.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return
+            self._handle(msg)
+
+    def _handle(self, msg: AddRequest | AbortRequest) -> None:
+        if isinstance(msg, AbortRequest):
+            self._abort(msg.request_id, msg.index, reason="abort")
+            return
+        try:
+            self._check(msg)
+        except ValueError as e:
+            for i in range(msg.params.n):
+                msg.outbox.push(SeqDelta(i, [], None, "error", error=str(e)))
+            return
+        seqs: list[Sequence] = []
+        for i in range(msg.params.n):
+            seq = Sequence(msg.request_id, i, list(msg.prompt_token_ids), len(msg.prompt_token_ids),
+                           msg.params, leader=seqs[0] if seqs else None)
+            seqs.append(seq)
+            self.scheduler.add(seq)
+        self._requests[msg.request_id] = _Live(seqs, msg.outbox)
+
+    def _check(self, msg: AddRequest) -> None:
+        ids, cfg = msg.prompt_token_ids, self.cfg
+        assert cfg.max_model_len is not None and cfg.num_kv_blocks is not None
+        if msg.request_id in self._requests:
+            raise ValueError(f"request id {msg.request_id!r} is already in use")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if len(ids) >= cfg.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens; the maximum context length is {cfg.max_model_len}"
+            )
+        msg.params.check_for_model(self.vocab_size)
+        longest = min(len(ids) + (msg.params.max_tokens or cfg.max_model_len), cfg.max_model_len)
+        if self.block_manager.blocks_for(longest) > cfg.num_kv_blocks:
+            raise ValueError(
+                f"the request needs up to {longest} tokens of KV cache; this engine holds "
+                f"{cfg.num_kv_blocks * cfg.block_size}"
+            )
+
+    def _abort(self, request_id: str, index: int | None, reason: str) -> None:
+        live = self._requests.get(request_id)
+        if live is None:
+            return  # finished already, or never known: aborts are idempotent
+        for seq in live.seqs:
+            if (index is None or seq.index == index) and not seq.is_finished:
+                self.scheduler.finish(seq, reason)
+                live.outbox.push(SeqDelta(seq.index, [], None, reason))
+                self._count_finish(reason)
+        if all(s.is_finished for s in live.seqs):
+            del self._requests[request_id]
+
+    # ---- the step ---------------------------------------------------------------------------
+    async def _step(self) -> None:
+        t0 = time.perf_counter()
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            log.error("%s: nothing schedulable although work is queued", self.name)
+            await trio.sleep(0.01)
+            return
+        batch = self._batch(sched)
+        try:
+            result = await self.worker.execute(batch)
+        except Exception as e:  # the device step failed: end the requests of this batch
+            log.exception("%s: step failed", self.name)
+            for s in sched.scheduled:
+                self._fail(s.seq, f"engine step failed: {type(e).__name__}")
+            return
+        self._apply(sched, batch, result)
+        st = self.stats
+        st.steps += 1
+        st.multi_seq_steps += len(sched.scheduled) > 1
+        st.forward_s += result.forward_s
+        st.step_s += time.perf_counter() - t0
+
+    def _batch(self, sched: SchedulerOutput) -> StepBatch:
+        items = []
+        for s in sched.scheduled:
+            seq, c, n = s.seq, s.seq.num_computed_tokens, s.num_new_tokens
+            row = None
+            if s.samples:
+                p = seq.params
+                need_history = p.uses_penalties
+                row = SampleRow(
+                    params=p,
+                    generator=seq.generator,
+                    prompt_ids=seq.token_ids[: seq.num_prompt_tokens] if need_history else None,
+                    output_ids=seq.output_token_ids if need_history else None,
+                    num_output_tokens=seq.num_output_tokens,
+                )
+            items.append(BatchItem(seq.seq_id, seq.token_ids[c : c + n], c, list(seq.block_table), row))
+        return StepBatch(items)
+
+    def _apply(self, sched: SchedulerOutput, batch: StepBatch, result: StepResult) -> None:
+        row_of = {sid: j for j, sid in enumerate(result.seq_ids)}
+        now = time.monotonic()
+        for s, item in zip(sched.scheduled, batch.items, strict=True):
+            seq = s.seq
+            if seq.is_finished:
+                continue
+            seq.num_computed_tokens += s.num_new_tokens
+            prompt_end = min(seq.num_computed_tokens, seq.num_prompt_tokens)
+            self.stats.prompt_tokens += max(0, prompt_end - item.start)
+            self.block_manager.cache_computed(seq)
+            if item.sample is None:
+                continue
+            j = row_of[seq.seq_id]
+            tok = result.sampled.token_ids[j]
+            lp = result.sampled.logprobs[j]
+            seq.token_ids.append(tok)
+            seq.first_token = seq.first_token or now
+            self.stats.generation_tokens += 1
+            reason = self._finish_reason(seq, tok)
+            live = self._requests[seq.request_id]
+            live.outbox.push(SeqDelta(seq.index, [tok], [lp] if lp else None, reason,
+                                      max(seq.num_cached_tokens, 0)))
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                self._count_finish(reason)
+                if all(x.is_finished for x in live.seqs):
+                    del self._requests[seq.request_id]
+
+    def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
+        p = seq.params  # the sampler forbids stop tokens before min_tokens
+        if not p.ignore_eos and tok in self.eos_token_ids:
+            return "stop"
+        if p.stop_token_ids and tok in p.stop_token_ids:
+            return "stop"
+        if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
+            return "length"
+        assert self.cfg.max_model_len is not None
+        if seq.num_tokens >= self.cfg.max_model_len:
+            return "length"
+        return None
+
+    def _fail(self, seq: Sequence, error: str) -> None:
+        live = self._requests.get(seq.request_id)
+        if live is None or seq.is_finished:
+            return
+        self.scheduler.finish(seq, "error")
+        live.outbox.push(SeqDelta(seq.index, [], None, "error", error=error))
+        self._count_finish("error")
+        if all(x.is_finished for x in live.seqs):
+            del self._requests[seq.request_id]
+
+    def _count_finish(self, reason: str) -> None:
+        self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+
+    # ---- views ------------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, float | int | str]:
+        bm = self.block_manager
+        return {
+            "name": self.name,
+            "state": self.state,
+            "num_requests_running": self.num_running,
+            "num_requests_waiting": self.num_waiting,
+            "kv_cache_usage": bm.usage,
+            "num_kv_blocks": bm.num_blocks,
+            "num_free_blocks": bm.num_free_blocks,
+            "prefix_cache_queries": bm.prefix_queries,
+            "prefix_cache_hits": bm.prefix_hits,
+            "prefix_cache_evictions": bm.evictions,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "steps": self.stats.steps,
+            "multi_seq_steps": self.stats.multi_seq_steps,
+            "prompt_tokens": self.stats.prompt_tokens,
+            "generation_tokens": self.stats.generation_tokens,
+            "forward_share": self.stats.forward_s / self.stats.step_s if self.stats.step_s else math.nan,
+        }
+
+
+__all__ = ["EngineCore", "EngineStats", "SeqStatus"]

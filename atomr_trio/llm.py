@@ -1,0 +1,180 @@
+"""LLM: the synchronous library API, in vLLM's shape, for scripts and notebooks.
+
+Invariants:
+- The actor tree runs in its own Trio run on a background thread owned by this object, so the
+  API works from plain scripts and from code already inside an asyncio loop (a Jupyter cell).
+- Arguments are checked and prompts tokenized in the caller's thread: mistakes raise there.
+- `close()` (or leaving the `with` block) cancels the tree, ends every request and joins the
+  thread; calls after that raise RuntimeError.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import trio
+
+from .async_llm import AsyncLLM, PromptType, engine_config, open_engine
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+Conversation = list[dict[str, Any]]
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **engine_settings: Any) -> None:
+        self._cfg = engine_config(**engine_settings)
+        self._model = model
+        self._engine: AsyncLLM | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._stop: trio.Event | None = None
+        self._error: BaseException | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="atomr-llm", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+
+    def _run(self) -> None:
+        try:
+            trio.run(self._main)
+        except BaseException as e:  # noqa: BLE001 - handed to the constructor's thread
+            if not self._ready.is_set():
+                self._error = e
+        finally:
+            self._ready.set()
+
+    async def _main(self) -> None:
+        async with open_engine(self._model, self._cfg) as engine:
+            self._engine = engine
+            self._token = trio.lowlevel.current_trio_token()
+            self._stop = trio.Event()
+            self._ready.set()
+            await self._stop.wait()
+
+    # ---- info -------------------------------------------------------------------------------
+    @property
+    def engine(self) -> AsyncLLM:
+        if self._engine is None or self._token is None or not self._thread.is_alive():
+            raise RuntimeError("this LLM is closed")
+        return self._engine
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._call_sync(self.engine.stats))
+
+    def __repr__(self) -> str:
+        if self._engine is None:
+            return "LLM(closed)"
+        c = self._engine.config
+        return (f"LLM(model={self._engine.model_name!r}, dtype={c.dtype}, device={c.device}, "
+                f"max_model_len={c.max_model_len}, kv_blocks={c.num_kv_blocks}x{c.block_size})")
+
+    # ---- generation -------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        engine = self.engine
+        items = [engine.prepare_prompt(p) for p in _as_prompt_list(prompts)]
+        return self._run_batch(items, sampling_params, use_tqdm)
+
+    def chat(
+        self,
+        messages: Conversation | Sequence[Conversation],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        engine = self.engine
+        one = bool(messages) and isinstance(messages[0], Mapping)
+        conversations: list[Any] = [messages] if one else list(messages)
+        items = [engine.chat_prompt(list(c), add_generation_prompt) for c in conversations]
+        return self._run_batch(items, sampling_params, use_tqdm)
+
+    def _run_batch(
+        self,
+        items: list[tuple[str | None, list[int]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+        use_tqdm: bool,
+    ) -> list[RequestOutput]:
+        engine = self.engine
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(items)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(items):
+                raise ValueError(f"got {len(params)} sampling params for {len(items)} prompts")
+        for (_, ids), p in zip(items, params, strict=True):
+            engine.check_request(ids, p)
+        results: list[RequestOutput | None] = [None] * len(items)
+        bar = _progress(len(items)) if use_tqdm and items else None
+
+        async def one(i: int) -> None:
+            text, ids = items[i]
+            results[i] = await engine.generate_one(text, params[i], prompt_ids=ids)
+            if bar is not None:
+                bar.update(1)
+                out_tokens = sum(len(o.token_ids) for r in results if r for o in r.outputs)
+                elapsed = bar.format_dict.get("elapsed") or 0.0
+                if elapsed:
+                    bar.set_postfix_str(f"output {out_tokens / elapsed:.1f} tok/s", refresh=False)
+
+        async def run_all() -> None:
+            async with trio.open_nursery() as nursery:
+                for i in range(len(items)):
+                    nursery.start_soon(one, i)
+
+        try:
+            self._call(run_all)
+        finally:
+            if bar is not None:
+                bar.close()
+        return [r for r in results if r is not None]
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    def _call(self, fn: Any, *args: Any) -> Any:
+        _ = self.engine  # raises when closed
+        return trio.from_thread.run(fn, *args, trio_token=self._token)
+
+    def _call_sync(self, fn: Any, *args: Any) -> Any:
+        _ = self.engine  # raises when closed
+        return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
+
+    def close(self) -> None:
+        if self._stop is not None and self._thread.is_alive():
+            try:
+                trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+            except trio.RunFinishedError:
+                pass
+        self._thread.join()
+        self._engine = None
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
+    if isinstance(prompts, (str, Mapping)):
+        return [prompts]
+    seq = list(prompts)
+    if seq and all(isinstance(t, int) and not isinstance(t, bool) for t in seq):
+        return [prompts]  # type: ignore[list-item]  # one prompt given as token ids
+    return seq  # type: ignore[return-value]
+
+
+def _progress(total: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="Generating", unit="req", dynamic_ncols=True)

@@ -1,0 +1,39 @@
+"""Messages between a request's owner and an EngineCore. All are frozen dataclasses.
+
+Invariant: the engine answers an `AddRequest` only through its outbox, and an owner may send
+`AbortRequest` any number of times, before, during or after the request finishes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .outbox import Outbox
+from .sampler import TokenLogprobs
+from .sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class SeqDelta:
+    """What one step produced for one sample of a request."""
+
+    index: int
+    new_token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class AddRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    outbox: Outbox[SeqDelta]
+
+
+@dataclass(frozen=True)
+class AbortRequest:
+    request_id: str
+    index: int | None = None  # one sample only (a stop string ended it); None: the whole request

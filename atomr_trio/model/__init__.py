@@ -1,0 +1,1 @@
+"""The model: config, weight files (GGUF, HF), the Llama-family decoder and paged attention."""

@@ -1,0 +1,148 @@
+"""Read a Llama-family GGUF file: config, dequantized weights under HF names, tokenizer pieces.
+
+Invariant: weights come out exactly as an HF checkpoint would hold them — llama.cpp's row
+permutation of attn_q / attn_k (llama architecture only) is undone here, nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import ModelConfig, ModelLoadError
+
+_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+@dataclass
+class GGUFTokenizerData:
+    model: str  # tokenizer.ggml.model, e.g. "gpt2"
+    pre: str | None
+    tokens: list[str]
+    token_types: list[int]
+    merges: list[str]
+    bos_token_id: int | None
+    eos_token_id: int | None
+    add_bos_token: bool
+    chat_template: str | None
+
+
+class GGUFFile:
+    def __init__(self, path: Path) -> None:
+        import gguf
+
+        self.path = path
+        try:
+            self._reader = gguf.GGUFReader(str(path))
+        except Exception as e:  # a truncated or foreign file
+            raise ModelLoadError(f"{path}: not a readable GGUF file ({e})") from e
+        arch = self.field("general.architecture")
+        if arch not in _ARCHS:
+            raise ModelLoadError(
+                f"{path}: field 'general.architecture' = {arch!r} is not supported "
+                f"(supported: {', '.join(sorted(_ARCHS))})"
+            )
+        self.arch: str = arch
+
+    def field(self, key: str, default: Any = ...) -> Any:
+        f = self._reader.fields.get(key)
+        if f is None:
+            if default is ...:
+                raise ModelLoadError(f"{self.path}: missing metadata field '{key}'")
+            return default
+        return f.contents()
+
+    def config(self) -> ModelConfig:
+        a = self.arch
+        n_heads = int(self.field(f"{a}.attention.head_count"))
+        hidden = int(self.field(f"{a}.embedding_length"))
+        names = {t.name for t in self._reader.tensors}
+        tokens = self.field("tokenizer.ggml.tokens", None)
+        vocab = int(self.field(f"{a}.vocab_size", len(tokens) if tokens else 0))
+        eos = self.field("tokenizer.ggml.eos_token_id", None)
+        return ModelConfig(
+            architecture=_ARCHS[a],
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=int(self.field(f"{a}.feed_forward_length")),
+            num_layers=int(self.field(f"{a}.block_count")),
+            num_heads=n_heads,
+            num_kv_heads=int(self.field(f"{a}.attention.head_count_kv", n_heads)),
+            head_dim=int(self.field(f"{a}.attention.key_length", hidden // n_heads)),
+            rms_norm_eps=float(self.field(f"{a}.attention.layer_norm_rms_epsilon")),
+            rope_theta=float(self.field(f"{a}.rope.freq_base", 10000.0)),
+            max_position_embeddings=int(self.field(f"{a}.context_length")),
+            tie_word_embeddings="output.weight" not in names,
+            attention_bias="blk.0.attn_q.bias" in names,
+            bos_token_id=self.field("tokenizer.ggml.bos_token_id", None),
+            eos_token_ids=(int(eos),) if eos is not None else (),
+        )
+
+    def weights(self, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
+        """Yield (hf_name, float32 array) for every tensor, dequantized."""
+        from gguf.quants import dequantize
+
+        for t in self._reader.tensors:
+            name = _hf_name(t.name)
+            if name is None:
+                continue  # e.g. rope_freqs, which we compute ourselves
+            try:
+                arr = dequantize(t.data, t.tensor_type)
+            except NotImplementedError as e:
+                raise ModelLoadError(
+                    f"{self.path}: tensor '{t.name}' has type {t.tensor_type.name}, "
+                    f"which cannot be dequantized ({e})"
+                ) from e
+            arr = np.asarray(arr, dtype=np.float32).reshape(tuple(reversed(t.shape.tolist())))
+            if self.arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
+                heads = cfg.num_heads if "attn_q" in t.name else cfg.num_kv_heads
+                arr = _unpermute(arr, heads)
+            yield name, arr
+
+    def tokenizer_data(self) -> GGUFTokenizerData:
+        model = self.field("tokenizer.ggml.model", None)
+        if model is None:
+            raise ModelLoadError(f"{self.path}: no tokenizer in the GGUF metadata")
+        return GGUFTokenizerData(
+            model=model,
+            pre=self.field("tokenizer.ggml.pre", None),
+            tokens=list(self.field("tokenizer.ggml.tokens")),
+            token_types=[int(x) for x in self.field("tokenizer.ggml.token_type", [])],
+            merges=list(self.field("tokenizer.ggml.merges", [])),
+            bos_token_id=self.field("tokenizer.ggml.bos_token_id", None),
+            eos_token_id=self.field("tokenizer.ggml.eos_token_id", None),
+            add_bos_token=bool(self.field("tokenizer.ggml.add_bos_token", False)),
+            chat_template=self.field("tokenizer.chat_template", None),
+        )
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    parts = gguf_name.split(".")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    if len(parts) == 2 and parts[0] in _GLOBAL_NAMES:
+        return f"{_GLOBAL_NAMES[parts[0]]}.{parts[1]}"
+    return None
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's interleaving of rotary halves in q/k projection rows."""
+    d, d_in = w.shape
+    return w.reshape(n_head, d // n_head // 2, 2, d_in).transpose(0, 2, 1, 3).reshape(d, d_in)

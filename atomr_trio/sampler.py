@@ -1,0 +1,150 @@
+"""Sampler: turns one step's logits into one token per sampling sequence, batched in torch.
+
+Invariants:
+- Every operation is over the whole [rows, vocab] tensor; Python loops run over rows only for
+  per-request state that cannot be batched (a seeded generator, a sparse logit_bias).
+- A seeded row draws its randomness from its own generator alone, so its tokens do not depend
+  on what else is in the batch.
+- Returned logprobs are log-softmax of the model's raw logits (before penalties, temperature and
+  truncation), as vLLM and OpenAI report them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .sampling_params import SamplingParams
+
+
+@dataclass
+class SampleRow:
+    params: SamplingParams
+    generator: torch.Generator | None
+    prompt_ids: list[int] | None  # only when penalties are used
+    output_ids: list[int] | None  # only when penalties or min_tokens are used
+    num_output_tokens: int
+
+
+@dataclass
+class TokenLogprobs:
+    token_id: int
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]]  # the top-k alternatives, best first
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: tuple[int, ...]) -> None:
+        self.eos_token_ids = list(eos_token_ids)
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SamplerOutput:
+        n, vocab = logits.shape
+        want_logprobs = [r.params.logprobs is not None for r in rows]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+
+        if any(r.params.uses_penalties for r in rows):
+            logits = self._penalize(logits, rows)
+        for i, r in enumerate(rows):
+            if r.params.logit_bias:
+                ids = torch.tensor(list(r.params.logit_bias), dtype=torch.long)
+                vals = torch.tensor(list(r.params.logit_bias.values()), dtype=logits.dtype)
+                logits[i].index_add_(0, ids, vals)
+        blocked = [
+            i for i, r in enumerate(rows)
+            if r.num_output_tokens < r.params.min_tokens
+        ]
+        for i in blocked:  # too early to stop: forbid EOS and the request's stop tokens
+            stops = list(rows[i].params.stop_token_ids or [])
+            if not rows[i].params.ignore_eos:
+                stops += self.eos_token_ids
+            if stops:
+                logits[i, stops] = float("-inf")
+
+        greedy = torch.tensor([r.params.greedy for r in rows])
+        if bool(greedy.all()):
+            tokens = logits.argmax(dim=-1)
+        else:
+            temps = torch.tensor([1.0 if r.params.greedy else r.params.temperature for r in rows])
+            scaled = logits / temps.unsqueeze(1)
+            scaled = self._truncate(scaled, rows)
+            probs = torch.softmax(scaled, dim=-1)
+            # Exponential race: argmax(p / E) with E ~ Exp(1) is a sample from p.
+            noise = torch.empty_like(probs).exponential_()
+            for i, r in enumerate(rows):
+                if r.generator is not None:
+                    noise[i].exponential_(generator=r.generator)
+            sampled = (probs / noise).argmax(dim=-1)
+            tokens = torch.where(greedy, logits.argmax(dim=-1), sampled)
+
+        token_list = tokens.tolist()
+        out: list[TokenLogprobs | None] = [None] * n
+        if raw_logprobs is not None:
+            idx = [i for i, w in enumerate(want_logprobs) if w]
+            sub = raw_logprobs[idx]
+            chosen = sub.gather(1, tokens[idx].unsqueeze(1))
+            ranks = (sub > chosen).sum(dim=1) + 1
+            k = max(rows[i].params.logprobs or 0 for i in idx)
+            top_v, top_i = sub.topk(k, dim=-1) if k else (sub[:, :0], sub[:, :0].long())
+            for j, i in enumerate(idx):
+                kk = rows[i].params.logprobs or 0
+                out[i] = TokenLogprobs(
+                    token_id=token_list[i],
+                    logprob=float(chosen[j, 0]),
+                    rank=int(ranks[j]),
+                    top=list(zip(top_i[j, :kk].tolist(), top_v[j, :kk].tolist(), strict=True)),
+                )
+        return SamplerOutput(token_ids=token_list, logprobs=out)
+
+    @staticmethod
+    def _penalize(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+        n, vocab = logits.shape
+        logits = logits.clone()
+        idx = [i for i, r in enumerate(rows) if r.params.uses_penalties]
+        counts = torch.zeros(len(idx), vocab)
+        seen = torch.zeros(len(idx), vocab, dtype=torch.bool)
+        for j, i in enumerate(idx):
+            out_ids = torch.tensor(rows[i].output_ids or [], dtype=torch.long)
+            counts[j].index_add_(0, out_ids, torch.ones(len(out_ids)))
+            seen[j, torch.tensor(rows[i].prompt_ids or [], dtype=torch.long)] = True
+        seen |= counts > 0
+        sub = logits[idx]
+        rep = torch.tensor([rows[i].params.repetition_penalty for i in idx]).unsqueeze(1)
+        # Repetition penalty (CTRL): make every token seen so far less likely.
+        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+        freq = torch.tensor([rows[i].params.frequency_penalty for i in idx]).unsqueeze(1)
+        pres = torch.tensor([rows[i].params.presence_penalty for i in idx]).unsqueeze(1)
+        sub = sub - freq * counts - pres * (counts > 0).float()
+        logits[idx] = sub
+        return logits
+
+    @staticmethod
+    def _truncate(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+        vocab = logits.shape[1]
+        top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in rows])
+        top_p = torch.tensor([r.params.top_p for r in rows])
+        min_p = torch.tensor([r.params.min_p for r in rows])
+        if bool((top_k < vocab).any()) or bool((top_p < 1.0).any()):
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            pos = torch.arange(vocab).unsqueeze(0)
+            drop = pos >= top_k.unsqueeze(1)
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            probs = torch.softmax(sorted_logits, dim=-1)
+            # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+            mass_before = probs.cumsum(dim=-1) - probs
+            drop = mass_before > top_p.unsqueeze(1)
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+        if bool((min_p > 0).any()):
+            probs = torch.softmax(logits, dim=-1)
+            floor = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
+            logits = logits.masked_fill(probs < floor, float("-inf"))
+        return logits

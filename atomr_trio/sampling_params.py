@@ -1,0 +1,132 @@
+"""SamplingParams: how one request is sampled and when it stops.
+
+Invariant: a SamplingParams that constructed without error is valid for any model; checks that
+need the model (token ids inside the vocabulary, context length) happen in `check_for_model`.
+Bad values raise `ValueError` naming the parameter, in the caller's thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Upper bounds that keep one request from dominating memory or the sampler.
+MAX_N = 128
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_LEN = 1024
+MAX_LOGIT_BIAS = 1024
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: no top-k
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    max_tokens: int | None = 16  # None: up to the context length
+    min_tokens: int = 0
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top alternatives; 0 = only the sampled token
+    skip_special_tokens: bool = True
+    priority: int = 0
+    stop_strings: tuple[str, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _int_in("n", self.n, 1, MAX_N)
+        _num_in("temperature", self.temperature, 0.0, 100.0)
+        _num_in("top_p", self.top_p, 0.0, 1.0)
+        if self.top_p <= 0.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        _int_in("top_k", self.top_k, -1, 1 << 30)
+        if self.top_k == -1:
+            self.top_k = 0
+        _num_in("min_p", self.min_p, 0.0, 1.0)
+        if self.seed is not None:
+            _int_in("seed", self.seed, -(1 << 63), (1 << 63) - 1)
+        _num_in("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _num_in("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _num_in("repetition_penalty", self.repetition_penalty, 0.0, 100.0)
+        if self.repetition_penalty <= 0.0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.logit_bias is not None:
+            if len(self.logit_bias) > MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries")
+            clean: dict[int, float] = {}
+            for k, v in self.logit_bias.items():
+                tok = int(k)
+                if tok < 0:
+                    raise ValueError(f"logit_bias token id must be >= 0, got {k}")
+                _num_in("logit_bias value", v, -100.0, 100.0)
+                clean[tok] = float(v)
+            self.logit_bias = clean
+        if self.max_tokens is not None:
+            _int_in("max_tokens", self.max_tokens, 1, 1 << 30)
+        _int_in("min_tokens", self.min_tokens, 0, 1 << 30)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})"
+            )
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop may hold at most {MAX_STOP_STRINGS} strings")
+        for s in stops:
+            if not isinstance(s, str) or not s or len(s) > MAX_STOP_STRING_LEN:
+                raise ValueError(
+                    f"each stop string must be a non-empty string of at most "
+                    f"{MAX_STOP_STRING_LEN} characters"
+                )
+        self.stop_strings = tuple(stops)
+        if self.stop_token_ids is not None:
+            self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+            if any(t < 0 for t in self.stop_token_ids):
+                raise ValueError("stop_token_ids must be >= 0")
+        if self.logprobs is not None:
+            _int_in("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        _int_in("priority", self.priority, -(1 << 31), (1 << 31) - 1)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+    @property
+    def uses_penalties(self) -> bool:
+        return (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
+        )
+
+    def check_for_model(self, vocab_size: int) -> None:
+        """Checks that need the model: every token id named must exist."""
+        for name, ids in (
+            ("logit_bias", list(self.logit_bias or ())),
+            ("stop_token_ids", self.stop_token_ids or []),
+        ):
+            bad = [t for t in ids if t >= vocab_size]
+            if bad:
+                raise ValueError(
+                    f"{name} names token id {bad[0]}, outside the vocabulary (size {vocab_size})"
+                )
+
+
+def _int_in(name: str, value: object, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+
+
+def _num_in(name: str, value: object, lo: float, hi: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not lo <= float(value) <= hi:  # also rejects NaN
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")

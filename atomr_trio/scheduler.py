@@ -1,0 +1,131 @@
+"""Scheduler: decides which tokens of which sequences one engine step computes.
+
+Invariants (DESIGN.md, "the engine step"):
+- There is no prefill or decode phase: each step spends a token budget, first on running
+  sequences (one token each for decodes, or the next prompt chunk), then on waiting sequences
+  in priority/FCFS order (chunked prefill).
+- When blocks run out, the lowest-priority, most recently admitted running sequence is preempted:
+  its blocks are freed and it goes back to the front of the waiting queue to be recomputed.
+- A sequence is in exactly one of `waiting` or `running` until it finishes; a finished or
+  aborted sequence holds no blocks.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .sequence import SeqStatus, Sequence
+
+
+@dataclass
+class Scheduled:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step computes the sequence's last token, so a new one is sampled."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[Scheduled] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key
+        self.running: list[Sequence] = []  # in admission order
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        bisect.insort(self.waiting, seq, key=Sequence.sort_key)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Take seq out of the queues for good and free its blocks (idempotent)."""
+        if seq.status is SeqStatus.FINISHED:
+            return
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.bm.free(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.bm.can_allocate(seq, seq.num_computed_tokens + n):
+                victim = self._pick_victim(i)
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                self.bm.allocate(seq, seq.num_computed_tokens + n)
+                out.scheduled.append(Scheduled(seq, n))
+                budget -= n
+                i += 1
+        if out.preempted:
+            return out  # memory is tight: admit nobody new this step
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+            seq = self.waiting[0]
+            if not _leader_ready(seq):
+                break
+            hits = self.bm.lookup(seq)
+            computed = len(hits) * self.bm.block_size
+            n = min(seq.num_tokens - computed, budget)
+            if not self.bm.can_allocate(seq, computed + n, hits):
+                break
+            self.waiting.pop(0)
+            self.bm.allocate(seq, computed + n, hits)
+            self.bm.record_admission(seq, len(hits))
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(Scheduled(seq, n))
+            budget -= n
+        return out
+
+    def _pick_victim(self, first: int) -> Sequence:
+        """Among running[first:] (not yet scheduled this step): highest priority value, latest."""
+        candidates = self.running[first:]
+        worst = max(seq.params.priority for seq in candidates)
+        return next(s for s in reversed(candidates) if s.params.priority == worst)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.bm.free(seq)
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.add(seq)
+
+
+def _leader_ready(seq: Sequence) -> bool:
+    """Samples 1..n-1 of a request wait until sample 0 has computed (and cached) the prompt."""
+    lead = seq.leader
+    return (
+        lead is None
+        or lead.status is SeqStatus.FINISHED
+        or lead.num_computed_tokens >= lead.num_prompt_tokens
+        or lead.num_output_tokens > 0
+    )

@@ -1,0 +1,73 @@
+"""Sequence: the engine's state for one sample of one request.
+
+Invariant: `token_ids` (prompt + generated) is the whole truth of a sequence; the KV cache holds
+the first `num_computed_tokens` of them. Preemption only resets `num_computed_tokens` and the
+block table, so a preempted sequence is recomputed from its tokens and loses nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .sampling_params import SamplingParams
+
+_seq_counter = itertools.count()
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    index: int  # which of the request's n samples
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    arrival: float = field(default_factory=time.monotonic)
+    seq_id: int = field(default_factory=lambda: next(_seq_counter))
+    status: SeqStatus = SeqStatus.WAITING
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # hashes of the leading full blocks
+    num_hashed_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
+    num_cached_tokens: int = -1  # prompt tokens found in the prefix cache at first admission
+    leader: Sequence | None = None  # for n > 1: sample 0, whose prompt blocks this one reuses
+    generator: torch.Generator | None = None
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+    first_scheduled: float | None = None
+    first_token: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.params.seed is not None and not self.params.greedy:
+            self.generator = torch.Generator()
+            self.generator.manual_seed((self.params.seed + self.index) & ((1 << 63) - 1))
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+    def sort_key(self) -> tuple[int, float, int]:
+        """Scheduling order: lower priority value first, then arrival (FCFS)."""
+        return (self.params.priority, self.arrival, self.seq_id)

@@ -1,0 +1,160 @@
+"""Tokenizer: text <-> token ids and the model's chat template, from an HF directory or a GGUF file.
+
+Invariant: chat prompts render the model's own jinja template and encode without adding special
+tokens (the template writes them), so ids equal transformers' `apply_chat_template`; plain
+prompts get the BOS token exactly when the model asks for it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+from .chat_template import ChatTemplate
+from .model.config import ModelLoadError
+from .model.gguf_file import GGUFTokenizerData
+
+# The pre-tokenizer split used by Llama 3 and Qwen2 byte-level BPE vocabularies.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4
+
+
+class Tokenizer:
+    def __init__(
+        self,
+        tok: HFTokenizer,
+        *,
+        bos_token_id: int | None,
+        eos_token_ids: Sequence[int],
+        add_bos_token: bool,
+        chat_template: str | None,
+        source: str,
+    ) -> None:
+        self._tok = tok
+        self.bos_token_id = bos_token_id
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.add_bos_token = add_bos_token
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self.source = source
+        self.bos_token = tok.id_to_token(bos_token_id) if bos_token_id is not None else None
+        eos0 = self.eos_token_ids[0] if self.eos_token_ids else None
+        self.eos_token = tok.id_to_token(eos0) if eos0 is not None else None
+        self.chat_template = (
+            ChatTemplate(chat_template, bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+            if chat_template
+            else None
+        )
+
+    # ---- construction ------------------------------------------------------------------
+    @staticmethod
+    def from_hf_dir(path: Path, eos_token_ids: Sequence[int]) -> Tokenizer:
+        tj = path / "tokenizer.json"
+        if not tj.is_file():
+            raise ModelLoadError(f"{tj}: no tokenizer.json in the model directory")
+        tok = HFTokenizer.from_file(str(tj))
+        tc_path = path / "tokenizer_config.json"
+        tc: dict[str, Any] = json.loads(tc_path.read_text()) if tc_path.is_file() else {}
+        template = tc.get("chat_template")
+        jinja = path / "chat_template.jinja"
+        if jinja.is_file():
+            template = jinja.read_text()
+        if isinstance(template, list):  # named templates: take the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+
+        def token_id(key: str) -> int | None:
+            v = tc.get(key)
+            if isinstance(v, dict):
+                v = v.get("content")
+            return tok.token_to_id(v) if isinstance(v, str) else None
+
+        eos = list(eos_token_ids)
+        tc_eos = token_id("eos_token")
+        if tc_eos is not None and tc_eos not in eos:
+            eos.insert(0, tc_eos)
+        return Tokenizer(
+            tok,
+            bos_token_id=token_id("bos_token"),
+            eos_token_ids=eos,
+            # tokenizer.json's post-processor adds BOS when the model wants it.
+            add_bos_token=False,
+            chat_template=template,
+            source=str(tj),
+        )
+
+    @staticmethod
+    def from_gguf(data: GGUFTokenizerData, source: str) -> Tokenizer:
+        if data.model != "gpt2":
+            raise ModelLoadError(
+                f"{source}: tokenizer.ggml.model = {data.model!r} is not supported from GGUF yet "
+                f"(byte-level BPE 'gpt2' is); load the model's HF directory instead"
+            )
+        vocab = {t: i for i, t in enumerate(data.tokens)}
+        merges = [tuple(m.split(" ", 1)) for m in data.merges]
+        tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))  # type: ignore[arg-type]
+        if data.pre in (None, "default", "gpt2", "smollm"):
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        elif data.pre in ("llama-bpe", "llama3", "qwen2", "smaug-bpe"):
+            tok.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ])
+        else:
+            raise ModelLoadError(f"{source}: tokenizer.ggml.pre = {data.pre!r} is not supported")
+        tok.decoder = decoders.ByteLevel()
+        types = data.token_types or [1] * len(data.tokens)
+        tok.add_special_tokens([
+            AddedToken(t, special=True, normalized=False)
+            for t, ty in zip(data.tokens, types, strict=True)
+            if ty == _TOKEN_CONTROL
+        ])
+        tok.add_tokens([
+            AddedToken(t, special=False, normalized=False)
+            for t, ty in zip(data.tokens, types, strict=True)
+            if ty == _TOKEN_USER_DEFINED
+        ])
+        return Tokenizer(
+            tok,
+            bos_token_id=data.bos_token_id,
+            eos_token_ids=[data.eos_token_id] if data.eos_token_id is not None else [],
+            add_bos_token=data.add_bos_token,
+            chat_template=data.chat_template,
+            source=source,
+        )
+
+    # ---- use ------------------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids: list[int] = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if (
+            add_special_tokens
+            and self.add_bos_token
+            and self.bos_token_id is not None
+            and ids[:1] != [self.bos_token_id]
+        ):
+            ids.insert(0, self.bos_token_id)
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return str(self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    def id_to_token(self, token_id: int) -> str | None:
+        tok: str | None = self._tok.id_to_token(token_id)
+        return tok
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> str:
+        if self.chat_template is None:
+            raise ValueError("this model has no chat template; use a plain text prompt")
+        return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        return self.encode(text, add_special_tokens=False)

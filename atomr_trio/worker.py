@@ -1,0 +1,82 @@
+"""Worker (stable) and Context (restartable): the two tiers that own one device.
+
+Invariants:
+- The Worker lives as long as its EngineCore and is what the engine talks to; the Context holds
+  everything that a device failure can poison (weights, KV tensors) and can be rebuilt from the
+  model source without the engine noticing anything but lost KV contents.
+- All torch work of a device runs on the Worker's DeviceThread, one job at a time.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+import torch
+
+from .config import EngineConfig
+from .device_thread import DeviceThread
+from .model.llama import LlamaModel
+from .model.source import ModelSource
+from .model_runner import ModelRunner, StepBatch, StepResult
+from .sampler import Sampler
+
+log = logging.getLogger(__name__)
+
+
+class Context:
+    """Weights + KV cache on one device. Built and used only on the device thread."""
+
+    def __init__(self, source: ModelSource, cfg: EngineConfig) -> None:
+        assert cfg.max_model_len is not None and cfg.num_kv_blocks is not None
+        torch.manual_seed(cfg.seed)
+        mc = source.config
+        model = LlamaModel(mc, cfg.torch_dtype, cfg.max_model_len)
+        model.load_weights(source.weights())
+        kv = torch.zeros(
+            mc.num_layers, 2, cfg.num_kv_blocks * cfg.block_size, mc.num_kv_heads, mc.head_dim,
+            dtype=cfg.torch_dtype, device=cfg.device,
+        )
+        eos = tuple(sorted(set(source.tokenizer.eos_token_ids) | set(mc.eos_token_ids)))
+        self.runner = ModelRunner(model, kv, cfg.block_size, Sampler(eos))
+
+    def execute(self, batch: StepBatch) -> StepResult:
+        return self.runner.execute(batch)
+
+
+class Worker:
+    def __init__(self, source: ModelSource, cfg: EngineConfig, name: str) -> None:
+        self.source = source
+        self.cfg = cfg
+        self.name = name
+        self.thread = DeviceThread(f"{name}-device", cfg.torch_threads)
+        self.context: Context | None = None
+        self.num_context_builds = 0
+
+    async def start(self) -> None:
+        await self.rebuild()
+
+    async def rebuild(self) -> None:
+        """(Re)create the Context on the device thread; the old one is dropped first."""
+
+        def build() -> Context:
+            self.context = None
+            gc.collect()
+            return Context(self.source, self.cfg)
+
+        self.context = await self.thread.run(build)
+        self.num_context_builds += 1
+        log.info("%s: context ready (build %d)", self.name, self.num_context_builds)
+
+    async def execute(self, batch: StepBatch) -> StepResult:
+        ctx = self.context
+        if ctx is None:
+            raise RuntimeError(f"{self.name}: no device context")
+        return await self.thread.run(lambda: ctx.execute(batch))
+
+    def close(self) -> None:
+        """Drop the Context and end the device thread (no job is in flight: `run` never
+        abandons one, so the engine only gets here between steps)."""
+        self.context = None
+        self.thread.stop()
+        self.thread.join(timeout=30)
