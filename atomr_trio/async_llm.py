@@ -157,9 +157,15 @@ async def open_engine(
     source = await trio.to_thread.run_sync(ModelSource.open, model)
     resolved = cfg.resolve(source.config)
     core = EngineCore(source, resolved)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(core.run)
-        try:
-            yield AsyncLLM(core, source)
-        finally:
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(core.run)
+            try:
+                yield AsyncLLM(core, source)
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # One failure (a model that cannot load, an error in the body) reads best unwrapped.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise

@@ -140,7 +140,7 @@ class Sampler:
             probs = torch.softmax(sorted_logits, dim=-1)
             # Keep the smallest prefix whose mass reaches top_p (always at least one token).
             mass_before = probs.cumsum(dim=-1) - probs
-            drop = mass_before > top_p.unsqueeze(1)
+            drop = mass_before >= top_p.unsqueeze(1)
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
         if bool((min_p > 0).any()):

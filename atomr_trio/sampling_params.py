@@ -62,11 +62,8 @@ class SamplingParams:
                 raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries")
             clean: dict[int, float] = {}
             for k, v in self.logit_bias.items():
-                tok = int(k)
-                if tok < 0:
-                    raise ValueError(f"logit_bias token id must be >= 0, got {k}")
                 _num_in("logit_bias value", v, -100.0, 100.0)
-                clean[tok] = float(v)
+                clean[_token_id("logit_bias", k)] = float(v)
             self.logit_bias = clean
         if self.max_tokens is not None:
             _int_in("max_tokens", self.max_tokens, 1, 1 << 30)
@@ -75,6 +72,8 @@ class SamplingParams:
             raise ValueError(
                 f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})"
             )
+        if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > MAX_STOP_STRINGS:
             raise ValueError(f"stop may hold at most {MAX_STOP_STRINGS} strings")
@@ -86,9 +85,9 @@ class SamplingParams:
                 )
         self.stop_strings = tuple(stops)
         if self.stop_token_ids is not None:
-            self.stop_token_ids = [int(t) for t in self.stop_token_ids]
-            if any(t < 0 for t in self.stop_token_ids):
-                raise ValueError("stop_token_ids must be >= 0")
+            if not isinstance(self.stop_token_ids, (list, tuple)):
+                raise ValueError("stop_token_ids must be a list of token ids")
+            self.stop_token_ids = [_token_id("stop_token_ids", t) for t in self.stop_token_ids]
         if self.logprobs is not None:
             _int_in("logprobs", self.logprobs, 0, MAX_LOGPROBS)
         _int_in("priority", self.priority, -(1 << 31), (1 << 31) - 1)
@@ -116,6 +115,15 @@ class SamplingParams:
                 raise ValueError(
                     f"{name} names token id {bad[0]}, outside the vocabulary (size {vocab_size})"
                 )
+
+
+def _token_id(name: str, value: object) -> int:
+    """A token id given as an int or a decimal string (JSON object keys are strings)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} token ids must be integers >= 0, got {value!r}")
+    return value
 
 
 def _int_in(name: str, value: object, lo: int, hi: int) -> None:

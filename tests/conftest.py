@@ -1,0 +1,119 @@
+"""Shared fixtures: real-model engines reused across tests, the transformers reference, and the
+after-every-test check that no engine leaks a KV block."""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from atomr_trio import LLM, engine_core
+from atomr_trio.model.source import ModelSource
+
+# Every EngineCore built during the run, so the leak check below can see it.
+_ENGINES: weakref.WeakSet[engine_core.EngineCore] = weakref.WeakSet()
+_orig_init = engine_core.EngineCore.__init__
+
+
+def _tracking_init(self: engine_core.EngineCore, *args: Any, **kwargs: Any) -> None:
+    _orig_init(self, *args, **kwargs)
+    _ENGINES.add(self)
+
+
+engine_core.EngineCore.__init__ = _tracking_init  # type: ignore[method-assign]
+
+
+@pytest.fixture(autouse=True)
+def no_block_leaks() -> Iterator[None]:
+    """After every test: each engine's free blocks == total blocks (cached-but-free count as
+    free) and nothing is queued. Aborts are messages, so allow the engine a moment to take them."""
+    yield
+    deadline = time.monotonic() + 5.0
+    for core in list(_ENGINES):
+        bm = core.block_manager
+        while bm.num_free_blocks != bm.num_blocks or core.scheduler.has_work():
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"{core.name} leaked KV blocks: {bm.num_free_blocks} free of {bm.num_blocks}, "
+                    f"{core.num_running} running, {core.num_waiting} waiting"
+                )
+            time.sleep(0.01)
+
+
+@pytest.fixture(scope="session")
+def default_source() -> ModelSource:
+    return ModelSource.open(None)
+
+
+@pytest.fixture(scope="session")
+def _llm_cache() -> Iterator[dict[tuple, LLM]]:
+    cache: dict[tuple, LLM] = {}
+    yield cache
+    for llm in cache.values():
+        llm.close()
+
+
+@pytest.fixture
+def make_llm(_llm_cache: dict[tuple, LLM]) -> Callable[..., LLM]:
+    """An LLM on the default model with these settings, shared by every test that asks for the
+    same settings (loading costs seconds)."""
+
+    def make(**settings: Any) -> LLM:
+        key = tuple(sorted(settings.items()))
+        if key not in _llm_cache:
+            _llm_cache[key] = LLM(**settings)
+        return _llm_cache[key]
+
+    return make
+
+
+@pytest.fixture
+def llm32(make_llm: Callable[..., LLM]) -> LLM:
+    """The default model in float32 (token parity with transformers holds in float32)."""
+    return make_llm(dtype="float32", max_model_len=2048, num_kv_blocks=1024)
+
+
+class Reference:
+    """transformers' greedy decoding of the same GGUF, float32, with its raw logprobs."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self._cache: dict[tuple, tuple[list[int], list[torch.Tensor]]] = {}
+
+    @torch.no_grad()
+    def greedy(self, ids: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
+        key = (tuple(ids), n)
+        if key not in self._cache:
+            out = self.model(torch.tensor([ids]), use_cache=True)
+            tokens: list[int] = []
+            logprobs: list[torch.Tensor] = []
+            for _ in range(n):
+                logits = out.logits[0, -1].float()
+                tok = int(logits.argmax())
+                tokens.append(tok)
+                logprobs.append(torch.log_softmax(logits, dim=-1))
+                out = self.model(torch.tensor([[tok]]), past_key_values=out.past_key_values, use_cache=True)
+            self._cache[key] = (tokens, logprobs)
+        return self._cache[key]
+
+
+@pytest.fixture(scope="session")
+def reference(default_source: ModelSource) -> Reference:
+    from transformers import AutoModelForCausalLM
+
+    path = default_source.path
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    model.eval()
+    return Reference(model)
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(default_source: ModelSource) -> Any:
+    from transformers import AutoTokenizer
+
+    path = default_source.path
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

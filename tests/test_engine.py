@@ -1,0 +1,113 @@
+"""The engine as a whole on the real model: preemption loses nothing, abort frees blocks before
+the next step without disturbing the batch, the library works inside asyncio and Trio."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import aclosing
+
+import pytest
+import trio
+
+from atomr_trio import LLM, SamplingParams, open_engine
+from atomr_trio.sequence import SeqStatus
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.mark.slow
+def test_preemption_recomputes_and_loses_nothing(llm32: LLM, make_llm) -> None:
+    prompts = [f"Request {i}: write a long story about a robot named R{i}." for i in range(32)]
+    params = SamplingParams(temperature=0, max_tokens=256, ignore_eos=True)
+    free_run = llm32.generate(prompts, params, use_tqdm=False)
+    # 160 blocks x 16 = 2,560 tokens of KV: about 9 of the 32 sequences at full length.
+    tight = make_llm(dtype="float32", max_model_len=2048, num_kv_blocks=160)
+    tight_run = tight.generate(prompts, params, use_tqdm=False)
+    assert tight.stats()["num_preemptions"] > 0
+    assert llm32.stats()["num_preemptions"] == 0
+    for a, b in zip(free_run, tight_run, strict=True):
+        assert len(b.outputs[0].token_ids) == 256
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+
+
+def test_bad_requests_raise_in_the_callers_thread(llm32: LLM) -> None:
+    with pytest.raises(ValueError, match="maximum context length"):
+        llm32.generate({"prompt_token_ids": [5] * 2048}, use_tqdm=False)
+    with pytest.raises(ValueError, match="token ids"):
+        llm32.generate({"prompt_token_ids": [1, 2, 10**9]}, use_tqdm=False)
+    with pytest.raises(ValueError, match="logit_bias"):
+        llm32.generate("hi", SamplingParams(logit_bias={10**7: 1.0}), use_tqdm=False)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    # and the engine still serves
+    out = llm32.generate("Hello", SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 4
+
+
+def test_llm_works_inside_a_running_asyncio_loop() -> None:
+    async def notebook_cell() -> str:
+        with LLM(dtype="float32", num_kv_blocks=64, max_model_len=512) as llm:
+            question = "What is the capital of France? Answer in one sentence."
+            out = llm.chat([{"role": "user", "content": question}],
+                           SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)
+        return out[0].outputs[0].text
+
+    assert asyncio.run(notebook_cell()) == "The capital of France is Paris."
+
+
+async def test_abort_frees_blocks_before_the_next_step_and_spares_the_batch() -> None:
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    prompts = ["The history of the printing press", "A recipe for bread:", "The rules of chess are"]
+    async with open_engine(dtype="float32", num_kv_blocks=128, max_model_len=512) as engine:
+        core = engine.core
+        alone = [(await engine.generate_one(p, params)).outputs[0].token_ids for p in prompts[1:]]
+
+        aborted: set[str] = set()
+        violations: list[str] = []
+        original = core.scheduler.schedule
+
+        def checked_schedule():  # runs at the start of every step
+            for seq in core.scheduler.running + core.scheduler.waiting:
+                if seq.request_id in aborted:
+                    violations.append(f"{seq.request_id} still queued")
+            out = original()
+            violations.extend(s.seq.request_id for s in out.scheduled if s.seq.request_id in aborted)
+            return out
+
+        core.scheduler.schedule = checked_schedule  # type: ignore[method-assign]
+        results: dict[int, list[int]] = {}
+        victim_seqs = []
+
+        async def consume(i: int, stop_after: int | None) -> None:
+            async with aclosing(engine.generate(prompts[i], params, request_id=f"r{i}")) as stream:
+                async for out in stream:
+                    if stop_after is not None and len(out.outputs[0].token_ids) >= stop_after:
+                        victim_seqs.extend(s for s in core.scheduler.running if s.request_id == f"r{i}")
+                        break
+                    results[i] = out.outputs[0].token_ids
+            if stop_after is not None:
+                aborted.add(f"r{i}")  # the abort was sent (shielded) when the stream closed
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(consume, 0, 5)
+            nursery.start_soon(consume, 1, None)
+            nursery.start_soon(consume, 2, None)
+
+        assert not violations
+        assert victim_seqs and all(s.status is SeqStatus.FINISHED and not s.block_table for s in victim_seqs)
+        assert [results[1], results[2]] == alone
+        assert core.block_manager.num_free_blocks == core.block_manager.num_blocks
+
+
+async def test_trio_stream_delivers_tokens_as_they_come() -> None:
+    async with open_engine(dtype="float32", num_kv_blocks=64, max_model_len=512) as engine:
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        final = await engine.generate_one("Count with me: one, two,", params)
+        deltas = []
+        async with aclosing(engine.generate("Count with me: one, two,", params, delta=True)) as stream:
+            async for d in stream:
+                deltas.append(d)
+        assert len(deltas) >= 2  # streamed, not delivered at once
+        assert "".join(d.outputs[0].text for d in deltas) == final.outputs[0].text
+        assert sum((d.outputs[0].token_ids for d in deltas), []) == final.outputs[0].token_ids
+        assert deltas[-1].finished and deltas[-1].outputs[0].finish_reason == "length"

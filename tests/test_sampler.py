@@ -1,0 +1,245 @@
+"""Sampler: greedy/random sampling, truncation, seeds, penalties, biases, min_tokens, logprobs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from atomr_trio.sampler import Sampler, SampleRow
+from atomr_trio.sampling_params import SamplingParams
+
+EOS = 3
+V = 16
+
+
+def row(
+    params: SamplingParams,
+    seed: int | None = None,
+    prompt: list[int] | None = None,
+    output: list[int] | None = None,
+) -> SampleRow:
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    out = list(output or [])
+    return SampleRow(params, gen, list(prompt or []), out, len(out))
+
+
+def sample(logits: torch.Tensor | list[list[float]], rows: list[SampleRow]) -> list[int]:
+    t = torch.as_tensor(logits, dtype=torch.float32).clone()
+    return Sampler((EOS,))(t, rows).token_ids
+
+
+def draws(logits: list[float], params: SamplingParams, n: int = 400) -> list[int]:
+    """n independent samples of one distribution, each from its own seeded row (deterministic)."""
+    return sample([logits] * n, [row(params, seed=i) for i in range(n)])
+
+
+def effective_logit_exceeds(
+    params: SamplingParams, token: int, logit: float, ref: float, **hist: list[int]
+) -> bool:
+    """Whether, after penalties/bias, `token` (raw logit `logit`) beats an untouched token at `ref`.
+
+    Greedy picks the larger one, which brackets the adjusted logit without reading internals."""
+    logits = [-1000.0] * V
+    logits[token] = logit
+    logits[15] = ref  # token 15 never appears in any history below
+    return sample([logits], [row(params, **hist)])[0] == token
+
+
+def assert_adjusted_logit(
+    params: SamplingParams, token: int, logit: float, expected: float, **hist: list[int]
+) -> None:
+    assert effective_logit_exceeds(params, token, logit, expected - 1e-3, **hist)
+    assert not effective_logit_exceeds(params, token, logit, expected + 1e-3, **hist)
+
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+# ---- greedy and truncation ------------------------------------------------------------------
+def test_greedy_is_argmax() -> None:
+    logits = torch.randn(6, V, generator=torch.Generator().manual_seed(0))
+    assert sample(logits, [row(GREEDY) for _ in range(6)]) == logits.argmax(dim=-1).tolist()
+
+
+def test_greedy_row_is_argmax_inside_a_random_batch() -> None:
+    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(1))
+    rows = [row(SamplingParams(temperature=1.0)), row(GREEDY), row(SamplingParams(temperature=2.0)),
+            row(GREEDY)]
+    tokens = sample(logits, rows)
+    expected = logits.argmax(dim=-1).tolist()
+    assert (tokens[1], tokens[3]) == (expected[1], expected[3])
+
+
+def test_top_k_1_is_greedy_even_at_temperature_1() -> None:
+    logits = torch.randn(32, V, generator=torch.Generator().manual_seed(2))
+    rows = [row(SamplingParams(temperature=1.0, top_k=1), seed=i) for i in range(32)]
+    assert sample(logits, rows) == logits.argmax(dim=-1).tolist()
+
+
+def test_top_k_limits_choices_to_the_k_best() -> None:
+    logits = [0.0, 1.0, 3.0, 2.9, 2.8] + [-1.0] * (V - 5)
+    assert set(draws(logits, SamplingParams(top_k=3))) == {2, 3, 4}
+
+
+def test_temperature_scales_the_distribution() -> None:
+    logits = [math.log(3.0), 0.0] + [-1e4] * (V - 2)  # p = (0.75, 0.25) at temperature 1
+    n = 4000
+    for temperature, p0 in ((1.0, 0.75), (2.0, math.sqrt(3) / (math.sqrt(3) + 1))):
+        freq = draws(logits, SamplingParams(temperature=temperature), n).count(0) / n
+        assert freq == pytest.approx(p0, abs=0.03)
+
+
+@pytest.mark.parametrize(
+    ("top_p", "kept"), [(0.45, {0}), (0.7, {0, 1}), (0.85, {0, 1, 2}), (1.0, {0, 1, 2, 3})]
+)
+def test_top_p_keeps_the_smallest_set_reaching_mass_p(top_p: float, kept: set[int]) -> None:
+    probs = [0.5, 0.3, 0.15, 0.05]
+    logits = [math.log(p) for p in probs] + [-1e4] * (V - 4)
+    assert set(draws(logits, SamplingParams(top_p=top_p))) == kept
+
+
+def test_top_p_boundary_keeps_the_smallest_set() -> None:
+    # Four equally likely tokens (p = 0.25 each, exact in binary): top_p = 0.5 is reached by two.
+    assert len(set(draws([0.0] * 4 + [-1e4] * (V - 4), SamplingParams(top_p=0.5)))) == 2
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_best() -> None:
+    probs = [0.5, 0.3, 0.15, 0.05]
+    logits = [math.log(p) for p in probs] + [-1e4] * (V - 4)
+    assert set(draws(logits, SamplingParams(min_p=0.4))) == {0, 1}  # floor 0.2
+    assert set(draws(logits, SamplingParams(min_p=0.2))) == {0, 1, 2}  # floor 0.1
+
+
+# ---- seeds -------------------------------------------------------------------------------
+def test_seeded_row_is_reproducible_alone_and_inside_a_batch() -> None:
+    logits = torch.zeros(1, V)  # uniform: every token is possible
+    params = SamplingParams(temperature=1.0, seed=7)
+    sampler = Sampler((EOS,))
+
+    def run(batch: bool) -> list[int]:
+        r = row(params, seed=7)
+        got = []
+        for _ in range(20):
+            if batch:  # unseeded random neighbours on both sides
+                rows = [row(SamplingParams(temperature=0.7)), r, row(SamplingParams(temperature=1.3))]
+                got.append(sampler(torch.zeros(3, V), rows).token_ids[1])
+            else:
+                got.append(sampler(logits.clone(), [r]).token_ids[0])
+        return got
+
+    torch.manual_seed(0)
+    alone = run(batch=False)
+    torch.manual_seed(123)  # the global RNG state must not matter to a seeded row
+    assert run(batch=True) == alone
+    assert len(set(alone)) > 1  # it is random, not constant
+
+    r8 = row(params, seed=8)
+    assert [sampler(logits.clone(), [r8]).token_ids[0] for _ in range(20)] != alone
+
+
+# ---- penalties and biases -----------------------------------------------------------------
+def test_presence_and_frequency_penalties_subtract_exact_amounts() -> None:
+    p = SamplingParams(temperature=0.0, presence_penalty=0.5, frequency_penalty=0.25)
+    out = [4, 4, 4, 5]
+    assert_adjusted_logit(p, 4, 2.0, 2.0 - 0.5 - 3 * 0.25, output=out)
+    assert_adjusted_logit(p, 5, 2.0, 2.0 - 0.5 - 1 * 0.25, output=out)
+    # Tokens only in the prompt are not penalized by presence/frequency.
+    assert_adjusted_logit(p, 6, 2.0, 2.0, prompt=[6], output=out)
+
+
+def test_negative_presence_penalty_encourages_repeats() -> None:
+    p = SamplingParams(temperature=0.0, presence_penalty=-1.5)
+    assert_adjusted_logit(p, 4, 1.0, 2.5, output=[4])
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits() -> None:
+    p = SamplingParams(temperature=0.0, repetition_penalty=2.0)
+    assert_adjusted_logit(p, 4, 3.0, 1.5, prompt=[4])  # seen in the prompt
+    assert_adjusted_logit(p, 5, 3.0, 1.5, output=[5])  # seen in the output
+    assert_adjusted_logit(p, 6, -1.0, -2.0, prompt=[6])
+    assert_adjusted_logit(p, 7, 3.0, 3.0, prompt=[4], output=[5])  # unseen: unchanged
+
+
+def test_penalties_apply_only_to_their_own_row() -> None:
+    logits = [[0.0] * V, [0.0] * V]
+    logits[0][4] = logits[1][4] = 1.0
+    rows = [row(SamplingParams(temperature=0.0, frequency_penalty=2.0), output=[4]), row(GREEDY, output=[4])]
+    tokens = sample(logits, rows)
+    assert tokens[0] != 4 and tokens[1] == 4
+
+
+def test_logit_bias_adds_to_the_logit() -> None:
+    assert_adjusted_logit(SamplingParams(temperature=0.0, logit_bias={9: 1.5}), 9, 0.25, 1.75)
+    banned = SamplingParams(temperature=0.0, logit_bias={2: -100.0})
+    logits = [0.0] * V
+    logits[2] = 50.0
+    assert sample([logits], [row(banned)]) != [2]
+
+
+def test_logit_bias_with_temperature_sampling() -> None:
+    logits = [0.0] * V
+    assert set(draws(logits, SamplingParams(logit_bias={5: 100.0}), 50)) == {5}
+
+
+# ---- min_tokens ---------------------------------------------------------------------------
+def test_min_tokens_blocks_eos_and_stop_tokens_until_reached() -> None:
+    params = SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[7])
+    logits = [0.0] * V
+    logits[EOS], logits[7], logits[9] = 10.0, 9.0, 1.0
+    assert sample([logits], [row(params, output=[])]) == [9]
+    assert sample([logits], [row(params, output=[1])]) == [9]
+    assert sample([logits], [row(params, output=[1, 1])]) == [EOS]
+    logits[EOS] = 0.0
+    assert sample([logits], [row(params, output=[1, 1])]) == [7]
+
+
+def test_min_tokens_blocks_eos_for_random_sampling() -> None:
+    logits = [0.0] * V
+    logits[EOS] = 5.0
+    assert EOS not in draws(logits, SamplingParams(min_tokens=1), 100)
+
+
+def test_min_tokens_leaves_eos_alone_with_ignore_eos() -> None:
+    params = SamplingParams(temperature=0.0, min_tokens=2, ignore_eos=True)
+    logits = [0.0] * V
+    logits[EOS] = 10.0
+    assert sample([logits], [row(params)]) == [EOS]
+
+
+# ---- logprobs -----------------------------------------------------------------------------
+def test_logprobs_are_raw_log_softmax_with_rank_and_sorted_top() -> None:
+    logits = torch.tensor([[0.5, 2.0, -1.0, 1.0, 3.0, 0.0, 0.2, 0.1]])
+    raw = torch.log_softmax(logits, dim=-1)[0]
+    # Penalties and bias make token 1 the choice; the logprobs still describe the raw logits.
+    params = SamplingParams(temperature=0.0, repetition_penalty=4.0, logit_bias={1: 5.0}, logprobs=3)
+    out = Sampler((EOS,))(logits.clone(), [row(params, prompt=[4, 7], output=[3])])
+    assert out.token_ids == [1]
+    lp = out.logprobs[0]
+    assert lp is not None
+    assert lp.token_id == 1
+    assert lp.logprob == pytest.approx(float(raw[1]))
+    assert lp.rank == 2  # only token 4 has a larger raw logit
+    assert [t for t, _ in lp.top] == [4, 1, 3]
+    assert [v for _, v in lp.top] == pytest.approx([float(raw[4]), float(raw[1]), float(raw[3])])
+
+
+def test_logprobs_zero_gives_only_the_sampled_token_and_none_when_not_asked() -> None:
+    logits = torch.tensor([[1.0, 2.0, 0.0, 0.5], [1.0, 2.0, 0.0, 0.5]])
+    rows = [row(SamplingParams(temperature=0.0, logprobs=0)), row(GREEDY)]
+    out = Sampler((EOS,))(logits.clone(), rows)
+    assert out.logprobs[1] is None
+    lp = out.logprobs[0]
+    assert lp is not None and lp.top == [] and lp.rank == 1
+    assert lp.logprob == pytest.approx(float(torch.log_softmax(logits[0], -1)[1]))
+
+
+def test_logprobs_rank_of_a_random_sample() -> None:
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]] * 64)
+    rows = [row(SamplingParams(logprobs=2), seed=i) for i in range(64)]
+    out = Sampler((EOS,))(logits.clone(), rows)
+    for tok, lp in zip(out.token_ids, out.logprobs, strict=True):
+        assert lp is not None
+        assert lp.rank == 4 - tok  # token 3 is the best
+        assert [t for t, _ in lp.top] == [3, 2]
