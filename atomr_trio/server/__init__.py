@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: request bodies, the Gateway app, and the serve loop."""

@@ -1,0 +1,333 @@
+"""Gateway: the OpenAI-compatible HTTP API (Quart-Trio), a thin layer over one AsyncLLM.
+
+Invariants:
+- Every error leaves as `{"error": {message, type, param, code}}`; a client's mistake is a 4xx.
+- Each request handler is the request's owner: it streams what the engine has ready as SSE
+  events, and if the client goes away (Trio cancellation) `AsyncLLM.generate` aborts the request
+  in the engine from a shielded scope.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from quart import Response, request
+from quart_trio import QuartTrio
+
+from ..async_llm import AsyncLLM
+from ..chat_template import ChatTemplateError
+from ..outputs import CompletionOutput, Logprob, RequestError, RequestOutput
+from ..sampling_params import SamplingParams
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest
+
+log = logging.getLogger(__name__)
+MAX_BODY_BYTES = 4 << 20
+
+
+def create_app(engine: AsyncLLM, served_model_name: str, api_keys: list[str] | None = None) -> QuartTrio:
+    app = QuartTrio("atomr_trio")
+    app.config.update(RESPONSE_TIMEOUT=None, BODY_TIMEOUT=60, MAX_CONTENT_LENGTH=MAX_BODY_BYTES)
+    keys = [k.encode() for k in (api_keys or [])]
+    max_len = engine.config.max_model_len
+    assert max_len is not None
+
+    @app.before_request
+    async def check_key() -> Any:
+        if not keys or request.path in ("/health", "/healthz"):
+            return None
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").encode()
+        if not any(hmac.compare_digest(given, k) for k in keys):
+            raise APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
+        return None
+
+    @app.errorhandler(APIError)
+    async def api_error(e: APIError) -> Any:
+        return e.body(), e.status
+
+    for status, text in ((404, "not found"), (405, "method not allowed"), (413, "request body too large")):
+        @app.errorhandler(status)
+        async def http_error(_: Exception, status: int = status, text: str = text) -> Any:
+            return APIError(status, f"{request.method} {request.path}: {text}").body(), status
+
+    async def body_of(model: type[BaseModel]) -> Any:
+        raw = await request.get_data()
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise APIError(400, "the request body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        try:
+            body = model.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            param = ".".join(str(x) for x in err["loc"]) or None
+            raise APIError(400, f"{param}: {err['msg']}", param=param) from None
+        if body.model != served_model_name:  # type: ignore[attr-defined]
+            raise APIError(404, f"The model `{body.model}` does not exist.", "NotFoundError",  # type: ignore[attr-defined]
+                           param="model", code="model_not_found")
+        bad = body.unsupported()  # type: ignore[attr-defined]
+        if bad:
+            raise APIError(400, f"'{bad}' is not supported by this server yet", param=bad)
+        return body
+
+    def budget(n_prompt: int, asked: int | None) -> int:
+        if asked is not None and n_prompt + asked > max_len:
+            raise APIError(400, (
+                f"This model's maximum context length is {max_len} tokens. However, you requested "
+                f"{n_prompt + asked} tokens ({n_prompt} in the messages, {asked} in the completion). "
+                "Please reduce the length of the messages or completion."), param="max_tokens")
+        if n_prompt >= max_len:
+            raise APIError(400, (
+                f"This model's maximum context length is {max_len} tokens. However, your prompt has "
+                f"{n_prompt} tokens. Please reduce the length of the messages."), param="messages")
+        return asked if asked is not None else max_len - n_prompt
+
+    # ---- routes -----------------------------------------------------------------------------
+    @app.get("/health")
+    @app.get("/healthz")
+    async def health() -> Any:
+        ok = engine.core.state == "serving"
+        return {"status": "ok" if ok else engine.core.state}, 200 if ok else 503
+
+    @app.get("/v1/models")
+    async def models() -> Any:
+        return {"object": "list", "data": [_model_card(served_model_name, max_len)]}
+
+    @app.get("/v1/models/<path:model_id>")
+    async def model(model_id: str) -> Any:
+        if model_id != served_model_name:
+            raise APIError(404, f"The model `{model_id}` does not exist.", "NotFoundError",
+                           param="model", code="model_not_found")
+        return _model_card(served_model_name, max_len)
+
+    @app.post("/tokenize")
+    async def tokenize() -> Any:
+        data = await _json_object()
+        if "messages" in data:
+            try:
+                _, ids = engine.chat_prompt(data["messages"])
+            except (ChatTemplateError, TypeError) as e:
+                raise APIError(400, str(e), param="messages") from None
+        elif isinstance(data.get("prompt"), str):
+            special = bool(data.get("add_special_tokens", True))
+            ids = engine.tokenizer.encode(data["prompt"], add_special_tokens=special)
+        else:
+            raise APIError(400, "give 'prompt' (a string) or 'messages'", param="prompt")
+        return {"tokens": ids, "count": len(ids), "max_model_len": max_len}
+
+    @app.post("/detokenize")
+    async def detokenize() -> Any:
+        data = await _json_object()
+        try:
+            ids = engine.prepare_prompt({"prompt_token_ids": data.get("tokens")})[1]
+        except ValueError as e:
+            raise APIError(400, str(e), param="tokens") from None
+        return {"prompt": engine.tokenizer.decode(ids, skip_special_tokens=False)}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions() -> Any:
+        body: ChatCompletionRequest = await body_of(ChatCompletionRequest)
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        try:
+            _, ids = engine.chat_prompt(messages)
+        except ChatTemplateError as e:
+            raise APIError(400, str(e), param="messages") from None
+        asked = body.max_completion_tokens or body.max_tokens
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = body.sampling_params(budget(len(ids), asked), logprobs)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            return _sse(_chat_stream(engine, body, rid, ids, params, served_model_name))
+        out = await _run(engine, ids, params, rid)
+        choices = [{
+            "index": o.index,
+            "message": {"role": "assistant", "content": o.text},
+            "logprobs": _chat_logprobs(o, logprobs) if logprobs is not None else None,
+            "finish_reason": o.finish_reason,
+        } for o in out.outputs]
+        return {"id": rid, "object": "chat.completion", "created": int(time.time()),
+                "model": served_model_name, "choices": choices, "usage": _usage([out])}
+
+    @app.post("/v1/completions")
+    async def completions() -> Any:
+        body: CompletionRequest = await body_of(CompletionRequest)
+        prompts = body.prompt
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[assignment]
+        if not prompts:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        jobs = []
+        for p in prompts:
+            try:
+                text, ids = engine.prepare_prompt(p)  # type: ignore[arg-type]
+            except ValueError as e:
+                raise APIError(400, str(e), param="prompt") from None
+            if not ids:
+                raise APIError(400, "prompt must not be empty", param="prompt")
+            jobs.append((text, ids))
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        params_list = [body.sampling_params(budget(len(ids), body.max_tokens), body.logprobs)
+                       for _, ids in jobs]
+        if body.stream:
+            return _sse(_completion_stream(engine, body, rid, jobs, params_list, served_model_name))
+        outs = []
+        for i, ((text, ids), params) in enumerate(zip(jobs, params_list, strict=True)):
+            outs.append(await _run(engine, ids, params, f"{rid}-{i}", text))
+        choices = []
+        for i, (out, (text, ids)) in enumerate(zip(outs, jobs, strict=True)):
+            prefix = (text if text is not None else engine.tokenizer.decode(ids)) if body.echo else ""
+            for o in out.outputs:
+                choices.append({
+                    "index": i * body.n + o.index, "text": prefix + o.text,
+                    "logprobs": _completion_logprobs(o, body.logprobs) if body.logprobs is not None else None,
+                    "finish_reason": o.finish_reason,
+                })
+        return {"id": rid, "object": "text_completion", "created": int(time.time()),
+                "model": served_model_name, "choices": choices, "usage": _usage(outs)}
+
+    return app
+
+
+async def _json_object() -> dict[str, Any]:
+    try:
+        data = json.loads(await request.get_data())
+    except (ValueError, UnicodeDecodeError):
+        raise APIError(400, "the request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return data
+
+
+async def _run(engine: AsyncLLM, ids: list[int], params: SamplingParams, rid: str,
+               text: str | None = None) -> RequestOutput:
+    try:
+        return await engine.generate_one(text, params, request_id=rid, prompt_ids=ids)
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+    except RequestError as e:
+        raise APIError(500, f"the engine could not finish the request: {e}", "server_error") from None
+
+
+def _sse(events: AsyncIterator[str]) -> Response:
+    async def body() -> AsyncIterator[bytes]:
+        async for e in events:
+            yield e.encode()
+
+    return Response(body(), content_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _event(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _chat_stream(engine: AsyncLLM, body: ChatCompletionRequest, rid: str, ids: list[int],
+                       params: SamplingParams, model: str) -> AsyncIterator[str]:
+    created = int(time.time())
+    head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
+    yield "".join(_event({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                "logprobs": None, "finish_reason": None}]})
+                  for i in range(params.n))
+    final: RequestOutput | None = None
+    generated = 0
+    try:
+        async for delta in engine.generate(None, params, request_id=rid, delta=True, prompt_ids=ids):
+            final = delta
+            generated += sum(len(o.token_ids) for o in delta.outputs)
+            events = []
+            for o in delta.outputs:
+                if o.text or o.finish_reason or (o.logprobs and params.logprobs is not None):
+                    events.append(_event({**head, "choices": [{
+                        "index": o.index, "delta": {"content": o.text} if o.text else {},
+                        "logprobs": (_chat_logprobs(o, params.logprobs)
+                                     if params.logprobs is not None else None),
+                        "finish_reason": o.finish_reason}]}))
+            if events:
+                yield "".join(events)
+    except RequestError as e:
+        yield _event({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+    if final is not None and body.stream_options and body.stream_options.include_usage:
+        yield _event({**head, "choices": [], "usage": _usage([final], generated)})
+    yield "data: [DONE]\n\n"
+
+
+async def _completion_stream(engine: AsyncLLM, body: CompletionRequest, rid: str,
+                             jobs: list[tuple[str | None, list[int]]], params_list: list[SamplingParams],
+                             model: str) -> AsyncIterator[str]:
+    head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model}
+    finals: list[RequestOutput] = []
+    generated = 0
+    try:
+        for i, ((text, ids), params) in enumerate(zip(jobs, params_list, strict=True)):
+            if body.echo:
+                prefix = text if text is not None else engine.tokenizer.decode(ids)
+                yield "".join(_event({**head, "choices": [{"index": i * body.n + k, "text": prefix,
+                                                           "logprobs": None, "finish_reason": None}]})
+                              for k in range(params.n))
+            final = None
+            async for delta in engine.generate(text, params, request_id=f"{rid}-{i}", delta=True,
+                                               prompt_ids=ids):
+                final = delta
+                generated += sum(len(o.token_ids) for o in delta.outputs)
+                events = [_event({**head, "choices": [{
+                    "index": i * body.n + o.index, "text": o.text,
+                    "logprobs": (_completion_logprobs(o, params.logprobs)
+                                 if params.logprobs is not None else None),
+                    "finish_reason": o.finish_reason}]})
+                    for o in delta.outputs if o.text or o.finish_reason]
+                if events:
+                    yield "".join(events)
+            if final is not None:
+                finals.append(final)
+    except RequestError as e:
+        yield _event({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+    if finals and body.stream_options and body.stream_options.include_usage:
+        yield _event({**head, "choices": [], "usage": _usage(finals, generated)})
+    yield "data: [DONE]\n\n"
+
+
+def _usage(outs: list[RequestOutput], completion: int | None = None) -> dict[str, Any]:
+    """Usage of finished requests; a delta stream passes the completion tokens it counted."""
+    prompt = sum(len(o.prompt_token_ids) for o in outs)
+    if completion is None:
+        completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outs)}}
+
+
+def _model_card(name: str, max_len: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "atomr_trio", "max_model_len": max_len}
+
+
+def _entries(o: CompletionOutput, k: int) -> list[tuple[Logprob, list[Logprob]]]:
+    """(the sampled token's logprob, the top-k alternatives best first) for each token."""
+    lps = o.logprobs or []
+    tids = o.token_ids[len(o.token_ids) - len(lps):]
+    return [(e[t], sorted((x for x in e.values() if (x.rank or 0) <= k), key=lambda x: x.rank or 0))
+            for t, e in zip(tids, lps, strict=True)]
+
+
+def _chat_logprobs(o: CompletionOutput, k: int) -> dict[str, Any]:
+    def item(x: Logprob) -> dict[str, Any]:
+        tok = x.decoded_token or ""
+        return {"token": tok, "logprob": x.logprob, "bytes": list(tok.encode())}
+
+    return {"content": [{**item(chosen), "top_logprobs": [item(x) for x in top]}
+                        for chosen, top in _entries(o, k)]}
+
+
+def _completion_logprobs(o: CompletionOutput, k: int) -> dict[str, Any]:
+    entries = _entries(o, k)
+    return {
+        "tokens": [c.decoded_token for c, _ in entries],
+        "token_logprobs": [c.logprob for c, _ in entries],
+        "top_logprobs": [{x.decoded_token or "": x.logprob for x in top} for _, top in entries],
+    }
