@@ -32,7 +32,7 @@ class Context:
         torch.manual_seed(cfg.seed)
         mc = source.config
         model = LlamaModel(mc, cfg.torch_dtype, cfg.max_model_len)
-        model.load_weights(source.weights())
+        model.load_weights(source.weights(), source.path)
         kv = torch.zeros(
             mc.num_layers, 2, cfg.num_kv_blocks * cfg.block_size, mc.num_kv_heads, mc.head_dim,
             dtype=cfg.torch_dtype, device=cfg.device,

