@@ -22,8 +22,14 @@ def write_tiny_model(path: Path, arch: str = "qwen2", seed: int = 0) -> None:
     2-layer model of the given architecture (Qwen2 with non-zero q/k/v biases), saved in
     safetensors shards of at most ~200 kB."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                              Qwen2Config, Qwen2ForCausalLM)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
