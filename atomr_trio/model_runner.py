@@ -90,22 +90,25 @@ class ModelRunner:
                 kv_slots = torch.from_numpy(bt[all_pos // bs] * bs + all_pos % bs)
                 mask = torch.arange(ctx).unsqueeze(0) <= torch.from_numpy(pos).unsqueeze(1)
                 prefills.append(PrefillChunk(q_start, n, kv_slots, mask))
-        decode_slots = decode_mask = None
+        decode_blocks = decode_bias = None
         if decodes:
+            nd = len(decodes)
             max_blocks = max(len(d.block_table) for d in decodes)
-            table = np.zeros((len(decodes), max_blocks), dtype=np.int64)
+            table = np.zeros((nd, max_blocks), dtype=np.int64)  # padding reads block 0, masked
             for i, d in enumerate(decodes):
                 table[i, : len(d.block_table)] = d.block_table
             L = max_blocks * bs
-            lpos = np.arange(L, dtype=np.int64)
-            decode_slots = torch.from_numpy(table[:, lpos // bs] * bs + lpos % bs)
+            decode_blocks = torch.from_numpy(table.reshape(-1))
             ctx_lens = torch.tensor([d.start + 1 for d in decodes])
-            decode_mask = (torch.arange(L).unsqueeze(0) < ctx_lens.unsqueeze(1)).view(len(decodes), 1, 1, L)
+            hidden = torch.arange(L).unsqueeze(0) >= ctx_lens.unsqueeze(1)
+            decode_bias = torch.zeros(1, nd, 1, L, dtype=self.model.dtype)
+            decode_bias.masked_fill_(hidden.view(1, nd, 1, L), float("-inf"))
         meta = AttentionMetadata(
             slot_mapping=torch.from_numpy(np.concatenate(slot_parts)),
+            block_size=bs,
             num_decode=len(decodes),
-            decode_slots=decode_slots,
-            decode_mask=decode_mask,
+            decode_blocks=decode_blocks,
+            decode_bias=decode_bias,
             prefills=prefills,
         )
         input_ids = torch.tensor(ids, dtype=torch.long)

@@ -34,7 +34,7 @@ class Context:
         model = LlamaModel(mc, cfg.torch_dtype, cfg.max_model_len)
         model.load_weights(source.weights(), source.path)
         kv = torch.zeros(
-            mc.num_layers, 2, cfg.num_kv_blocks * cfg.block_size, mc.num_kv_heads, mc.head_dim,
+            mc.num_layers, 2, mc.num_kv_heads, cfg.num_kv_blocks * cfg.block_size, mc.head_dim,
             dtype=cfg.torch_dtype, device=cfg.device,
         )
         eos = tuple(sorted(set(source.tokenizer.eos_token_ids) | set(mc.eos_token_ids)))

@@ -1,8 +1,9 @@
 """Paged attention over a flattened batch, in plain torch.
 
-Layout of one layer's cache: `kv[0]` (keys) and `kv[1]` (values), each [num_slots, kv_heads,
-head_dim], where slot = block_id * block_size + offset. The batch puts all decode tokens (one per
-sequence) first, then each prompt chunk.
+Layout of one layer's cache: `kv[0]` (keys) and `kv[1]` (values), each [kv_heads, num_slots,
+head_dim], where slot = block_id * block_size + offset. Gathering whole blocks along dim 1 gives
+[kv_heads, sequences, context, head_dim] with no further copy, which is what batched matmuls
+want. The batch puts all decode tokens (one per sequence) first, then each prompt chunk.
 
 Invariant: the step's new K/V are written into their slots before any query reads the cache, so
 a query sees exactly the tokens at positions <= its own of its own sequence.
@@ -27,9 +28,10 @@ class PrefillChunk:
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] where each new token's K/V goes
+    block_size: int
     num_decode: int  # first num_decode rows are single decode tokens
-    decode_slots: torch.Tensor | None  # [num_decode, L] slots of each sequence's context (padded)
-    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, L] bool
+    decode_blocks: torch.Tensor | None  # [num_decode * max_blocks] block tables, padded, flattened
+    decode_bias: torch.Tensor | None  # [1, num_decode, 1, L]: 0 where a key is visible, -inf elsewhere
     prefills: list[PrefillChunk]
 
 
@@ -37,27 +39,29 @@ def paged_attention(
     q: torch.Tensor,  # [T, H, D]
     k: torch.Tensor,  # [T, KVH, D]
     v: torch.Tensor,  # [T, KVH, D]
-    kv: torch.Tensor,  # [2, num_slots, KVH, D]
+    kv: torch.Tensor,  # [2, KVH, num_slots, D]
     meta: AttentionMetadata,
 ) -> torch.Tensor:
     T, H, D = q.shape
     kvh = k.shape[1]
     k_cache, v_cache = kv[0], kv[1]
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
+    k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+    v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     outs = []
     nd = meta.num_decode
     if nd:
-        assert meta.decode_slots is not None
-        slots = meta.decode_slots
-        L = slots.shape[1]
-        flat = slots.reshape(-1)
-        kd = k_cache.index_select(0, flat).view(nd, L, kvh, D).transpose(1, 2)
-        vd = v_cache.index_select(0, flat).view(nd, L, kvh, D).transpose(1, 2)
-        # Group the query heads that share a KV head: [nd, KVH, H/KVH, D].
-        qd = q[:nd].view(nd, kvh, H // kvh, D)
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask)
-        outs.append(od.reshape(nd, H * D))
+        assert meta.decode_blocks is not None and meta.decode_bias is not None
+        bs = meta.block_size
+        L = meta.decode_bias.shape[-1]
+        blocks = k_cache.view(kvh, -1, bs, D)
+        kd = blocks.index_select(1, meta.decode_blocks).view(kvh, nd, L, D)
+        vd = v_cache.view(kvh, -1, bs, D).index_select(1, meta.decode_blocks).view(kvh, nd, L, D)
+        # Query heads grouped by the KV head they share: [KVH, nd, H/KVH, D]. Plain matmuls: for
+        # one query row per sequence they cost a fraction of the fused CPU SDPA kernel.
+        qd = q[:nd].view(nd, kvh, H // kvh, D).transpose(0, 1)
+        scores = torch.matmul(qd, kd.transpose(-1, -2)) * (D**-0.5) + meta.decode_bias
+        od = torch.matmul(torch.softmax(scores, dim=-1), vd)  # [KVH, nd, H/KVH, D]
+        outs.append(od.transpose(0, 1).reshape(nd, H * D))
     for p in meta.prefills:
         qp = q[p.q_start : p.q_start + p.q_len].transpose(0, 1).unsqueeze(0)
         if p.kv_slots is None:
@@ -65,8 +69,8 @@ def paged_attention(
             vp = v[p.q_start : p.q_start + p.q_len].transpose(0, 1).unsqueeze(0)
             op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=True)
         else:
-            kp = k_cache.index_select(0, p.kv_slots).transpose(0, 1).unsqueeze(0)
-            vp = v_cache.index_select(0, p.kv_slots).transpose(0, 1).unsqueeze(0)
+            kp = k_cache.index_select(1, p.kv_slots).unsqueeze(0)
+            vp = v_cache.index_select(1, p.kv_slots).unsqueeze(0)
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask, enable_gqa=True)
         outs.append(op.squeeze(0).transpose(0, 1).reshape(p.q_len, H * D))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
