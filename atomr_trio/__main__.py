@@ -6,11 +6,15 @@ import argparse
 import logging
 import os
 import sys
+import tomllib
+from pathlib import Path
 
 import trio
+from pydantic import ValidationError
 
-from .config import EngineConfig
+from .deployment import DeploymentSpec
 from .model.config import ModelLoadError
+from .model.source import DEFAULT_MODEL_NAME
 from .server.serve import ServerSettings, serve
 
 
@@ -33,7 +37,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-memory-bytes", type=int, default=1 << 30,
                    help="memory for the paged KV cache in bytes (default: 1 GiB)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
-    p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: all cores)")
+    p.add_argument("--data-parallel-size", type=int, default=1,
+                   help="engine replicas of the model; the CPU cores are split between them (default: 1)")
+    p.add_argument("--config", help="TOML file with [[deployment]] tables (several models); replaces the "
+                                    "model flags above")
     p.add_argument("--api-key", action="append", default=[],
                    help="require 'Authorization: Bearer KEY' (repeatable; also $ATOMR_API_KEY)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
@@ -50,19 +57,45 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("ATOMR_API_KEY"):
         keys.append(os.environ["ATOMR_API_KEY"])
     try:
-        engine = EngineConfig(
-            dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-            kv_cache_memory_bytes=args.kv_cache_memory_bytes, torch_threads=args.torch_threads,
-        )
-        settings = ServerSettings(model=args.model, served_model_name=args.served_model_name,
-                                  host=args.host, port=args.port, api_keys=keys, engine=engine,
+        specs = load_config(args.config) if args.config else [spec_from_flags(args)]
+        settings = ServerSettings(deployments=specs, host=args.host, port=args.port, api_keys=keys,
                                   shutdown_timeout=args.shutdown_timeout)
         trio.run(serve, settings)
-    except (ValueError, ModelLoadError) as e:
+    except (ValueError, ModelLoadError, OSError, tomllib.TOMLDecodeError) as e:
         print(f"atomr_trio: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def spec_from_flags(args: argparse.Namespace) -> DeploymentSpec:
+    name = args.served_model_name or DEFAULT_MODEL_NAME
+    if args.model and not args.served_model_name:
+        path = Path(args.model)
+        name = path.stem if path.is_file() else path.name
+    return DeploymentSpec(
+        name=name, model=args.model, dtype=args.dtype, replicas=args.data_parallel_size,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+    )
+
+
+def load_config(path: str) -> list[DeploymentSpec]:
+    """Deployments from a TOML project file: one [[deployment]] table each."""
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    tables = data.get("deployment")
+    if not isinstance(tables, list) or not tables:
+        raise ValueError(f"{path}: no [[deployment]] tables")
+    try:
+        specs = [DeploymentSpec.model_validate(t) for t in tables]
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ValueError(f"{path}: deployment field {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: deployment names must be unique")
+    return specs
 
 
 if __name__ == "__main__":

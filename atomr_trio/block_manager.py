@@ -123,6 +123,12 @@ class BlockManager:
                 self._by_hash[h] = b
         seq.num_hashed_blocks = full
 
+    def forget_contents(self) -> None:
+        """The KV tensors were lost (a rebuilt Context): no cached block may be found again."""
+        assert len(self._free) == self.num_blocks, "free every sequence first"
+        self._hash = [None] * self.num_blocks
+        self._by_hash.clear()
+
     def free(self, seq: Sequence) -> None:
         """Release seq's blocks; tail blocks first so they are evicted before shared prefixes."""
         for b in reversed(seq.block_table):

@@ -21,6 +21,7 @@ import trio
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .messages import AbortRequest, AddRequest, SeqDelta
+from .metrics import FinishedRequest, Metrics, StepReport
 from .model.source import ModelSource
 from .model_runner import BatchItem, StepBatch, StepResult
 from .outbox import Outbox
@@ -34,6 +35,10 @@ log = logging.getLogger(__name__)
 INBOX_SIZE = 1024
 
 
+class EngineFailed(RuntimeError):
+    """The engine cannot go on (its device context failed past the restart budget)."""
+
+
 @dataclass
 class EngineStats:
     steps: int = 0
@@ -41,6 +46,7 @@ class EngineStats:
     prompt_tokens: int = 0  # prompt tokens computed (recomputation included)
     generation_tokens: int = 0
     forward_s: float = 0.0
+    context_restarts: int = 0
     step_s: float = 0.0
     finished: dict[str, int] = field(default_factory=dict)
 
@@ -52,9 +58,12 @@ class _Live:
 
 
 class EngineCore:
-    def __init__(self, source: ModelSource, cfg: EngineConfig, name: str = "engine-0") -> None:
+    def __init__(self, source: ModelSource, cfg: EngineConfig, name: str = "engine-0",
+                 model_name: str | None = None, metrics: Metrics | None = None) -> None:
         assert cfg.num_kv_blocks is not None and cfg.max_model_len is not None, "resolve cfg first"
         self.name = name
+        self.model_name = model_name or source.name
+        self.metrics = metrics
         self.cfg = cfg
         self.source = source
         self.vocab_size = source.config.vocab_size
@@ -64,7 +73,11 @@ class EngineCore:
         self.worker = Worker(source, cfg, name)
         self.stats = EngineStats()
         self.state = "created"
+        self.failure: str | None = None
         self._requests: dict[str, _Live] = {}
+        self._finished: list[FinishedRequest] = []  # since the last metrics report
+        self._itl: list[float] = []
+        self._reported = (0, 0, 0)  # prefix queries, prefix hits, preemptions at the last report
         self._send, self._inbox = trio.open_memory_channel[AddRequest | AbortRequest](INBOX_SIZE)
 
     # ---- what other actors call (they only send messages) -----------------------------------
@@ -104,9 +117,13 @@ class EngineCore:
                     if self.scheduler.has_work():
                         await self._step()
         finally:
-            self.state = "stopped"
+            self.state = "failed" if self.failure else "stopped"
             for rid in list(self._requests):
-                self._abort(rid, None, reason="abort")
+                if self.failure:
+                    for seq in self._requests[rid].seqs:
+                        self._fail(seq, self.failure)
+                else:
+                    self._abort(rid, None, reason="abort")
             self.worker.close()
 
     def _drain_inbox(self) -> None:
@@ -166,7 +183,7 @@ class EngineCore:
                 live.outbox.push(SeqDelta(seq.index, [], None, reason))
                 self._count_finish(reason)
         if all(s.is_finished for s in live.seqs):
-            del self._requests[request_id]
+            self._request_done(live)
 
     # ---- the step ---------------------------------------------------------------------------
     async def _step(self) -> None:
@@ -179,17 +196,32 @@ class EngineCore:
         batch = self._batch(sched)
         try:
             result = await self.worker.execute(batch)
-        except Exception as e:  # the device step failed: end the requests of this batch
-            log.exception("%s: step failed", self.name)
-            for s in sched.scheduled:
-                self._fail(s.seq, f"engine step failed: {type(e).__name__}")
+        except Exception as e:  # noqa: BLE001 - the device context failed
+            await self._recover(e)
             return
+        prompt0, gen0 = self.stats.prompt_tokens, self.stats.generation_tokens
         self._apply(sched, batch, result)
         st = self.stats
+        self._report(len(sched.scheduled), sched.num_tokens, st.prompt_tokens - prompt0,
+                     st.generation_tokens - gen0)
         st.steps += 1
         st.multi_seq_steps += len(sched.scheduled) > 1
         st.forward_s += result.forward_s
         st.step_s += time.perf_counter() - t0
+
+    async def _recover(self, error: Exception) -> None:
+        """Rebuild the Context and recompute every request from its tokens, or give up (and let
+        the supervisor see the engine fail) once the restart budget is spent."""
+        log.error("%s: device step failed: %s: %s", self.name, type(error).__name__, error)
+        self.scheduler.requeue_all()
+        self.block_manager.forget_contents()
+        if not self.worker.can_restart():
+            self.failure = f"device context failed repeatedly ({type(error).__name__}: {error})"
+            raise EngineFailed(self.failure) from error
+        self.state = "restarting"
+        await self.worker.restart()
+        self.state = "serving"
+        self.stats.context_restarts += 1
 
     def _batch(self, sched: SchedulerOutput) -> StepBatch:
         items = []
@@ -227,6 +259,9 @@ class EngineCore:
             lp = result.sampled.logprobs[j]
             seq.token_ids.append(tok)
             seq.first_token = seq.first_token or now
+            if seq.last_token is not None and self.metrics is not None:
+                self._itl.append(now - seq.last_token)
+            seq.last_token = now
             self.stats.generation_tokens += 1
             reason = self._finish_reason(seq, tok)
             live = self._requests[seq.request_id]
@@ -236,7 +271,7 @@ class EngineCore:
                 self.scheduler.finish(seq, reason)
                 self._count_finish(reason)
                 if all(x.is_finished for x in live.seqs):
-                    del self._requests[seq.request_id]
+                    self._request_done(live)
 
     def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
         p = seq.params  # the sampler forbids stop tokens before min_tokens
@@ -259,10 +294,44 @@ class EngineCore:
         live.outbox.push(SeqDelta(seq.index, [], None, "error", error=error))
         self._count_finish("error")
         if all(x.is_finished for x in live.seqs):
-            del self._requests[seq.request_id]
+            self._request_done(live)
 
     def _count_finish(self, reason: str) -> None:
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+
+    def _request_done(self, live: _Live) -> None:
+        """All samples of a request finished: record its timings (monotonic, taken here)."""
+        del self._requests[live.seqs[0].request_id]
+        if self.metrics is None:
+            return
+        lead, now = live.seqs[0], time.monotonic()
+        self._finished.append(FinishedRequest(
+            reason=lead.finish_reason or "abort",
+            prompt_tokens=lead.num_prompt_tokens,
+            generation_tokens=sum(s.num_output_tokens for s in live.seqs),
+            e2e_s=now - lead.arrival,
+            queue_s=lead.first_scheduled - lead.arrival if lead.first_scheduled else None,
+            ttft_s=lead.first_token - lead.arrival if lead.first_token else None,
+            prefill_s=(lead.first_token - lead.first_scheduled
+                       if lead.first_token and lead.first_scheduled else None),
+            decode_s=now - lead.first_token if lead.first_token else None,
+        ))
+
+    def _report(self, num_scheduled: int, iteration_tokens: int, prompt: int, generated: int) -> None:
+        if self.metrics is None:
+            return
+        bm = self.block_manager
+        counts = (bm.prefix_queries, bm.prefix_hits, self.scheduler.num_preemptions)
+        q, h, p = (a - b for a, b in zip(counts, self._reported, strict=True))
+        self._reported = counts
+        self.metrics.report(StepReport(
+            model=self.model_name, engine=self.name, num_running=self.num_running,
+            num_waiting=self.num_waiting, kv_usage=bm.usage, num_scheduled=num_scheduled,
+            iteration_tokens=iteration_tokens, prompt_tokens=prompt, generation_tokens=generated,
+            prefix_queries=q, prefix_hits=h, preemptions=p, inter_token_s=self._itl,
+            finished=self._finished,
+        ))
+        self._itl, self._finished = [], []
 
     # ---- views ------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, float | int | str]:
@@ -279,6 +348,7 @@ class EngineCore:
             "prefix_cache_hits": bm.prefix_hits,
             "prefix_cache_evictions": bm.evictions,
             "num_preemptions": self.scheduler.num_preemptions,
+            "context_restarts": self.stats.context_restarts,
             "steps": self.stats.steps,
             "multi_seq_steps": self.stats.multi_seq_steps,
             "prompt_tokens": self.stats.prompt_tokens,

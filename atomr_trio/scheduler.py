@@ -13,6 +13,7 @@ Invariants (DESIGN.md, "the engine step"):
 from __future__ import annotations
 
 import bisect
+import time
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
@@ -101,6 +102,7 @@ class Scheduler:
             self.bm.allocate(seq, computed + n, hits)
             self.bm.record_admission(seq, len(hits))
             seq.status = SeqStatus.RUNNING
+            seq.first_scheduled = seq.first_scheduled or time.monotonic()
             self.running.append(seq)
             out.scheduled.append(Scheduled(seq, n))
             budget -= n
@@ -111,6 +113,13 @@ class Scheduler:
         candidates = self.running[first:]
         worst = max(seq.params.priority for seq in candidates)
         return next(s for s in reversed(candidates) if s.params.priority == worst)
+
+    def requeue_all(self) -> None:
+        """Send every running sequence back to waiting (its KV is gone); tokens are kept."""
+        for seq in list(self.running):
+            self.running.remove(seq)
+            self.bm.free(seq)
+            self.add(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

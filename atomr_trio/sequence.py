@@ -46,6 +46,7 @@ class Sequence:
     num_preemptions: int = 0
     first_scheduled: float | None = None
     first_token: float | None = None
+    last_token: float | None = None
 
     def __post_init__(self) -> None:
         if self.params.seed is not None and not self.params.greedy:

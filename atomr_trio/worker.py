@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
+from collections import deque
 
 import torch
 
@@ -23,12 +25,21 @@ from .sampler import Sampler
 
 log = logging.getLogger(__name__)
 
+MAX_RESTARTS = 3  # Context rebuilds allowed ...
+RESTART_WINDOW_S = 60.0  # ... within this many seconds
+
+
+class InjectedFault(RuntimeError):
+    """Raised by a Context at the step chosen by the `fail_at_step` test hook."""
+
 
 class Context:
     """Weights + KV cache on one device. Built and used only on the device thread."""
 
-    def __init__(self, source: ModelSource, cfg: EngineConfig) -> None:
+    def __init__(self, source: ModelSource, cfg: EngineConfig, fail_at_step: int | None = None) -> None:
         assert cfg.max_model_len is not None and cfg.num_kv_blocks is not None
+        self.steps = 0
+        self.fail_at_step = fail_at_step
         torch.manual_seed(cfg.seed)
         mc = source.config
         model = LlamaModel(mc, cfg.torch_dtype, cfg.max_model_len)
@@ -41,6 +52,9 @@ class Context:
         self.runner = ModelRunner(model, kv, cfg.block_size, Sampler(eos))
 
     def execute(self, batch: StepBatch) -> StepResult:
+        self.steps += 1
+        if self.steps == self.fail_at_step:
+            raise InjectedFault(f"injected fault at step {self.steps}")
         return self.runner.execute(batch)
 
 
@@ -52,6 +66,21 @@ class Worker:
         self.thread = DeviceThread(f"{name}-device", cfg.torch_threads)
         self.context: Context | None = None
         self.num_context_builds = 0
+        # Test hook: each of the first `fail_times` Contexts fails at its `fail_at_step`-th step.
+        self.fail_at_step: int | None = None
+        self.fail_times = 1
+        self._restarts: deque[float] = deque()
+
+    def can_restart(self) -> bool:
+        now = time.monotonic()
+        while self._restarts and now - self._restarts[0] > RESTART_WINDOW_S:
+            self._restarts.popleft()
+        return len(self._restarts) < MAX_RESTARTS
+
+    async def restart(self) -> None:
+        """Rebuild a failed Context (the caller checked `can_restart`)."""
+        self._restarts.append(time.monotonic())
+        await self.rebuild()
 
     async def start(self) -> None:
         await self.rebuild()
@@ -59,10 +88,12 @@ class Worker:
     async def rebuild(self) -> None:
         """(Re)create the Context on the device thread; the old one is dropped first."""
 
+        inject = self.fail_at_step if self.num_context_builds < self.fail_times else None
+
         def build() -> Context:
             self.context = None
             gc.collect()
-            return Context(self.source, self.cfg)
+            return Context(self.source, self.cfg, inject)
 
         self.context = await self.thread.run(build)
         self.num_context_builds += 1

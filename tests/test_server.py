@@ -3,12 +3,6 @@ official `openai` client (sync and async) and raw HTTP."""
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 
@@ -16,6 +10,7 @@ import httpx
 import openai
 import pytest
 import trio
+from serverproc import Server
 
 from atomr_trio import LLM, SamplingParams
 
@@ -26,38 +21,10 @@ KEY = "sk-test-0123456789"
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
 
-class Server:
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "atomr_trio", "--port", "0", "--dtype", "float32",
-             "--max-model-len", "1024", "--kv-cache-memory-bytes", str(256 << 20), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        self.log: list[str] = []
-        deadline = time.monotonic() + 120
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.log.append(line)
-            m = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
-            if m:
-                self.url = m.group(1)
-                break
-            if time.monotonic() > deadline:
-                break
-        else:
-            raise RuntimeError("server exited:\n" + "".join(self.log))
-        # Keep reading its output so the server never blocks on a full pipe.
-        threading.Thread(target=lambda: self.log.extend(self.proc.stdout or []), daemon=True).start()
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
-    s = Server("--api-key", KEY)
+    s = Server("--api-key", KEY, "--dtype", "float32", "--max-model-len", "1024",
+               "--kv-cache-memory-bytes", str(256 << 20))
     yield s
     t0 = time.monotonic()
     assert s.stop() == 0

@@ -1,8 +1,9 @@
-"""Gateway: the OpenAI-compatible HTTP API (Quart-Trio), a thin layer over one AsyncLLM.
+"""Gateway: the OpenAI-compatible HTTP API (Quart-Trio) over the Runtime's deployments.
 
 Invariants:
 - Every error leaves as `{"error": {message, type, param, code}}`; a client's mistake is a 4xx.
-- Each request handler is the request's owner: it streams what the engine has ready as SSE
+- Each request handler is the request's owner (its Request actor): it validates the body, routes
+  to a deployment's replica (the `model` field), streams what the engine has ready as SSE
   events, and if the client goes away (Trio cancellation) `AsyncLLM.generate` aborts the request
   in the engine from a shielded scope.
 """
@@ -23,7 +24,9 @@ from quart_trio import QuartTrio
 
 from ..async_llm import AsyncLLM
 from ..chat_template import ChatTemplateError
+from ..deployment import Deployment, DeploymentSpec, DeploymentUnavailable
 from ..outputs import CompletionOutput, Logprob, RequestError, RequestOutput
+from ..runtime import Runtime
 from ..sampling_params import SamplingParams
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest
 
@@ -31,12 +34,26 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 4 << 20
 
 
-def create_app(engine: AsyncLLM, served_model_name: str, api_keys: list[str] | None = None) -> QuartTrio:
+def create_app(runtime: Runtime, api_keys: list[str] | None = None) -> QuartTrio:
     app = QuartTrio("atomr_trio")
     app.config.update(RESPONSE_TIMEOUT=None, BODY_TIMEOUT=60, MAX_CONTENT_LENGTH=MAX_BODY_BYTES)
     keys = [k.encode() for k in (api_keys or [])]
-    max_len = engine.config.max_model_len
-    assert max_len is not None
+    manager, metrics = runtime.manager, runtime.metrics
+
+    def deployment(name: str) -> Deployment:
+        dep = manager.get(name)
+        if dep is None:
+            raise APIError(404, f"The model `{name}` does not exist.", "NotFoundError", param="model",
+                           code="model_not_found")
+        return dep
+
+    def route(dep: Deployment) -> AsyncLLM:
+        try:
+            return dep.route()
+        except DeploymentUnavailable as e:
+            metrics.count_request(dep.name, "rejected" if e.status == 429 else "unavailable")
+            raise APIError(e.status, str(e), "rate_limit_error" if e.status == 429 else "service_unavailable",
+                           retry_after=e.retry_after) from None
 
     @app.before_request
     async def check_key() -> Any:
@@ -49,7 +66,8 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_keys: list[str] | N
 
     @app.errorhandler(APIError)
     async def api_error(e: APIError) -> Any:
-        return e.body(), e.status
+        headers = {"Retry-After": str(max(1, round(e.retry_after)))} if e.retry_after else {}
+        return e.body(), e.status, headers
 
     for status, text in ((404, "not found"), (405, "method not allowed"), (413, "request body too large")):
         @app.errorhandler(status)
@@ -70,15 +88,14 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_keys: list[str] | N
             err = e.errors()[0]
             param = ".".join(str(x) for x in err["loc"]) or None
             raise APIError(400, f"{param}: {err['msg']}", param=param) from None
-        if body.model != served_model_name:  # type: ignore[attr-defined]
-            raise APIError(404, f"The model `{body.model}` does not exist.", "NotFoundError",  # type: ignore[attr-defined]
-                           param="model", code="model_not_found")
         bad = body.unsupported()  # type: ignore[attr-defined]
         if bad:
             raise APIError(400, f"'{bad}' is not supported by this server yet", param=bad)
         return body
 
-    def budget(n_prompt: int, asked: int | None) -> int:
+    def budget(engine: AsyncLLM, n_prompt: int, asked: int | None) -> int:
+        max_len = engine.config.max_model_len
+        assert max_len is not None
         if asked is not None and n_prompt + asked > max_len:
             raise APIError(400, (
                 f"This model's maximum context length is {max_len} tokens. However, you requested "
@@ -94,23 +111,71 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_keys: list[str] | N
     @app.get("/health")
     @app.get("/healthz")
     async def health() -> Any:
-        ok = engine.core.state == "serving"
-        return {"status": "ok" if ok else engine.core.state}, 200 if ok else 503
+        states = {d.name: d.state for d in manager.deployments.values()}
+        ok = bool(states) and all(s == "serving" for s in states.values())
+        return {"status": "ok" if ok else "unavailable", "deployments": states}, 200 if ok else 503
+
+    @app.get("/metrics")
+    async def metrics_route() -> Any:
+        return Response(metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     async def models() -> Any:
-        return {"object": "list", "data": [_model_card(served_model_name, max_len)]}
+        return {"object": "list", "data": [_model_card(d) for d in manager.deployments.values()
+                                           if d.state == "serving"]}
 
     @app.get("/v1/models/<path:model_id>")
     async def model(model_id: str) -> Any:
-        if model_id != served_model_name:
-            raise APIError(404, f"The model `{model_id}` does not exist.", "NotFoundError",
-                           param="model", code="model_not_found")
-        return _model_card(served_model_name, max_len)
+        dep = deployment(model_id)
+        if dep.state != "serving":
+            raise APIError(404, f"The model `{model_id}` does not exist.", "NotFoundError", param="model",
+                           code="model_not_found")
+        return _model_card(dep)
+
+    @app.get("/admin/tree")
+    async def admin_tree() -> Any:
+        return runtime.tree()
+
+    @app.get("/admin/deployments")
+    async def list_deployments() -> Any:
+        return {"deployments": manager.describe()}
+
+    @app.post("/admin/deployments")
+    async def apply_deployment() -> Any:
+        data = await _json_object()
+        try:
+            spec = DeploymentSpec.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            param = ".".join(str(x) for x in err["loc"]) or None
+            raise APIError(400, f"{param}: {err['msg']}", param=param) from None
+        dep = await manager.apply(spec)
+        return dep.describe(), 200 if dep.state == "serving" else 500
+
+    @app.get("/admin/deployments/<path:name>")
+    async def get_deployment(name: str) -> Any:
+        return deployment(name).describe()
+
+    @app.delete("/admin/deployments/<path:name>")
+    async def delete_deployment(name: str) -> Any:
+        dep = manager.remove(name)
+        if dep is None:
+            raise APIError(404, f"no deployment named '{name}'", "NotFoundError")
+        return dep.describe(), 202
+
+    async def any_engine(data: dict[str, Any]) -> AsyncLLM:
+        name = data.get("model")
+        if name is None and len(manager.deployments) == 1:
+            name = next(iter(manager.deployments))
+        if not isinstance(name, str):
+            raise APIError(400, "give 'model'", param="model")
+        return route(deployment(name))
 
     @app.post("/tokenize")
     async def tokenize() -> Any:
         data = await _json_object()
+        engine = await any_engine(data)
+        max_len = engine.config.max_model_len
         if "messages" in data:
             try:
                 _, ids = engine.chat_prompt(data["messages"])
@@ -126,6 +191,7 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_keys: list[str] | N
     @app.post("/detokenize")
     async def detokenize() -> Any:
         data = await _json_object()
+        engine = await any_engine(data)
         try:
             ids = engine.prepare_prompt({"prompt_token_ids": data.get("tokens")})[1]
         except ValueError as e:
@@ -135,6 +201,8 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_keys: list[str] | N
     @app.post("/v1/chat/completions")
     async def chat_completions() -> Any:
         body: ChatCompletionRequest = await body_of(ChatCompletionRequest)
+        dep = deployment(body.model)
+        engine = route(dep)
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         try:
             _, ids = engine.chat_prompt(messages)
@@ -142,11 +210,13 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_keys: list[str] | N
             raise APIError(400, str(e), param="messages") from None
         asked = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = body.sampling_params(budget(len(ids), asked), logprobs)
+        params = body.sampling_params(budget(engine, len(ids), asked), logprobs)
+        dep.charge(len(ids) + (params.max_tokens or 0) * params.n)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
-            return _sse(_chat_stream(engine, body, rid, ids, params, served_model_name))
+            return _sse(_chat_stream(engine, body, rid, ids, params, dep.name))
         out = await _run(engine, ids, params, rid)
+        metrics.count_request(dep.name, "success")
         choices = [{
             "index": o.index,
             "message": {"role": "assistant", "content": o.text},
@@ -154,11 +224,13 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_keys: list[str] | N
             "finish_reason": o.finish_reason,
         } for o in out.outputs]
         return {"id": rid, "object": "chat.completion", "created": int(time.time()),
-                "model": served_model_name, "choices": choices, "usage": _usage([out])}
+                "model": dep.name, "choices": choices, "usage": _usage([out])}
 
     @app.post("/v1/completions")
     async def completions() -> Any:
         body: CompletionRequest = await body_of(CompletionRequest)
+        dep = deployment(body.model)
+        engine = route(dep)
         prompts = body.prompt
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[assignment]
@@ -174,10 +246,11 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_keys: list[str] | N
                 raise APIError(400, "prompt must not be empty", param="prompt")
             jobs.append((text, ids))
         rid = f"cmpl-{uuid.uuid4().hex}"
-        params_list = [body.sampling_params(budget(len(ids), body.max_tokens), body.logprobs)
+        params_list = [body.sampling_params(budget(engine, len(ids), body.max_tokens), body.logprobs)
                        for _, ids in jobs]
+        dep.charge(sum(len(ids) + (p.max_tokens or 0) * p.n for (_, ids), p in zip(jobs, params_list, strict=True)))
         if body.stream:
-            return _sse(_completion_stream(engine, body, rid, jobs, params_list, served_model_name))
+            return _sse(_completion_stream(engine, body, rid, jobs, params_list, dep.name))
         outs = []
         for i, ((text, ids), params) in enumerate(zip(jobs, params_list, strict=True)):
             outs.append(await _run(engine, ids, params, f"{rid}-{i}", text))
@@ -190,8 +263,9 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_keys: list[str] | N
                     "logprobs": _completion_logprobs(o, body.logprobs) if body.logprobs is not None else None,
                     "finish_reason": o.finish_reason,
                 })
+        metrics.count_request(dep.name, "success")
         return {"id": rid, "object": "text_completion", "created": int(time.time()),
-                "model": served_model_name, "choices": choices, "usage": _usage(outs)}
+                "model": dep.name, "choices": choices, "usage": _usage(outs)}
 
     return app
 
@@ -213,7 +287,7 @@ async def _run(engine: AsyncLLM, ids: list[int], params: SamplingParams, rid: st
     except ValueError as e:
         raise APIError(400, str(e)) from None
     except RequestError as e:
-        raise APIError(500, f"the engine could not finish the request: {e}", "server_error") from None
+        raise APIError(503, f"the engine could not finish the request: {e}", "service_unavailable") from None
 
 
 def _sse(events: AsyncIterator[str]) -> Response:
@@ -303,8 +377,9 @@ def _usage(outs: list[RequestOutput], completion: int | None = None) -> dict[str
             "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outs)}}
 
 
-def _model_card(name: str, max_len: int) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": 0, "owned_by": "atomr_trio", "max_model_len": max_len}
+def _model_card(dep: Deployment) -> dict[str, Any]:
+    max_len = dep.replicas[0].cfg.max_model_len if dep.replicas else None
+    return {"id": dep.name, "object": "model", "created": 0, "owned_by": "atomr_trio", "max_model_len": max_len}
 
 
 def _entries(o: CompletionOutput, k: int) -> list[tuple[Logprob, list[Logprob]]]:

@@ -1,11 +1,14 @@
-"""serve: run an engine and the Gateway (Hypercorn) as sibling tasks in one nursery we own.
+"""serve: run the Runtime (deployments, metrics) and the Gateway (Hypercorn) as sibling tasks in
+one nursery we own.
 
-Invariant: the first SIGINT/SIGTERM stops accepting and lets Hypercorn finish in-flight
-responses; a second signal cancels everything at once. Leaving the nursery stops the engine.
+Invariant: the first SIGINT/SIGTERM stops accepting and lets in-flight requests finish (up to
+`shutdown_timeout`); a second signal cancels everything at once. SIGUSR1 logs the actor tree.
+Leaving the nursery stops every engine.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -15,8 +18,8 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from ..async_llm import open_engine
-from ..config import EngineConfig
+from ..deployment import DeploymentSpec
+from ..runtime import Runtime, open_runtime
 from .gateway import create_app
 
 log = logging.getLogger("atomr_trio")
@@ -24,20 +27,18 @@ log = logging.getLogger("atomr_trio")
 
 @dataclass
 class ServerSettings:
-    model: str | None = None
-    served_model_name: str | None = None
+    deployments: list[DeploymentSpec] = field(default_factory=lambda: [DeploymentSpec(name="default")])
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: list[str] = field(default_factory=list)
-    engine: EngineConfig = field(default_factory=EngineConfig)
     shutdown_timeout: float = 30.0
+    handle_signals: bool = True
 
 
 async def serve(settings: ServerSettings, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until a signal (or cancellation). Reports the bound URLs through task_status."""
-    async with open_engine(settings.model, settings.engine) as engine:
-        name = settings.served_model_name or engine.model_name
-        app = create_app(engine, name, settings.api_keys)
+    async with open_runtime(settings.deployments) as runtime:
+        app = create_app(runtime, settings.api_keys)
         hc = HypercornConfig()
         hc.bind = [f"{settings.host}:{settings.port}"]
         hc.accesslog = None
@@ -52,28 +53,31 @@ async def serve(settings: ServerSettings, *, task_status: Any = trio.TASK_STATUS
                 nursery.cancel_scope.cancel()
 
             async def drain() -> None:
-                # Hypercorn waits for idle keep-alive connections too; once the engine has no
+                # Hypercorn waits for idle keep-alive connections too; once no deployment has a
                 # request left (or the timeout passed), nothing is in flight: stop everything.
                 await stop.wait()
                 with trio.move_on_after(settings.shutdown_timeout):
-                    while engine.core.num_running or engine.core.num_waiting:
+                    while any(d.in_flight() for d in runtime.manager.deployments.values()):
                         await trio.sleep(0.05)
                 await trio.sleep(0.2)  # let the last responses finish writing
                 nursery.cancel_scope.cancel()
 
-            nursery.start_soon(_watch_signals, stop, nursery.cancel_scope)
+            if settings.handle_signals:
+                nursery.start_soon(_watch_signals, stop, nursery.cancel_scope, runtime)
             nursery.start_soon(drain)
             binds = await nursery.start(http)
-            log.info("atomr_trio listening on %s, serving model %r (%s, max_model_len %s)",
-                     ", ".join(binds), name, engine.config.dtype, engine.config.max_model_len)
+            serving = ", ".join(f"{d.name} ({d.state})" for d in runtime.manager.deployments.values())
+            log.info("atomr_trio listening on %s, models: %s", ", ".join(binds), serving)
             task_status.started(binds)
         log.info("atomr_trio stopped")
 
 
-async def _watch_signals(stop: trio.Event, scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+async def _watch_signals(stop: trio.Event, scope: trio.CancelScope, runtime: Runtime) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGUSR1) as signals:
         async for sig in signals:
-            if not stop.is_set():
+            if sig == signal.SIGUSR1:
+                log.info("actor tree: %s", json.dumps(runtime.tree(), indent=2))
+            elif not stop.is_set():
                 log.info("%s: draining; a second signal stops at once", signal.Signals(sig).name)
                 stop.set()
             else:

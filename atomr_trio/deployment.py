@@ -1,0 +1,162 @@
+"""Deployment: one served model — its spec (pydantic, from TOML or the admin API) and the actor
+that supervises its replicas (one EngineCore each).
+
+Invariants:
+- State only moves pending -> loading -> serving -> draining -> stopped, or to failed (with a
+  reason).
+- A deployment that fails never takes the server down: its requests get 503 with the reason,
+  other deployments keep serving.
+- Requests are routed to the least-loaded replica (running + waiting + KV usage, as the
+  engines left them after their last step).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Literal
+
+import trio
+from pydantic import BaseModel, ConfigDict, Field
+
+from .async_llm import AsyncLLM
+from .config import EngineConfig
+from .engine_core import EngineCore
+from .metrics import Metrics
+from .model.source import ModelSource
+from .placement import Placement
+
+log = logging.getLogger(__name__)
+
+
+class ServingPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_queue: int = Field(default=1024, ge=0, description="most requests waiting for a batch slot")
+    on_capacity_exhausted: Literal["reject", "queue"] = Field(
+        default="reject", description="reject: 429 with Retry-After; queue: wait for a slot")
+
+
+class TokenBudget(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tokens_per_minute: int | None = Field(default=None, ge=1, description="prompt + completion tokens")
+    on_exceeded: Literal["reject", "warn"] = "reject"
+
+
+class DeploymentSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=200, description="the name clients pass as 'model'")
+    model: str | None = Field(default=None, description="HF directory or GGUF file; none: the default model")
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    replicas: int = Field(default=1, ge=1, le=64, description="data-parallel engine replicas")
+    max_model_len: int | None = Field(default=None, ge=2)
+    max_num_seqs: int = Field(default=256, ge=1)
+    max_num_batched_tokens: int = Field(default=2048, ge=1)
+    kv_cache_memory_bytes: int = Field(default=1 << 30, ge=1, description="per replica")
+    block_size: int = Field(default=16, ge=1, le=1024)
+    serving: ServingPolicy = Field(default_factory=ServingPolicy)
+    token_budget: TokenBudget = Field(default_factory=TokenBudget)
+    fail_at_step: int | None = Field(
+        default=None, ge=1, description="test hook: a device Context fails at its N-th engine step")
+    fail_times: int = Field(default=1, ge=1, description="test hook: how many Contexts in a row fail")
+
+    def engine_config(self, torch_threads: int | None) -> EngineConfig:
+        return EngineConfig(dtype=self.dtype, max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
+                            max_num_batched_tokens=self.max_num_batched_tokens, block_size=self.block_size,
+                            kv_cache_memory_bytes=self.kv_cache_memory_bytes, torch_threads=torch_threads)
+
+
+class DeploymentUnavailable(Exception):
+    """The deployment cannot take this request now (not serving, or over its limits)."""
+
+    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status, self.retry_after = status, retry_after
+
+
+class Deployment:
+    def __init__(self, spec: DeploymentSpec, placement: Placement, metrics: Metrics | None) -> None:
+        self.spec = spec
+        self.placement = placement
+        self.metrics = metrics
+        self.state = "pending"
+        self.reason: str | None = None
+        self.source: ModelSource | None = None
+        self.replicas: list[EngineCore] = []
+        self.cancel_scope = trio.CancelScope()
+        self._tokens_window: list[tuple[float, int]] = []
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Load, serve until cancelled. Never raises for a model problem: it goes `failed`."""
+        with self.cancel_scope:
+            started = False
+            try:
+                self.state = "loading"
+                threads = self.placement.assign(self.spec.replicas)
+                self.source = await trio.to_thread.run_sync(ModelSource.open, self.spec.model)
+                async with trio.open_nursery() as nursery:
+                    for i, n_threads in enumerate(threads):
+                        cfg = self.spec.engine_config(n_threads).resolve(self.source.config)
+                        core = EngineCore(self.source, cfg, f"{self.name}/engine-{i}", self.name, self.metrics)
+                        core.worker.fail_at_step = self.spec.fail_at_step
+                        core.worker.fail_times = self.spec.fail_times
+                        await nursery.start(core.run)
+                        self.replicas.append(core)
+                    self.state = "serving"
+                    started = True
+                    task_status.started()
+                    log.info("deployment %s: serving %d replica(s)", self.name, len(self.replicas))
+            except Exception as e:  # noqa: BLE001 - a model or engine failure ends this deployment only
+                self.state, self.reason = "failed", f"{type(e).__name__}: {e}"
+                log.error("deployment %s failed: %s", self.name, self.reason)
+            finally:
+                if self.state != "failed":
+                    self.state = "stopped"
+                if not started:
+                    task_status.started()
+
+    def route(self) -> AsyncLLM:
+        """Admit one request and pick its replica, or raise DeploymentUnavailable."""
+        if self.state != "serving" or self.source is None:
+            if self.state == "failed" or any(c.failure for c in self.replicas):
+                self.state = "failed"
+            why = f": {self.reason}" if self.reason else ""
+            raise DeploymentUnavailable(503, f"deployment '{self.name}' is {self.state}{why}")
+        live = [c for c in self.replicas if c.state == "serving"]
+        if not live:
+            raise DeploymentUnavailable(503, f"deployment '{self.name}' has no serving replica")
+        waiting = sum(c.num_waiting for c in live)
+        if self.spec.serving.on_capacity_exhausted == "reject" and waiting >= self.spec.serving.max_queue:
+            raise DeploymentUnavailable(429, f"deployment '{self.name}' is at capacity ({waiting} waiting)", 1.0)
+        core = min(live, key=lambda c: c.num_running + c.num_waiting + c.block_manager.usage)
+        return AsyncLLM(core, self.source)
+
+    def charge(self, tokens: int) -> None:
+        """Count a request's tokens against the per-minute budget (429 when it is spent)."""
+        budget = self.spec.token_budget
+        if budget.tokens_per_minute is None:
+            return
+        now = time.monotonic()
+        self._tokens_window = [(t, n) for t, n in self._tokens_window if now - t < 60.0]
+        used = sum(n for _, n in self._tokens_window)
+        if used + tokens > budget.tokens_per_minute:
+            if budget.on_exceeded == "reject":
+                wait = 60.0 - (now - self._tokens_window[0][0]) if self._tokens_window else 60.0
+                raise DeploymentUnavailable(
+                    429, f"deployment '{self.name}' token budget ({budget.tokens_per_minute}/min) exceeded",
+                    max(1.0, wait))
+            log.warning("deployment %s: token budget exceeded (%d/min)", self.name, budget.tokens_per_minute)
+        self._tokens_window.append((now, tokens))
+
+    def in_flight(self) -> int:
+        return sum(c.num_running + c.num_waiting for c in self.replicas)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name, "state": self.state, "reason": self.reason,
+            "model": self.spec.model or "default", "replicas": [c.snapshot() for c in self.replicas],
+            "spec": self.spec.model_dump(),
+        }

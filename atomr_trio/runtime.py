@@ -1,0 +1,118 @@
+"""Runtime: the root of the actor tree — Metrics, Placement and the DeploymentManager, whose
+deployments each supervise their replicas (EngineCore -> Worker -> Context).
+
+Invariants:
+- Every actor runs in a nursery owned here; leaving `open_runtime` cancels them all and every
+  live request ends with a final event.
+- Deployments are applied and removed at runtime: a removed deployment drains (in-flight
+  requests finish, new ones get 503) and is then gone (404); others are untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from .deployment import Deployment, DeploymentSpec
+from .metrics import Metrics
+from .placement import Placement
+
+log = logging.getLogger(__name__)
+
+
+class DeploymentManager:
+    def __init__(self, placement: Placement, metrics: Metrics | None) -> None:
+        self.placement = placement
+        self.metrics = metrics
+        self.deployments: dict[str, Deployment] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def get(self, name: str) -> Deployment | None:
+        return self.deployments.get(name)
+
+    async def apply(self, spec: DeploymentSpec, drain_timeout: float = 30.0) -> Deployment:
+        """Start a new deployment, or replace a changed one; returns once it serves or failed."""
+        assert self._nursery is not None, "the manager is not running"
+        old = self.deployments.get(spec.name)
+        if old is not None and old.spec == spec and old.state in ("loading", "serving"):
+            return old
+        if old is not None:
+            await self._drain(old, drain_timeout)
+        dep = Deployment(spec, self.placement, self.metrics)
+        self.deployments[spec.name] = dep
+        await self._nursery.start(dep.run)
+        return dep
+
+    def remove(self, name: str, drain_timeout: float = 30.0) -> Deployment | None:
+        """Begin draining a deployment; it disappears once its requests are done."""
+        dep = self.deployments.get(name)
+        if dep is None or self._nursery is None:
+            return None
+        if dep.state != "draining":
+            self._nursery.start_soon(self._drain, dep, drain_timeout)
+            dep.state = "draining"
+        return dep
+
+    async def _drain(self, dep: Deployment, timeout: float) -> None:
+        dep.state = "draining"
+        with trio.move_on_after(timeout):
+            while dep.in_flight():
+                await trio.sleep(0.05)
+        dep.cancel_scope.cancel()
+        if self.deployments.get(dep.name) is dep:
+            del self.deployments[dep.name]
+        log.info("deployment %s removed", dep.name)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [d.describe() for d in self.deployments.values()]
+
+
+class Runtime:
+    def __init__(self, manager: DeploymentManager, metrics: Metrics, placement: Placement) -> None:
+        self.manager = manager
+        self.metrics = metrics
+        self.placement = placement
+
+    def tree(self) -> dict[str, Any]:
+        """A live view of the actor tree: each actor, its state and queue depth."""
+        deployments = []
+        for d in self.manager.deployments.values():
+            replicas = [{
+                "actor": "EngineCore", "name": c.name, "state": c.state,
+                "running": c.num_running, "waiting": c.num_waiting, "kv_cache_usage": round(c.block_manager.usage, 4),
+                "children": [{"actor": "Worker", "name": c.worker.name, "context_builds": c.worker.num_context_builds,
+                              "children": [{"actor": "Context",
+                                            "state": "ready" if c.worker.context else "absent"}]}],
+            } for c in d.replicas]
+            deployments.append({"actor": "Deployment", "name": d.name, "state": d.state, "reason": d.reason,
+                                "children": replicas})
+        return {"actor": "Runtime", "children": [
+            {"actor": "Metrics", "state": "running"},
+            {"actor": "Placement", **self.placement.describe()},
+            {"actor": "DeploymentManager", "children": deployments},
+        ]}
+
+
+@asynccontextmanager
+async def open_runtime(specs: Sequence[DeploymentSpec]) -> AsyncIterator[Runtime]:
+    metrics, placement = Metrics(), Placement()
+    manager = DeploymentManager(placement, metrics)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(metrics.run)
+        await nursery.start(manager.run)
+        for spec in specs:
+            await manager.apply(spec)
+        try:
+            yield Runtime(manager, metrics, placement)
+        finally:
+            nursery.cancel_scope.cancel()
