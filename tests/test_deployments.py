@@ -145,3 +145,42 @@ def test_context_restart_is_invisible_and_a_failed_deployment_is_isolated(server
     while client.get("/health").status_code != 200:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+async def test_over_capacity_is_429_with_retry_after_and_failure_is_503(server: Server, tiny_dir: Path) -> None:
+    limited = {"name": "limited", "model": str(tiny_dir), "dtype": "float32", "max_num_seqs": 1,
+               "serving": {"max_queue": 1, "on_capacity_exhausted": "reject"}}
+    async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+        assert (await http.post("/admin/deployments", json=limited)).json()["state"] == "serving"
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        outcomes: list[str] = []
+
+        async def one() -> None:
+            try:
+                r = await client.completions.create(model="limited", prompt=[5, 6, 7], max_tokens=150,
+                                                    temperature=0, extra_body={"ignore_eos": True})
+                assert r.usage.completion_tokens == 150
+                outcomes.append("ok")
+            except openai.RateLimitError as e:
+                assert int(e.response.headers["Retry-After"]) >= 1
+                assert set(e.body) == {"message", "type", "param", "code"}
+                outcomes.append("429")
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(one)
+                await trio.sleep(0.05)
+        assert "429" in outcomes and "ok" in outcomes
+        # right after, it serves normally
+        r = await client.completions.create(model="limited", prompt=[5, 6, 7], max_tokens=5,
+                                            extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 5
+
+        broken = {"name": "broken2", "model": str(tiny_dir), "dtype": "float32", "fail_at_step": 1,
+                  "fail_times": 100}
+        assert (await http.post("/admin/deployments", json=broken)).json()["state"] == "serving"
+        with pytest.raises(openai.InternalServerError) as e:
+            await client.completions.create(model="broken2", prompt=[5, 6, 7], max_tokens=5)
+        assert e.value.status_code == 503
+        for name in ("limited", "broken2"):
+            await http.delete(f"/admin/deployments/{name}")

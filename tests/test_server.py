@@ -109,6 +109,9 @@ async def test_async_client_32_concurrent_streams(server: Server) -> None:
     assert len(texts) == 32 and all(texts.values())
     for i in range(32):  # the same prompt gives the same greedy text whatever the batch
         assert texts[i] == texts[i % 5]
+    metrics = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    multi = [line for line in metrics.splitlines() if line.startswith("atomr:engine_multi_sequence_steps_total{")]
+    assert multi and float(multi[0].rsplit(" ", 1)[1]) > 0  # steps really carried several requests
 
 
 def test_error_contract(client: openai.OpenAI, server: Server) -> None:
