@@ -6,8 +6,8 @@ Invariants:
   reason).
 - A deployment that fails never takes the server down: its requests get 503 with the reason,
   other deployments keep serving.
-- Requests are routed to the least-loaded replica (running + waiting + KV usage, as the
-  engines left them after their last step).
+- Requests are admitted here (state, queue limit, token budget), then the DpCoordinator picks
+  the least-loaded replica.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .async_llm import AsyncLLM
 from .config import EngineConfig
+from .dp_coordinator import DpCoordinator
 from .engine_core import EngineCore
 from .metrics import Metrics
 from .model.source import ModelSource
@@ -81,7 +82,7 @@ class Deployment:
         self.state = "pending"
         self.reason: str | None = None
         self.source: ModelSource | None = None
-        self.replicas: list[EngineCore] = []
+        self.coordinator = DpCoordinator()
         self.cancel_scope = trio.CancelScope()
         self._tokens_window: list[tuple[float, int]] = []
 
@@ -104,7 +105,7 @@ class Deployment:
                         core.worker.fail_at_step = self.spec.fail_at_step
                         core.worker.fail_times = self.spec.fail_times
                         await nursery.start(core.run)
-                        self.replicas.append(core)
+                        self.coordinator.add(core)
                     self.state = "serving"
                     started = True
                     task_status.started()
@@ -125,13 +126,12 @@ class Deployment:
                 self.state = "failed"
             why = f": {self.reason}" if self.reason else ""
             raise DeploymentUnavailable(503, f"deployment '{self.name}' is {self.state}{why}")
-        live = [c for c in self.replicas if c.state == "serving"]
-        if not live:
-            raise DeploymentUnavailable(503, f"deployment '{self.name}' has no serving replica")
-        waiting = sum(c.num_waiting for c in live)
+        waiting = sum(c.num_waiting for c in self.coordinator.serving())
         if self.spec.serving.on_capacity_exhausted == "reject" and waiting >= self.spec.serving.max_queue:
             raise DeploymentUnavailable(429, f"deployment '{self.name}' is at capacity ({waiting} waiting)", 1.0)
-        core = min(live, key=lambda c: c.num_running + c.num_waiting + c.block_manager.usage)
+        core = self.coordinator.pick()
+        if core is None:
+            raise DeploymentUnavailable(503, f"deployment '{self.name}' has no serving replica")
         return AsyncLLM(core, self.source)
 
     def charge(self, tokens: int) -> None:
@@ -150,6 +150,10 @@ class Deployment:
                     max(1.0, wait))
             log.warning("deployment %s: token budget exceeded (%d/min)", self.name, budget.tokens_per_minute)
         self._tokens_window.append((now, tokens))
+
+    @property
+    def replicas(self) -> list[EngineCore]:
+        return self.coordinator.replicas
 
     def in_flight(self) -> int:
         return sum(c.num_running + c.num_waiting for c in self.replicas)

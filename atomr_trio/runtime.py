@@ -94,8 +94,9 @@ class Runtime:
                               "children": [{"actor": "Context",
                                             "state": "ready" if c.worker.context else "absent"}]}],
             } for c in d.replicas]
+            coordinator = {"actor": "DpCoordinator", "routed": dict(d.coordinator.routed)}
             deployments.append({"actor": "Deployment", "name": d.name, "state": d.state, "reason": d.reason,
-                                "children": replicas})
+                                "children": [coordinator, *replicas]})
         return {"actor": "Runtime", "children": [
             {"actor": "Metrics", "state": "running"},
             {"actor": "Placement", **self.placement.describe()},
