@@ -96,9 +96,10 @@ class Deployment:
             started = False
             try:
                 self.state = "loading"
-                threads = self.placement.assign(self.spec.replicas)
+                threads = await self.placement.assign(self.name, self.spec.replicas)
                 self.source = await trio.to_thread.run_sync(ModelSource.open, self.spec.model)
                 async with trio.open_nursery() as nursery:
+                    await nursery.start(self.coordinator.run)
                     for i, n_threads in enumerate(threads):
                         cfg = self.spec.engine_config(n_threads).resolve(self.source.config)
                         core = EngineCore(self.source, cfg, f"{self.name}/engine-{i}", self.name, self.metrics)
@@ -114,13 +115,15 @@ class Deployment:
                 self.state, self.reason = "failed", f"{type(e).__name__}: {e}"
                 log.error("deployment %s failed: %s", self.name, self.reason)
             finally:
+                self.placement.release(self.name)
                 if self.state != "failed":
                     self.state = "stopped"
                 if not started:
                     task_status.started()
 
-    def route(self) -> AsyncLLM:
-        """Admit one request and pick its replica, or raise DeploymentUnavailable."""
+    async def route(self) -> AsyncLLM:
+        """Admit one request and have the DpCoordinator pick its replica, or raise
+        DeploymentUnavailable."""
         if self.state != "serving" or self.source is None:
             if self.state == "failed" or any(c.failure for c in self.replicas):
                 self.state = "failed"
@@ -129,7 +132,7 @@ class Deployment:
         waiting = sum(c.num_waiting for c in self.coordinator.serving())
         if self.spec.serving.on_capacity_exhausted == "reject" and waiting >= self.spec.serving.max_queue:
             raise DeploymentUnavailable(429, f"deployment '{self.name}' is at capacity ({waiting} waiting)", 1.0)
-        core = self.coordinator.pick()
+        core = await self.coordinator.pick()
         if core is None:
             raise DeploymentUnavailable(503, f"deployment '{self.name}' has no serving replica")
         return AsyncLLM(core, self.source)

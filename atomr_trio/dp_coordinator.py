@@ -1,35 +1,83 @@
-"""DpCoordinator: picks one data-parallel replica of a deployment for each request.
+"""DpCoordinator: the actor that picks one data-parallel replica of a deployment per request.
 
-Invariant: the pick is the serving replica with the least load — running + waiting requests
-plus KV-cache usage, as each EngineCore left them after its last step — so a request never
-waits behind a busy replica while another is idle. Picking never blocks.
+Invariants:
+- Engines report their load after every step with `report_load`, which never blocks (a full
+  inbox drops the report; the next step sends a fresh one).
+- A pick is the serving replica with the least load — running + waiting requests plus KV-cache
+  usage from its latest report — counting the requests routed to it since that report, so a
+  burst of requests spreads over the replicas instead of piling onto the one that looked idle.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import trio
+
 from .engine_core import EngineCore
 
 
-def replica_load(core: EngineCore) -> float:
-    return core.num_running + core.num_waiting + core.block_manager.usage
+@dataclass(frozen=True)
+class LoadReport:
+    engine: str
+    load: float
+
+
+@dataclass(frozen=True)
+class Pick:
+    reply: trio.MemorySendChannel[EngineCore | None]
 
 
 class DpCoordinator:
     def __init__(self) -> None:
         self.replicas: list[EngineCore] = []
-        self.routed: dict[str, int] = {}  # requests sent to each replica
+        self.routed: dict[str, int] = {}  # requests sent to each replica, in all
+        self._load: dict[str, float] = {}
+        self._since_report: dict[str, int] = {}
+        self._send, self._inbox = trio.open_memory_channel[LoadReport | Pick](1024)
 
     def add(self, core: EngineCore) -> None:
         self.replicas.append(core)
-        self.routed[core.name] = 0
+        self.routed[core.name] = self._since_report[core.name] = 0
+        self._load[core.name] = 0.0
+        core.load_sink = self
 
     def serving(self) -> list[EngineCore]:
         return [c for c in self.replicas if c.state == "serving"]
 
-    def pick(self) -> EngineCore | None:
+    # ---- what others call --------------------------------------------------------------
+    def report_load(self, engine: str, load: float) -> None:
+        try:
+            self._send.send_nowait(LoadReport(engine, load))
+        except trio.WouldBlock:
+            pass
+
+    async def pick(self) -> EngineCore | None:
+        """None when no replica serves (or the coordinator has stopped)."""
+        send, recv = trio.open_memory_channel[EngineCore | None](1)
+        try:
+            await self._send.send(Pick(send))
+        except trio.BrokenResourceError:
+            return None
+        async with recv:
+            return await recv.receive()
+
+    # ---- the actor ----------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async with self._inbox:
+            async for msg in self._inbox:
+                if isinstance(msg, LoadReport):
+                    self._load[msg.engine] = msg.load
+                    self._since_report[msg.engine] = 0
+                else:
+                    msg.reply.send_nowait(self._choose())
+
+    def _choose(self) -> EngineCore | None:
         live = self.serving()
         if not live:
             return None
-        core = min(live, key=replica_load)
+        core = min(live, key=lambda c: self._load[c.name] + self._since_report[c.name])
         self.routed[core.name] += 1
+        self._since_report[core.name] += 1
         return core

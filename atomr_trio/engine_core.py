@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
@@ -33,6 +34,10 @@ from .worker import Worker
 log = logging.getLogger(__name__)
 
 INBOX_SIZE = 1024
+
+
+class LoadSink(Protocol):
+    def report_load(self, engine: str, load: float) -> None: ...
 
 
 class EngineFailed(RuntimeError):
@@ -64,6 +69,7 @@ class EngineCore:
         self.name = name
         self.model_name = model_name or source.name
         self.metrics = metrics
+        self.load_sink: LoadSink | None = None  # a DpCoordinator, when the engine is a replica
         self.cfg = cfg
         self.source = source
         self.vocab_size = source.config.vocab_size
@@ -318,9 +324,11 @@ class EngineCore:
         ))
 
     def _report(self, num_scheduled: int, iteration_tokens: int, prompt: int, generated: int) -> None:
+        bm = self.block_manager
+        if self.load_sink is not None:
+            self.load_sink.report_load(self.name, self.num_running + self.num_waiting + bm.usage)
         if self.metrics is None:
             return
-        bm = self.block_manager
         counts = (bm.prefix_queries, bm.prefix_hits, self.scheduler.num_preemptions)
         q, h, p = (a - b for a, b in zip(counts, self._reported, strict=True))
         self._reported = counts

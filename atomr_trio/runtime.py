@@ -110,6 +110,7 @@ async def open_runtime(specs: Sequence[DeploymentSpec]) -> AsyncIterator[Runtime
     manager = DeploymentManager(placement, metrics)
     async with trio.open_nursery() as nursery:
         await nursery.start(metrics.run)
+        await nursery.start(placement.run)
         await nursery.start(manager.run)
         for spec in specs:
             await manager.apply(spec)

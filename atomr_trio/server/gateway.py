@@ -47,9 +47,9 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None) -> QuartTrio
                            code="model_not_found")
         return dep
 
-    def route(dep: Deployment) -> AsyncLLM:
+    async def route(dep: Deployment) -> AsyncLLM:
         try:
-            return dep.route()
+            return await dep.route()
         except DeploymentUnavailable as e:
             metrics.count_request(dep.name, "rejected" if e.status == 429 else "unavailable")
             raise APIError(e.status, str(e), "rate_limit_error" if e.status == 429 else "service_unavailable",
@@ -169,7 +169,7 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None) -> QuartTrio
             name = next(iter(manager.deployments))
         if not isinstance(name, str):
             raise APIError(400, "give 'model'", param="model")
-        return route(deployment(name))
+        return await route(deployment(name))
 
     @app.post("/tokenize")
     async def tokenize() -> Any:
@@ -202,7 +202,7 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None) -> QuartTrio
     async def chat_completions() -> Any:
         body: ChatCompletionRequest = await body_of(ChatCompletionRequest)
         dep = deployment(body.model)
-        engine = route(dep)
+        engine = await route(dep)
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         try:
             _, ids = engine.chat_prompt(messages)
@@ -230,7 +230,7 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None) -> QuartTrio
     async def completions() -> Any:
         body: CompletionRequest = await body_of(CompletionRequest)
         dep = deployment(body.model)
-        engine = route(dep)
+        engine = await route(dep)
         prompts = body.prompt
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[assignment]
