@@ -42,7 +42,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML file with [[deployment]] tables (several models); replaces the "
                                     "model flags above")
     p.add_argument("--api-key", action="append", default=[],
-                   help="require 'Authorization: Bearer KEY' (repeatable; also $ATOMR_API_KEY)")
+                   help="require 'Authorization: Bearer KEY' on every route but /health (repeatable; "
+                        "also $ATOMR_API_KEY, comma-separated)")
+    p.add_argument("--admin-key", action="append", default=[],
+                   help="if given, only these keys open /admin/* (repeatable; also $ATOMR_ADMIN_KEY)")
+    p.add_argument("--request-timeout", type=float,
+                   help="seconds a request may take, queueing included; a deployment may set its own")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may finish after the first SIGTERM/SIGINT (default: 30)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -53,18 +58,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    keys = list(args.api_key)
-    if os.environ.get("ATOMR_API_KEY"):
-        keys.append(os.environ["ATOMR_API_KEY"])
+    keys = list(args.api_key) + _env_keys("ATOMR_API_KEY")
+    admin_keys = list(args.admin_key) + _env_keys("ATOMR_ADMIN_KEY")
     try:
         specs = load_config(args.config) if args.config else [spec_from_flags(args)]
         settings = ServerSettings(deployments=specs, host=args.host, port=args.port, api_keys=keys,
+                                  admin_keys=admin_keys, request_timeout=args.request_timeout,
                                   shutdown_timeout=args.shutdown_timeout)
         trio.run(serve, settings)
     except (ValueError, ModelLoadError, OSError, tomllib.TOMLDecodeError) as e:
         print(f"atomr_trio: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _env_keys(name: str) -> list[str]:
+    """Keys from an environment variable; several are separated by commas."""
+    return [k.strip() for k in os.environ.get(name, "").split(",") if k.strip()]
 
 
 def spec_from_flags(args: argparse.Namespace) -> DeploymentSpec:

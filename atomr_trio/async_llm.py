@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import fields
 from typing import Any
@@ -95,7 +95,7 @@ class AsyncLLM:
         *,
         delta: bool = False,
         prompt_ids: list[int] | None = None,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Stream a request's outputs: cumulative by default, or only what is new (`delta`)."""
         params = params or SamplingParams()
         if prompt_ids is None:

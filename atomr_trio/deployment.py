@@ -13,6 +13,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Literal
 
@@ -56,6 +57,8 @@ class DeploymentSpec(BaseModel):
     block_size: int = Field(default=16, ge=1, le=1024)
     serving: ServingPolicy = Field(default_factory=ServingPolicy)
     token_budget: TokenBudget = Field(default_factory=TokenBudget)
+    request_timeout: float | None = Field(
+        default=None, gt=0, description="seconds a request may take, queueing included (default: the server's)")
     fail_at_step: int | None = Field(
         default=None, ge=1, description="test hook: a device Context fails at its N-th engine step")
     fail_times: int = Field(default=1, ge=1, description="test hook: how many Contexts in a row fail")
@@ -74,6 +77,24 @@ class DeploymentUnavailable(Exception):
         self.status, self.retry_after = status, retry_after
 
 
+def _without_paths(text: str) -> str:
+    """Client-facing text names no file of the server (the admin API shows the full reason)."""
+    return re.sub(r"(?:[A-Za-z]:)?(?:/[\w.+-]+){2,}/?", "<path>", text)
+
+
+class Ticket:
+    """One admitted request's place in its deployment; release() is idempotent."""
+
+    def __init__(self, dep: Deployment) -> None:
+        self._dep: Deployment | None = dep
+        dep.admitted += 1
+
+    def release(self) -> None:
+        if self._dep is not None:
+            self._dep.admitted -= 1
+            self._dep = None
+
+
 class Deployment:
     def __init__(self, spec: DeploymentSpec, placement: Placement, metrics: Metrics | None) -> None:
         self.spec = spec
@@ -85,6 +106,7 @@ class Deployment:
         self.coordinator = DpCoordinator()
         self.cancel_scope = trio.CancelScope()
         self._tokens_window: list[tuple[float, int]] = []
+        self.admitted = 0  # requests between route() and the release of their ticket
 
     @property
     def name(self) -> str:
@@ -121,21 +143,23 @@ class Deployment:
                 if not started:
                     task_status.started()
 
-    async def route(self) -> AsyncLLM:
+    async def route(self) -> tuple[AsyncLLM, Ticket]:
         """Admit one request and have the DpCoordinator pick its replica, or raise
-        DeploymentUnavailable."""
+        DeploymentUnavailable. The caller releases the ticket when the request is over."""
         if self.state != "serving" or self.source is None:
             if self.state == "failed" or any(c.failure for c in self.replicas):
                 self.state = "failed"
-            why = f": {self.reason}" if self.reason else ""
+            why = f": {_without_paths(self.reason)}" if self.reason else ""
             raise DeploymentUnavailable(503, f"deployment '{self.name}' is {self.state}{why}")
-        waiting = sum(c.num_waiting for c in self.coordinator.serving())
-        if self.spec.serving.on_capacity_exhausted == "reject" and waiting >= self.spec.serving.max_queue:
-            raise DeploymentUnavailable(429, f"deployment '{self.name}' is at capacity ({waiting} waiting)", 1.0)
+        serving = self.coordinator.serving()
+        capacity = self.spec.max_num_seqs * len(serving) + self.spec.serving.max_queue
+        if self.spec.serving.on_capacity_exhausted == "reject" and self.admitted >= capacity:
+            raise DeploymentUnavailable(
+                429, f"deployment '{self.name}' is at capacity ({self.admitted} requests in flight)", 1.0)
         core = await self.coordinator.pick()
         if core is None:
             raise DeploymentUnavailable(503, f"deployment '{self.name}' has no serving replica")
-        return AsyncLLM(core, self.source)
+        return AsyncLLM(core, self.source), Ticket(self)
 
     def charge(self, tokens: int) -> None:
         """Count a request's tokens against the per-minute budget (429 when it is spent)."""

@@ -21,7 +21,7 @@ import trio
 
 from .block_manager import BlockManager
 from .config import EngineConfig
-from .messages import AbortRequest, AddRequest, SeqDelta
+from .messages import AbortAll, AbortRequest, AddRequest, SeqDelta
 from .metrics import FinishedRequest, Metrics, StepReport
 from .model.source import ModelSource
 from .model_runner import BatchItem, StepBatch, StepResult
@@ -84,7 +84,7 @@ class EngineCore:
         self._finished: list[FinishedRequest] = []  # since the last metrics report
         self._itl: list[float] = []
         self._reported = (0, 0, 0)  # prefix queries, prefix hits, preemptions at the last report
-        self._send, self._inbox = trio.open_memory_channel[AddRequest | AbortRequest](INBOX_SIZE)
+        self._send, self._inbox = trio.open_memory_channel[AddRequest | AbortRequest | AbortAll](INBOX_SIZE)
 
     # ---- what other actors call (they only send messages) -----------------------------------
     async def add(self, req: AddRequest) -> None:
@@ -94,6 +94,13 @@ class EngineCore:
         """Idempotent; safe after the request finished and after the engine stopped."""
         try:
             await self._send.send(AbortRequest(request_id, index))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def abort_all(self) -> None:
+        """Ask the engine to end every live request with finish_reason "abort"."""
+        try:
+            await self._send.send(AbortAll())
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
@@ -140,9 +147,13 @@ class EngineCore:
                 return
             self._handle(msg)
 
-    def _handle(self, msg: AddRequest | AbortRequest) -> None:
+    def _handle(self, msg: AddRequest | AbortRequest | AbortAll) -> None:
         if isinstance(msg, AbortRequest):
             self._abort(msg.request_id, msg.index, reason="abort")
+            return
+        if isinstance(msg, AbortAll):
+            for rid in list(self._requests):
+                self._abort(rid, None, reason="abort")
             return
         try:
             self._check(msg)

@@ -34,6 +34,11 @@ class AddRequest:
 
 
 @dataclass(frozen=True)
+class AbortAll:
+    """End every live request ("abort"): the server is shutting down."""
+
+
+@dataclass(frozen=True)
 class AbortRequest:
     request_id: str
     index: int | None = None  # one sample only (a stop string ended it); None: the whole request

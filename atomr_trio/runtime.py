@@ -82,6 +82,13 @@ class Runtime:
         self.manager = manager
         self.metrics = metrics
         self.placement = placement
+        self.draining = False  # set on the first shutdown signal: new requests get 503
+
+    async def abort_all(self) -> None:
+        """End every request in every engine now (each gets finish_reason "abort")."""
+        for dep in self.manager.deployments.values():
+            for core in dep.replicas:
+                await core.abort_all()
 
     def tree(self) -> dict[str, Any]:
         """A live view of the actor tree: each actor, its state and queue depth."""

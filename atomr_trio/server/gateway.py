@@ -13,18 +13,23 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Iterator
+from contextlib import aclosing, contextmanager
 from typing import Any
 
+import trio
 from pydantic import BaseModel, ValidationError
 from quart import Response, request
 from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
 
 from ..async_llm import AsyncLLM
 from ..chat_template import ChatTemplateError
-from ..deployment import Deployment, DeploymentSpec, DeploymentUnavailable
+from ..deployment import Deployment, DeploymentSpec, DeploymentUnavailable, Ticket
 from ..outputs import CompletionOutput, Logprob, RequestError, RequestOutput
 from ..runtime import Runtime
 from ..sampling_params import SamplingParams
@@ -34,11 +39,19 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 4 << 20
 
 
-def create_app(runtime: Runtime, api_keys: list[str] | None = None) -> QuartTrio:
+def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: list[str] | None = None,
+               request_timeout: float | None = None) -> QuartTrio:
+    """The app. `admin_keys`, when given, alone open /admin/*; `request_timeout` (seconds,
+    queueing included) applies where a deployment sets none."""
     app = QuartTrio("atomr_trio")
     app.config.update(RESPONSE_TIMEOUT=None, BODY_TIMEOUT=60, MAX_CONTENT_LENGTH=MAX_BODY_BYTES)
     keys = [k.encode() for k in (api_keys or [])]
+    admin = [k.encode() for k in (admin_keys or [])]
     manager, metrics = runtime.manager, runtime.metrics
+
+    def deadline_for(dep: Deployment) -> float:
+        timeout = dep.spec.request_timeout or request_timeout
+        return trio.current_time() + timeout if timeout else math.inf
 
     def deployment(name: str) -> Deployment:
         dep = manager.get(name)
@@ -47,7 +60,7 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None) -> QuartTrio
                            code="model_not_found")
         return dep
 
-    async def route(dep: Deployment) -> AsyncLLM:
+    async def route(dep: Deployment) -> tuple[AsyncLLM, Ticket]:
         try:
             return await dep.route()
         except DeploymentUnavailable as e:
@@ -57,11 +70,16 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None) -> QuartTrio
 
     @app.before_request
     async def check_key() -> Any:
-        if not keys or request.path in ("/health", "/healthz"):
+        if request.path in ("/health", "/healthz"):
             return None
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ").encode()
-        if not any(hmac.compare_digest(given, k) for k in keys):
-            raise APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
+        wanted = admin if admin and request.path.startswith("/admin") else keys
+        if wanted:
+            given = request.headers.get("Authorization", "").removeprefix("Bearer ").encode()
+            # compare against every key, in constant time, whatever matches first
+            if sum(hmac.compare_digest(given, k) for k in wanted) == 0:
+                raise APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
+        if runtime.draining:
+            raise APIError(503, "the server is shutting down", "service_unavailable")
         return None
 
     @app.errorhandler(APIError)
@@ -69,19 +87,18 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None) -> QuartTrio
         headers = {"Retry-After": str(max(1, round(e.retry_after)))} if e.retry_after else {}
         return e.body(), e.status, headers
 
-    for status, text in ((404, "not found"), (405, "method not allowed"), (413, "request body too large")):
-        @app.errorhandler(status)
-        async def http_error(_: Exception, status: int = status, text: str = text) -> Any:
-            return APIError(status, f"{request.method} {request.path}: {text}").body(), status
+    @app.errorhandler(HTTPException)
+    async def http_error(e: HTTPException) -> Any:
+        status = e.code or 500
+        return APIError(status, f"{request.method} {request.path}: {e.name}").body(), status
+
+    @app.errorhandler(Exception)
+    async def internal_error(e: Exception) -> Any:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return APIError(500, "internal server error", "server_error").body(), 500
 
     async def body_of(model: type[BaseModel]) -> Any:
-        raw = await request.get_data()
-        try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise APIError(400, "the request body is not valid JSON") from None
-        if not isinstance(data, dict):
-            raise APIError(400, "the request body must be a JSON object")
+        data = await _json_object()
         try:
             body = model.model_validate(data)
         except ValidationError as e:
@@ -169,7 +186,9 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None) -> QuartTrio
             name = next(iter(manager.deployments))
         if not isinstance(name, str):
             raise APIError(400, "give 'model'", param="model")
-        return await route(deployment(name))
+        engine, ticket = await route(deployment(name))
+        ticket.release()  # tokenizing takes no engine capacity
+        return engine
 
     @app.post("/tokenize")
     async def tokenize() -> Any:
@@ -202,7 +221,13 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None) -> QuartTrio
     async def chat_completions() -> Any:
         body: ChatCompletionRequest = await body_of(ChatCompletionRequest)
         dep = deployment(body.model)
-        engine = await route(dep)
+        deadline = deadline_for(dep)
+        engine, ticket = await route(dep)
+        with _released_unless_streamed(ticket) as keep:
+            return await chat(body, dep, engine, deadline, ticket, keep)
+
+    async def chat(body: ChatCompletionRequest, dep: Deployment, engine: AsyncLLM, deadline: float,
+                   ticket: Ticket, keep: list[bool]) -> Any:
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         try:
             _, ids = engine.chat_prompt(messages)
@@ -214,8 +239,9 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None) -> QuartTrio
         dep.charge(len(ids) + (params.max_tokens or 0) * params.n)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
-            return _sse(_chat_stream(engine, body, rid, ids, params, dep.name))
-        out = await _run(engine, ids, params, rid)
+            keep.append(True)
+            return _sse(_chat_stream(engine, body, rid, ids, params, dep.name, deadline), ticket)
+        out = await _run(runtime, engine, ids, params, rid, None, deadline)
         metrics.count_request(dep.name, "success")
         choices = [{
             "index": o.index,
@@ -230,7 +256,13 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None) -> QuartTrio
     async def completions() -> Any:
         body: CompletionRequest = await body_of(CompletionRequest)
         dep = deployment(body.model)
-        engine = await route(dep)
+        deadline = deadline_for(dep)
+        engine, ticket = await route(dep)
+        with _released_unless_streamed(ticket) as keep:
+            return await complete(body, dep, engine, deadline, ticket, keep)
+
+    async def complete(body: CompletionRequest, dep: Deployment, engine: AsyncLLM, deadline: float,
+                       ticket: Ticket, keep: list[bool]) -> Any:
         prompts = body.prompt
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[assignment]
@@ -250,10 +282,24 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None) -> QuartTrio
                        for _, ids in jobs]
         dep.charge(sum(len(ids) + (p.max_tokens or 0) * p.n for (_, ids), p in zip(jobs, params_list, strict=True)))
         if body.stream:
-            return _sse(_completion_stream(engine, body, rid, jobs, params_list, dep.name))
-        outs = []
-        for i, ((text, ids), params) in enumerate(zip(jobs, params_list, strict=True)):
-            outs.append(await _run(engine, ids, params, f"{rid}-{i}", text))
+            keep.append(True)
+            return _sse(_completion_stream(engine, body, rid, jobs, params_list, dep.name, deadline), ticket)
+        results: list[RequestOutput | None] = [None] * len(jobs)
+
+        async def one(i: int) -> None:
+            (text, ids), params = jobs[i], params_list[i]
+            results[i] = await _run(runtime, engine, ids, params, f"{rid}-{i}", text, deadline)
+
+        try:
+            async with trio.open_nursery() as nursery:  # the prompts of one request run as a batch
+                for i in range(len(jobs)):
+                    nursery.start_soon(one, i)
+        except BaseExceptionGroup as group:
+            api_errors = [e for e in group.exceptions if isinstance(e, APIError)]
+            if api_errors and len(api_errors) == len(group.exceptions):
+                raise api_errors[0] from None
+            raise
+        outs = [r for r in results if r is not None]
         choices = []
         for i, (out, (text, ids)) in enumerate(zip(outs, jobs, strict=True)):
             prefix = (text if text is not None else engine.tokenizer.decode(ids)) if body.echo else ""
@@ -273,29 +319,82 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None) -> QuartTrio
 async def _json_object() -> dict[str, Any]:
     try:
         data = json.loads(await request.get_data())
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise APIError(400, "the request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
     return data
 
 
-async def _run(engine: AsyncLLM, ids: list[int], params: SamplingParams, rid: str,
-               text: str | None = None) -> RequestOutput:
+class DeadlineExceeded(Exception):
+    pass
+
+
+def _timeout_error() -> APIError:
+    return APIError(504, "the request did not finish before its deadline (request_timeout)", "timeout",
+                    code="request_timeout")
+
+
+async def _run(runtime: Runtime, engine: AsyncLLM, ids: list[int], params: SamplingParams, rid: str,
+               text: str | None, deadline: float) -> RequestOutput:
+    """One request to its end; the deadline covers queueing and generation."""
+    out = None
+    with trio.move_on_at(deadline):
+        try:
+            out = await engine.generate_one(text, params, request_id=rid, prompt_ids=ids)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        except RequestError as e:
+            raise APIError(503, f"the engine could not finish the request: {e}", "service_unavailable") from None
+    if out is None:
+        raise _timeout_error()
+    if runtime.draining and any(o.finish_reason == "abort" for o in out.outputs):
+        raise APIError(503, "the server shut down before the request finished", "service_unavailable")
+    return out
+
+
+async def _deltas(engine: AsyncLLM, ids: list[int], params: SamplingParams, rid: str, text: str | None,
+                  deadline: float) -> AsyncIterator[RequestOutput]:
+    """A request's deltas; raises DeadlineExceeded when the deadline passes (the request is
+    aborted). Each wait has its own cancel scope, so nothing yields inside one."""
+    stream = engine.generate(text, params, request_id=rid, delta=True, prompt_ids=ids)
+    async with aclosing(stream):
+        while True:
+            with trio.move_on_at(deadline) as scope:
+                try:
+                    delta = await stream.__anext__()
+                except StopAsyncIteration:
+                    return
+            if scope.cancelled_caught:
+                raise DeadlineExceeded
+            yield delta
+
+
+@contextmanager
+def _released_unless_streamed(ticket: Ticket) -> Iterator[list[bool]]:
+    """Release the admission ticket when the handler returns, unless it handed the request to
+    a stream (which then owns the ticket)."""
+    keep: list[bool] = []
     try:
-        return await engine.generate_one(text, params, request_id=rid, prompt_ids=ids)
-    except ValueError as e:
-        raise APIError(400, str(e)) from None
-    except RequestError as e:
-        raise APIError(503, f"the engine could not finish the request: {e}", "service_unavailable") from None
+        yield keep
+    finally:
+        if not keep:
+            ticket.release()
 
 
-def _sse(events: AsyncIterator[str]) -> Response:
+def _sse(events: AsyncIterator[str], ticket: Ticket) -> Response:
     async def body() -> AsyncIterator[bytes]:
-        async for e in events:
-            yield e.encode()
+        try:
+            async for e in events:
+                yield e.encode()
+        finally:
+            ticket.release()
 
-    return Response(body(), content_type="text/event-stream",
+    stream = body()
+    # A body that is never iterated (the client left first) never runs its finally: CPython
+    # drops the generator with the response, and this releases the ticket then.
+    weakref.finalize(stream, ticket.release)
+    return Response(stream, content_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
@@ -304,7 +403,7 @@ def _event(obj: Any) -> str:
 
 
 async def _chat_stream(engine: AsyncLLM, body: ChatCompletionRequest, rid: str, ids: list[int],
-                       params: SamplingParams, model: str) -> AsyncIterator[str]:
+                       params: SamplingParams, model: str, deadline: float) -> AsyncIterator[str]:
     created = int(time.time())
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
     yield "".join(_event({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -313,7 +412,7 @@ async def _chat_stream(engine: AsyncLLM, body: ChatCompletionRequest, rid: str, 
     final: RequestOutput | None = None
     generated = 0
     try:
-        async for delta in engine.generate(None, params, request_id=rid, delta=True, prompt_ids=ids):
+        async for delta in _deltas(engine, ids, params, rid, None, deadline):
             final = delta
             generated += sum(len(o.token_ids) for o in delta.outputs)
             events = []
@@ -328,6 +427,8 @@ async def _chat_stream(engine: AsyncLLM, body: ChatCompletionRequest, rid: str, 
                 yield "".join(events)
     except RequestError as e:
         yield _event({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+    except DeadlineExceeded:
+        yield _event(_timeout_error().body())
     if final is not None and body.stream_options and body.stream_options.include_usage:
         yield _event({**head, "choices": [], "usage": _usage([final], generated)})
     yield "data: [DONE]\n\n"
@@ -335,7 +436,7 @@ async def _chat_stream(engine: AsyncLLM, body: ChatCompletionRequest, rid: str, 
 
 async def _completion_stream(engine: AsyncLLM, body: CompletionRequest, rid: str,
                              jobs: list[tuple[str | None, list[int]]], params_list: list[SamplingParams],
-                             model: str) -> AsyncIterator[str]:
+                             model: str, deadline: float) -> AsyncIterator[str]:
     head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model}
     finals: list[RequestOutput] = []
     generated = 0
@@ -347,8 +448,7 @@ async def _completion_stream(engine: AsyncLLM, body: CompletionRequest, rid: str
                                                            "logprobs": None, "finish_reason": None}]})
                               for k in range(params.n))
             final = None
-            async for delta in engine.generate(text, params, request_id=f"{rid}-{i}", delta=True,
-                                               prompt_ids=ids):
+            async for delta in _deltas(engine, ids, params, f"{rid}-{i}", text, deadline):
                 final = delta
                 generated += sum(len(o.token_ids) for o in delta.outputs)
                 events = [_event({**head, "choices": [{
@@ -363,6 +463,8 @@ async def _completion_stream(engine: AsyncLLM, body: CompletionRequest, rid: str
                 finals.append(final)
     except RequestError as e:
         yield _event({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+    except DeadlineExceeded:
+        yield _event(_timeout_error().body())
     if finals and body.stream_options and body.stream_options.include_usage:
         yield _event({**head, "choices": [], "usage": _usage(finals, generated)})
     yield "data: [DONE]\n\n"

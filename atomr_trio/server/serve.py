@@ -31,6 +31,8 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: list[str] = field(default_factory=list)
+    admin_keys: list[str] = field(default_factory=list)
+    request_timeout: float | None = None
     shutdown_timeout: float = 30.0
     handle_signals: bool = True
 
@@ -38,7 +40,7 @@ class ServerSettings:
 async def serve(settings: ServerSettings, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until a signal (or cancellation). Reports the bound URLs through task_status."""
     async with open_runtime(settings.deployments) as runtime:
-        app = create_app(runtime, settings.api_keys)
+        app = create_app(runtime, settings.api_keys, settings.admin_keys, settings.request_timeout)
         hc = HypercornConfig()
         hc.bind = [f"{settings.host}:{settings.port}"]
         hc.accesslog = None
@@ -52,14 +54,25 @@ async def serve(settings: ServerSettings, *, task_status: Any = trio.TASK_STATUS
                 await hypercorn_serve(app, hc, shutdown_trigger=stop.wait, task_status=task_status)
                 nursery.cancel_scope.cancel()
 
+            def in_flight() -> int:
+                return sum(d.in_flight() for d in runtime.manager.deployments.values())
+
             async def drain() -> None:
-                # Hypercorn waits for idle keep-alive connections too; once no deployment has a
-                # request left (or the timeout passed), nothing is in flight: stop everything.
+                # In-flight requests may finish until the timeout; then the engines end the rest
+                # ("abort": streams get a final chunk and [DONE], others a 503). Hypercorn would
+                # also wait for idle keep-alive connections, so we stop it once nothing is left.
                 await stop.wait()
+                runtime.draining = True
                 with trio.move_on_after(settings.shutdown_timeout):
-                    while any(d.in_flight() for d in runtime.manager.deployments.values()):
+                    while in_flight():
                         await trio.sleep(0.05)
-                await trio.sleep(0.2)  # let the last responses finish writing
+                if in_flight():
+                    log.info("shutdown timeout: aborting %d request(s)", in_flight())
+                    await runtime.abort_all()
+                    with trio.move_on_after(2):
+                        while in_flight():
+                            await trio.sleep(0.02)
+                await trio.sleep(0.3)  # let the handlers write their last events
                 nursery.cancel_scope.cancel()
 
             if settings.handle_signals:
