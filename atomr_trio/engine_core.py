@@ -122,6 +122,7 @@ class EngineCore:
             async with self._inbox:
                 while True:
                     if not self.scheduler.has_work():
+                        self._report(0, 0, 0, 0)  # publish the idle state (aborts may have emptied it)
                         try:
                             self._handle(await self._inbox.receive())
                         except trio.EndOfChannel:

@@ -121,7 +121,8 @@ class Metrics:
         self.running.labels(*lb).set(rep.num_running)
         self.waiting.labels(*lb).set(rep.num_waiting)
         self.kv_usage.labels(*lb).set(rep.kv_usage)
-        self.steps.labels(*lb).inc()
+        if rep.num_scheduled:  # an idle report (num_scheduled 0) only refreshes the gauges
+            self.steps.labels(*lb).inc()
         if rep.num_scheduled > 1:
             self.multi_seq_steps.labels(*lb).inc()
         if rep.iteration_tokens:

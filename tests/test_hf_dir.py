@@ -17,7 +17,7 @@ from atomr_trio.model.source import ModelSource
 pytestmark = pytest.mark.slow
 
 
-def write_tiny_model(path: Path, arch: str = "qwen2", seed: int = 0) -> None:
+def write_tiny_model(path: Path, arch: str = "qwen2", seed: int = 0, max_positions: int = 512) -> None:
     """A byte-level BPE tokenizer with no merges (vocab = 256 bytes + 2 specials) and a
     2-layer model of the given architecture (Qwen2 with non-zero q/k/v biases), saved in
     safetensors shards of at most ~200 kB."""
@@ -54,7 +54,7 @@ def write_tiny_model(path: Path, arch: str = "qwen2", seed: int = 0) -> None:
     }[arch]
     cfg = config_cls(
         vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions, rope_theta=10000.0,
         tie_word_embeddings=arch == "llama", eos_token_id=im_end, initializer_range=0.2,
     )
     model = model_cls(cfg).float()

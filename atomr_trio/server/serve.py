@@ -44,7 +44,9 @@ async def serve(settings: ServerSettings, *, task_status: Any = trio.TASK_STATUS
         hc = HypercornConfig()
         hc.bind = [f"{settings.host}:{settings.port}"]
         hc.accesslog = None
-        hc.graceful_timeout = settings.shutdown_timeout
+        # Our drain ends the streams itself (final chunk + [DONE]) and then stops Hypercorn, so
+        # Hypercorn's own cut-off must come later.
+        hc.graceful_timeout = settings.shutdown_timeout + 5
         stop = trio.Event()
         async with trio.open_nursery() as nursery:
 
