@@ -8,7 +8,7 @@ import json
 import random
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -235,7 +235,8 @@ def test_fuzzed_bodies_never_get_a_5xx(server: Server) -> None:
         "/detokenize": st.fixed_dictionaries({}, optional={"model": common["model"], "tokens": prompt}),
     }
     client = httpx.Client(base_url=server.url, headers=AUTH, timeout=60)
-    before = client.post("/v1/completions", json=_long("tiny", 12)).json()["choices"][0]["text"]
+    fixed = {**_long("tiny", 12), "prompt": [5, 17, 99, 3]}
+    before = client.post("/v1/completions", json=fixed).json()["choices"][0]["text"]
     raw_junk = [b"", b"{", b"[]", b"null", b"[" * 5000 + b"]" * 5000, b'{"model": "small", "prompt": "\xff"}',
                 b'{"model": "small", "prompt": "a", "max_tokens": NaN}']
     counts = dict.fromkeys(bodies, 0)
@@ -243,13 +244,14 @@ def test_fuzzed_bodies_never_get_a_5xx(server: Server) -> None:
         for raw in raw_junk:
             r = client.post(path, content=raw, headers={"Content-Type": "application/json"})
             assert r.status_code < 500, (path, raw[:40], r.text)
-            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+            if r.status_code >= 400:
+                assert set(r.json()["error"]) == {"message", "type", "param", "code"}
 
-    for path, strategy in bodies.items():
+    def fuzzer(path: str, strategy: st.SearchStrategy) -> Callable[[], None]:
         @settings(max_examples=2000, deadline=None, database=None, phases=[Phase.generate, Phase.shrink],
                   suppress_health_check=list(HealthCheck))
         @given(strategy)
-        def fuzz(body: dict, path: str = path) -> None:
+        def fuzz(body: dict) -> None:
             counts[path] += 1
             r = client.post(path, content=json.dumps(body, allow_nan=True),
                             headers={"Content-Type": "application/json"})
@@ -259,10 +261,13 @@ def test_fuzzed_bodies_never_get_a_5xx(server: Server) -> None:
                 assert set(err) == {"message", "type", "param", "code"}, r.text
                 assert "Traceback" not in err["message"] and "/atomr_trio/" not in err["message"]
 
-        fuzz()
+        return fuzz
+
+    for path, strategy in bodies.items():
+        fuzzer(path, strategy)()
     assert all(n >= 2000 for n in counts.values()), counts
     assert client.get("/health").status_code == 200
-    after = client.post("/v1/completions", json=_long("tiny", 12)).json()["choices"][0]["text"]
+    after = client.post("/v1/completions", json=fixed).json()["choices"][0]["text"]
     assert after == before
 
 
