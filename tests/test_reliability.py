@@ -297,6 +297,9 @@ def test_sigterm_drains_streams_and_exits_zero(tmp_path: Path, tiny_dir: Path) -
                 for _ in range(8):
                     nursery.start_soon(stream)
                 await started.wait()
+                s.proc.send_signal(signal.SIGUSR1)  # logs the live actor tree
+                await trio.sleep(0.3)
+                assert any("actor tree" in line for line in s.log)
                 t0 = time.monotonic()
                 s.proc.send_signal(signal.SIGTERM)
                 await trio.sleep(0.5)

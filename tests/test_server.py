@@ -128,9 +128,9 @@ def test_error_contract(client: openai.OpenAI, server: Server) -> None:
         client.chat.completions.create(model="no-such-model", messages=QUESTION)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url + "/v1", api_key="sk-test-9876543210", max_retries=0).models.list()
-    big = httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
-                     content=b'{"model": "x", "prompt": "' + b"a" * (5 << 20) + b'"}')
-    assert big.status_code == 413 and "error" in big.json()
+    with pytest.raises(openai.APIStatusError) as e:
+        client.completions.create(model=MODEL, prompt="a" * (5 << 20))
+    assert e.value.status_code == 413 and set(e.value.body) == {"message", "type", "param", "code"}
     bad_json = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                           content=b"{not json")
     assert bad_json.status_code == 400

@@ -19,6 +19,7 @@ import uuid
 import weakref
 from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing, contextmanager
+from functools import partial
 from typing import Any
 
 import trio
@@ -339,16 +340,20 @@ async def _run(runtime: Runtime, engine: AsyncLLM, ids: list[int], params: Sampl
                text: str | None, deadline: float) -> RequestOutput:
     """One request to its end; the deadline covers queueing and generation."""
     out = None
+    count = partial(runtime.metrics.count_request, engine.core.model_name)
     with trio.move_on_at(deadline):
         try:
             out = await engine.generate_one(text, params, request_id=rid, prompt_ids=ids)
         except ValueError as e:
             raise APIError(400, str(e)) from None
         except RequestError as e:
+            count("engine_error")
             raise APIError(503, f"the engine could not finish the request: {e}", "service_unavailable") from None
     if out is None:
+        count("timeout")
         raise _timeout_error()
     if runtime.draining and any(o.finish_reason == "abort" for o in out.outputs):
+        count("shutdown")
         raise APIError(503, "the server shut down before the request finished", "service_unavailable")
     return out
 
