@@ -20,8 +20,8 @@ def test_preemption_recomputes_and_loses_nothing(llm32: LLM, make_llm) -> None:
     prompts = [f"Request {i}: write a long story about a robot named R{i}." for i in range(32)]
     params = SamplingParams(temperature=0, max_tokens=256, ignore_eos=True)
     free_run = llm32.generate(prompts, params, use_tqdm=False)
-    # 160 blocks x 16 = 2,560 tokens of KV: about 9 of the 32 sequences at full length.
-    tight = make_llm(dtype="float32", max_model_len=2048, num_kv_blocks=160)
+    # 320 blocks x 16 = 5,120 tokens of KV: about 18 of the 32 sequences at full length.
+    tight = make_llm(dtype="float32", max_model_len=2048, num_kv_blocks=320)
     tight_run = tight.generate(prompts, params, use_tqdm=False)
     assert tight.stats()["num_preemptions"] > 0
     assert llm32.stats()["num_preemptions"] == 0
