@@ -23,7 +23,7 @@ serve: $(STAMP)
 	$(PY) -m atomr_trio $(ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check atomr_trio tests
+	$(VENV)/bin/ruff check atomr_trio tests examples
 	$(VENV)/bin/mypy atomr_trio
 
 test: lint
