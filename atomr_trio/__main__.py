@@ -50,7 +50,8 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds a request may take, queueing included; a deployment may set its own")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may finish after the first SIGTERM/SIGINT (default: 30)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="logging threshold (default: info)")
     return p
 
 

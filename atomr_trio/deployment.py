@@ -41,20 +41,21 @@ class ServingPolicy(BaseModel):
 class TokenBudget(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tokens_per_minute: int | None = Field(default=None, ge=1, description="prompt + completion tokens")
-    on_exceeded: Literal["reject", "warn"] = "reject"
+    on_exceeded: Literal["reject", "warn"] = Field(default="reject", description="reject: 429; warn: log and serve")
 
 
 class DeploymentSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=200, description="the name clients pass as 'model'")
     model: str | None = Field(default=None, description="HF directory or GGUF file; none: the default model")
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto", description="weights and KV cache; auto: bfloat16 where the CPU computes it fast")
     replicas: int = Field(default=1, ge=1, le=64, description="data-parallel engine replicas")
-    max_model_len: int | None = Field(default=None, ge=2)
-    max_num_seqs: int = Field(default=256, ge=1)
-    max_num_batched_tokens: int = Field(default=2048, ge=1)
+    max_model_len: int | None = Field(default=None, ge=2, description="prompt + completion (default: the model's)")
+    max_num_seqs: int = Field(default=256, ge=1, description="sequences per engine step, per replica")
+    max_num_batched_tokens: int = Field(default=2048, ge=1, description="token budget of one step (chunked prefill)")
     kv_cache_memory_bytes: int = Field(default=1 << 30, ge=1, description="per replica")
-    block_size: int = Field(default=16, ge=1, le=1024)
+    block_size: int = Field(default=16, ge=1, le=1024, description="tokens per KV block")
     serving: ServingPolicy = Field(default_factory=ServingPolicy)
     token_budget: TokenBudget = Field(default_factory=TokenBudget)
     request_timeout: float | None = Field(

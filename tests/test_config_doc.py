@@ -1,0 +1,25 @@
+"""docs/configuration.md is generated from the code and a stale copy is caught."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import Field
+
+from atomr_trio import config_doc
+from atomr_trio.deployment import DeploymentSpec
+
+
+def test_configuration_doc_is_current() -> None:
+    assert config_doc.main(["--check"]) == 0, "run: python -m atomr_trio.config_doc"
+    text = config_doc.DOC.read_text()
+    for key in ("`--api-key`", "`--request-timeout`", "`serving.max_queue`", "`token_budget.tokens_per_minute`"):
+        assert key in text
+
+
+def test_a_new_field_makes_the_doc_stale(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Extended(DeploymentSpec):
+        brand_new_knob: int = Field(default=3, description="added without regenerating")
+
+    monkeypatch.setattr(config_doc, "DeploymentSpec", Extended)
+    assert "brand_new_knob" in config_doc.render()
+    assert config_doc.main(["--check"]) == 1
