@@ -10,10 +10,12 @@ Invariants:
 
 from __future__ import annotations
 
+import queue
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Generator, Mapping, Sequence
 from typing import Any
 
+import sniffio
 import trio
 
 from .async_llm import AsyncLLM, PromptType, engine_config, open_engine
@@ -30,6 +32,7 @@ class LLM:
         self._engine: AsyncLLM | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._stop: trio.Event | None = None
+        self._streams: trio.Nursery
         self._error: BaseException | None = None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="atomr-llm", daemon=True)
@@ -49,12 +52,14 @@ class LLM:
             self._ready.set()
 
     async def _main(self) -> None:
-        async with open_engine(self._model, self._cfg) as engine:
+        async with open_engine(self._model, self._cfg) as engine, trio.open_nursery() as streams:
             self._engine = engine
+            self._streams = streams  # where `stream()` runs its requests
             self._token = trio.lowlevel.current_trio_token()
             self._stop = trio.Event()
             self._ready.set()
             await self._stop.wait()
+            streams.cancel_scope.cancel()
 
     # ---- info -------------------------------------------------------------------------------
     @property
@@ -139,6 +144,66 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [r for r in results if r is not None]
+
+    def stream(
+        self, prompt: PromptType | Conversation, sampling_params: SamplingParams | None = None
+    ) -> Generator[str, None, None]:
+        """Text deltas of one request as they are generated (a prompt, or chat messages).
+        Stopping the iteration early aborts the request."""
+        engine = self.engine
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], Mapping):
+            text, ids = engine.chat_prompt(list(prompt))
+        else:
+            text, ids = engine.prepare_prompt(prompt)  # type: ignore[arg-type]
+        params = sampling_params or SamplingParams()
+        engine.check_request(ids, params)
+        deltas: queue.SimpleQueue[str | BaseException | None] = queue.SimpleQueue()
+        scope = trio.CancelScope()
+
+        async def produce() -> None:
+            with scope:
+                try:
+                    async for out in engine.generate(text, params, delta=True, prompt_ids=ids):
+                        if out.outputs[0].text:
+                            deltas.put(out.outputs[0].text)
+                except Exception as e:  # noqa: BLE001 - handed to the consumer's thread
+                    deltas.put(e)
+            deltas.put(None)
+
+        self._call_sync(self._streams.start_soon, produce)
+        try:
+            while (item := deltas.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if self._token is not None and self._thread.is_alive():
+                try:
+                    trio.from_thread.run_sync(scope.cancel, trio_token=self._token)
+                except trio.RunFinishedError:
+                    pass
+
+    async def astream(
+        self, prompt: PromptType | Conversation, sampling_params: SamplingParams | None = None
+    ) -> AsyncIterator[str]:
+        """`stream()` for async code: works under asyncio (a notebook cell's top-level await)
+        and under Trio; waiting happens in a worker thread, never blocking the caller's loop."""
+        it = self.stream(prompt, sampling_params)
+        done = object()
+        library = sniffio.current_async_library()
+        try:
+            while True:
+                if library == "trio":
+                    item = await trio.to_thread.run_sync(next, it, done)
+                else:
+                    import asyncio
+
+                    item = await asyncio.to_thread(next, it, done)
+                if item is done:
+                    return
+                yield item  # type: ignore[misc]
+        finally:
+            it.close()
 
     # ---- lifecycle --------------------------------------------------------------------------
     def _call(self, fn: Any, *args: Any) -> Any:

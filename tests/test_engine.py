@@ -111,3 +111,43 @@ async def test_trio_stream_delivers_tokens_as_they_come() -> None:
         assert "".join(d.outputs[0].text for d in deltas) == final.outputs[0].text
         assert sum((d.outputs[0].token_ids for d in deltas), []) == final.outputs[0].token_ids
         assert deltas[-1].finished and deltas[-1].outputs[0].finish_reason == "length"
+
+
+def test_stream_and_astream_from_asyncio_and_trio(llm32: LLM) -> None:
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    want = llm32.generate("The history of the printing press", params, use_tqdm=False)[0].outputs[0].text
+    deltas = list(llm32.stream("The history of the printing press", params))
+    assert len(deltas) > 1 and "".join(deltas) == want
+
+    async def collect() -> str:
+        return "".join([d async for d in llm32.astream("The history of the printing press", params)])
+
+    assert asyncio.run(collect()) == want
+    assert trio.run(collect) == want
+    chat = llm32.stream([{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+                        SamplingParams(temperature=0, max_tokens=20))
+    assert "".join(chat) == "The capital of France is Paris."
+    # leaving a stream early aborts its request (the leak check after the test sees no blocks held)
+    early = llm32.stream("Count to a thousand:", SamplingParams(temperature=0, max_tokens=500, ignore_eos=True))
+    assert next(early)
+    early.close()
+
+
+def test_two_llms_generate_concurrently(llm32: LLM, make_llm) -> None:
+    import threading
+
+    other = make_llm(dtype="float32", max_model_len=512, num_kv_blocks=64)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    alone = [llm.generate("Water boils at", params, use_tqdm=False)[0].outputs[0].text for llm in (llm32, other)]
+    results: dict[int, str] = {}
+
+    def run(i: int, llm: LLM) -> None:
+        results[i] = llm.generate("Water boils at", params, use_tqdm=False)[0].outputs[0].text
+
+    threads = [threading.Thread(target=run, args=(i, llm)) for i, llm in enumerate((llm32, other))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[0], results[1]] == alone
+    assert "kv_blocks=64x16" in repr(other) and "SmolLM2-135M-Instruct" in repr(other)
