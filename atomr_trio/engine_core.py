@@ -21,7 +21,7 @@ import trio
 
 from .block_manager import BlockManager
 from .config import EngineConfig
-from .messages import AbortAll, AbortRequest, AddRequest, SeqDelta
+from .messages import AbortAll, AbortRequest, AddRequest, RequestMetrics, SeqDelta
 from .metrics import FinishedRequest, Metrics, StepReport
 from .model.source import ModelSource
 from .model_runner import BatchItem, StepBatch, StepResult
@@ -198,7 +198,7 @@ class EngineCore:
         for seq in live.seqs:
             if (index is None or seq.index == index) and not seq.is_finished:
                 self.scheduler.finish(seq, reason)
-                live.outbox.push(SeqDelta(seq.index, [], None, reason))
+                live.outbox.push(SeqDelta(seq.index, [], None, reason, metrics=_metrics(seq)))
                 self._count_finish(reason)
         if all(s.is_finished for s in live.seqs):
             self._request_done(live)
@@ -284,7 +284,8 @@ class EngineCore:
             reason = self._finish_reason(seq, tok)
             live = self._requests[seq.request_id]
             live.outbox.push(SeqDelta(seq.index, [tok], [lp] if lp else None, reason,
-                                      max(seq.num_cached_tokens, 0)))
+                                      max(seq.num_cached_tokens, 0),
+                                      metrics=_metrics(seq) if reason is not None else None))
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 self._count_finish(reason)
@@ -309,7 +310,7 @@ class EngineCore:
         if live is None or seq.is_finished:
             return
         self.scheduler.finish(seq, "error")
-        live.outbox.push(SeqDelta(seq.index, [], None, "error", error=error))
+        live.outbox.push(SeqDelta(seq.index, [], None, "error", error=error, metrics=_metrics(seq)))
         self._count_finish("error")
         if all(x.is_finished for x in live.seqs):
             self._request_done(live)
@@ -375,6 +376,11 @@ class EngineCore:
             "generation_tokens": self.stats.generation_tokens,
             "forward_share": self.stats.forward_s / self.stats.step_s if self.stats.step_s else math.nan,
         }
+
+
+def _metrics(seq: Sequence) -> RequestMetrics:
+    return RequestMetrics(seq.arrival, seq.first_scheduled, seq.first_token, time.monotonic(),
+                          seq.num_output_tokens)
 
 
 __all__ = ["EngineCore", "EngineStats", "SeqStatus"]

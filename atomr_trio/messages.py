@@ -14,6 +14,27 @@ from .sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
+class RequestMetrics:
+    """When things happened to a sample, on the engine's monotonic clock (seconds)."""
+
+    arrival_time: float
+    first_scheduled_time: float | None
+    first_token_time: float | None
+    finished_time: float
+    num_generation_tokens: int
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        if self.first_token_time is None or self.num_generation_tokens < 2:
+            return None
+        return (self.num_generation_tokens - 1) / max(self.finished_time - self.first_token_time, 1e-9)
+
+
+@dataclass(frozen=True)
 class SeqDelta:
     """What one step produced for one sample of a request."""
 
@@ -23,6 +44,7 @@ class SeqDelta:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     num_cached_tokens: int = 0
     error: str | None = None
+    metrics: RequestMetrics | None = None  # on the final delta of a sample
 
 
 @dataclass(frozen=True)

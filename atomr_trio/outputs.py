@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .detokenizer import IncrementalDetokenizer
-from .messages import SeqDelta
+from .messages import RequestMetrics, SeqDelta
 from .sampling_params import SamplingParams
 from .tokenizer import Tokenizer
 
@@ -31,6 +31,7 @@ class CompletionOutput:
     stop_reason: str | int | None = None
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float | None = None
+    metrics: RequestMetrics | None = None  # set when the sample finished
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -45,6 +46,11 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     error: str | None = None
+
+    @property
+    def metrics(self) -> RequestMetrics | None:
+        """The first sample's timings (engine clock), once it finished."""
+        return self.outputs[0].metrics if self.outputs else None
 
 
 class RequestError(RuntimeError):
@@ -89,10 +95,14 @@ class RequestTracker:
         """Fold one engine delta in. Returns True when a stop string just ended the sample."""
         s = self.samples[delta.index]
         if s.out.finish_reason is not None:
+            if delta.metrics is not None and s.out.metrics is None:
+                s.out.metrics = delta.metrics  # the engine's view of a sample a stop string ended
             return False  # late events after a stop string: the sample is already complete
         self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
         if delta.error:
             self.error = delta.error
+        if delta.metrics is not None:
+            s.out.metrics = delta.metrics
         s.out.token_ids.extend(delta.new_token_ids)
         if delta.logprobs and s.out.logprobs is not None:
             for lp in delta.logprobs:
@@ -159,7 +169,7 @@ class RequestTracker:
                 o.index, o.text[s.streamed:end], o.token_ids[s.streamed_tokens:], o.finish_reason,
                 o.stop_reason,
                 o.logprobs[s.streamed_logprobs:] if o.logprobs is not None else None,
-                o.cumulative_logprob,
+                o.cumulative_logprob, o.metrics,
             ))
             s.streamed, s.streamed_tokens = end, len(o.token_ids)
             s.streamed_logprobs = len(o.logprobs or [])

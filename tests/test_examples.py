@@ -46,3 +46,16 @@ def test_multi_model_config_with_the_openai_client_and_curl() -> None:
         assert "The capital of France is Paris." in out and "data: [DONE]" in out and '"tokens"' in out
     finally:
         assert server.stop() == 0
+
+
+def test_notebook_runs_top_to_bottom_in_a_real_kernel() -> None:
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(EXAMPLES / "notebook.ipynb", as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(EXAMPLES)}}).execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # the plot cell drew a figure
+    streamed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "Generating" in streamed  # the progress bar
