@@ -55,7 +55,23 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def bench_main(argv: list[str]) -> int:
+    from .bench import offline
+    from .bench import serve as bench_serve
+
+    p = argparse.ArgumentParser(prog="python -m atomr_trio bench", description="benchmarks")
+    sub = p.add_subparsers(dest="kind", required=True)
+    bench_serve.add_arguments(sub.add_parser("serve", help="load an OpenAI-compatible server, vLLM's metrics"))
+    offline.add_arguments(sub.add_parser("offline", help="LLM.generate throughput"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level="WARNING")
+    return bench_serve.main(args) if args.kind == "serve" else offline.main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        return bench_main(argv[1:])
     args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
