@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 import trio
-from serverproc import Server
+from serverproc import Server, metric
 from test_hf_dir import write_tiny_model
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
@@ -47,14 +47,6 @@ replicas = 2
     assert s.stop() == 0
 
 
-def _metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def test_two_deployments_served_by_name(server: Server) -> None:
     models = httpx.get(server.url + "/v1/models").json()
     assert {m["id"] for m in models["data"]} == {"smol", "tiny"}
@@ -79,11 +71,11 @@ async def test_replicas_share_the_load_and_metrics_show_batching(server: Server)
             for i in range(20):
                 nursery.start_soon(one, i)
         text = (await client.get("/metrics")).text
-    per_engine = [_metric(text, "atomr:generation_tokens_total", model_name="tiny", engine=f"tiny/engine-{i}")
+    per_engine = [metric(text, "atomr:generation_tokens_total", model_name="tiny", engine=f"tiny/engine-{i}")
                   for i in range(2)]
     assert all(n > 0 for n in per_engine), per_engine
-    assert _metric(text, "atomr:engine_multi_sequence_steps_total", model_name="tiny") > 0
-    assert _metric(text, "atomr:request_success_total", model_name="tiny", finished_reason="length") >= 20
+    assert metric(text, "atomr:engine_multi_sequence_steps_total", model_name="tiny") > 0
+    assert metric(text, "atomr:request_success_total", model_name="tiny", finished_reason="length") >= 20
     assert "atomr:time_to_first_token_seconds_bucket" in text and "atomr:kv_cache_usage_perc" in text
     tree = httpx.get(server.url + "/admin/tree").json()
     assert "DeploymentManager" in str(tree) and "tiny/engine-1" in str(tree)

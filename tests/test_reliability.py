@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-from serverproc import Server
+from serverproc import Server, metric
 from test_hf_dir import write_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -70,14 +70,6 @@ def server(tmp_path_factory, tiny_dir: Path) -> Iterator[Server]:
     s = Server("--config", str(cfg), "--api-key", KEY, "--api-key", KEY2, "--admin-key", ADMIN)
     yield s
     assert s.stop() == 0
-
-
-def _metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def _long(model: str = "tiny", n: int = 2000, stream: bool = False) -> dict:
@@ -180,18 +172,18 @@ async def test_disconnects_abort_and_free_everything(server: Server) -> None:
         cut = trio.current_time()
         while True:
             text = (await c.get("/metrics")).text
-            running = _metric(text, "atomr:num_requests_running", model_name="tiny")
-            waiting = _metric(text, "atomr:num_requests_waiting", model_name="tiny")
-            usage = _metric(text, "atomr:kv_cache_usage_perc", model_name="tiny")
+            running = metric(text, "atomr:num_requests_running", model_name="tiny")
+            waiting = metric(text, "atomr:num_requests_waiting", model_name="tiny")
+            usage = metric(text, "atomr:kv_cache_usage_perc", model_name="tiny")
             if running == waiting == usage == 0:
                 break
             assert trio.current_time() - cut < 1.0, (running, waiting, usage)
             await trio.sleep(0.05)
-        steps = _metric(text, "atomr:engine_steps_total", model_name="tiny")
+        steps = metric(text, "atomr:engine_steps_total", model_name="tiny")
         await trio.sleep(0.5)
-        later = _metric((await c.get("/metrics")).text, "atomr:engine_steps_total", model_name="tiny")
+        later = metric((await c.get("/metrics")).text, "atomr:engine_steps_total", model_name="tiny")
         assert later == steps  # the engine stopped stepping
-        assert _metric(text, "atomr:request_success_total", model_name="tiny", finished_reason="abort") >= 32
+        assert metric(text, "atomr:request_success_total", model_name="tiny", finished_reason="abort") >= 32
 
 
 def test_fuzzed_bodies_never_get_a_5xx(server: Server) -> None:

@@ -218,14 +218,18 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
             raise APIError(400, str(e), param="tokens") from None
         return {"prompt": engine.tokenizer.decode(ids, skip_special_tokens=False)}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions() -> Any:
-        body: ChatCompletionRequest = await body_of(ChatCompletionRequest)
+    async def admitted(body: Any, handler: Any) -> Any:
+        """Route a generation request to a replica (its deadline starts now), run the handler,
+        and release the admission ticket unless a stream took it over."""
         dep = deployment(body.model)
         deadline = deadline_for(dep)
         engine, ticket = await route(dep)
         with _released_unless_streamed(ticket) as keep:
-            return await chat(body, dep, engine, deadline, ticket, keep)
+            return await handler(body, dep, engine, deadline, ticket, keep)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions() -> Any:
+        return await admitted(await body_of(ChatCompletionRequest), chat)
 
     async def chat(body: ChatCompletionRequest, dep: Deployment, engine: AsyncLLM, deadline: float,
                    ticket: Ticket, keep: list[bool]) -> Any:
@@ -255,12 +259,7 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
 
     @app.post("/v1/completions")
     async def completions() -> Any:
-        body: CompletionRequest = await body_of(CompletionRequest)
-        dep = deployment(body.model)
-        deadline = deadline_for(dep)
-        engine, ticket = await route(dep)
-        with _released_unless_streamed(ticket) as keep:
-            return await complete(body, dep, engine, deadline, ticket, keep)
+        return await admitted(await body_of(CompletionRequest), complete)
 
     async def complete(body: CompletionRequest, dep: Deployment, engine: AsyncLLM, deadline: float,
                        ticket: Ticket, keep: list[bool]) -> Any:
