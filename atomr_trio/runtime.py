@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -24,44 +25,76 @@ from .placement import Placement
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Apply:
+    spec: DeploymentSpec
+    reply: trio.MemorySendChannel[Deployment]
+
+
+@dataclass(frozen=True)
+class Remove:
+    name: str
+    reply: trio.MemorySendChannel[Deployment | None]
+
+
 class DeploymentManager:
-    def __init__(self, placement: Placement, metrics: Metrics | None) -> None:
+    """The actor that owns the catalog. Changes arrive as Apply / Remove messages; lookups
+    (`get`, `deployments`) are plain reads of the catalog."""
+
+    def __init__(self, placement: Placement, metrics: Metrics | None, drain_timeout: float = 30.0) -> None:
         self.placement = placement
         self.metrics = metrics
+        self.drain_timeout = drain_timeout
         self.deployments: dict[str, Deployment] = {}
-        self._nursery: trio.Nursery | None = None
+        self._locks: dict[str, trio.Lock] = {}  # one change at a time per deployment name
+        self._send, self._inbox = trio.open_memory_channel[Apply | Remove](64)
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            await trio.sleep_forever()
-
+    # ---- what others call --------------------------------------------------------------
     def get(self, name: str) -> Deployment | None:
         return self.deployments.get(name)
 
-    async def apply(self, spec: DeploymentSpec, drain_timeout: float = 30.0) -> Deployment:
+    async def apply(self, spec: DeploymentSpec) -> Deployment:
         """Start a new deployment, or replace a changed one; returns once it serves or failed."""
-        assert self._nursery is not None, "the manager is not running"
-        old = self.deployments.get(spec.name)
-        if old is not None and old.spec == spec and old.state in ("loading", "serving"):
-            return old
-        if old is not None:
-            await self._drain(old, drain_timeout)
-        dep = Deployment(spec, self.placement, self.metrics)
-        self.deployments[spec.name] = dep
-        await self._nursery.start(dep.run)
-        return dep
+        send, recv = trio.open_memory_channel[Deployment](1)
+        await self._send.send(Apply(spec, send))
+        async with recv:
+            return await recv.receive()
 
-    def remove(self, name: str, drain_timeout: float = 30.0) -> Deployment | None:
-        """Begin draining a deployment; it disappears once its requests are done."""
-        dep = self.deployments.get(name)
-        if dep is None or self._nursery is None:
-            return None
-        if dep.state != "draining":
-            self._nursery.start_soon(self._drain, dep, drain_timeout)
-            dep.state = "draining"
-        return dep
+    async def remove(self, name: str) -> Deployment | None:
+        """Begin draining a deployment (None if unknown); it disappears once its requests end."""
+        send, recv = trio.open_memory_channel[Deployment | None](1)
+        await self._send.send(Remove(name, send))
+        async with recv:
+            return await recv.receive()
+
+    # ---- the actor ----------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            async with self._inbox:
+                async for msg in self._inbox:
+                    if isinstance(msg, Apply):
+                        nursery.start_soon(self._apply, msg, nursery)  # loading takes seconds
+                    else:
+                        dep = self.deployments.get(msg.name)
+                        if dep is not None and dep.state != "draining":
+                            dep.state = "draining"
+                            nursery.start_soon(self._drain, dep, self.drain_timeout)
+                        msg.reply.send_nowait(dep)
+
+    async def _apply(self, msg: Apply, nursery: trio.Nursery) -> None:
+        spec = msg.spec
+        async with self._locks.setdefault(spec.name, trio.Lock()):
+            old = self.deployments.get(spec.name)
+            if old is not None and old.spec == spec and old.state in ("loading", "serving"):
+                msg.reply.send_nowait(old)
+                return
+            if old is not None:
+                await self._drain(old, self.drain_timeout)
+            dep = Deployment(spec, self.placement, self.metrics)
+            self.deployments[spec.name] = dep
+            await nursery.start(dep.run)
+            msg.reply.send_nowait(dep)
 
     async def _drain(self, dep: Deployment, timeout: float) -> None:
         dep.state = "draining"

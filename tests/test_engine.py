@@ -15,16 +15,21 @@ from atomr_trio.sequence import SeqStatus
 pytestmark = pytest.mark.real_model
 
 
-@pytest.mark.slow
-def test_preemption_recomputes_and_loses_nothing(llm32: LLM, make_llm) -> None:
-    prompts = [f"Request {i}: write a long story about a robot named R{i}." for i in range(32)]
+def test_preemption_recomputes_and_loses_nothing(tmp_path) -> None:
+    # The mechanism is model-agnostic; a tiny random Llama keeps 2 x 32 x 256 tokens quick on 2 cores
+    # (the real model's batched outputs are checked against transformers in test_parity.py).
+    from test_hf_dir import write_tiny_model
+
+    write_tiny_model(tmp_path, "llama", seed=3)
+    prompts = [{"prompt_token_ids": [(7 * i + j) % 250 + 3 for j in range(12 + i % 7)]} for i in range(32)]
     params = SamplingParams(temperature=0, max_tokens=256, ignore_eos=True)
-    free_run = llm32.generate(prompts, params, use_tqdm=False)
-    # 320 blocks x 16 = 5,120 tokens of KV: about 18 of the 32 sequences at full length.
-    tight = make_llm(dtype="float32", max_model_len=2048, num_kv_blocks=320)
-    tight_run = tight.generate(prompts, params, use_tqdm=False)
-    assert tight.stats()["num_preemptions"] > 0
-    assert llm32.stats()["num_preemptions"] == 0
+    with LLM(str(tmp_path), dtype="float32", num_kv_blocks=1024) as roomy:
+        free_run = roomy.generate(prompts, params, use_tqdm=False)
+        assert roomy.stats()["num_preemptions"] == 0
+    # 160 blocks x 16 = 2,560 tokens of KV: about 9 of the 32 sequences at full length.
+    with LLM(str(tmp_path), dtype="float32", num_kv_blocks=160) as tight:
+        tight_run = tight.generate(prompts, params, use_tqdm=False)
+        assert tight.stats()["num_preemptions"] > 0
     for a, b in zip(free_run, tight_run, strict=True):
         assert len(b.outputs[0].token_ids) == 256
         assert a.outputs[0].token_ids == b.outputs[0].token_ids

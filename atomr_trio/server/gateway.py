@@ -91,7 +91,9 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
     @app.errorhandler(HTTPException)
     async def http_error(e: HTTPException) -> Any:
         status = e.code or 500
-        return APIError(status, f"{request.method} {request.path}: {e.name}").body(), status
+        # A body too large was never read: the connection cannot carry another request.
+        headers = {"Connection": "close"} if status == 413 else {}
+        return APIError(status, f"{request.method} {request.path}: {e.name}").body(), status, headers
 
     @app.errorhandler(Exception)
     async def internal_error(e: Exception) -> Any:
@@ -176,7 +178,7 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
 
     @app.delete("/admin/deployments/<path:name>")
     async def delete_deployment(name: str) -> Any:
-        dep = manager.remove(name)
+        dep = await manager.remove(name)
         if dep is None:
             raise APIError(404, f"no deployment named '{name}'", "NotFoundError")
         return dep.describe(), 202
