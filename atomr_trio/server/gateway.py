@@ -20,7 +20,7 @@ import weakref
 from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing, contextmanager
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 from pydantic import BaseModel, ValidationError
@@ -37,6 +37,7 @@ from ..sampling_params import SamplingParams
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger(__name__)
+ModelT = TypeVar("ModelT", bound=BaseModel)
 MAX_BODY_BYTES = 4 << 20
 
 
@@ -101,13 +102,7 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
         return APIError(500, "internal server error", "server_error").body(), 500
 
     async def body_of(model: type[BaseModel]) -> Any:
-        data = await _json_object()
-        try:
-            body = model.model_validate(data)
-        except ValidationError as e:
-            err = e.errors()[0]
-            param = ".".join(str(x) for x in err["loc"]) or None
-            raise APIError(400, f"{param}: {err['msg']}", param=param) from None
+        body = await _validated(model)
         bad = body.unsupported()  # type: ignore[attr-defined]
         if bad:
             raise APIError(400, f"'{bad}' is not supported by this server yet", param=bad)
@@ -162,13 +157,7 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
 
     @app.post("/admin/deployments")
     async def apply_deployment() -> Any:
-        data = await _json_object()
-        try:
-            spec = DeploymentSpec.model_validate(data)
-        except ValidationError as e:
-            err = e.errors()[0]
-            param = ".".join(str(x) for x in err["loc"]) or None
-            raise APIError(400, f"{param}: {err['msg']}", param=param) from None
+        spec = await _validated(DeploymentSpec)
         dep = await manager.apply(spec)
         return dep.describe(), 200 if dep.state == "serving" else 500
 
@@ -316,6 +305,16 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
                 "model": dep.name, "choices": choices, "usage": _usage(outs)}
 
     return app
+
+
+async def _validated(model: type[ModelT]) -> ModelT:
+    """The request body as `model`, or a 400 naming the first invalid field."""
+    try:
+        return model.model_validate(await _json_object())
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(x) for x in err["loc"]) or None
+        raise APIError(400, f"{param}: {err['msg']}", param=param) from None
 
 
 async def _json_object() -> dict[str, Any]:
