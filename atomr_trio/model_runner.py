@@ -7,6 +7,7 @@ Single-token entries (decodes) come first in the flattened batch, then each prom
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,8 +47,6 @@ class ModelRunner:
         self.sampler = sampler
 
     def execute(self, batch: StepBatch) -> StepResult:
-        import time
-
         items = sorted(batch.items, key=lambda it: len(it.token_ids) > 1)  # decodes first
         input_ids, positions, meta, last_rows = self._prepare(items)
         t0 = time.perf_counter()

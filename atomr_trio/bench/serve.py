@@ -12,7 +12,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -187,4 +187,4 @@ def main(args: argparse.Namespace) -> int:
     return 0 if summary["failed"] == 0 else 1
 
 
-__all__ = ["RequestResult", "add_arguments", "main", "summarize", "asdict"]
+__all__ = ["RequestResult", "add_arguments", "main", "summarize"]
