@@ -27,7 +27,7 @@ from .model.source import ModelSource
 from .model_runner import BatchItem, StepBatch, StepResult
 from .outbox import Outbox
 from .sampler import SampleRow
-from .scheduler import Scheduler, SchedulerOutput
+from .scheduler import Scheduled, Scheduler, SchedulerOutput
 from .sequence import SeqStatus, Sequence
 from .worker import Worker
 
@@ -52,6 +52,7 @@ class EngineStats:
     generation_tokens: int = 0
     forward_s: float = 0.0
     context_restarts: int = 0
+    request_failures: int = 0  # requests ended by an error their own contents caused in a step
     step_s: float = 0.0
     finished: dict[str, int] = field(default_factory=dict)
 
@@ -212,20 +213,54 @@ class EngineCore:
             await trio.sleep(0.01)
             return
         batch = self._batch(sched)
+        prompt0, gen0 = self.stats.prompt_tokens, self.stats.generation_tokens
         try:
             result = await self.worker.execute(batch)
-        except Exception as e:  # noqa: BLE001 - the device context failed
-            await self._recover(e)
-            return
-        prompt0, gen0 = self.stats.prompt_tokens, self.stats.generation_tokens
-        self._apply(sched, batch, result)
+        except Exception as e:  # noqa: BLE001 - a request's contents or the device context failed
+            if not await self._isolate(sched.scheduled, batch.items, e):
+                return
+        else:
+            self._apply(sched.scheduled, batch.items, result)
+            self.stats.forward_s += result.forward_s
         st = self.stats
         self._report(len(sched.scheduled), sched.num_tokens, st.prompt_tokens - prompt0,
                      st.generation_tokens - gen0)
         st.steps += 1
         st.multi_seq_steps += len(sched.scheduled) > 1
-        st.forward_s += result.forward_s
         st.step_s += time.perf_counter() - t0
+
+    async def _isolate(self, scheduled: list[Scheduled], items: list[BatchItem], error: Exception) -> bool:
+        """A step failed. If the Context is broken, rebuild it (`_recover`) and return False.
+        Otherwise the batch's contents are at fault: run each sequence alone, end the requests
+        whose sequence fails again with an error, apply the others' results, and return True.
+        Re-running is safe: a step writes the same KV values to the same slots every time."""
+        if not await self.worker.healthy():
+            await self._recover(error)
+            return False
+        log.warning("%s: a step failed (%s: %s); running its %d sequences one at a time",
+                    self.name, type(error).__name__, error, len(items))
+        for s, item in zip(scheduled, items, strict=True):
+            if s.seq.is_finished:
+                continue
+            if len(items) > 1:
+                try:
+                    result = await self.worker.execute(StepBatch([item]))
+                except Exception as e:  # noqa: BLE001
+                    error = e
+                else:
+                    self._apply([s], [item], result)
+                    self.stats.forward_s += result.forward_s
+                    continue
+                if not await self.worker.healthy():
+                    await self._recover(error)
+                    return False
+            log.error("%s: request %s failed: %s: %s", self.name, s.seq.request_id, type(error).__name__, error)
+            self.stats.request_failures += 1
+            live = self._requests.get(s.seq.request_id)
+            for seq in live.seqs if live else []:
+                self._fail(seq, f"internal error while processing this request ({type(error).__name__}); "
+                                "other requests were not affected")
+        return True
 
     async def _recover(self, error: Exception) -> None:
         """Rebuild the Context and recompute every request from its tokens, or give up (and let
@@ -259,10 +294,10 @@ class EngineCore:
             items.append(BatchItem(seq.seq_id, seq.token_ids[c : c + n], c, list(seq.block_table), row))
         return StepBatch(items)
 
-    def _apply(self, sched: SchedulerOutput, batch: StepBatch, result: StepResult) -> None:
+    def _apply(self, scheduled: list[Scheduled], items: list[BatchItem], result: StepResult) -> None:
         row_of = {sid: j for j, sid in enumerate(result.seq_ids)}
         now = time.monotonic()
-        for s, item in zip(sched.scheduled, batch.items, strict=True):
+        for s, item in zip(scheduled, items, strict=True):
             seq = s.seq
             if seq.is_finished:
                 continue
@@ -370,6 +405,7 @@ class EngineCore:
             "prefix_cache_evictions": bm.evictions,
             "num_preemptions": self.scheduler.num_preemptions,
             "context_restarts": self.stats.context_restarts,
+            "request_failures": self.stats.request_failures,
             "steps": self.stats.steps,
             "multi_seq_steps": self.stats.multi_seq_steps,
             "prompt_tokens": self.stats.prompt_tokens,

@@ -30,7 +30,8 @@ RESTART_WINDOW_S = 60.0  # ... within this many seconds
 
 
 class InjectedFault(RuntimeError):
-    """Raised by a Context at the step chosen by the `fail_at_step` test hook."""
+    """Raised by a Context at the step chosen by the `fail_at_step` test hook; it stands for a
+    device failure, so the Context stays broken afterwards (like a GPU after a sticky error)."""
 
 
 class Context:
@@ -40,6 +41,7 @@ class Context:
         assert cfg.max_model_len is not None and cfg.num_kv_blocks is not None
         self.steps = 0
         self.fail_at_step = fail_at_step
+        self.broken = False
         torch.manual_seed(cfg.seed)
         mc = source.config
         model = LlamaModel(mc, cfg.torch_dtype, cfg.max_model_len)
@@ -54,8 +56,18 @@ class Context:
     def execute(self, batch: StepBatch) -> StepResult:
         self.steps += 1
         if self.steps == self.fail_at_step:
-            raise InjectedFault(f"injected fault at step {self.steps}")
+            self.broken = True
+        if self.broken:
+            raise InjectedFault(f"injected fault at step {self.fail_at_step}")
         return self.runner.execute(batch)
+
+    def healthy(self) -> bool:
+        """Can this Context still compute? A read that synchronizes with the device surfaces an
+        asynchronous device error (on CUDA) as an exception here."""
+        if self.broken:
+            return False
+        probe = torch.ones(2, device=self.runner.kv_cache.device)
+        return float(probe.sum().item()) == 2.0
 
 
 class Worker:
@@ -104,6 +116,17 @@ class Worker:
         if ctx is None:
             raise RuntimeError(f"{self.name}: no device context")
         return await self.thread.run(lambda: ctx.execute(batch))
+
+    async def healthy(self) -> bool:
+        """After a failed step: False when the Context itself is at fault (rebuild it), True when
+        the failure must have come from the batch's contents."""
+        ctx = self.context
+        if ctx is None:
+            return False
+        try:
+            return await self.thread.run(ctx.healthy)
+        except Exception:  # noqa: BLE001 - any error here means the device context is gone
+            return False
 
     def close(self) -> None:
         """Drop the Context and end the device thread (no job is in flight: `run` never

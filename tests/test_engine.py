@@ -156,3 +156,45 @@ def test_two_llms_generate_concurrently(llm32: LLM, make_llm) -> None:
         t.join()
     assert [results[0], results[1]] == alone
     assert "kv_blocks=64x16" in repr(other) and "SmolLM2-135M-Instruct" in repr(other)
+
+
+async def test_an_exception_caused_by_one_request_ends_only_that_request(monkeypatch) -> None:
+    # Stand-in for a request whose contents crash a step: the sampler raises for any batch that
+    # holds a row seeded 666. The Context is fine, so only that request may end (with an error).
+    from atomr_trio.outputs import RequestError
+    from atomr_trio.sampler import Sampler
+
+    original = Sampler.__call__
+
+    def poisoned(self, logits, rows):
+        if any(r.params.seed == 666 for r in rows):
+            raise IndexError("poisoned row")
+        return original(self, logits, rows)
+
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    poison = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, seed=666)
+    prompts = ["The history of the printing press", "A recipe for bread:", "The rules of chess are"]
+    async with open_engine(dtype="float32", num_kv_blocks=128, max_model_len=512) as engine:
+        alone = [(await engine.generate_one(p, params)).outputs[0].token_ids for p in prompts]
+        monkeypatch.setattr(Sampler, "__call__", poisoned)
+        results: dict[int, list[int] | str] = {}
+
+        async def run(i: int, p: SamplingParams) -> None:
+            try:
+                results[i] = (await engine.generate_one(prompts[i % 3], p)).outputs[0].token_ids
+            except RequestError as e:
+                results[i] = str(e)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(3):
+                nursery.start_soon(run, i, params)
+            nursery.start_soon(run, 3, poison)
+        assert [results[i] for i in range(3)] == alone
+        assert "internal error" in str(results[3]) and "IndexError" in str(results[3])
+        # a poison request alone in its batch is told apart from a broken device too
+        with pytest.raises(RequestError, match="internal error"):
+            await engine.generate_one(prompts[0], poison)
+        stats = engine.stats()
+        assert stats["request_failures"] == 2 and stats["context_restarts"] == 0
+        assert engine.core.worker.num_context_builds == 1
+        assert (await engine.generate_one(prompts[1], params)).outputs[0].token_ids == alone[1]
