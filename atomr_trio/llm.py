@@ -4,8 +4,10 @@ Invariants:
 - The actor tree runs in its own Trio run on a background thread owned by this object, so the
   API works from plain scripts and from code already inside an asyncio loop (a Jupyter cell).
 - Arguments are checked and prompts tokenized in the caller's thread: mistakes raise there.
-- `close()` (or leaving the `with` block) cancels the tree, ends every request and joins the
-  thread; calls after that raise RuntimeError.
+- `close()` (or leaving the `with` block) ends the way the server's drain does: in-flight
+  calls may finish for `timeout` seconds, then every remaining request ends with finish_reason
+  "abort" (`generate` returns those outputs, `stream` iterators stop); then the tree is
+  cancelled and the thread joined. New calls raise RuntimeError as soon as closing begins.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ class LLM:
         self._engine: AsyncLLM | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._stop: trio.Event | None = None
+        self._closing = False
+        self._drain_s = 0.0
+        self._inflight = 0  # generate/chat batches and stream producers running in the Trio thread
         self._streams: trio.Nursery
         self._error: BaseException | None = None
         self._ready = threading.Event()
@@ -59,12 +64,19 @@ class LLM:
             self._stop = trio.Event()
             self._ready.set()
             await self._stop.wait()
+            with trio.move_on_after(self._drain_s):
+                while self._inflight:
+                    await trio.sleep(0.01)
+            with trio.move_on_after(30):
+                while self._inflight:  # again and again: a request may reach the engine late
+                    await engine.core.abort_all()
+                    await trio.sleep(0.05)
             streams.cancel_scope.cancel()
 
     # ---- info -------------------------------------------------------------------------------
     @property
     def engine(self) -> AsyncLLM:
-        if self._engine is None or self._token is None or not self._thread.is_alive():
+        if self._engine is None or self._token is None or self._closing or not self._thread.is_alive():
             raise RuntimeError("this LLM is closed")
         return self._engine
 
@@ -134,9 +146,13 @@ class LLM:
                     bar.set_postfix_str(f"output {out_tokens / elapsed:.1f} tok/s", refresh=False)
 
         async def run_all() -> None:
-            async with trio.open_nursery() as nursery:
-                for i in range(len(items)):
-                    nursery.start_soon(one, i)
+            self._inflight += 1
+            try:
+                async with trio.open_nursery() as nursery:
+                    for i in range(len(items)):
+                        nursery.start_soon(one, i)
+            finally:
+                self._inflight -= 1
 
         try:
             self._call(run_all)
@@ -161,14 +177,18 @@ class LLM:
         scope = trio.CancelScope()
 
         async def produce() -> None:
-            with scope:
-                try:
-                    async for out in engine.generate(text, params, delta=True, prompt_ids=ids):
-                        if out.outputs[0].text:
-                            deltas.put(out.outputs[0].text)
-                except Exception as e:  # noqa: BLE001 - handed to the consumer's thread
-                    deltas.put(e)
-            deltas.put(None)
+            self._inflight += 1
+            try:
+                with scope:
+                    try:
+                        async for out in engine.generate(text, params, delta=True, prompt_ids=ids):
+                            if out.outputs[0].text:
+                                deltas.put(out.outputs[0].text)
+                    except Exception as e:  # noqa: BLE001 - handed to the consumer's thread
+                        deltas.put(e)
+            finally:
+                self._inflight -= 1
+                deltas.put(None)
 
         self._call_sync(self._streams.start_soon, produce)
         try:
@@ -214,7 +234,11 @@ class LLM:
         _ = self.engine  # raises when closed
         return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 0.0) -> None:
+        """Stop the engine. Calls in flight in other threads get `timeout` seconds to finish;
+        what is still running then ends with finish_reason "abort"."""
+        self._closing = True
+        self._drain_s = timeout
         if self._stop is not None and self._thread.is_alive():
             try:
                 trio.from_thread.run_sync(self._stop.set, trio_token=self._token)

@@ -198,3 +198,53 @@ async def test_an_exception_caused_by_one_request_ends_only_that_request(monkeyp
         assert stats["request_failures"] == 2 and stats["context_restarts"] == 0
         assert engine.core.worker.num_context_builds == 1
         assert (await engine.generate_one(prompts[1], params)).outputs[0].token_ids == alone[1]
+
+
+def test_close_ends_calls_in_flight_with_abort() -> None:
+    import threading
+    import time
+
+    llm = LLM(dtype="float32", num_kv_blocks=512, max_model_len=4096)
+    long = SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True)
+    got: dict[str, object] = {}
+
+    def batch() -> None:
+        got["generate"] = llm.generate(["Tell me a story.", "List the primes:"], long, use_tqdm=False)
+
+    def stream() -> None:
+        got["stream"] = list(llm.stream("Count to a thousand:", long))
+
+    threads = [threading.Thread(target=batch), threading.Thread(target=stream)]
+    for t in threads:
+        t.start()
+    while llm.stats()["generation_tokens"] < 12:  # all three are decoding
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    llm.close()
+    for t in threads:
+        t.join(timeout=30)
+    assert time.monotonic() - t0 < 10
+    outs = got["generate"]
+    assert isinstance(outs, list) and len(outs) == 2
+    for out in outs:
+        assert out.finished and out.outputs[0].finish_reason == "abort"
+        assert 0 < len(out.outputs[0].token_ids) < 2000
+    assert isinstance(got["stream"], list) and got["stream"]  # ended quietly after some text
+    with pytest.raises(RuntimeError, match="closed"):
+        llm.generate("Hello", use_tqdm=False)
+
+
+def test_close_with_a_timeout_lets_short_calls_finish() -> None:
+    import threading
+    import time
+
+    llm = LLM(dtype="float32", num_kv_blocks=64, max_model_len=512)
+    short = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    got: list = []
+    t = threading.Thread(target=lambda: got.extend(llm.generate("Hello there", short, use_tqdm=False)))
+    t.start()
+    while llm.stats()["generation_tokens"] < 1:
+        time.sleep(0.01)
+    llm.close(timeout=30)
+    t.join()
+    assert got[0].outputs[0].finish_reason == "length" and len(got[0].outputs[0].token_ids) == 24
