@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 class ServingPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_queue: int = Field(default=1024, ge=0, description="most requests waiting for a batch slot")
+    max_queued_prompt_tokens: int | None = Field(
+        default=None, ge=1, description="most prompt tokens waiting for a batch slot (a lone prompt always may)")
     on_capacity_exhausted: Literal["reject", "queue"] = Field(
         default="reject", description="reject: 429 with Retry-After; queue: wait for a slot")
 
@@ -73,9 +75,9 @@ class DeploymentSpec(BaseModel):
 class DeploymentUnavailable(Exception):
     """The deployment cannot take this request now (not serving, or over its limits)."""
 
-    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, deployment: str, status: int, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
-        self.status, self.retry_after = status, retry_after
+        self.deployment, self.status, self.retry_after = deployment, status, retry_after
 
 
 def _without_paths(text: str) -> str:
@@ -151,16 +153,27 @@ class Deployment:
             if self.state == "failed" or any(c.failure for c in self.replicas):
                 self.state = "failed"
             why = f": {_without_paths(self.reason)}" if self.reason else ""
-            raise DeploymentUnavailable(503, f"deployment '{self.name}' is {self.state}{why}")
+            raise DeploymentUnavailable(self.name, 503, f"deployment '{self.name}' is {self.state}{why}")
         serving = self.coordinator.serving()
         capacity = self.spec.max_num_seqs * len(serving) + self.spec.serving.max_queue
         if self.spec.serving.on_capacity_exhausted == "reject" and self.admitted >= capacity:
             raise DeploymentUnavailable(
-                429, f"deployment '{self.name}' is at capacity ({self.admitted} requests in flight)", 1.0)
+                self.name, 429, f"deployment '{self.name}' is at capacity ({self.admitted} requests in flight)", 1.0)
         core = await self.coordinator.pick()
         if core is None:
-            raise DeploymentUnavailable(503, f"deployment '{self.name}' has no serving replica")
+            raise DeploymentUnavailable(self.name, 503, f"deployment '{self.name}' has no serving replica")
         return AsyncLLM(core, self.source), Ticket(self)
+
+    def admit_prompt(self, prompt_tokens: int) -> None:
+        """Refuse (429) a prompt that would push the replicas' waiting prompt tokens over the limit."""
+        policy = self.spec.serving
+        limit = policy.max_queued_prompt_tokens
+        if limit is None or policy.on_capacity_exhausted != "reject":
+            return
+        queued = sum(c.waiting_prompt_tokens for c in self.replicas)
+        if queued and queued + prompt_tokens > limit:
+            raise DeploymentUnavailable(
+                self.name, 429, f"deployment '{self.name}' has {queued} prompt tokens waiting (limit {limit})", 1.0)
 
     def charge(self, tokens: int) -> None:
         """Count a request's tokens against the per-minute budget (429 when it is spent)."""
@@ -174,7 +187,7 @@ class Deployment:
             if budget.on_exceeded == "reject":
                 wait = 60.0 - (now - self._tokens_window[0][0]) if self._tokens_window else 60.0
                 raise DeploymentUnavailable(
-                    429, f"deployment '{self.name}' token budget ({budget.tokens_per_minute}/min) exceeded",
+                    self.name, 429, f"deployment '{self.name}' token budget ({budget.tokens_per_minute}/min) exceeded",
                     max(1.0, wait))
             log.warning("deployment %s: token budget exceeded (%d/min)", self.name, budget.tokens_per_minute)
         self._tokens_window.append((now, tokens))

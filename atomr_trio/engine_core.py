@@ -113,6 +113,10 @@ class EngineCore:
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
 
+    @property
+    def waiting_prompt_tokens(self) -> int:
+        return sum(s.num_tokens - s.num_computed_tokens for s in self.scheduler.waiting)
+
     # ---- the actor ------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[EngineCore] = trio.TASK_STATUS_IGNORED) -> None:
         self.state = "loading"

@@ -56,6 +56,14 @@ max_num_seqs = 1
 request_timeout = 1.0
 
 [[deployment]]
+name = "queued"
+model = "{tiny_dir}"
+dtype = "float32"
+max_num_seqs = 1
+serving = {{ max_queued_prompt_tokens = 100 }}
+token_budget = {{ tokens_per_minute = 3000 }}
+
+[[deployment]]
 name = "small"
 model = "{tiny_dir}"
 dtype = "float32"
@@ -127,6 +135,31 @@ async def test_overload_rejects_the_excess_and_completes_the_rest(server: Server
         assert len(outcomes) == 200
         r = await c.post("/v1/completions", json=_long("limited", 8))  # serves normally right after
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+
+
+async def test_queued_prompt_tokens_and_token_budget_are_limits(server: Server) -> None:
+    async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=60) as c:
+        async def waiting() -> float:
+            return metric((await c.get("/metrics")).text, "atomr:num_requests_waiting", model_name="queued")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(c.post, "/v1/completions", json=_long("queued", 400)))  # takes the slot
+            await trio.sleep(0.5)
+            queued = {**_long("queued", 8), "prompt": list(range(5, 65))}  # 60 prompt tokens
+            nursery.start_soon(partial(c.post, "/v1/completions", json=queued))
+            with trio.fail_after(10):
+                while await waiting() < 1:
+                    await trio.sleep(0.05)
+            r = await c.post("/v1/completions", json=queued)  # 60 + 60 > 100
+            assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+            assert "prompt tokens waiting" in r.json()["error"]["message"]
+            short = {**_long("queued", 8), "prompt": list(range(5, 25))}  # 60 + 20 fits
+            nursery.start_soon(partial(c.post, "/v1/completions", json=short))
+            await trio.sleep(0.3)
+            # the per-minute token budget (3,000): this one asks for more than is left
+            r = await c.post("/v1/completions", json=_long("queued", 3000))
+            assert r.status_code == 429 and "token budget" in r.json()["error"]["message"]
+            nursery.cancel_scope.cancel()  # the clients go away; their requests are aborted
 
 
 async def test_deadline_ends_a_queued_request_at_about_one_second(server: Server) -> None:

@@ -63,12 +63,7 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
         return dep
 
     async def route(dep: Deployment) -> tuple[AsyncLLM, Ticket]:
-        try:
-            return await dep.route()
-        except DeploymentUnavailable as e:
-            metrics.count_request(dep.name, "rejected" if e.status == 429 else "unavailable")
-            raise APIError(e.status, str(e), "rate_limit_error" if e.status == 429 else "service_unavailable",
-                           retry_after=e.retry_after) from None
+        return await dep.route()
 
     @app.before_request
     async def check_key() -> Any:
@@ -79,8 +74,10 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
             given = request.headers.get("Authorization", "").removeprefix("Bearer ").encode()
             # compare against every key, in constant time, whatever matches first
             if sum(hmac.compare_digest(given, k) for k in wanted) == 0:
+                await _consume_body()
                 raise APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
         if runtime.draining:
+            await _consume_body()
             raise APIError(503, "the server is shutting down", "service_unavailable")
         return None
 
@@ -95,6 +92,14 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
         # A body too large was never read: the connection cannot carry another request.
         headers = {"Connection": "close"} if status == 413 else {}
         return APIError(status, f"{request.method} {request.path}: {e.name}").body(), status, headers
+
+    @app.errorhandler(DeploymentUnavailable)
+    async def unavailable(e: DeploymentUnavailable) -> Any:
+        """Admission refused (capacity, queued prompt tokens, token budget) or the deployment is down."""
+        metrics.count_request(e.deployment, "rejected" if e.status == 429 else "unavailable")
+        err = APIError(e.status, str(e), "rate_limit_error" if e.status == 429 else "service_unavailable",
+                       retry_after=e.retry_after)
+        return await api_error(err)
 
     @app.errorhandler(Exception)
     async def internal_error(e: Exception) -> Any:
@@ -232,6 +237,7 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
         asked = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = body.sampling_params(budget(engine, len(ids), asked), logprobs)
+        dep.admit_prompt(len(ids) * params.n)
         dep.charge(len(ids) + (params.max_tokens or 0) * params.n)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
@@ -271,6 +277,7 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
         rid = f"cmpl-{uuid.uuid4().hex}"
         params_list = [body.sampling_params(budget(engine, len(ids), body.max_tokens), body.logprobs)
                        for _, ids in jobs]
+        dep.admit_prompt(sum(len(ids) * p.n for (_, ids), p in zip(jobs, params_list, strict=True)))
         dep.charge(sum(len(ids) + (p.max_tokens or 0) * p.n for (_, ids), p in zip(jobs, params_list, strict=True)))
         if body.stream:
             keep.append(True)
@@ -373,6 +380,12 @@ async def _deltas(engine: AsyncLLM, ids: list[int], params: SamplingParams, rid:
             if scope.cancelled_caught:
                 raise DeadlineExceeded
             yield delta
+
+
+async def _consume_body() -> None:
+    """Read (bounded by MAX_CONTENT_LENGTH) a body we refuse before its route runs: left unread,
+    it would stall the next request on a kept-alive connection."""
+    await request.get_data()
 
 
 @contextmanager
