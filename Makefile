@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 
-.PHONY: serve test test-fast lint venv
+.PHONY: serve test test-fast lint venv soak
 
 venv: $(STAMP)
 
@@ -23,7 +23,7 @@ serve: $(STAMP)
 	$(PY) -m atomr_trio $(ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check atomr_trio tests examples
+	$(VENV)/bin/ruff check atomr_trio tests examples benchmarks
 	$(VENV)/bin/mypy atomr_trio
 
 test: lint
@@ -31,3 +31,7 @@ test: lint
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -m "not real_model and not slow"
+
+# About 5 minutes of mixed traffic against the default model; writes docs/reliability.md (not in CI).
+soak: $(STAMP)
+	$(PY) benchmarks/soak.py

@@ -85,6 +85,13 @@ def _without_paths(text: str) -> str:
     return re.sub(r"(?:[A-Za-z]:)?(?:/[\w.+-]+){2,}/?", "<path>", text)
 
 
+def _first_leaf(e: BaseException) -> BaseException:
+    """The first real exception inside (nested) exception groups."""
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    return e
+
+
 class Ticket:
     """One admitted request's place in its deployment; release() is idempotent."""
 
@@ -137,8 +144,9 @@ class Deployment:
                     task_status.started()
                     log.info("deployment %s: serving %d replica(s)", self.name, len(self.replicas))
             except Exception as e:  # noqa: BLE001 - a model or engine failure ends this deployment only
-                self.state, self.reason = "failed", f"{type(e).__name__}: {e}"
-                log.error("deployment %s failed: %s", self.name, self.reason)
+                cause = _first_leaf(e)
+                self.state, self.reason = "failed", f"{type(cause).__name__}: {cause}"
+                log.error("deployment %s failed: %s", self.name, self.reason, exc_info=cause)
             finally:
                 self.placement.release(self.name)
                 if self.state != "failed":

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import trio
 
 from .engine_core import EngineCore
+from .messages import reply
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,10 @@ class DpCoordinator:
                     self._load[msg.engine] = msg.load
                     self._since_report[msg.engine] = 0
                 else:
-                    msg.reply.send_nowait(self._choose())
+                    core = self._choose()
+                    if not reply(msg.reply, core) and core is not None:
+                        self.routed[core.name] -= 1  # the caller gave up before hearing back
+                        self._since_report[core.name] -= 1
 
     def _choose(self) -> EngineCore | None:
         live = self.serving()

@@ -1,16 +1,33 @@
-"""Messages between a request's owner and an EngineCore. All are frozen dataclasses.
+"""Messages between a request's owner and an EngineCore (all frozen dataclasses), and `reply`,
+how every actor answers a request-reply message.
 
-Invariant: the engine answers an `AddRequest` only through its outbox, and an owner may send
-`AbortRequest` any number of times, before, during or after the request finishes.
+Invariants: the engine answers an `AddRequest` only through its outbox, and an owner may send
+`AbortRequest` any number of times, before, during or after the request finishes. An actor's
+answer to a caller that has gone away (cancelled: its reply channel closed) is dropped; it never
+fails the actor.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
+
+import trio
 
 from .outbox import Outbox
 from .sampler import TokenLogprobs
 from .sampling_params import SamplingParams
+
+T = TypeVar("T")
+
+
+def reply(channel: trio.MemorySendChannel[T], value: T) -> bool:
+    """Answer on a one-shot reply channel; False when the caller stopped waiting."""
+    try:
+        channel.send_nowait(value)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+        return False
+    return True
 
 
 @dataclass(frozen=True)

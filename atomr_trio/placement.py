@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import trio
 
+from .messages import reply
+
 
 class PlacementError(RuntimeError):
     pass
@@ -63,13 +65,14 @@ class Placement:
                 if isinstance(msg, Release):
                     self.assignments.pop(msg.deployment, None)
                 elif msg.replicas > self.cpu_threads:
-                    msg.reply.send_nowait(PlacementError(
+                    reply(msg.reply, PlacementError(
                         f"{msg.replicas} replicas need at least {msg.replicas} CPU cores; "
                         f"this machine has {self.cpu_threads}"))
                 else:
                     threads = [self.cpu_threads // msg.replicas] * msg.replicas
                     self.assignments[msg.deployment] = threads
-                    msg.reply.send_nowait(threads)
+                    if not reply(msg.reply, threads):  # the deployment was cancelled while asking
+                        self.assignments.pop(msg.deployment, None)
 
     def describe(self) -> dict[str, object]:
         return {"devices": [{"device": "cpu", "threads": self.cpu_threads}],

@@ -19,6 +19,7 @@ from typing import Any
 import trio
 
 from .deployment import Deployment, DeploymentSpec
+from .messages import reply
 from .metrics import Metrics
 from .placement import Placement
 
@@ -80,21 +81,21 @@ class DeploymentManager:
                         if dep is not None and dep.state != "draining":
                             dep.state = "draining"
                             nursery.start_soon(self._drain, dep, self.drain_timeout)
-                        msg.reply.send_nowait(dep)
+                        reply(msg.reply, dep)
 
     async def _apply(self, msg: Apply, nursery: trio.Nursery) -> None:
         spec = msg.spec
         async with self._locks.setdefault(spec.name, trio.Lock()):
             old = self.deployments.get(spec.name)
             if old is not None and old.spec == spec and old.state in ("loading", "serving"):
-                msg.reply.send_nowait(old)
+                reply(msg.reply, old)
                 return
             if old is not None:
                 await self._drain(old, self.drain_timeout)
             dep = Deployment(spec, self.placement, self.metrics)
             self.deployments[spec.name] = dep
             await nursery.start(dep.run)
-            msg.reply.send_nowait(dep)
+            reply(msg.reply, dep)
 
     async def _drain(self, dep: Deployment, timeout: float) -> None:
         dep.state = "draining"
