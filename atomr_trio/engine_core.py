@@ -414,6 +414,8 @@ class EngineCore:
             "multi_seq_steps": self.stats.multi_seq_steps,
             "prompt_tokens": self.stats.prompt_tokens,
             "generation_tokens": self.stats.generation_tokens,
+            "forward_s": self.stats.forward_s,  # model forward seconds, in all
+            "step_s": self.stats.step_s,  # engine step seconds (schedule, forward, sampling, bookkeeping)
             "forward_share": self.stats.forward_s / self.stats.step_s if self.stats.step_s else math.nan,
         }
 

@@ -175,7 +175,7 @@ class Soak:
         elif choice == 3:
             body = {"model": self.model, "prompt": "hi", "stop": ["x" * 5000] * 50}
         else:  # a body over the size limit
-            r = await c.post("/v1/completions", content=b" " * (40 << 20), headers={"Content-Type": "application/json"})
+            r = await c.post("/v1/completions", content=b" " * (5 << 20), headers={"Content-Type": "application/json"})
             self.record("over-limit", r.status_code, r.text)
             return
         r = await c.post("/v1/completions", json=body)
@@ -188,7 +188,7 @@ async def drive(args: argparse.Namespace, url: str, pid: int) -> dict[str, Any]:
     t0 = trio.current_time()
     until = t0 + args.duration
     limits = httpx.Limits(max_connections=args.concurrency * 2)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as c:
+    async with httpx.AsyncClient(base_url=url, timeout=args.request_timeout + 60, limits=limits) as c:
         async def sample_rss() -> None:
             while True:
                 samples.append((trio.current_time() - t0, rss_bytes(pid)))
@@ -281,8 +281,8 @@ def report(args: argparse.Namespace, res: dict[str, Any], wall: float) -> tuple[
         "Kinds: *normal* — chat or text completions (n 1–2, greedy or sampled); *stream* — SSE chat read to",
         "`[DONE]`; *cancelled* — streams cut after 0–20 chunks and non-streaming calls abandoned after",
         "0.05–2 s; *malformed* — broken JSON, wrong types, unknown roles and models; *over-limit* — prompts",
-        "or completions past the context, oversized logit_bias and stop lists, a 40 MiB body. 429s are",
-        "admission refusals (the deployment's running + queue capacity), expected at this concurrency.",
+        "or completions past the context, oversized logit_bias and stop lists, a 5 MiB body (the limit is 4 MiB).",
+        "429s are admission refusals (the deployment's running + queue capacity), expected at this concurrency.",
         "",
         "RSS of the server process (MiB) every ~30 s:",
         "",
@@ -306,7 +306,8 @@ def main() -> int:
     p.add_argument("--model", default=None, help="model path (default: the built-in default model)")
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--max-queue", type=int, default=12)
-    p.add_argument("--request-timeout", type=float, default=60.0)
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="the deployment deadline; long, so a 504 means a hang, not a slow queue")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "reliability.md")
     args = p.parse_args()

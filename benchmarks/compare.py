@@ -1,0 +1,387 @@
+"""Side-by-side benchmark: atomr_trio against vLLM CPU, llama.cpp and transformers, same model,
+same machine, same load generator, alternating runs; writes docs/benchmarks.md.
+
+    python benchmarks/compare.py [--peers atomr vllm llamacpp transformers] [--concurrency 1 16 64]
+
+Peers live outside the repo (recipes in ../shared/PEERS.md): --vllm-venv, --llama-venv (defaults:
+../venv-vllm, ../venv-llama). The model is the default SmolLM2-135M-Instruct, converted once by
+benchmarks/peer_models.py into an HF directory (bf16 safetensors) and a bf16 GGUF. Every served
+peer gets the same requests from `atomr_trio bench serve` (random prompts, fixed seed, output
+length forced with ignore_eos/min_tokens, greedy); transformers runs `generate` on static batches
+in its own process. Peers that are not installed are reported as not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from peer_models import write_bf16_gguf, write_hf_dir  # noqa: E402
+
+MODEL_NAME = "m"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Peer:
+    name: str
+    label: str
+    cmd: list[str]
+    env: dict[str, str]
+    dtype: str
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+    results: dict[int, dict[str, Any]] = field(default_factory=dict)
+    note: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, logdir: Path, timeout: float = 600) -> None:
+        self.log = logdir / f"{self.name}.log"
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT,
+                                         env={**os.environ, **self.env}, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}); see {self.log}")
+            try:
+                if httpx.get(self.url + "/v1/models", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"{self.name} did not start within {timeout:.0f} s; see {self.log}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def make_peers(args: argparse.Namespace, hf_dir: Path, gguf: Path | None) -> list[Peer]:
+    threads = str(args.threads)
+    peers: list[Peer] = []
+    for name in args.peers:
+        port = free_port()
+        if name == "atomr":
+            peers.append(Peer("atomr", "atomr_trio", [
+                sys.executable, "-m", "atomr_trio", "--model", str(hf_dir), "--served-model-name", MODEL_NAME,
+                "--port", str(port), "--max-model-len", "2048", "--dtype", args.atomr_dtype, "--log-level", "warning",
+            ], {}, args.atomr_dtype, port))
+        elif name == "vllm":
+            vllm = args.vllm_venv / "bin" / "vllm"
+            if not vllm.exists():
+                print(f"vllm: {vllm} not found; skipped (see ../shared/PEERS.md)")
+                continue
+            peers.append(Peer("vllm", "vLLM CPU 0.32", [
+                str(vllm), "serve", str(hf_dir), "--served-model-name", MODEL_NAME, "--host", "127.0.0.1",
+                "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "2048",
+            ], {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "4", "OMP_NUM_THREADS": threads},
+                "bfloat16", port))
+        elif name == "llamacpp":
+            py = args.llama_venv / "bin" / "python"
+            if not py.exists() or gguf is None:
+                print(f"llamacpp: {py} or the bf16 GGUF not found; skipped (see ../shared/PEERS.md)")
+                continue
+            peers.append(Peer("llamacpp", "llama.cpp (llama-cpp-python 0.3.36)", [
+                str(py), "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", MODEL_NAME,
+                "--host", "127.0.0.1", "--port", str(port), "--n_threads", threads, "--n_threads_batch", threads,
+                "--n_ctx", "2048", "--interrupt_requests", "False",
+            ], {}, "bfloat16", port))
+    return peers
+
+
+def bench(peer: Peer, hf_dir: Path, args: argparse.Namespace, concurrency: int, num_prompts: int) -> dict[str, Any]:
+    from atomr_trio.bench import serve as bench_serve
+
+    ns = argparse.Namespace(
+        base_url=peer.url, endpoint="/v1/completions", model=MODEL_NAME, tokenizer=str(hf_dir),
+        input_len=args.input_len, output_len=args.output_len, num_prompts=num_prompts,
+        max_concurrency=concurrency, request_rate=float("inf"), ignore_eos=True, seed=args.seed,
+        goodput=[], api_key=None, result_file=None)
+    before = engine_time(peer)
+    result = trio.run(bench_serve.run, ns)
+    after = engine_time(peer)
+    if before and after:
+        fwd, step = after[0] - before[0], after[1] - before[1]
+        result["engine_forward_share_of_steps"] = fwd / step if step else None
+        result["engine_forward_share_of_wall"] = fwd / result["duration_s"]
+    return result
+
+
+def engine_time(peer: Peer) -> tuple[float, float] | None:
+    """(model forward seconds, engine step seconds) so far, from atomr's admin API."""
+    if peer.name != "atomr":
+        return None
+    deps = httpx.get(peer.url + "/admin/deployments", timeout=10).json()["deployments"]
+    reps = [r for d in deps for r in d["replicas"]]
+    return sum(r["forward_s"] for r in reps), sum(r["step_s"] for r in reps)
+
+
+def transformers_static(hf_dir: Path, args: argparse.Namespace) -> dict[int, dict[str, Any]]:
+    """transformers `generate` on static batches (B prompts at once), in a child process."""
+    code = f"""
+import json, time, torch, random
+from transformers import AutoModelForCausalLM
+torch.set_num_threads({args.threads})
+m = AutoModelForCausalLM.from_pretrained({str(hf_dir)!r}, dtype=torch.bfloat16).eval()
+rng = random.Random({args.seed}); out = {{}}
+for b in {args.concurrency!r}:
+    ids = torch.tensor([[rng.randrange(100, 49000) for _ in range({args.input_len})] for _ in range(b)])
+    kw = dict(do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        m.generate(ids[:, :8], max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
+        t0 = time.perf_counter(); m.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        ttft = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        m.generate(ids, max_new_tokens={args.output_len}, min_new_tokens={args.output_len}, **kw)
+        took = time.perf_counter() - t0
+    out[b] = {{"output_throughput": b * {args.output_len} / took, "ttft_ms": {{"median": ttft * 1000}},
+              "tpot_ms": {{"median": (took - ttft) / ({args.output_len} - 1) * 1000}}, "duration_s": took}}
+print("RESULT " + json.dumps(out))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError("transformers run failed:\n" + proc.stderr[-2000:])
+    return {int(k): v for k, v in json.loads(line[7:]).items()}
+
+
+def vllm_bench_agreement(peer: Peer, hf_dir: Path, args: argparse.Namespace, concurrency: int) -> dict[str, Any]:
+    """The same workload against atomr from `vllm bench serve` and from ours, back to back."""
+    num = 2 * concurrency
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [str(args.vllm_venv / "bin" / "vllm"), "bench", "serve", "--backend", "vllm", "--base-url", peer.url,
+               "--model", MODEL_NAME, "--tokenizer", str(hf_dir), "--dataset-name", "random",
+               "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
+               "--num-prompts", str(num), "--max-concurrency", str(concurrency), "--ignore-eos",
+               "--seed", str(args.seed), "--save-result", "--result-dir", tmp, "--result-filename", "r.json"]
+        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "VLLM_TARGET_DEVICE": "cpu"},
+                       timeout=1800)
+        theirs = json.loads((Path(tmp) / "r.json").read_text())
+    ours = bench(peer, hf_dir, args, concurrency, num)
+    return {"command": shlex.join(cmd[:-6]), "vllm_output_throughput": theirs["output_throughput"],
+            "vllm_ttft_median_ms": theirs["median_ttft_ms"], "ours_output_throughput": ours["output_throughput"],
+            "ours_ttft_median_ms": ours["ttft_ms"]["median"]}
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags)
+    import torch
+
+    return (f"{cpu} ({os.cpu_count()} cores; {isa}), Linux {platform.release()}, Python "
+            f"{platform.python_version()}, torch {torch.__version__}")
+
+
+def fmt(x: float | None, spec: str = ".1f") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def write_report(args: argparse.Namespace, peers: list[Peer], tf: dict[int, dict[str, Any]] | None,
+                 agreement: dict[str, Any] | None, profile: str, out: Path) -> list[str]:
+    atomr = next((p for p in peers if p.name == "atomr"), None)
+    by = {p.name: p for p in peers}
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `python benchmarks/compare.py` — never edit by hand; rerun it. All engines ran on this",
+        "machine in the same run, one at a time, alternating per concurrency level.",
+        "",
+        f"- Machine: {machine()}.",
+        f"- Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {args.threads} compute threads per engine "
+        f"(torch threads / OMP_NUM_THREADS / n_threads).",
+        f"- Workload: random prompts of {args.input_len} tokens, {args.output_len} output tokens forced "
+        f"(ignore_eos / min_tokens), greedy, streamed over `/v1/completions`; {args.num_prompts_factor}× the "
+        "concurrency in prompts (at least 4), one warm-up round per engine first.",
+        "- Model: SmolLM2-135M-Instruct (the default), weights dequantized once from its GGUF into an HF "
+        "directory (bf16) and a bf16 GGUF by `benchmarks/peer_models.py`.",
+        f"- Command: `{shlex.join(['python', 'benchmarks/compare.py', *sys.argv[1:]])}`",
+        "",
+        "Engines and how they were started:",
+        "",
+        *[f"- **{p.label}** ({p.dtype}): `{shlex.join([Path(p.cmd[0]).name, *p.cmd[1:]])}`"
+          + (f" with {' '.join(f'{k}={v}' for k, v in p.env.items())}" if p.env else "") for p in peers],
+    ]
+    if tf is not None:
+        lines.append(f"- **transformers** `generate`, static batch of B = concurrency, bf16, {args.threads} threads "
+                     "(offline: no server, no streaming).")
+    lines += ["", "## Results", "",
+              "Output tokens per second over the whole run; TTFT and TPOT medians in ms; ratio = atomr_trio's "
+              "output tok/s divided by the peer's.", ""]
+    head = "| concurrency | engine | output tok/s | TTFT median | TPOT median | atomr_trio ÷ engine |"
+    lines += [head, "|---|---|---|---|---|---|"]
+    for c in args.concurrency:
+        base = atomr.results.get(c) if atomr else None
+        rows: list[tuple[str, dict[str, Any] | None]] = [(p.label, p.results.get(c)) for p in peers]
+        if tf is not None:
+            rows.append(("transformers generate (static batch)", tf.get(c)))
+        for label, r in rows:
+            if r is None:
+                continue
+            ratio = base["output_throughput"] / r["output_throughput"] if base and r is not base else None
+            lines.append(f"| {c} | {label} | {r['output_throughput']:.1f} | {r['ttft_ms']['median']:.0f} | "
+                         f"{r['tpot_ms']['median']:.1f} | {fmt(ratio, '.2f') if r is not base else '—'} |")
+    lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    met_all = True
+
+    def target(name: str, value: float | None, ok: bool | None, spec: str = ".2f") -> None:
+        nonlocal met_all
+        met_all = met_all and bool(ok)
+        verdict = "yes" if ok else ("**no**" if ok is not None else "not run")
+        lines.append(f"| {name} | {fmt(value, spec)} | {verdict} |")
+
+    def ratio(c: int, peer: str) -> float | None:
+        a, b = (atomr.results.get(c) if atomr else None), (by[peer].results.get(c) if peer in by else None)
+        return a["output_throughput"] / b["output_throughput"] if a and b else None
+
+    r16, r64 = ratio(16, "vllm"), ratio(64, "vllm")
+    target("16 concurrent: output tok/s ≥ 1.5× vLLM CPU", r16, None if r16 is None else r16 >= 1.5)
+    a16 = atomr.results.get(16) if atomr else None
+    v16 = by["vllm"].results.get(16) if "vllm" in by else None
+    if a16 and v16:
+        t = a16["ttft_ms"]["median"] / v16["ttft_ms"]["median"]
+        target("16 concurrent: TTFT median ≤ vLLM CPU's (ratio)", t, t <= 1.0)
+    target("64 concurrent: output tok/s ≥ 1.5× vLLM CPU", r64, None if r64 is None else r64 >= 1.5)
+    a1 = atomr.results.get(1) if atomr else None
+    l1 = by["llamacpp"].results.get(1) if "llamacpp" in by else None
+    if a1 and l1:
+        d = l1["tpot_ms"]["median"] / a1["tpot_ms"]["median"]
+        target("batch 1: decode tok/s (1000 / TPOT) ≥ 1.0× llama.cpp", d, d >= 1.0)
+    if a16 and a16.get("engine_forward_share_of_wall") is not None:
+        over = 1 - a16["engine_forward_share_of_wall"]
+        target("16 concurrent: share of wall time outside the model forward ≤ 10%", over * 100, over <= 0.10,
+               ".1f")
+    if agreement:
+        d_tp = agreement["ours_output_throughput"] / agreement["vllm_output_throughput"] - 1
+        d_ttft = agreement["ours_ttft_median_ms"] / agreement["vllm_ttft_median_ms"] - 1
+        lines += ["", "## Load generator agreement", "",
+                  f"The same workload (concurrency {args.agreement_concurrency}) against atomr_trio, from `vllm bench "
+                  f"serve` and from `python -m atomr_trio bench serve`, back to back:", "",
+                  "| generator | output tok/s | TTFT median (ms) |", "|---|---|---|",
+                  f"| vllm bench serve | {agreement['vllm_output_throughput']:.1f} | "
+                  f"{agreement['vllm_ttft_median_ms']:.0f} |",
+                  f"| atomr_trio bench serve | {agreement['ours_output_throughput']:.1f} | "
+                  f"{agreement['ours_ttft_median_ms']:.0f} |",
+                  "", f"Difference: output throughput {d_tp * 100:+.1f}%, TTFT median {d_ttft * 100:+.1f}% "
+                  f"(within 10%: {'yes' if abs(d_tp) <= 0.1 and abs(d_ttft) <= 0.1 else 'no'}).",
+                  "", f"`{agreement['command']}`"]
+    if atomr:
+        lines += ["", "## Engine overhead (atomr_trio)", "",
+                  "Model-forward seconds reported by the engine, as a share of its step time and of the run's wall "
+                  "time (the rest: scheduling, block bookkeeping, sampling, detokenization, HTTP, idle gaps).", "",
+                  "| concurrency | forward ÷ step time | forward ÷ wall time |", "|---|---|---|"]
+        for c, r in sorted(atomr.results.items()):
+            lines.append(f"| {c} | {fmt(r.get('engine_forward_share_of_steps'), '.1%')} | "
+                         f"{fmt(r.get('engine_forward_share_of_wall'), '.1%')} |")
+    if profile:
+        lines += ["", "## Where a step's time goes", "", profile]
+    notes = [f"- {p.label}: {p.note}" for p in peers if p.note]
+    if notes:
+        lines += ["", "## Notes", "", *notes]
+    out.write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--peers", nargs="+", default=["atomr", "vllm", "llamacpp", "transformers"])
+    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64])
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--num-prompts-factor", type=int, default=2, help="prompts per level = factor × concurrency")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--atomr-dtype", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vllm-venv", type=Path, default=ROOT.parent / "venv-vllm")
+    p.add_argument("--llama-venv", type=Path, default=ROOT.parent / "venv-llama")
+    p.add_argument("--llama-cpp-src", type=Path, help="llama.cpp tree for the bf16 GGUF (when not made yet)")
+    p.add_argument("--models", type=Path, default=ROOT.parent / "peer-models")
+    p.add_argument("--agreement-concurrency", type=int, default=16,
+                   help="also compare vllm bench serve with ours against atomr at this concurrency (0: skip)")
+    p.add_argument("--profile", type=Path, help="a markdown file with the step profile to include")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = p.parse_args()
+
+    hf_dir = write_hf_dir(args.models / "smollm2-135m-hf")
+    gguf_path = args.models / "smollm2-135m-bf16.gguf"
+    gguf: Path | None = gguf_path if gguf_path.exists() else None
+    if gguf is None and args.llama_cpp_src:
+        gguf = write_bf16_gguf(hf_dir, gguf_path, args.llama_cpp_src, str(args.vllm_venv / "bin" / "python"))
+    peers = make_peers(args, hf_dir, gguf)
+    logdir = Path(tempfile.mkdtemp(prefix="compare-"))
+    agreement = None
+    try:
+        for peer in peers:
+            print(f"starting {peer.label} ...", flush=True)
+            peer.start(logdir)
+            bench(peer, hf_dir, args, 2, 2)  # warm-up
+        for i, c in enumerate(args.concurrency):
+            order = peers if i % 2 == 0 else peers[::-1]
+            for peer in order:
+                n = max(4, args.num_prompts_factor * c)
+                print(f"{peer.label}: concurrency {c}, {n} prompts", flush=True)
+                r = bench(peer, hf_dir, args, c, n)
+                peer.results[c] = r
+                print(f"  output {r['output_throughput']:.1f} tok/s, TTFT median {r['ttft_ms']['median']:.0f} ms, "
+                      f"TPOT median {r['tpot_ms']['median']:.1f} ms, failed {r['failed']}", flush=True)
+                if r["failed"]:
+                    peer.note += f"{r['failed']} failed requests at concurrency {c} ({r['errors'][:1]}). "
+        atomr = next((x for x in peers if x.name == "atomr"), None)
+        if atomr and args.agreement_concurrency and (args.vllm_venv / "bin" / "vllm").exists():
+            print("load generator agreement ...", flush=True)
+            agreement = vllm_bench_agreement(atomr, hf_dir, args, args.agreement_concurrency)
+    finally:
+        for peer in peers:
+            peer.stop()
+    tf = None
+    if "transformers" in args.peers:
+        print("transformers generate (static batches) ...", flush=True)
+        tf = transformers_static(hf_dir, args)
+    profile = args.profile.read_text() if args.profile and args.profile.exists() else ""
+    lines = write_report(args, peers, tf, agreement, profile, args.out)
+    print("\n".join(lines))
+    print(f"\nwrote {args.out}; server logs in {logdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
