@@ -155,7 +155,7 @@ from transformers import AutoModelForCausalLM
 torch.set_num_threads({args.threads})
 m = AutoModelForCausalLM.from_pretrained({str(hf_dir)!r}, dtype=torch.bfloat16).eval()
 rng = random.Random({args.seed}); out = {{}}
-for b in {args.concurrency!r}:
+for b in {[c for c in args.concurrency if c <= args.serial_peers_up_to]!r}:
     ids = torch.tensor([[rng.randrange(100, 49000) for _ in range({args.input_len})] for _ in range(b)])
     kw = dict(do_sample=False, pad_token_id=0)
     with torch.inference_mode():
@@ -244,6 +244,8 @@ def write_report(args: argparse.Namespace, peers: list[Peer], tf: dict[int, dict
     if tf is not None:
         lines.append(f"- **transformers** `generate`, static batch of B = concurrency, bf16, {args.threads} threads "
                      "(offline: no server, no streaming).")
+    lines.append(f"- llama.cpp serves one request at a time and transformers runs one static batch: both ran only "
+                 f"the levels up to {args.serial_peers_up_to}.")
     lines += ["", "## Results", "",
               "Output tokens per second over the whole run; TTFT and TPOT medians in ms; ratio = atomr_trio's "
               "output tok/s divided by the peer's.", ""]
@@ -257,7 +259,8 @@ def write_report(args: argparse.Namespace, peers: list[Peer], tf: dict[int, dict
         for label, r in rows:
             if r is None:
                 continue
-            ratio = base["output_throughput"] / r["output_throughput"] if base and r is not base else None
+            ratio = (base["output_throughput"] / r["output_throughput"]
+                     if base and r is not base and r["output_throughput"] else None)
             lines.append(f"| {c} | {label} | {r['output_throughput']:.1f} | {r['ttft_ms']['median']:.0f} | "
                          f"{r['tpot_ms']['median']:.1f} | {fmt(ratio, '.2f') if r is not base else '—'} |")
     lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
@@ -327,7 +330,10 @@ def main() -> int:
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64])
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--num-prompts-factor", type=int, default=2, help="prompts per level = factor × concurrency")
+    p.add_argument("--num-prompts-factor", type=int, default=1, help="prompts per level = factor × concurrency")
+    p.add_argument("--serial-peers-up-to", type=int, default=16,
+                   help="llama.cpp and transformers (one request / one static batch at a time) run only "
+                        "concurrency levels up to this")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--atomr-dtype", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -357,6 +363,8 @@ def main() -> int:
         for i, c in enumerate(args.concurrency):
             order = peers if i % 2 == 0 else peers[::-1]
             for peer in order:
+                if peer.name == "llamacpp" and c > args.serial_peers_up_to:
+                    continue
                 n = max(4, args.num_prompts_factor * c)
                 print(f"{peer.label}: concurrency {c}, {n} prompts", flush=True)
                 r = bench(peer, hf_dir, args, c, n)
@@ -376,6 +384,9 @@ def main() -> int:
     if "transformers" in args.peers:
         print("transformers generate (static batches) ...", flush=True)
         tf = transformers_static(hf_dir, args)
+    raw = {"peers": {p.name: {"label": p.label, "results": p.results} for p in peers}, "transformers": tf,
+           "agreement": agreement}
+    args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str))  # the raw figures
     profile = args.profile.read_text() if args.profile and args.profile.exists() else ""
     lines = write_report(args, peers, tf, agreement, profile, args.out)
     print("\n".join(lines))

@@ -158,11 +158,16 @@ def test_two_llms_generate_concurrently(llm32: LLM, make_llm) -> None:
     assert "kv_blocks=64x16" in repr(other) and "SmolLM2-135M-Instruct" in repr(other)
 
 
-async def test_an_exception_caused_by_one_request_ends_only_that_request(monkeypatch) -> None:
+async def test_an_exception_caused_by_one_request_ends_only_that_request(monkeypatch, tmp_path) -> None:
     # Stand-in for a request whose contents crash a step: the sampler raises for any batch that
     # holds a row seeded 666. The Context is fine, so only that request may end (with an error).
+    # (Model-agnostic: a tiny random Llama keeps it quick.)
+    from test_hf_dir import write_tiny_model
+
     from atomr_trio.outputs import RequestError
     from atomr_trio.sampler import Sampler
+
+    write_tiny_model(tmp_path, "llama", seed=5)
 
     original = Sampler.__call__
 
@@ -173,8 +178,8 @@ async def test_an_exception_caused_by_one_request_ends_only_that_request(monkeyp
 
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     poison = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, seed=666)
-    prompts = ["The history of the printing press", "A recipe for bread:", "The rules of chess are"]
-    async with open_engine(dtype="float32", num_kv_blocks=128, max_model_len=512) as engine:
+    prompts = [{"prompt_token_ids": [(11 * i + j) % 200 + 3 for j in range(9 + i)]} for i in range(3)]
+    async with open_engine(str(tmp_path), dtype="float32", num_kv_blocks=128, max_model_len=512) as engine:
         alone = [(await engine.generate_one(p, params)).outputs[0].token_ids for p in prompts]
         monkeypatch.setattr(Sampler, "__call__", poisoned)
         results: dict[int, list[int] | str] = {}

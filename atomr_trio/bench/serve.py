@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import trio
 
+from ..tokenizer import Tokenizer
+
 
 @dataclass
 class RequestResult:
@@ -28,12 +30,16 @@ class RequestResult:
     e2e: float = 0.0
     itl: list[float] = field(default_factory=list)
     error: str = ""
+    text: str = ""  # the generated text, to count its tokens when the server reports no usage
 
 
-def make_prompts(tokenizer_model: str | None, n: int, input_len: int, seed: int) -> list[str]:
+def load_tokenizer(tokenizer_model: str | None) -> Tokenizer:
     from ..model.source import ModelSource
 
-    tok = ModelSource.open(tokenizer_model).tokenizer
+    return ModelSource.open(tokenizer_model).tokenizer
+
+
+def make_prompts(tok: Tokenizer, n: int, input_len: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     specials = set(tok.eos_token_ids) | {tok.bos_token_id}
     pool = [i for i in range(tok.vocab_size) if i not in specials]
@@ -61,7 +67,9 @@ async def one_request(client: Any, url: str, body: dict[str, Any]) -> RequestRes
                     res.prompt_tokens = chunk["usage"]["prompt_tokens"]
                     res.output_tokens = chunk["usage"]["completion_tokens"]
                 choices = chunk.get("choices") or []
-                if choices and (choices[0].get("text") or (choices[0].get("delta") or {}).get("content")):
+                piece = choices[0].get("text") or (choices[0].get("delta") or {}).get("content") if choices else None
+                if piece:
+                    res.text += piece
                     now = time.perf_counter()
                     if res.ttft == 0.0:
                         res.ttft = now - t0
@@ -109,8 +117,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     import httpx
     from tqdm.auto import tqdm
 
-    prompts = await trio.to_thread.run_sync(make_prompts, args.tokenizer, args.num_prompts, args.input_len,
-                                            args.seed)
+    tok = await trio.to_thread.run_sync(load_tokenizer, args.tokenizer)
+    prompts = make_prompts(tok, args.num_prompts, args.input_len, args.seed)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     url = args.base_url.rstrip("/") + args.endpoint
     results: list[RequestResult] = []
@@ -125,7 +133,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         "temperature": 0.0, "stream_options": {"include_usage": True}}
                 if args.ignore_eos:
                     body.update(ignore_eos=True, min_tokens=args.output_len)
-                results.append(await one_request(client, url, body))
+                res = await one_request(client, url, body)
+                if res.ok and not res.output_tokens:  # no usage in the stream (llama.cpp): count like vLLM does
+                    res.output_tokens = len(tok.encode(res.text, add_special_tokens=False))
+                    res.prompt_tokens = len(tok.encode(prompt))
+                results.append(res)
                 bar.update(1)
 
         t0 = time.perf_counter()
