@@ -96,13 +96,16 @@ def _group(op: str) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--model", default=None)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    text = run(args)
+    texts = []
+    for b in args.batch:
+        texts.append(run(argparse.Namespace(**{**vars(args), "batch": b})))
+    text = "\n".join(texts)
     if args.out:
         args.out.write_text(text)
     print(text)
