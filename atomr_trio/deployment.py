@@ -172,8 +172,13 @@ class Deployment:
             raise DeploymentUnavailable(self.name, 503, f"deployment '{self.name}' has no serving replica")
         return AsyncLLM(core, self.source), Ticket(self)
 
-    def admit_prompt(self, prompt_tokens: int) -> None:
-        """Refuse (429) a prompt that would push the replicas' waiting prompt tokens over the limit."""
+    def admit(self, jobs: list[tuple[int, int, int | None]]) -> None:
+        """Check the (prompt tokens, n, max_tokens) of a request's prompts against the waiting-
+        prompt-token limit, then charge them to the per-minute token budget; 429 past either."""
+        self._check_queued_prompts(sum(p * n for p, n, _ in jobs))
+        self._charge(sum(p + (m or 0) * n for p, n, m in jobs))
+
+    def _check_queued_prompts(self, prompt_tokens: int) -> None:
         policy = self.spec.serving
         limit = policy.max_queued_prompt_tokens
         if limit is None or policy.on_capacity_exhausted != "reject":
@@ -183,8 +188,7 @@ class Deployment:
             raise DeploymentUnavailable(
                 self.name, 429, f"deployment '{self.name}' has {queued} prompt tokens waiting (limit {limit})", 1.0)
 
-    def charge(self, tokens: int) -> None:
-        """Count a request's tokens against the per-minute budget (429 when it is spent)."""
+    def _charge(self, tokens: int) -> None:
         budget = self.spec.token_budget
         if budget.tokens_per_minute is None:
             return

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import AsyncIterator, Generator, Mapping, Sequence
+from collections.abc import AsyncIterator, Generator, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import sniffio
@@ -146,13 +147,10 @@ class LLM:
                     bar.set_postfix_str(f"output {out_tokens / elapsed:.1f} tok/s", refresh=False)
 
         async def run_all() -> None:
-            self._inflight += 1
-            try:
+            with self._in_flight():
                 async with trio.open_nursery() as nursery:
                     for i in range(len(items)):
                         nursery.start_soon(one, i)
-            finally:
-                self._inflight -= 1
 
         try:
             self._call(run_all)
@@ -177,18 +175,15 @@ class LLM:
         scope = trio.CancelScope()
 
         async def produce() -> None:
-            self._inflight += 1
             try:
-                with scope:
-                    try:
-                        async for out in engine.generate(text, params, delta=True, prompt_ids=ids):
-                            if out.outputs[0].text:
-                                deltas.put(out.outputs[0].text)
-                    except Exception as e:  # noqa: BLE001 - handed to the consumer's thread
-                        deltas.put(e)
+                with self._in_flight(), scope:
+                    async for out in engine.generate(text, params, delta=True, prompt_ids=ids):
+                        if out.outputs[0].text:
+                            deltas.put(out.outputs[0].text)
+            except Exception as e:  # noqa: BLE001 - handed to the consumer's thread
+                deltas.put(e)
             finally:
-                self._inflight -= 1
-                deltas.put(None)
+                deltas.put(None)  # also when the tree is cancelled: the consumer never hangs
 
         self._call_sync(self._streams.start_soon, produce)
         try:
@@ -233,6 +228,15 @@ class LLM:
     def _call_sync(self, fn: Any, *args: Any) -> Any:
         _ = self.engine  # raises when closed
         return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
+
+    @contextmanager
+    def _in_flight(self) -> Iterator[None]:
+        """Count a batch or stream producer as in flight (Trio thread only), for close()."""
+        self._inflight += 1
+        try:
+            yield
+        finally:
+            self._inflight -= 1
 
     def close(self, timeout: float = 0.0) -> None:
         """Stop the engine. Calls in flight in other threads get `timeout` seconds to finish;

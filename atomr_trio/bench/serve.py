@@ -67,7 +67,8 @@ async def one_request(client: Any, url: str, body: dict[str, Any]) -> RequestRes
                     res.prompt_tokens = chunk["usage"]["prompt_tokens"]
                     res.output_tokens = chunk["usage"]["completion_tokens"]
                 choices = chunk.get("choices") or []
-                piece = choices[0].get("text") or (choices[0].get("delta") or {}).get("content") if choices else None
+                first = choices[0] if choices else {}
+                piece = first.get("text") or (first.get("delta") or {}).get("content")
                 if piece:
                     res.text += piece
                     now = time.perf_counter()

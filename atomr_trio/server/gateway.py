@@ -62,9 +62,6 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
                            code="model_not_found")
         return dep
 
-    async def route(dep: Deployment) -> tuple[AsyncLLM, Ticket]:
-        return await dep.route()
-
     @app.before_request
     async def check_key() -> Any:
         if request.path in ("/health", "/healthz"):
@@ -183,7 +180,7 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
             name = next(iter(manager.deployments))
         if not isinstance(name, str):
             raise APIError(400, "give 'model'", param="model")
-        engine, ticket = await route(deployment(name))
+        engine, ticket = await deployment(name).route()
         ticket.release()  # tokenizing takes no engine capacity
         return engine
 
@@ -219,7 +216,7 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
         and release the admission ticket unless a stream took it over."""
         dep = deployment(body.model)
         deadline = deadline_for(dep)
-        engine, ticket = await route(dep)
+        engine, ticket = await dep.route()
         with _released_unless_streamed(ticket) as keep:
             return await handler(body, dep, engine, deadline, ticket, keep)
 
@@ -237,8 +234,7 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
         asked = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = body.sampling_params(budget(engine, len(ids), asked), logprobs)
-        dep.admit_prompt(len(ids) * params.n)
-        dep.charge(len(ids) + (params.max_tokens or 0) * params.n)
+        dep.admit([(len(ids), params.n, params.max_tokens)])
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             keep.append(True)
@@ -277,8 +273,7 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
         rid = f"cmpl-{uuid.uuid4().hex}"
         params_list = [body.sampling_params(budget(engine, len(ids), body.max_tokens), body.logprobs)
                        for _, ids in jobs]
-        dep.admit_prompt(sum(len(ids) * p.n for (_, ids), p in zip(jobs, params_list, strict=True)))
-        dep.charge(sum(len(ids) + (p.max_tokens or 0) * p.n for (_, ids), p in zip(jobs, params_list, strict=True)))
+        dep.admit([(len(ids), p.n, p.max_tokens) for (_, ids), p in zip(jobs, params_list, strict=True)])
         if body.stream:
             keep.append(True)
             return _sse(_completion_stream(engine, body, rid, jobs, params_list, dep.name, deadline), ticket)
