@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .config import ModelConfig, ModelLoadError
+from .gguf_header import GGUFHeader
 
 _ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 
@@ -46,11 +47,9 @@ class GGUFTokenizerData:
 
 class GGUFFile:
     def __init__(self, path: Path) -> None:
-        import gguf
-
         self.path = path
         try:
-            self._reader = gguf.GGUFReader(str(path))
+            self._reader = GGUFHeader(path)
         except Exception as e:  # a truncated or foreign file
             raise ModelLoadError(f"{path}: not a readable GGUF file ({e})") from e
         arch = self.field("general.architecture")
@@ -67,7 +66,7 @@ class GGUFFile:
             if default is ...:
                 raise ModelLoadError(f"{self.path}: missing metadata field '{key}'")
             return default
-        return f.contents()
+        return f
 
     def config(self) -> ModelConfig:
         a = self.arch
@@ -97,20 +96,22 @@ class GGUFFile:
 
     def weights(self, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
         """Yield (hf_name, float32 array) for every tensor, dequantized."""
+        from gguf.constants import GGMLQuantizationType
         from gguf.quants import dequantize
 
         for t in self._reader.tensors:
+            qtype = GGMLQuantizationType(t.ggml_type)
             name = _hf_name(t.name)
             if name is None:
                 continue  # e.g. rope_freqs, which we compute ourselves
             try:
-                arr = dequantize(t.data, t.tensor_type)
+                arr = dequantize(t.data, qtype)
             except NotImplementedError as e:
                 raise ModelLoadError(
-                    f"{self.path}: tensor '{t.name}' has type {t.tensor_type.name}, "
+                    f"{self.path}: tensor '{t.name}' has type {qtype.name}, "
                     f"which cannot be dequantized ({e})"
                 ) from e
-            arr = np.asarray(arr, dtype=np.float32).reshape(tuple(reversed(t.shape.tolist())))
+            arr = np.asarray(arr, dtype=np.float32).reshape(tuple(reversed(t.shape)))
             if self.arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
                 heads = cfg.num_heads if "attn_q" in t.name else cfg.num_kv_heads
                 arr = _unpermute(arr, heads)
