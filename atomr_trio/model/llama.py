@@ -89,10 +89,9 @@ class LlamaModel:
         for i, w in enumerate(self.layers):
             x = F.rms_norm(h, shape, w["in_norm"], cfg.rms_norm_eps)
             qkv = F.linear(x, w["qkv"], w.get("qkv_bias"))
-            q, k, v = qkv.split([nq * hd, nkv * hd, nkv * hd], dim=-1)
-            q = _rope(q.view(-1, nq, hd), cos, sin)
-            k = _rope(k.view(-1, nkv, hd), cos, sin)
-            attn = paged_attention(q, k, v.view(-1, nkv, hd), kv_cache[i], meta)
+            qk = _rope(qkv[:, : (nq + nkv) * hd].view(-1, nq + nkv, hd), cos, sin)  # q and k in one pass
+            v = qkv[:, (nq + nkv) * hd :].view(-1, nkv, hd)
+            attn = paged_attention(qk[:, :nq], qk[:, nq:], v, kv_cache[i], meta)
             h = h + F.linear(attn, w["o"])
             x = F.rms_norm(h, shape, w["post_norm"], cfg.rms_norm_eps)
             gate, up = F.linear(x, w["gate_up"]).chunk(2, dim=-1)
