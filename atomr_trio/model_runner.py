@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .model.attention import AttentionMetadata, PrefillChunk
+from .model.cpu_gemv import kernels
 from .model.llama import LlamaModel
 from .sampler import Sampler, SamplerOutput, SampleRow
 
@@ -49,12 +50,15 @@ class ModelRunner:
     def execute(self, batch: StepBatch) -> StepResult:
         items = sorted(batch.items, key=lambda it: len(it.token_ids) > 1)  # decodes first
         input_ids, positions, meta, last_rows = self._prepare(items)
+        device = self.kv_cache.device
         t0 = time.perf_counter()
-        hidden = self.model.forward(input_ids, positions, meta, self.kv_cache)
+        with kernels.rows(device, len(input_ids)):
+            hidden = self.model.forward(input_ids, positions, meta, self.kv_cache)
         sampling = [(row, it) for row, it in zip(last_rows, items, strict=True) if it.sample]
         if not sampling:
             return StepResult([], SamplerOutput([], []), time.perf_counter() - t0)
-        logits = self.model.logits(hidden[torch.tensor([r for r, _ in sampling])])
+        with kernels.rows(device, len(sampling)):
+            logits = self.model.logits(hidden[torch.tensor([r for r, _ in sampling])])
         forward_s = time.perf_counter() - t0
         rows = [it.sample for _, it in sampling if it.sample is not None]
         out = self.sampler(logits, rows)

@@ -90,7 +90,7 @@ def _group(op: str) -> str:
               "aten::copy_", "aten::clone", "aten::contiguous", "aten::masked_fill_", "aten::add_"):
         return "elementwise (rope, silu, residual, copies)"
     if op.startswith("aten::_scaled_dot") or "flash" in op:
-        return "prefill attention (SDPA)"
+        return "attention kernel (SDPA: prefills, single-sequence decodes)"
     return "other (" + op + ")" if op.startswith("aten::") else "Python / dispatch (" + op + ")"
 
 
