@@ -53,9 +53,9 @@ def paged_attention(
         assert meta.decode_blocks is not None and meta.decode_bias is not None
         bs = meta.block_size
         L = meta.decode_bias.shape[-1]
-        blocks = k_cache.view(kvh, -1, bs, D)
-        kd = blocks.index_select(1, meta.decode_blocks).view(kvh, nd, L, D)
-        vd = v_cache.view(kvh, -1, bs, D).index_select(1, meta.decode_blocks).view(kvh, nd, L, D)
+        # Keys and values of every decode sequence's blocks in one gather: [2, KVH, nd, L, D].
+        kvd = kv.view(2 * kvh, -1, bs, D).index_select(1, meta.decode_blocks).view(2, kvh, nd, L, D)
+        kd, vd = kvd[0], kvd[1]
         # Query heads grouped by the KV head they share: [KVH, nd, H/KVH, D].
         qd = q[:nd].view(nd, kvh, H // kvh, D).transpose(0, 1)
         if nd == 1:  # one sequence: the fused kernel is cheaper (CPU, bf16: ~half the time)
