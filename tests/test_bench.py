@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
+import trio
 from serverproc import Server
 from test_hf_dir import write_tiny_model
+
+from atomr_trio.bench import serve as bench_serve
+from atomr_trio.model.source import ModelSource
 
 pytestmark = pytest.mark.slow
 
@@ -52,3 +58,41 @@ def test_bench_offline(tiny_dir: Path, tmp_path: Path) -> None:
            "--output-len", "8", "--result-file", str(result))
     r = json.loads(result.read_text())
     assert r["output_tokens_per_s"] > 0 and 0 < r["forward_share"] <= 1
+
+
+async def test_bench_serve_counts_tokens_itself_when_the_server_sends_no_usage(tiny_dir: Path) -> None:
+    """llama.cpp's server streams no usage: bench serve then tokenizes what came back, like vLLM's."""
+    pieces = ["Hello", " there", ", friend", "."]  # a completion streamed in four chunks, no usage
+    tok = ModelSource.open(str(tiny_dir)).tokenizer
+    expected = len(tok.encode("".join(pieces), add_special_tokens=False))
+
+    async def handle(stream: trio.SocketStream) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await stream.receive_some()
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(next(v for k, v in (ln.split(b":", 1) for ln in head.split(b"\r\n")[1:])
+                          if k.strip().lower() == b"content-length"))
+        while len(body) < length:
+            body += await stream.receive_some()
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n")
+        for piece in pieces:
+            await trio.sleep(0.01)
+            await stream.send_all(f"data: {json.dumps({'choices': [{'index': 0, 'text': piece}]})}\n\n".encode())
+        await stream.send_all(b"data: [DONE]\n\n")
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        p = argparse.ArgumentParser()
+        bench_serve.add_arguments(p)
+        args = p.parse_args(["--base-url", f"http://127.0.0.1:{port}", "--tokenizer", str(tiny_dir),
+                             "--num-prompts", "3", "--max-concurrency", "1", "--input-len", "12"])
+        s = await bench_serve.run(args)
+        nursery.cancel_scope.cancel()
+    assert s["completed"] == 3 and s["failed"] == 0
+    assert s["total_output_tokens"] == 3 * expected
+    assert s["total_input_tokens"] >= 3 * 10
+    assert 0 < s["ttft_ms"]["median"] < s["e2el_ms"]["median"]
+    assert s["itl_ms"]["median"] >= 5  # three gaps of ~10 ms per request
