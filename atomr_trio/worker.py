@@ -18,6 +18,7 @@ import torch
 
 from .config import EngineConfig
 from .device_thread import DeviceThread
+from .model.linear import can_pack
 from .model.llama import LlamaModel
 from .model.source import ModelSource
 from .model_runner import ModelRunner, StepBatch, StepResult
@@ -46,6 +47,8 @@ class Context:
         mc = source.config
         model = LlamaModel(mc, cfg.torch_dtype, cfg.max_model_len)
         model.load_weights(source.weights(), source.path)
+        if can_pack(torch.device(cfg.device), cfg.torch_dtype):
+            model.pack_weights()
         kv = torch.zeros(
             mc.num_layers, 2, mc.num_kv_heads, cfg.num_kv_blocks * cfg.block_size, mc.head_dim,
             dtype=cfg.torch_dtype, device=cfg.device,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,17 @@ import torch.nn.functional as F
 
 from .attention import AttentionMetadata, paged_attention
 from .config import ModelConfig, ModelLoadError
+from .linear import Linear
+
+
+@dataclass
+class Layer:
+    in_norm: torch.Tensor
+    post_norm: torch.Tensor
+    qkv: Linear  # q | k | v stacked
+    o: Linear
+    gate_up: Linear  # gate | up stacked
+    down: Linear
 
 
 class LlamaModel:
@@ -24,9 +36,9 @@ class LlamaModel:
         self.cfg = cfg
         self.dtype = dtype
         self.embed: torch.Tensor
-        self.lm_head: torch.Tensor
+        self.lm_head: Linear
         self.norm: torch.Tensor
-        self.layers: list[dict[str, torch.Tensor]] = []
+        self.layers: list[Layer] = []
         self.cos, self.sin = _rope_tables(cfg, max_len, dtype)
 
     # ---- loading -------------------------------------------------------------------------
@@ -53,22 +65,27 @@ class LlamaModel:
         if missing:
             raise ModelLoadError(f"{source}: missing tensor '{missing[0]}' ({len(missing)} missing in all)")
         self.embed = got["model.embed_tokens.weight"]
-        self.lm_head = got["lm_head.weight"]
+        self.lm_head = Linear(got["lm_head.weight"])
         self.norm = got["model.norm.weight"]
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
             a = p + "self_attn."
-            layer = {
-                "in_norm": got[p + "input_layernorm.weight"],
-                "post_norm": got[p + "post_attention_layernorm.weight"],
-                "qkv": torch.cat([got[a + f"{x}_proj.weight"] for x in "qkv"]),
-                "o": got[a + "o_proj.weight"],
-                "gate_up": torch.cat([got[p + "mlp.gate_proj.weight"], got[p + "mlp.up_proj.weight"]]),
-                "down": got[p + "mlp.down_proj.weight"],
-            }
-            if cfg.attention_bias:
-                layer["qkv_bias"] = torch.cat([got[a + f"{x}_proj.bias"] for x in "qkv"])
-            self.layers.append(layer)
+            bias = torch.cat([got[a + f"{x}_proj.bias"] for x in "qkv"]) if cfg.attention_bias else None
+            self.layers.append(Layer(
+                in_norm=got[p + "input_layernorm.weight"],
+                post_norm=got[p + "post_attention_layernorm.weight"],
+                qkv=Linear(torch.cat([got[a + f"{x}_proj.weight"] for x in "qkv"]), bias),
+                o=Linear(got[a + "o_proj.weight"]),
+                gate_up=Linear(torch.cat([got[p + "mlp.gate_proj.weight"], got[p + "mlp.up_proj.weight"]])),
+                down=Linear(got[p + "mlp.down_proj.weight"]),
+            ))
+
+    def pack_weights(self) -> None:
+        """Add a oneDNN-packed copy of every weight matrix (see linear.py; CPU, bf16)."""
+        for layer in self.layers:
+            for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                lin.pack()
+        self.lm_head.pack()
 
     # ---- compute -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -87,22 +104,22 @@ class LlamaModel:
         h = F.embedding(input_ids, self.embed)
         shape = (cfg.hidden_size,)
         for i, w in enumerate(self.layers):
-            x = F.rms_norm(h, shape, w["in_norm"], cfg.rms_norm_eps)
-            qkv = F.linear(x, w["qkv"], w.get("qkv_bias"))
+            x = F.rms_norm(h, shape, w.in_norm, cfg.rms_norm_eps)
+            qkv = w.qkv(x)
             qk = _rope(qkv[:, : (nq + nkv) * hd].view(-1, nq + nkv, hd), cos, sin)  # q and k in one pass
             v = qkv[:, (nq + nkv) * hd :].view(-1, nkv, hd)
             attn = paged_attention(qk[:, :nq], qk[:, nq:], v, kv_cache[i], meta)
-            h = h + F.linear(attn, w["o"])
-            x = F.rms_norm(h, shape, w["post_norm"], cfg.rms_norm_eps)
-            gate, up = F.linear(x, w["gate_up"]).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, w["down"])
+            h = h + w.o(attn)
+            x = F.rms_norm(h, shape, w.post_norm, cfg.rms_norm_eps)
+            gate, up = w.gate_up(x).chunk(2, dim=-1)
+            h = h + w.down(F.silu(gate) * up)
         return h
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [N, vocab] for the given rows of hidden states."""
         x = F.rms_norm(hidden, (self.cfg.hidden_size,), self.norm, self.cfg.rms_norm_eps)
-        return F.linear(x, self.lm_head).float()
+        return self.lm_head(x).float()
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
