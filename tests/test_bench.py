@@ -96,3 +96,11 @@ async def test_bench_serve_counts_tokens_itself_when_the_server_sends_no_usage(t
     assert s["total_input_tokens"] >= 3 * 10
     assert 0 < s["ttft_ms"]["median"] < s["e2el_ms"]["median"]
     assert s["itl_ms"]["median"] >= 5  # three gaps of ~10 ms per request
+
+
+@pytest.mark.real_model
+def test_random_prompts_encode_to_the_length_asked_for() -> None:
+    tok = ModelSource.open(None).tokenizer  # the default model's (a real BPE vocabulary)
+    prompts = bench_serve.make_prompts(tok, 32, 128, seed=3)
+    assert [len(tok.encode(p, add_special_tokens=False)) for p in prompts] == [128] * 32
+    assert len(set(prompts)) == 32

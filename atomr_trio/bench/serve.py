@@ -46,7 +46,16 @@ def make_prompts(tok: Tokenizer, n: int, input_len: int, seed: int) -> list[str]
     prompts = []
     for _ in range(n):
         ids = [rng.choice(pool) for _ in range(input_len)]
-        prompts.append(tok.decode(ids, skip_special_tokens=True))
+        # Decoding random ids and encoding the text again rarely gives as many tokens (pieces merge
+        # or split): drop or add ids until the text encodes to exactly input_len tokens, so every
+        # server sees the prompt length asked for (vLLM's random dataset does the same).
+        for _ in range(20):
+            text = tok.decode(ids, skip_special_tokens=True)
+            extra = len(tok.encode(text, add_special_tokens=False)) - input_len
+            if extra == 0:
+                break
+            ids = ids[: len(ids) - extra] if extra > 0 else ids + [rng.choice(pool) for _ in range(-extra)]
+        prompts.append(text)
     return prompts
 
 
