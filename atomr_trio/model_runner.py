@@ -93,15 +93,16 @@ class ModelRunner:
                 kv_slots = torch.from_numpy(bt[all_pos // bs] * bs + all_pos % bs)
                 mask = torch.arange(ctx).unsqueeze(0) <= torch.from_numpy(pos).unsqueeze(1)
                 prefills.append(PrefillChunk(q_start, n, kv_slots, mask))
-        decode_blocks = decode_bias = None
+        decode_slots = decode_bias = None
         if decodes:
             nd = len(decodes)
-            max_blocks = max(len(d.block_table) for d in decodes)
-            table = np.zeros((nd, max_blocks), dtype=np.int64)  # padding reads block 0, masked
+            L = max(d.start + 1 for d in decodes)  # the longest context among them
+            table = np.zeros((nd, -(-L // bs)), dtype=np.int64)  # padding reads block 0, masked
             for i, d in enumerate(decodes):
-                table[i, : len(d.block_table)] = d.block_table
-            L = max_blocks * bs
-            decode_blocks = torch.from_numpy(table.reshape(-1))
+                n_blocks = min(len(d.block_table), table.shape[1])
+                table[i, :n_blocks] = d.block_table[:n_blocks]
+            pos = np.arange(L)
+            decode_slots = torch.from_numpy((table[:, pos // bs] * bs + pos % bs).reshape(-1))
             ctx_lens = torch.tensor([d.start + 1 for d in decodes])
             hidden = torch.arange(L).unsqueeze(0) >= ctx_lens.unsqueeze(1)
             decode_bias = torch.zeros(1, nd, 1, L, dtype=self.model.dtype)
@@ -110,7 +111,7 @@ class ModelRunner:
             slot_mapping=torch.from_numpy(np.concatenate(slot_parts)),
             block_size=bs,
             num_decode=len(decodes),
-            decode_blocks=decode_blocks,
+            decode_slots=decode_slots,
             decode_bias=decode_bias,
             prefills=prefills,
         )

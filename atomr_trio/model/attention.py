@@ -1,9 +1,10 @@
 """Paged attention over a flattened batch, in plain torch.
 
 Layout of one layer's cache: `kv[0]` (keys) and `kv[1]` (values), each [kv_heads, num_slots,
-head_dim], where slot = block_id * block_size + offset. Gathering whole blocks along dim 1 gives
-[kv_heads, sequences, context, head_dim] with no further copy, which is what batched matmuls
-want. The batch puts all decode tokens (one per sequence) first, then each prompt chunk.
+head_dim], where slot = block_id * block_size + offset. Gathering the decode sequences' context
+slots along dim 1 gives [kv_heads, sequences, context, head_dim] with no further copy, which is
+what batched matmuls want (slot rows gather faster than whole-block rows on CPU). The batch
+puts all decode tokens (one per sequence) first, then each prompt chunk.
 
 Invariant: the step's new K/V are written into their slots before any query reads the cache, so
 a query sees exactly the tokens at positions <= its own of its own sequence.
@@ -30,7 +31,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] where each new token's K/V goes
     block_size: int
     num_decode: int  # first num_decode rows are single decode tokens
-    decode_blocks: torch.Tensor | None  # [num_decode * max_blocks] block tables, padded, flattened
+    decode_slots: torch.Tensor | None  # [num_decode * L] slots of positions 0..L-1 of each, padded
     decode_bias: torch.Tensor | None  # [1, num_decode, 1, L]: 0 where a key is visible, -inf elsewhere
     prefills: list[PrefillChunk]
 
@@ -50,11 +51,10 @@ def paged_attention(
     outs = []
     nd = meta.num_decode
     if nd:
-        assert meta.decode_blocks is not None and meta.decode_bias is not None
-        bs = meta.block_size
+        assert meta.decode_slots is not None and meta.decode_bias is not None
         L = meta.decode_bias.shape[-1]
-        # Keys and values of every decode sequence's blocks in one gather: [2, KVH, nd, L, D].
-        kvd = kv.view(2 * kvh, -1, bs, D).index_select(1, meta.decode_blocks).view(2, kvh, nd, L, D)
+        # Keys and values of every decode sequence's context in one gather: [2, KVH, nd, L, D].
+        kvd = kv.view(2 * kvh, -1, D).index_select(1, meta.decode_slots).view(2, kvh, nd, L, D)
         kd, vd = kvd[0], kvd[1]
         # Query heads grouped by the KV head they share: [KVH, nd, H/KVH, D].
         qd = q[:nd].view(nd, kvh, H // kvh, D).transpose(0, 1)
