@@ -265,7 +265,7 @@ def write_report(args: argparse.Namespace, peers: list[Peer], tf: dict[int, dict
         f"(torch threads / OMP_NUM_THREADS / n_threads).",
         f"- Workload: random prompts of {args.input_len} tokens, {args.output_len} output tokens forced "
         f"(ignore_eos / min_tokens), greedy, streamed over `/v1/completions`; {args.num_prompts_factor}× the "
-        "concurrency in prompts (at least 4), one warm-up round per engine first; each run has its own seed, so "
+        "concurrency in prompts (at least 8), one warm-up round per engine first; each run has its own seed, so "
         "no engine's prefix cache has seen its prompts. The servers stay up together; only one is loaded at a time "
         "(an idle vLLM keeps ~7% of a core busy).",
         "- Model: SmolLM2-135M-Instruct (the default), weights dequantized once from its GGUF into an HF "
@@ -392,7 +392,7 @@ def main() -> int:
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64])
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--num-prompts-factor", type=int, default=1, help="prompts per level = factor × concurrency")
+    p.add_argument("--num-prompts-factor", type=int, default=2, help="prompts per level = factor × concurrency")
     p.add_argument("--serial-peers-up-to", type=int, default=16,
                    help="llama.cpp and transformers (one request / one static batch at a time) run only "
                         "concurrency levels up to this")
@@ -429,7 +429,7 @@ def main() -> int:
             for peer in order:
                 if peer.name == "llamacpp" and c > args.serial_peers_up_to:
                     continue
-                n = max(4, args.num_prompts_factor * c)
+                n = max(8, args.num_prompts_factor * c)
                 print(f"{peer.label}: concurrency {c}, {n} prompts", flush=True)
                 r = bench(peer, hf_dir, args, c, n, args.seed + c)
                 peer.results[c] = r
