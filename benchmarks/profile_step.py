@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> str:
 
 
 def _group(op: str) -> str:
-    if op in ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul", "aten::bmm"):
+    if op in ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul", "aten::bmm", "mkldnn::_linear_pointwise"):
         return "matmul (linear layers, lm_head, attention)"
     if op in ("aten::index_select", "aten::index", "aten::index_copy_", "aten::embedding"):
         return "KV gather / scatter, embedding"
