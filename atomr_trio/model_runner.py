@@ -81,7 +81,7 @@ class ModelRunner:
             q_start = len(ids)
             ids.extend(it.token_ids)
             pos_parts.append(pos)
-            slot_parts.append(bt[pos // bs] * bs + pos % bs)
+            slot_parts.append(_slots(bt, pos, bs))
             last_rows.append(q_start + n - 1)
             if n == 1:
                 decodes.append(it)
@@ -90,26 +90,24 @@ class ModelRunner:
             else:
                 ctx = it.start + n
                 all_pos = np.arange(ctx, dtype=np.int64)
-                kv_slots = torch.from_numpy(bt[all_pos // bs] * bs + all_pos % bs)
+                kv_slots = torch.from_numpy(_slots(bt, all_pos, bs))
                 mask = torch.arange(ctx).unsqueeze(0) <= torch.from_numpy(pos).unsqueeze(1)
                 prefills.append(PrefillChunk(q_start, n, kv_slots, mask))
         decode_slots = decode_bias = None
         if decodes:
             nd = len(decodes)
-            L = max(d.start + 1 for d in decodes)  # the longest context among them
+            ctx_lens = np.array([d.start + 1 for d in decodes], dtype=np.int64)
+            L = int(ctx_lens.max())  # the longest context among them
             table = np.zeros((nd, -(-L // bs)), dtype=np.int64)  # padding reads block 0, masked
             for i, d in enumerate(decodes):
                 n_blocks = min(len(d.block_table), table.shape[1])
                 table[i, :n_blocks] = d.block_table[:n_blocks]
-            pos = np.arange(L)
-            decode_slots = torch.from_numpy((table[:, pos // bs] * bs + pos % bs).reshape(-1))
-            ctx_lens = torch.tensor([d.start + 1 for d in decodes])
-            hidden = torch.arange(L).unsqueeze(0) >= ctx_lens.unsqueeze(1)
+            decode_slots = torch.from_numpy(_slots(table, np.arange(L), bs).reshape(-1))
+            hidden = torch.arange(L).unsqueeze(0) >= torch.from_numpy(ctx_lens).unsqueeze(1)
             decode_bias = torch.zeros(1, nd, 1, L, dtype=self.model.dtype)
             decode_bias.masked_fill_(hidden.view(1, nd, 1, L), float("-inf"))
         meta = AttentionMetadata(
             slot_mapping=torch.from_numpy(np.concatenate(slot_parts)),
-            block_size=bs,
             num_decode=len(decodes),
             decode_slots=decode_slots,
             decode_bias=decode_bias,
@@ -118,3 +116,8 @@ class ModelRunner:
         input_ids = torch.tensor(ids, dtype=torch.long)
         positions = torch.from_numpy(np.concatenate(pos_parts))
         return input_ids, positions, meta, last_rows
+
+
+def _slots(table: np.ndarray, pos: np.ndarray, bs: int) -> np.ndarray:
+    """Cache slots of positions `pos` through block table(s) `table` ([blocks] or [seqs, blocks])."""
+    return table[..., pos // bs] * bs + pos % bs

@@ -29,7 +29,6 @@ class PrefillChunk:
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] where each new token's K/V goes
-    block_size: int
     num_decode: int  # first num_decode rows are single decode tokens
     decode_slots: torch.Tensor | None  # [num_decode * L] slots of positions 0..L-1 of each, padded
     decode_bias: torch.Tensor | None  # [1, num_decode, 1, L]: 0 where a key is visible, -inf elsewhere
