@@ -16,6 +16,7 @@ import torch
 from .model.attention import AttentionMetadata, PrefillChunk
 from .model.cpu_gemv import kernels
 from .model.llama import LlamaModel
+from .model.native import DecodeAttention
 from .sampler import Sampler, SamplerOutput, SampleRow
 
 
@@ -41,8 +42,16 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, block_size: int, sampler: Sampler):
+    def __init__(
+        self,
+        model: LlamaModel,
+        kv_cache: torch.Tensor,
+        block_size: int,
+        sampler: Sampler,
+        decode_op: DecodeAttention | None = None,
+    ) -> None:
         self.model = model
+        self.decode_op = decode_op  # native decode attention (CPU), None: the torch path
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.sampler = sampler
@@ -93,7 +102,7 @@ class ModelRunner:
                 kv_slots = torch.from_numpy(_slots(bt, all_pos, bs))
                 mask = torch.arange(ctx).unsqueeze(0) <= torch.from_numpy(pos).unsqueeze(1)
                 prefills.append(PrefillChunk(q_start, n, kv_slots, mask))
-        decode_slots = decode_bias = None
+        decode_slots = decode_bias = decode_lens = None
         if decodes:
             nd = len(decodes)
             ctx_lens = np.array([d.start + 1 for d in decodes], dtype=np.int64)
@@ -103,15 +112,19 @@ class ModelRunner:
                 n_blocks = min(len(d.block_table), table.shape[1])
                 table[i, :n_blocks] = d.block_table[:n_blocks]
             decode_slots = torch.from_numpy(_slots(table, np.arange(L), bs).reshape(-1))
-            hidden = torch.arange(L).unsqueeze(0) >= torch.from_numpy(ctx_lens).unsqueeze(1)
-            decode_bias = torch.zeros(1, nd, 1, L, dtype=self.model.dtype)
-            decode_bias.masked_fill_(hidden.view(1, nd, 1, L), float("-inf"))
+            decode_lens = torch.from_numpy(ctx_lens)
+            if self.decode_op is None:  # the torch path masks padding with a bias
+                hidden = torch.arange(L).unsqueeze(0) >= decode_lens.unsqueeze(1)
+                decode_bias = torch.zeros(1, nd, 1, L, dtype=self.model.dtype)
+                decode_bias.masked_fill_(hidden.view(1, nd, 1, L), float("-inf"))
         meta = AttentionMetadata(
             slot_mapping=torch.from_numpy(np.concatenate(slot_parts)),
             num_decode=len(decodes),
             decode_slots=decode_slots,
             decode_bias=decode_bias,
             prefills=prefills,
+            decode_ctx_lens=decode_lens,
+            decode_op=self.decode_op,
         )
         input_ids = torch.tensor(ids, dtype=torch.long)
         positions = torch.from_numpy(np.concatenate(pos_parts))

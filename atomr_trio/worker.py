@@ -18,6 +18,7 @@ import torch
 
 from .config import EngineConfig
 from .device_thread import DeviceThread
+from .model import native
 from .model.linear import can_pack
 from .model.llama import LlamaModel
 from .model.source import ModelSource
@@ -54,7 +55,9 @@ class Context:
             dtype=cfg.torch_dtype, device=cfg.device,
         )
         eos = tuple(sorted(set(source.tokenizer.eos_token_ids) | set(mc.eos_token_ids)))
-        self.runner = ModelRunner(model, kv, cfg.block_size, Sampler(eos))
+        on_cpu = torch.device(cfg.device).type == "cpu"
+        decode_op = native.decode_attention() if on_cpu and cfg.torch_dtype in native.DTYPES else None
+        self.runner = ModelRunner(model, kv, cfg.block_size, Sampler(eos), decode_op)
 
     def execute(self, batch: StepBatch) -> StepResult:
         self.steps += 1

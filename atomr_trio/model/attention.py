@@ -6,6 +6,9 @@ slots along dim 1 gives [kv_heads, sequences, context, head_dim] with no further
 what batched matmuls want (slot rows gather faster than whole-block rows on CPU). The batch
 puts all decode tokens (one per sequence) first, then each prompt chunk.
 
+Decode tokens take the native kernel (native.py) when one was loaded: it reads the context slots
+in place, with no gather copy. Otherwise they take the torch path below.
+
 Invariant: the step's new K/V are written into their slots before any query reads the cache, so
 a query sees exactly the tokens at positions <= its own of its own sequence.
 """
@@ -16,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .native import DecodeAttention
 
 
 @dataclass
@@ -33,6 +38,8 @@ class AttentionMetadata:
     decode_slots: torch.Tensor | None  # [num_decode * L] slots of positions 0..L-1 of each, padded
     decode_bias: torch.Tensor | None  # [1, num_decode, 1, L]: 0 where a key is visible, -inf elsewhere
     prefills: list[PrefillChunk]
+    decode_ctx_lens: torch.Tensor | None = None  # [num_decode] context lengths (native kernel)
+    decode_op: DecodeAttention | None = None  # native decode attention, when loaded (native.py)
 
 
 def paged_attention(
@@ -49,7 +56,11 @@ def paged_attention(
     v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     outs = []
     nd = meta.num_decode
-    if nd:
+    if nd and meta.decode_op is not None:
+        assert meta.decode_slots is not None and meta.decode_ctx_lens is not None
+        od = meta.decode_op(q[:nd], kv, meta.decode_slots, meta.decode_ctx_lens, D**-0.5)
+        outs.append(od.view(nd, H * D))
+    elif nd:
         assert meta.decode_slots is not None and meta.decode_bias is not None
         L = meta.decode_bias.shape[-1]
         # Keys and values of every decode sequence's context in one gather: [2, KVH, nd, L, D].
