@@ -89,8 +89,10 @@ def _group(op: str) -> str:
     if op in ("aten::mul", "aten::add", "aten::cat", "aten::neg", "aten::silu", "aten::sub", "aten::div",
               "aten::copy_", "aten::clone", "aten::contiguous", "aten::masked_fill_", "aten::add_"):
         return "elementwise (rope, silu, residual, copies)"
+    if op == "atomr_trio::paged_decode_attention":
+        return "decode attention (native kernel, reads the paged cache in place)"
     if op.startswith("aten::_scaled_dot") or "flash" in op:
-        return "attention kernel (SDPA: prefills, single-sequence decodes)"
+        return "attention kernel (SDPA: prefills; decodes without the native kernel)"
     return "other (" + op + ")" if op.startswith("aten::") else "Python / dispatch (" + op + ")"
 
 

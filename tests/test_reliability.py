@@ -143,7 +143,7 @@ async def test_queued_prompt_tokens_and_token_budget_are_limits(server: Server) 
             return metric((await c.get("/metrics")).text, "atomr:num_requests_waiting", model_name="queued")
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(partial(c.post, "/v1/completions", json=_long("queued", 400)))  # takes the slot
+            nursery.start_soon(partial(c.post, "/v1/completions", json=_long("queued", 2000)))  # holds the slot
             await trio.sleep(0.5)
             queued = {**_long("queued", 8), "prompt": list(range(5, 65))}  # 60 prompt tokens
             nursery.start_soon(partial(c.post, "/v1/completions", json=queued))
