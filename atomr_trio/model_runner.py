@@ -16,7 +16,6 @@ import torch
 from .model.attention import AttentionMetadata, PrefillChunk
 from .model.cpu_gemv import kernels
 from .model.llama import LlamaModel
-from .model.native import DecodeAttention
 from .sampler import Sampler, SamplerOutput, SampleRow
 
 
@@ -42,16 +41,8 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(
-        self,
-        model: LlamaModel,
-        kv_cache: torch.Tensor,
-        block_size: int,
-        sampler: Sampler,
-        decode_op: DecodeAttention | None = None,
-    ) -> None:
+    def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, block_size: int, sampler: Sampler) -> None:
         self.model = model
-        self.decode_op = decode_op  # native decode attention (CPU), None: the torch path
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.sampler = sampler
@@ -113,7 +104,7 @@ class ModelRunner:
                 table[i, :n_blocks] = d.block_table[:n_blocks]
             decode_slots = torch.from_numpy(_slots(table, np.arange(L), bs).reshape(-1))
             decode_lens = torch.from_numpy(ctx_lens)
-            if self.decode_op is None:  # the torch path masks padding with a bias
+            if self.model.native is None:  # the torch path masks padding with a bias
                 hidden = torch.arange(L).unsqueeze(0) >= decode_lens.unsqueeze(1)
                 decode_bias = torch.zeros(1, nd, 1, L, dtype=self.model.dtype)
                 decode_bias.masked_fill_(hidden.view(1, nd, 1, L), float("-inf"))
@@ -124,7 +115,7 @@ class ModelRunner:
             decode_bias=decode_bias,
             prefills=prefills,
             decode_ctx_lens=decode_lens,
-            decode_op=self.decode_op,
+            decode_op=self.model.native.decode_attention if self.model.native else None,
         )
         input_ids = torch.tensor(ids, dtype=torch.long)
         positions = torch.from_numpy(np.concatenate(pos_parts))

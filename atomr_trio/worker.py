@@ -55,9 +55,9 @@ class Context:
             dtype=cfg.torch_dtype, device=cfg.device,
         )
         eos = tuple(sorted(set(source.tokenizer.eos_token_ids) | set(mc.eos_token_ids)))
-        on_cpu = torch.device(cfg.device).type == "cpu"
-        decode_op = native.decode_attention() if on_cpu and cfg.torch_dtype in native.DTYPES else None
-        self.runner = ModelRunner(model, kv, cfg.block_size, Sampler(eos), decode_op)
+        if torch.device(cfg.device).type == "cpu" and cfg.torch_dtype in native.DTYPES:
+            model.native = native.kernels()
+        self.runner = ModelRunner(model, kv, cfg.block_size, Sampler(eos))
 
     def execute(self, batch: StepBatch) -> StepResult:
         self.steps += 1

@@ -334,9 +334,10 @@ def write_report(args: argparse.Namespace, peers: list[Peer], tf: dict[int, dict
                   f"llama.cpp's {l1['tpot_ms']['median']:.1f} ms. Both read all bf16 weights (≈269 MB) for every "
                   "token. For single-sequence steps the engine uses torch's fastest one-row kernel here (ATen's "
                   "GEMV, faster than oneDNN's for one row on this CPU); even so the matmuls take most of a step (the "
-                  "batch-1 profile below). The rest is ~15 small torch ops per layer (norms, rope, KV writes, "
-                  "residuals, silu), each dispatched from Python at several microseconds apiece, which ggml runs as "
-                  "one fused C graph. From a few sequences on the same weight read serves every row, "
+                  "batch-1 profile below). The rest is about a dozen ops per layer (three fused native kernels for "
+                  "norms, rope and attention, plus silu, views and the matmul calls), each dispatched from Python "
+                  "at several microseconds apiece, where ggml runs one C graph. "
+                  "From a few sequences on the same weight read serves every row, "
                   "and that is where continuous batching pulls ahead.", ""]
 
     if r16 is not None and r16 < 1.5:
@@ -344,8 +345,7 @@ def write_report(args: argparse.Namespace, peers: list[Peer], tf: dict[int, dict
                   + (f" and {r64:.2f}× at 64" if r64 is not None else "") + ". The batch-16 profile below shows "
                   "where a step goes: the weight matmuls (oneDNN over packed bf16 weights, which stream the weights "
                   "at well under the memory bandwidth at 16 rows), the decode attention (a native kernel that reads "
-                  "the paged cache in place) and "
-                  "~15 separate elementwise/norm ops per layer, which vLLM runs as fused C++ kernels.", ""]
+                  "the paged cache in place) and the remaining per-op dispatch from Python.", ""]
 
     def runs(xs: list[dict[str, Any]]) -> str:
         return ", ".join(f"{x['output_throughput']:.1f} / {x['ttft_median_ms']:.0f} / {x['input_tokens']}" for x in xs)

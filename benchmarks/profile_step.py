@@ -89,6 +89,10 @@ def _group(op: str) -> str:
     if op in ("aten::mul", "aten::add", "aten::cat", "aten::neg", "aten::silu", "aten::sub", "aten::div",
               "aten::copy_", "aten::clone", "aten::contiguous", "aten::masked_fill_", "aten::add_"):
         return "elementwise (rope, silu, residual, copies)"
+    if op == "atomr_trio::add_rms_norm_":
+        return "residual add + rms_norm (native kernel)"
+    if op == "atomr_trio::rope_store_kv":
+        return "rope + K/V cache write (native kernel)"
     if op == "atomr_trio::paged_decode_attention":
         return "decode attention (native kernel, reads the paged cache in place)"
     if op.startswith("aten::_scaled_dot") or "flash" in op:

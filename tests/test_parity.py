@@ -1,5 +1,6 @@
 """Greedy token parity with transformers on the default model (float32): one request at a
-time, all in one batch, with small prefill chunks, and with a warm prefix cache."""
+time, all in one batch, with small prefill chunks, with a warm prefix cache, and on plain torch
+ops (no native CPU kernels)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from atomr_trio import LLM, SamplingParams
+from atomr_trio.model import native
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
@@ -44,6 +46,14 @@ def test_greedy_parity_one_at_a_time(llm32: LLM, reference) -> None:
 def test_greedy_parity_one_batch(llm32: LLM, reference) -> None:
     outs = llm32.generate(PROMPTS, GREEDY, use_tqdm=False)
     _check(llm32, reference, outs)
+
+
+def test_greedy_parity_on_plain_torch_ops(monkeypatch, reference) -> None:
+    """The fallback where no compiler is at hand: attention, norms and rope as torch ops."""
+    monkeypatch.setitem(native._state, "k", None)  # as if the build had failed
+    with LLM(dtype="float32", max_model_len=2048, num_kv_blocks=512) as llm:
+        outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        _check(llm, reference, outs)
 
 
 def test_greedy_parity_small_prefill_chunks(make_llm, reference) -> None:

@@ -48,12 +48,14 @@ def paged_attention(
     v: torch.Tensor,  # [T, KVH, D]
     kv: torch.Tensor,  # [2, KVH, num_slots, D]
     meta: AttentionMetadata,
+    write_kv: bool = True,  # False: the caller has already stored k, v in their slots
 ) -> torch.Tensor:
     T, H, D = q.shape
     kvh = k.shape[1]
     k_cache, v_cache = kv[0], kv[1]
-    k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-    v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+    if write_kv:
+        k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+        v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     outs = []
     nd = meta.num_decode
     if nd and meta.decode_op is not None:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .attention import AttentionMetadata, paged_attention
 from .config import ModelConfig, ModelLoadError
 from .linear import Linear
+from .native import Kernels
 
 
 @dataclass
@@ -40,6 +41,7 @@ class LlamaModel:
         self.norm: torch.Tensor
         self.layers: list[Layer] = []
         self.cos, self.sin = _rope_tables(cfg, max_len, dtype)
+        self.native: Kernels | None = None  # fused CPU kernels (native.py); None: plain torch ops
 
     # ---- loading -------------------------------------------------------------------------
     def load_weights(
@@ -99,26 +101,41 @@ class LlamaModel:
         """Hidden states [T, hidden] for the T flattened tokens (before the final norm)."""
         cfg = self.cfg
         nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
+        native = self.native
+        if native is None:
+            cos = self.cos[positions].unsqueeze(1)
+            sin = self.sin[positions].unsqueeze(1)
         h = F.embedding(input_ids, self.embed)
-        shape = (cfg.hidden_size,)
+        delta: torch.Tensor | None = None  # the previous layer's MLP output, not yet added to h
         for i, w in enumerate(self.layers):
-            x = F.rms_norm(h, shape, w.in_norm, cfg.rms_norm_eps)
+            h, x = self._add_norm(h, delta, w.in_norm)
             qkv = w.qkv(x)
-            qk = _rope(qkv[:, : (nq + nkv) * hd].view(-1, nq + nkv, hd), cos, sin)  # q and k in one pass
+            if native is not None:  # rope on q and k, and k, v into the cache, in one op
+                qk = native.rope_store_kv(qkv, positions, self.cos, self.sin, kv_cache[i], meta.slot_mapping, nq, nkv)
+            else:
+                qk = _rope(qkv[:, : (nq + nkv) * hd].view(-1, nq + nkv, hd), cos, sin)  # q and k in one pass
             v = qkv[:, (nq + nkv) * hd :].view(-1, nkv, hd)
-            attn = paged_attention(qk[:, :nq], qk[:, nq:], v, kv_cache[i], meta)
-            h = h + w.o(attn)
-            x = F.rms_norm(h, shape, w.post_norm, cfg.rms_norm_eps)
+            attn = paged_attention(qk[:, :nq], qk[:, nq:], v, kv_cache[i], meta, write_kv=native is None)
+            h, x = self._add_norm(h, w.o(attn), w.post_norm)
             gate, up = w.gate_up(x).chunk(2, dim=-1)
-            h = h + w.down(F.silu(gate) * up)
-        return h
+            delta = w.down(F.silu(gate) * up)
+        return h if delta is None else h + delta
+
+    def _add_norm(
+        self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h + delta, rms_norm(h + delta) * weight); the native kernel adds into h in place."""
+        eps = self.cfg.rms_norm_eps
+        if self.native is not None:
+            return h, self.native.add_rms_norm_(h, delta, weight, eps)
+        if delta is not None:
+            h = h + delta
+        return h, F.rms_norm(h, (self.cfg.hidden_size,), weight, eps)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [N, vocab] for the given rows of hidden states."""
-        x = F.rms_norm(hidden, (self.cfg.hidden_size,), self.norm, self.cfg.rms_norm_eps)
+        _, x = self._add_norm(hidden.contiguous(), None, self.norm)
         return self.lm_head(x).float()
 
 

@@ -1,9 +1,12 @@
 """Native CPU kernels: C++ compiled on this machine at first use and loaded as torch ops.
 
-Why: on a CPU every torch op costs microseconds of dispatch, and the torch decode attention in
-attention.py copies each sequence's context out of the paged cache before a batch of tiny
-matmuls. `csrc/paged_decode_attention.cpp` reads K/V where they lie instead (measured on a
-2-core EPYC, bf16, 16 sequences x 156 tokens: ~475 -> ~200 us per layer; one sequence: 61 -> 26).
+Why: on a CPU every torch op costs microseconds of dispatch — more than the arithmetic of a
+decode step's few rows — and the torch decode attention in attention.py copies each sequence's
+context out of the paged cache before a batch of tiny matmuls.
+- `csrc/paged_decode_attention.cpp` reads K/V where they lie instead (measured on a 2-core EPYC,
+  bf16, 16 sequences x 156 tokens: ~475 -> ~200 us per layer; one sequence: 61 -> 26 us).
+- `csrc/norm_rope.cpp` fuses residual add + RMS norm, and rotary embedding + the K/V cache write,
+  each into one op (one row, bf16: ~19 -> ~4 us for add + norm).
 
 How: the system C++ compiler builds the source against torch's own headers and libraries with
 `-O3 -march=native`, into a cache directory keyed by the source, torch's version, the compiler
@@ -25,6 +28,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,23 +36,35 @@ import torch.utils.cpp_extension as cpp
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "paged_decode_attention.cpp"
-DTYPES = (torch.float32, torch.bfloat16)  # what the kernel computes in
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "paged_decode_attention.cpp", CSRC / "norm_rope.cpp")
+DTYPES = (torch.float32, torch.bfloat16)  # what the kernels compute in
+# (q [nd, H, D], kv cache, slots [nd * L], ctx_lens [nd], scale) -> [nd, H, D]
 DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
+
+@dataclass(frozen=True)
+class Kernels:
+    """The loaded ops; signatures and semantics are in the header comments of their sources."""
+
+    decode_attention: DecodeAttention
+    add_rms_norm_: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, float], torch.Tensor]
+    rope_store_kv: Callable[..., torch.Tensor]
+
+
 _lock = threading.Lock()
-_state: dict[str, DecodeAttention | None] = {}
+_state: dict[str, Kernels | None] = {}
 
 
-def decode_attention() -> DecodeAttention | None:
-    """The native paged decode attention op, built and loaded on first call; None if unavailable."""
+def kernels() -> Kernels | None:
+    """The native kernels, built and loaded on first call; None if unavailable here."""
     with _lock:
-        if "op" not in _state:
-            _state["op"] = _load()
-        return _state["op"]
+        if "k" not in _state:
+            _state["k"] = _load()
+        return _state["k"]
 
 
-def _load() -> DecodeAttention | None:
+def _load() -> Kernels | None:
     if os.environ.get("ATOMR_TRIO_NATIVE", "1") == "0":
         log.info("native CPU kernels switched off (ATOMR_TRIO_NATIVE=0)")
         return None
@@ -62,8 +78,8 @@ def _load() -> DecodeAttention | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         log.warning("native CPU kernels unavailable, using plain torch ops: %s", e)
         return None
-    op: DecodeAttention = torch.ops.atomr_trio.paged_decode_attention
-    return op
+    ops = torch.ops.atomr_trio
+    return Kernels(ops.paged_decode_attention, ops.add_rms_norm_, ops.rope_store_kv)
 
 
 def _flags() -> list[str]:
@@ -90,15 +106,16 @@ def _cpu_id() -> str:
 def _build(cxx: str) -> Path:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256("\n".join([
-        SOURCE.read_text(), torch.__version__, version, " ".join(_flags()), platform.machine(), _cpu_id(),
+        *[src.read_text() for src in SOURCES], torch.__version__, version, " ".join(_flags()),
+        platform.machine(), _cpu_id(),
     ]).encode()).hexdigest()[:16]
-    lib = _cache_dir() / key / "paged_decode_attention.so"
+    lib = _cache_dir() / key / "atomr_trio_kernels.so"
     if lib.exists():
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
     tmp = lib.with_name(f".{lib.name}.{os.getpid()}.{threading.get_ident()}")
     libdir = cpp.library_paths()[0]
-    cmd = [cxx, *_flags(), *[f"-I{p}" for p in cpp.include_paths()], str(SOURCE), "-o", str(tmp),
+    cmd = [cxx, *_flags(), *[f"-I{p}" for p in cpp.include_paths()], *map(str, SOURCES), "-o", str(tmp),
            f"-L{libdir}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{libdir}"]
     log.info("building native CPU kernels once for this machine into %s", lib.parent)
     t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""The native decode attention (model/native.py): exact enough, safe on bad input, optional."""
+"""The native CPU kernels (model/native.py): as exact as the torch path, safe on bad input, optional."""
 
 from __future__ import annotations
 
@@ -10,14 +10,19 @@ import torch
 
 from atomr_trio.model import native
 from atomr_trio.model.attention import AttentionMetadata, PrefillChunk, paged_attention
+from atomr_trio.model.llama import _rope
 
 needs_compiler = pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler here")
 
 
+def _kernels() -> native.Kernels:
+    k = native.kernels()
+    assert k is not None, "g++ is here, so the kernels must build and load"
+    return k
+
+
 def _op() -> native.DecodeAttention:
-    op = native.decode_attention()
-    assert op is not None, "g++ is here, so the kernel must build and load"
-    return op
+    return _kernels().decode_attention
 
 
 def _paged_case(nd: int, L: int, kvh: int, group: int, d: int, dtype: torch.dtype, seed: int = 0):
@@ -96,6 +101,56 @@ def test_a_slot_outside_the_cache_is_an_error_not_a_crash():
         _op()(q, kv, bad, lens, 0.125)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         _op()(q.half(), kv.half(), slots, lens, 0.125)
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows", [1, 16, 130])
+def test_add_rms_norm_adds_in_place_and_normalizes_like_transformers(rows):
+    g = torch.Generator().manual_seed(rows)
+    h, delta = torch.randn(rows, 576, generator=g), torch.randn(rows, 576, generator=g)
+    w = torch.randn(576, generator=g) * 0.1 + 1
+    for dtype in (torch.bfloat16, torch.float32):
+        hb, db, wb = h.to(dtype), delta.to(dtype), w.to(dtype)
+        summed = hb + db
+        got_h = hb.clone()
+        x = _kernels().add_rms_norm_(got_h, db, wb, 1e-5)
+        assert torch.equal(got_h, summed)  # the residual, rounded as torch rounds it
+        # transformers' LlamaRMSNorm: normalize in float32, round to the dtype, then scale
+        f = summed.float()
+        want = (f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype) * wb
+        if dtype == torch.bfloat16:
+            assert torch.equal(x, want)
+        else:
+            torch.testing.assert_close(x, want, rtol=1e-6, atol=1e-6)
+        untouched = summed.clone()
+        assert torch.equal(_kernels().add_rms_norm_(untouched, None, wb, 1e-5), x)  # no delta: norm only
+        assert torch.equal(untouched, summed)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rope_store_kv_matches_the_torch_path(dtype):
+    g = torch.Generator().manual_seed(3)
+    nq, nkv, D, T = 9, 3, 64, 11
+    qkv = torch.randn(T, (nq + 2 * nkv) * D, generator=g).to(dtype)
+    positions = torch.randint(0, 200, (T,), generator=g)
+    cos, sin = torch.randn(256, D, generator=g).to(dtype), torch.randn(256, D, generator=g).to(dtype)
+    slots = torch.randperm(300, generator=g)[:T]
+    want_kv, got_kv = torch.zeros(2, nkv, 300, D, dtype=dtype), torch.zeros(2, nkv, 300, D, dtype=dtype)
+    c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+    want = _rope(qkv[:, : (nq + nkv) * D].view(T, nq + nkv, D), c, s)
+    want_kv[0].index_copy_(1, slots, want[:, nq:].transpose(0, 1))
+    want_kv[1].index_copy_(1, slots, qkv[:, (nq + nkv) * D :].view(T, nkv, D).transpose(0, 1))
+    got = _kernels().rope_store_kv(qkv, positions, cos, sin, got_kv, slots, nq, nkv)
+    if dtype == torch.bfloat16:  # every product and sum rounded where torch rounds it
+        assert torch.equal(got, want) and torch.equal(got_kv, want_kv)
+    else:  # float32: the compiler may fuse a multiply-add (one rounding fewer)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got_kv, want_kv, rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        _kernels().rope_store_kv(qkv, positions, cos, sin, got_kv, slots + 300, nq, nkv)
+    with pytest.raises(RuntimeError, match="outside the rope tables"):
+        _kernels().rope_store_kv(qkv, positions + 256, cos, sin, got_kv, slots, nq, nkv)
 
 
 def test_switched_off_by_environment(monkeypatch):
