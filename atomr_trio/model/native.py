@@ -6,15 +6,16 @@ context out of the paged cache before a batch of tiny matmuls.
 - `csrc/paged_decode_attention.cpp` reads K/V where they lie instead (measured on a 2-core EPYC,
   bf16, 16 sequences x 156 tokens: ~475 -> ~200 us per layer; one sequence: 61 -> 26 us).
 - `csrc/norm_rope.cpp` fuses residual add + RMS norm, and rotary embedding + the K/V cache write,
-  each into one op (one row, bf16: ~19 -> ~4 us for add + norm).
+  each into one op (one row, bf16: add + norm ~28 -> ~4 us, rope + K/V write ~62 -> ~4 us).
 
-How: the system C++ compiler builds the source against torch's own headers and libraries with
-`-O3 -march=native`, into a cache directory keyed by the source, torch's version, the compiler
-and the CPU, so a machine builds once (~10-20 s) and every later process loads the library. The
-library is written under a temporary name and renamed, so processes building at once never load
-a half-written file. With no compiler, a failed build, or ATOMR_TRIO_NATIVE=0, nothing is loaded
-and attention.py keeps its torch path (same results to rounding; the kernel keeps scores in
-float32 and rounds once, so it is the closer of the two to exact attention).
+How: the system C++ compiler builds the sources against torch's own headers and libraries with
+`-O3 -march=native` into one library, in a cache directory keyed by the sources, torch's
+version, the compiler and the CPU, so a machine builds once (~25 s) and every later process
+loads the library. It is written under a temporary name and renamed, so processes building at
+once never load a half-written file. With no compiler, a failed build, or ATOMR_TRIO_NATIVE=0,
+nothing is loaded and llama.py / attention.py keep their torch path (same results to rounding;
+the attention kernel keeps scores in float32 and rounds once, so it is the closer of the two to
+exact attention).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def _load() -> Kernels | None:
         return None
     cxx = shutil.which(os.environ.get("CXX", "g++"))
     if cxx is None:
-        log.warning("no C++ compiler found: decode attention runs on plain torch ops (slower)")
+        log.warning("no C++ compiler found: attention, norms and rope run on plain torch ops (slower)")
         return None
     try:
         lib = _build(cxx)

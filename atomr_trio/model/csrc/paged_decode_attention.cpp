@@ -25,6 +25,13 @@ namespace {
 inline float as_float(float x) { return x; }
 inline float as_float(c10::BFloat16 x) { return static_cast<float>(x); }
 
+// One cache row of head_dim values, widened to float32 into `out`.
+template <typename T>
+inline void load_row(const T* src, float* out, int64_t D) {
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) out[d] = as_float(src[d]);
+}
+
 // kD > 0: head size known at compile time (lets the compiler unroll the row loops); 0: any.
 template <typename T, int64_t kD>
 void decode_attention(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slots,
@@ -59,10 +66,8 @@ void decode_attention(const at::Tensor& q, const at::Tensor& kv, const at::Tenso
 
       // scores[g, l] = q_g . k_l
       for (int64_t l = 0; l < len; ++l) {
-        const T* k = kp + (h * S + srow[l]) * D;
-        float* r = row.data();
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) r[d] = as_float(k[d]);
+        const float* r = row.data();
+        load_row(kp + (h * S + srow[l]) * D, row.data(), D);
         for (int64_t g = 0; g < G; ++g) {
           const float* qg = qf.data() + g * D;
           float s = 0.f;
@@ -89,10 +94,8 @@ void decode_attention(const at::Tensor& q, const at::Tensor& kv, const at::Tenso
       // out_g = sum_l p[g, l] * v_l / denom[g]
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t l = 0; l < len; ++l) {
-        const T* v = vp + (h * S + srow[l]) * D;
-        float* r = row.data();
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) r[d] = as_float(v[d]);
+        const float* r = row.data();
+        load_row(vp + (h * S + srow[l]) * D, row.data(), D);
         for (int64_t g = 0; g < G; ++g) {
           const float p = scores[g * L + l];
           float* ag = acc.data() + g * D;
