@@ -48,6 +48,8 @@ class Context:
         mc = source.config
         model = LlamaModel(mc, cfg.torch_dtype, cfg.max_model_len)
         model.load_weights(source.weights(), source.path)
+        if torch.device(cfg.device).type == "cpu" and cfg.torch_dtype in native.DTYPES:
+            model.native = native.kernels()
         if can_pack(torch.device(cfg.device), cfg.torch_dtype):
             model.pack_weights()
         kv = torch.zeros(
@@ -55,8 +57,6 @@ class Context:
             dtype=cfg.torch_dtype, device=cfg.device,
         )
         eos = tuple(sorted(set(source.tokenizer.eos_token_ids) | set(mc.eos_token_ids)))
-        if torch.device(cfg.device).type == "cpu" and cfg.torch_dtype in native.DTYPES:
-            model.native = native.kernels()
         self.runner = ModelRunner(model, kv, cfg.block_size, Sampler(eos))
 
     def execute(self, batch: StepBatch) -> StepResult:

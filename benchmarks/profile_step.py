@@ -93,6 +93,10 @@ def _group(op: str) -> str:
         return "residual add + rms_norm (native kernel)"
     if op == "atomr_trio::rope_store_kv":
         return "rope + K/V cache write (native kernel)"
+    if op == "atomr_trio::linear_bf16":
+        return "matmul (native bf16 kernel: linear layers, lm_head)"
+    if op == "atomr_trio::linear_silu_mul_bf16":
+        return "matmul gate|up + silu * up (native bf16 kernel)"
     if op == "atomr_trio::paged_decode_attention":
         return "decode attention (native kernel, reads the paged cache in place)"
     if op.startswith("aten::_scaled_dot") or "flash" in op:

@@ -1,34 +1,95 @@
 """Linear: one weight matrix of the model and the kernel that multiplies by it.
 
-Fact (2-core AVX2 EPYC, torch 2.13, bf16, the default model's shapes): `F.linear` hands oneDNN a
-plain weight, which it re-lays out on every call; a weight packed once into oneDNN's own blocked
-layout makes the same product 1.2-2.7x faster from 2 rows on (gate|up at 16 rows: 0.75 -> 0.28
-ms), bit-identical. For one row, ATen's GEMV over the plain weight is faster still (see
-`cpu_gemv.py`), so the plain weight is kept beside the packed one: the cost is a second copy of
-the weight matrices in memory (≈270 MB for the default model).
+Three kernels, chosen once when the weights are loaded (`LlamaModel.pack_weights`):
+- native (CPU with AVX512-BF16, bf16): `csrc/linear_bf16.cpp`, over the weight packed into
+  panels for the `vdpbf16ps` instruction (`pack_panels`). Measured on a 2-core Zen 4, streaming
+  every layer of the default model: 1.25x ATen's GEMV at one row, 1.4x oneDNN at 16 rows,
+  1.15x at 64, and level with oneDNN for prefill chunks of 128-2048 rows. The plain weight is
+  then dropped: the matrices are held once. A gate|up weight also multiplies and applies
+  silu(gate) * up in one pass (`silu_mul`).
+- oneDNN packed (other CPUs, bf16): `F.linear` hands oneDNN a plain weight, which it re-lays out
+  on every call; packed once into oneDNN's blocked layout the same product is 1.2-2.7x faster
+  from 2 rows on, bit-identical. For one row ATen's GEMV over the plain weight is faster still
+  (see `cpu_gemv.py`), so the plain weight is kept beside the packed one (≈270 MB more for the
+  default model).
+- plain `F.linear` (float32, CUDA).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
+COLS = 16  # output columns per block of a native panel: one vector of float32
+PANEL = 3  # blocks per panel of a plain native weight (linear_bf16.cpp's kPanel)
+
+NativeLinear = Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor | None], torch.Tensor]
+NativeSiluMul = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether packed weights are available and measured faster here: bf16 on a oneDNN CPU build."""
+    """Whether oneDNN packed weights are available and measured faster here: bf16 on a oneDNN CPU build."""
     return device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
 
 
+def pack_panels(weight: torch.Tensor, blocks: int = PANEL) -> torch.Tensor:
+    """[out, in] -> [panels, in/2, blocks * 16, 2]: linear_bf16.cpp's layout (out padded with zeros)."""
+    n, k = weight.shape
+    width = blocks * COLS
+    panels = -(-n // width)
+    padded = F.pad(weight, (0, 0, 0, panels * width - n))
+    return padded.view(panels, width, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def pack_gate_up_panels(weight: torch.Tensor) -> torch.Tensor:
+    """gate|up stacked [2 * n, in] -> panels of 2 blocks: 16 gate columns, then the same 16 up columns."""
+    gate, up = (pack_panels(half, blocks=1) for half in weight.chunk(2))
+    return torch.cat([gate, up], dim=2).contiguous()
+
+
 class Linear:
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        self.weight = weight  # [out, in]
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, gate_up: bool = False) -> None:
+        self.weight: torch.Tensor | None = weight  # [out, in]; None once the native panels replace it
+        self.out_features, self.in_features = weight.shape
         self.bias = bias
+        self.gate_up = gate_up  # the weight is gate|up stacked: `silu_mul` applies
         self.packed: torch.Tensor | None = None  # the same weight in oneDNN's blocked layout
+        self.panels: torch.Tensor | None = None  # the same weight packed for the native kernel
+        self._native: NativeLinear | None = None
+        self._native_silu_mul: NativeSiluMul | None = None
 
     def pack(self) -> None:
+        assert self.weight is not None
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 16)
 
+    def pack_native(self, linear: NativeLinear, silu_mul: NativeSiluMul) -> bool:
+        """Repack for the native bf16 kernel and drop the plain weight; False if it cannot take it."""
+        w = self.weight
+        if w is None or w.dtype != torch.bfloat16 or w.device.type != "cpu" or self.in_features % 2:
+            return False
+        self.panels = pack_gate_up_panels(w) if self.gate_up else pack_panels(w)
+        self._native, self._native_silu_mul = linear, silu_mul
+        self.weight = None
+        return True
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._native is not None:
+            assert self.panels is not None
+            rows = x.reshape(-1, self.in_features)
+            return self._native(rows, self.panels, self.out_features, self.bias).view(*x.shape[:-1], -1)
+        assert self.weight is not None
         if self.packed is not None and x.shape[0] > 1:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(x gate^T) * (x up^T) for a gate|up stacked weight."""
+        assert self.gate_up
+        if self._native_silu_mul is not None:
+            assert self.panels is not None and self.bias is None
+            rows = x.reshape(-1, self.in_features)
+            return self._native_silu_mul(rows, self.panels, self.out_features // 2).view(*x.shape[:-1], -1)
+        gate, up = self(x).chunk(2, dim=-1)
+        return F.silu(gate) * up

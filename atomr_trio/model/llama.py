@@ -78,16 +78,23 @@ class LlamaModel:
                 post_norm=got[p + "post_attention_layernorm.weight"],
                 qkv=Linear(torch.cat([got[a + f"{x}_proj.weight"] for x in "qkv"]), bias),
                 o=Linear(got[a + "o_proj.weight"]),
-                gate_up=Linear(torch.cat([got[p + "mlp.gate_proj.weight"], got[p + "mlp.up_proj.weight"]])),
+                gate_up=Linear(
+                    torch.cat([got[p + "mlp.gate_proj.weight"], got[p + "mlp.up_proj.weight"]]), gate_up=True
+                ),
                 down=Linear(got[p + "mlp.down_proj.weight"]),
             ))
 
     def pack_weights(self) -> None:
-        """Add a oneDNN-packed copy of every weight matrix (see linear.py; CPU, bf16)."""
-        for layer in self.layers:
-            for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
+        """Lay every weight matrix out for the fastest CPU bf16 kernel here (see linear.py): the
+        native kernel's panels when `self.native` has one, else a oneDNN-packed copy."""
+        linears = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        linears.append(self.lm_head)
+        k = self.native
+        for lin in linears:
+            if k is None or k.linear is None or k.linear_silu_mul is None or not lin.pack_native(
+                k.linear, k.linear_silu_mul
+            ):
                 lin.pack()
-        self.lm_head.pack()
 
     # ---- compute -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -117,8 +124,7 @@ class LlamaModel:
             v = qkv[:, (nq + nkv) * hd :].view(-1, nkv, hd)
             attn = paged_attention(qk[:, :nq], qk[:, nq:], v, kv_cache[i], meta, write_kv=native is None)
             h, x = self._add_norm(h, w.o(attn), w.post_norm)
-            gate, up = w.gate_up(x).chunk(2, dim=-1)
-            delta = w.down(F.silu(gate) * up)
+            delta = w.down(w.gate_up.silu_mul(x))
         return h if delta is None else h + delta
 
     def _add_norm(

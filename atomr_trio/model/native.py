@@ -35,10 +35,12 @@ from pathlib import Path
 import torch
 import torch.utils.cpp_extension as cpp
 
+from .linear import NativeLinear, NativeSiluMul
+
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "paged_decode_attention.cpp", CSRC / "norm_rope.cpp")
+SOURCES = (CSRC / "paged_decode_attention.cpp", CSRC / "norm_rope.cpp", CSRC / "linear_bf16.cpp")
 DTYPES = (torch.float32, torch.bfloat16)  # what the kernels compute in
 # (q [nd, H, D], kv cache, slots [nd * L], ctx_lens [nd], scale) -> [nd, H, D]
 DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -51,6 +53,9 @@ class Kernels:
     decode_attention: DecodeAttention
     add_rms_norm_: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, float], torch.Tensor]
     rope_store_kv: Callable[..., torch.Tensor]
+    # bf16 matmul over packed panels (linear.py); None where the CPU lacks AVX512-BF16
+    linear: NativeLinear | None
+    linear_silu_mul: NativeSiluMul | None
 
 
 _lock = threading.Lock()
@@ -80,7 +85,11 @@ def _load() -> Kernels | None:
         log.warning("native CPU kernels unavailable, using plain torch ops: %s", e)
         return None
     ops = torch.ops.atomr_trio
-    return Kernels(ops.paged_decode_attention, ops.add_rms_norm_, ops.rope_store_kv)
+    matmul = ops.has_bf16_matmul()
+    return Kernels(
+        ops.paged_decode_attention, ops.add_rms_norm_, ops.rope_store_kv,
+        ops.linear_bf16 if matmul else None, ops.linear_silu_mul_bf16 if matmul else None,
+    )
 
 
 def _flags() -> list[str]:

@@ -1,0 +1,200 @@
+// bfloat16 matmul by a weight packed for the AVX512-BF16 dot instruction (CPU).
+//
+// y[m, n] = sum_k x[m, k] * W[n, k], float32 accumulation, one rounding to bfloat16 at the end.
+// The weight is packed once (linear.py) into panels of PW blocks of 16 output columns, as
+// wp [panels, K/2, PW * 16, 2]: for each pair of inputs k = 2p, 2p+1, a panel's columns hold
+// their two weights side by side — the operand `vdpbf16ps` multiplies against a broadcast pair
+// of x — and the whole panel is one contiguous stream. A tile of up to 8 rows x PW blocks keeps
+// its float32 accumulators in registers (24 for PW = 3), every weight vector loaded serves every
+// row of the tile, and the rows of further tiles find the panel in L2. Threads split the panels.
+// Measured against oneDNN's packed bf16 matmul on the default model's shapes, streaming all
+// layers' weights (2-core Zen 4): 1 row 1.6x, 16 rows 1.4x, 64 rows 1.15x faster; 1 row vs
+// ATen's GEMV 1.25x.
+//
+// linear_bf16(x [M, K], wp, n, bias?) -> y [M, n]; wp in panels of 3 blocks (PW = 3)
+// linear_silu_mul_bf16(x [M, K], wp, n) -> silu(x W_gate^T) * (x W_up^T) as [M, n], where wp
+//   has panels of 2 blocks: gate columns 16b..16b+15, then the same up columns (PW = 2).
+// has_bf16_matmul() -> whether this build has the instructions (else the ops raise and
+//   linear.py keeps oneDNN / ATen).
+// Built and loaded at run time by native.py.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kCols = 16;  // output columns per packed block: one vector of float32
+constexpr int kMaxRows = 8;    // rows per tile
+constexpr int kPanel = 3;     // blocks per panel of a plain matmul's packed weight
+
+#if defined(__AVX512BF16__)
+
+// acc[m][j] = x[m, :] . W[block j] for an MT x PW tile of a panel of PW blocks, stored to
+// c [MT][PW * 16]. For pair p, block j's 16 x 2 weights lie at w + (p * PW + j) * 16.
+template <int PW, int MT>
+void tile(const int32_t* x, int64_t ldx, const int32_t* w, int64_t pairs, float* c) {
+  __m512 acc[MT][PW];
+  for (int m = 0; m < MT; ++m)
+    for (int j = 0; j < PW; ++j) acc[m][j] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512bh wv[PW];
+    for (int j = 0; j < PW; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(w + (p * PW + j) * kCols);
+    for (int m = 0; m < MT; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(x[m * ldx + p]);
+      for (int j = 0; j < PW; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], wv[j], xv);
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int j = 0; j < PW; ++j) _mm512_storeu_ps(c + (m * PW + j) * kCols, acc[m][j]);
+}
+
+template <int PW>
+void tile_rows(int mt, const int32_t* x, int64_t ldx, const int32_t* w, int64_t pairs, float* c) {
+  switch (mt) {
+    case 1: tile<PW, 1>(x, ldx, w, pairs, c); break;
+    case 2: tile<PW, 2>(x, ldx, w, pairs, c); break;
+    case 3: tile<PW, 3>(x, ldx, w, pairs, c); break;
+    case 4: tile<PW, 4>(x, ldx, w, pairs, c); break;
+    case 5: tile<PW, 5>(x, ldx, w, pairs, c); break;
+    case 6: tile<PW, 6>(x, ldx, w, pairs, c); break;
+    case 7: tile<PW, 7>(x, ldx, w, pairs, c); break;
+    default: tile<PW, 8>(x, ldx, w, pairs, c);
+  }
+}
+
+// exp(x) for float32 vectors: 2^n * e^r with |r| <= ln2 / 2, degree-6 polynomial (~1 ulp).
+inline __m512 exp_ps(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);  // overflows to inf, underflows to 0
+}
+
+// Runs the tiles of y = x W^T panel by panel and hands each finished tile to
+// `epilogue(row0, rows, panel, c)` with c [rows][PW * 16]. Threads take contiguous runs of
+// panels, so each streams one contiguous stretch of the packed weight (measured: prefetching
+// the next panel by hand gains nothing over the hardware prefetcher on this layout).
+template <int PW, typename Epilogue>
+void matmul(const at::Tensor& x, const at::Tensor& wp, Epilogue&& epilogue) {
+  const int64_t M = x.size(0), panels = wp.size(0), pairs = wp.size(1);
+  const int32_t* xp = reinterpret_cast<const int32_t*>(x.data_ptr<at::BFloat16>());
+  const int32_t* wb = reinterpret_cast<const int32_t*>(wp.data_ptr<at::BFloat16>());
+  const int64_t panel_size = pairs * PW * kCols;  // int32 units
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float c[kMaxRows * PW * kCols];
+    for (int64_t panel = begin; panel < end; ++panel) {
+      const int32_t* w = wb + panel * panel_size;
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+        const int mt = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
+        tile_rows<PW>(mt, xp + m0 * pairs, pairs, w, pairs, c);
+        epilogue(m0, mt, panel, c);
+      }
+    }
+  });
+}
+
+// wp [panels, K/2, blocks * 16, 2]; x [M, K].
+void check(const at::Tensor& x, const at::Tensor& wp, int64_t blocks) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(),
+              "x must be a 2-D bfloat16 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(wp.dim() == 4 && wp.size(2) == blocks * kCols && wp.size(3) == 2 &&
+                  wp.scalar_type() == at::kBFloat16 && wp.is_contiguous(),
+              "wp must be a bfloat16 weight packed as [panels, K/2, ", blocks * kCols, ", 2], got ", wp.sizes());
+  TORCH_CHECK(x.size(1) == 2 * wp.size(1), "x has ", x.size(1), " inputs, the weight ", 2 * wp.size(1));
+}
+
+inline __mmask16 first(int64_t valid) {
+  return valid >= kCols ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << valid) - 1);
+}
+
+at::Tensor linear_bf16(const at::Tensor& x_, const at::Tensor& wp, int64_t n,
+                       const c10::optional<at::Tensor>& bias_) {
+  check(x_, wp, kPanel);
+  TORCH_CHECK(n > 0 && (n + kPanel * kCols - 1) / (kPanel * kCols) == wp.size(0), "n = ", n,
+              " does not fit ", wp.size(0), " panels");
+  at::Tensor x = x_.contiguous();
+  at::Tensor y = at::empty({x.size(0), n}, x.options());
+  at::Tensor bias;
+  if (bias_.has_value()) {
+    bias = bias_->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == n, "bias must hold n values");
+  }
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  matmul<kPanel>(x, wp, [&](int64_t m0, int mt, int64_t panel, const float* c) {
+    for (int j = 0; j < kPanel; ++j) {
+      const int64_t col = (panel * kPanel + j) * kCols, valid = std::min(kCols, n - col);
+      if (valid <= 0) break;  // padding columns of the last panel
+      const __m512 b = bp != nullptr ? _mm512_maskz_loadu_ps(first(valid), bp + col) : _mm512_setzero_ps();
+      for (int m = 0; m < mt; ++m) {
+        const __m512 v = _mm512_add_ps(_mm512_loadu_ps(c + (m * kPanel + j) * kCols), b);
+        _mm256_mask_storeu_epi16(yp + (m0 + m) * n + col, first(valid), (__m256i)_mm512_cvtneps_pbh(v));
+      }
+    }
+  });
+  return y;
+}
+
+at::Tensor linear_silu_mul_bf16(const at::Tensor& x_, const at::Tensor& wp, int64_t n) {
+  check(x_, wp, 2);
+  TORCH_CHECK(n > 0 && (n + kCols - 1) / kCols == wp.size(0), "n = ", n, " does not fit ", wp.size(0),
+              " gate/up panels");
+  at::Tensor x = x_.contiguous();
+  at::Tensor y = at::empty({x.size(0), n}, x.options());
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  const __m512 one = _mm512_set1_ps(1.f);
+  matmul<2>(x, wp, [&](int64_t m0, int mt, int64_t panel, const float* c) {
+    const int64_t col = panel * kCols, valid = std::min(kCols, n - col);
+    for (int m = 0; m < mt; ++m) {
+      const __m512 g = _mm512_loadu_ps(c + (2 * m) * kCols);
+      const __m512 u = _mm512_loadu_ps(c + (2 * m + 1) * kCols);
+      const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+      _mm256_mask_storeu_epi16(yp + (m0 + m) * n + col, first(valid),
+                               (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu, u)));
+    }
+  });
+  return y;
+}
+
+bool has_bf16_matmul() { return true; }
+
+#else  // no AVX512-BF16 on this machine: the Python side keeps oneDNN / ATen
+
+at::Tensor linear_bf16(const at::Tensor&, const at::Tensor&, int64_t, const c10::optional<at::Tensor>&) {
+  TORCH_CHECK(false, "linear_bf16 needs AVX512-BF16");
+}
+at::Tensor linear_silu_mul_bf16(const at::Tensor&, const at::Tensor&, int64_t) {
+  TORCH_CHECK(false, "linear_silu_mul_bf16 needs AVX512-BF16");
+}
+bool has_bf16_matmul() { return false; }
+
+#endif
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(atomr_trio, m) {
+  m.def("linear_bf16(Tensor x, Tensor wp, int n, Tensor? bias) -> Tensor");
+  m.def("linear_silu_mul_bf16(Tensor x, Tensor wp, int n) -> Tensor");
+  m.def("has_bf16_matmul() -> bool", &has_bf16_matmul);
+}
+
+TORCH_LIBRARY_IMPL(atomr_trio, CPU, m) {
+  m.impl("linear_bf16", &linear_bf16);
+  m.impl("linear_silu_mul_bf16", &linear_silu_mul_bf16);
+}
