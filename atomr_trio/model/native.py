@@ -4,18 +4,22 @@ Why: on a CPU every torch op costs microseconds of dispatch — more than the ar
 decode step's few rows — and the torch decode attention in attention.py copies each sequence's
 context out of the paged cache before a batch of tiny matmuls.
 - `csrc/paged_decode_attention.cpp` reads K/V where they lie instead (measured on a 2-core EPYC,
-  bf16, 16 sequences x 156 tokens: ~475 -> ~200 us per layer; one sequence: 61 -> 26 us).
+  bf16, 16 sequences x 156 tokens: ~475 -> ~200 us per layer with the portable loops, ~80 us
+  with the AVX512-BF16 version; one sequence: 61 -> 26 -> 12 us).
 - `csrc/norm_rope.cpp` fuses residual add + RMS norm, and rotary embedding + the K/V cache write,
   each into one op (one row, bf16: add + norm ~28 -> ~4 us, rope + K/V write ~62 -> ~4 us).
+- `csrc/linear_bf16.cpp`: the bf16 matmul over weights packed for AVX512-BF16 (see linear.py).
+  Where the CPU lacks those instructions, `Kernels.linear` is None and the AVX512-BF16 paths of
+  the other kernels are compiled out (their portable loops remain).
 
 How: the system C++ compiler builds the sources against torch's own headers and libraries with
 `-O3 -march=native` into one library, in a cache directory keyed by the sources, torch's
-version, the compiler and the CPU, so a machine builds once (~25 s) and every later process
-loads the library. It is written under a temporary name and renamed, so processes building at
-once never load a half-written file. With no compiler, a failed build, or ATOMR_TRIO_NATIVE=0,
-nothing is loaded and llama.py / attention.py keep their torch path (same results to rounding;
-the attention kernel keeps scores in float32 and rounds once, so it is the closer of the two to
-exact attention).
+version, the compiler and the CPU, so a machine builds once (~30 s on 2 cores, one compiler
+per source at once) and every later process loads the library. It is written under a
+temporary name and renamed, so processes building at once never load a half-written file.
+With no compiler, a failed build, or ATOMR_TRIO_NATIVE=0, nothing is loaded and llama.py /
+attention.py / linear.py keep their torch path (same results to rounding; the native kernels
+keep float32 sums and round once, so they are the closer of the two to exact arithmetic).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import os
 import platform
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -41,6 +46,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "paged_decode_attention.cpp", CSRC / "norm_rope.cpp", CSRC / "linear_bf16.cpp")
+HEADERS = (CSRC / "vec_avx512.h",)  # included by the sources: part of the build key too
 DTYPES = (torch.float32, torch.bfloat16)  # what the kernels compute in
 # (q [nd, H, D], kv cache, slots [nd * L], ctx_lens [nd], scale) -> [nd, H, D]
 DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -113,10 +119,26 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
+def _run_all(commands: list[list[str]]) -> None:
+    """Run the commands at once; RuntimeError with the compiler's message if any fails."""
+    procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for c in commands]
+    failures = []
+    for c, proc in zip(commands, procs, strict=True):
+        try:
+            _, err = proc.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        if proc.returncode != 0:
+            failures.append(f"{Path(c[0]).name} failed ({proc.returncode}): {err.strip()[-2000:]}")
+    if failures:
+        raise RuntimeError("; ".join(failures))
+
+
 def _build(cxx: str) -> Path:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256("\n".join([
-        *[src.read_text() for src in SOURCES], torch.__version__, version, " ".join(_flags()),
+        *[src.read_text() for src in (*SOURCES, *HEADERS)], torch.__version__, version, " ".join(_flags()),
         platform.machine(), _cpu_id(),
     ]).encode()).hexdigest()[:16]
     lib = _cache_dir() / key / "atomr_trio_kernels.so"
@@ -125,14 +147,16 @@ def _build(cxx: str) -> Path:
     lib.parent.mkdir(parents=True, exist_ok=True)
     tmp = lib.with_name(f".{lib.name}.{os.getpid()}.{threading.get_ident()}")
     libdir = cpp.library_paths()[0]
-    cmd = [cxx, *_flags(), *[f"-I{p}" for p in cpp.include_paths()], *map(str, SOURCES), "-o", str(tmp),
-           f"-L{libdir}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{libdir}"]
+    includes = [f"-I{p}" for p in cpp.include_paths()]
     log.info("building native CPU kernels once for this machine into %s", lib.parent)
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if done.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"{Path(cxx).name} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    with tempfile.TemporaryDirectory(dir=lib.parent) as work:
+        # one compiler per source, side by side (the sources are independent), then one link
+        objects = [Path(work) / f"{src.stem}.o" for src in SOURCES]
+        _run_all([[cxx, *_flags(), *includes, "-c", str(src), "-o", str(obj)]
+                  for src, obj in zip(SOURCES, objects, strict=True)])
+        _run_all([[cxx, *_flags(), *map(str, objects), "-o", str(tmp),
+                   f"-L{libdir}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{libdir}"]])
     os.replace(tmp, lib)
     log.info("built native CPU kernels in %.1f s", time.perf_counter() - t0)
     return lib

@@ -26,7 +26,7 @@
 #include <cstdint>
 
 #if defined(__AVX512BF16__)
-#include <immintrin.h>
+#include "vec_avx512.h"
 #endif
 
 namespace {
@@ -36,6 +36,9 @@ constexpr int kMaxRows = 8;    // rows per tile
 constexpr int kPanel = 3;     // blocks per panel of a plain matmul's packed weight
 
 #if defined(__AVX512BF16__)
+
+using atomr_vec::exp_ps;
+using atomr_vec::first_lanes;
 
 // acc[m][j] = x[m, :] . W[block j] for an MT x PW tile of a panel of PW blocks, stored to
 // c [MT][PW * 16]. For pair p, block j's 16 x 2 weights lie at w + (p * PW + j) * 16.
@@ -68,22 +71,6 @@ void tile_rows(int mt, const int32_t* x, int64_t ldx, const int32_t* w, int64_t 
     case 7: tile<PW, 7>(x, ldx, w, pairs, c); break;
     default: tile<PW, 8>(x, ldx, w, pairs, c);
   }
-}
-
-// exp(x) for float32 vectors: 2^n * e^r with |r| <= ln2 / 2, degree-6 polynomial (~1 ulp).
-inline __m512 exp_ps(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-06f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);  // overflows to inf, underflows to 0
 }
 
 // Runs the tiles of y = x W^T panel by panel and hands each finished tile to
@@ -119,10 +106,6 @@ void check(const at::Tensor& x, const at::Tensor& wp, int64_t blocks) {
   TORCH_CHECK(x.size(1) == 2 * wp.size(1), "x has ", x.size(1), " inputs, the weight ", 2 * wp.size(1));
 }
 
-inline __mmask16 first(int64_t valid) {
-  return valid >= kCols ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << valid) - 1);
-}
-
 at::Tensor linear_bf16(const at::Tensor& x_, const at::Tensor& wp, int64_t n,
                        const c10::optional<at::Tensor>& bias_) {
   check(x_, wp, kPanel);
@@ -141,10 +124,10 @@ at::Tensor linear_bf16(const at::Tensor& x_, const at::Tensor& wp, int64_t n,
     for (int j = 0; j < kPanel; ++j) {
       const int64_t col = (panel * kPanel + j) * kCols, valid = std::min(kCols, n - col);
       if (valid <= 0) break;  // padding columns of the last panel
-      const __m512 b = bp != nullptr ? _mm512_maskz_loadu_ps(first(valid), bp + col) : _mm512_setzero_ps();
+      const __m512 b = bp != nullptr ? _mm512_maskz_loadu_ps(first_lanes(valid), bp + col) : _mm512_setzero_ps();
       for (int m = 0; m < mt; ++m) {
         const __m512 v = _mm512_add_ps(_mm512_loadu_ps(c + (m * kPanel + j) * kCols), b);
-        _mm256_mask_storeu_epi16(yp + (m0 + m) * n + col, first(valid), (__m256i)_mm512_cvtneps_pbh(v));
+        _mm256_mask_storeu_epi16(yp + (m0 + m) * n + col, first_lanes(valid), (__m256i)_mm512_cvtneps_pbh(v));
       }
     }
   });
@@ -165,7 +148,7 @@ at::Tensor linear_silu_mul_bf16(const at::Tensor& x_, const at::Tensor& wp, int6
       const __m512 g = _mm512_loadu_ps(c + (2 * m) * kCols);
       const __m512 u = _mm512_loadu_ps(c + (2 * m + 1) * kCols);
       const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-      _mm256_mask_storeu_epi16(yp + (m0 + m) * n + col, first(valid),
+      _mm256_mask_storeu_epi16(yp + (m0 + m) * n + col, first_lanes(valid),
                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu, u)));
     }
   });

@@ -18,7 +18,12 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512BF16__)
+#include "vec_avx512.h"
+#endif
 
 namespace {
 
@@ -32,13 +37,181 @@ inline void load_row(const T* src, float* out, int64_t D) {
   for (int64_t d = 0; d < D; ++d) out[d] = as_float(src[d]);
 }
 
-// kD > 0: head size known at compile time (lets the compiler unroll the row loops); 0: any.
+// Where one unit of work — a sequence's query heads sharing one KV head — finds its data.
+template <typename T>
+struct Unit {
+  const T* q;          // [G, D] query rows
+  const T* k;          // the KV head's key rows; the row of slot s at k + s * D
+  const T* v;          // ... and value rows
+  const int64_t* slots;  // [len] cache slots of positions 0..len-1
+  int64_t len;
+  T* out;              // [G, D]
+};
+
+// Portable version: any dtype, head size and group. kD > 0: head size known at compile time
+// (lets the compiler unroll the row loops); 0: any.
 template <typename T, int64_t kD>
-void decode_attention(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slots,
-                      const at::Tensor& ctx_lens, float scale, at::Tensor& out) {
+struct Generic {
+  int64_t G, D, L;
+  float scale;
+  std::vector<float> qf, acc, row, scores, denom;
+  Generic(int64_t G_, int64_t D_, int64_t L_, float s)
+      : G(G_), D(kD > 0 ? kD : D_), L(L_), scale(s), qf(G * D), acc(G * D), row(D), scores(G * L), denom(G) {}
+
+  void operator()(const Unit<T>& u) {
+    for (int64_t i = 0; i < G * D; ++i) qf[i] = as_float(u.q[i]) * scale;
+
+    // scores[g, l] = q_g . k_l
+    for (int64_t l = 0; l < u.len; ++l) {
+      const float* r = row.data();
+      load_row(u.k + u.slots[l] * D, row.data(), D);
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qg = qf.data() + g * D;
+        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t d = 0; d < D; ++d) s += qg[d] * r[d];
+        scores[g * L + l] = s;
+      }
+    }
+
+    // softmax numerators in place; denominators kept apart
+    for (int64_t g = 0; g < G; ++g) {
+      float* sg = scores.data() + g * L;
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t l = 0; l < u.len; ++l) mx = std::max(mx, sg[l]);
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t l = 0; l < u.len; ++l) {
+        sg[l] = std::exp(sg[l] - mx);
+        sum += sg[l];
+      }
+      denom[g] = sum;
+    }
+
+    // out_g = sum_l p[g, l] * v_l / denom[g]
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t l = 0; l < u.len; ++l) {
+      const float* r = row.data();
+      load_row(u.v + u.slots[l] * D, row.data(), D);
+      for (int64_t g = 0; g < G; ++g) {
+        const float p = scores[g * L + l];
+        float* ag = acc.data() + g * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) ag[d] += p * r[d];
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      const float inv = denom[g] > 0.f ? 1.f / denom[g] : 0.f;  // len == 0: zeros
+      for (int64_t d = 0; d < D; ++d) u.out[g * D + d] = static_cast<T>(acc[g * D + d] * inv);
+    }
+  }
+};
+
+#if defined(__AVX512BF16__)
+// Lane i of the result: the sum of v[i]'s 16 lanes (a transposing tree of pairwise sums; v is
+// used as scratch).
+inline __m512 sum_each(__m512* v) {
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  for (int width = 16; width > 1; width /= 2)
+    for (int i = 0; i < width / 2; ++i)
+      v[i] = _mm512_add_ps(_mm512_permutex2var_ps(v[2 * i], even, v[2 * i + 1]),
+                           _mm512_permutex2var_ps(v[2 * i], odd, v[2 * i + 1]));
+  return v[0];
+}
+
+// bfloat16 with AVX512-BF16, G query heads per KV head, head size D: the query rows live in
+// registers; each key row costs D/32 loads and G * D/32 `vdpbf16ps`, and the dot products of
+// 16 keys are finished together by `sum_each`; the value rows are widened once and added into
+// G * D/16 float32 accumulators held in registers.
+template <int G, int D>
+struct Bf16 {
+  static constexpr int NK = D / 32;  // bf16 vectors per row
+  static constexpr int NA = D / 16;  // float32 vectors per row
+  int64_t L;
+  float scale;
+  std::vector<float> scores;
+  Bf16(int64_t L_, float s) : L((L_ + 15) / 16 * 16), scale(s), scores(G * L) {}
+
+  void operator()(const Unit<c10::BFloat16>& u) {
+    using atomr_vec::first_lanes;
+    const int64_t len = u.len;
+    __m512bh qv[G][NK];
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < NK; ++i) qv[g][i] = (__m512bh)_mm512_loadu_si512(u.q + g * D + i * 32);
+
+    // scores, 16 keys at a time
+    __m512 part[G][16];
+    __m512 mx[G];
+    for (int g = 0; g < G; ++g) mx[g] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t l0 = 0; l0 < len; l0 += 16) {
+      const int n = static_cast<int>(std::min<int64_t>(16, len - l0));
+      for (int i = 0; i < 16; ++i) {
+        if (i >= n) {
+          for (int g = 0; g < G; ++g) part[g][i] = _mm512_setzero_ps();
+          continue;
+        }
+        const c10::BFloat16* k = u.k + u.slots[l0 + i] * D;
+        __m512bh kv[NK];
+        for (int j = 0; j < NK; ++j) kv[j] = (__m512bh)_mm512_loadu_si512(k + j * 32);
+        for (int g = 0; g < G; ++g) {
+          __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), kv[0], qv[g][0]);
+          for (int j = 1; j < NK; ++j) a = _mm512_dpbf16_ps(a, kv[j], qv[g][j]);
+          part[g][i] = a;
+        }
+      }
+      const __mmask16 mask = first_lanes(n);
+      for (int g = 0; g < G; ++g) {
+        const __m512 s = _mm512_mul_ps(sum_each(part[g]), _mm512_set1_ps(scale));
+        _mm512_mask_storeu_ps(scores.data() + g * L + l0, mask, s);
+        mx[g] = _mm512_mask_max_ps(mx[g], mask, mx[g], s);
+      }
+    }
+
+    // softmax numerators in place; 1 / denominators kept apart
+    float inv[G];
+    for (int g = 0; g < G; ++g) {
+      const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx[g]));
+      __m512 sum = _mm512_setzero_ps();
+      float* sg = scores.data() + g * L;
+      for (int64_t l0 = 0; l0 < len; l0 += 16) {
+        const __mmask16 mask = first_lanes(len - l0);
+        const __m512 e = _mm512_maskz_mov_ps(mask, atomr_vec::exp_ps(_mm512_sub_ps(_mm512_loadu_ps(sg + l0), m)));
+        _mm512_storeu_ps(sg + l0, e);
+        sum = _mm512_add_ps(sum, e);
+      }
+      const float d = _mm512_reduce_add_ps(sum);
+      inv[g] = d > 0.f ? 1.f / d : 0.f;  // len == 0: zeros
+    }
+
+    // out_g = sum_l p[g, l] * v_l / denominator
+    __m512 acc[G][NA];
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < NA; ++i) acc[g][i] = _mm512_setzero_ps();
+    for (int64_t l = 0; l < len; ++l) {
+      const c10::BFloat16* v = u.v + u.slots[l] * D;
+      __m512 vf[NA];
+      for (int i = 0; i < NA; ++i) vf[i] = atomr_vec::load_bf16(v + i * 16);
+      for (int g = 0; g < G; ++g) {
+        const __m512 p = _mm512_set1_ps(scores[g * L + l]);
+        for (int i = 0; i < NA; ++i) acc[g][i] = _mm512_fmadd_ps(p, vf[i], acc[g][i]);
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < NA; ++i)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(u.out + g * D + i * 16),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[g][i], _mm512_set1_ps(inv[g]))));
+  }
+};
+#endif
+
+// Runs `Kernel` (one per thread) over every (sequence, KV head) unit, after checking that each
+// unit's slots lie inside the cache.
+template <typename T, typename Kernel, typename... Args>
+void run_units(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slots, const at::Tensor& ctx_lens,
+               at::Tensor& out, Args... args) {
   std::atomic<bool> bad_slot{false};
-  const int64_t nd = q.size(0), H = q.size(1);
-  const int64_t D = kD > 0 ? kD : q.size(2);
+  const int64_t nd = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t KVH = kv.size(1), S = kv.size(2);
   const int64_t L = slots.size(0) / nd;
   const int64_t G = H / KVH;
@@ -50,7 +223,7 @@ void decode_attention(const at::Tensor& q, const at::Tensor& kv, const at::Tenso
   T* op = out.data_ptr<T>();
 
   at::parallel_for(0, nd * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(G * D), acc(G * D), row(D), scores(G * L), denom(G);
+    Kernel kernel(args...);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t n = w / KVH, h = w % KVH;
       const int64_t len = std::min(lp[n], L);
@@ -61,65 +234,31 @@ void decode_attention(const at::Tensor& q, const at::Tensor& kv, const at::Tenso
         bad_slot = true;
         continue;
       }
-      const T* qrow = qp + (n * H + h * G) * D;
-      for (int64_t i = 0; i < G * D; ++i) qf[i] = as_float(qrow[i]) * scale;
-
-      // scores[g, l] = q_g . k_l
-      for (int64_t l = 0; l < len; ++l) {
-        const float* r = row.data();
-        load_row(kp + (h * S + srow[l]) * D, row.data(), D);
-        for (int64_t g = 0; g < G; ++g) {
-          const float* qg = qf.data() + g * D;
-          float s = 0.f;
-#pragma omp simd reduction(+ : s)
-          for (int64_t d = 0; d < D; ++d) s += qg[d] * r[d];
-          scores[g * L + l] = s;
-        }
-      }
-
-      // softmax numerators in place; denominators kept apart
-      for (int64_t g = 0; g < G; ++g) {
-        float* sg = scores.data() + g * L;
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t l = 0; l < len; ++l) mx = std::max(mx, sg[l]);
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t l = 0; l < len; ++l) {
-          sg[l] = std::exp(sg[l] - mx);
-          sum += sg[l];
-        }
-        denom[g] = sum;
-      }
-
-      // out_g = sum_l p[g, l] * v_l / denom[g]
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t l = 0; l < len; ++l) {
-        const float* r = row.data();
-        load_row(vp + (h * S + srow[l]) * D, row.data(), D);
-        for (int64_t g = 0; g < G; ++g) {
-          const float p = scores[g * L + l];
-          float* ag = acc.data() + g * D;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) ag[d] += p * r[d];
-        }
-      }
-      T* orow = op + (n * H + h * G) * D;
-      for (int64_t g = 0; g < G; ++g) {
-        const float inv = denom[g] > 0.f ? 1.f / denom[g] : 0.f;  // len == 0: zeros
-        for (int64_t d = 0; d < D; ++d) orow[g * D + d] = static_cast<T>(acc[g * D + d] * inv);
-      }
+      const int64_t first = (n * H + h * G) * D;
+      kernel(Unit<T>{qp + first, kp + h * S * D, vp + h * S * D, srow, len, op + first});
     }
   });
   TORCH_CHECK(!bad_slot, "paged_decode_attention: a slot lies outside the cache");
 }
 
 template <typename T>
-void dispatch_head_size(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slots,
-                        const at::Tensor& ctx_lens, float scale, at::Tensor& out) {
-  switch (q.size(2)) {
-    case 64: decode_attention<T, 64>(q, kv, slots, ctx_lens, scale, out); break;
-    case 128: decode_attention<T, 128>(q, kv, slots, ctx_lens, scale, out); break;
-    default: decode_attention<T, 0>(q, kv, slots, ctx_lens, scale, out);
+void dispatch(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slots, const at::Tensor& ctx_lens,
+              float scale, at::Tensor& out) {
+  const int64_t G = q.size(1) / kv.size(1), D = q.size(2), L = slots.size(0) / q.size(0);
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+#define ATOMR_BF16_CASE(g)                                                      \
+  if (G == g && D == 64) return run_units<T, Bf16<g, 64>>(q, kv, slots, ctx_lens, out, L, scale); \
+  if (G == g && D == 128) return run_units<T, Bf16<g, 128>>(q, kv, slots, ctx_lens, out, L, scale);
+    ATOMR_BF16_CASE(1) ATOMR_BF16_CASE(2) ATOMR_BF16_CASE(3) ATOMR_BF16_CASE(4)
+    ATOMR_BF16_CASE(5) ATOMR_BF16_CASE(6) ATOMR_BF16_CASE(7) ATOMR_BF16_CASE(8)
+#undef ATOMR_BF16_CASE
+  }
+#endif
+  switch (D) {
+    case 64: return run_units<T, Generic<T, 64>>(q, kv, slots, ctx_lens, out, G, D, L, scale);
+    case 128: return run_units<T, Generic<T, 128>>(q, kv, slots, ctx_lens, out, G, D, L, scale);
+    default: return run_units<T, Generic<T, 0>>(q, kv, slots, ctx_lens, out, G, D, L, scale);
   }
 }
 
@@ -143,10 +282,10 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kv, con
   at::Tensor out = at::empty_like(qc);
   const float s = static_cast<float>(scale);
   if (q.scalar_type() == at::kBFloat16) {
-    dispatch_head_size<c10::BFloat16>(qc, kv, sc, lc, s, out);
+    dispatch<c10::BFloat16>(qc, kv, sc, lc, s, out);
   } else {
     TORCH_CHECK(q.scalar_type() == at::kFloat, "float32 or bfloat16 only, got ", q.scalar_type());
-    dispatch_head_size<float>(qc, kv, sc, lc, s, out);
+    dispatch<float>(qc, kv, sc, lc, s, out);
   }
   return out;
 }
