@@ -113,16 +113,28 @@ class LlamaModel:
             cos = self.cos[positions].unsqueeze(1)
             sin = self.sin[positions].unsqueeze(1)
         h = F.embedding(input_ids, self.embed)
+        # every row a decode token and the native kernels loaded: attention is the kernel alone,
+        # called here (no paged_attention around it: a few ops fewer per layer)
+        decode: tuple[torch.Tensor, torch.Tensor] | None = None
+        if (native is not None and not meta.prefills and meta.num_decode == len(input_ids)
+                and meta.decode_slots is not None and meta.decode_ctx_lens is not None):
+            decode = (meta.decode_slots, meta.decode_ctx_lens)
         delta: torch.Tensor | None = None  # the previous layer's MLP output, not yet added to h
         for i, w in enumerate(self.layers):
             h, x = self._add_norm(h, delta, w.in_norm)
             qkv = w.qkv(x)
+            kv = kv_cache[i]
             if native is not None:  # rope on q and k, and k, v into the cache, in one op
-                qk = native.rope_store_kv(qkv, positions, self.cos, self.sin, kv_cache[i], meta.slot_mapping, nq, nkv)
+                qk = native.rope_store_kv(qkv, positions, self.cos, self.sin, kv, meta.slot_mapping, nq, nkv)
+                if decode is not None:
+                    attn = native.decode_attention(qk[:, :nq], kv, *decode, hd**-0.5).view(-1, nq * hd)
+                else:
+                    v = qkv[:, (nq + nkv) * hd :].view(-1, nkv, hd)
+                    attn = paged_attention(qk[:, :nq], qk[:, nq:], v, kv, meta, write_kv=False)
             else:
                 qk = _rope(qkv[:, : (nq + nkv) * hd].view(-1, nq + nkv, hd), cos, sin)  # q and k in one pass
-            v = qkv[:, (nq + nkv) * hd :].view(-1, nkv, hd)
-            attn = paged_attention(qk[:, :nq], qk[:, nq:], v, kv_cache[i], meta, write_kv=native is None)
+                v = qkv[:, (nq + nkv) * hd :].view(-1, nkv, hd)
+                attn = paged_attention(qk[:, :nq], qk[:, nq:], v, kv, meta)
             h, x = self._add_norm(h, w.o(attn), w.post_norm)
             delta = w.down(w.gate_up.silu_mul(x))
         return h if delta is None else h + delta
