@@ -161,9 +161,11 @@ bool has_bf16_matmul() { return true; }
 
 at::Tensor linear_bf16(const at::Tensor&, const at::Tensor&, int64_t, const c10::optional<at::Tensor>&) {
   TORCH_CHECK(false, "linear_bf16 needs AVX512-BF16");
+  return {};
 }
 at::Tensor linear_silu_mul_bf16(const at::Tensor&, const at::Tensor&, int64_t) {
   TORCH_CHECK(false, "linear_silu_mul_bf16 needs AVX512-BF16");
+  return {};
 }
 bool has_bf16_matmul() { return false; }
 
