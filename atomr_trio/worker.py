@@ -19,7 +19,6 @@ import torch
 from .config import EngineConfig
 from .device_thread import DeviceThread
 from .model import native
-from .model.linear import can_pack
 from .model.llama import LlamaModel
 from .model.source import ModelSource
 from .model_runner import ModelRunner, StepBatch, StepResult
@@ -48,10 +47,11 @@ class Context:
         mc = source.config
         model = LlamaModel(mc, cfg.torch_dtype, cfg.max_model_len)
         model.load_weights(source.weights(), source.path)
-        if torch.device(cfg.device).type == "cpu" and cfg.torch_dtype in native.DTYPES:
+        on_cpu = torch.device(cfg.device).type == "cpu"
+        if on_cpu and cfg.torch_dtype in native.DTYPES:
             model.native = native.kernels()
-        if can_pack(torch.device(cfg.device), cfg.torch_dtype):
-            model.pack_weights()
+        if on_cpu and cfg.torch_dtype == torch.bfloat16:
+            model.pack_weights()  # native panels or oneDNN's layout, whichever this machine has
         kv = torch.zeros(
             mc.num_layers, 2, mc.num_kv_heads, cfg.num_kv_blocks * cfg.block_size, mc.head_dim,
             dtype=cfg.torch_dtype, device=cfg.device,

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .attention import AttentionMetadata, paged_attention
 from .config import ModelConfig, ModelLoadError
-from .linear import Linear
+from .linear import Linear, can_pack
 from .native import Kernels
 
 
@@ -85,15 +85,16 @@ class LlamaModel:
             ))
 
     def pack_weights(self) -> None:
-        """Lay every weight matrix out for the fastest CPU bf16 kernel here (see linear.py): the
-        native kernel's panels when `self.native` has one, else a oneDNN-packed copy."""
+        """Lay every bf16 weight matrix out for the fastest CPU kernel here (see linear.py): the
+        native kernel's panels when `self.native` has one, else a oneDNN-packed copy where torch
+        has oneDNN, else nothing (plain F.linear)."""
         linears = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
         linears.append(self.lm_head)
         k = self.native
+        matmul = (k.linear, k.linear_silu_mul) if k and k.linear and k.linear_silu_mul else None
+        onednn = can_pack(torch.device("cpu"), self.dtype)
         for lin in linears:
-            if k is None or k.linear is None or k.linear_silu_mul is None or not lin.pack_native(
-                k.linear, k.linear_silu_mul
-            ):
+            if not (matmul and lin.pack_native(*matmul)) and onednn:
                 lin.pack()
 
     # ---- compute -------------------------------------------------------------------------
