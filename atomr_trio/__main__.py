@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from .deployment import DeploymentSpec
 from .model.config import ModelLoadError
 from .model.source import DEFAULT_MODEL_NAME
-from .server.serve import ServerSettings, serve
+from .server.serve import ServerSettings, StartupFailed, serve
 
 
 def parser() -> argparse.ArgumentParser:
@@ -86,7 +86,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ModelLoadError, OSError, tomllib.TOMLDecodeError) as e:
         print(f"atomr_trio: {e}", file=sys.stderr)
         return 2
+    except BaseExceptionGroup as group:  # trio's nurseries wrap what the server raises
+        failed = _sole(group)
+        if not isinstance(failed, StartupFailed):
+            raise
+        print(f"atomr_trio: {failed}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _sole(e: BaseException) -> BaseException:
+    """The one exception inside nested single-member groups (or the group itself)."""
+    while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+        e = e.exceptions[0]
+    return e
 
 
 def _env_keys(name: str) -> list[str]:

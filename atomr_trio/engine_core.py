@@ -399,6 +399,7 @@ class EngineCore:
         return {
             "name": self.name,
             "state": self.state,
+            "kernels": self.worker.kernels,
             "num_requests_running": self.num_running,
             "num_requests_waiting": self.num_waiting,
             "kv_cache_usage": bm.usage,

@@ -8,6 +8,7 @@ Single-token entries (decodes) come first in the flattened batch, then each prom
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,19 +51,22 @@ class ModelRunner:
     def execute(self, batch: StepBatch) -> StepResult:
         items = sorted(batch.items, key=lambda it: len(it.token_ids) > 1)  # decodes first
         input_ids, positions, meta, last_rows = self._prepare(items)
-        device = self.kv_cache.device
         t0 = time.perf_counter()
-        with kernels.rows(device, len(input_ids)):
+        with self._matmuls(len(input_ids)):
             hidden = self.model.forward(input_ids, positions, meta, self.kv_cache)
         sampling = [(row, it) for row, it in zip(last_rows, items, strict=True) if it.sample]
         if not sampling:
             return StepResult([], SamplerOutput([], []), time.perf_counter() - t0)
-        with kernels.rows(device, len(sampling)):
+        with self._matmuls(len(sampling)):
             logits = self.model.logits(hidden[torch.tensor([r for r, _ in sampling])])
         forward_s = time.perf_counter() - t0
         rows = [it.sample for _, it in sampling if it.sample is not None]
         out = self.sampler(logits, rows)
         return StepResult([it.seq_id for _, it in sampling], out, forward_s)
+
+    def _matmuls(self, rows: int) -> AbstractContextManager[None]:
+        """The matmul kernel for `rows` input rows: ATen's GEMV for one row where the plan says so."""
+        return kernels.rows(self.kv_cache.device, rows) if self.model.one_row_gemv else nullcontext()
 
     def _prepare(
         self, items: list[BatchItem]

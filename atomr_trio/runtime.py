@@ -132,8 +132,8 @@ class Runtime:
                 "actor": "EngineCore", "name": c.name, "state": c.state,
                 "running": c.num_running, "waiting": c.num_waiting, "kv_cache_usage": round(c.block_manager.usage, 4),
                 "children": [{"actor": "Worker", "name": c.worker.name, "context_builds": c.worker.num_context_builds,
-                              "children": [{"actor": "Context",
-                                            "state": "ready" if c.worker.context else "absent"}]}],
+                              "children": [{"actor": "Context", "state": "ready" if c.worker.context else "absent",
+                                            "kernels": c.worker.kernels}]}],
             } for c in d.replicas]
             coordinator = {"actor": "DpCoordinator", "routed": dict(d.coordinator.routed)}
             deployments.append({"actor": "Deployment", "name": d.name, "state": d.state, "reason": d.reason,

@@ -18,7 +18,7 @@ import torch
 
 from .config import EngineConfig
 from .device_thread import DeviceThread
-from .model import native
+from .model import cpu_kernels
 from .model.llama import LlamaModel
 from .model.source import ModelSource
 from .model_runner import ModelRunner, StepBatch, StepResult
@@ -47,11 +47,11 @@ class Context:
         mc = source.config
         model = LlamaModel(mc, cfg.torch_dtype, cfg.max_model_len)
         model.load_weights(source.weights(), source.path)
-        on_cpu = torch.device(cfg.device).type == "cpu"
-        if on_cpu and cfg.torch_dtype in native.DTYPES:
-            model.native = native.kernels()
-        if on_cpu and cfg.torch_dtype == torch.bfloat16:
-            model.pack_weights()  # native panels or oneDNN's layout, whichever this machine has
+        self.plan: cpu_kernels.KernelPlan | None = None
+        if torch.device(cfg.device).type == "cpu":
+            self.plan = cpu_kernels.choose(mc, cfg.torch_dtype)  # each fast path probed before use
+            log.info("%s", self.plan.describe())
+            model.use_kernels(self.plan)
         kv = torch.zeros(
             mc.num_layers, 2, mc.num_kv_heads, cfg.num_kv_blocks * cfg.block_size, mc.head_dim,
             dtype=cfg.torch_dtype, device=cfg.device,
@@ -116,6 +116,12 @@ class Worker:
         self.context = await self.thread.run(build)
         self.num_context_builds += 1
         log.info("%s: context ready (build %d)", self.name, self.num_context_builds)
+
+    @property
+    def kernels(self) -> str:
+        """Which kernel path each part of the forward runs on (cpu_kernels.py), for the views."""
+        ctx = self.context
+        return ctx.plan.summary() if ctx is not None and ctx.plan is not None else "torch"
 
     async def execute(self, batch: StepBatch) -> StepResult:
         ctx = self.context

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from atomr_trio import LLM, engine_core
+from atomr_trio.model import cpu_kernels
 from atomr_trio.model.source import ModelSource
 
 # Every EngineCore built during the run, so the leak check below can see it.
@@ -42,6 +43,48 @@ def no_block_leaks() -> Iterator[None]:
                     f"{core.num_running} running, {core.num_waiting} waiting"
                 )
             time.sleep(0.01)
+
+
+# ---- CPU kernel paths: each test that takes `kernel_path` runs once per path this machine has ----
+KERNEL_PATHS = ("native", "onednn", "torch")
+_path_runs: dict[str, list[str]] = {}  # path -> outcomes, for the summary at the end
+
+
+def kernel_path_unavailable(path: str, dtype: torch.dtype = torch.bfloat16) -> str | None:
+    """Why this machine cannot run `path` for a part that has it (the missing CPU feature, or
+    what the path's probe saw); None when it can."""
+    for part in cpu_kernels.PATHS:
+        if path in cpu_kernels.paths(part, dtype):
+            why = cpu_kernels.unavailable(part, path, dtype)
+            if why:
+                return f"{part} {path}: {why}"
+    return None
+
+
+@pytest.fixture(params=KERNEL_PATHS)
+def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Force one CPU kernel path (ATOMR_TRIO_CPU_KERNELS) for the test, or skip it naming why
+    this machine lacks the path."""
+    path: str = request.param
+    why = kernel_path_unavailable(path)
+    if why:
+        _path_runs.setdefault(path, []).append(f"skipped ({why})")
+        pytest.skip(f"{path} kernel path unavailable here: {why}")
+    _path_runs.setdefault(path, []).append("ran")
+    monkeypatch.setenv(cpu_kernels.ENV, path)
+    return path
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _path_runs:
+        return
+    terminalreporter.write_sep("-", "CPU kernel paths")
+    for path in KERNEL_PATHS:
+        outcomes = _path_runs.get(path, [])
+        ran = outcomes.count("ran")
+        skipped = [o for o in outcomes if o != "ran"]
+        why = f"; skipped {len(skipped)}: {skipped[0].removeprefix('skipped ')}" if skipped else ""
+        terminalreporter.write_line(f"{path}: ran {ran} test(s){why}")
 
 
 @pytest.fixture(scope="session")

@@ -6,14 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from atomr_trio.model.linear import Linear, can_pack
+from atomr_trio.model import cpu_kernels
+from atomr_trio.model.linear import Linear
 
-CPU = torch.device("cpu")
 
-
-@pytest.mark.skipif(not can_pack(CPU, torch.bfloat16), reason="no oneDNN in this torch build")
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_packed_products_equal_plain_ones(with_bias: bool) -> None:
+    why = cpu_kernels.unavailable("matmul", "onednn", torch.bfloat16)
+    if why:
+        pytest.skip(f"onednn kernel path unavailable here: {why}")
     g = torch.Generator().manual_seed(0)
     w = torch.randn(320, 192, generator=g).to(torch.bfloat16)
     b = torch.randn(320, generator=g).to(torch.bfloat16) if with_bias else None
@@ -25,6 +26,7 @@ def test_packed_products_equal_plain_ones(with_bias: bool) -> None:
         assert torch.equal(lin(x), F.linear(x, w, b)), rows
 
 
-def test_packing_is_for_bf16_on_cpu_only() -> None:
-    assert not can_pack(CPU, torch.float32)
-    assert not can_pack(torch.device("meta"), torch.bfloat16)
+def test_packed_layouts_are_for_bf16_weights_only() -> None:
+    assert cpu_kernels.paths("matmul", torch.float32) == ["torch"]
+    for path in ("native", "onednn"):
+        assert "bfloat16 weights" in (cpu_kernels.unavailable("matmul", path, torch.float32) or "")

@@ -12,12 +12,15 @@ from atomr_trio.model import native
 from atomr_trio.model.attention import AttentionMetadata, PrefillChunk, paged_attention
 from atomr_trio.model.llama import _rope
 
-needs_compiler = pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler here")
+needs_compiler = pytest.mark.skipif(  # elsewhere a failed build or probe is a bug: the tests fail
+    shutil.which("g++") is None or not native.is_x86_64(),
+    reason="native kernel path unavailable here: " + ("the kernels are x86-64 only" if not native.is_x86_64()
+                                                      else "no C++ compiler (g++)"))
 
 
 def _kernels() -> native.Kernels:
     k = native.kernels()
-    assert k is not None, "g++ is here, so the kernels must build and load"
+    assert k is not None, "g++ is here on x86-64, so the kernels must build and load"
     return k
 
 

@@ -7,16 +7,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from atomr_trio.model import native
+from atomr_trio.model import cpu_kernels, native
 from atomr_trio.model.linear import Linear, pack_panels
 
 BF16_ULP = 2.0**-8  # bfloat16's relative rounding step
 
 
 def _matmul_kernels() -> native.Kernels:
+    why = cpu_kernels.unavailable("matmul", "native", torch.bfloat16)
+    if why:
+        pytest.skip(f"native kernel path unavailable here: {why}")
     k = native.kernels()
-    if k is None or k.linear is None:
-        pytest.skip("no native bf16 matmul on this machine (needs g++ and AVX512-BF16)")
+    assert k is not None
     return k
 
 

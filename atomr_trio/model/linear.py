@@ -1,18 +1,18 @@
 """Linear: one weight matrix of the model and the kernel that multiplies by it.
 
-Three kernels, chosen once when the weights are loaded (`LlamaModel.pack_weights`):
+Three kernels, chosen once per Context by probing them (cpu_kernels.py, `LlamaModel.use_kernels`):
 - native (CPU with AVX512-BF16, bf16): `csrc/linear_bf16.cpp`, over the weight packed into
   panels for the `vdpbf16ps` instruction (`pack_panels`). Measured on a 2-core Zen 4, streaming
   every layer of the default model: 1.25x ATen's GEMV at one row, 1.4x oneDNN at 16 rows,
   1.15x at 64, and level with oneDNN for prefill chunks of 128-2048 rows. The plain weight is
   then dropped: the matrices are held once. A gate|up weight also multiplies and applies
   silu(gate) * up in one pass (`silu_mul`).
-- oneDNN packed (other CPUs, bf16): `F.linear` hands oneDNN a plain weight, which it re-lays out
-  on every call; packed once into oneDNN's blocked layout the same product is 1.2-2.7x faster
-  from 2 rows on, bit-identical. For one row ATen's GEMV over the plain weight is faster still
-  (see `cpu_gemv.py`), so the plain weight is kept beside the packed one (≈270 MB more for the
-  default model).
-- plain `F.linear` (float32, CUDA).
+- oneDNN packed (bf16, CPUs with AVX512BW/VL/DQ or AVX-NE-CONVERT): `F.linear` hands oneDNN a
+  plain weight, which it re-lays out on every call; packed once into oneDNN's blocked layout
+  the same product is 1.2-2.7x faster from 2 rows on, bit-identical. For one row ATen's GEMV
+  over the plain weight is faster still (see `cpu_gemv.py`), so the plain weight is kept beside
+  the packed one (≈270 MB more for the default model).
+- plain `F.linear` (float32, CUDA, and bf16 where neither of the above runs, e.g. AVX2-only CPUs).
 """
 
 from __future__ import annotations
@@ -27,11 +27,6 @@ PANEL = 3  # blocks per panel of a plain native weight (linear_bf16.cpp's kPanel
 
 NativeLinear = Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor | None], torch.Tensor]
 NativeSiluMul = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
-
-
-def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether oneDNN packed weights are available and measured faster here: bf16 on a oneDNN CPU build."""
-    return device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
 
 
 def pack_panels(weight: torch.Tensor, blocks: int = PANEL) -> torch.Tensor:

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from .attention import AttentionMetadata, paged_attention
 from .config import ModelConfig, ModelLoadError
-from .linear import Linear, can_pack
+from .cpu_kernels import KernelPlan
+from .linear import Linear
 from .native import Kernels
 
 
@@ -42,6 +43,7 @@ class LlamaModel:
         self.layers: list[Layer] = []
         self.cos, self.sin = _rope_tables(cfg, max_len, dtype)
         self.native: Kernels | None = None  # fused CPU kernels (native.py); None: plain torch ops
+        self.one_row_gemv = False  # one-row steps switch oneDNN off for ATen's GEMV (cpu_gemv.py)
 
     # ---- loading -------------------------------------------------------------------------
     def load_weights(
@@ -84,17 +86,21 @@ class LlamaModel:
                 down=Linear(got[p + "mlp.down_proj.weight"]),
             ))
 
-    def pack_weights(self) -> None:
-        """Lay every bf16 weight matrix out for the fastest CPU kernel here (see linear.py): the
-        native kernel's panels when `self.native` has one, else a oneDNN-packed copy where torch
-        has oneDNN, else nothing (plain F.linear)."""
+    def use_kernels(self, plan: KernelPlan) -> None:
+        """Run on the CPU kernels of `plan` (cpu_kernels.py): the native ops or plain torch ones,
+        and every weight matrix laid out for the plan's matmul (native panels, which replace the
+        plain weight; a oneDNN-packed copy beside it; or nothing for plain F.linear)."""
+        self.native = plan.kernels if plan.ops == "native" else None
+        self.one_row_gemv = plan.one_row_gemv
         linears = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
         linears.append(self.lm_head)
-        k = self.native
-        matmul = (k.linear, k.linear_silu_mul) if k and k.linear and k.linear_silu_mul else None
-        onednn = can_pack(torch.device("cpu"), self.dtype)
+        k = plan.kernels
         for lin in linears:
-            if not (matmul and lin.pack_native(*matmul)) and onednn:
+            if plan.matmul == "native":
+                assert k is not None and k.linear is not None and k.linear_silu_mul is not None
+                if not lin.pack_native(k.linear, k.linear_silu_mul):
+                    raise ModelLoadError(f"the native matmul cannot take a {lin.in_features}-wide weight")
+            elif plan.matmul == "onednn":
                 lin.pack()
 
     # ---- compute -------------------------------------------------------------------------

@@ -76,7 +76,21 @@ def kernels() -> Kernels | None:
         return _state["k"]
 
 
+def is_x86_64() -> bool:
+    """The kernels' sources use x86 intrinsics; elsewhere (Arm) they are not built."""
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def march() -> str:
+    """The -march the kernels are built for: this CPU unless ATOMR_TRIO_NATIVE_ARCH names another
+    (e.g. `haswell` builds what an AVX2-only machine gets, to test that build anywhere)."""
+    return os.environ.get("ATOMR_TRIO_NATIVE_ARCH", "native")
+
+
 def _load() -> Kernels | None:
+    if not is_x86_64():
+        log.info("native CPU kernels are x86-64 only; on this %s CPU plain torch ops run", platform.machine())
+        return None
     if os.environ.get("ATOMR_TRIO_NATIVE", "1") == "0":
         log.info("native CPU kernels switched off (ATOMR_TRIO_NATIVE=0)")
         return None
@@ -100,7 +114,7 @@ def _load() -> Kernels | None:
 
 def _flags() -> list[str]:
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    return ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-std=c++20", "-shared", "-fPIC",
+    return ["-O3", f"-march={march()}", "-fno-math-errno", "-fopenmp", "-std=c++20", "-shared", "-fPIC",
             f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
 
 

@@ -3,7 +3,9 @@ one nursery we own.
 
 Invariant: the first SIGINT/SIGTERM stops accepting and lets in-flight requests finish (up to
 `shutdown_timeout`); a second signal cancels everything at once. SIGUSR1 logs the actor tree.
-Leaving the nursery stops every engine.
+Leaving the nursery stops every engine. A server whose every deployment failed at start raises
+`StartupFailed` instead of listening (the CLI exits non-zero with the causes); deployments that
+fail later, or are added later, leave the server up for the others.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ from .gateway import create_app
 log = logging.getLogger("atomr_trio")
 
 
+class StartupFailed(RuntimeError):
+    """Every deployment failed while the server started: there is nothing to serve."""
+
+
 @dataclass
 class ServerSettings:
     deployments: list[DeploymentSpec] = field(default_factory=lambda: [DeploymentSpec(name="default")])
@@ -40,6 +46,10 @@ class ServerSettings:
 async def serve(settings: ServerSettings, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until a signal (or cancellation). Reports the bound URLs through task_status."""
     async with open_runtime(settings.deployments) as runtime:
+        deps = list(runtime.manager.deployments.values())
+        if deps and all(d.state == "failed" for d in deps):
+            # nothing to serve: say why and exit, rather than listen and answer 503 to everything
+            raise StartupFailed("; ".join(f"deployment '{d.name}' failed to start: {d.reason}" for d in deps))
         app = create_app(runtime, settings.api_keys, settings.admin_keys, settings.request_timeout)
         hc = HypercornConfig()
         hc.bind = [f"{settings.host}:{settings.port}"]

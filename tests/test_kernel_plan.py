@@ -1,0 +1,194 @@
+"""The CPU kernel plan (model/cpu_kernels.py): every fast path is probed before it is used; a path
+that raises or answers wrong is passed over for the next one and the engine still serves the
+same tokens; a forced path that cannot run is a clear error; an AVX2-only CPU gets a working
+bf16 engine."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import kernel_path_unavailable
+from test_hf_dir import write_tiny_model
+
+from atomr_trio import LLM, SamplingParams
+from atomr_trio.model import cpu_kernels, native
+from atomr_trio.model.config import ModelConfig
+from atomr_trio.model.source import ModelSource
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+PROMPTS = ["hello there", "a longer prompt that spans more than one block of sixteen tokens", "x"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-kernels")
+    write_tiny_model(path, "llama")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg(tiny_dir: Path) -> ModelConfig:
+    return ModelSource.open(str(tiny_dir)).config
+
+
+def _tokens(tiny_dir: Path, dtype: str) -> tuple[str, list[list[int]]]:
+    with LLM(str(tiny_dir), dtype=dtype, max_model_len=256, num_kv_blocks=64) as llm:
+        outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        return llm.stats()["kernels"], [o.outputs[0].token_ids for o in outs]
+
+
+def test_the_switch_names_paths_per_part(monkeypatch: pytest.MonkeyPatch) -> None:
+    for value, want in [("native", {"matmul": "native", "ops": "native"}),
+                        ("onednn", {"matmul": "onednn", "ops": "torch"}),
+                        ("torch", {"matmul": "torch", "ops": "torch"}),
+                        ("matmul=onednn,ops=native", {"matmul": "onednn", "ops": "native"}),
+                        ("ops=native", {"matmul": "torch", "ops": "native"})]:
+        monkeypatch.setenv(cpu_kernels.ENV, value)
+        assert cpu_kernels.forced() == want, value
+    for bad in ("fast", "ops=onednn", "matmul=native,gemm=torch"):
+        monkeypatch.setenv(cpu_kernels.ENV, bad)
+        with pytest.raises(cpu_kernels.KernelUnavailable, match="native"):
+            cpu_kernels.forced()
+    monkeypatch.setenv(cpu_kernels.ENV, "auto")
+    assert cpu_kernels.forced() is None
+
+
+def test_each_forced_path_is_the_plan(kernel_path: str, tiny_cfg: ModelConfig) -> None:
+    plan = cpu_kernels.choose(tiny_cfg, torch.bfloat16)
+    assert plan.matmul == kernel_path
+    assert plan.ops == ("native" if kernel_path == "native" else "torch")
+    assert plan.one_row_gemv == (kernel_path == "onednn")
+    f32 = cpu_kernels.choose(tiny_cfg, torch.float32)  # float32 weights have one matmul: F.linear
+    assert (f32.matmul, f32.ops) == ("torch", plan.ops)
+
+
+# ---- a probe that fails: the op raises, or answers wrong --------------------------------------------
+def _raise(*args: object, **kwargs: object) -> torch.Tensor:
+    raise RuntimeError("illegal instruction (simulated)")
+
+
+def _wrong(real):  # the op's own answer, off by one everywhere
+    def op(*args: object, **kwargs: object) -> torch.Tensor:
+        return real(*args, **kwargs) + 1
+
+    return op
+
+
+def _break_native(monkeypatch: pytest.MonkeyPatch, field: str, how: str) -> None:
+    k = native.kernels()
+    assert k is not None
+    real = getattr(k, field)
+    broken = _raise if how == "raise" else _wrong(real)
+    monkeypatch.setitem(native._state, "k", dataclasses.replace(k, **{field: broken}))
+
+
+def _needs(path: str, part: str, dtype: torch.dtype = torch.bfloat16) -> None:
+    why = cpu_kernels.unavailable(part, path, dtype)
+    if why:
+        pytest.skip(f"{path} kernel path unavailable here: {why}")
+
+
+@pytest.mark.parametrize("how", ["raise", "wrong"])
+def test_a_failing_native_matmul_falls_back_and_serves_the_same_tokens(
+        how: str, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    _needs("native", "matmul")
+    _break_native(monkeypatch, "linear", how)
+    with caplog.at_level("INFO", logger="atomr_trio.worker"):
+        kernels, got = _tokens(tiny_dir, "bfloat16")
+    fallback = "onednn" if cpu_kernels.unavailable("matmul", "onednn", torch.bfloat16) is None else "torch"
+    assert kernels == f"matmul={fallback}, ops=native"
+    line = next(r.message for r in caplog.records if "CPU kernels" in r.message)
+    assert f"matmul={fallback}" in line and "not matmul native:" in line
+    assert ("raised RuntimeError: illegal instruction" if how == "raise" else "wrong answer") in line
+    monkeypatch.setenv(cpu_kernels.ENV, f"matmul={fallback},ops=native")
+    assert _tokens(tiny_dir, "bfloat16") == (kernels, got)  # exactly what that path gives when chosen
+
+
+@pytest.mark.parametrize("how", ["raise", "wrong"])
+def test_a_failing_onednn_matmul_falls_back_to_torch(how: str, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _needs("onednn", "matmul")
+    monkeypatch.setenv("ATOMR_TRIO_NATIVE", "0")  # the next path after native, alone
+    if how == "raise":  # what an AVX2-only CPU answers
+        monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", _raise)
+    else:
+        monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", _wrong(torch.ops.mkldnn._linear_pointwise))
+    kernels, got = _tokens(tiny_dir, "bfloat16")
+    assert kernels == "matmul=torch, ops=torch"
+    monkeypatch.setenv(cpu_kernels.ENV, "torch")
+    assert _tokens(tiny_dir, "bfloat16") == (kernels, got)
+
+
+@pytest.mark.parametrize("field", ["decode_attention", "add_rms_norm_", "rope_store_kv"])
+@pytest.mark.parametrize("how", ["raise", "wrong"])
+def test_failing_native_ops_fall_back_with_float32_torch_tokens(
+        field: str, how: str, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _needs("native", "ops", torch.float32)
+    monkeypatch.setenv(cpu_kernels.ENV, "torch")
+    want = _tokens(tiny_dir, "float32")
+    monkeypatch.delenv(cpu_kernels.ENV)
+    _break_native(monkeypatch, field, how)
+    assert _tokens(tiny_dir, "float32") == want  # served on torch ops, same greedy tokens
+
+
+def test_a_forced_path_that_cannot_run_is_an_error(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _needs("native", "ops", torch.float32)
+    _break_native(monkeypatch, "decode_attention", "wrong")
+    monkeypatch.setenv(cpu_kernels.ENV, "native")
+    with pytest.raises(cpu_kernels.KernelUnavailable, match="the native ops path cannot run here: .*wrong answer"):
+        _tokens(tiny_dir, "float32")
+
+
+def test_a_server_whose_every_deployment_failed_exits_non_zero(tmp_path: Path) -> None:
+    env = {**os.environ, cpu_kernels.ENV: "fast"}
+    done = subprocess.run([sys.executable, "-m", "atomr_trio", "--port", "0", "--log-level", "warning"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "deployment 'SmolLM2-135M-Instruct' failed to start: KernelUnavailable" in done.stderr
+    assert "ATOMR_TRIO_CPU_KERNELS='fast'" in done.stderr.splitlines()[-1]
+
+
+def test_arm_skips_the_native_build(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")
+    with caplog.at_level("INFO", logger="atomr_trio.model.native"):
+        assert native._load() is None
+    assert "x86-64 only" in caplog.text
+    assert "x86-64 only" in (cpu_kernels.unavailable("ops", "native", torch.float32) or "")
+
+
+@pytest.mark.slow
+def test_an_avx2_only_cpu_serves_bf16(tiny_dir: Path, tmp_path: Path) -> None:
+    """This machine pretending to be an AVX2-only x86 (oneDNN and ATen capped at AVX2, kernels
+    built for Haswell): bf16 must serve on the paths such a CPU has, and forcing one it lacks
+    must name the missing feature."""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+           "ATOMR_TRIO_NATIVE_ARCH": "haswell"}
+    env.pop(cpu_kernels.ENV, None)
+    script = ("import json, logging, sys\nfrom atomr_trio import LLM, SamplingParams\n"
+              "logging.basicConfig(level='INFO')\n"
+              "with LLM(sys.argv[1], dtype='bfloat16', max_model_len=256, num_kv_blocks=64) as llm:\n"
+              "    out = llm.generate(['hello there'], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)\n"
+              "    print(json.dumps([llm.stats()['kernels'], out[0].outputs[0].token_ids]))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tiny_dir)], env=env, capture_output=True,
+                          text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-2000:]
+    kernels, tokens = json.loads(done.stdout.splitlines()[-1])
+    assert kernels == "matmul=torch, ops=native" and len(tokens) == 8
+    assert "not matmul onednn: its probe raised RuntimeError" in done.stderr
+    done = subprocess.run([sys.executable, "-c", script, str(tiny_dir)], env={**env, cpu_kernels.ENV: "onednn"},
+                          capture_output=True, text=True, timeout=400)
+    assert done.returncode != 0 and "avx512bw, avx512vl and avx512dq" in done.stderr
+
+
+def test_kernel_path_skips_name_the_missing_feature(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: frozenset({"avx", "avx2", "fma", "f16c"}))
+    assert "avx512bw" in (kernel_path_unavailable("onednn") or "")
+    monkeypatch.setenv("ATOMR_TRIO_NATIVE", "0")
+    assert "ATOMR_TRIO_NATIVE=0" in (kernel_path_unavailable("native") or "")
+    assert kernel_path_unavailable("torch") is None
