@@ -42,10 +42,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML file with [[deployment]] tables (several models); replaces the "
                                     "model flags above")
     p.add_argument("--api-key", action="append", default=[],
-                   help="require 'Authorization: Bearer KEY' on every route but /health (repeatable; "
-                        "also $ATOMR_API_KEY, comma-separated)")
+                   help="require 'Authorization: Bearer KEY' on every route but /health and /admin/* "
+                        "(repeatable; also $ATOMR_API_KEY, comma-separated)")
     p.add_argument("--admin-key", action="append", default=[],
-                   help="if given, only these keys open /admin/* (repeatable; also $ATOMR_ADMIN_KEY)")
+                   help="the keys that open /admin/* (repeatable; also $ATOMR_ADMIN_KEY). Without one, "
+                        "/admin/* is closed (403) when --api-key is set, and answers loopback clients only "
+                        "when no key is set")
     p.add_argument("--request-timeout", type=float,
                    help="seconds a request may take, queueing included; a deployment may set its own")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
