@@ -35,11 +35,12 @@ class ServerSettings:
     request_timeout: float | None = None
     shutdown_timeout: float = 30.0
     handle_signals: bool = True
+    metrics_prefix: str = "atomr"  # or "vllm": /metrics carries vLLM's exact series names
 
 
 async def serve(settings: ServerSettings, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until a signal (or cancellation). Reports the bound URLs through task_status."""
-    async with open_runtime(settings.deployments) as runtime:
+    async with open_runtime(settings.deployments, settings.metrics_prefix) as runtime:
         app = create_app(runtime, settings.api_keys, settings.admin_keys, settings.request_timeout)
         hc = HypercornConfig()
         hc.bind = [f"{settings.host}:{settings.port}"]
