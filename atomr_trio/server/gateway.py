@@ -43,7 +43,7 @@ MAX_BODY_BYTES = 4 << 20
 
 def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: list[str] | None = None,
                request_timeout: float | None = None) -> QuartTrio:
-    """The app. Who may call what is `auth.refusal`: `api_keys` guard every route but /health;
+    """The app. Who may call what is `auth.refusal`: `api_keys` guard all but /health and /admin/*;
     /admin/* needs one of `admin_keys`, is closed when only `api_keys` are set, and answers
     loopback clients alone when neither is. `request_timeout` (seconds, queueing included)
     applies where a deployment sets none."""
