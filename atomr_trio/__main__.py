@@ -42,14 +42,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML file with [[deployment]] tables (several models); replaces the "
                                     "model flags above")
     p.add_argument("--api-key", action="append", default=[],
-                   help="require 'Authorization: Bearer KEY' on every route but /health (repeatable; "
-                        "also $ATOMR_API_KEY, comma-separated)")
+                   help="require 'Authorization: Bearer KEY' on every route but /health and /admin/* "
+                        "(repeatable; also $ATOMR_API_KEY, comma-separated)")
     p.add_argument("--admin-key", action="append", default=[],
-                   help="if given, only these keys open /admin/* (repeatable; also $ATOMR_ADMIN_KEY)")
+                   help="the keys that open /admin/* (repeatable; also $ATOMR_ADMIN_KEY). Without one, "
+                        "/admin/* is closed (403) when --api-key is set, and answers loopback clients only "
+                        "when no key is set")
     p.add_argument("--request-timeout", type=float,
                    help="seconds a request may take, queueing included; a deployment may set its own")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may finish after the first SIGTERM/SIGINT (default: 30)")
+    p.add_argument("--metrics-prefix", default="atomr", choices=["atomr", "vllm"],
+                   help="prefix of the /metrics series; vllm: vLLM's exact names and labels, so its "
+                        "dashboards and the Kubernetes inference gateway read them (default: atomr)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="logging threshold (default: info)")
     return p
@@ -81,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         specs = load_config(args.config) if args.config else [spec_from_flags(args)]
         settings = ServerSettings(deployments=specs, host=args.host, port=args.port, api_keys=keys,
                                   admin_keys=admin_keys, request_timeout=args.request_timeout,
-                                  shutdown_timeout=args.shutdown_timeout)
+                                  shutdown_timeout=args.shutdown_timeout, metrics_prefix=args.metrics_prefix)
         trio.run(serve, settings)
     except (ValueError, ModelLoadError, OSError, tomllib.TOMLDecodeError) as e:
         print(f"atomr_trio: {e}", file=sys.stderr)

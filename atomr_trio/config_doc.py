@@ -8,6 +8,7 @@ TOML / admin-API deployment key (the pydantic models), so the document cannot dr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from pydantic_core import PydanticUndefined
 
 from .__main__ import parser
 from .deployment import DeploymentSpec
+from .server.serve import ServerSettings
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
@@ -33,6 +35,22 @@ def _cli_rows() -> list[str]:
         default = action.default if action.default not in (None, []) else "—"
         help_text = (action.help or "").replace("|", "\\|")
         rows.append(f"| `{', '.join(action.option_strings)}` | {kind} | `{default}` | {help_text} |")
+    return rows
+
+
+def _settings_rows() -> list[str]:
+    """ServerSettings' fields, each with the flag that sets it from the command line."""
+    flags = {a.dest: a.option_strings[0] for a in parser()._actions if a.option_strings}
+    rows = ["| field | default | flag |", "|---|---|---|"]
+    for f in dataclasses.fields(ServerSettings):
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        else:
+            default = "one deployment, the default model" if f.name == "deployments" else "[]"
+        flag = flags.get(f.name) or flags.get(f.name.removesuffix("s"))
+        where = f"`{flag}`" if flag else ("`--config`, or `--model` and the flags after it"
+                                          if f.name == "deployments" else "—")
+        rows.append(f"| `{f.name}` | `{default}` | {where} |")
     return rows
 
 
@@ -62,6 +80,12 @@ def render() -> str:
         "## Command line: `python -m atomr_trio`",
         "",
         *_cli_rows(),
+        "",
+        "## From Python: `atomr_trio.server.serve.ServerSettings`",
+        "",
+        "`serve(ServerSettings(...))` runs the same server inside a Trio program (`examples/trio_app.py`).",
+        "",
+        *_settings_rows(),
         "",
         "## Deployments: `[[deployment]]` tables in `--config FILE.toml`, or `POST /admin/deployments`",
         "",

@@ -22,7 +22,7 @@ import trio
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .messages import AbortAll, AbortRequest, AddRequest, RequestMetrics, SeqDelta
-from .metrics import FinishedRequest, Metrics, StepReport
+from .metrics import EngineInfo, FinishedRequest, Metrics, StepReport
 from .model.source import ModelSource
 from .model_runner import BatchItem, StepBatch, StepResult
 from .outbox import Outbox
@@ -123,6 +123,10 @@ class EngineCore:
         try:
             await self.worker.start()
             self.state = "serving"
+            if self.metrics is not None:
+                bm = self.block_manager
+                self.metrics.report(EngineInfo(self.model_name, self.name, bm.block_size, bm.num_blocks,
+                                               bm.enable_prefix_caching))
             task_status.started(self)
             async with self._inbox:
                 while True:
@@ -373,6 +377,9 @@ class EngineCore:
             prefill_s=(lead.first_token - lead.first_scheduled
                        if lead.first_token and lead.first_scheduled else None),
             decode_s=now - lead.first_token if lead.first_token else None,
+            n=len(live.seqs),
+            max_tokens=lead.params.max_tokens,
+            max_generation_tokens=max(s.num_output_tokens for s in live.seqs),
         ))
 
     def _report(self, num_scheduled: int, iteration_tokens: int, prompt: int, generated: int) -> None:

@@ -146,8 +146,10 @@ class Runtime:
 
 
 @asynccontextmanager
-async def open_runtime(specs: Sequence[DeploymentSpec]) -> AsyncIterator[Runtime]:
-    metrics, placement = Metrics(), Placement()
+async def open_runtime(specs: Sequence[DeploymentSpec], metrics_prefix: str = "atomr") -> AsyncIterator[Runtime]:
+    """The actor tree for these deployments. `metrics_prefix`: "atomr" or "vllm" (vLLM's exact
+    series names, see metrics.py)."""
+    metrics, placement = Metrics(prefix=metrics_prefix), Placement()
     manager = DeploymentManager(placement, metrics)
     async with trio.open_nursery() as nursery:
         await nursery.start(metrics.run)

@@ -1,6 +1,6 @@
 """Scheduler: decides which tokens of which sequences one engine step computes.
 
-Invariants (DESIGN.md, "the engine step"):
+Invariants (docs/architecture.md, "The engine step"):
 - There is no prefill or decode phase: each step spends a token budget, first on running
   sequences (one token each for decodes, or the next prompt chunk), then on waiting sequences
   in priority/FCFS order (chunked prefill).

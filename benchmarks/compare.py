@@ -46,6 +46,38 @@ from peer_models import write_bf16_gguf, write_hf_dir  # noqa: E402
 MODEL_NAME = "m"
 
 
+def shown(arg: str, args: argparse.Namespace) -> str:
+    """An argument as the committed reports show it: they name no directory of the machine they
+    ran on. Paths in the repository become relative to it; the peers' directories become the
+    names of the flags that set them (MODELS, VLLM_VENV, LLAMA_VENV, LLAMA_CPP_SRC); any other
+    absolute path keeps only its file name (DIR/NAME)."""
+    if not os.path.isabs(arg):
+        return arg
+    places = [(args.models, "MODELS"), (args.vllm_venv, "VLLM_VENV"), (args.llama_venv, "LLAMA_VENV"),
+              (args.llama_cpp_src, "LLAMA_CPP_SRC"), (ROOT, ".")]
+    path = Path(arg).absolute()
+    for place, name in places:
+        if place is None:
+            continue
+        try:
+            rel = path.relative_to(Path(place).absolute())
+        except ValueError:
+            continue
+        if name == ".":
+            return str(rel)
+        return name if rel == Path(".") else f"{name}/{rel}"
+    return f"DIR/{path.name}"
+
+
+def scrubbed(obj: Any, args: argparse.Namespace) -> Any:
+    """`obj` (the raw results) with every absolute path shown as `shown` shows it."""
+    if isinstance(obj, dict):
+        return {k: scrubbed(v, args) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [scrubbed(v, args) for v in obj]
+    return shown(obj, args) if isinstance(obj, str) else obj
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -108,7 +140,7 @@ def make_peers(args: argparse.Namespace, hf_dir: Path, gguf: Path | None) -> lis
         elif name == "vllm":
             vllm = args.vllm_venv / "bin" / "vllm"
             if not vllm.exists():
-                print(f"vllm: {vllm} not found; skipped (see ../shared/PEERS.md)")
+                print(f"vllm: {vllm} not found; skipped (how to install it: this script's docstring)")
                 continue
             peers.append(Peer("vllm", "vLLM CPU 0.32", [
                 str(vllm), "serve", str(hf_dir), "--served-model-name", MODEL_NAME, "--host", "127.0.0.1",
@@ -118,7 +150,8 @@ def make_peers(args: argparse.Namespace, hf_dir: Path, gguf: Path | None) -> lis
         elif name == "llamacpp":
             py = args.llama_venv / "bin" / "python"
             if not py.exists() or gguf is None:
-                print(f"llamacpp: {py} or the bf16 GGUF not found; skipped (see ../shared/PEERS.md)")
+                print(f"llamacpp: {py} or the bf16 GGUF not found; skipped (how to install it: this script's "
+                      "docstring)")
                 continue
             peers.append(Peer("llamacpp", "llama.cpp (llama-cpp-python 0.3.36)", [
                 str(py), "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", MODEL_NAME,
@@ -202,7 +235,7 @@ def vllm_bench_agreement(peer: Peer, hf_dir: Path, args: argparse.Namespace, con
     num = args.agreement_prompts_factor * concurrency
     vllm_runs: list[dict[str, Any]] = []
     our_runs: list[dict[str, Any]] = []
-    shown = ""
+    command = ""
     for i in range(2 * args.agreement_rounds):
         seed = args.seed + 900 + i
         if (i % 4) in (0, 3):
@@ -213,7 +246,7 @@ def vllm_bench_agreement(peer: Peer, hf_dir: Path, args: argparse.Namespace, con
                        "--random-output-len", str(args.output_len), "--num-prompts", str(num),
                        "--max-concurrency", str(concurrency), "--ignore-eos", "--temperature", "0",
                        "--seed", str(seed)]
-                shown = shlex.join(cmd)
+                command = shlex.join(shown(a, args) for a in cmd)
                 cmd += ["--save-result", "--result-dir", tmp, "--result-filename", "r.json"]
                 subprocess.run(cmd, check=True, capture_output=True,
                                env={**os.environ, "VLLM_TARGET_DEVICE": "cpu"}, timeout=1800)
@@ -230,7 +263,7 @@ def vllm_bench_agreement(peer: Peer, hf_dir: Path, args: argparse.Namespace, con
     def mean(runs: list[dict[str, Any]], key: str) -> float:
         return sum(x[key] for x in runs) / len(runs)
 
-    return {"command": shown, "prompts": num, "vllm_runs": vllm_runs, "our_runs": our_runs,
+    return {"command": command, "prompts": num, "vllm_runs": vllm_runs, "our_runs": our_runs,
             "vllm_output_throughput": mean(vllm_runs, "output_throughput"),
             "vllm_ttft_median_ms": mean(vllm_runs, "ttft_median_ms"),
             "ours_output_throughput": mean(our_runs, "output_throughput"),
@@ -279,11 +312,13 @@ def write_report(args: argparse.Namespace, peers: list[Peer], tf: dict[int, dict
         "(an idle vLLM keeps ~7% of a core busy).",
         "- Model: SmolLM2-135M-Instruct (the default), weights dequantized once from its GGUF into an HF "
         "directory (bf16) and a bf16 GGUF by `benchmarks/peer_models.py`.",
-        f"- Command: `{shlex.join(['python', 'benchmarks/compare.py', *sys.argv[1:]])}`",
+        f"- Command: `{shlex.join(['python', 'benchmarks/compare.py', *(shown(a, args) for a in sys.argv[1:])])}` "
+        "(paths: MODELS is `--models`, VLLM_VENV `--vllm-venv`, LLAMA_VENV `--llama-venv`; DIR/NAME a file "
+        "outside the repository)",
         "",
         "Engines and how they were started:",
         "",
-        *[f"- **{p.label}** ({p.dtype}): `{shlex.join([Path(p.cmd[0]).name, *p.cmd[1:]])}`"
+        *[f"- **{p.label}** ({p.dtype}): `{shlex.join([Path(p.cmd[0]).name, *(shown(a, args) for a in p.cmd[1:])])}`"
           + (f" with {' '.join(f'{k}={v}' for k, v in p.env.items())}" if p.env else "") for p in peers],
     ]
     if tf is not None:
@@ -465,7 +500,7 @@ def main() -> int:
         tf = transformers_static(hf_dir, args)
     raw = {"peers": {p.name: {"label": p.label, "results": p.results} for p in peers}, "transformers": tf,
            "agreement": agreement}
-    args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str))  # the raw figures
+    args.out.with_suffix(".json").write_text(json.dumps(scrubbed(raw, args), indent=1, default=str))  # raw figures
     profile = args.profile.read_text() if args.profile and args.profile.exists() else ""
     lines = write_report(args, peers, tf, agreement, profile, args.out)
     print("\n".join(lines))

@@ -176,3 +176,18 @@ async def test_over_capacity_is_429_with_retry_after_and_failure_is_503(server: 
         assert e.value.status_code == 503
         for name in ("limited", "broken2"):
             await http.delete(f"/admin/deployments/{name}")
+
+
+def test_admin_api_on_loopback_without_keys_and_a_failed_load_is_422(server: Server, tmp_path: Path) -> None:
+    with httpx.Client(base_url=server.url, timeout=60) as client:  # no keys: this loopback client may
+        assert client.get("/admin/tree").status_code == 200
+        r = client.post("/admin/deployments", json={"name": "missing", "model": str(tmp_path / "nothing-here")})
+        assert r.status_code == 422, r.text
+        err = r.json()["error"]
+        assert "nothing-here" in err["message"] and err["code"] == "deployment_failed"
+        assert client.get("/admin/deployments/missing").json()["state"] == "failed"
+        assert client.delete("/admin/deployments/missing").status_code == 202
+        deadline = time.monotonic() + 10
+        while client.get("/health").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)

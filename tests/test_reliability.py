@@ -85,6 +85,10 @@ def _long(model: str = "tiny", n: int = 2000, stream: bool = False) -> dict:
             "temperature": 0, "ignore_eos": True, "stream": stream}
 
 
+def _near_misses(key: str) -> list[str]:
+    return [key + "0", key + key[-1], key[:-1], key[:-1] + ("x" if key[-1] != "x" else "y")]
+
+
 def test_auth_on_every_route_but_health(server: Server) -> None:
     routes = [
         ("GET", "/v1/models", None), ("GET", "/v1/models/tiny", None), ("GET", "/metrics", None),
@@ -105,6 +109,12 @@ def test_auth_on_every_route_but_health(server: Server) -> None:
                 r = c.request(method, path, json=body, headers=headers)
                 assert r.status_code == 401, (method, path)
                 assert r.json()["error"]["code"] == "invalid_api_key"
+        # near misses: the real key with a suffix, without its last character, with it changed
+        for key, (method, path, body) in ((KEY, routes[0]), (KEY2, routes[3]), (ADMIN, admin_routes[0])):
+            for near in _near_misses(key):
+                r = c.request(method, path, json=body, headers={"Authorization": f"Bearer {near}"})
+                assert r.status_code == 401, (path, near)
+            assert c.request(method, path, json=body, headers={"Authorization": f"Bearer {key}"}).status_code == 200
         for method, path, body in routes:
             for key in (KEY, KEY2):
                 r = c.request(method, path, json=body, headers={"Authorization": f"Bearer {key}"})

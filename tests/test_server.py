@@ -137,6 +137,11 @@ def test_error_contract(client: openai.OpenAI, server: Server) -> None:
     assert set(bad_json.json()["error"]) == {"message", "type", "param", "code"}
     assert httpx.get(server.url + "/health").status_code == 200  # no key needed
     assert httpx.get(server.url + "/v1/models").status_code == 401
+    # an API key without --admin-key: the admin API is closed, even to a holder of the key
+    for method, path in (("GET", "/admin/tree"), ("POST", "/admin/deployments")):
+        r = httpx.request(method, server.url + path, headers={"Authorization": f"Bearer {KEY}"},
+                          json={"name": "probe", "model": "/etc/hostname"})
+        assert r.status_code == 403 and "--admin-key" in r.json()["error"]["message"], r.text
     # and it still serves
     r = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=30)
     assert r.choices[0].message.content == "The capital of France is Paris."

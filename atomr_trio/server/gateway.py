@@ -10,7 +10,6 @@ Invariants:
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import math
@@ -34,6 +33,7 @@ from ..deployment import Deployment, DeploymentSpec, DeploymentUnavailable, Tick
 from ..outputs import CompletionOutput, Logprob, RequestError, RequestOutput
 from ..runtime import Runtime
 from ..sampling_params import SamplingParams
+from .auth import OPEN_PATHS, refusal
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,10 @@ MAX_BODY_BYTES = 4 << 20
 
 def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: list[str] | None = None,
                request_timeout: float | None = None) -> QuartTrio:
-    """The app. `admin_keys`, when given, alone open /admin/*; `request_timeout` (seconds,
-    queueing included) applies where a deployment sets none."""
+    """The app. Who may call what is `auth.refusal`: `api_keys` guard all but /health and /admin/*;
+    /admin/* needs one of `admin_keys`, is closed when only `api_keys` are set, and answers
+    loopback clients alone when neither is. `request_timeout` (seconds, queueing included)
+    applies where a deployment sets none."""
     app = QuartTrio("atomr_trio")
     app.config.update(RESPONSE_TIMEOUT=None, BODY_TIMEOUT=60, MAX_CONTENT_LENGTH=MAX_BODY_BYTES)
     keys = [k.encode() for k in (api_keys or [])]
@@ -64,15 +66,15 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
 
     @app.before_request
     async def check_key() -> Any:
-        if request.path in ("/health", "/healthz"):
+        if request.path in OPEN_PATHS:
             return None
-        wanted = admin if admin and request.path.startswith("/admin") else keys
-        if wanted:
-            given = request.headers.get("Authorization", "").removeprefix("Bearer ").encode()
-            # compare against every key, in constant time, whatever matches first
-            if sum(hmac.compare_digest(given, k) for k in wanted) == 0:
-                await _consume_body()
-                raise APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
+        rule = request.url_rule.rule if request.url_rule is not None else None
+        client = request.scope.get("client")  # the connection's peer, never a header
+        refused = refusal(request.path, rule, request.headers.get("Authorization", ""),
+                          client[0] if client else None, keys, admin)
+        if refused is not None:
+            await _consume_body()
+            raise refused
         if runtime.draining:
             await _consume_body()
             raise APIError(503, "the server is shutting down", "service_unavailable")
@@ -161,7 +163,14 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
     async def apply_deployment() -> Any:
         spec = await _validated(DeploymentSpec)
         dep = await manager.apply(spec)
-        return dep.describe(), 200 if dep.state == "serving" else 500
+        if dep.state == "failed":  # the model could not load: the admin sees why
+            raise APIError(422, f"deployment '{dep.name}' failed to load: {dep.reason}", param="model",
+                           code="deployment_failed")
+        if dep.state in ("pending", "loading"):  # the same spec is still loading from an earlier apply
+            return dep.describe(), 202
+        if dep.state != "serving":
+            raise APIError(503, f"deployment '{dep.name}' is {dep.state}", "service_unavailable")
+        return dep.describe(), 200
 
     @app.get("/admin/deployments/<path:name>")
     async def get_deployment(name: str) -> Any:

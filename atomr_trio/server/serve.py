@@ -41,11 +41,12 @@ class ServerSettings:
     request_timeout: float | None = None
     shutdown_timeout: float = 30.0
     handle_signals: bool = True
+    metrics_prefix: str = "atomr"  # or "vllm": /metrics carries vLLM's exact series names
 
 
 async def serve(settings: ServerSettings, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until a signal (or cancellation). Reports the bound URLs through task_status."""
-    async with open_runtime(settings.deployments) as runtime:
+    async with open_runtime(settings.deployments, settings.metrics_prefix) as runtime:
         deps = list(runtime.manager.deployments.values())
         if deps and all(d.state == "failed" for d in deps):
             # nothing to serve: say why and exit, rather than listen and answer 503 to everything
