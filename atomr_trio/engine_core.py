@@ -24,9 +24,9 @@ from .config import EngineConfig
 from .messages import AbortAll, AbortRequest, AddRequest, RequestMetrics, SeqDelta
 from .metrics import EngineInfo, FinishedRequest, Metrics, StepReport
 from .model.source import ModelSource
-from .model_runner import BatchItem, StepBatch, StepResult
+from .model_runner import BatchItem, PromptRows, StepBatch, StepResult
 from .outbox import Outbox
-from .sampler import SampleRow
+from .sampler import SampleRow, TokenLogprobs
 from .scheduler import Scheduled, Scheduler, SchedulerOutput
 from .sequence import SeqStatus, Sequence
 from .worker import Worker
@@ -193,7 +193,8 @@ class EngineCore:
                 f"the prompt has {len(ids)} tokens; the maximum context length is {cfg.max_model_len}"
             )
         msg.params.check_for_model(self.vocab_size)
-        longest = min(len(ids) + (msg.params.max_tokens or cfg.max_model_len), cfg.max_model_len)
+        asked = msg.params.max_tokens
+        longest = min(len(ids) + (cfg.max_model_len if asked is None else asked), cfg.max_model_len)
         if self.block_manager.blocks_for(longest) > cfg.num_kv_blocks:
             raise ValueError(
                 f"the request needs up to {longest} tokens of KV cache; this engine holds "
@@ -289,7 +290,7 @@ class EngineCore:
         for s in sched.scheduled:
             seq, c, n = s.seq, s.seq.num_computed_tokens, s.num_new_tokens
             row = None
-            if s.samples:
+            if s.samples and seq.params.max_tokens != 0:  # max_tokens 0: score the prompt only
                 p = seq.params
                 need_history = p.uses_penalties
                 row = SampleRow(
@@ -299,7 +300,8 @@ class EngineCore:
                     output_ids=seq.output_token_ids if need_history else None,
                     num_output_tokens=seq.num_output_tokens,
                 )
-            items.append(BatchItem(seq.seq_id, seq.token_ids[c : c + n], c, list(seq.block_table), row))
+            items.append(BatchItem(seq.seq_id, seq.token_ids[c : c + n], c, list(seq.block_table), row,
+                                   _prompt_rows(seq, c, n)))
         return StepBatch(items)
 
     def _apply(self, scheduled: list[Scheduled], items: list[BatchItem], result: StepResult) -> None:
@@ -313,7 +315,11 @@ class EngineCore:
             prompt_end = min(seq.num_computed_tokens, seq.num_prompt_tokens)
             self.stats.prompt_tokens += max(0, prompt_end - item.start)
             self.block_manager.cache_computed(seq)
+            if seq.prompt_logprobs is not None:
+                seq.prompt_logprobs.extend(result.prompt_logprobs.get(seq.seq_id, ()))
             if item.sample is None:
+                if seq.params.max_tokens == 0 and seq.num_computed_tokens == seq.num_tokens:
+                    self._finish_scored(seq)
                 continue
             j = row_of[seq.seq_id]
             tok = result.sampled.token_ids[j]
@@ -328,12 +334,23 @@ class EngineCore:
             live = self._requests[seq.request_id]
             live.outbox.push(SeqDelta(seq.index, [tok], [lp] if lp else None, reason,
                                       max(seq.num_cached_tokens, 0),
-                                      metrics=_metrics(seq) if reason is not None else None))
+                                      metrics=_metrics(seq) if reason is not None else None,
+                                      prompt_logprobs=_take_prompt_logprobs(seq)))
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 self._count_finish(reason)
                 if all(x.is_finished for x in live.seqs):
                     self._request_done(live)
+
+    def _finish_scored(self, seq: Sequence) -> None:
+        """A max_tokens=0 sample computed its prompt: it ends ("length") without a token."""
+        live = self._requests[seq.request_id]
+        live.outbox.push(SeqDelta(seq.index, [], None, "length", max(seq.num_cached_tokens, 0),
+                                  metrics=_metrics(seq), prompt_logprobs=_take_prompt_logprobs(seq)))
+        self.scheduler.finish(seq, "length")
+        self._count_finish("length")
+        if all(x.is_finished for x in live.seqs):
+            self._request_done(live)
 
     def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
         p = seq.params  # the sampler forbids stop tokens before min_tokens
@@ -426,6 +443,30 @@ class EngineCore:
             "step_s": self.stats.step_s,  # engine step seconds (schedule, forward, sampling, bookkeeping)
             "forward_share": self.stats.forward_s / self.stats.step_s if self.stats.step_s else math.nan,
         }
+
+
+def _prompt_rows(seq: Sequence, start: int, n: int) -> PromptRows | None:
+    """The rows of positions [start, start + n) that score a prompt token still missing its
+    logprob entry: row p scores token p + 1, so the chunk's last row scores the next chunk's
+    first token, and the prompt's last row (it predicts the first generated token) none."""
+    nxt = seq.prompt_logprobs_next
+    if nxt is None:
+        return None
+    assert start <= nxt - 1, "prompt-logprob rows were skipped"  # the scheduler limits cache hits
+    first, end = max(start, nxt - 1), min(start + n, seq.num_prompt_tokens - 1)
+    if end <= first:
+        return None
+    k = seq.params.prompt_logprobs or 0
+    return PromptRows(first - start, seq.token_ids[first + 1 : end + 1], k)
+
+
+def _take_prompt_logprobs(seq: Sequence) -> list[TokenLogprobs] | None:
+    """The prompt's entries, once: with the first delta after the prompt was computed."""
+    if seq.prompt_logprobs is None or seq.prompt_logprobs_sent:
+        return None
+    assert seq.prompt_logprobs_next is None, "the prompt ended with prompt-logprob entries missing"
+    seq.prompt_logprobs_sent = True
+    return seq.prompt_logprobs
 
 
 def _metrics(seq: Sequence) -> RequestMetrics:

@@ -62,6 +62,8 @@ class SeqDelta:
     num_cached_tokens: int = 0
     error: str | None = None
     metrics: RequestMetrics | None = None  # on the final delta of a sample
+    # sample 0 only, once, with the delta that ends the prompt: entries of prompt positions 1..
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclass(frozen=True)

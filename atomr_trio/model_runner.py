@@ -3,13 +3,16 @@
 Invariant: the runner reads only the `StepBatch` snapshot it is handed (never live Sequence
 objects), so the Trio side may change sequences while a step runs in the device thread.
 Single-token entries (decodes) come first in the flattened batch, then each prompt chunk.
+Prompt-logprob rows cost only the requests that ask for them: their logits are computed in
+slices of at most PROMPT_LOGPROBS_ROWS rows, reduced to the chosen token's logprob and rank and
+the top-k in batched ops, and dropped before the next slice.
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -17,7 +20,19 @@ import torch
 from .model.attention import AttentionMetadata, PrefillChunk
 from .model.cpu_gemv import kernels
 from .model.llama import LlamaModel
-from .sampler import Sampler, SamplerOutput, SampleRow
+from .sampler import Sampler, SamplerOutput, SampleRow, TokenLogprobs
+
+PROMPT_LOGPROBS_ROWS = 256  # logits rows held at once ([rows, vocab] float32: 50 MB at 49k vocab)
+
+
+@dataclass
+class PromptRows:
+    """Prompt-logprob rows of one item: item rows first .. first + len(targets) - 1, each
+    scored against the prompt token that follows it."""
+
+    first: int  # index into the item's token_ids
+    targets: list[int]
+    k: int  # top alternatives per row
 
 
 @dataclass
@@ -27,6 +42,7 @@ class BatchItem:
     start: int  # position of token_ids[0]
     block_table: list[int]
     sample: SampleRow | None  # set when this step reaches the sequence's end
+    prompt_logprobs: PromptRows | None = None
 
 
 @dataclass
@@ -38,7 +54,8 @@ class StepBatch:
 class StepResult:
     seq_ids: list[int]  # sampled sequences, in the order of the sampler output
     sampled: SamplerOutput
-    forward_s: float  # seconds spent in the model forward
+    forward_s: float  # seconds spent in the model forward (and logits)
+    prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)  # by seq_id
 
 
 class ModelRunner:
@@ -54,15 +71,61 @@ class ModelRunner:
         t0 = time.perf_counter()
         with self._matmuls(len(input_ids)):
             hidden = self.model.forward(input_ids, positions, meta, self.kv_cache)
+        prompt_lps = self._prompt_logprobs(hidden, items, last_rows)
         sampling = [(row, it) for row, it in zip(last_rows, items, strict=True) if it.sample]
         if not sampling:
-            return StepResult([], SamplerOutput([], []), time.perf_counter() - t0)
+            return StepResult([], SamplerOutput([], []), time.perf_counter() - t0, prompt_lps)
         with self._matmuls(len(sampling)):
             logits = self.model.logits(hidden[torch.tensor([r for r, _ in sampling])])
         forward_s = time.perf_counter() - t0
         rows = [it.sample for _, it in sampling if it.sample is not None]
         out = self.sampler(logits, rows)
-        return StepResult([it.seq_id for _, it in sampling], out, forward_s)
+        return StepResult([it.seq_id for _, it in sampling], out, forward_s, prompt_lps)
+
+    @torch.inference_mode()
+    def _prompt_logprobs(
+        self, hidden: torch.Tensor, items: list[BatchItem], last_rows: list[int]
+    ) -> dict[int, list[TokenLogprobs]]:
+        """Each asking item's prompt rows: log-softmax of their logits at the next prompt token
+        (its logprob and rank: 1 + how many tokens score strictly higher) and the top-k."""
+        rows: list[int] = []
+        targets: list[int] = []
+        ks: list[int] = []
+        owners: list[tuple[int, int]] = []  # (seq_id, number of rows), in row order
+        for it, last in zip(items, last_rows, strict=True):
+            pr = it.prompt_logprobs
+            if pr is None or not pr.targets:
+                continue
+            base = last - len(it.token_ids) + 1 + pr.first
+            rows.extend(range(base, base + len(pr.targets)))
+            targets.extend(pr.targets)
+            ks.extend([pr.k] * len(pr.targets))
+            owners.append((it.seq_id, len(pr.targets)))
+        if not rows:
+            return {}
+        k = max(ks)
+        entries: list[TokenLogprobs] = []
+        device = self.kv_cache.device
+        for lo in range(0, len(rows), PROMPT_LOGPROBS_ROWS):
+            idx = torch.tensor(rows[lo : lo + PROMPT_LOGPROBS_ROWS], device=device)
+            tgt = torch.tensor(targets[lo : lo + PROMPT_LOGPROBS_ROWS], device=device)
+            with self._matmuls(len(idx)):
+                logits = self.model.logits(hidden[idx])
+            lp = torch.log_softmax(logits, dim=-1)
+            del logits
+            chosen = lp.gather(1, tgt.unsqueeze(1))
+            ranks = ((lp > chosen).sum(dim=1) + 1).tolist()
+            top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], tgt[:, None][:, :0])
+            top_vl, top_il = top_v.tolist(), top_i.tolist()
+            for j, (t, c) in enumerate(zip(tgt.tolist(), chosen.squeeze(1).tolist(), strict=True)):
+                kk = ks[lo + j]
+                entries.append(TokenLogprobs(t, c, ranks[j], list(zip(top_il[j][:kk], top_vl[j][:kk], strict=True))))
+        out: dict[int, list[TokenLogprobs]] = {}
+        at = 0
+        for seq_id, n in owners:
+            out[seq_id] = entries[at : at + n]
+            at += n
+        return out
 
     def _matmuls(self, rows: int) -> AbstractContextManager[None]:
         """The matmul kernel for `rows` input rows: ATen's GEMV for one row where the plan says so."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from .detokenizer import IncrementalDetokenizer
 from .messages import RequestMetrics, SeqDelta
+from .sampler import TokenLogprobs
 from .sampling_params import SamplingParams
 from .tokenizer import Tokenizer
 
@@ -46,6 +47,9 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     error: str | None = None
+    # with SamplingParams.prompt_logprobs: one entry per prompt token (None for the first), each
+    # the token's own logprob plus the top alternatives; None until the prompt was computed
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     @property
     def metrics(self) -> RequestMetrics | None:
@@ -77,6 +81,9 @@ class RequestTracker:
     samples: list[_Sample] = field(default_factory=list)
     num_cached_tokens: int = 0
     error: str | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    prompt_logprobs_streamed: bool = False
+    _pieces: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         want_lp = self.params.logprobs is not None
@@ -94,6 +101,8 @@ class RequestTracker:
     def apply(self, delta: SeqDelta) -> bool:
         """Fold one engine delta in. Returns True when a stop string just ended the sample."""
         s = self.samples[delta.index]
+        if delta.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None, *(self._entry(lp) for lp in delta.prompt_logprobs)]
         if s.out.finish_reason is not None:
             if delta.metrics is not None and s.out.metrics is None:
                 s.out.metrics = delta.metrics  # the engine's view of a sample a stop string ended
@@ -106,10 +115,7 @@ class RequestTracker:
         s.out.token_ids.extend(delta.new_token_ids)
         if delta.logprobs and s.out.logprobs is not None:
             for lp in delta.logprobs:
-                entry = {lp.token_id: Logprob(lp.logprob, lp.rank, self._piece(lp.token_id))}
-                for rank, (tid, val) in enumerate(lp.top, start=1):
-                    entry.setdefault(tid, Logprob(val, rank, self._piece(tid)))
-                s.out.logprobs.append(entry)
+                s.out.logprobs.append(self._entry(lp))
                 s.out.cumulative_logprob = (s.out.cumulative_logprob or 0.0) + lp.logprob
         searched = len(s.full_text)
         s.full_text += s.detok.push(delta.new_token_ids)
@@ -148,15 +154,25 @@ class RequestTracker:
         last = s.out.token_ids[-1]
         return last in (self.params.stop_token_ids or ()) or last in self.tokenizer.eos_token_ids
 
+    def _entry(self, lp: TokenLogprobs) -> dict[int, Logprob]:
+        """vLLM's shape: the token's own entry first, then the top alternatives by rank."""
+        entry = {lp.token_id: Logprob(lp.logprob, lp.rank, self._piece(lp.token_id))}
+        for rank, (tid, val) in enumerate(lp.top, start=1):
+            entry.setdefault(tid, Logprob(val, rank, self._piece(tid)))
+        return entry
+
     def _piece(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+        piece = self._pieces.get(token_id)
+        if piece is None:
+            piece = self._pieces[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return piece
 
     # ---- views -----------------------------------------------------------------------------
     def output(self) -> RequestOutput:
         """The cumulative state of the request."""
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
                              [s.out for s in self.samples], self.finished,
-                             self.num_cached_tokens, self.error)
+                             self.num_cached_tokens, self.error, self.prompt_logprobs)
 
     def delta_output(self) -> RequestOutput:
         """What is new since the last delta: text held back while it may begin a stop string."""
@@ -173,5 +189,8 @@ class RequestTracker:
             ))
             s.streamed, s.streamed_tokens = end, len(o.token_ids)
             s.streamed_logprobs = len(o.logprobs or [])
+        prompt_logprobs = None
+        if self.prompt_logprobs is not None and not self.prompt_logprobs_streamed:
+            prompt_logprobs, self.prompt_logprobs_streamed = self.prompt_logprobs, True  # once
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs,
-                             self.finished, self.num_cached_tokens, self.error)
+                             self.finished, self.num_cached_tokens, self.error, prompt_logprobs)

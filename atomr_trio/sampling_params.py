@@ -29,13 +29,14 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
-    max_tokens: int | None = 16  # None: up to the context length
+    max_tokens: int | None = 16  # None: up to the context length; 0: score the prompt only
     min_tokens: int = 0
     stop: list[str] | str | None = None
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives; 0 = only the sampled token
+    prompt_logprobs: int | None = None  # the same for every prompt position after the first
     skip_special_tokens: bool = True
     priority: int = 0
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
@@ -66,7 +67,7 @@ class SamplingParams:
                 clean[_token_id("logit_bias", k)] = float(v)
             self.logit_bias = clean
         if self.max_tokens is not None:
-            _int_in("max_tokens", self.max_tokens, 1, 1 << 30)
+            _int_in("max_tokens", self.max_tokens, 0, 1 << 30)
         _int_in("min_tokens", self.min_tokens, 0, 1 << 30)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(
@@ -90,6 +91,8 @@ class SamplingParams:
             self.stop_token_ids = [_token_id("stop_token_ids", t) for t in self.stop_token_ids]
         if self.logprobs is not None:
             _int_in("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        if self.prompt_logprobs is not None:
+            _int_in("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
         _int_in("priority", self.priority, -(1 << 31), (1 << 31) - 1)
 
     @property

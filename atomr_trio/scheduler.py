@@ -4,6 +4,8 @@ Invariants (docs/architecture.md, "The engine step"):
 - There is no prefill or decode phase: each step spends a token budget, first on running
   sequences (one token each for decodes, or the next prompt chunk), then on waiting sequences
   in priority/FCFS order (chunked prefill).
+- A sequence with prompt-logprob entries still to compute takes no cached block past the row
+  its next entry needs: cached blocks carry K/V, not logits.
 - When blocks run out, the lowest-priority, most recently admitted running sequence is preempted:
   its blocks are freed and it goes back to the front of the waiting queue to be recomputed.
 - A sequence is in exactly one of `waiting` or `running` until it finishes; a finished or
@@ -94,6 +96,11 @@ class Scheduler:
             if not _leader_ready(seq):
                 break
             hits = self.bm.lookup(seq)
+            pending = seq.prompt_logprobs_next
+            if pending is not None:
+                # A cached block has no logits: compute every row from the one before the first
+                # missing prompt-logprob entry (a fresh request takes no cached block at all).
+                hits = hits[: (pending - 1) // self.bm.block_size]
             computed = len(hits) * self.bm.block_size
             n = min(seq.num_tokens - computed, budget)
             if not self.bm.can_allocate(seq, computed + n, hits):

@@ -2,7 +2,8 @@
 
 Invariant: `token_ids` (prompt + generated) is the whole truth of a sequence; the KV cache holds
 the first `num_computed_tokens` of them. Preemption only resets `num_computed_tokens` and the
-block table, so a preempted sequence is recomputed from its tokens and loses nothing.
+block table, so a preempted sequence is recomputed from its tokens and loses nothing; the prompt
+logprobs computed so far stay too, so a recompute neither repeats nor loses an entry.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .sampler import TokenLogprobs
 from .sampling_params import SamplingParams
 
 _seq_counter = itertools.count()
@@ -47,8 +49,14 @@ class Sequence:
     first_scheduled: float | None = None
     first_token: float | None = None
     last_token: float | None = None
+    # Sample 0 of a request asking for prompt logprobs: the entries of prompt positions 1, 2, ...
+    # computed so far (position 0 has none); shipped once, with the delta that ends the prompt.
+    prompt_logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs_sent: bool = False
 
     def __post_init__(self) -> None:
+        if self.params.prompt_logprobs is not None and self.index == 0:
+            self.prompt_logprobs = []
         if self.params.seed is not None and not self.params.greedy:
             self.generator = torch.Generator()
             self.generator.manual_seed((self.params.seed + self.index) & ((1 << 63) - 1))
@@ -64,6 +72,15 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def prompt_logprobs_next(self) -> int | None:
+        """The first prompt position whose logprob entry is still missing (its logits are those
+        of the row before it); None when nothing is pending."""
+        if self.prompt_logprobs is None:
+            return None
+        nxt = 1 + len(self.prompt_logprobs)
+        return nxt if nxt < self.num_prompt_tokens else None
 
     @property
     def is_finished(self) -> bool:

@@ -121,7 +121,8 @@ def llm32(make_llm: Callable[..., LLM]) -> LLM:
 
 
 class Reference:
-    """transformers' greedy decoding of the same GGUF, float32, with its raw logprobs."""
+    """transformers' greedy decoding of the same GGUF, float32, with its raw logprobs, and its
+    scoring of a whole prompt."""
 
     def __init__(self, model: Any) -> None:
         self.model = model
@@ -142,6 +143,12 @@ class Reference:
                 out = self.model(torch.tensor([[tok]]), past_key_values=out.past_key_values, use_cache=True)
             self._cache[key] = (tokens, logprobs)
         return self._cache[key]
+
+    @torch.no_grad()
+    def prompt_logprobs(self, ids: list[int]) -> torch.Tensor:
+        """log_softmax of every position's logits from one forward over the whole prompt:
+        row i scores the token at position i + 1."""
+        return torch.log_softmax(self.model(torch.tensor([ids])).logits[0].float(), dim=-1)
 
 
 @pytest.fixture(scope="session")

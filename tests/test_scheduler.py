@@ -185,6 +185,36 @@ def test_samples_of_a_request_wait_for_the_leader_prompt() -> None:
     assert sched.bm.prefix_hits == 8
 
 
+def test_prompt_logprobs_take_no_cached_block_past_their_next_row() -> None:
+    sched = make_scheduler()
+    tokens = [next(_fresh_tokens) for _ in range(6 * BS + 1)]
+    warm = make_seq(tokens, request_id="warm")
+    sched.add(warm)
+    step(sched)
+    sched.finish(warm, "stop")  # its 6 full blocks stay findable
+
+    def admit(seq: Sequence) -> int:
+        sched.add(seq)
+        _, items = step(sched)
+        computed_before = seq.num_computed_tokens - items[0][1]
+        sched.finish(seq, "stop")
+        return computed_before
+
+    plain = make_seq(tokens, request_id="plain")
+    assert admit(plain) == 6 * BS
+    asking = Sequence("ask", 0, list(tokens), len(tokens), SamplingParams(prompt_logprobs=1))
+    assert admit(asking) == 0  # every row from position 0 is needed
+    follower = Sequence("ask", 1, list(tokens), len(tokens), SamplingParams(prompt_logprobs=1))
+    assert follower.prompt_logprobs is None and admit(follower) == 6 * BS  # sample 0 scores the prompt
+    partial = Sequence("part", 0, list(tokens), len(tokens), SamplingParams(prompt_logprobs=1))
+    assert partial.prompt_logprobs is not None
+    partial.prompt_logprobs.extend([None] * (2 * BS + 2))  # type: ignore[list-item]  # entries 1..2*BS+2 exist
+    assert partial.prompt_logprobs_next == 2 * BS + 3
+    assert admit(partial) == 2 * BS  # row 2*BS+2 lies in block 2: the blocks before it come from the cache
+    partial.prompt_logprobs.extend([None] * (len(tokens) - len(partial.prompt_logprobs) - 1))  # type: ignore[list-item]
+    assert partial.prompt_logprobs_next is None and admit(partial) == 6 * BS  # nothing pending
+
+
 def test_finish_frees_blocks_from_either_queue_and_is_idempotent() -> None:
     sched = make_scheduler(num_blocks=8, max_num_seqs=1)
     running, waiting = make_seq(6, request_id="run"), make_seq(6, request_id="wait")

@@ -3,6 +3,7 @@ official `openai` client (sync and async) and raw HTTP."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 
@@ -83,7 +84,8 @@ def test_completions_prompt_forms(client: openai.OpenAI, server: Server) -> None
                                      temperature=0, echo=True, logprobs=2)
     assert [c.index for c in many.choices] == [0, 1]
     assert many.choices[0].text == "The sky is" + one.choices[0].text
-    assert len(many.choices[1].logprobs.token_logprobs) == 5
+    water = many.choices[1].logprobs.token_logprobs  # echo: the prompt's tokens come first, as vLLM
+    assert len(water) == len(_ids(server, prompt="Water is")) + 5 and water[0] is None
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model=MODEL, prompt="The sky is", max_tokens=5, temperature=0, stream=True) if c.choices)
     assert streamed == one.choices[0].text
@@ -145,3 +147,118 @@ def test_error_contract(client: openai.OpenAI, server: Server) -> None:
     # and it still serves
     r = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=30)
     assert r.choices[0].message.content == "The capital of France is Paris."
+
+
+# ---- scoring: prompt logprobs, echo, max_tokens=0 ---------------------------------------------
+
+STORY = ("Once upon a time, in a small village at the edge of a great forest, there lived an old "
+         "woodcutter and his three children. Every morning the woodcutter walked into the forest with "
+         "his axe, and every evening he came home tired, with a bundle of wood on his back.")
+
+
+def _post(server: Server, path: str, body: dict) -> httpx.Response:
+    return httpx.post(server.url + path, json={"model": MODEL, **body},
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+
+
+def _ids(server: Server, **what: object) -> list[int]:
+    return _post(server, "/tokenize", what).json()["tokens"]
+
+
+def _worst(token_logprobs: list, ids: list[int], reference) -> float:
+    """Largest |ours - transformers'| over the prompt tokens (the first has none: null)."""
+    assert len(token_logprobs) == len(ids) and token_logprobs[0] is None
+    want = reference.prompt_logprobs(ids)
+    return max(abs(token_logprobs[i] - float(want[i - 1, ids[i]])) for i in range(1, len(ids)))
+
+
+def test_completions_score_a_prompt_as_transformers(server: Server, reference) -> None:
+    """As lm-eval scores: echo + logprobs + max_tokens 0, the same again behind a warm prefix
+    cache, and with vLLM's prompt_logprobs; float32 logprobs within 1e-4 of transformers'."""
+    ids = _ids(server, prompt=STORY)
+    assert _post(server, "/v1/completions", {"prompt": STORY, "max_tokens": 1}).status_code == 200  # warm cache
+    scoring = {"prompt": STORY, "echo": True, "logprobs": 1, "max_tokens": 0}
+    first = _post(server, "/v1/completions", scoring).json()
+    choice = first["choices"][0]
+    assert choice["text"] == STORY and choice["finish_reason"] == "length"
+    assert first["usage"]["completion_tokens"] == 0
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # no logits in cached blocks
+    lp = choice["logprobs"]
+    assert _worst(lp["token_logprobs"], ids, reference) < 1e-4
+    assert lp["top_logprobs"][0] is None
+    for tok, own, top in zip(lp["tokens"][1:], lp["token_logprobs"][1:], lp["top_logprobs"][1:], strict=True):
+        assert top[tok] == own and 1 <= len(top) <= 2  # the token's own entry and the best one
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(len(ids))]
+    assert "".join(lp["tokens"]) == STORY
+
+    again = _post(server, "/v1/completions", scoring).json()
+    assert again["choices"][0]["logprobs"] == lp  # bit for bit
+
+    by_field = _post(server, "/v1/completions", {"prompt": STORY, "prompt_logprobs": 1, "max_tokens": 1,
+                                                  "temperature": 0}).json()["choices"][0]
+    plp = by_field["prompt_logprobs"]
+    assert plp[0] is None and len(plp) == len(ids) and by_field["logprobs"] is None
+    for i in range(1, len(ids)):
+        own = plp[i][str(ids[i])]
+        assert abs(own["logprob"] - lp["token_logprobs"][i]) <= 1e-6 and own["decoded_token"] == lp["tokens"][i]
+        assert sorted(x["rank"] for x in plp[i].values())[0] == 1 and own["rank"] >= 1
+
+    longer = STORY + " One day he found a golden key under the roots of an old oak."
+    longer_ids = _ids(server, prompt=longer)
+    shared = next((i for i, (a, b) in enumerate(zip(ids, longer_ids, strict=False)) if a != b), len(ids))
+    assert shared > 40
+    other = _post(server, "/v1/completions", {**scoring, "prompt": longer}).json()["choices"][0]["logprobs"]
+    assert _worst(other["token_logprobs"], longer_ids, reference) < 1e-4
+    for i in range(1, shared):
+        assert abs(other["token_logprobs"][i] - lp["token_logprobs"][i]) <= 1e-5
+
+    plain = _post(server, "/v1/completions", {"prompt": longer, "max_tokens": 1}).json()
+    assert plain["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # scoring filled the cache
+
+
+def test_completions_logprobs_details(client: openai.OpenAI, server: Server) -> None:
+    r = client.completions.create(model=MODEL, prompt="The sky is", max_tokens=4, temperature=0, logprobs=0)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == 4
+    for tok, own, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert top == {tok: own}  # logprobs 0: the sampled token's own entry
+    assert lp.text_offset == [0, *itertools.accumulate(len(t) for t in lp.tokens[:-1])]
+
+    echoed = client.completions.create(model=MODEL, prompt="The sky is", max_tokens=4, temperature=0, logprobs=2,
+                                       echo=True)
+    n_prompt = len(_ids(server, prompt="The sky is"))
+    elp = echoed.choices[0].logprobs
+    assert len(elp.tokens) == n_prompt + 4 and elp.token_logprobs[0] is None and elp.top_logprobs[0] is None
+    assert elp.tokens[n_prompt:] == lp.tokens and elp.token_logprobs[n_prompt:] == lp.token_logprobs
+    assert echoed.choices[0].text == "The sky is" + r.choices[0].text
+
+    chunks = [c for c in client.completions.create(model=MODEL, prompt="The sky is", max_tokens=4, temperature=0,
+                                                   logprobs=2, echo=True, stream=True) if c.choices]
+    assert "".join(c.choices[0].text for c in chunks) == echoed.choices[0].text
+    streamed = [x for c in chunks if c.choices[0].logprobs for x in c.choices[0].logprobs.token_logprobs]
+    assert streamed == elp.token_logprobs
+    offsets = [x for c in chunks if c.choices[0].logprobs for x in c.choices[0].logprobs.text_offset]
+    assert offsets == elp.text_offset
+
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="The sky is", max_tokens=0)  # as vLLM: echo only
+    assert e.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="The sky is", stream=True, extra_body={"prompt_logprobs": 1})
+    assert e.value.body["param"] == "prompt_logprobs"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="The sky is", extra_body={"prompt_logprobs": 21})
+    assert e.value.body["param"] == "prompt_logprobs"
+
+
+def test_chat_prompt_logprobs(server: Server, reference) -> None:
+    ids = _ids(server, messages=QUESTION)
+    r = _post(server, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 1, "temperature": 0,
+                                                "prompt_logprobs": 2}).json()
+    plp = r["prompt_logprobs"]
+    assert len(plp) == len(ids) == r["usage"]["prompt_tokens"]
+    assert _worst([None] + [e[str(t)]["logprob"] for e, t in zip(plp[1:], ids[1:], strict=True)], ids,
+                  reference) < 1e-4
+    assert all(sorted(x["rank"] for x in e.values())[:2] == [1, 2] for e in plp[1:])
+    assert _post(server, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 1}).json().get(
+        "prompt_logprobs") is None

@@ -242,7 +242,7 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
             raise APIError(400, str(e), param="messages") from None
         asked = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = body.sampling_params(budget(engine, len(ids), asked), logprobs)
+        params = body.sampling_params(budget(engine, len(ids), asked), logprobs, body.prompt_logprobs)
         dep.admit([(len(ids), params.n, params.max_tokens)])
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
@@ -257,7 +257,8 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
             "finish_reason": o.finish_reason,
         } for o in out.outputs]
         return {"id": rid, "object": "chat.completion", "created": int(time.time()),
-                "model": dep.name, "choices": choices, "usage": _usage([out])}
+                "model": dep.name, "choices": choices, "usage": _usage([out]),
+                "prompt_logprobs": _prompt_logprobs(out)}
 
     @app.post("/v1/completions")
     async def completions() -> Any:
@@ -280,8 +281,8 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
                 raise APIError(400, "prompt must not be empty", param="prompt")
             jobs.append((text, ids))
         rid = f"cmpl-{uuid.uuid4().hex}"
-        params_list = [body.sampling_params(budget(engine, len(ids), body.max_tokens), body.logprobs)
-                       for _, ids in jobs]
+        params_list = [body.sampling_params(budget(engine, len(ids), body.max_tokens), body.logprobs,
+                                            body.prompt_logprobs_k) for _, ids in jobs]
         dep.admit([(len(ids), p.n, p.max_tokens) for (_, ids), p in zip(jobs, params_list, strict=True)])
         if body.stream:
             keep.append(True)
@@ -308,8 +309,11 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
             for o in out.outputs:
                 choices.append({
                     "index": i * body.n + o.index, "text": prefix + o.text,
-                    "logprobs": _completion_logprobs(o, body.logprobs) if body.logprobs is not None else None,
+                    "logprobs": (_completion_logprobs(engine, o, body.logprobs,
+                                                      (ids, out.prompt_logprobs) if body.echo else None)
+                                 if body.logprobs is not None else None),
                     "finish_reason": o.finish_reason,
+                    "prompt_logprobs": _prompt_logprobs(out),
                 })
         metrics.count_request(dep.name, "success")
         return {"id": rid, "object": "text_completion", "created": int(time.time()),
@@ -464,21 +468,29 @@ async def _completion_stream(engine: AsyncLLM, body: CompletionRequest, rid: str
     generated = 0
     try:
         for i, ((text, ids), params) in enumerate(zip(jobs, params_list, strict=True)):
-            if body.echo:
-                prefix = text if text is not None else engine.tokenizer.decode(ids)
-                yield "".join(_event({**head, "choices": [{"index": i * body.n + k, "text": prefix,
-                                                           "logprobs": None, "finish_reason": None}]})
-                              for k in range(params.n))
+            prefix = (text if text is not None else engine.tokenizer.decode(ids)) if body.echo else ""
+            sent = [0] * params.n  # characters streamed per choice (text_offset)
+            echoed = [not body.echo] * params.n  # as vLLM: the prompt goes out with the first delta
+            scored = None  # the prompt's logprobs (they arrive in one delta)
             final = None
             async for delta in _deltas(engine, ids, params, f"{rid}-{i}", text, deadline):
                 final = delta
+                scored = scored or delta.prompt_logprobs
                 generated += sum(len(o.token_ids) for o in delta.outputs)
-                events = [_event({**head, "choices": [{
-                    "index": i * body.n + o.index, "text": o.text,
-                    "logprobs": (_completion_logprobs(o, params.logprobs)
-                                 if params.logprobs is not None else None),
-                    "finish_reason": o.finish_reason}]})
-                    for o in delta.outputs if o.text or o.finish_reason]
+                events = []
+                for o in delta.outputs:
+                    echo = not echoed[o.index]
+                    if not (echo or o.text or o.finish_reason or (o.logprobs and params.logprobs is not None)):
+                        continue
+                    out_text = prefix + o.text if echo else o.text
+                    events.append(_event({**head, "choices": [{
+                        "index": i * body.n + o.index, "text": out_text,
+                        "logprobs": (_completion_logprobs(engine, o, params.logprobs,
+                                                          (ids, scored) if echo else None, sent[o.index])
+                                     if params.logprobs is not None else None),
+                        "finish_reason": o.finish_reason}]}))
+                    echoed[o.index] = True
+                    sent[o.index] += len(out_text)
                 if events:
                     yield "".join(events)
             if final is not None:
@@ -523,10 +535,45 @@ def _chat_logprobs(o: CompletionOutput, k: int) -> dict[str, Any]:
                         for chosen, top in _entries(o, k)]}
 
 
-def _completion_logprobs(o: CompletionOutput, k: int) -> dict[str, Any]:
-    entries = _entries(o, k)
-    return {
-        "tokens": [c.decoded_token for c, _ in entries],
-        "token_logprobs": [c.logprob for c, _ in entries],
-        "top_logprobs": [{x.decoded_token or "": x.logprob for x in top} for _, top in entries],
-    }
+def _clamp(x: float) -> float:
+    return max(x, -9999.0)  # as vLLM: JSON has no -inf
+
+
+def _prompt_logprobs(out: RequestOutput) -> list[dict[str, dict[str, Any]] | None] | None:
+    """vLLM's `prompt_logprobs`: per prompt token {token_id: {logprob, rank, decoded_token}}."""
+    if out.prompt_logprobs is None:
+        return None
+    return [None if e is None else {str(t): {"logprob": _clamp(x.logprob), "rank": x.rank,
+                                            "decoded_token": x.decoded_token} for t, x in e.items()}
+            for e in out.prompt_logprobs]
+
+
+def _completion_logprobs(engine: AsyncLLM, o: CompletionOutput, k: int,
+                         prompt: tuple[list[int], list[dict[int, Logprob] | None] | None] | None = None,
+                         offset: int = 0) -> dict[str, Any]:
+    """OpenAI's completions logprobs for o's tokens, after the echoed prompt's (token ids and
+    prompt logprobs, whose first entry is None: null). `top_logprobs` holds the token's own
+    entry first, then the best others: k + 1 at most, as vLLM."""
+    pairs: list[tuple[int, dict[int, Logprob] | None]] = []
+    if prompt is not None:
+        ids, plp = prompt
+        pairs.extend(zip(ids, plp or [None] * len(ids), strict=True))
+    lps = o.logprobs or []
+    pairs.extend(zip(o.token_ids[len(o.token_ids) - len(lps):], lps, strict=True))
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    text_offset: list[int] = []
+    for tid, entry in pairs:
+        text_offset.append(offset)
+        if entry is None:
+            tokens.append(engine.tokenizer.decode([tid], skip_special_tokens=False))
+            token_logprobs.append(None)
+            top_logprobs.append(None)
+        else:
+            tokens.append(entry[tid].decoded_token or "")
+            token_logprobs.append(_clamp(entry[tid].logprob))
+            top_logprobs.append({x.decoded_token or "": _clamp(x.logprob) for x in list(entry.values())[: k + 1]})
+        offset += len(tokens[-1])
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+            "text_offset": text_offset}

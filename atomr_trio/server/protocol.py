@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..sampling_params import SamplingParams
 
@@ -57,8 +57,17 @@ class _Common(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    @model_validator(mode="after")
+    def _prompt_logprobs_not_streamed(self) -> Any:
+        if self.stream and self.prompt_logprobs:  # as vLLM: a stream has no place for them
+            raise APIError(400, "`prompt_logprobs` are not available when `stream=True`.",
+                           param="prompt_logprobs")
+        return self
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         try:
             return SamplingParams(
                 n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
@@ -67,6 +76,7 @@ class _Common(BaseModel):
                 logit_bias=dict(self.logit_bias) if self.logit_bias else None,  # type: ignore[arg-type]
                 max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop,
                 stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
                 skip_special_tokens=self.skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
             )
@@ -102,10 +112,23 @@ class ChatCompletionRequest(_Common):
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(default=16, ge=0)  # 0 (with echo): score the prompt only
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
     suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _generates_unless_echoed(self) -> Any:
+        if self.max_tokens == 0 and not self.echo:  # vLLM's answer too
+            raise APIError(400, "max_tokens must be at least 1, got 0.", param="max_tokens")
+        return self
+
+    @property
+    def prompt_logprobs_k(self) -> int | None:
+        """vLLM's rule: `prompt_logprobs`, or with `echo` the `logprobs` asked for the output."""
+        if self.prompt_logprobs is None and self.echo:
+            return self.logprobs
+        return self.prompt_logprobs
 
     @field_validator("prompt")
     @classmethod
