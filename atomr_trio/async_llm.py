@@ -155,7 +155,7 @@ async def open_engine(
     """Load a model and run its EngineCore in a nursery owned by this context manager."""
     cfg = engine_config(config, **kwargs)
     source = await trio.to_thread.run_sync(ModelSource.open, model)
-    resolved = cfg.resolve(source.config)
+    resolved = await trio.to_thread.run_sync(cfg.resolve, source.config)  # dtype=auto may probe kernels
     core = EngineCore(source, resolved)
     try:
         async with trio.open_nursery() as nursery:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .model import cpu_kernels
 from .model.config import ModelConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -77,13 +78,8 @@ class EngineConfig:
 
 
 def _cpu_has_fast_bf16() -> bool:
-    """Does torch's bfloat16 path beat float32 on this CPU? On x86 with AVX2 it does (oneDNN
-    widens bf16 in registers; a 2-core AVX2 EPYC ran decode steps 1.3-2x and prefill 2x faster
-    than float32, since steps are bound by reading weights), and with AVX512-BF16/AMX natively;
-    on Arm where the core has the BF16 extension."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx2", "avx512_bf16", "amx_bf16", "bf16"})
+    """Is bfloat16 faster than float32 on this CPU? Only where a bf16 matmul path beyond plain
+    torch passed its probe (cpu_kernels.py): with those, steps that are bound by reading weights
+    read half the bytes. Plain torch's bf16 matmul on an AVX2-only CPU is slower than its float32
+    one (measured: see `cpu_kernels.bf16_matmul_is_fast`), so such CPUs get float32."""
+    return cpu_kernels.bf16_matmul_is_fast()

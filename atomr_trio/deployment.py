@@ -133,7 +133,9 @@ class Deployment:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.coordinator.run)
                     for i, n_threads in enumerate(threads):
-                        cfg = self.spec.engine_config(n_threads).resolve(self.source.config)
+                        # off the Trio thread: `dtype=auto` may probe the CPU's bf16 kernels
+                        cfg = await trio.to_thread.run_sync(self.spec.engine_config(n_threads).resolve,
+                                                            self.source.config)
                         core = EngineCore(self.source, cfg, f"{self.name}/engine-{i}", self.name, self.metrics)
                         core.worker.fail_at_step = self.spec.fail_at_step
                         core.worker.fail_times = self.spec.fail_times

@@ -18,6 +18,7 @@ from conftest import kernel_path_unavailable
 from test_hf_dir import write_tiny_model
 
 from atomr_trio import LLM, SamplingParams
+from atomr_trio.config import EngineConfig
 from atomr_trio.model import cpu_kernels, native
 from atomr_trio.model.config import ModelConfig
 from atomr_trio.model.source import ModelSource
@@ -58,6 +59,24 @@ def test_the_switch_names_paths_per_part(monkeypatch: pytest.MonkeyPatch) -> Non
             cpu_kernels.forced()
     monkeypatch.setenv(cpu_kernels.ENV, "auto")
     assert cpu_kernels.forced() is None
+
+
+def test_auto_dtype_is_bf16_only_with_a_bf16_matmul_path_beyond_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    for forced, want in (("torch", "float32"), ("matmul=torch,ops=native", "float32"), ("onednn", "bfloat16"),
+                         ("native", "bfloat16")):
+        monkeypatch.setenv(cpu_kernels.ENV, forced)
+        assert EngineConfig().resolved_dtype() == want, forced
+    monkeypatch.delenv(cpu_kernels.ENV)
+    real = cpu_kernels.unavailable
+    for lacking in (("native",), ("onednn",), ("native", "onednn")):
+        cpu_kernels._probed_bf16_matmul.cache_clear()
+        monkeypatch.setattr(cpu_kernels, "unavailable", lambda part, path, dtype, cfg=None, lacking=lacking:
+                            "lacks it" if path in lacking else real(part, path, dtype, cfg))
+        others = {"native", "onednn"} - set(lacking)  # bf16 if one of them runs on this machine
+        expect = "bfloat16" if any(real("matmul", p, torch.bfloat16) is None for p in others) else "float32"
+        assert EngineConfig().resolved_dtype() == expect, lacking
+        assert EngineConfig(dtype="bfloat16").resolved_dtype() == "bfloat16"  # asked for: always honoured
+    cpu_kernels._probed_bf16_matmul.cache_clear()
 
 
 def test_each_forced_path_is_the_plan(kernel_path: str, tiny_cfg: ModelConfig) -> None:
@@ -171,13 +190,16 @@ def test_an_avx2_only_cpu_serves_bf16(tiny_dir: Path, tmp_path: Path) -> None:
            "ATOMR_TRIO_NATIVE_ARCH": "haswell"}
     env.pop(cpu_kernels.ENV, None)
     script = ("import json, logging, sys\nfrom atomr_trio import LLM, SamplingParams\n"
+              "from atomr_trio.config import EngineConfig\n"
               "logging.basicConfig(level='INFO')\n"
+              "print(json.dumps(EngineConfig().resolved_dtype()))\n"
               "with LLM(sys.argv[1], dtype='bfloat16', max_model_len=256, num_kv_blocks=64) as llm:\n"
               "    out = llm.generate(['hello there'], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)\n"
               "    print(json.dumps([llm.stats()['kernels'], out[0].outputs[0].token_ids]))\n")
     done = subprocess.run([sys.executable, "-c", script, str(tiny_dir)], env=env, capture_output=True,
                           text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.splitlines()[0]) == "float32"  # dtype=auto: plain torch bf16 is slower
     kernels, tokens = json.loads(done.stdout.splitlines()[-1])
     assert kernels == "matmul=torch, ops=native" and len(tokens) == 8
     assert "not matmul onednn: its probe raised RuntimeError" in done.stderr

@@ -120,7 +120,11 @@ def choose(cfg: ModelConfig, dtype: torch.dtype) -> KernelPlan:
 
 def bf16_matmul_is_fast() -> bool:
     """Whether `dtype=auto` should pick bfloat16 on this CPU: a bf16 matmul path other than plain
-    torch runs here (forced, or passing its probe). MEASURED_BF16_VS_FLOAT32 has the figures."""
+    torch runs here (forced, or passing its probe). With one, bf16 halves the bytes read per step
+    and its matmuls are faster than float32's (16 rows x 576 -> 1536, one thread, 2-core Zen 4:
+    bf16 0.22 ms vs float32 0.43 ms). Without one, plain torch's bf16 matmul is the slower: the
+    same machine with oneDNN, ATen and MKL capped at AVX2 (what an AVX2-only CPU runs) took 1.42 ms
+    in bf16 vs 0.37 ms in float32 at 16 rows, 9.9 vs 1.5 ms at 64 rows, 0.10 vs 0.07 ms at one."""
     force = forced()
     if force:
         return force["matmul"] != "torch"

@@ -13,13 +13,15 @@ context out of the paged cache before a batch of tiny matmuls.
   the other kernels are compiled out (their portable loops remain).
 
 How: the system C++ compiler builds the sources against torch's own headers and libraries with
-`-O3 -march=native` into one library, in a cache directory keyed by the sources, torch's
+`-O3 -march=native` (or the -march in ATOMR_TRIO_NATIVE_ARCH) into one library, in a cache directory keyed by the sources, torch's
 version, the compiler and the CPU, so a machine builds once (~30 s on 2 cores, one compiler
 per source at once) and every later process loads the library. It is written under a
 temporary name and renamed, so processes building at once never load a half-written file.
-With no compiler, a failed build, or ATOMR_TRIO_NATIVE=0, nothing is loaded and llama.py /
-attention.py / linear.py keep their torch path (same results to rounding; the native kernels
-keep float32 sums and round once, so they are the closer of the two to exact arithmetic).
+The sources use x86 intrinsics: on other CPUs (Arm) nothing is built. With no compiler, a failed
+build, or ATOMR_TRIO_NATIVE=0, nothing is loaded. Whether a loaded op is then used is
+cpu_kernels.py's choice (each is probed first); otherwise llama.py / attention.py / linear.py keep
+their torch path (same results to rounding; the native kernels keep float32 sums and round once,
+so they are the closer of the two to exact arithmetic).
 """
 
 from __future__ import annotations
