@@ -13,9 +13,9 @@ context out of the paged cache before a batch of tiny matmuls.
   the other kernels are compiled out (their portable loops remain).
 
 How: the system C++ compiler builds the sources against torch's own headers and libraries with
-`-O3 -march=native` (or the -march in ATOMR_TRIO_NATIVE_ARCH) into one library, in a cache directory keyed by the sources, torch's
-version, the compiler and the CPU, so a machine builds once (~30 s on 2 cores, one compiler
-per source at once) and every later process loads the library. It is written under a
+`-O3 -march=native` (or the -march in ATOMR_TRIO_NATIVE_ARCH) into one library, in a cache
+directory keyed by the sources, torch's version, the compiler and the CPU, so a machine builds
+once (~30 s on 2 cores, one compiler per source at once) and every later process loads it. It is written under a
 temporary name and renamed, so processes building at once never load a half-written file.
 The sources use x86 intrinsics: on other CPUs (Arm) nothing is built. With no compiler, a failed
 build, or ATOMR_TRIO_NATIVE=0, nothing is loaded. Whether a loaded op is then used is
