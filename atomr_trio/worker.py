@@ -56,8 +56,7 @@ class Context:
             mc.num_layers, 2, mc.num_kv_heads, cfg.num_kv_blocks * cfg.block_size, mc.head_dim,
             dtype=cfg.torch_dtype, device=cfg.device,
         )
-        eos = tuple(sorted(set(source.tokenizer.eos_token_ids) | set(mc.eos_token_ids)))
-        self.runner = ModelRunner(model, kv, cfg.block_size, Sampler(eos, rng))
+        self.runner = ModelRunner(model, kv, cfg.block_size, Sampler(source.eos_token_ids, rng))
 
     def execute(self, batch: StepBatch) -> StepResult:
         self.steps += 1

@@ -83,3 +83,26 @@ async def test_each_engine_draws_its_own_stream_from_its_seed(tiny_source: Model
     # data-parallel replicas of one deployment get different seeds, hence different streams
     spec = DeploymentSpec(name="m")
     assert len({spec.engine_config(1, i).seed for i in range(4)}) == 4
+
+
+# ---- one EOS set -----------------------------------------------------------------------------
+async def test_an_eos_id_only_the_model_config_lists_ends_requests_everywhere(tiny_source: ModelSource) -> None:
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    async with engine_on(tiny_source) as engine:
+        free_run = tokens(await engine.generate_one(prompt(), greedy))
+    k = next(i for i in range(2, 8) if free_run[i] not in free_run[:i])
+    extra = free_run[k]  # the greedy run's (k+1)-th token becomes an EOS the tokenizer does not know
+    config = dataclasses.replace(tiny_source.config, eos_token_ids=(*tiny_source.config.eos_token_ids, extra))
+    source = dataclasses.replace(tiny_source, config=config)
+    assert extra not in source.tokenizer.eos_token_ids and extra in source.eos_token_ids
+    async with engine_on(source) as engine:
+        out = (await engine.generate_one(prompt(), SamplingParams(temperature=0, max_tokens=8))).outputs[0]
+        # the engine stops on it and the tracker names it
+        assert out.token_ids == free_run[: k + 1]
+        assert (out.finish_reason, out.stop_reason) == ("stop", extra)
+        # the sampler holds it back until min_tokens
+        held = (await engine.generate_one(prompt(), SamplingParams(temperature=0, max_tokens=k + 2,
+                                                                   min_tokens=k + 2))).outputs[0]
+        assert held.token_ids[:k] == free_run[:k] and extra not in held.token_ids
+        assert held.finish_reason == "length"
+        assert tokens(await engine.generate_one(prompt(), greedy)) == free_run  # ignore_eos goes through it
