@@ -399,6 +399,7 @@ class EngineCore:
         return {
             "name": self.name,
             "state": self.state,
+            "num_requests": len(self._requests),  # live requests (any sample not finished)
             "num_requests_running": self.num_running,
             "num_requests_waiting": self.num_waiting,
             "kv_cache_usage": bm.usage,

@@ -31,16 +31,19 @@ engine_core.EngineCore.__init__ = _tracking_init  # type: ignore[method-assign]
 @pytest.fixture(autouse=True)
 def no_block_leaks() -> Iterator[None]:
     """After every test: each engine's free blocks == total blocks (cached-but-free count as
-    free) and nothing is queued. Aborts are messages, so allow the engine a moment to take them."""
+    free), nothing is queued and its request table is empty. Aborts are messages, so allow the
+    engine a moment to take them."""
     yield
     deadline = time.monotonic() + 5.0
     for core in list(_ENGINES):
         bm = core.block_manager
-        while bm.num_free_blocks != bm.num_blocks or core.scheduler.has_work():
+        while (bm.num_free_blocks != bm.num_blocks or core.scheduler.has_work()
+               or core.snapshot()["num_requests"]):
             if time.monotonic() > deadline:
                 pytest.fail(
-                    f"{core.name} leaked KV blocks: {bm.num_free_blocks} free of {bm.num_blocks}, "
-                    f"{core.num_running} running, {core.num_waiting} waiting"
+                    f"{core.name} leaked: {bm.num_free_blocks} free KV blocks of {bm.num_blocks}, "
+                    f"{core.num_running} running, {core.num_waiting} waiting, "
+                    f"{core.snapshot()['num_requests']} requests in its table"
                 )
             time.sleep(0.01)
 

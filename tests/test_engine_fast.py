@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 import torch
@@ -106,3 +106,33 @@ async def test_an_eos_id_only_the_model_config_lists_ends_requests_everywhere(ti
         assert held.token_ids[:k] == free_run[:k] and extra not in held.token_ids
         assert held.finish_reason == "length"
         assert tokens(await engine.generate_one(prompt(), greedy)) == free_run  # ignore_eos goes through it
+
+
+# ---- requests leave the engine exactly once ------------------------------------------------------
+async def test_finished_requests_leave_the_table_and_are_counted_exactly(tiny_source: ModelSource) -> None:
+    async with engine_on(tiny_source, max_num_seqs=4) as engine:
+        core = engine.core
+
+        async def run(i: int, params: SamplingParams) -> None:
+            await engine.generate_one(prompt(i), params)
+
+        async def walk_away(i: int) -> None:
+            params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+            async with aclosing(engine.generate(prompt(i), params)) as stream:
+                async for out in stream:
+                    if len(tokens(out)) >= 2:
+                        break
+
+        async with trio.open_nursery() as nursery:
+            for i in range(5):  # more requests than batch slots: some wait
+                nursery.start_soon(run, i, SamplingParams(temperature=0, max_tokens=3 + i, ignore_eos=True))
+            nursery.start_soon(run, 5, SamplingParams(n=2, temperature=1.0, max_tokens=4, ignore_eos=True))
+            nursery.start_soon(run, 6, SamplingParams(temperature=0, stop_token_ids=list(range(256))))
+            nursery.start_soon(walk_away, 7)
+            nursery.start_soon(walk_away, 8)
+        # The walk-aways' aborts are messages: a request sent after them is handled after them.
+        await run(9, SamplingParams(temperature=0, max_tokens=2))
+        snap = engine.stats()
+        assert snap["num_requests"] == 0, "a finished request stayed in the engine's request table"
+        assert (snap["num_requests_running"], snap["num_requests_waiting"]) == (0, 0)
+        assert core.stats.finished == {"length": 5 + 2 + 1, "stop": 1, "abort": 2}  # one count per sample
