@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
+import pytest
 import torch
 import trio
 
@@ -17,7 +18,10 @@ from atomr_trio import SamplingParams
 from atomr_trio.async_llm import AsyncLLM, engine_config
 from atomr_trio.deployment import DeploymentSpec
 from atomr_trio.engine_core import EngineCore
+from atomr_trio.messages import AddRequest, SeqDelta
 from atomr_trio.model.source import ModelSource
+from atomr_trio.outbox import Outbox
+from atomr_trio.sequence import SeqStatus
 
 
 @asynccontextmanager
@@ -136,3 +140,63 @@ async def test_finished_requests_leave_the_table_and_are_counted_exactly(tiny_so
         assert snap["num_requests"] == 0, "a finished request stayed in the engine's request table"
         assert (snap["num_requests_running"], snap["num_requests_waiting"]) == (0, 0)
         assert core.stats.finished == {"length": 5 + 2 + 1, "stop": 1, "abort": 2}  # one count per sample
+
+
+# ---- aborts ---------------------------------------------------------------------------------------
+async def test_abort_mid_generation_frees_every_block_at_once(tiny_source: ModelSource) -> None:
+    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    short = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    async with engine_on(tiny_source, enable_prefix_caching=False) as engine:
+        core, bm = engine.core, engine.core.block_manager
+        other_alone = tokens(await engine.generate_one(prompt(1), short))
+        outbox: Outbox[SeqDelta] = Outbox()
+        await core.add(AddRequest("victim", prompt(0, 40)["prompt_token_ids"], params, outbox))
+        other: list[int] = []
+
+        async def run_other() -> None:
+            other.extend(tokens(await engine.generate_one(prompt(1), short)))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_other)
+            generated = 0
+            while generated < 3:
+                generated += sum(len(d.new_token_ids) for d in await outbox.get())
+            (victim,) = [s for s in core.scheduler.running if s.request_id == "victim"]
+            assert len(victim.block_table) >= 3
+            await core.abort("victim")
+            final: list[SeqDelta] = []
+            while not final:
+                final = [d for d in await outbox.get() if d.finish_reason is not None]
+            # The engine handled the abort between two steps: every block of the victim is free
+            # now, not when a later step or a cleanup gets to it.
+            assert final[0].finish_reason == "abort"
+            assert victim.status is SeqStatus.FINISHED and victim.block_table == []
+            assert victim not in core.scheduler.running + core.scheduler.waiting
+            held = {b for s in core.scheduler.running for b in s.block_table}
+            assert bm.num_free_blocks + len(held) == bm.num_blocks
+        assert other == other_alone  # the batch it left went on undisturbed
+        assert engine.stats()["num_requests"] == 0 and bm.num_free_blocks == bm.num_blocks
+        assert core.stats.finished == {"length": 2, "abort": 1}
+
+
+@pytest.mark.parametrize("how", ["break", "cancel"])
+async def test_the_owner_aborts_a_request_whose_consumer_walked_away(tiny_source: ModelSource, how: str) -> None:
+    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    async with engine_on(tiny_source) as engine:
+        core = engine.core
+        if how == "break":  # the consumer stops reading and closes the stream
+            async with aclosing(engine.generate(prompt(), params)) as stream:
+                async for out in stream:
+                    if len(tokens(out)) >= 3:
+                        break
+        else:  # the consumer is cancelled (an HTTP client that disconnected) while it waits
+            with trio.CancelScope() as scope:
+                async for out in engine.generate(prompt(), params):
+                    if len(tokens(out)) >= 3:
+                        scope.cancel()
+        await wait_until(lambda: engine.stats()["num_requests"] == 0, timeout=2.0)
+        assert core.stats.finished == {"abort": 1}
+        assert core.block_manager.num_free_blocks == core.block_manager.num_blocks
+        steps = core.stats.steps
+        await trio.sleep(0.2)
+        assert core.stats.steps == steps  # the engine stopped working on it
