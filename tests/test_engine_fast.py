@@ -200,3 +200,34 @@ async def test_the_owner_aborts_a_request_whose_consumer_walked_away(tiny_source
         steps = core.stats.steps
         await trio.sleep(0.2)
         assert core.stats.steps == steps  # the engine stopped working on it
+
+
+# ---- chunked prefill through the scheduler ------------------------------------------------------
+async def test_a_small_token_budget_splits_prompts_without_changing_tokens_or_logprobs(
+        tiny_source: ModelSource) -> None:
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=5)
+    prompts = [prompt(i, n) for i, n in ((0, 23), (1, 11), (2, 30))]
+
+    async def run_all(**settings: Any) -> tuple[list[Any], dict[str, Any]]:
+        async with engine_on(tiny_source, block_size=4, enable_prefix_caching=False, **settings) as engine:
+            outs: list[Any] = [None] * len(prompts)
+
+            async def one(i: int) -> None:
+                outs[i] = (await engine.generate_one(prompts[i], params)).outputs[0]
+
+            async with trio.open_nursery() as nursery:  # at once: decodes and prompt chunks mix
+                for i in range(len(prompts)):
+                    nursery.start_soon(one, i)
+            return outs, engine.stats()
+
+    whole, _ = await run_all()
+    chunked, stats = await run_all(max_num_batched_tokens=8)
+    # every prompt was split, and steps mixed sequences (decodes with prompt chunks)
+    assert stats["steps"] >= sum(len(p["prompt_token_ids"]) for p in prompts) // 8
+    assert stats["multi_seq_steps"] > 0
+    for w, c in zip(whole, chunked, strict=True):
+        assert c.token_ids == w.token_ids
+        for lw, lc in zip(w.logprobs, c.logprobs, strict=True):
+            assert lw.keys() == lc.keys()
+            for tok in lw:
+                assert lc[tok].logprob == pytest.approx(lw[tok].logprob, abs=1e-4)
