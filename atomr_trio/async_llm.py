@@ -107,7 +107,7 @@ class AsyncLLM:
         self.check_request(ids, params)
         rid = request_id or f"req-{next(_request_counter)}-{uuid.uuid4().hex[:8]}"
         outbox: Outbox[SeqDelta] = Outbox()
-        tracker = RequestTracker(rid, text, ids, params, self.tokenizer)
+        tracker = RequestTracker(rid, text, ids, params, self.tokenizer, self.source.eos_token_ids)
         await self.core.add(AddRequest(rid, ids, params, outbox))
         try:
             while not tracker.finished:

@@ -29,7 +29,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # overrides kv_cache_memory_bytes
     enable_prefix_caching: bool = True
     torch_threads: int | None = None  # default: all cores of this process
-    seed: int = 0
+    seed: int = 0  # seeds this engine's own generator for unseeded sampling (the global torch RNG is untouched)
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:

@@ -66,10 +66,14 @@ class DeploymentSpec(BaseModel):
         default=None, ge=1, description="test hook: a device Context fails at its N-th engine step")
     fail_times: int = Field(default=1, ge=1, description="test hook: how many Contexts in a row fail")
 
-    def engine_config(self, torch_threads: int | None) -> EngineConfig:
+    def engine_config(self, torch_threads: int | None, replica: int = 0) -> EngineConfig:
+        """Replica i's settings. Its seed is i, so the replicas' generators for unseeded sampling
+        draw different streams (with one seed, requests routed alike would get the same tokens),
+        and a restarted server draws the same streams again."""
         return EngineConfig(dtype=self.dtype, max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
                             max_num_batched_tokens=self.max_num_batched_tokens, block_size=self.block_size,
-                            kv_cache_memory_bytes=self.kv_cache_memory_bytes, torch_threads=torch_threads)
+                            kv_cache_memory_bytes=self.kv_cache_memory_bytes, torch_threads=torch_threads,
+                            seed=replica)
 
 
 class DeploymentUnavailable(Exception):
@@ -134,7 +138,7 @@ class Deployment:
                     await nursery.start(self.coordinator.run)
                     for i, n_threads in enumerate(threads):
                         # off the Trio thread: `dtype=auto` may probe the CPU's bf16 kernels
-                        cfg = await trio.to_thread.run_sync(self.spec.engine_config(n_threads).resolve,
+                        cfg = await trio.to_thread.run_sync(self.spec.engine_config(n_threads, i).resolve,
                                                             self.source.config)
                         core = EngineCore(self.source, cfg, f"{self.name}/engine-{i}", self.name, self.metrics)
                         core.worker.fail_at_step = self.spec.fail_at_step

@@ -74,7 +74,7 @@ class EngineCore:
         self.cfg = cfg
         self.source = source
         self.vocab_size = source.config.vocab_size
-        self.eos_token_ids = frozenset(source.tokenizer.eos_token_ids) | set(source.config.eos_token_ids)
+        self.eos_token_ids = frozenset(source.eos_token_ids)
         self.block_manager = BlockManager(cfg.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.worker = Worker(source, cfg, name)
@@ -424,6 +424,7 @@ class EngineCore:
             "name": self.name,
             "state": self.state,
             "kernels": self.worker.kernels,
+            "num_requests": len(self._requests),  # live requests (any sample not finished)
             "num_requests_running": self.num_running,
             "num_requests_waiting": self.num_waiting,
             "kv_cache_usage": bm.usage,

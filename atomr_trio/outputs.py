@@ -7,6 +7,7 @@ could still turn out to be the start of a stop string.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from .detokenizer import IncrementalDetokenizer
@@ -78,6 +79,7 @@ class RequestTracker:
     prompt_token_ids: list[int]
     params: SamplingParams
     tokenizer: Tokenizer
+    eos_token_ids: Collection[int]  # the model's whole EOS set (ModelSource.eos_token_ids)
     samples: list[_Sample] = field(default_factory=list)
     num_cached_tokens: int = 0
     error: str | None = None
@@ -152,7 +154,7 @@ class RequestTracker:
 
     def _is_stop_token(self, s: _Sample) -> bool:
         last = s.out.token_ids[-1]
-        return last in (self.params.stop_token_ids or ()) or last in self.tokenizer.eos_token_ids
+        return last in (self.params.stop_token_ids or ()) or last in self.eos_token_ids
 
     def _entry(self, lp: TokenLogprobs) -> dict[int, Logprob]:
         """vLLM's shape: the token's own entry first, then the top alternatives by rank."""

@@ -4,7 +4,9 @@ Invariants:
 - Every operation is over the whole [rows, vocab] tensor; Python loops run over rows only for
   per-request state that cannot be batched (a seeded generator, a sparse logit_bias).
 - A seeded row draws its randomness from its own generator alone, so its tokens do not depend
-  on what else is in the batch.
+  on what else is in the batch. Unseeded rows draw from the sampler's generator (one per
+  engine, seeded from `EngineConfig.seed`); the process-wide torch RNG is never read or reseeded,
+  so the user's own torch code and other engines in the process are not disturbed.
 - Returned logprobs are log-softmax of the model's raw logits (before penalties, temperature and
   truncation), as vLLM and OpenAI report them.
 """
@@ -42,8 +44,10 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: tuple[int, ...]) -> None:
+    def __init__(self, eos_token_ids: tuple[int, ...], generator: torch.Generator | None = None) -> None:
         self.eos_token_ids = list(eos_token_ids)
+        # For rows without a seed of their own; never torch's global generator.
+        self.generator = generator if generator is not None else torch.Generator()
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SamplerOutput:
@@ -78,7 +82,7 @@ class Sampler:
             scaled = self._truncate(scaled, rows)
             probs = torch.softmax(scaled, dim=-1)
             # Exponential race: argmax(p / E) with E ~ Exp(1) is a sample from p.
-            noise = torch.empty_like(probs).exponential_()
+            noise = torch.empty_like(probs).exponential_(generator=self.generator)
             for i, r in enumerate(rows):
                 if r.generator is not None:
                     noise[i].exponential_(generator=r.generator)

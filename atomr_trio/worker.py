@@ -43,7 +43,7 @@ class Context:
         self.steps = 0
         self.fail_at_step = fail_at_step
         self.broken = False
-        torch.manual_seed(cfg.seed)
+        rng = torch.Generator(device=cfg.device).manual_seed(cfg.seed)  # this engine's own, for unseeded rows
         mc = source.config
         model = LlamaModel(mc, cfg.torch_dtype, cfg.max_model_len)
         model.load_weights(source.weights(), source.path)
@@ -56,8 +56,7 @@ class Context:
             mc.num_layers, 2, mc.num_kv_heads, cfg.num_kv_blocks * cfg.block_size, mc.head_dim,
             dtype=cfg.torch_dtype, device=cfg.device,
         )
-        eos = tuple(sorted(set(source.tokenizer.eos_token_ids) | set(mc.eos_token_ids)))
-        self.runner = ModelRunner(model, kv, cfg.block_size, Sampler(eos))
+        self.runner = ModelRunner(model, kv, cfg.block_size, Sampler(source.eos_token_ids, rng))
 
     def execute(self, batch: StepBatch) -> StepResult:
         self.steps += 1

@@ -35,7 +35,7 @@ def write_hf_dir(out: Path) -> Path:
     config.architectures = ["LlamaForCausalLM"]
     config.save_pretrained(out)
     AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
-    eos = sorted(set(source.tokenizer.eos_token_ids) | set(source.config.eos_token_ids))
+    eos = list(source.eos_token_ids)
     GenerationConfig(eos_token_id=eos, bos_token_id=source.tokenizer.bos_token_id).save_pretrained(out)
     tensors = {}
     for name, arr, _ in source.weights():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,16 +32,19 @@ engine_core.EngineCore.__init__ = _tracking_init  # type: ignore[method-assign]
 @pytest.fixture(autouse=True)
 def no_block_leaks() -> Iterator[None]:
     """After every test: each engine's free blocks == total blocks (cached-but-free count as
-    free) and nothing is queued. Aborts are messages, so allow the engine a moment to take them."""
+    free), nothing is queued and its request table is empty. Aborts are messages, so allow the
+    engine a moment to take them."""
     yield
     deadline = time.monotonic() + 5.0
     for core in list(_ENGINES):
         bm = core.block_manager
-        while bm.num_free_blocks != bm.num_blocks or core.scheduler.has_work():
+        while (bm.num_free_blocks != bm.num_blocks or core.scheduler.has_work()
+               or core.snapshot()["num_requests"]):
             if time.monotonic() > deadline:
                 pytest.fail(
-                    f"{core.name} leaked KV blocks: {bm.num_free_blocks} free of {bm.num_blocks}, "
-                    f"{core.num_running} running, {core.num_waiting} waiting"
+                    f"{core.name} leaked: {bm.num_free_blocks} free KV blocks of {bm.num_blocks}, "
+                    f"{core.num_running} running, {core.num_waiting} waiting, "
+                    f"{core.snapshot()['num_requests']} requests in its table"
                 )
             time.sleep(0.01)
 
@@ -85,6 +89,22 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         skipped = [o for o in outcomes if o != "ran"]
         why = f"; skipped {len(skipped)}: {skipped[0].removeprefix('skipped ')}" if skipped else ""
         terminalreporter.write_line(f"{path}: ran {ran} test(s){why}")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen2 (2 layers, hidden 64, 258 tokens; test_hf_dir.write_tiny_model) for
+    fast engine, runner and gateway tests: it loads in well under a second."""
+    from test_hf_dir import write_tiny_model
+
+    path = tmp_path_factory.mktemp("tiny-model")
+    write_tiny_model(path, "qwen2", seed=7)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_source(tiny_model_dir: Path) -> ModelSource:
+    return ModelSource.open(str(tiny_model_dir))
 
 
 @pytest.fixture(scope="session")

@@ -127,6 +127,28 @@ def test_prefix_hash_chains_the_whole_prefix() -> None:
     assert bm.lookup(c) == a.block_table[:1]
 
 
+def test_a_cached_block_is_found_only_behind_the_same_whole_prefix() -> None:
+    # The case above stops at its first block's miss, so it cannot tell a chained hash from a
+    # per-block one; here the first block hits, and the second block's tokens are cached, but
+    # behind another prefix.
+    bm = BlockManager(16, BS)
+    a = make_seq([1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 0])
+    admit(bm, a)
+    compute(bm, a)
+    d = make_seq([9, 9, 9, 9, 0], "d")
+    admit(bm, d)
+    compute(bm, d)
+    # Second block equal to a's second block, first block equal to d's: only the first hits.
+    b = make_seq([9, 9, 9, 9, 2, 2, 2, 2, 0], "b")
+    assert bm.lookup(b) == d.block_table[:1]
+    # a's first block, then a's third block at position two: only the first hits.
+    c = make_seq([1, 1, 1, 1, 3, 3, 3, 3, 0], "c")
+    assert bm.lookup(c) == a.block_table[:1]
+    # and admission computes everything after the hit
+    admit(bm, b)
+    assert b.num_computed_tokens == BS and b.block_table[1] not in a.block_table
+
+
 def test_lookup_leaves_at_least_one_token_to_compute() -> None:
     bm = BlockManager(16, BS)
     tokens = list(range(8))

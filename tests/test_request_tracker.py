@@ -29,7 +29,7 @@ def tok() -> Tokenizer:
 
 
 def make_tracker(tok: Tokenizer, params: SamplingParams, prompt: str = "Q: ") -> RequestTracker:
-    return RequestTracker("req", prompt, tok.encode(prompt), params, tok)
+    return RequestTracker("req", prompt, tok.encode(prompt), params, tok, tok.eos_token_ids)
 
 
 def stream(
@@ -177,3 +177,13 @@ def test_logprobs_are_collected_per_token(tok: Tokenizer) -> None:
     out = tr.output()
     assert out.outputs[0].cumulative_logprob == pytest.approx(-1.5)
     assert out.num_cached_tokens == 4
+
+
+def test_an_eos_the_tokenizer_does_not_know_is_still_the_stop_reason(tok: Tokenizer) -> None:
+    # A model config may list EOS ids beyond the tokenizer's (ModelSource.eos_token_ids): the
+    # tracker must judge the engine's "stop" by the same set the engine stopped on.
+    bang = tok.encode("!")[0]
+    tr = RequestTracker("req", "Q: ", tok.encode("Q: "), SamplingParams(), tok, (*tok.eos_token_ids, bang))
+    stream(tr, tok.encode("wow!"), finish="stop")
+    o = tr.output().outputs[0]
+    assert (o.finish_reason, o.stop_reason) == ("stop", bang)

@@ -168,6 +168,45 @@ def test_preemption_picks_the_lowest_priority_before_the_latest() -> None:
     assert low.block_table == [] and low.num_computed_tokens == 0
 
 
+def test_preemption_order_with_priorities_mixed_into_admission_order() -> None:
+    """Victims come from the sequences not yet scheduled this step, highest priority value
+    first, the latest admitted among equals; they wait again in (priority, arrival) order."""
+    sched = make_scheduler(num_blocks=6, max_num_seqs=8)
+    bm = sched.bm
+    seqs = {}
+    for name, length, priority in (("A", 4, 0), ("B", 2, 1), ("C", 2, 1), ("D", 3, 0)):
+        seqs[name] = make_seq(length, priority=priority, request_id=name)
+        sched.add(seqs[name])
+        step(sched)  # admitted one per step: running is A, B, C, D with priorities 0, 1, 1, 0
+    a, b, c, d = (seqs[k] for k in "ABCD")
+    step(sched)
+    assert sched.running == [a, b, c, d] and bm.num_free_blocks == 0
+    assert [len(s.block_table) for s in (a, b, c, d)] == [2, 2, 1, 1]
+    tokens_before = {k: list(s.token_ids) for k, s in seqs.items()}
+
+    # A needs a third block: the victim is C (priority 1, admitted after B), not D (latest) nor
+    # B (earlier among the priority-1 ones). B fits; D then needs a block, and only D itself is
+    # left unscheduled, so D yields, never A or B, which this step already computes.
+    out, items = step(sched)
+    assert out.preempted == [c, d]
+    assert [s for s, _, _ in items] == [a, b]
+    assert sched.running == [a, b]
+    assert all(not s.block_table and s.num_computed_tokens == 0 for s in (c, d))
+    e = make_seq(2, priority=0, request_id="E")
+    sched.add(e)
+    assert sched.waiting == [d, e, c]  # D keeps its arrival: ahead of the later E; C is priority 1
+
+    for s in (a, b):
+        sched.finish(s, "stop")
+    _, items = step(sched)
+    assert [(s, samples) for s, _, samples in items] == [(d, True), (e, True), (c, True)]
+    for k, s in (("C", c), ("D", d)):  # recomputed from their tokens: nothing generated was lost
+        assert s.token_ids[:-1] == tokens_before[k] and s.num_computed_tokens == len(tokens_before[k])
+    for s in (c, d, e):
+        sched.finish(s, "stop")
+    assert bm.num_free_blocks == bm.num_blocks
+
+
 def test_samples_of_a_request_wait_for_the_leader_prompt() -> None:
     sched = make_scheduler(budget=4)
     prompt = list(range(10))

@@ -64,6 +64,13 @@ class ModelSource:
             return ModelSource(path, name, cfg, tok, "gguf", g)
         raise ModelLoadError(f"{path}: no such model file or directory")
 
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every token id that ends a sequence: the tokenizer's (its first one first) and the model
+        config's. The one EOS set: the engine stops on it, the sampler holds it back before
+        min_tokens and the RequestTracker reports it as the stop reason."""
+        return tuple(dict.fromkeys((*self.tokenizer.eos_token_ids, *self.config.eos_token_ids)))
+
     def weights(self) -> Iterator[tuple[str, torch.Tensor | np.ndarray, Path]]:
         if self.kind == "hf":
             yield from hf_weights(self.path)

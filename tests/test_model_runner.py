@@ -1,0 +1,137 @@
+"""The ModelRunner on the tiny model, fast enough for `make test-fast`: a prompt computed in
+chunks gives the same logits and greedy tokens as one unchunked prefill, and a batch mixing
+decodes, a first chunk and a later chunk gives each sequence what it gets alone. Both with the
+native CPU kernels (when they load) and on the plain torch path."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from atomr_trio.async_llm import engine_config
+from atomr_trio.model import native
+from atomr_trio.model.source import ModelSource
+from atomr_trio.model_runner import BatchItem, StepBatch
+from atomr_trio.sampler import Sampler, SampleRow
+from atomr_trio.sampling_params import SamplingParams
+from atomr_trio.worker import Context
+
+BS = 4  # small blocks, so chunks start inside blocks and cross block boundaries
+GREEDY = SamplingParams(temperature=0)
+
+
+class RecordingSampler:
+    """The context's sampler, keeping the logits it was given."""
+
+    def __init__(self, sampler: Sampler) -> None:
+        self.sampler = sampler
+        self.logits: torch.Tensor | None = None
+
+    def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> Any:
+        self.logits = logits.clone()
+        return self.sampler(logits, rows)
+
+
+class Runner:
+    """A Context with fresh blocks handed out per sequence, and a step that returns
+    {seq_id: (greedy token, logits)} for the sequences it sampled."""
+
+    def __init__(self, source: ModelSource, use_native: bool) -> None:
+        cfg = engine_config(dtype="float32", block_size=BS, num_kv_blocks=256, max_model_len=256,
+                            torch_threads=1).resolve(source.config)
+        self.ctx = Context(source, cfg)
+        model = self.ctx.runner.model
+        if use_native and model.native is None:
+            pytest.skip("the native CPU kernels are not available here")
+        if not use_native:
+            model.native = None
+        self.recorder = RecordingSampler(self.ctx.runner.sampler)
+        self.ctx.runner.sampler = self.recorder  # type: ignore[assignment]
+        self._next_block = itertools.count()
+        self._next_seq = itertools.count()
+
+    def new_seq(self, max_tokens: int = 64) -> tuple[int, list[int]]:
+        return next(self._next_seq), [next(self._next_block) for _ in range(-(-max_tokens // BS))]
+
+    def step(self, items: list[BatchItem]) -> dict[int, tuple[int, torch.Tensor]]:
+        result = self.ctx.runner.execute(StepBatch(items))
+        assert self.recorder.logits is not None
+        return {sid: (result.sampled.token_ids[j], self.recorder.logits[j])
+                for j, sid in enumerate(result.seq_ids)}
+
+
+def row() -> SampleRow:
+    return SampleRow(GREEDY, None, None, None, 0)
+
+
+@pytest.fixture(params=["native", "torch"])
+def runner(request: pytest.FixtureRequest, tiny_source: ModelSource) -> Iterator[Runner]:
+    if request.param == "native" and native.kernels() is None:
+        pytest.skip("the native CPU kernels are not available here")
+    yield Runner(tiny_source, request.param == "native")
+
+
+def prompt_of(n: int, salt: int = 0) -> list[int]:
+    return [(31 * salt + 11 * j + j * j) % 250 + 3 for j in range(n)]
+
+
+def greedy_run(r: Runner, prompt: list[int], chunk: int, steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Prefill `prompt` in chunks of `chunk` tokens (one step each), then decode greedily."""
+    sid, table = r.new_seq(len(prompt) + steps)
+    tokens, logits = list(prompt), []
+    for start in range(0, len(prompt), chunk):
+        piece = prompt[start : start + chunk]
+        last = start + len(piece) == len(prompt)
+        out = r.step([BatchItem(sid, piece, start, table, row() if last else None)])
+        assert bool(out) == last  # only the chunk that reaches the end samples
+    for _ in range(steps):
+        tok, lg = out[sid]
+        tokens.append(tok)
+        logits.append(lg)
+        out = r.step([BatchItem(sid, [tok], len(tokens) - 1, table, row())])
+    return tokens[len(prompt):], logits
+
+
+@pytest.mark.parametrize("chunk", [8, 5])
+def test_chunked_prefill_equals_one_prefill(runner: Runner, chunk: int) -> None:
+    prompt = prompt_of(23)
+    want_tokens, want_logits = greedy_run(runner, prompt, chunk=len(prompt), steps=6)
+    got_tokens, got_logits = greedy_run(runner, prompt, chunk=chunk, steps=6)
+    assert got_tokens == want_tokens
+    for got, want in zip(got_logits, want_logits, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_mixed_batch_gives_each_sequence_what_it_gets_alone(runner: Runner) -> None:
+    r = runner
+
+    def setup() -> list[BatchItem]:
+        """Four sequences, each one step from its next sample: a later prompt chunk, two decodes
+        of different context lengths (padding in the decode batch) and a whole prompt, in an
+        order the runner must rearrange (decodes first)."""
+        decodes = []
+        for salt, n in ((1, 13), (2, 6)):  # prefilled, then one decode each
+            sid, table = r.new_seq()
+            p = prompt_of(n, salt)
+            ((tok, _),) = r.step([BatchItem(sid, p, 0, table, row())]).values()
+            decodes.append(BatchItem(sid, [tok], n, table, row()))
+        sid, table = r.new_seq()  # a 17-token prompt whose first 7 tokens are computed
+        p = prompt_of(17, 3)
+        assert not r.step([BatchItem(sid, p[:7], 0, table, None)])
+        chunk = BatchItem(sid, p[7:], 7, table, row())
+        sid, table = r.new_seq()  # a prompt not started yet
+        whole = BatchItem(sid, prompt_of(9, 4), 0, table, row())
+        return [chunk, decodes[0], whole, decodes[1]]
+
+    alone = [r.step([item])[item.seq_id] for item in setup()]
+    mixed_items = setup()
+    mixed = r.step(mixed_items)
+    assert len(mixed) == 4
+    for (tok_alone, logits_alone), item in zip(alone, mixed_items, strict=True):
+        tok, logits = mixed[item.seq_id]
+        assert tok == tok_alone
+        torch.testing.assert_close(logits, logits_alone, atol=1e-4, rtol=1e-4)
