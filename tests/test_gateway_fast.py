@@ -76,9 +76,13 @@ async def test_a_client_that_disconnects_has_its_request_aborted(tiny_model_dir:
         await wait_until(idle)
         assert core.stats.finished == {"abort": 1}
 
-        # a non-stream client that gives up while its request generates
-        with trio.move_on_after(0.5):
-            await client.post("/v1/completions", json=long_body())
+        # a non-stream client that gives up while its request generates (as soon as it has begun:
+        # a fixed delay could outlast the 400 tokens on a fast machine)
+        generated = core.stats.generation_tokens
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(client.post, "/v1/completions", json=long_body()))
+            await wait_until(lambda: core.stats.generation_tokens > generated)
+            nursery.cancel_scope.cancel()
         await wait_until(idle)
         assert core.stats.finished == {"abort": 2}
         assert core.block_manager.num_free_blocks == core.block_manager.num_blocks
