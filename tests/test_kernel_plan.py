@@ -214,3 +214,21 @@ def test_kernel_path_skips_name_the_missing_feature(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("ATOMR_TRIO_NATIVE", "0")
     assert "ATOMR_TRIO_NATIVE=0" in (kernel_path_unavailable("native") or "")
     assert kernel_path_unavailable("torch") is None
+
+
+def test_bf16_on_each_path_stays_close_to_float32(kernel_path: str, tiny_dir: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first token's distribution in bf16, on each path, against float32 on plain torch."""
+    params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=5)
+
+    def first_logprobs(dtype: str) -> list[dict[int, float]]:
+        with LLM(str(tiny_dir), dtype=dtype, max_model_len=256, num_kv_blocks=64) as llm:
+            outs = llm.generate(PROMPTS, params, use_tqdm=False)
+            return [{t: lp.logprob for t, lp in o.outputs[0].logprobs[0].items()} for o in outs]
+
+    got = first_logprobs("bfloat16")
+    monkeypatch.setenv(cpu_kernels.ENV, "torch")
+    want = first_logprobs("float32")
+    for g, w in zip(got, want, strict=True):
+        assert max(g, key=g.__getitem__) == max(w, key=w.__getitem__)
+        assert max(abs(lp - w[t]) for t, lp in g.items() if t in w) < 0.1
