@@ -15,7 +15,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from .chat_template import ChatTemplate
+from .chat_template import ChatTemplate, ChatTemplateError
 from .model.config import ModelLoadError
 from .model.gguf_file import GGUFTokenizerData
 
@@ -152,7 +152,10 @@ class Tokenizer:
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
     ) -> str:
         if self.chat_template is None:
-            raise ValueError("this model has no chat template; use a plain text prompt")
+            raise ChatTemplateError(
+                "this model has no chat template (none in its tokenizer config or GGUF metadata), so chat "
+                "messages cannot be rendered; send a plain text prompt (/v1/completions, LLM.generate)"
+            )
         return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
