@@ -4,12 +4,14 @@ answers chat with a 400; streamed requests are counted in the request metrics.""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from serverproc import Server
+import trio
+from serverproc import Server, metric
 from test_hf_dir import write_tiny_model
 
 from atomr_trio import LLM
@@ -23,7 +25,7 @@ HI = [{"role": "user", "content": "hi"}]
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny")
-    write_tiny_model(path, "qwen2")
+    write_tiny_model(path, "qwen2", max_positions=4096)
     return path
 
 
@@ -60,6 +62,12 @@ name = "single"
 model = "{tiny_dir}"
 max_num_seqs = 1
 {common}
+
+[[deployment]]
+name = "deadline"
+model = "{tiny_dir}"
+request_timeout = 0.5
+{common}
 """)
     s = Server("--config", str(cfg))
     yield s
@@ -89,3 +97,57 @@ def test_library_chat_without_a_chat_template_says_so(bare_dir: Path) -> None:
         with pytest.raises(ChatTemplateError, match="no chat template.*plain text prompt"):
             llm.chat(HI)
         assert llm.generate("hi", use_tqdm=False)[0].outputs[0].token_ids
+
+
+def _outcomes(http: httpx.Client, deployment: str) -> dict[str, float]:
+    text = http.get("/metrics").text
+    names = ("success", "engine_error", "timeout", "shutdown", "disconnected", "rejected", "unavailable")
+    counts = {o: metric(text, "atomr:deployment_requests_total", deployment=deployment, outcome=o) for o in names}
+    return {o: n for o, n in counts.items() if n}
+
+
+def _settled(http: httpx.Client, deployment: str, want: dict[str, float]) -> dict[str, float]:
+    """The outcome counts once they reach `want` (a stream counts when its body ends), and a moment later."""
+    deadline = time.monotonic() + 10
+    while _outcomes(http, deployment) != want and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    return _outcomes(http, deployment)
+
+
+async def test_streamed_and_plain_requests_each_count_one_success(server: Server, http: httpx.Client) -> None:
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+        async def one(i: int) -> None:
+            body: dict = {"model": "counted", "max_tokens": 5, "stream": i % 2 == 0,
+                          "stream_options": {"include_usage": True} if i % 2 == 0 else None}
+            if i % 4 < 2:
+                path, body["prompt"] = "/v1/completions", ["ab", "cd"] if i % 8 < 4 else "ab"
+            else:
+                path, body["messages"] = "/v1/chat/completions", HI
+            if not body["stream"]:
+                r = await c.post(path, json=body)
+                assert r.status_code == 200, r.text
+                return
+            async with c.stream("POST", path, json=body) as r:
+                assert r.status_code == 200
+                lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+            assert lines[-1] == "data: [DONE]" and '"usage"' in lines[-2]
+
+        async with trio.open_nursery() as nursery:
+            for i in range(16):
+                nursery.start_soon(one, i)
+    assert _settled(http, "counted", {"success": 16}) == {"success": 16}
+
+
+def test_timed_out_and_abandoned_streams_count_once_with_their_reason(http: httpx.Client) -> None:
+    long = {"model": "deadline", "prompt": [5, 6, 7], "max_tokens": 3000, "ignore_eos": True}
+    with http.stream("POST", "/v1/completions", json={**long, "stream": True}) as r:
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and "request_timeout" in events[-2]
+    r = http.post("/v1/completions", json={**long, "prompt": [[5, 6], [7, 8]]})  # two prompts, one request
+    assert r.status_code == 504
+    assert _settled(http, "deadline", {"timeout": 2}) == {"timeout": 2}
+    with http.stream("POST", "/v1/chat/completions", json={**long, "messages": HI, "stream": True}) as r:
+        next(line for line in r.iter_lines() if line.startswith("data: "))
+    # leaving the block closed the connection mid-stream
+    assert _settled(http, "deadline", {"timeout": 2, "disconnected": 1}) == {"timeout": 2, "disconnected": 1}

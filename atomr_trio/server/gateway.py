@@ -17,7 +17,7 @@ import math
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing, contextmanager
 from functools import partial
 from typing import Any, TypeVar
@@ -217,15 +217,22 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
         dep = deployment(body.model)
         deadline = deadline_for(dep)
         engine, ticket = await dep.route()
+        outcome = _Outcome(runtime, dep.name)
         with _released_unless_streamed(ticket) as keep:
-            return await handler(body, dep, engine, deadline, ticket, keep)
+            try:
+                return await handler(body, dep, engine, deadline, ticket, keep, outcome)
+            except BaseException as e:
+                if isinstance(e, trio.Cancelled) or (
+                        isinstance(e, BaseExceptionGroup) and e.subgroup(trio.Cancelled) is not None):
+                    outcome("disconnected")  # the client went away
+                raise
 
     @app.post("/v1/chat/completions")
     async def chat_completions() -> Any:
         return await admitted(await body_of(ChatCompletionRequest), chat)
 
     async def chat(body: ChatCompletionRequest, dep: Deployment, engine: AsyncLLM, deadline: float,
-                   ticket: Ticket, keep: list[bool]) -> Any:
+                   ticket: Ticket, keep: list[bool], outcome: _Outcome) -> Any:
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         try:
             _, ids = engine.chat_prompt(messages)
@@ -238,9 +245,10 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             keep.append(True)
-            return _sse(_chat_stream(engine, body, rid, ids, params, dep.name, deadline), ticket)
-        out = await _run(runtime, engine, ids, params, rid, None, deadline)
-        metrics.count_request(dep.name, "success")
+            return _sse(_chat_stream(engine, body, rid, ids, params, dep.name, deadline, outcome), ticket,
+                        outcome)
+        out = await _run(runtime, engine, ids, params, rid, None, deadline, outcome)
+        outcome("success")
         choices = [{
             "index": o.index,
             "message": {"role": "assistant", "content": o.text},
@@ -255,7 +263,7 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
         return await admitted(await body_of(CompletionRequest), complete)
 
     async def complete(body: CompletionRequest, dep: Deployment, engine: AsyncLLM, deadline: float,
-                       ticket: Ticket, keep: list[bool]) -> Any:
+                       ticket: Ticket, keep: list[bool], outcome: _Outcome) -> Any:
         prompts = body.prompt
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[assignment]
@@ -276,12 +284,13 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
         dep.admit([(len(ids), p.n, p.max_tokens) for (_, ids), p in zip(jobs, params_list, strict=True)])
         if body.stream:
             keep.append(True)
-            return _sse(_completion_stream(engine, body, rid, jobs, params_list, dep.name, deadline), ticket)
+            return _sse(_completion_stream(engine, body, rid, jobs, params_list, dep.name, deadline, outcome),
+                        ticket, outcome)
         results: list[RequestOutput | None] = [None] * len(jobs)
 
         async def one(i: int) -> None:
             (text, ids), params = jobs[i], params_list[i]
-            results[i] = await _run(runtime, engine, ids, params, f"{rid}-{i}", text, deadline)
+            results[i] = await _run(runtime, engine, ids, params, f"{rid}-{i}", text, deadline, outcome)
 
         try:
             async with trio.open_nursery() as nursery:  # the prompts of one request run as a batch
@@ -302,7 +311,7 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
                     "logprobs": _completion_logprobs(o, body.logprobs) if body.logprobs is not None else None,
                     "finish_reason": o.finish_reason,
                 })
-        metrics.count_request(dep.name, "success")
+        outcome("success")
         return {"id": rid, "object": "text_completion", "created": int(time.time()),
                 "model": dep.name, "choices": choices, "usage": _usage(outs)}
 
@@ -333,16 +342,34 @@ class DeadlineExceeded(Exception):
     pass
 
 
+class _Outcome:
+    """How a routed request ended, for `deployment_requests{outcome}`: counted once (the first
+    reason given wins), whether it ends in the handler or, for a stream, in its body."""
+
+    def __init__(self, runtime: Runtime, deployment: str) -> None:
+        self._runtime = runtime
+        self._count: Callable[[str], None] | None = partial(runtime.metrics.count_request, deployment)
+
+    def __call__(self, reason: str) -> None:
+        count, self._count = self._count, None
+        if count is not None:
+            count(reason)
+
+    def ended(self, finals: list[RequestOutput]) -> None:
+        """A request that ran to its end: a success, unless the shutdown aborted it."""
+        aborted = any(o.finish_reason == "abort" for out in finals for o in out.outputs)
+        self("shutdown" if aborted and self._runtime.draining else "success")
+
+
 def _timeout_error() -> APIError:
     return APIError(504, "the request did not finish before its deadline (request_timeout)", "timeout",
                     code="request_timeout")
 
 
 async def _run(runtime: Runtime, engine: AsyncLLM, ids: list[int], params: SamplingParams, rid: str,
-               text: str | None, deadline: float) -> RequestOutput:
+               text: str | None, deadline: float, count: _Outcome) -> RequestOutput:
     """One request to its end; the deadline covers queueing and generation."""
     out = None
-    count = partial(runtime.metrics.count_request, engine.core.model_name)
     with trio.move_on_at(deadline):
         try:
             out = await engine.generate_one(text, params, request_id=rid, prompt_ids=ids)
@@ -395,18 +422,23 @@ def _released_unless_streamed(ticket: Ticket) -> Iterator[list[bool]]:
             ticket.release()
 
 
-def _sse(events: AsyncIterator[str], ticket: Ticket) -> Response:
+def _sse(events: AsyncIterator[str], ticket: Ticket, outcome: _Outcome) -> Response:
+    """The stream sets its outcome when it ends; one that never gets there lost its client."""
+    def end() -> None:
+        ticket.release()
+        outcome("disconnected")
+
     async def body() -> AsyncIterator[bytes]:
         try:
             async for e in events:
                 yield e.encode()
         finally:
-            ticket.release()
+            end()
 
     stream = body()
     # A body that is never iterated (the client left first) never runs its finally: CPython
-    # drops the generator with the response, and this releases the ticket then.
-    weakref.finalize(stream, ticket.release)
+    # drops the generator with the response, and this ends it then.
+    weakref.finalize(stream, end)
     return Response(stream, content_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -416,7 +448,7 @@ def _event(obj: Any) -> str:
 
 
 async def _chat_stream(engine: AsyncLLM, body: ChatCompletionRequest, rid: str, ids: list[int],
-                       params: SamplingParams, model: str, deadline: float) -> AsyncIterator[str]:
+                       params: SamplingParams, model: str, deadline: float, outcome: _Outcome) -> AsyncIterator[str]:
     created = int(time.time())
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
     yield "".join(_event({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -439,9 +471,12 @@ async def _chat_stream(engine: AsyncLLM, body: ChatCompletionRequest, rid: str, 
             if events:
                 yield "".join(events)
     except RequestError as e:
+        outcome("engine_error")
         yield _event({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
     except DeadlineExceeded:
+        outcome("timeout")
         yield _event(_timeout_error().body())
+    outcome.ended([final] if final else [])
     if final is not None and body.stream_options and body.stream_options.include_usage:
         yield _event({**head, "choices": [], "usage": _usage([final], generated)})
     yield "data: [DONE]\n\n"
@@ -449,7 +484,7 @@ async def _chat_stream(engine: AsyncLLM, body: ChatCompletionRequest, rid: str, 
 
 async def _completion_stream(engine: AsyncLLM, body: CompletionRequest, rid: str,
                              jobs: list[tuple[str | None, list[int]]], params_list: list[SamplingParams],
-                             model: str, deadline: float) -> AsyncIterator[str]:
+                             model: str, deadline: float, outcome: _Outcome) -> AsyncIterator[str]:
     head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model}
     finals: list[RequestOutput] = []
     generated = 0
@@ -475,9 +510,12 @@ async def _completion_stream(engine: AsyncLLM, body: CompletionRequest, rid: str
             if final is not None:
                 finals.append(final)
     except RequestError as e:
+        outcome("engine_error")
         yield _event({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
     except DeadlineExceeded:
+        outcome("timeout")
         yield _event(_timeout_error().body())
+    outcome.ended(finals)
     if finals and body.stream_options and body.stream_options.include_usage:
         yield _event({**head, "choices": [], "usage": _usage(finals, generated)})
     yield "data: [DONE]\n\n"
