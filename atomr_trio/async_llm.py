@@ -24,7 +24,7 @@ from .messages import AddRequest, SeqDelta
 from .model.source import ModelSource
 from .outbox import Outbox
 from .outputs import RequestError, RequestOutput, RequestTracker
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, listing
 from .tokenizer import Tokenizer
 
 PromptType = str | Sequence[int] | Mapping[str, Any]
@@ -71,8 +71,11 @@ class AsyncLLM:
             raise ValueError("prompt_token_ids must be a list of integers")
         out = list(ids)
         vocab = self.source.config.vocab_size
-        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in out):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        bad = [f"[{i}] {t!r:.20}" for i, t in enumerate(out)
+               if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab}); {len(bad)} are not: "
+                             f"{listing(bad)}")
         return out
 
     def check_request(self, ids: list[int], params: SamplingParams) -> None:

@@ -151,3 +151,20 @@ def test_timed_out_and_abandoned_streams_count_once_with_their_reason(http: http
         next(line for line in r.iter_lines() if line.startswith("data: "))
     # leaving the block closed the connection mid-stream
     assert _settled(http, "deadline", {"timeout": 2, "disconnected": 1}) == {"timeout": 2, "disconnected": 1}
+
+
+def test_validation_errors_name_every_offending_entry(http: httpx.Client) -> None:
+    r = http.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "logit_bias": {"abc": 1, "7": 500}})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "logit_bias"
+    assert "'abc'" in err["message"] and "'7': 500" in err["message"]
+    r = http.post("/v1/completions", json={"model": "tiny", "prompt": [5, 999, 6, 300, 7], "max_tokens": 2})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "prompt"
+    assert "[1] 999" in err["message"] and "[3] 300" in err["message"] and "2 are not" in err["message"]
+    r = http.post("/v1/completions", json={"model": "tiny", "prompt": list(range(250, 280)), "max_tokens": 2})
+    assert r.json()["error"]["message"].endswith("[17] 267 (and 12 more)")  # vocabulary 258: the first 10, a count
+    r = http.post("/v1/chat/completions", json={"model": "tiny", "messages": HI, "temperature": 5, "top_p": 7})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "temperature"
+    assert "temperature:" in err["message"] and "top_p:" in err["message"]

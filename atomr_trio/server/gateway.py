@@ -33,7 +33,7 @@ from ..chat_template import ChatTemplateError
 from ..deployment import Deployment, DeploymentSpec, DeploymentUnavailable, Ticket
 from ..outputs import CompletionOutput, Logprob, RequestError, RequestOutput
 from ..runtime import Runtime
-from ..sampling_params import SamplingParams
+from ..sampling_params import MAX_LISTED, SamplingParams
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger(__name__)
@@ -319,13 +319,15 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
 
 
 async def _validated(model: type[ModelT]) -> ModelT:
-    """The request body as `model`, or a 400 naming the first invalid field."""
+    """The request body as `model`, or a 400 naming every invalid field (`param`: the first)."""
     try:
         return model.model_validate(await _json_object())
     except ValidationError as e:
-        err = e.errors()[0]
-        param = ".".join(str(x) for x in err["loc"]) or None
-        raise APIError(400, f"{param}: {err['msg']}", param=param) from None
+        errors = [(".".join(str(x) for x in err["loc"]), err["msg"]) for err in e.errors()]
+        message = "; ".join(f"{loc}: {msg}" if loc else msg for loc, msg in errors[:MAX_LISTED])
+        if len(errors) > MAX_LISTED:
+            message += f" (and {len(errors) - MAX_LISTED} more)"
+        raise APIError(400, message, param=errors[0][0] or None) from None
 
 
 async def _json_object() -> dict[str, Any]:
