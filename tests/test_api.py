@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import trio
 from serverproc import Server, metric
@@ -16,6 +17,7 @@ from test_hf_dir import write_tiny_model
 
 from atomr_trio import LLM
 from atomr_trio.chat_template import ChatTemplateError
+from atomr_trio.server.protocol import REFUSED
 
 pytestmark = pytest.mark.slow
 
@@ -78,6 +80,22 @@ request_timeout = 0.5
 def http(server: Server) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=60) as c:
         yield c
+
+
+def post(http: httpx.Client, route: str, fields: dict, model: str = "tiny", **kw) -> httpx.Response:
+    """A small request to /v1/chat/completions ("chat") or /v1/completions with these fields."""
+    if route == "chat":
+        body = {"model": model, "messages": HI, "max_tokens": 3, **fields}
+        return http.post("/v1/chat/completions", json=body, **kw)
+    return http.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 3, **fields}, **kw)
+
+
+def refused(r: httpx.Response, param: str) -> str:
+    """The message of a 400 that names `param`."""
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and f"'{param}'" in err["message"], err
+    return str(err["message"])
 
 
 def test_chat_without_a_chat_template_is_a_400(http: httpx.Client) -> None:
@@ -168,3 +186,62 @@ def test_validation_errors_name_every_offending_entry(http: httpx.Client) -> Non
     err = r.json()["error"]
     assert r.status_code == 400 and err["param"] == "temperature"
     assert "temperature:" in err["message"] and "top_p:" in err["message"]
+
+
+STRUCTURED = {
+    "guided_json": {"type": "object"}, "guided_regex": "a+", "guided_choice": ["yes", "no"],
+    "guided_grammar": "root ::= 'a'", "structured_outputs": {"json": {"type": "object"}},
+    "guided_decoding_backend": "xgrammar", "guided_whitespace_pattern": " ", "guided_json_object": True,
+    "structural_tag": "{}",
+}
+
+
+@pytest.mark.parametrize("route", ["chat", "completions"])
+def test_structured_output_fields_are_refused_by_name(http: httpx.Client, route: str) -> None:
+    for name, value in STRUCTURED.items():
+        assert "structured output" in refused(post(http, route, {name: value}), name)
+    r = post(http, route, {"response_format": {"type": "json_object"}})
+    assert "structured output" in refused(r, "response_format")
+    # unset (null) or a no-op value: served
+    assert post(http, route, dict.fromkeys(STRUCTURED)).status_code == 200
+    assert post(http, route, {"response_format": {"type": "text"}}).status_code == 200
+
+
+def test_the_openai_client_sees_the_refusal(server: Server) -> None:
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=HI, extra_body={"guided_json": {"type": "object"}})
+    assert e.value.body["param"] == "guided_json"
+
+
+@pytest.mark.parametrize("route", ["chat", "completions"])
+def test_unimplemented_fields_are_refused_unless_they_ask_for_nothing(http: httpx.Client, route: str) -> None:
+    for name in REFUSED:
+        refused(post(http, route, {name: ["x"] if name != "include_reasoning" else False}), name)
+    noops = {"max_repetition_pattern_size": 0, "include_reasoning": True, "modalities": ["text"],
+             "bad_words": [], "allowed_token_ids": None, "logits_processors": [], "mm_processor_kwargs": {}}
+    assert post(http, route, noops).status_code == 200
+    assert "beam search" in refused(post(http, route, {"use_beam_search": True}), "use_beam_search")
+    assert "beam search" in refused(post(http, route, {"length_penalty": 0.8}), "length_penalty")
+    assert "best_of must equal n" in refused(post(http, route, {"best_of": 3}), "best_of")
+    r = post(http, route, {"best_of": 2, "n": 2, "use_beam_search": False, "length_penalty": 1.0})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2
+    assert "not a parameter" in refused(post(http, route, {"temprature": 0.5}), "temprature")  # a typo
+    routine = {"user": "u-1", "metadata": {"k": "v"}, "store": False, "service_tier": "auto",
+               "parallel_tool_calls": True, "safety_identifier": "s", "prompt_cache_key": "p"}
+    assert post(http, route, routine).status_code == 200
+
+
+def test_chat_only_refusals(http: httpx.Client) -> None:
+    assert "trusted" in refused(post(http, "chat", {"chat_template": "{{ messages }}"}), "chat_template")
+    r = post(http, "chat", {"top_logprobs": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [*HI, {"role": "assistant", "content": None, "tool_calls": [call]}, {"role": "user", "content": "ok"}]
+    refused(post(http, "chat", {"messages": messages}), "messages.1.tool_calls")
+    # a reply fed back as the openai client returns it (null and empty fields) is fine
+    reply = {"role": "assistant", "content": "hello", "refusal": None, "annotations": [], "audio": None,
+             "function_call": None, "tool_calls": None}
+    assert post(http, "chat", {"messages": [*HI, reply, {"role": "user", "content": "ok"}]}).status_code == 200
+    refused(post(http, "completions", {"suffix": "x"}), "suffix")
+    assert "not a parameter" in refused(post(http, "completions", {"messages": HI}), "messages")

@@ -1,7 +1,18 @@
 """OpenAI request bodies (pydantic, validated at the edge) and the error shape.
 
-Invariant: a body that validates here maps onto SamplingParams without surprises; a parameter we
-do not implement is rejected with a 400 naming it, never silently ignored.
+Invariant: a body that validates here maps onto SamplingParams without surprises, and nothing a
+client sends is silently dropped. Every top-level field is one of:
+- honoured: a field of the models below;
+- refused with a 400 naming it (`check()`): a feature of vLLM or OpenAI this server does not
+  implement (structured outputs, beam search, tools, ...), whenever it is set to anything but its
+  no-op value (`REFUSED`; any `guided_*` field too);
+- ignored (`IGNORED`): fields OpenAI clients send routinely that change nothing in the output
+  (`metadata`, `store`, `service_tier`, ...), and `prompt_logprobs`, left to the change that
+  implements it;
+- unknown: refused with a 400 as well, so that a misspelt parameter is never mistaken for one
+  that took effect.
+A field set to null counts as absent. Chat messages pass every key through to the chat template,
+as transformers does, except `tool_calls`, `function_call` and `audio`, which are refused.
 """
 
 from __future__ import annotations
@@ -14,6 +25,45 @@ from ..sampling_params import SamplingParams
 
 MAX_MESSAGES = 1024  # messages in one chat request
 MAX_PROMPTS = 256  # prompts in one completions request
+
+_NO_STRUCTURED = "structured output (constrained decoding) is not implemented, so the text would not follow it"
+# Known fields this server does not implement: refused when set to anything but their no-op value.
+REFUSED: dict[str, str] = {
+    "structured_outputs": _NO_STRUCTURED,
+    "structural_tag": _NO_STRUCTURED,
+    "logits_processors": "custom logits processors are not supported",
+    "allowed_token_ids": "restricting the vocabulary is not implemented",
+    "bad_words": "banned words are not implemented",
+    "cache_salt": "the prefix cache is shared and not salted per request",
+    "kv_transfer_params": "there is no disaggregated serving",
+    "vllm_xargs": "there are no request extensions",
+    "mm_processor_kwargs": "there is no multimodal input",
+    "media_io_kwargs": "there is no multimodal input",
+    "prompt_embeds": "prompts are text or token ids",
+    "return_token_ids": "responses carry text (and logprobs), not token ids",
+    "max_repetition_pattern_size": "repetition detection is not implemented",
+    "min_repetition_pattern_size": "repetition detection is not implemented",
+    "repetition_min_count": "repetition detection is not implemented",
+    "include_reasoning": "there is no reasoning parser; reasoning stays in the content",
+    "functions": "tools are not supported",
+    "function_call": "tools are not supported",
+    "audio": "there is no audio output",
+    "modalities": "the only output modality is text",
+    "prediction": "predicted outputs are not implemented",
+    "web_search_options": "there is no web search",
+    "verbosity": "the model has no verbosity control",
+}
+# Values of a REFUSED field that ask for nothing (besides null, false and empty containers).
+_NO_OP: dict[str, Any] = {
+    "max_repetition_pattern_size": 0, "min_repetition_pattern_size": 0, "repetition_min_count": 0,
+    "include_reasoning": True, "modalities": ["text"],
+}
+# Fields clients send routinely that change nothing in the output: accepted and ignored.
+IGNORED = frozenset({
+    "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier", "prompt_cache_key",
+    "prompt_cache_retention",
+    "prompt_logprobs",  # left alone here: implemented by its own change
+})
 
 
 class APIError(Exception):
@@ -28,12 +78,28 @@ class APIError(Exception):
                           "code": self.code}}
 
 
+def unsupported(name: str, why: str = "") -> APIError:
+    return APIError(400, f"'{name}' is not supported by this server yet" + (f" ({why})" if why else ""),
+                    param=name)
+
+
+def _is_set(name: str, value: Any) -> bool:
+    """Whether a field asks for something: not null, not its no-op value (false or empty, unless
+    _NO_OP says otherwise)."""
+    if value is None:
+        return False
+    if name in _NO_OP:
+        return bool(value != _NO_OP[name])
+    return not (value is False or (isinstance(value, (list, dict, str)) and not value))
+
+
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # extras are checked in check(), never dropped
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -45,7 +111,7 @@ class _Common(BaseModel):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: str | None = None  # accepted; it changes nothing
     stream: bool = False
     stream_options: StreamOptions | None = None
     # vLLM's extras
@@ -57,6 +123,29 @@ class _Common(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    best_of: int | None = None  # honoured when equal to n
+    use_beam_search: bool = False
+    length_penalty: float = 1.0  # beam search only
+    response_format: dict[str, Any] | None = None
+
+    def check(self) -> None:
+        """Refuse what this server does not implement (a 400 naming the field)."""
+        for name, value in (self.model_extra or {}).items():
+            if name in IGNORED or not _is_set(name, value):
+                continue
+            if name.startswith("guided_"):
+                raise unsupported(name, _NO_STRUCTURED)
+            if name in REFUSED:
+                raise unsupported(name, REFUSED[name])
+            raise APIError(400, f"'{name}' is not a parameter this server knows", param=name)
+        if self.best_of is not None and self.best_of != self.n:
+            raise unsupported("best_of", "every sample generated is returned, so best_of must equal n")
+        if self.use_beam_search:
+            raise unsupported("use_beam_search", "beam search is not implemented")
+        if self.length_penalty != 1.0:
+            raise unsupported("length_penalty", "it applies to beam search, which is not implemented")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise unsupported("response_format", _NO_STRUCTURED)
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         try:
@@ -75,7 +164,7 @@ class _Common(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # other keys go to the chat template as they are
     role: Literal["system", "user", "assistant", "developer"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
@@ -88,16 +177,24 @@ class ChatCompletionRequest(_Common):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[Any] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    chat_template: str | None = None
 
-    def unsupported(self) -> str | None:
+    def check(self) -> None:
+        super().check()
         if self.tools:
-            return "tools"
+            raise unsupported("tools")
         if self.tool_choice not in (None, "none"):
-            return "tool_choice"
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            return "response_format"
-        return None
+            raise unsupported("tool_choice")
+        if self.chat_template:
+            raise unsupported("chat_template", "a template runs on the server, so only the model's own "
+                                               "template is used; vLLM refuses it too unless trusted")
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, "when using `top_logprobs`, `logprobs` must be set to true", param="top_logprobs")
+        for i, m in enumerate(self.messages):
+            for key in ("tool_calls", "function_call", "audio"):
+                if _is_set(key, (m.model_extra or {}).get(key)):
+                    raise unsupported(f"messages.{i}.{key}", "tools are not supported" if key != "audio"
+                                      else "there is no audio input")
 
 
 class CompletionRequest(_Common):
@@ -114,8 +211,10 @@ class CompletionRequest(_Common):
             raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
         return v
 
-    def unsupported(self) -> str | None:
-        return "suffix" if self.suffix else None
+    def check(self) -> None:
+        super().check()
+        if self.suffix:
+            raise unsupported("suffix")
 
 
 def _param_of(message: str) -> str | None:
