@@ -78,6 +78,20 @@ class AsyncLLM:
                              f"{listing(bad)}")
         return out
 
+    def truncate_prompt(self, ids: list[int], k: int | None) -> list[int]:
+        """The prompt's last `k` tokens (`SamplingParams.truncate_prompt_tokens`; -1: the context
+        length), as vLLM keeps them; all of it when `k` is None."""
+        if k is None:
+            return ids
+        max_len = self.config.max_model_len
+        assert max_len is not None
+        if k == -1:
+            k = max_len
+        if k > max_len:
+            raise ValueError(f"truncate_prompt_tokens ({k}) is greater than max_model_len ({max_len}); "
+                             "select a smaller truncation size")
+        return ids[-k:]
+
     def check_request(self, ids: list[int], params: SamplingParams) -> None:
         max_len = self.config.max_model_len
         assert max_len is not None
@@ -107,6 +121,7 @@ class AsyncLLM:
             text, ids = self.prepare_prompt(prompt)
         else:
             text, ids = (prompt if isinstance(prompt, str) else None), prompt_ids
+        ids = self.truncate_prompt(ids, params.truncate_prompt_tokens)
         self.check_request(ids, params)
         rid = request_id or f"req-{next(_request_counter)}-{uuid.uuid4().hex[:8]}"
         outbox: Outbox[SeqDelta] = Outbox()

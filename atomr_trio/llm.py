@@ -131,6 +131,8 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(items):
                 raise ValueError(f"got {len(params)} sampling params for {len(items)} prompts")
+        items = [(text, engine.truncate_prompt(ids, p.truncate_prompt_tokens))
+                 for (text, ids), p in zip(items, params, strict=True)]
         for (_, ids), p in zip(items, params, strict=True):
             engine.check_request(ids, p)
         results: list[RequestOutput | None] = [None] * len(items)
@@ -170,6 +172,7 @@ class LLM:
         else:
             text, ids = engine.prepare_prompt(prompt)  # type: ignore[arg-type]
         params = sampling_params or SamplingParams()
+        ids = engine.truncate_prompt(ids, params.truncate_prompt_tokens)
         engine.check_request(ids, params)
         deltas: queue.SimpleQueue[str | BaseException | None] = queue.SimpleQueue()
         scope = trio.CancelScope()

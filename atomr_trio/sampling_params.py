@@ -46,7 +46,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives; 0 = only the sampled token
     skip_special_tokens: bool = True
-    priority: int = 0
+    priority: int = 0  # scheduling order: lower values first, then arrival
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens; -1: max_model_len
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -114,6 +115,8 @@ class SamplingParams:
         if self.logprobs is not None:
             _int_in("logprobs", self.logprobs, 0, MAX_LOGPROBS)
         _int_in("priority", self.priority, -(1 << 31), (1 << 31) - 1)
+        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens != -1:
+            _int_in("truncate_prompt_tokens", self.truncate_prompt_tokens, 1, 1 << 30)
 
     @property
     def greedy(self) -> bool:

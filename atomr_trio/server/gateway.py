@@ -236,6 +236,7 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
             _, ids = engine.chat_prompt(messages)
         except ChatTemplateError as e:
             raise APIError(400, str(e), param="messages") from None
+        ids = _truncated(engine, ids, body.truncate_prompt_tokens)
         asked = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = body.sampling_params(budget(engine, len(ids), asked), logprobs)
@@ -275,7 +276,7 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
                 raise APIError(400, str(e), param="prompt") from None
             if not ids:
                 raise APIError(400, "prompt must not be empty", param="prompt")
-            jobs.append((text, ids))
+            jobs.append((text, _truncated(engine, ids, body.truncate_prompt_tokens)))
         rid = f"cmpl-{uuid.uuid4().hex}"
         params_list = [body.sampling_params(budget(engine, len(ids), body.max_tokens), body.logprobs)
                        for _, ids in jobs]
@@ -326,6 +327,13 @@ async def _validated(model: type[ModelT]) -> ModelT:
         if len(errors) > MAX_LISTED:
             message += f" (and {len(errors) - MAX_LISTED} more)"
         raise APIError(400, message, param=errors[0][0] or None) from None
+
+
+def _truncated(engine: AsyncLLM, ids: list[int], k: int | None) -> list[int]:
+    try:
+        return engine.truncate_prompt(ids, k)
+    except ValueError as e:
+        raise APIError(400, str(e), param="truncate_prompt_tokens") from None
 
 
 async def _json_object() -> dict[str, Any]:

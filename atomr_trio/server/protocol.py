@@ -123,6 +123,8 @@ class _Common(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens; -1: the context length
+    priority: int = 0  # lower runs first
     best_of: int | None = None  # honoured when equal to n
     use_beam_search: bool = False
     length_penalty: float = 1.0  # beam search only
@@ -146,6 +148,10 @@ class _Common(BaseModel):
             raise unsupported("length_penalty", "it applies to beam search, which is not implemented")
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise unsupported("response_format", _NO_STRUCTURED)
+        if self.truncate_prompt_tokens is not None and not (
+                self.truncate_prompt_tokens == -1 or self.truncate_prompt_tokens >= 1):
+            raise APIError(400, f"truncate_prompt_tokens must be -1 (the context length) or >= 1, got "
+                                f"{self.truncate_prompt_tokens}", param="truncate_prompt_tokens")
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         try:
@@ -158,6 +164,7 @@ class _Common(BaseModel):
                 stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
                 skip_special_tokens=self.skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
+                truncate_prompt_tokens=self.truncate_prompt_tokens, priority=self.priority,
             )
         except ValueError as e:
             raise APIError(400, str(e), param=_param_of(str(e))) from e
