@@ -131,14 +131,15 @@ class AsyncLLM:
             while not tracker.finished:
                 for d in await outbox.get():
                     if tracker.apply(d):  # a stop string ended this sample
-                        await self.core.abort(rid, d.index)
+                        await self.core.abort(rid, d.index, outbox)
                 if tracker.error:
                     raise RequestError(tracker.error)
                 yield tracker.delta_output() if delta else tracker.output()
         finally:
-            # Idempotent: a no-op for a request the engine has already finished.
+            # Idempotent: a no-op for a request the engine has already finished, and for one it
+            # refused (the outbox says whose request it is).
             with trio.CancelScope(shield=True):
-                await self.core.abort(rid)
+                await self.core.abort(rid, outbox=outbox)
 
     async def generate_one(self, prompt: PromptType | None, params: SamplingParams | None = None,
                            **kw: Any) -> RequestOutput:

@@ -4,8 +4,10 @@ answers chat with a 400; streamed requests are counted in the request metrics.""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
+from contextlib import aclosing
 from pathlib import Path
 
 import httpx
@@ -15,7 +17,7 @@ import trio
 from serverproc import Server, metric
 from test_hf_dir import write_tiny_model
 
-from atomr_trio import LLM, SamplingParams
+from atomr_trio import LLM, RequestError, SamplingParams, open_engine
 from atomr_trio.chat_template import ChatTemplateError
 from atomr_trio.server.protocol import REFUSED
 
@@ -308,3 +310,62 @@ async def test_priority_orders_the_waiting_queue(server: Server, http: httpx.Cli
                         await trio.sleep(0.02)
             blocker.cancel()  # the blocker's client leaves: its request is aborted and the queue runs
     assert done == ["high", "low"]
+
+
+@pytest.mark.parametrize("route", ["chat", "completions"])
+def test_request_id_from_the_body_or_the_header(http: httpx.Client, route: str) -> None:
+    prefix = "chatcmpl-" if route == "chat" else "cmpl-"
+    r = post(http, route, {"request_id": "trace-41"})
+    assert r.json()["id"] == prefix + "trace-41" and r.headers["X-Request-Id"] == "trace-41"
+    r = post(http, route, {"request_id": "body-1"}, headers={"X-Request-Id": "hdr-7"})  # the header wins
+    assert r.json()["id"] == prefix + "hdr-7" and r.headers["X-Request-Id"] == "hdr-7"
+    path, fields = ("/v1/chat/completions", {"messages": HI}) if route == "chat" else ("/v1/completions",
+                                                                                      {"prompt": "hi"})
+    body = {**fields, "model": "tiny", "max_tokens": 3, "stream": True, "request_id": "s-1"}
+    with http.stream("POST", path, json=body) as s:
+        assert s.headers["X-Request-Id"] == "s-1"
+        chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    assert {c["id"] for c in chunks} == {prefix + "s-1"}
+    generated = post(http, route, {})
+    assert generated.headers["X-Request-Id"] == generated.json()["id"].removeprefix(prefix)
+    refused(post(http, route, {"request_id": "x" * 300}), "request_id")
+    refused(post(http, route, {"request_id": "a\nb"}), "request_id")
+    r = post(http, route, {"temperature": 9}, headers={"X-Request-Id": "bad-9"})  # errors echo it too
+    assert r.status_code == 400 and r.headers["X-Request-Id"] == "bad-9"
+
+
+async def test_requests_reusing_an_id_in_flight_all_finish(server: Server) -> None:
+    body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 40, "ignore_eos": True, "request_id": "same"}
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+        results: list[dict] = []
+
+        async def one(stream: bool) -> None:
+            if not stream:
+                results.append((await c.post("/v1/completions", json=body)).json())
+                return
+            async with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                events = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+            assert events[-1] == "data: [DONE]"
+            results.append(json.loads(events[-2].removeprefix("data: ")))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(6):
+                nursery.start_soon(one, i % 2 == 0)
+    assert len(results) == 6
+    assert all(r["id"] == "cmpl-same" and r["choices"][0]["finish_reason"] == "length" for r in results), results
+
+
+async def test_library_duplicate_request_id_fails_alone(tiny_dir: Path) -> None:
+    """The engine refuses an id already in use; the refused caller must not abort the request holding it."""
+    async with open_engine(str(tiny_dir), dtype="float32", num_kv_blocks=64) as engine:
+        params = SamplingParams(max_tokens=60, ignore_eos=True)
+        first = engine.generate({"prompt_token_ids": [5, 6]}, params, request_id="same")
+        async with aclosing(first):
+            await first.__anext__()  # the engine holds "same" now
+            with pytest.raises(RequestError, match="already in use"):
+                await engine.generate_one({"prompt_token_ids": [7, 8]}, params, request_id="same")
+            final = None
+            async for out in first:
+                final = out
+        assert final is not None and final.outputs[0].finish_reason == "length"
+        assert len(final.outputs[0].token_ids) == 60

@@ -11,6 +11,7 @@ Invariants:
 from __future__ import annotations
 
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ from typing import Any, TypeVar
 
 import trio
 from pydantic import BaseModel, ValidationError
-from quart import Response, request
+from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -34,11 +35,12 @@ from ..deployment import Deployment, DeploymentSpec, DeploymentUnavailable, Tick
 from ..outputs import CompletionOutput, Logprob, RequestError, RequestOutput
 from ..runtime import Runtime
 from ..sampling_params import MAX_LISTED, SamplingParams
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest
+from .protocol import MAX_REQUEST_ID, APIError, ChatCompletionRequest, CompletionRequest, check_request_id
 
 log = logging.getLogger(__name__)
 ModelT = TypeVar("ModelT", bound=BaseModel)
 MAX_BODY_BYTES = 4 << 20
+_engine_seq = itertools.count()  # makes engine request ids unique when clients reuse theirs
 
 
 def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: list[str] | None = None,
@@ -98,9 +100,17 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
                        retry_after=e.retry_after)
         return await api_error(err)
 
+    @app.after_request
+    async def request_id_header(response: Response) -> Response:
+        """Echo X-Request-Id (or the id a generation request got) back, as vLLM does."""
+        rid = request.headers.get("X-Request-Id") or g.get("request_id")
+        if rid and len(rid) <= MAX_REQUEST_ID and rid.isprintable():
+            response.headers["X-Request-Id"] = rid
+        return response
+
     @app.errorhandler(Exception)
     async def internal_error(e: Exception) -> Any:
-        log.exception("unhandled error in %s %s", request.method, request.path)
+        log.exception("unhandled error in %s %s (request %s)", request.method, request.path, g.get("request_id"))
         return APIError(500, "internal server error", "server_error").body(), 500
 
     async def body_of(model: type[BaseModel]) -> Any:
@@ -241,7 +251,7 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = body.sampling_params(budget(engine, len(ids), asked), logprobs)
         dep.admit([(len(ids), params.n, params.max_tokens)])
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        rid = f"chatcmpl-{_request_id(body)}"
         if body.stream:
             keep.append(True)
             return _sse(_chat_stream(engine, body, rid, ids, params, dep.name, deadline, outcome), ticket,
@@ -277,7 +287,7 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
             if not ids:
                 raise APIError(400, "prompt must not be empty", param="prompt")
             jobs.append((text, _truncated(engine, ids, body.truncate_prompt_tokens)))
-        rid = f"cmpl-{uuid.uuid4().hex}"
+        rid = f"cmpl-{_request_id(body)}"
         params_list = [body.sampling_params(budget(engine, len(ids), body.max_tokens), body.logprobs)
                        for _, ids in jobs]
         dep.admit([(len(ids), p.n, p.max_tokens) for (_, ids), p in zip(jobs, params_list, strict=True)])
@@ -315,6 +325,21 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
                 "model": dep.name, "choices": choices, "usage": _usage(outs)}
 
     return app
+
+
+def _request_id(body: ChatCompletionRequest | CompletionRequest) -> str:
+    """The request's id as vLLM picks it: the X-Request-Id header, else the body's request_id, else
+    a random one. The response's id is it with a prefix; engine ids add a unique suffix
+    (`_engine_id`), so a client reusing an id in flight disturbs nothing."""
+    header = request.headers.get("X-Request-Id")
+    if header is not None:
+        check_request_id(header, "the X-Request-Id header")
+    g.request_id = header or body.request_id or uuid.uuid4().hex
+    return str(g.request_id)
+
+
+def _engine_id(rid: str) -> str:
+    return f"{rid}-{next(_engine_seq):x}"
 
 
 async def _validated(model: type[ModelT]) -> ModelT:
@@ -380,7 +405,7 @@ async def _run(runtime: Runtime, engine: AsyncLLM, ids: list[int], params: Sampl
     out = None
     with trio.move_on_at(deadline):
         try:
-            out = await engine.generate_one(text, params, request_id=rid, prompt_ids=ids)
+            out = await engine.generate_one(text, params, request_id=_engine_id(rid), prompt_ids=ids)
         except ValueError as e:
             raise APIError(400, str(e)) from None
         except RequestError as e:
@@ -399,7 +424,7 @@ async def _deltas(engine: AsyncLLM, ids: list[int], params: SamplingParams, rid:
                   deadline: float) -> AsyncIterator[RequestOutput]:
     """A request's deltas; raises DeadlineExceeded when the deadline passes (the request is
     aborted). Each wait has its own cancel scope, so nothing yields inside one."""
-    stream = engine.generate(text, params, request_id=rid, delta=True, prompt_ids=ids)
+    stream = engine.generate(text, params, request_id=_engine_id(rid), delta=True, prompt_ids=ids)
     async with aclosing(stream):
         while True:
             with trio.move_on_at(deadline) as scope:

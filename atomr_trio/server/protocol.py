@@ -25,6 +25,7 @@ from ..sampling_params import SamplingParams
 
 MAX_MESSAGES = 1024  # messages in one chat request
 MAX_PROMPTS = 256  # prompts in one completions request
+MAX_REQUEST_ID = 256  # characters of a client-given request id
 
 _NO_STRUCTURED = "structured output (constrained decoding) is not implemented, so the text would not follow it"
 # Known fields this server does not implement: refused when set to anything but their no-op value.
@@ -93,6 +94,13 @@ def _is_set(name: str, value: Any) -> bool:
     return not (value is False or (isinstance(value, (list, dict, str)) and not value))
 
 
+def check_request_id(value: str, where: str) -> None:
+    """A client-given request id (logs, engine ids, the response's id) must be short and printable."""
+    if not 1 <= len(value) <= MAX_REQUEST_ID or not value.isprintable():
+        raise APIError(400, f"{where} must be 1 to {MAX_REQUEST_ID} printable characters",
+                       param="request_id" if where == "request_id" else None)
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
@@ -125,6 +133,7 @@ class _Common(BaseModel):
     include_stop_str_in_output: bool = False
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens; -1: the context length
     priority: int = 0  # lower runs first
+    request_id: str | None = None  # the X-Request-Id header wins, as in vLLM
     best_of: int | None = None  # honoured when equal to n
     use_beam_search: bool = False
     length_penalty: float = 1.0  # beam search only
@@ -152,6 +161,8 @@ class _Common(BaseModel):
                 self.truncate_prompt_tokens == -1 or self.truncate_prompt_tokens >= 1):
             raise APIError(400, f"truncate_prompt_tokens must be -1 (the context length) or >= 1, got "
                                 f"{self.truncate_prompt_tokens}", param="truncate_prompt_tokens")
+        if self.request_id is not None:
+            check_request_id(self.request_id, "request_id")
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         try:
