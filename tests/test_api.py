@@ -369,3 +369,36 @@ async def test_library_duplicate_request_id_fails_alone(tiny_dir: Path) -> None:
                 final = out
         assert final is not None and final.outputs[0].finish_reason == "length"
         assert len(final.outputs[0].token_ids) == 60
+
+
+def _chunks(http: httpx.Client, path: str, body: dict) -> list[dict]:
+    with http.stream("POST", path, json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(http: httpx.Client) -> None:
+    greedy = {"model": "tiny", "max_tokens": 6, "ignore_eos": True, "n": 2}
+    chunks = _chunks(http, "/v1/chat/completions", {**greedy, "messages": HI, "stream_options": {
+        "include_usage": True, "continuous_usage_stats": True}})
+    *steps, last = chunks
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 12  # the request's usage, at the end
+    prompt = last["usage"]["prompt_tokens"]
+    seen = {0: 0, 1: 0}
+    for c in steps:
+        u, i = c["usage"], c["choices"][0]["index"]
+        assert u["prompt_tokens"] == prompt and u["total_tokens"] == prompt + u["completion_tokens"]
+        assert u["completion_tokens"] >= seen[i]
+        seen[i] = u["completion_tokens"]
+    assert seen == {0: 6, 1: 6}
+
+    chunks = _chunks(http, "/v1/completions", {**greedy, "n": 1, "prompt": ["ab", "cde"], "echo": True,
+                                               "stream_options": {"continuous_usage_stats": True}})
+    assert all(c["choices"] for c in chunks)  # no include_usage: no usage-only chunk at the end
+    by_index = {c["choices"][0]["index"]: c["usage"] for c in chunks}
+    assert by_index == {0: {"prompt_tokens": 2, "completion_tokens": 6, "total_tokens": 8},
+                        1: {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}}
+    plain = _chunks(http, "/v1/completions", {**greedy, "prompt": "ab"})
+    assert not any("usage" in c for c in plain)

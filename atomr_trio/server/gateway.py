@@ -484,23 +484,26 @@ async def _chat_stream(engine: AsyncLLM, body: ChatCompletionRequest, rid: str, 
                        params: SamplingParams, model: str, deadline: float, outcome: _Outcome) -> AsyncIterator[str]:
     created = int(time.time())
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
+    usage = _usage_so_far(body, len(ids))
     yield "".join(_event({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                "logprobs": None, "finish_reason": None}]})
+                                                "logprobs": None, "finish_reason": None}], **usage(0)})
                   for i in range(params.n))
     final: RequestOutput | None = None
     generated = 0
+    done = [0] * params.n  # tokens generated per choice
     try:
         async for delta in _deltas(engine, ids, params, rid, None, deadline):
             final = delta
             generated += sum(len(o.token_ids) for o in delta.outputs)
             events = []
             for o in delta.outputs:
+                done[o.index] += len(o.token_ids)
                 if o.text or o.finish_reason or (o.logprobs and params.logprobs is not None):
                     events.append(_event({**head, "choices": [{
                         "index": o.index, "delta": {"content": o.text} if o.text else {},
                         "logprobs": (_chat_logprobs(o, params.logprobs)
                                      if params.logprobs is not None else None),
-                        "finish_reason": o.finish_reason}]}))
+                        "finish_reason": o.finish_reason}], **usage(done[o.index])}))
             if events:
                 yield "".join(events)
     except RequestError as e:
@@ -523,20 +526,24 @@ async def _completion_stream(engine: AsyncLLM, body: CompletionRequest, rid: str
     generated = 0
     try:
         for i, ((text, ids), params) in enumerate(zip(jobs, params_list, strict=True)):
+            usage = _usage_so_far(body, len(ids))
             if body.echo:
                 prefix = text if text is not None else engine.tokenizer.decode(ids)
                 yield "".join(_event({**head, "choices": [{"index": i * body.n + k, "text": prefix,
-                                                           "logprobs": None, "finish_reason": None}]})
+                                                           "logprobs": None, "finish_reason": None}], **usage(0)})
                               for k in range(params.n))
             final = None
+            done = [0] * params.n  # tokens generated per choice of this prompt
             async for delta in _deltas(engine, ids, params, f"{rid}-{i}", text, deadline):
                 final = delta
                 generated += sum(len(o.token_ids) for o in delta.outputs)
+                for o in delta.outputs:
+                    done[o.index] += len(o.token_ids)
                 events = [_event({**head, "choices": [{
                     "index": i * body.n + o.index, "text": o.text,
                     "logprobs": (_completion_logprobs(o, params.logprobs)
                                  if params.logprobs is not None else None),
-                    "finish_reason": o.finish_reason}]})
+                    "finish_reason": o.finish_reason}], **usage(done[o.index])})
                     for o in delta.outputs if o.text or o.finish_reason]
                 if events:
                     yield "".join(events)
@@ -552,6 +559,15 @@ async def _completion_stream(engine: AsyncLLM, body: CompletionRequest, rid: str
     if finals and body.stream_options and body.stream_options.include_usage:
         yield _event({**head, "choices": [], "usage": _usage(finals, generated)})
     yield "data: [DONE]\n\n"
+
+
+def _usage_so_far(body: ChatCompletionRequest | CompletionRequest, prompt: int) -> Callable[[int], dict[str, Any]]:
+    """`stream_options.continuous_usage_stats`, as vLLM does it: every chunk carries the usage of
+    its choice so far (its prompt's tokens, the tokens generated for it until then)."""
+    if not (body.stream_options and body.stream_options.continuous_usage_stats):
+        return lambda completion: {}
+    return lambda completion: {"usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                                         "total_tokens": prompt + completion}}
 
 
 def _usage(outs: list[RequestOutput], completion: int | None = None) -> dict[str, Any]:

@@ -104,6 +104,7 @@ def check_request_id(value: str, where: str) -> None:
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # every chunk carries its choice's usage so far
 
 
 class _Common(BaseModel):
