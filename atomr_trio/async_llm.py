@@ -46,25 +46,41 @@ class AsyncLLM:
         return self.core.cfg
 
     # ---- prompts ----------------------------------------------------------------------------
-    def prepare_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        """(text, token ids) for a string, a list of token ids, or {"prompt_token_ids": [...]}."""
+    def prepare_prompt(self, prompt: PromptType, add_special_tokens: bool = True) -> tuple[str | None, list[int]]:
+        """(text, token ids) for a string, a list of token ids, or {"prompt_token_ids": [...]}.
+        Text gets the model's special tokens (BOS) unless `add_special_tokens` is false."""
         if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
         if isinstance(prompt, Mapping):
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), self._check_ids(prompt["prompt_token_ids"])
             if isinstance(prompt.get("prompt"), str):
-                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"], add_special_tokens=add_special_tokens)
             raise ValueError("a prompt dict needs 'prompt' (a string) or 'prompt_token_ids'")
         if isinstance(prompt, Sequence):
             return None, self._check_ids(prompt)
         raise ValueError(f"a prompt must be a string, token ids or a dict, not {type(prompt).__name__}")
 
     def chat_prompt(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool | None = None,
+        *,
+        continue_final_message: bool = False,
+        documents: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        add_special_tokens: bool = False,
     ) -> tuple[str | None, list[int]]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt)
-        return text, self.tokenizer.encode(text, add_special_tokens=False)
+        """(text, token ids) of a conversation rendered by the model's chat template.
+        `add_generation_prompt` defaults to `not continue_final_message`; `add_special_tokens`
+        adds the tokenizer's special tokens on top of what the template writes (vLLM's option)."""
+        if add_generation_prompt is None:
+            add_generation_prompt = not continue_final_message
+        text = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt, continue_final_message=continue_final_message,
+            documents=documents, template_kwargs=chat_template_kwargs,
+        )
+        return text, self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def _check_ids(self, ids: Any) -> list[int]:
         if not isinstance(ids, Sequence) or isinstance(ids, str):

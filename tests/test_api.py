@@ -15,7 +15,7 @@ import openai
 import pytest
 import trio
 from serverproc import Server, metric
-from test_hf_dir import write_tiny_model
+from test_hf_dir import TINY_CHAT_TEMPLATE, write_tiny_model
 
 from atomr_trio import LLM, RequestError, SamplingParams, open_engine
 from atomr_trio.chat_template import ChatTemplateError
@@ -41,8 +41,28 @@ def bare_dir(tmp_path_factory) -> Path:
     return path
 
 
+TEMPLATED = ("{% if greeting is defined %}{{ greeting }}\n{% endif %}{% for d in documents or [] %}"
+             "[{{ d['title'] }}]{% endfor %}{% if reasoning_effort %}effort={{ reasoning_effort }}\n{% endif %}"
+             + TINY_CHAT_TEMPLATE)
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_dir: Path, bare_dir: Path) -> Iterator[Server]:
+def templated_dir(tmp_path_factory) -> Path:
+    """The tiny model with a chat template that reads `greeting`, `documents` and `reasoning_effort`,
+    and a tokenizer that starts plain text with a BOS token (<|im_start|>)."""
+    from tokenizers import Tokenizer, processors
+
+    path = tmp_path_factory.mktemp("templated")
+    write_tiny_model(path, "qwen2", chat_template=TEMPLATED)
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    bos = tok.token_to_id("<|im_start|>")
+    tok.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)])
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_dir: Path, bare_dir: Path, templated_dir: Path) -> Iterator[Server]:
     cfg = tmp_path_factory.mktemp("cfg") / "project.toml"
     common = f'dtype = "float32"\nkv_cache_memory_bytes = {16 << 20}'
     cfg.write_text(f"""
@@ -65,6 +85,11 @@ model = "{tiny_dir}"
 name = "single"
 model = "{tiny_dir}"
 max_num_seqs = 1
+{common}
+
+[[deployment]]
+name = "templated"
+model = "{templated_dir}"
 {common}
 
 [[deployment]]
@@ -402,3 +427,62 @@ def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(http: httpx.
                         1: {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}}
     plain = _chunks(http, "/v1/completions", {**greedy, "prompt": "ab"})
     assert not any("usage" in c for c in plain)
+
+
+PREFILL = [*HI, {"role": "assistant", "content": "Hel"}]
+
+
+def test_continue_final_message_and_add_generation_prompt(http: httpx.Client, tiny_dir: Path) -> None:
+    def prompt_tokens(**fields) -> int:
+        r = post(http, "chat", fields)
+        assert r.status_code == 200, r.text
+        return int(r.json()["usage"]["prompt_tokens"])
+
+    # the tiny tokenizer has a token per byte: "<|im_end|>\n" is 2 tokens, "<|im_start|>assistant\n" 11
+    closed = prompt_tokens(messages=PREFILL, add_generation_prompt=False)
+    assert prompt_tokens(messages=PREFILL, add_generation_prompt=False, continue_final_message=True) == closed - 2
+    assert prompt_tokens(messages=PREFILL, continue_final_message=True) == closed - 2  # the default follows
+    assert prompt_tokens(messages=PREFILL) == closed + 11
+    with LLM(str(tiny_dir), dtype="float32", num_kv_blocks=16) as llm:
+        out = llm.chat(PREFILL, SamplingParams(max_tokens=1), use_tqdm=False, continue_final_message=True)[0]
+        assert len(out.prompt_token_ids) == closed - 2 and llm.get_tokenizer().decode(
+            out.prompt_token_ids, skip_special_tokens=False).endswith("assistant\nHel")
+    r = post(http, "chat", {"messages": PREFILL, "continue_final_message": True, "add_generation_prompt": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message"
+
+
+def test_chat_echo_prepends_the_last_message_of_the_replys_role(http: httpx.Client) -> None:
+    greedy = {"messages": PREFILL, "continue_final_message": True, "temperature": 0, "max_tokens": 4}
+    plain = post(http, "chat", greedy).json()["choices"][0]["message"]
+    echoed = post(http, "chat", {**greedy, "echo": True}).json()["choices"][0]["message"]
+    assert echoed == {"role": "assistant", "content": "Hel" + plain["content"]}
+    chunks = _chunks(http, "/v1/chat/completions", {**greedy, "model": "tiny", "echo": True})
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[1]["choices"][0]["delta"] == {"content": "Hel"}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == echoed["content"]
+    # a new assistant turn: the last message (the user's) is not the reply's role, nothing to echo
+    new_turn = post(http, "chat", {"messages": HI, "echo": True, "temperature": 0, "max_tokens": 4}).json()
+    assert new_turn["choices"][0]["message"]["content"] == post(http, "chat", {
+        "messages": HI, "temperature": 0, "max_tokens": 4}).json()["choices"][0]["message"]["content"]
+    # no generation prompt after a user message: the reply continues as the user, as in vLLM
+    as_user = post(http, "chat", {"messages": HI, "add_generation_prompt": False, "echo": True}).json()
+    assert as_user["choices"][0]["message"]["role"] == "user"
+    assert as_user["choices"][0]["message"]["content"].startswith("hi")
+
+
+def test_template_variables_and_special_tokens(http: httpx.Client) -> None:
+    def prompt_tokens(route: str, **fields) -> int:
+        r = post(http, route, fields, model="templated")
+        assert r.status_code == 200, r.text
+        return int(r.json()["usage"]["prompt_tokens"])
+
+    base = prompt_tokens("chat")
+    assert prompt_tokens("chat", chat_template_kwargs={"greeting": "hello"}) == base + len("hello\n")
+    docs = [{"title": "A", "text": "x"}, {"title": "BC", "text": "y"}]
+    assert prompt_tokens("chat", documents=docs) == base + len("[A][BC]")
+    assert prompt_tokens("chat", reasoning_effort="low") == base + len("effort=low\n")
+    assert prompt_tokens("chat", add_special_tokens=True) == base + 1  # a BOS on top of the template's text
+    assert prompt_tokens("completions") == len("hi") + 1  # plain text gets the BOS by default
+    assert prompt_tokens("completions", add_special_tokens=False) == len("hi")
+    r = post(http, "chat", {"chat_template_kwargs": {"add_generation_prompt": False}}, model="templated")
+    assert "top-level" in refused(r, "chat_template_kwargs")

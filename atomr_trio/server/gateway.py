@@ -243,9 +243,15 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
                    ticket: Ticket, keep: list[bool], outcome: _Outcome) -> Any:
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         try:
-            _, ids = engine.chat_prompt(messages)
+            _, ids = engine.chat_prompt(
+                messages, body.generation_prompt, continue_final_message=body.continue_final_message,
+                documents=body.documents, chat_template_kwargs=body.template_kwargs(),
+                add_special_tokens=body.add_special_tokens)
         except ChatTemplateError as e:
             raise APIError(400, str(e), param="messages") from None
+        # vLLM's reply role: the assistant's, or the last message's when no generation prompt opens a turn
+        role = "assistant" if body.generation_prompt else messages[-1]["role"]
+        echo = _text_of(messages[-1]) if body.echo and messages[-1]["role"] == role else ""
         ids = _truncated(engine, ids, body.truncate_prompt_tokens)
         asked = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -254,13 +260,13 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
         rid = f"chatcmpl-{_request_id(body)}"
         if body.stream:
             keep.append(True)
-            return _sse(_chat_stream(engine, body, rid, ids, params, dep.name, deadline, outcome), ticket,
-                        outcome)
+            return _sse(_chat_stream(engine, body, rid, ids, params, dep.name, deadline, outcome, role, echo),
+                        ticket, outcome)
         out = await _run(runtime, engine, ids, params, rid, None, deadline, outcome)
         outcome("success")
         choices = [{
             "index": o.index,
-            "message": {"role": "assistant", "content": o.text},
+            "message": {"role": role, "content": echo + o.text},
             "logprobs": _chat_logprobs(o, logprobs) if logprobs is not None else None,
             "finish_reason": o.finish_reason,
         } for o in out.outputs]
@@ -281,7 +287,7 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
         jobs = []
         for p in prompts:
             try:
-                text, ids = engine.prepare_prompt(p)  # type: ignore[arg-type]
+                text, ids = engine.prepare_prompt(p, body.add_special_tokens)  # type: ignore[arg-type]
             except ValueError as e:
                 raise APIError(400, str(e), param="prompt") from None
             if not ids:
@@ -481,13 +487,17 @@ def _event(obj: Any) -> str:
 
 
 async def _chat_stream(engine: AsyncLLM, body: ChatCompletionRequest, rid: str, ids: list[int],
-                       params: SamplingParams, model: str, deadline: float, outcome: _Outcome) -> AsyncIterator[str]:
+                       params: SamplingParams, model: str, deadline: float, outcome: _Outcome, role: str,
+                       echo: str) -> AsyncIterator[str]:
     created = int(time.time())
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
     usage = _usage_so_far(body, len(ids))
-    yield "".join(_event({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+    yield "".join(_event({**head, "choices": [{"index": i, "delta": {"role": role, "content": ""},
                                                 "logprobs": None, "finish_reason": None}], **usage(0)})
                   for i in range(params.n))
+    if echo:
+        yield "".join(_event({**head, "choices": [{"index": i, "delta": {"content": echo}, "logprobs": None,
+                                                    "finish_reason": None}], **usage(0)}) for i in range(params.n))
     final: RequestOutput | None = None
     generated = 0
     done = [0] * params.n  # tokens generated per choice
@@ -559,6 +569,14 @@ async def _completion_stream(engine: AsyncLLM, body: CompletionRequest, rid: str
     if finals and body.stream_options and body.stream_options.include_usage:
         yield _event({**head, "choices": [], "usage": _usage(finals, generated)})
     yield "data: [DONE]\n\n"
+
+
+def _text_of(message: dict[str, Any]) -> str:
+    """A message's text (content parts joined), for `echo`."""
+    content = message.get("content")
+    if isinstance(content, list):
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return content if isinstance(content, str) else ""
 
 
 def _usage_so_far(body: ChatCompletionRequest | CompletionRequest, prompt: int) -> Callable[[int], dict[str, Any]]:

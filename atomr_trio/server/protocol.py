@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..chat_template import RESERVED_VARIABLES
 from ..sampling_params import SamplingParams
 
 MAX_MESSAGES = 1024  # messages in one chat request
@@ -196,7 +197,14 @@ class ChatCompletionRequest(_Common):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[Any] | None = None
     tool_choice: Any = None
+    echo: bool = False  # prepend the last message when the reply has its role
+    add_generation_prompt: bool | None = None  # default: not continue_final_message
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    documents: list[dict[str, Any]] | None = None
     chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: str | None = None  # handed to the chat template, as vLLM does
 
     def check(self) -> None:
         super().check()
@@ -207,6 +215,14 @@ class ChatCompletionRequest(_Common):
         if self.chat_template:
             raise unsupported("chat_template", "a template runs on the server, so only the model's own "
                                                "template is used; vLLM refuses it too unless trusted")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise APIError(400, "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+                           param="continue_final_message")
+        for key in RESERVED_VARIABLES:
+            if key in (self.chat_template_kwargs or {}):
+                raise APIError(400, f"chat_template_kwargs must not hold '{key}'"
+                               + ("" if key == "messages" else f": give '{key}' as a top-level field"),
+                               param="chat_template_kwargs")
         if self.top_logprobs and not self.logprobs:
             raise APIError(400, "when using `top_logprobs`, `logprobs` must be set to true", param="top_logprobs")
         for i, m in enumerate(self.messages):
@@ -215,6 +231,18 @@ class ChatCompletionRequest(_Common):
                     raise unsupported(f"messages.{i}.{key}", "tools are not supported" if key != "audio"
                                       else "there is no audio input")
 
+    @property
+    def generation_prompt(self) -> bool:
+        if self.add_generation_prompt is None:
+            return not self.continue_final_message
+        return self.add_generation_prompt
+
+    def template_kwargs(self) -> dict[str, Any]:
+        extra = dict(self.chat_template_kwargs or {})
+        if self.reasoning_effort is not None:
+            extra.setdefault("reasoning_effort", self.reasoning_effort)
+        return extra
+
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
@@ -222,6 +250,7 @@ class CompletionRequest(_Common):
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
     suffix: str | None = None
+    add_special_tokens: bool = True
 
     @field_validator("prompt")
     @classmethod
