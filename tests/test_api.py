@@ -486,3 +486,23 @@ def test_template_variables_and_special_tokens(http: httpx.Client) -> None:
     assert prompt_tokens("completions", add_special_tokens=False) == len("hi")
     r = post(http, "chat", {"chat_template_kwargs": {"add_generation_prompt": False}}, model="templated")
     assert "top-level" in refused(r, "chat_template_kwargs")
+
+
+def test_return_tokens_as_token_ids(http: httpx.Client) -> None:
+    greedy = {"temperature": 0, "max_tokens": 6, "ignore_eos": True, "return_tokens_as_token_ids": True}
+    r = post(http, "completions", {**greedy, "logprobs": 2}).json()["choices"][0]
+    tokens = r["logprobs"]["tokens"]
+    assert len(tokens) == 6 and all(t.startswith("token_id:") for t in tokens)
+    assert all(k.startswith("token_id:") for top in r["logprobs"]["top_logprobs"] for k in top)
+    ids = [int(t.removeprefix("token_id:")) for t in tokens]
+    text = http.post("/detokenize", json={"model": "tiny", "tokens": [t for t in ids if t < 256]}).json()["prompt"]
+    assert text == r["text"]  # the ids are the tokens generated (special ones are skipped in the text)
+    c = post(http, "chat", {**greedy, "logprobs": True, "top_logprobs": 2}).json()["choices"][0]
+    for entry in c["logprobs"]["content"]:
+        assert entry["token"].startswith("token_id:") and entry["bytes"] == list(entry["token"].encode())
+        assert all(t["token"].startswith("token_id:") for t in entry["top_logprobs"])
+    chunks = _chunks(http, "/v1/chat/completions", {**greedy, "model": "tiny", "messages": HI, "logprobs": True})
+    streamed = [e["token"] for ch in chunks for e in ((ch["choices"][0].get("logprobs") or {}).get("content") or [])]
+    assert streamed == [e["token"] for e in c["logprobs"]["content"]]
+    plain = post(http, "completions", {**greedy, "return_tokens_as_token_ids": False, "logprobs": 0}).json()
+    assert not plain["choices"][0]["logprobs"]["tokens"][0].startswith("token_id:")

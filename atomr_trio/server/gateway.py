@@ -20,6 +20,7 @@ import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing, contextmanager
+from dataclasses import replace
 from functools import partial
 from typing import Any, TypeVar
 
@@ -267,7 +268,7 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
         choices = [{
             "index": o.index,
             "message": {"role": role, "content": echo + o.text},
-            "logprobs": _chat_logprobs(o, logprobs) if logprobs is not None else None,
+            "logprobs": _chat_logprobs(_as_ids(o, body), logprobs) if logprobs is not None else None,
             "finish_reason": o.finish_reason,
         } for o in out.outputs]
         return {"id": rid, "object": "chat.completion", "created": int(time.time()),
@@ -323,7 +324,8 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
             for o in out.outputs:
                 choices.append({
                     "index": i * body.n + o.index, "text": prefix + o.text,
-                    "logprobs": _completion_logprobs(o, body.logprobs) if body.logprobs is not None else None,
+                    "logprobs": (_completion_logprobs(_as_ids(o, body), body.logprobs)
+                                 if body.logprobs is not None else None),
                     "finish_reason": o.finish_reason,
                 })
         outcome("success")
@@ -511,7 +513,7 @@ async def _chat_stream(engine: AsyncLLM, body: ChatCompletionRequest, rid: str, 
                 if o.text or o.finish_reason or (o.logprobs and params.logprobs is not None):
                     events.append(_event({**head, "choices": [{
                         "index": o.index, "delta": {"content": o.text} if o.text else {},
-                        "logprobs": (_chat_logprobs(o, params.logprobs)
+                        "logprobs": (_chat_logprobs(_as_ids(o, body), params.logprobs)
                                      if params.logprobs is not None else None),
                         "finish_reason": o.finish_reason}], **usage(done[o.index])}))
             if events:
@@ -551,7 +553,7 @@ async def _completion_stream(engine: AsyncLLM, body: CompletionRequest, rid: str
                     done[o.index] += len(o.token_ids)
                 events = [_event({**head, "choices": [{
                     "index": i * body.n + o.index, "text": o.text,
-                    "logprobs": (_completion_logprobs(o, params.logprobs)
+                    "logprobs": (_completion_logprobs(_as_ids(o, body), params.logprobs)
                                  if params.logprobs is not None else None),
                     "finish_reason": o.finish_reason}], **usage(done[o.index])})
                     for o in delta.outputs if o.text or o.finish_reason]
@@ -608,6 +610,15 @@ def _entries(o: CompletionOutput, k: int) -> list[tuple[Logprob, list[Logprob]]]
     tids = o.token_ids[len(o.token_ids) - len(lps):]
     return [(e[t], sorted((x for x in e.values() if (x.rank or 0) <= k), key=lambda x: x.rank or 0))
             for t, e in zip(tids, lps, strict=True)]
+
+
+def _as_ids(o: CompletionOutput, body: ChatCompletionRequest | CompletionRequest) -> CompletionOutput:
+    """`return_tokens_as_token_ids`: each logprob's token reads "token_id:N", as in vLLM, so that
+    tokens that are not whole characters stay identifiable."""
+    if not body.return_tokens_as_token_ids or o.logprobs is None:
+        return o
+    entries = [{t: replace(x, decoded_token=f"token_id:{t}") for t, x in e.items()} for e in o.logprobs]
+    return replace(o, logprobs=entries)
 
 
 def _chat_logprobs(o: CompletionOutput, k: int) -> dict[str, Any]:

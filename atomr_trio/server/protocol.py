@@ -136,6 +136,7 @@ class _Common(BaseModel):
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens; -1: the context length
     priority: int = 0  # lower runs first
     request_id: str | None = None  # the X-Request-Id header wins, as in vLLM
+    return_tokens_as_token_ids: bool = False  # logprob tokens read "token_id:N"
     best_of: int | None = None  # honoured when equal to n
     use_beam_search: bool = False
     length_penalty: float = 1.0  # beam search only
