@@ -46,6 +46,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives; 0 = only the sampled token
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True  # False: nothing between special tokens in a row (when kept)
     priority: int = 0  # scheduling order: lower values first, then arrival
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens; -1: max_model_len
     stop_strings: tuple[str, ...] = field(init=False, repr=False)

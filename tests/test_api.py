@@ -506,3 +506,17 @@ def test_return_tokens_as_token_ids(http: httpx.Client) -> None:
     assert streamed == [e["token"] for e in c["logprobs"]["content"]]
     plain = post(http, "completions", {**greedy, "return_tokens_as_token_ids": False, "logprobs": 0}).json()
     assert not plain["choices"][0]["logprobs"]["tokens"][0].startswith("token_id:")
+
+
+@pytest.mark.parametrize("route", ["chat", "completions"])
+def test_spaces_between_special_tokens_is_accepted(http: httpx.Client, route: str) -> None:
+    """The tiny model's byte-level decoder writes nothing between special tokens either way (the
+    joining itself is tested in test_request_tracker.py)."""
+    keep = {"temperature": 0, "max_tokens": 8, "ignore_eos": True, "skip_special_tokens": False}
+    texts = []
+    for spaces in (True, False):
+        r = post(http, route, {**keep, "spaces_between_special_tokens": spaces})
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        texts.append(choice["message"]["content"] if route == "chat" else choice["text"])
+    assert texts[0] == texts[1]
