@@ -521,3 +521,10 @@ def test_spaces_between_special_tokens_is_accepted(http: httpx.Client, route: st
         choice = r.json()["choices"][0]
         texts.append(choice["message"]["content"] if route == "chat" else choice["text"])
     assert texts[0] == texts[1]
+
+
+def test_a_request_failing_after_routing_still_echoes_its_id(http: httpx.Client) -> None:
+    r = post(http, "chat", {"request_id": "late-1"}, model="bare")  # no chat template: a 400 after routing
+    assert r.status_code == 400 and r.headers["X-Request-Id"] == "late-1"
+    r = post(http, "completions", {"request_id": "late-2", "truncate_prompt_tokens": 5000})
+    assert r.status_code == 400 and r.headers["X-Request-Id"] == "late-2"

@@ -242,6 +242,7 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
 
     async def chat(body: ChatCompletionRequest, dep: Deployment, engine: AsyncLLM, deadline: float,
                    ticket: Ticket, keep: list[bool], outcome: _Outcome) -> Any:
+        rid = f"chatcmpl-{_request_id(body)}"
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         try:
             _, ids = engine.chat_prompt(
@@ -258,7 +259,6 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = body.sampling_params(budget(engine, len(ids), asked), logprobs)
         dep.admit([(len(ids), params.n, params.max_tokens)])
-        rid = f"chatcmpl-{_request_id(body)}"
         if body.stream:
             keep.append(True)
             return _sse(_chat_stream(engine, body, rid, ids, params, dep.name, deadline, outcome, role, echo),
@@ -280,6 +280,7 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
 
     async def complete(body: CompletionRequest, dep: Deployment, engine: AsyncLLM, deadline: float,
                        ticket: Ticket, keep: list[bool], outcome: _Outcome) -> Any:
+        rid = f"cmpl-{_request_id(body)}"
         prompts = body.prompt
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[assignment]
@@ -294,7 +295,6 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
             if not ids:
                 raise APIError(400, "prompt must not be empty", param="prompt")
             jobs.append((text, _truncated(engine, ids, body.truncate_prompt_tokens)))
-        rid = f"cmpl-{_request_id(body)}"
         params_list = [body.sampling_params(budget(engine, len(ids), body.max_tokens), body.logprobs)
                        for _, ids in jobs]
         dep.admit([(len(ids), p.n, p.max_tokens) for (_, ids), p in zip(jobs, params_list, strict=True)])
