@@ -255,6 +255,8 @@ def test_unimplemented_fields_are_refused_unless_they_ask_for_nothing(http: http
     r = post(http, route, {"best_of": 2, "n": 2, "use_beam_search": False, "length_penalty": 1.0})
     assert r.status_code == 200 and len(r.json()["choices"]) == 2
     assert "not a parameter" in refused(post(http, route, {"temprature": 0.5}), "temprature")  # a typo
+    huge = post(http, route, {"k" * 100_000: 1}).json()["error"]  # the name is cut in the answer
+    assert huge["param"] == "k" * 100 + "..." and len(huge["message"]) < 200
     routine = {"user": "u-1", "metadata": {"k": "v"}, "store": False, "service_tier": "auto",
                "parallel_tool_calls": True, "safety_identifier": "s", "prompt_cache_key": "p"}
     assert post(http, route, routine).status_code == 200

@@ -152,7 +152,8 @@ class _Common(BaseModel):
                 raise unsupported(name, _NO_STRUCTURED)
             if name in REFUSED:
                 raise unsupported(name, REFUSED[name])
-            raise APIError(400, f"'{name}' is not a parameter this server knows", param=name)
+            shown = name if len(name) <= 100 else name[:100] + "..."  # the body may be megabytes
+            raise APIError(400, f"'{shown}' is not a parameter this server knows", param=shown)
         if self.best_of is not None and self.best_of != self.n:
             raise unsupported("best_of", "every sample generated is returned, so best_of must equal n")
         if self.use_beam_search:
