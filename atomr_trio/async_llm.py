@@ -24,7 +24,7 @@ from .messages import AddRequest, SeqDelta
 from .model.source import ModelSource
 from .outbox import Outbox
 from .outputs import RequestError, RequestOutput, RequestTracker
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, listing
 from .tokenizer import Tokenizer
 
 PromptType = str | Sequence[int] | Mapping[str, Any]
@@ -46,34 +46,67 @@ class AsyncLLM:
         return self.core.cfg
 
     # ---- prompts ----------------------------------------------------------------------------
-    def prepare_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        """(text, token ids) for a string, a list of token ids, or {"prompt_token_ids": [...]}."""
+    def prepare_prompt(self, prompt: PromptType, add_special_tokens: bool = True) -> tuple[str | None, list[int]]:
+        """(text, token ids) for a string, a list of token ids, or {"prompt_token_ids": [...]}.
+        Text gets the model's special tokens (BOS) unless `add_special_tokens` is false."""
         if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
         if isinstance(prompt, Mapping):
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), self._check_ids(prompt["prompt_token_ids"])
             if isinstance(prompt.get("prompt"), str):
-                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"], add_special_tokens=add_special_tokens)
             raise ValueError("a prompt dict needs 'prompt' (a string) or 'prompt_token_ids'")
         if isinstance(prompt, Sequence):
             return None, self._check_ids(prompt)
         raise ValueError(f"a prompt must be a string, token ids or a dict, not {type(prompt).__name__}")
 
     def chat_prompt(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool | None = None,
+        *,
+        continue_final_message: bool = False,
+        documents: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        add_special_tokens: bool = False,
     ) -> tuple[str | None, list[int]]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt)
-        return text, self.tokenizer.encode(text, add_special_tokens=False)
+        """(text, token ids) of a conversation rendered by the model's chat template.
+        `add_generation_prompt` defaults to `not continue_final_message`; `add_special_tokens`
+        adds the tokenizer's special tokens on top of what the template writes (vLLM's option)."""
+        if add_generation_prompt is None:
+            add_generation_prompt = not continue_final_message
+        text = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt, continue_final_message=continue_final_message,
+            documents=documents, template_kwargs=chat_template_kwargs,
+        )
+        return text, self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def _check_ids(self, ids: Any) -> list[int]:
         if not isinstance(ids, Sequence) or isinstance(ids, str):
             raise ValueError("prompt_token_ids must be a list of integers")
         out = list(ids)
         vocab = self.source.config.vocab_size
-        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in out):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        bad = [f"[{i}] {t!r:.20}" for i, t in enumerate(out)
+               if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab}); {len(bad)} are not: "
+                             f"{listing(bad)}")
         return out
+
+    def truncate_prompt(self, ids: list[int], k: int | None) -> list[int]:
+        """The prompt's last `k` tokens (`SamplingParams.truncate_prompt_tokens`; -1: the context
+        length), as vLLM keeps them; all of it when `k` is None."""
+        if k is None:
+            return ids
+        max_len = self.config.max_model_len
+        assert max_len is not None
+        if k == -1:
+            k = max_len
+        if k > max_len:
+            raise ValueError(f"truncate_prompt_tokens ({k}) is greater than max_model_len ({max_len}); "
+                             "select a smaller truncation size")
+        return ids[-k:]
 
     def check_request(self, ids: list[int], params: SamplingParams) -> None:
         max_len = self.config.max_model_len
@@ -104,6 +137,7 @@ class AsyncLLM:
             text, ids = self.prepare_prompt(prompt)
         else:
             text, ids = (prompt if isinstance(prompt, str) else None), prompt_ids
+        ids = self.truncate_prompt(ids, params.truncate_prompt_tokens)
         self.check_request(ids, params)
         rid = request_id or f"req-{next(_request_counter)}-{uuid.uuid4().hex[:8]}"
         outbox: Outbox[SeqDelta] = Outbox()
@@ -113,14 +147,15 @@ class AsyncLLM:
             while not tracker.finished:
                 for d in await outbox.get():
                     if tracker.apply(d):  # a stop string ended this sample
-                        await self.core.abort(rid, d.index)
+                        await self.core.abort(rid, d.index, outbox)
                 if tracker.error:
                     raise RequestError(tracker.error)
                 yield tracker.delta_output() if delta else tracker.output()
         finally:
-            # Idempotent: a no-op for a request the engine has already finished.
+            # Idempotent: a no-op for a request the engine has already finished, and for one it
+            # refused (the outbox says whose request it is).
             with trio.CancelScope(shield=True):
-                await self.core.abort(rid)
+                await self.core.abort(rid, outbox=outbox)
 
     async def generate_one(self, prompt: PromptType | None, params: SamplingParams | None = None,
                            **kw: Any) -> RequestOutput:

@@ -16,9 +16,11 @@ _CONTEXT = 6
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], skip_special_tokens: bool):
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], skip_special_tokens: bool,
+                 spaces_between_special_tokens: bool = True):
         self._tok = tokenizer
         self._skip = skip_special_tokens
+        self._spaces = spaces_between_special_tokens
         self._ids: list[int] = list(prompt_ids[-_CONTEXT:])
         self._prefix = 0  # start of the window that gives context
         self._read = len(self._ids)  # ids before this are already emitted as text
@@ -40,4 +42,6 @@ class IncrementalDetokenizer:
         return text[len(prefix_text) :]
 
     def _decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=self._skip) if ids else ""
+        if not ids:
+            return ""
+        return self._tok.decode(ids, skip_special_tokens=self._skip, spaces_between_special_tokens=self._spaces)

@@ -91,10 +91,12 @@ class EngineCore:
     async def add(self, req: AddRequest) -> None:
         await self._send.send(req)
 
-    async def abort(self, request_id: str, index: int | None = None) -> None:
-        """Idempotent; safe after the request finished and after the engine stopped."""
+    async def abort(self, request_id: str, index: int | None = None,
+                    outbox: Outbox[SeqDelta] | None = None) -> None:
+        """Idempotent; safe after the request finished and after the engine stopped. With `outbox`,
+        only the request reporting to that outbox is aborted."""
         try:
-            await self._send.send(AbortRequest(request_id, index))
+            await self._send.send(AbortRequest(request_id, index, outbox))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
@@ -159,6 +161,9 @@ class EngineCore:
 
     def _handle(self, msg: AddRequest | AbortRequest | AbortAll) -> None:
         if isinstance(msg, AbortRequest):
+            live = self._requests.get(msg.request_id)
+            if live is not None and msg.outbox is not None and live.outbox is not msg.outbox:
+                return  # another owner's request under the same id
             self._abort(msg.request_id, msg.index, reason="abort")
             return
         if isinstance(msg, AbortAll):

@@ -110,12 +110,19 @@ class LLM:
         messages: Conversation | Sequence[Conversation],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
-        add_generation_prompt: bool = True,
+        add_generation_prompt: bool | None = None,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
+        """Render each conversation with the model's chat template and generate. With
+        `continue_final_message` the last message is left open for the model to continue
+        (`add_generation_prompt` then defaults to false); `chat_template_kwargs` are template
+        variables."""
         engine = self.engine
         one = bool(messages) and isinstance(messages[0], Mapping)
         conversations: list[Any] = [messages] if one else list(messages)
-        items = [engine.chat_prompt(list(c), add_generation_prompt) for c in conversations]
+        items = [engine.chat_prompt(list(c), add_generation_prompt, continue_final_message=continue_final_message,
+                                    chat_template_kwargs=chat_template_kwargs) for c in conversations]
         return self._run_batch(items, sampling_params, use_tqdm)
 
     def _run_batch(
@@ -131,6 +138,8 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(items):
                 raise ValueError(f"got {len(params)} sampling params for {len(items)} prompts")
+        items = [(text, engine.truncate_prompt(ids, p.truncate_prompt_tokens))
+                 for (text, ids), p in zip(items, params, strict=True)]
         for (_, ids), p in zip(items, params, strict=True):
             engine.check_request(ids, p)
         results: list[RequestOutput | None] = [None] * len(items)
@@ -170,6 +179,7 @@ class LLM:
         else:
             text, ids = engine.prepare_prompt(prompt)  # type: ignore[arg-type]
         params = sampling_params or SamplingParams()
+        ids = engine.truncate_prompt(ids, params.truncate_prompt_tokens)
         engine.check_request(ids, params)
         deltas: queue.SimpleQueue[str | BaseException | None] = queue.SimpleQueue()
         scope = trio.CancelScope()

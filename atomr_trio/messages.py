@@ -83,3 +83,6 @@ class AbortAll:
 class AbortRequest:
     request_id: str
     index: int | None = None  # one sample only (a stop string ended it); None: the whole request
+    # The owner's outbox: only the request that reports to it is aborted, so an owner whose
+    # AddRequest was refused (its id already in use) cannot abort the request holding that id.
+    outbox: Outbox[SeqDelta] | None = None

@@ -93,7 +93,8 @@ class RequestTracker:
             out = CompletionOutput(i, "", [], logprobs=[] if want_lp else None,
                                    cumulative_logprob=0.0 if want_lp else None)
             detok = IncrementalDetokenizer(self.tokenizer, self.prompt_token_ids,
-                                           self.params.skip_special_tokens)
+                                           self.params.skip_special_tokens,
+                                           self.params.spaces_between_special_tokens)
             self.samples.append(_Sample(out, detok))
 
     @property

@@ -2,11 +2,13 @@
 
 Invariant: a SamplingParams that constructed without error is valid for any model; checks that
 need the model (token ids inside the vocabulary, context length) happen in `check_for_model`.
-Bad values raise `ValueError` naming the parameter, in the caller's thread.
+Bad values raise `ValueError` naming the parameter (and, for a list or a map, every offending
+entry up to MAX_LISTED), in the caller's thread.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 # Upper bounds that keep one request from dominating memory or the sampler.
@@ -15,6 +17,13 @@ MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_LEN = 1024
 MAX_LOGIT_BIAS = 1024
+MAX_LISTED = 10  # offending entries an error names; past that it gives their count
+
+
+def listing(items: Sequence[str]) -> str:
+    """Offending entries for an error message: the first MAX_LISTED, then how many more."""
+    more = len(items) - MAX_LISTED
+    return ", ".join(items[:MAX_LISTED]) + (f" (and {more} more)" if more > 0 else "")
 
 
 @dataclass
@@ -38,7 +47,9 @@ class SamplingParams:
     logprobs: int | None = None  # number of top alternatives; 0 = only the sampled token
     prompt_logprobs: int | None = None  # the same for every prompt position after the first
     skip_special_tokens: bool = True
-    priority: int = 0
+    spaces_between_special_tokens: bool = True  # False: nothing between special tokens in a row (when kept)
+    priority: int = 0  # scheduling order: lower values first, then arrival
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens; -1: max_model_len
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -62,9 +73,17 @@ class SamplingParams:
             if len(self.logit_bias) > MAX_LOGIT_BIAS:
                 raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries")
             clean: dict[int, float] = {}
+            bad: list[str] = []
             for k, v in self.logit_bias.items():
-                _num_in("logit_bias value", v, -100.0, 100.0)
-                clean[_token_id("logit_bias", k)] = float(v)
+                tid = _as_token_id(k)
+                if tid is None:
+                    bad.append(f"key {k!r} is not a token id (an integer >= 0)")
+                elif isinstance(v, bool) or not isinstance(v, (int, float)) or not -100.0 <= v <= 100.0:
+                    bad.append(f"{k!r}: {v!r} is not a number in [-100, 100]")
+                else:
+                    clean[tid] = float(v)
+            if bad:
+                raise ValueError(f"logit_bias has {len(bad)} invalid entries: {listing(bad)}")
             self.logit_bias = clean
         if self.max_tokens is not None:
             _int_in("max_tokens", self.max_tokens, 0, 1 << 30)
@@ -78,22 +97,30 @@ class SamplingParams:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > MAX_STOP_STRINGS:
             raise ValueError(f"stop may hold at most {MAX_STOP_STRINGS} strings")
-        for s in stops:
-            if not isinstance(s, str) or not s or len(s) > MAX_STOP_STRING_LEN:
-                raise ValueError(
-                    f"each stop string must be a non-empty string of at most "
-                    f"{MAX_STOP_STRING_LEN} characters"
-                )
+        bad = [f"[{i}] {s!r:.40}" for i, s in enumerate(stops)
+               if not isinstance(s, str) or not s or len(s) > MAX_STOP_STRING_LEN]
+        if bad:
+            raise ValueError(
+                f"stop: each stop string must be a non-empty string of at most {MAX_STOP_STRING_LEN} "
+                f"characters; not so: {listing(bad)}"
+            )
         self.stop_strings = tuple(stops)
         if self.stop_token_ids is not None:
             if not isinstance(self.stop_token_ids, (list, tuple)):
                 raise ValueError("stop_token_ids must be a list of token ids")
-            self.stop_token_ids = [_token_id("stop_token_ids", t) for t in self.stop_token_ids]
+            ids = [_as_token_id(t) for t in self.stop_token_ids]
+            bad = [f"[{i}] {t!r}" for i, (t, tid) in enumerate(zip(self.stop_token_ids, ids, strict=True))
+                   if tid is None]
+            if bad:
+                raise ValueError(f"stop_token_ids token ids must be integers >= 0; not so: {listing(bad)}")
+            self.stop_token_ids = [t for t in ids if t is not None]
         if self.logprobs is not None:
             _int_in("logprobs", self.logprobs, 0, MAX_LOGPROBS)
         if self.prompt_logprobs is not None:
             _int_in("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
         _int_in("priority", self.priority, -(1 << 31), (1 << 31) - 1)
+        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens != -1:
+            _int_in("truncate_prompt_tokens", self.truncate_prompt_tokens, 1, 1 << 30)
 
     @property
     def greedy(self) -> bool:
@@ -113,19 +140,21 @@ class SamplingParams:
             ("logit_bias", list(self.logit_bias or ())),
             ("stop_token_ids", self.stop_token_ids or []),
         ):
-            bad = [t for t in ids if t >= vocab_size]
+            bad = [str(t) for t in ids if t >= vocab_size]
             if bad:
                 raise ValueError(
-                    f"{name} names token id {bad[0]}, outside the vocabulary (size {vocab_size})"
+                    f"{name} names {len(bad)} token id(s) outside the vocabulary (size {vocab_size}): "
+                    f"{listing(bad)}"
                 )
 
 
-def _token_id(name: str, value: object) -> int:
-    """A token id given as an int or a decimal string (JSON object keys are strings)."""
+def _as_token_id(value: object) -> int | None:
+    """A token id given as an int or a decimal string (JSON object keys are strings); None if
+    it is neither."""
     if isinstance(value, str) and value.strip().isdigit():
         return int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} token ids must be integers >= 0, got {value!r}")
+        return None
     return value
 
 

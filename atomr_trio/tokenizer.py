@@ -15,7 +15,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from .chat_template import ChatTemplate
+from .chat_template import ChatTemplate, ChatTemplateError
 from .model.config import ModelLoadError
 from .model.gguf_file import GGUFTokenizerData
 
@@ -44,6 +44,7 @@ class Tokenizer:
         self.add_bos_token = add_bos_token
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.source = source
+        self.special_ids = frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
         self.bos_token = tok.id_to_token(bos_token_id) if bos_token_id is not None else None
         eos0 = self.eos_token_ids[0] if self.eos_token_ids else None
         self.eos_token = tok.id_to_token(eos0) if eos0 is not None else None
@@ -141,19 +142,46 @@ class Tokenizer:
             ids.insert(0, self.bos_token_id)
         return ids
 
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return str(self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
+    def decode(
+        self, ids: Sequence[int], skip_special_tokens: bool = True, spaces_between_special_tokens: bool = True
+    ) -> str:
+        """Text of `ids`, as the tokenizer's decoder writes it. With `spaces_between_special_tokens`
+        false (vLLM's option, which matters only when special tokens are kept), nothing is written
+        between two special tokens in a row: a tokenizer without a decoder joins every token with a
+        space, byte-level and metaspace decoders put nothing there anyway."""
+        ids = list(ids)
+        if skip_special_tokens or spaces_between_special_tokens:
+            return str(self._tok.decode(ids, skip_special_tokens=skip_special_tokens))
+        cuts = [i for i in range(1, len(ids)) if ids[i] in self.special_ids and ids[i - 1] in self.special_ids]
+        bounds = [0, *cuts, len(ids)]
+        return "".join(str(self._tok.decode(ids[a:b], skip_special_tokens=False))
+                       for a, b in zip(bounds, bounds[1:], strict=False))
 
     def id_to_token(self, token_id: int) -> str | None:
         tok: str | None = self._tok.id_to_token(token_id)
         return tok
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        continue_final_message: bool = False,
+        documents: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> str:
         if self.chat_template is None:
-            raise ValueError("this model has no chat template; use a plain text prompt")
-        return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+            raise ChatTemplateError(
+                "this model has no chat template (none in its tokenizer config or GGUF metadata), so chat "
+                "messages cannot be rendered; send a plain text prompt (/v1/completions, LLM.generate)"
+            )
+        return self.chat_template.render(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            documents=documents,
+            extra=template_kwargs,
+        )
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         text = self.apply_chat_template(messages, add_generation_prompt)

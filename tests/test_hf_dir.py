@@ -16,11 +16,17 @@ from atomr_trio.model.source import ModelSource
 
 pytestmark = pytest.mark.slow
 
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
-def write_tiny_model(path: Path, arch: str = "qwen2", seed: int = 0, max_positions: int = 512) -> None:
+
+def write_tiny_model(path: Path, arch: str = "qwen2", seed: int = 0, max_positions: int = 512,
+                     chat_template: str | None = TINY_CHAT_TEMPLATE) -> None:
     """A byte-level BPE tokenizer with no merges (vocab = 256 bytes + 2 specials) and a
     2-layer model of the given architecture (Qwen2 with non-zero q/k/v biases), saved in
-    safetensors shards of at most ~200 kB."""
+    safetensors shards of at most ~200 kB. `chat_template=None` writes no chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import (
         LlamaConfig,
@@ -40,12 +46,10 @@ def write_tiny_model(path: Path, arch: str = "qwen2", seed: int = 0, max_positio
     path.mkdir(parents=True, exist_ok=True)
     tok.save(str(path / "tokenizer.json"))
     im_end = tok.token_to_id("<|im_end|>")
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "eos_token": "<|im_end|>",
-        "chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
-                         "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
-                         "{% endif %}",
-    }))
+    tokenizer_config: dict[str, str] = {"eos_token": "<|im_end|>"}
+    if chat_template is not None:
+        tokenizer_config["chat_template"] = chat_template
+    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     torch.manual_seed(seed)
     config_cls, model_cls = {
         "qwen2": (Qwen2Config, Qwen2ForCausalLM),

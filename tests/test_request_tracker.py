@@ -187,3 +187,22 @@ def test_an_eos_the_tokenizer_does_not_know_is_still_the_stop_reason(tok: Tokeni
     stream(tr, tok.encode("wow!"), finish="stop")
     o = tr.output().outputs[0]
     assert (o.finish_reason, o.stop_reason) == ("stop", bang)
+
+
+def test_spaces_between_special_tokens() -> None:
+    """A tokenizer without a decoder joins every token with a space (as vLLM's default keeps);
+    spaces_between_special_tokens=False writes nothing between two special tokens in a row."""
+    hf = HFTokenizer(models.WordLevel({"hello": 0, "world": 1}, unk_token="hello"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.add_special_tokens([AddedToken("<s>", special=True), AddedToken("</s>", special=True)])
+    tok = Tokenizer(hf, bos_token_id=None, eos_token_ids=[], add_bos_token=False, chat_template=None, source="test")
+    s, e = hf.token_to_id("<s>"), hf.token_to_id("</s>")
+    ids = [0, s, e, s, 1]
+    assert tok.decode(ids, skip_special_tokens=False) == "hello <s> </s> <s> world"
+    assert tok.decode(ids, skip_special_tokens=False, spaces_between_special_tokens=False) == "hello <s></s><s> world"
+    assert tok.decode(ids, spaces_between_special_tokens=False) == "hello world"  # skipped: nothing to join
+    for spaces, want in ((True, " <s> </s> <s> world"), (False, " <s></s><s> world")):
+        params = SamplingParams(skip_special_tokens=False, spaces_between_special_tokens=spaces)
+        tr = RequestTracker("req", None, [0], params, tok, tok.eos_token_ids)
+        pieces, _ = stream(tr, ids[1:])
+        assert "".join(pieces) == want == tr.output().outputs[0].text

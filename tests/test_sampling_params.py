@@ -151,3 +151,17 @@ def test_check_for_model_rejects_token_ids_outside_the_vocabulary() -> None:
         SamplingParams(logit_bias={100: 1.0}).check_for_model(100)
     with pytest.raises(ValueError, match="stop_token_ids"):
         SamplingParams(stop_token_ids=[5, 100]).check_for_model(100)
+
+
+def test_errors_about_a_map_or_a_list_name_every_offending_entry() -> None:
+    with pytest.raises(ValueError, match=r"^logit_bias .*'abc'.*'5': 300") as e:
+        SamplingParams(logit_bias={"abc": 1.0, "5": 300, "7": 1.0})
+    assert "'7'" not in str(e.value)
+    with pytest.raises(ValueError, match=r"^stop_token_ids .*\[0\] -1.*\[2\] 'x'"):
+        SamplingParams(stop_token_ids=[-1, 5, "x"])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match=r"^stop.*\[1\] ''.*\[2\] 3"):
+        SamplingParams(stop=["ok", "", 3])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match=r"^logit_bias names 2 token id\(s\) .*: 100, 250"):
+        SamplingParams(logit_bias={100: 1.0, 5: 1.0, 250: 1.0}).check_for_model(100)
+    with pytest.raises(ValueError, match=r"stop_token_ids names .*: 100, 101, 102, .*109 \(and 5 more\)$"):
+        SamplingParams(stop_token_ids=list(range(100, 115))).check_for_model(100)

@@ -37,6 +37,20 @@ def test_chat_ids_equal_transformers(default_source: ModelSource, hf_tokenizer, 
     assert ours == list(theirs)
 
 
+@pytest.mark.parametrize("conv", [
+    [*CONVERSATIONS[0], {"role": "assistant", "content": "The capital of"}],
+    [*CONVERSATIONS[3], {"role": "assistant", "content": "Bonjour, je "}],
+    [*CONVERSATIONS[2], {"role": "assistant", "content": "青"}],
+], ids=["user", "trailing-space", "multi-turn"])
+def test_continue_final_message_ids_equal_transformers(default_source: ModelSource, hf_tokenizer, conv) -> None:
+    tok = default_source.tokenizer
+    text = tok.apply_chat_template(conv, add_generation_prompt=False, continue_final_message=True)
+    theirs = hf_tokenizer.apply_chat_template(conv, add_generation_prompt=False, continue_final_message=True,
+                                              tokenize=True)
+    theirs = theirs["input_ids"] if hasattr(theirs, "keys") else theirs
+    assert tok.encode(text, add_special_tokens=False) == list(theirs)
+
+
 def test_chat_template_inserts_default_system_prompt(default_source: ModelSource) -> None:
     text = default_source.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
     assert text.startswith("<|im_start|>system\n")

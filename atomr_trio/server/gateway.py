@@ -10,20 +10,22 @@ Invariants:
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing, contextmanager
+from dataclasses import replace
 from functools import partial
 from typing import Any, TypeVar
 
 import trio
 from pydantic import BaseModel, ValidationError
-from quart import Response, request
+from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -32,13 +34,14 @@ from ..chat_template import ChatTemplateError
 from ..deployment import Deployment, DeploymentSpec, DeploymentUnavailable, Ticket
 from ..outputs import CompletionOutput, Logprob, RequestError, RequestOutput
 from ..runtime import Runtime
-from ..sampling_params import SamplingParams
+from ..sampling_params import MAX_LISTED, SamplingParams
 from .auth import OPEN_PATHS, refusal
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest
+from .protocol import MAX_REQUEST_ID, APIError, ChatCompletionRequest, CompletionRequest, check_request_id
 
 log = logging.getLogger(__name__)
 ModelT = TypeVar("ModelT", bound=BaseModel)
 MAX_BODY_BYTES = 4 << 20
+_engine_seq = itertools.count()  # makes engine request ids unique when clients reuse theirs
 
 
 def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: list[str] | None = None,
@@ -100,16 +103,22 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
                        retry_after=e.retry_after)
         return await api_error(err)
 
+    @app.after_request
+    async def request_id_header(response: Response) -> Response:
+        """Echo X-Request-Id (or the id a generation request got) back, as vLLM does."""
+        rid = request.headers.get("X-Request-Id") or g.get("request_id")
+        if rid and len(rid) <= MAX_REQUEST_ID and rid.isprintable():
+            response.headers["X-Request-Id"] = rid
+        return response
+
     @app.errorhandler(Exception)
     async def internal_error(e: Exception) -> Any:
-        log.exception("unhandled error in %s %s", request.method, request.path)
+        log.exception("unhandled error in %s %s (request %s)", request.method, request.path, g.get("request_id"))
         return APIError(500, "internal server error", "server_error").body(), 500
 
     async def body_of(model: type[BaseModel]) -> Any:
         body = await _validated(model)
-        bad = body.unsupported()  # type: ignore[attr-defined]
-        if bad:
-            raise APIError(400, f"'{bad}' is not supported by this server yet", param=bad)
+        body.check()  # type: ignore[attr-defined]  # a 400 for what this server does not implement
         return body
 
     def budget(engine: AsyncLLM, n_prompt: int, asked: int | None) -> int:
@@ -226,34 +235,49 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
         dep = deployment(body.model)
         deadline = deadline_for(dep)
         engine, ticket = await dep.route()
+        outcome = _Outcome(runtime, dep.name)
         with _released_unless_streamed(ticket) as keep:
-            return await handler(body, dep, engine, deadline, ticket, keep)
+            try:
+                return await handler(body, dep, engine, deadline, ticket, keep, outcome)
+            except BaseException as e:
+                if isinstance(e, trio.Cancelled) or (
+                        isinstance(e, BaseExceptionGroup) and e.subgroup(trio.Cancelled) is not None):
+                    outcome("disconnected")  # the client went away
+                raise
 
     @app.post("/v1/chat/completions")
     async def chat_completions() -> Any:
         return await admitted(await body_of(ChatCompletionRequest), chat)
 
     async def chat(body: ChatCompletionRequest, dep: Deployment, engine: AsyncLLM, deadline: float,
-                   ticket: Ticket, keep: list[bool]) -> Any:
+                   ticket: Ticket, keep: list[bool], outcome: _Outcome) -> Any:
+        rid = f"chatcmpl-{_request_id(body)}"
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         try:
-            _, ids = engine.chat_prompt(messages)
+            _, ids = engine.chat_prompt(
+                messages, body.generation_prompt, continue_final_message=body.continue_final_message,
+                documents=body.documents, chat_template_kwargs=body.template_kwargs(),
+                add_special_tokens=body.add_special_tokens)
         except ChatTemplateError as e:
             raise APIError(400, str(e), param="messages") from None
+        # vLLM's reply role: the assistant's, or the last message's when no generation prompt opens a turn
+        role = "assistant" if body.generation_prompt else messages[-1]["role"]
+        echo = _text_of(messages[-1]) if body.echo and messages[-1]["role"] == role else ""
+        ids = _truncated(engine, ids, body.truncate_prompt_tokens)
         asked = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = body.sampling_params(budget(engine, len(ids), asked), logprobs, body.prompt_logprobs)
         dep.admit([(len(ids), params.n, params.max_tokens)])
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             keep.append(True)
-            return _sse(_chat_stream(engine, body, rid, ids, params, dep.name, deadline), ticket)
-        out = await _run(runtime, engine, ids, params, rid, None, deadline)
-        metrics.count_request(dep.name, "success")
+            return _sse(_chat_stream(engine, body, rid, ids, params, dep.name, deadline, outcome, role, echo),
+                        ticket, outcome)
+        out = await _run(runtime, engine, ids, params, rid, None, deadline, outcome)
+        outcome("success")
         choices = [{
             "index": o.index,
-            "message": {"role": "assistant", "content": o.text},
-            "logprobs": _chat_logprobs(o, logprobs) if logprobs is not None else None,
+            "message": {"role": role, "content": echo + o.text},
+            "logprobs": _chat_logprobs(_as_ids(o, body), logprobs) if logprobs is not None else None,
             "finish_reason": o.finish_reason,
         } for o in out.outputs]
         return {"id": rid, "object": "chat.completion", "created": int(time.time()),
@@ -265,7 +289,8 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
         return await admitted(await body_of(CompletionRequest), complete)
 
     async def complete(body: CompletionRequest, dep: Deployment, engine: AsyncLLM, deadline: float,
-                       ticket: Ticket, keep: list[bool]) -> Any:
+                       ticket: Ticket, keep: list[bool], outcome: _Outcome) -> Any:
+        rid = f"cmpl-{_request_id(body)}"
         prompts = body.prompt
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[assignment]
@@ -274,24 +299,24 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
         jobs = []
         for p in prompts:
             try:
-                text, ids = engine.prepare_prompt(p)  # type: ignore[arg-type]
+                text, ids = engine.prepare_prompt(p, body.add_special_tokens)  # type: ignore[arg-type]
             except ValueError as e:
                 raise APIError(400, str(e), param="prompt") from None
             if not ids:
                 raise APIError(400, "prompt must not be empty", param="prompt")
-            jobs.append((text, ids))
-        rid = f"cmpl-{uuid.uuid4().hex}"
+            jobs.append((text, _truncated(engine, ids, body.truncate_prompt_tokens)))
         params_list = [body.sampling_params(budget(engine, len(ids), body.max_tokens), body.logprobs,
                                             body.prompt_logprobs_k) for _, ids in jobs]
         dep.admit([(len(ids), p.n, p.max_tokens) for (_, ids), p in zip(jobs, params_list, strict=True)])
         if body.stream:
             keep.append(True)
-            return _sse(_completion_stream(engine, body, rid, jobs, params_list, dep.name, deadline), ticket)
+            return _sse(_completion_stream(engine, body, rid, jobs, params_list, dep.name, deadline, outcome),
+                        ticket, outcome)
         results: list[RequestOutput | None] = [None] * len(jobs)
 
         async def one(i: int) -> None:
             (text, ids), params = jobs[i], params_list[i]
-            results[i] = await _run(runtime, engine, ids, params, f"{rid}-{i}", text, deadline)
+            results[i] = await _run(runtime, engine, ids, params, f"{rid}-{i}", text, deadline, outcome)
 
         try:
             async with trio.open_nursery() as nursery:  # the prompts of one request run as a batch
@@ -310,26 +335,51 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
                 choices.append({
                     "index": i * body.n + o.index, "text": prefix + o.text,
                     "logprobs": (_completion_logprobs(engine, o, body.logprobs,
-                                                      (ids, out.prompt_logprobs) if body.echo else None)
+                                                      (ids, out.prompt_logprobs) if body.echo else None,
+                                                      as_ids=body.return_tokens_as_token_ids)
                                  if body.logprobs is not None else None),
                     "finish_reason": o.finish_reason,
                     "prompt_logprobs": _prompt_logprobs(out),
                 })
-        metrics.count_request(dep.name, "success")
+        outcome("success")
         return {"id": rid, "object": "text_completion", "created": int(time.time()),
                 "model": dep.name, "choices": choices, "usage": _usage(outs)}
 
     return app
 
 
+def _request_id(body: ChatCompletionRequest | CompletionRequest) -> str:
+    """The request's id as vLLM picks it: the X-Request-Id header, else the body's request_id, else
+    a random one. The response's id is it with a prefix; engine ids add a unique suffix
+    (`_engine_id`), so a client reusing an id in flight disturbs nothing."""
+    header = request.headers.get("X-Request-Id")
+    if header is not None:
+        check_request_id(header, "the X-Request-Id header")
+    g.request_id = header or body.request_id or uuid.uuid4().hex
+    return str(g.request_id)
+
+
+def _engine_id(rid: str) -> str:
+    return f"{rid}-{next(_engine_seq):x}"
+
+
 async def _validated(model: type[ModelT]) -> ModelT:
-    """The request body as `model`, or a 400 naming the first invalid field."""
+    """The request body as `model`, or a 400 naming every invalid field (`param`: the first)."""
     try:
         return model.model_validate(await _json_object())
     except ValidationError as e:
-        err = e.errors()[0]
-        param = ".".join(str(x) for x in err["loc"]) or None
-        raise APIError(400, f"{param}: {err['msg']}", param=param) from None
+        errors = [(".".join(str(x) for x in err["loc"]), err["msg"]) for err in e.errors()]
+        message = "; ".join(f"{loc}: {msg}" if loc else msg for loc, msg in errors[:MAX_LISTED])
+        if len(errors) > MAX_LISTED:
+            message += f" (and {len(errors) - MAX_LISTED} more)"
+        raise APIError(400, message, param=errors[0][0] or None) from None
+
+
+def _truncated(engine: AsyncLLM, ids: list[int], k: int | None) -> list[int]:
+    try:
+        return engine.truncate_prompt(ids, k)
+    except ValueError as e:
+        raise APIError(400, str(e), param="truncate_prompt_tokens") from None
 
 
 async def _json_object() -> dict[str, Any]:
@@ -346,19 +396,37 @@ class DeadlineExceeded(Exception):
     pass
 
 
+class _Outcome:
+    """How a routed request ended, for `deployment_requests{outcome}`: counted once (the first
+    reason given wins), whether it ends in the handler or, for a stream, in its body."""
+
+    def __init__(self, runtime: Runtime, deployment: str) -> None:
+        self._runtime = runtime
+        self._count: Callable[[str], None] | None = partial(runtime.metrics.count_request, deployment)
+
+    def __call__(self, reason: str) -> None:
+        count, self._count = self._count, None
+        if count is not None:
+            count(reason)
+
+    def ended(self, finals: list[RequestOutput]) -> None:
+        """A request that ran to its end: a success, unless the shutdown aborted it."""
+        aborted = any(o.finish_reason == "abort" for out in finals for o in out.outputs)
+        self("shutdown" if aborted and self._runtime.draining else "success")
+
+
 def _timeout_error() -> APIError:
     return APIError(504, "the request did not finish before its deadline (request_timeout)", "timeout",
                     code="request_timeout")
 
 
 async def _run(runtime: Runtime, engine: AsyncLLM, ids: list[int], params: SamplingParams, rid: str,
-               text: str | None, deadline: float) -> RequestOutput:
+               text: str | None, deadline: float, count: _Outcome) -> RequestOutput:
     """One request to its end; the deadline covers queueing and generation."""
     out = None
-    count = partial(runtime.metrics.count_request, engine.core.model_name)
     with trio.move_on_at(deadline):
         try:
-            out = await engine.generate_one(text, params, request_id=rid, prompt_ids=ids)
+            out = await engine.generate_one(text, params, request_id=_engine_id(rid), prompt_ids=ids)
         except ValueError as e:
             raise APIError(400, str(e)) from None
         except RequestError as e:
@@ -377,7 +445,7 @@ async def _deltas(engine: AsyncLLM, ids: list[int], params: SamplingParams, rid:
                   deadline: float) -> AsyncIterator[RequestOutput]:
     """A request's deltas; raises DeadlineExceeded when the deadline passes (the request is
     aborted). Each wait has its own cancel scope, so nothing yields inside one."""
-    stream = engine.generate(text, params, request_id=rid, delta=True, prompt_ids=ids)
+    stream = engine.generate(text, params, request_id=_engine_id(rid), delta=True, prompt_ids=ids)
     async with aclosing(stream):
         while True:
             with trio.move_on_at(deadline) as scope:
@@ -408,18 +476,23 @@ def _released_unless_streamed(ticket: Ticket) -> Iterator[list[bool]]:
             ticket.release()
 
 
-def _sse(events: AsyncIterator[str], ticket: Ticket) -> Response:
+def _sse(events: AsyncIterator[str], ticket: Ticket, outcome: _Outcome) -> Response:
+    """The stream sets its outcome when it ends; one that never gets there lost its client."""
+    def end() -> None:
+        ticket.release()
+        outcome("disconnected")
+
     async def body() -> AsyncIterator[bytes]:
         try:
             async for e in events:
                 yield e.encode()
         finally:
-            ticket.release()
+            end()
 
     stream = body()
     # A body that is never iterated (the client left first) never runs its finally: CPython
-    # drops the generator with the response, and this releases the ticket then.
-    weakref.finalize(stream, ticket.release)
+    # drops the generator with the response, and this ends it then.
+    weakref.finalize(stream, end)
     return Response(stream, content_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -429,32 +502,42 @@ def _event(obj: Any) -> str:
 
 
 async def _chat_stream(engine: AsyncLLM, body: ChatCompletionRequest, rid: str, ids: list[int],
-                       params: SamplingParams, model: str, deadline: float) -> AsyncIterator[str]:
+                       params: SamplingParams, model: str, deadline: float, outcome: _Outcome, role: str,
+                       echo: str) -> AsyncIterator[str]:
     created = int(time.time())
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
-    yield "".join(_event({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                "logprobs": None, "finish_reason": None}]})
+    usage = _usage_so_far(body, len(ids))
+    yield "".join(_event({**head, "choices": [{"index": i, "delta": {"role": role, "content": ""},
+                                                "logprobs": None, "finish_reason": None}], **usage(0)})
                   for i in range(params.n))
+    if echo:
+        yield "".join(_event({**head, "choices": [{"index": i, "delta": {"content": echo}, "logprobs": None,
+                                                    "finish_reason": None}], **usage(0)}) for i in range(params.n))
     final: RequestOutput | None = None
     generated = 0
+    done = [0] * params.n  # tokens generated per choice
     try:
         async for delta in _deltas(engine, ids, params, rid, None, deadline):
             final = delta
             generated += sum(len(o.token_ids) for o in delta.outputs)
             events = []
             for o in delta.outputs:
+                done[o.index] += len(o.token_ids)
                 if o.text or o.finish_reason or (o.logprobs and params.logprobs is not None):
                     events.append(_event({**head, "choices": [{
                         "index": o.index, "delta": {"content": o.text} if o.text else {},
-                        "logprobs": (_chat_logprobs(o, params.logprobs)
+                        "logprobs": (_chat_logprobs(_as_ids(o, body), params.logprobs)
                                      if params.logprobs is not None else None),
-                        "finish_reason": o.finish_reason}]}))
+                        "finish_reason": o.finish_reason}], **usage(done[o.index])}))
             if events:
                 yield "".join(events)
     except RequestError as e:
+        outcome("engine_error")
         yield _event({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
     except DeadlineExceeded:
+        outcome("timeout")
         yield _event(_timeout_error().body())
+    outcome.ended([final] if final else [])
     if final is not None and body.stream_options and body.stream_options.include_usage:
         yield _event({**head, "choices": [], "usage": _usage([final], generated)})
     yield "data: [DONE]\n\n"
@@ -462,23 +545,26 @@ async def _chat_stream(engine: AsyncLLM, body: ChatCompletionRequest, rid: str, 
 
 async def _completion_stream(engine: AsyncLLM, body: CompletionRequest, rid: str,
                              jobs: list[tuple[str | None, list[int]]], params_list: list[SamplingParams],
-                             model: str, deadline: float) -> AsyncIterator[str]:
+                             model: str, deadline: float, outcome: _Outcome) -> AsyncIterator[str]:
     head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model}
     finals: list[RequestOutput] = []
     generated = 0
     try:
         for i, ((text, ids), params) in enumerate(zip(jobs, params_list, strict=True)):
+            usage = _usage_so_far(body, len(ids))
             prefix = (text if text is not None else engine.tokenizer.decode(ids)) if body.echo else ""
             sent = [0] * params.n  # characters streamed per choice (text_offset)
             echoed = [not body.echo] * params.n  # as vLLM: the prompt goes out with the first delta
             scored = None  # the prompt's logprobs (they arrive in one delta)
             final = None
+            done = [0] * params.n  # tokens generated per choice of this prompt
             async for delta in _deltas(engine, ids, params, f"{rid}-{i}", text, deadline):
                 final = delta
                 scored = scored or delta.prompt_logprobs
                 generated += sum(len(o.token_ids) for o in delta.outputs)
                 events = []
                 for o in delta.outputs:
+                    done[o.index] += len(o.token_ids)
                     echo = not echoed[o.index]
                     if not (echo or o.text or o.finish_reason or (o.logprobs and params.logprobs is not None)):
                         continue
@@ -486,9 +572,10 @@ async def _completion_stream(engine: AsyncLLM, body: CompletionRequest, rid: str
                     events.append(_event({**head, "choices": [{
                         "index": i * body.n + o.index, "text": out_text,
                         "logprobs": (_completion_logprobs(engine, o, params.logprobs,
-                                                          (ids, scored) if echo else None, sent[o.index])
+                                                          (ids, scored) if echo else None, sent[o.index],
+                                                          as_ids=body.return_tokens_as_token_ids)
                                      if params.logprobs is not None else None),
-                        "finish_reason": o.finish_reason}]}))
+                        "finish_reason": o.finish_reason}], **usage(done[o.index])}))
                     echoed[o.index] = True
                     sent[o.index] += len(out_text)
                 if events:
@@ -496,12 +583,32 @@ async def _completion_stream(engine: AsyncLLM, body: CompletionRequest, rid: str
             if final is not None:
                 finals.append(final)
     except RequestError as e:
+        outcome("engine_error")
         yield _event({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
     except DeadlineExceeded:
+        outcome("timeout")
         yield _event(_timeout_error().body())
+    outcome.ended(finals)
     if finals and body.stream_options and body.stream_options.include_usage:
         yield _event({**head, "choices": [], "usage": _usage(finals, generated)})
     yield "data: [DONE]\n\n"
+
+
+def _text_of(message: dict[str, Any]) -> str:
+    """A message's text (content parts joined), for `echo`."""
+    content = message.get("content")
+    if isinstance(content, list):
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return content if isinstance(content, str) else ""
+
+
+def _usage_so_far(body: ChatCompletionRequest | CompletionRequest, prompt: int) -> Callable[[int], dict[str, Any]]:
+    """`stream_options.continuous_usage_stats`, as vLLM does it: every chunk carries the usage of
+    its choice so far (its prompt's tokens, the tokens generated for it until then)."""
+    if not (body.stream_options and body.stream_options.continuous_usage_stats):
+        return lambda completion: {}
+    return lambda completion: {"usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                                         "total_tokens": prompt + completion}}
 
 
 def _usage(outs: list[RequestOutput], completion: int | None = None) -> dict[str, Any]:
@@ -524,6 +631,15 @@ def _entries(o: CompletionOutput, k: int) -> list[tuple[Logprob, list[Logprob]]]
     tids = o.token_ids[len(o.token_ids) - len(lps):]
     return [(e[t], sorted((x for x in e.values() if (x.rank or 0) <= k), key=lambda x: x.rank or 0))
             for t, e in zip(tids, lps, strict=True)]
+
+
+def _as_ids(o: CompletionOutput, body: ChatCompletionRequest | CompletionRequest) -> CompletionOutput:
+    """`return_tokens_as_token_ids`: each logprob's token reads "token_id:N", as in vLLM, so that
+    tokens that are not whole characters stay identifiable."""
+    if not body.return_tokens_as_token_ids or o.logprobs is None:
+        return o
+    entries = [{t: replace(x, decoded_token=f"token_id:{t}") for t, x in e.items()} for e in o.logprobs]
+    return replace(o, logprobs=entries)
 
 
 def _chat_logprobs(o: CompletionOutput, k: int) -> dict[str, Any]:
@@ -550,10 +666,18 @@ def _prompt_logprobs(out: RequestOutput) -> list[dict[str, dict[str, Any]] | Non
 
 def _completion_logprobs(engine: AsyncLLM, o: CompletionOutput, k: int,
                          prompt: tuple[list[int], list[dict[int, Logprob] | None] | None] | None = None,
-                         offset: int = 0) -> dict[str, Any]:
+                         offset: int = 0, as_ids: bool = False) -> dict[str, Any]:
     """OpenAI's completions logprobs for o's tokens, after the echoed prompt's (token ids and
     prompt logprobs, whose first entry is None: null). `top_logprobs` holds the token's own
-    entry first, then the best others: k + 1 at most, as vLLM."""
+    entry first, then the best others: k + 1 at most, as vLLM. `as_ids`
+    (`return_tokens_as_token_ids`): tokens read "token_id:N"."""
+
+    def text(tid: int, x: Logprob | None) -> str:
+        return x.decoded_token or "" if x is not None else engine.tokenizer.decode([tid], skip_special_tokens=False)
+
+    def name(tid: int, x: Logprob | None) -> str:
+        return f"token_id:{tid}" if as_ids else text(tid, x)
+
     pairs: list[tuple[int, dict[int, Logprob] | None]] = []
     if prompt is not None:
         ids, plp = prompt
@@ -567,13 +691,13 @@ def _completion_logprobs(engine: AsyncLLM, o: CompletionOutput, k: int,
     for tid, entry in pairs:
         text_offset.append(offset)
         if entry is None:
-            tokens.append(engine.tokenizer.decode([tid], skip_special_tokens=False))
+            tokens.append(name(tid, None))
             token_logprobs.append(None)
             top_logprobs.append(None)
         else:
-            tokens.append(entry[tid].decoded_token or "")
+            tokens.append(name(tid, entry[tid]))
             token_logprobs.append(_clamp(entry[tid].logprob))
-            top_logprobs.append({x.decoded_token or "": _clamp(x.logprob) for x in list(entry.values())[: k + 1]})
-        offset += len(tokens[-1])
+            top_logprobs.append({name(t, x): _clamp(x.logprob) for t, x in list(entry.items())[: k + 1]})
+        offset += len(text(tid, entry[tid] if entry is not None else None))
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
             "text_offset": text_offset}

@@ -1,7 +1,17 @@
 """OpenAI request bodies (pydantic, validated at the edge) and the error shape.
 
-Invariant: a body that validates here maps onto SamplingParams without surprises; a parameter we
-do not implement is rejected with a 400 naming it, never silently ignored.
+Invariant: a body that validates here maps onto SamplingParams without surprises, and nothing a
+client sends is silently dropped. Every top-level field is one of:
+- honoured: a field of the models below;
+- refused with a 400 naming it (`check()`): a feature of vLLM or OpenAI this server does not
+  implement (structured outputs, beam search, tools, ...), whenever it is set to anything but its
+  no-op value (`REFUSED`; any `guided_*` field too);
+- ignored (`IGNORED`): fields OpenAI clients send routinely that change nothing in the output
+  (`metadata`, `store`, `service_tier`, ...);
+- unknown: refused with a 400 as well, so that a misspelt parameter is never mistaken for one
+  that took effect.
+A field set to null counts as absent. Chat messages pass every key through to the chat template,
+as transformers does, except `tool_calls`, `function_call` and `audio`, which are refused.
 """
 
 from __future__ import annotations
@@ -10,10 +20,50 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..chat_template import RESERVED_VARIABLES
 from ..sampling_params import SamplingParams
 
 MAX_MESSAGES = 1024  # messages in one chat request
 MAX_PROMPTS = 256  # prompts in one completions request
+MAX_REQUEST_ID = 256  # characters of a client-given request id
+
+_NO_STRUCTURED = "structured output (constrained decoding) is not implemented, so the text would not follow it"
+# Known fields this server does not implement: refused when set to anything but their no-op value.
+REFUSED: dict[str, str] = {
+    "structured_outputs": _NO_STRUCTURED,
+    "structural_tag": _NO_STRUCTURED,
+    "logits_processors": "custom logits processors are not supported",
+    "allowed_token_ids": "restricting the vocabulary is not implemented",
+    "bad_words": "banned words are not implemented",
+    "cache_salt": "the prefix cache is shared and not salted per request",
+    "kv_transfer_params": "there is no disaggregated serving",
+    "vllm_xargs": "there are no request extensions",
+    "mm_processor_kwargs": "there is no multimodal input",
+    "media_io_kwargs": "there is no multimodal input",
+    "prompt_embeds": "prompts are text or token ids",
+    "return_token_ids": "responses carry text (and logprobs), not token ids",
+    "max_repetition_pattern_size": "repetition detection is not implemented",
+    "min_repetition_pattern_size": "repetition detection is not implemented",
+    "repetition_min_count": "repetition detection is not implemented",
+    "include_reasoning": "there is no reasoning parser; reasoning stays in the content",
+    "functions": "tools are not supported",
+    "function_call": "tools are not supported",
+    "audio": "there is no audio output",
+    "modalities": "the only output modality is text",
+    "prediction": "predicted outputs are not implemented",
+    "web_search_options": "there is no web search",
+    "verbosity": "the model has no verbosity control",
+}
+# Values of a REFUSED field that ask for nothing (besides null, false and empty containers).
+_NO_OP: dict[str, Any] = {
+    "max_repetition_pattern_size": 0, "min_repetition_pattern_size": 0, "repetition_min_count": 0,
+    "include_reasoning": True, "modalities": ["text"],
+}
+# Fields clients send routinely that change nothing in the output: accepted and ignored.
+IGNORED = frozenset({
+    "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier", "prompt_cache_key",
+    "prompt_cache_retention",
+})
 
 
 class APIError(Exception):
@@ -28,12 +78,36 @@ class APIError(Exception):
                           "code": self.code}}
 
 
+def unsupported(name: str, why: str = "") -> APIError:
+    return APIError(400, f"'{name}' is not supported by this server yet" + (f" ({why})" if why else ""),
+                    param=name)
+
+
+def _is_set(name: str, value: Any) -> bool:
+    """Whether a field asks for something: not null, not its no-op value (false or empty, unless
+    _NO_OP says otherwise)."""
+    if value is None:
+        return False
+    if name in _NO_OP:
+        return bool(value != _NO_OP[name])
+    return not (value is False or (isinstance(value, (list, dict, str)) and not value))
+
+
+def check_request_id(value: str, where: str) -> None:
+    """A client-given request id (logs, engine ids, the response's id) must be short and printable."""
+    if not 1 <= len(value) <= MAX_REQUEST_ID or not value.isprintable():
+        raise APIError(400, f"{where} must be 1 to {MAX_REQUEST_ID} printable characters",
+                       param="request_id" if where == "request_id" else None)
+
+
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # every chunk carries its choice's usage so far
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # extras are checked in check(), never dropped
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -45,7 +119,7 @@ class _Common(BaseModel):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: str | None = None  # accepted; it changes nothing
     stream: bool = False
     stream_options: StreamOptions | None = None
     # vLLM's extras
@@ -56,8 +130,43 @@ class _Common(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens; -1: the context length
+    priority: int = 0  # lower runs first
+    request_id: str | None = None  # the X-Request-Id header wins, as in vLLM
+    return_tokens_as_token_ids: bool = False  # logprob tokens read "token_id:N"
+    best_of: int | None = None  # honoured when equal to n
+    use_beam_search: bool = False
+    length_penalty: float = 1.0  # beam search only
+    response_format: dict[str, Any] | None = None
+
+    def check(self) -> None:
+        """Refuse what this server does not implement (a 400 naming the field)."""
+        for name, value in (self.model_extra or {}).items():
+            if name in IGNORED or not _is_set(name, value):
+                continue
+            if name.startswith("guided_"):
+                raise unsupported(name, _NO_STRUCTURED)
+            if name in REFUSED:
+                raise unsupported(name, REFUSED[name])
+            shown = name if len(name) <= 100 else name[:100] + "..."  # the body may be megabytes
+            raise APIError(400, f"'{shown}' is not a parameter this server knows", param=shown)
+        if self.best_of is not None and self.best_of != self.n:
+            raise unsupported("best_of", "every sample generated is returned, so best_of must equal n")
+        if self.use_beam_search:
+            raise unsupported("use_beam_search", "beam search is not implemented")
+        if self.length_penalty != 1.0:
+            raise unsupported("length_penalty", "it applies to beam search, which is not implemented")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise unsupported("response_format", _NO_STRUCTURED)
+        if self.truncate_prompt_tokens is not None and not (
+                self.truncate_prompt_tokens == -1 or self.truncate_prompt_tokens >= 1):
+            raise APIError(400, f"truncate_prompt_tokens must be -1 (the context length) or >= 1, got "
+                                f"{self.truncate_prompt_tokens}", param="truncate_prompt_tokens")
+        if self.request_id is not None:
+            check_request_id(self.request_id, "request_id")
 
     @model_validator(mode="after")
     def _prompt_logprobs_not_streamed(self) -> Any:
@@ -78,14 +187,16 @@ class _Common(BaseModel):
                 stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs,
                 skip_special_tokens=self.skip_special_tokens,
+                spaces_between_special_tokens=self.spaces_between_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
+                truncate_prompt_tokens=self.truncate_prompt_tokens, priority=self.priority,
             )
         except ValueError as e:
             raise APIError(400, str(e), param=_param_of(str(e))) from e
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # other keys go to the chat template as they are
     role: Literal["system", "user", "assistant", "developer"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
@@ -98,16 +209,51 @@ class ChatCompletionRequest(_Common):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[Any] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    echo: bool = False  # prepend the last message when the reply has its role
+    add_generation_prompt: bool | None = None  # default: not continue_final_message
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    documents: list[dict[str, Any]] | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: str | None = None  # handed to the chat template, as vLLM does
 
-    def unsupported(self) -> str | None:
+    def check(self) -> None:
+        super().check()
         if self.tools:
-            return "tools"
+            raise unsupported("tools")
         if self.tool_choice not in (None, "none"):
-            return "tool_choice"
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            return "response_format"
-        return None
+            raise unsupported("tool_choice")
+        if self.chat_template:
+            raise unsupported("chat_template", "a template runs on the server, so only the model's own "
+                                               "template is used; vLLM refuses it too unless trusted")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise APIError(400, "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+                           param="continue_final_message")
+        for key in RESERVED_VARIABLES:
+            if key in (self.chat_template_kwargs or {}):
+                raise APIError(400, f"chat_template_kwargs must not hold '{key}'"
+                               + ("" if key == "messages" else f": give '{key}' as a top-level field"),
+                               param="chat_template_kwargs")
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, "when using `top_logprobs`, `logprobs` must be set to true", param="top_logprobs")
+        for i, m in enumerate(self.messages):
+            for key in ("tool_calls", "function_call", "audio"):
+                if _is_set(key, (m.model_extra or {}).get(key)):
+                    raise unsupported(f"messages.{i}.{key}", "tools are not supported" if key != "audio"
+                                      else "there is no audio input")
+
+    @property
+    def generation_prompt(self) -> bool:
+        if self.add_generation_prompt is None:
+            return not self.continue_final_message
+        return self.add_generation_prompt
+
+    def template_kwargs(self) -> dict[str, Any]:
+        extra = dict(self.chat_template_kwargs or {})
+        if self.reasoning_effort is not None:
+            extra.setdefault("reasoning_effort", self.reasoning_effort)
+        return extra
 
 
 class CompletionRequest(_Common):
@@ -116,6 +262,7 @@ class CompletionRequest(_Common):
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
     suffix: str | None = None
+    add_special_tokens: bool = True
 
     @model_validator(mode="after")
     def _generates_unless_echoed(self) -> Any:
@@ -137,8 +284,10 @@ class CompletionRequest(_Common):
             raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
         return v
 
-    def unsupported(self) -> str | None:
-        return "suffix" if self.suffix else None
+    def check(self) -> None:
+        super().check()
+        if self.suffix:
+            raise unsupported("suffix")
 
 
 def _param_of(message: str) -> str | None:
