@@ -144,6 +144,17 @@ def test_a_failing_onednn_matmul_falls_back_to_torch(how: str, tiny_dir: Path, m
     assert _tokens(tiny_dir, "bfloat16") == (kernels, got)
 
 
+def test_a_failing_one_row_gemv_leaves_every_row_to_onednn(tiny_cfg: ModelConfig,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    _needs("onednn", "matmul")
+    monkeypatch.setenv(cpu_kernels.ENV, "onednn")
+    assert cpu_kernels.choose(tiny_cfg, torch.bfloat16).one_row_gemv
+    monkeypatch.setattr(torch._C, "_set_mkldnn_enabled", _raise)  # the switch GEMV needs
+    plan = cpu_kernels.choose(tiny_cfg, torch.bfloat16)
+    assert plan.matmul == "onednn" and not plan.one_row_gemv
+    assert "not one-row ATen GEMV: its probe raised RuntimeError" in plan.describe()
+
+
 @pytest.mark.parametrize("field", ["decode_attention", "add_rms_norm_", "rope_store_kv"])
 @pytest.mark.parametrize("how", ["raise", "wrong"])
 def test_failing_native_ops_fall_back_with_float32_torch_tokens(

@@ -2,8 +2,9 @@
 
 Parts and their paths, fastest first:
 - `matmul` over bfloat16 weights: `native` (csrc/linear_bf16.cpp over packed panels; needs
-  AVX512-BF16) -> `onednn` (oneDNN-packed weights for steps of 2+ rows and ATen's GEMV for one
-  row; needs AVX512BW/VL/DQ or AVX-NE-CONVERT) -> `torch` (F.linear as torch dispatches it).
+  AVX512-BF16) -> `onednn` (oneDNN-packed weights for steps of 2+ rows; needs AVX512BW/VL/DQ or
+  AVX-NE-CONVERT; one-row matmuls take ATen's GEMV where its own probe passes, else oneDNN)
+  -> `torch` (F.linear as torch dispatches it).
   float32 weights have `torch` only: the other two are bf16 layouts.
 - `ops` — decode attention over the paged cache, residual add + RMS norm, rope + K/V cache
   write: `native` (csrc/*.cpp, built by native.py; needs x86-64 and a C++ compiler) -> `torch`.
@@ -33,7 +34,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from . import native
+from . import cpu_gemv, native
 from .attention import AttentionMetadata, paged_attention
 from .config import ModelConfig
 from .linear import Linear
@@ -57,11 +58,7 @@ class KernelPlan:
     kernels: Kernels | None  # the native library, when a part runs on it
     passed_over: tuple[str, ...] = ()  # "<part> <path>: <why>" for each faster path not taken
     forced: str | None = None  # the ATOMR_TRIO_CPU_KERNELS value, if any
-
-    @property
-    def one_row_gemv(self) -> bool:
-        """One-row matmuls switch oneDNN off for ATen's GEMV (part of the `onednn` path)."""
-        return self.matmul == "onednn"
+    one_row_gemv: bool = False  # `onednn` path: one-row matmuls switch oneDNN off for ATen's GEMV
 
     def summary(self) -> str:
         return f"matmul={self.matmul}, ops={self.ops}"
@@ -69,6 +66,8 @@ class KernelPlan:
     def describe(self) -> str:
         """The plan's log line: each part's path, and why each faster path was passed over."""
         head = f"CPU kernels ({str(self.dtype).removeprefix('torch.')}): {self.summary()}"
+        if self.one_row_gemv:
+            head += " (one-row matmuls: ATen's GEMV)"
         if self.forced:
             head += f" (forced by {ENV}={self.forced})"
         return head + "".join(f"; not {p}" for p in self.passed_over)
@@ -113,9 +112,15 @@ def choose(cfg: ModelConfig, dtype: torch.dtype) -> KernelPlan:
             if force:
                 raise KernelUnavailable(f"{ENV}={os.environ[ENV]}: the {path} {part} path cannot run here: {reason}")
             passed.append(f"{part} {path}: {reason}")
+    gemv = False
+    if picked["matmul"] == "onednn":  # its one-row half, probed on its own: without it oneDNN does all rows
+        why = _probe_quietly(_probe_one_row_gemv, dtype, cfg)
+        gemv = why is None
+        if why:
+            passed.append(f"one-row ATen GEMV: {why}")
     uses_native = "native" in picked.values()
     return KernelPlan(dtype, picked["matmul"], picked["ops"], native.kernels() if uses_native else None,
-                      tuple(passed), os.environ.get(ENV) if force else None)
+                      tuple(passed), os.environ.get(ENV) if force else None, gemv)
 
 
 def bf16_matmul_is_fast() -> bool:
@@ -153,9 +158,13 @@ def unavailable(part: str, path: str, dtype: torch.dtype, cfg: ModelConfig | Non
     missing = _missing_feature(part, path)
     if missing:
         return missing
-    probe = _PROBES[(part, path)]
+    return _probe_quietly(_PROBES[(part, path)], dtype, cfg or _TINY)
+
+
+def _probe_quietly(probe: Callable[[torch.dtype, ModelConfig], str | None], dtype: torch.dtype,
+                   cfg: ModelConfig) -> str | None:
     try:
-        return probe(dtype, cfg or _TINY)
+        return probe(dtype, cfg)
     except Exception as e:  # noqa: BLE001 - any failure of a probe means: not this path
         return f"its probe raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
 
@@ -260,17 +269,15 @@ def _probe_onednn_matmul(dtype: torch.dtype, cfg: ModelConfig) -> str | None:
     w, b, x = _matmul_case(dtype, cfg.hidden_size, 9)
     lin = Linear(w, b)
     lin.pack()
-    bad = _mismatch(lin(x), F.linear(x.float(), w.float(), b.float()), "oneDNN packed matmul")
-    if bad:
-        return bad
-    # one row: ATen's GEMV, taken by switching oneDNN off (cpu_gemv.py)
-    was = torch._C._get_mkldnn_enabled()
-    torch._C._set_mkldnn_enabled(False)
-    try:
-        one = F.linear(x[:1], w, b)
-    finally:
-        torch._C._set_mkldnn_enabled(was)
-    return _mismatch(one, F.linear(x[:1].float(), w.float(), b.float()), "ATen GEMV (one row)")
+    return _mismatch(lin(x), F.linear(x.float(), w.float(), b.float()), "oneDNN packed matmul")
+
+
+def _probe_one_row_gemv(dtype: torch.dtype, cfg: ModelConfig) -> str | None:
+    """One row through F.linear with oneDNN switched off (ATen's GEMV), as cpu_gemv.py runs it."""
+    w, b, x = _matmul_case(dtype, cfg.hidden_size, 1)
+    with cpu_gemv.kernels.rows(torch.device("cpu"), 1):
+        one = F.linear(x, w, b)
+    return _mismatch(one, F.linear(x.float(), w.float(), b.float()), "ATen GEMV (one row)")
 
 
 def _probe_native_ops(dtype: torch.dtype, cfg: ModelConfig) -> str | None:
