@@ -29,7 +29,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to bind; 0 picks a free one (default: 8000)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="weight and KV dtype; auto: bfloat16 where the device computes it fast")
+                   help="weight and KV dtype; auto: bfloat16 on CUDA and on CPUs where a bf16 matmul path "
+                        "beyond plain torch passes its probe, else float32")
     p.add_argument("--max-model-len", type=int, help="longest prompt + completion (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step (default: 256)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,

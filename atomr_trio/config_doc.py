@@ -18,6 +18,7 @@ from pydantic_core import PydanticUndefined
 
 from .__main__ import parser
 from .deployment import DeploymentSpec
+from .model.cpu_kernels import ENVIRONMENT
 from .server.serve import ServerSettings
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
@@ -70,6 +71,12 @@ def _model_rows(model: type[BaseModel], prefix: str = "") -> list[str]:
     return rows
 
 
+def _environment_rows() -> list[str]:
+    rows = ["| variable | meaning |", "|---|---|"]
+    rows += [f"| `{name}` | {text.replace('|', chr(92) + '|')} |" for name, text in ENVIRONMENT.items()]
+    return rows
+
+
 def render() -> str:
     return "\n".join([
         "# Configuration",
@@ -94,6 +101,10 @@ def render() -> str:
         "| key | type | default | meaning |",
         "|---|---|---|---|",
         *_model_rows(DeploymentSpec),
+        "",
+        "## Environment",
+        "",
+        *_environment_rows(),
         "",
     ])
 

@@ -51,7 +51,7 @@ class DeploymentSpec(BaseModel):
     name: str = Field(min_length=1, max_length=200, description="the name clients pass as 'model'")
     model: str | None = Field(default=None, description="HF directory or GGUF file; none: the default model")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        default="auto", description="weights and KV cache; auto: bfloat16 where the CPU computes it fast")
+        default="auto", description="weights and KV cache; auto: bfloat16 where a fast bf16 path runs (--dtype)")
     replicas: int = Field(default=1, ge=1, le=64, description="data-parallel engine replicas")
     max_model_len: int | None = Field(default=None, ge=2, description="prompt + completion (default: the model's)")
     max_num_seqs: int = Field(default=256, ge=1, description="sequences per engine step, per replica")

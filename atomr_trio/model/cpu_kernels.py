@@ -46,6 +46,21 @@ ENV = "ATOMR_TRIO_CPU_KERNELS"
 PATHS = {"matmul": ("native", "onednn", "torch"), "ops": ("native", "torch")}
 
 
+# the environment variables that steer CPU kernels (listed in docs/configuration.md)
+ENVIRONMENT = {
+    ENV: "force CPU kernel paths: `native`, `onednn` or `torch` for every part that has that path "
+         "(plain torch for the others), or per part, e.g. `matmul=onednn,ops=native`; unset or `auto`: "
+         "the fastest path whose probe passes. A forced path that cannot run stops the start with the reason",
+    "ATOMR_TRIO_NATIVE": "`0`: do not build or load the native kernels (plain torch ops)",
+    "ATOMR_TRIO_NATIVE_ARCH": "the `-march` the native kernels are built for (default `native`; e.g. "
+                              "`haswell` builds what an AVX2-only CPU gets)",
+    "ATOMR_TRIO_CACHE": "where the built kernels are kept (`$ATOMR_TRIO_CACHE/kernels`; default "
+                        "`~/.cache/atomr_trio/kernels`)",
+    "CXX": "the C++ compiler for the native kernels (default `g++`)",
+    "ATOMR_API_KEY, ATOMR_ADMIN_KEY": "API / admin keys, comma-separated, beside `--api-key` / `--admin-key`",
+}
+
+
 class KernelUnavailable(RuntimeError):
     """A kernel path forced by ATOMR_TRIO_CPU_KERNELS cannot run on this machine."""
 
