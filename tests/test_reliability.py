@@ -198,9 +198,13 @@ async def test_deadline_ends_a_queued_request_at_about_one_second(server: Server
 async def test_disconnects_abort_and_free_everything(server: Server) -> None:
     async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=60) as c:
         async def streaming() -> None:
-            with trio.move_on_after(random.uniform(0.1, 1.5)):
-                async with c.stream("POST", "/v1/completions", json=_long(stream=True)) as s:
-                    async for _ in s.aiter_lines():
+            # leave mid-stream, once the request surely runs in the engine (its first event came)
+            async with c.stream("POST", "/v1/completions", json=_long(stream=True)) as s:
+                lines = s.aiter_lines()
+                while not (await lines.__anext__()).startswith("data: "):
+                    pass
+                with trio.move_on_after(random.uniform(0.0, 1.0)):
+                    async for _ in lines:
                         pass
             # leaving the block closed the connection mid-stream
 
@@ -226,7 +230,10 @@ async def test_disconnects_abort_and_free_everything(server: Server) -> None:
         await trio.sleep(0.5)
         later = metric((await c.get("/metrics")).text, "atomr:engine_steps_total", model_name="tiny")
         assert later == steps  # the engine stopped stepping
-        assert metric(text, "atomr:request_success_total", model_name="tiny", finished_reason="abort") >= 32
+        # every request that reached the engine was aborted (2000 tokens outlast every client): the
+        # 16 streams surely, the blocking ones unless a busy machine let one leave before routing
+        assert metric(text, "atomr:request_success_total", model_name="tiny", finished_reason="abort") >= 16
+        assert metric(text, "atomr:request_success_total", model_name="tiny", finished_reason="length") == 0
 
 
 def test_fuzzed_bodies_never_get_a_5xx(server: Server) -> None:
