@@ -185,11 +185,12 @@ def engine_config(config: EngineConfig | None = None, **kwargs: Any) -> EngineCo
 
 @asynccontextmanager
 async def open_engine(
-    model: str | None = None, config: EngineConfig | None = None, **kwargs: Any
+    model: str | ModelSource | None = None, config: EngineConfig | None = None, **kwargs: Any
 ) -> AsyncIterator[AsyncLLM]:
-    """Load a model and run its EngineCore in a nursery owned by this context manager."""
+    """Load a model (a path, the default model, or an already opened ModelSource) and run its
+    EngineCore in a nursery owned by this context manager."""
     cfg = engine_config(config, **kwargs)
-    source = await trio.to_thread.run_sync(ModelSource.open, model)
+    source = model if isinstance(model, ModelSource) else await trio.to_thread.run_sync(ModelSource.open, model)
     resolved = await trio.to_thread.run_sync(cfg.resolve, source.config)  # dtype=auto may probe kernels
     core = EngineCore(source, resolved)
     try:

@@ -15,9 +15,8 @@ import torch
 import trio
 
 from atomr_trio import SamplingParams
-from atomr_trio.async_llm import AsyncLLM, engine_config
+from atomr_trio.async_llm import AsyncLLM, open_engine
 from atomr_trio.deployment import DeploymentSpec
-from atomr_trio.engine_core import EngineCore
 from atomr_trio.messages import AddRequest, SeqDelta
 from atomr_trio.model.source import ModelSource
 from atomr_trio.outbox import Outbox
@@ -26,15 +25,10 @@ from atomr_trio.sequence import SeqStatus
 
 @asynccontextmanager
 async def engine_on(source: ModelSource, **settings: Any) -> AsyncIterator[AsyncLLM]:
-    """An EngineCore over an already opened source (open_engine would open it again)."""
+    """An engine over an already opened source, with small test settings."""
     settings = {"dtype": "float32", "num_kv_blocks": 64, "max_model_len": 256, "torch_threads": 1, **settings}
-    core = EngineCore(source, engine_config(**settings).resolve(source.config))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(core.run)
-        try:
-            yield AsyncLLM(core, source)
-        finally:
-            nursery.cancel_scope.cancel()
+    async with open_engine(source, **settings) as engine:
+        yield engine
 
 
 def prompt(i: int = 0, n: int = 9) -> dict[str, list[int]]:
