@@ -20,7 +20,7 @@ import torch
 from .model.attention import AttentionMetadata, PrefillChunk
 from .model.cpu_gemv import kernels
 from .model.llama import LlamaModel
-from .sampler import Sampler, SamplerOutput, SampleRow, TokenLogprobs
+from .sampler import Sampler, SamplerOutput, SampleRow, TokenLogprobs, token_logprobs
 
 PROMPT_LOGPROBS_ROWS = 256  # logits rows held at once ([rows, vocab] float32: 50 MB at 49k vocab)
 
@@ -103,7 +103,6 @@ class ModelRunner:
             owners.append((it.seq_id, len(pr.targets)))
         if not rows:
             return {}
-        k = max(ks)
         entries: list[TokenLogprobs] = []
         device = self.kv_cache.device
         for lo in range(0, len(rows), PROMPT_LOGPROBS_ROWS):
@@ -113,13 +112,7 @@ class ModelRunner:
                 logits = self.model.logits(hidden[idx])
             lp = torch.log_softmax(logits, dim=-1)
             del logits
-            chosen = lp.gather(1, tgt.unsqueeze(1))
-            ranks = ((lp > chosen).sum(dim=1) + 1).tolist()
-            top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], tgt[:, None][:, :0])
-            top_vl, top_il = top_v.tolist(), top_i.tolist()
-            for j, (t, c) in enumerate(zip(tgt.tolist(), chosen.squeeze(1).tolist(), strict=True)):
-                kk = ks[lo + j]
-                entries.append(TokenLogprobs(t, c, ranks[j], list(zip(top_il[j][:kk], top_vl[j][:kk], strict=True))))
+            entries.extend(token_logprobs(lp, tgt, ks[lo : lo + PROMPT_LOGPROBS_ROWS]))
         out: dict[int, list[TokenLogprobs]] = {}
         at = 0
         for seq_id, n in owners:

@@ -37,6 +37,19 @@ class TokenLogprobs:
     top: list[tuple[int, float]]  # the top-k alternatives, best first
 
 
+def token_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, ks: list[int]) -> list[TokenLogprobs]:
+    """For each row of log-softmaxed `logprobs` [n, vocab]: its token's logprob and rank (1 + how
+    many tokens score strictly higher) and the row's top ks[row] alternatives, in batched ops."""
+    chosen = logprobs.gather(1, tokens.unsqueeze(1))
+    ranks = ((logprobs > chosen).sum(dim=1) + 1).tolist()
+    k = max(ks, default=0)
+    top_v, top_i = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], tokens[:, None][:, :0])
+    top_vl, top_il = top_v.tolist(), top_i.tolist()
+    return [TokenLogprobs(t, c, r, list(zip(ti[:kk], tv[:kk], strict=True)))
+            for t, c, r, ti, tv, kk in zip(tokens.tolist(), chosen.squeeze(1).tolist(), ranks, top_il, top_vl, ks,
+                                           strict=True)]
+
+
 @dataclass
 class SamplerOutput:
     token_ids: list[int]
@@ -93,19 +106,9 @@ class Sampler:
         out: list[TokenLogprobs | None] = [None] * n
         if raw_logprobs is not None:
             idx = [i for i, w in enumerate(want_logprobs) if w]
-            sub = raw_logprobs[idx]
-            chosen = sub.gather(1, tokens[idx].unsqueeze(1))
-            ranks = (sub > chosen).sum(dim=1) + 1
-            k = max(rows[i].params.logprobs or 0 for i in idx)
-            top_v, top_i = sub.topk(k, dim=-1) if k else (sub[:, :0], sub[:, :0].long())
-            for j, i in enumerate(idx):
-                kk = rows[i].params.logprobs or 0
-                out[i] = TokenLogprobs(
-                    token_id=token_list[i],
-                    logprob=float(chosen[j, 0]),
-                    rank=int(ranks[j]),
-                    top=list(zip(top_i[j, :kk].tolist(), top_v[j, :kk].tolist(), strict=True)),
-                )
+            entries = token_logprobs(raw_logprobs[idx], tokens[idx], [rows[i].params.logprobs or 0 for i in idx])
+            for i, entry in zip(idx, entries, strict=True):
+                out[i] = entry
         return SamplerOutput(token_ids=token_list, logprobs=out)
 
     @staticmethod
