@@ -128,11 +128,12 @@ async def test_overload_rejects_the_excess_and_completes_the_rest(server: Server
     outcomes: list[int] = []
     async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=120,
                                  limits=httpx.Limits(max_connections=250)) as c:
+        n = 200  # long enough that the 40 slots are still held while the 200 clients connect
         async def one() -> None:
-            r = await c.post("/v1/completions", json=_long("limited", 48))
+            r = await c.post("/v1/completions", json=_long("limited", n))
             outcomes.append(r.status_code)
             if r.status_code == 200:
-                assert r.json()["usage"]["completion_tokens"] == 48
+                assert r.json()["usage"]["completion_tokens"] == n
             else:
                 assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
                 assert set(r.json()["error"]) == {"message", "type", "param", "code"}
