@@ -4,7 +4,7 @@ Library use: `LLM` (sync, scripts and notebooks) and `open_engine` / `AsyncLLM` 
 """
 
 from .async_llm import AsyncLLM, open_engine
-from .config import EngineConfig
+from .engine.engine_config import EngineConfig
 from .llm import LLM
 from .outputs import CompletionOutput, Logprob, RequestError, RequestOutput
 from .sampling_params import SamplingParams

@@ -12,9 +12,9 @@ from pathlib import Path
 import trio
 from pydantic import ValidationError
 
-from .deployment import DeploymentSpec
 from .model.config import ModelLoadError
-from .model.source import DEFAULT_MODEL_NAME
+from .model_source import DEFAULT_MODEL_NAME
+from .runtime.deployment import DeploymentSpec
 from .server.serve import ServerSettings, StartupFailed, serve
 
 
@@ -62,8 +62,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def bench_main(argv: list[str]) -> int:
-    from .bench import offline
-    from .bench import serve as bench_serve
+    from .loadgen import offline
+    from .loadgen import serving as bench_serve
 
     p = argparse.ArgumentParser(prog="python -m atomr_trio bench", description="benchmarks")
     sub = p.add_subparsers(dest="kind", required=True)

@@ -18,14 +18,14 @@ from typing import Any
 
 import trio
 
-from .config import EngineConfig
-from .engine_core import EngineCore
-from .messages import AddRequest, SeqDelta
-from .model.source import ModelSource
-from .outbox import Outbox
+from .engine.engine_config import EngineConfig
+from .engine.engine_core import EngineCore
+from .engine.messages import AddRequest, SeqDelta
+from .engine.outbox import Outbox
+from .model_source import ModelSource
 from .outputs import RequestError, RequestOutput, RequestTracker
 from .sampling_params import SamplingParams, listing
-from .tokenizer import Tokenizer
+from .text.tokenizer import Tokenizer
 
 PromptType = str | Sequence[int] | Mapping[str, Any]
 _request_counter = itertools.count()

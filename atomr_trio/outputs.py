@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from .detokenizer import IncrementalDetokenizer
-from .messages import RequestMetrics, SeqDelta
-from .sampler import TokenLogprobs
+from .engine.messages import RequestMetrics, SeqDelta
+from .executor.sampler import TokenLogprobs
 from .sampling_params import SamplingParams
-from .tokenizer import Tokenizer
+from .text.detokenizer import IncrementalDetokenizer
+from .text.tokenizer import Tokenizer
 
 
 @dataclass

@@ -23,7 +23,7 @@ def write_hf_dir(out: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    from atomr_trio.model.source import ModelSource, default_model_path
+    from atomr_trio.model_source import ModelSource, default_model_path
 
     if (out / "model.safetensors").exists():
         return out

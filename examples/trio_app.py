@@ -8,7 +8,7 @@ import httpx
 import trio
 
 from atomr_trio import SamplingParams, open_engine
-from atomr_trio.deployment import DeploymentSpec
+from atomr_trio.runtime.deployment import DeploymentSpec
 from atomr_trio.server.serve import ServerSettings, serve
 
 

@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 import torch
 
-from atomr_trio import LLM, engine_core
+from atomr_trio import LLM
+from atomr_trio.engine import engine_core
 from atomr_trio.model import cpu_kernels
-from atomr_trio.model.source import ModelSource
+from atomr_trio.model_source import ModelSource
 
 # Every EngineCore built during the run, so the leak check below can see it.
 _ENGINES: weakref.WeakSet[engine_core.EngineCore] = weakref.WeakSet()

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import trio
 
-from atomr_trio.dp_coordinator import DpCoordinator
-from atomr_trio.placement import Placement
+from atomr_trio.runtime.dp_coordinator import DpCoordinator
+from atomr_trio.runtime.placement import Placement
 
 
 async def test_the_coordinator_survives_a_caller_that_gave_up() -> None:

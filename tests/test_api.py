@@ -18,8 +18,8 @@ from serverproc import Server, metric
 from test_hf_dir import TINY_CHAT_TEMPLATE, write_tiny_model
 
 from atomr_trio import LLM, RequestError, SamplingParams, open_engine
-from atomr_trio.chat_template import ChatTemplateError
 from atomr_trio.server.protocol import REFUSED
+from atomr_trio.text.chat_template import ChatTemplateError
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from atomr_trio.runtime import open_runtime
+from atomr_trio.runtime.tree import open_runtime
 from atomr_trio.server.auth import is_admin_path, is_loopback, refusal
 from atomr_trio.server.gateway import create_app
 

@@ -14,8 +14,8 @@ import trio
 from serverproc import Server
 from test_hf_dir import write_tiny_model
 
-from atomr_trio.bench import serve as bench_serve
-from atomr_trio.model.source import ModelSource
+from atomr_trio.loadgen import serving as bench_serve
+from atomr_trio.model_source import ModelSource
 
 pytestmark = pytest.mark.slow
 

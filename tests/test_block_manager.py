@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from atomr_trio.block_manager import BlockManager
+from atomr_trio.engine.block_manager import BlockManager
+from atomr_trio.engine.sequence import Sequence
 from atomr_trio.sampling_params import SamplingParams
-from atomr_trio.sequence import Sequence
 
 BS = 4  # block size used throughout
 

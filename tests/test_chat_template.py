@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from atomr_trio.chat_template import ChatTemplate, ChatTemplateError
+from atomr_trio.text.chat_template import ChatTemplate, ChatTemplateError
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

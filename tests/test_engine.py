@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from atomr_trio import LLM, SamplingParams, open_engine
-from atomr_trio.sequence import SeqStatus
+from atomr_trio.engine.sequence import SeqStatus
 
 pytestmark = pytest.mark.real_model
 
@@ -164,8 +164,8 @@ async def test_an_exception_caused_by_one_request_ends_only_that_request(monkeyp
     # (Model-agnostic: a tiny random Llama keeps it quick.)
     from test_hf_dir import write_tiny_model
 
+    from atomr_trio.executor.sampler import Sampler
     from atomr_trio.outputs import RequestError
-    from atomr_trio.sampler import Sampler
 
     write_tiny_model(tmp_path, "llama", seed=5)
 

@@ -16,11 +16,11 @@ import trio
 
 from atomr_trio import SamplingParams
 from atomr_trio.async_llm import AsyncLLM, open_engine
-from atomr_trio.deployment import DeploymentSpec
-from atomr_trio.messages import AddRequest, SeqDelta
-from atomr_trio.model.source import ModelSource
-from atomr_trio.outbox import Outbox
-from atomr_trio.sequence import SeqStatus
+from atomr_trio.engine.messages import AddRequest, SeqDelta
+from atomr_trio.engine.outbox import Outbox
+from atomr_trio.engine.sequence import SeqStatus
+from atomr_trio.model_source import ModelSource
+from atomr_trio.runtime.deployment import DeploymentSpec
 
 
 @asynccontextmanager

@@ -15,9 +15,9 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from atomr_trio.deployment import Deployment, DeploymentSpec
-from atomr_trio.engine_core import EngineCore
-from atomr_trio.runtime import Runtime, open_runtime
+from atomr_trio.engine.engine_core import EngineCore
+from atomr_trio.runtime.deployment import Deployment, DeploymentSpec
+from atomr_trio.runtime.tree import Runtime, open_runtime
 from atomr_trio.server.gateway import create_app
 
 
@@ -92,7 +92,7 @@ async def test_a_client_that_disconnects_has_its_request_aborted(tiny_model_dir:
 
 
 async def test_requests_over_the_deployment_limits_get_429_with_retry_after(tiny_model_dir: Path) -> None:
-    from atomr_trio.deployment import ServingPolicy
+    from atomr_trio.runtime.deployment import ServingPolicy
 
     capped = spec(tiny_model_dir, "capped", max_num_seqs=1, serving=ServingPolicy(max_queue=0))
     queued = spec(tiny_model_dir, "queued", max_num_seqs=1,

@@ -11,7 +11,7 @@ import pytest
 from atomr_trio.model.config import ModelLoadError
 from atomr_trio.model.gguf_file import GGUFFile
 from atomr_trio.model.gguf_header import GGUFHeader
-from atomr_trio.model.source import ModelSource, default_model_path
+from atomr_trio.model_source import ModelSource, default_model_path
 
 
 def test_header_matches_the_gguf_package() -> None:

@@ -12,7 +12,7 @@ import torch
 
 from atomr_trio import LLM, SamplingParams
 from atomr_trio.model.config import ModelLoadError
-from atomr_trio.model.source import ModelSource
+from atomr_trio.model_source import ModelSource
 
 pytestmark = pytest.mark.slow
 

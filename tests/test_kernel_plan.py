@@ -19,10 +19,10 @@ from conftest import kernel_path_unavailable
 from test_hf_dir import write_tiny_model
 
 from atomr_trio import LLM, SamplingParams
-from atomr_trio.config import EngineConfig
+from atomr_trio.engine.engine_config import EngineConfig
 from atomr_trio.model import cpu_kernels, native
 from atomr_trio.model.config import ModelConfig
-from atomr_trio.model.source import ModelSource
+from atomr_trio.model_source import ModelSource
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 PROMPTS = ["hello there", "a longer prompt that spans more than one block of sixteen tokens", "x"]
@@ -120,7 +120,7 @@ def test_a_failing_native_matmul_falls_back_and_serves_the_same_tokens(
         how: str, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     _needs("native", "matmul")
     _break_native(monkeypatch, "linear", how)
-    with caplog.at_level("INFO", logger="atomr_trio.worker"):
+    with caplog.at_level("INFO", logger="atomr_trio.executor.worker"):
         kernels, got = _tokens(tiny_dir, "bfloat16")
     fallback = "onednn" if cpu_kernels.unavailable("matmul", "onednn", torch.bfloat16) is None else "torch"
     assert kernels == f"matmul={fallback}, ops=native"
@@ -202,7 +202,7 @@ def test_an_avx2_only_cpu_serves_bf16(tiny_dir: Path, tmp_path: Path) -> None:
            "ATOMR_TRIO_NATIVE_ARCH": "haswell"}
     env.pop(cpu_kernels.ENV, None)
     script = ("import json, logging, sys\nfrom atomr_trio import LLM, SamplingParams\n"
-              "from atomr_trio.config import EngineConfig\n"
+              "from atomr_trio.engine.engine_config import EngineConfig\n"
               "logging.basicConfig(level='INFO')\n"
               "print(json.dumps(EngineConfig().resolved_dtype()))\n"
               "with LLM(sys.argv[1], dtype='bfloat16', max_model_len=256, num_kv_blocks=64) as llm:\n"

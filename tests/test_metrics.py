@@ -15,7 +15,7 @@ import trio.testing
 from serverproc import Server, metric
 from test_hf_dir import write_tiny_model
 
-from atomr_trio.metrics import EngineInfo, FinishedRequest, Metrics, StepReport
+from atomr_trio.runtime.metrics import EngineInfo, FinishedRequest, Metrics, StepReport
 
 # vLLM v1's series (Prometheus names as /metrics shows them, counters with their _total).
 VLLM_SERIES = {
@@ -163,8 +163,8 @@ async def test_vllm_series_move_and_preemptions_match_the_engine(server: Server)
 @pytest.mark.slow
 def test_the_tiny_kv_cache_holds_the_blocks_meant(tmp_path: Path) -> None:
     """The block arithmetic of the server fixture matches the engine's (a wrong guess would not preempt)."""
-    from atomr_trio.config import EngineConfig
-    from atomr_trio.model.source import ModelSource
+    from atomr_trio.engine.engine_config import EngineConfig
+    from atomr_trio.model_source import ModelSource
 
     write_tiny_model(tmp_path, "qwen2")
     src = ModelSource.open(str(tmp_path))

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import torch
 
-from atomr_trio import LLM, SamplingParams, model_runner, open_engine
+from atomr_trio import LLM, SamplingParams, open_engine
+from atomr_trio.executor import model_runner
 from atomr_trio.outputs import RequestOutput
 
 BS = 8

@@ -9,11 +9,11 @@ import pytest
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from atomr_trio.messages import SeqDelta
+from atomr_trio.engine.messages import SeqDelta
+from atomr_trio.executor.sampler import TokenLogprobs
 from atomr_trio.outputs import RequestTracker
-from atomr_trio.sampler import TokenLogprobs
 from atomr_trio.sampling_params import SamplingParams
-from atomr_trio.tokenizer import Tokenizer
+from atomr_trio.text.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

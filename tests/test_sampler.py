@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from atomr_trio.sampler import Sampler, SampleRow
+from atomr_trio.executor.sampler import Sampler, SampleRow
 from atomr_trio.sampling_params import SamplingParams
 
 EOS = 3

@@ -11,10 +11,10 @@ import random
 
 import pytest
 
-from atomr_trio.block_manager import BlockManager
+from atomr_trio.engine.block_manager import BlockManager
+from atomr_trio.engine.scheduler import Scheduler, SchedulerOutput
+from atomr_trio.engine.sequence import SeqStatus, Sequence
 from atomr_trio.sampling_params import SamplingParams
-from atomr_trio.scheduler import Scheduler, SchedulerOutput
-from atomr_trio.sequence import SeqStatus, Sequence
 
 BS = 4
 _fresh_tokens = itertools.count(1000)  # prompts made of these never share a prefix

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from atomr_trio.detokenizer import IncrementalDetokenizer
-from atomr_trio.model.source import ModelSource
+from atomr_trio.model_source import ModelSource
+from atomr_trio.text.detokenizer import IncrementalDetokenizer
 
 pytestmark = pytest.mark.real_model
 

@@ -30,11 +30,11 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from ..async_llm import AsyncLLM
-from ..chat_template import ChatTemplateError
-from ..deployment import Deployment, DeploymentSpec, DeploymentUnavailable, Ticket
 from ..outputs import CompletionOutput, Logprob, RequestError, RequestOutput
-from ..runtime import Runtime
+from ..runtime.deployment import Deployment, DeploymentSpec, DeploymentUnavailable, Ticket
+from ..runtime.tree import Runtime
 from ..sampling_params import MAX_LISTED, SamplingParams
+from ..text.chat_template import ChatTemplateError
 from .auth import OPEN_PATHS, refusal
 from .protocol import MAX_REQUEST_ID, APIError, ChatCompletionRequest, CompletionRequest, check_request_id
 

@@ -20,8 +20,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..chat_template import RESERVED_VARIABLES
 from ..sampling_params import SamplingParams
+from ..text.chat_template import RESERVED_VARIABLES
 
 MAX_MESSAGES = 1024  # messages in one chat request
 MAX_PROMPTS = 256  # prompts in one completions request

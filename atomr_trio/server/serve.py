@@ -20,8 +20,8 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from ..deployment import DeploymentSpec
-from ..runtime import Runtime, open_runtime
+from ..runtime.deployment import DeploymentSpec
+from ..runtime.tree import Runtime, open_runtime
 from .gateway import create_app
 
 log = logging.getLogger("atomr_trio")

@@ -14,9 +14,9 @@ from typing import TypeVar
 
 import trio
 
+from ..executor.sampler import TokenLogprobs
+from ..sampling_params import SamplingParams
 from .outbox import Outbox
-from .sampler import TokenLogprobs
-from .sampling_params import SamplingParams
 
 T = TypeVar("T")
 

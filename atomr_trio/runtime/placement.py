@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .messages import reply
+from ..engine.messages import reply
 
 
 class PlacementError(RuntimeError):

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .model.attention import AttentionMetadata, PrefillChunk
-from .model.cpu_gemv import kernels
-from .model.llama import LlamaModel
+from ..model.attention import AttentionMetadata, PrefillChunk
+from ..model.cpu_gemv import kernels
+from ..model.llama import LlamaModel
 from .sampler import Sampler, SamplerOutput, SampleRow, TokenLogprobs, token_logprobs
 
 PROMPT_LOGPROBS_ROWS = 256  # logits rows held at once ([rows, vocab] float32: 50 MB at 49k vocab)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-log = logging.getLogger("atomr_trio.metrics")
+log = logging.getLogger("atomr_trio.runtime.metrics")
 
 _LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
             20.0, 40.0, 80.0, 160.0)

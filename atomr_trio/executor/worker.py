@@ -16,11 +16,11 @@ from collections import deque
 
 import torch
 
-from .config import EngineConfig
+from ..engine.engine_config import EngineConfig
+from ..model import cpu_kernels
+from ..model.llama import LlamaModel
+from ..model_source import ModelSource
 from .device_thread import DeviceThread
-from .model import cpu_kernels
-from .model.llama import LlamaModel
-from .model.source import ModelSource
 from .model_runner import ModelRunner, StepBatch, StepResult
 from .sampler import Sampler
 

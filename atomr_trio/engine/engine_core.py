@@ -19,17 +19,17 @@ from typing import Protocol
 
 import trio
 
+from ..executor.model_runner import BatchItem, PromptRows, StepBatch, StepResult
+from ..executor.sampler import SampleRow, TokenLogprobs
+from ..executor.worker import Worker
+from ..model_source import ModelSource
+from ..runtime.metrics import EngineInfo, FinishedRequest, Metrics, StepReport
 from .block_manager import BlockManager
-from .config import EngineConfig
+from .engine_config import EngineConfig
 from .messages import AbortAll, AbortRequest, AddRequest, RequestMetrics, SeqDelta
-from .metrics import EngineInfo, FinishedRequest, Metrics, StepReport
-from .model.source import ModelSource
-from .model_runner import BatchItem, PromptRows, StepBatch, StepResult
 from .outbox import Outbox
-from .sampler import SampleRow, TokenLogprobs
 from .scheduler import Scheduled, Scheduler, SchedulerOutput
 from .sequence import SeqStatus, Sequence
-from .worker import Worker
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .sampler import TokenLogprobs
-from .sampling_params import SamplingParams
+from ..executor.sampler import TokenLogprobs
+from ..sampling_params import SamplingParams
 
 _seq_counter = itertools.count()
 

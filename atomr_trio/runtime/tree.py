@@ -18,8 +18,8 @@ from typing import Any
 
 import trio
 
+from ..engine.messages import reply
 from .deployment import Deployment, DeploymentSpec
-from .messages import reply
 from .metrics import Metrics
 from .placement import Placement
 

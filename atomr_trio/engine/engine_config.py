@@ -11,8 +11,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .model import cpu_kernels
-from .model.config import ModelConfig
+from ..model import cpu_kernels
+from ..model.config import ModelConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

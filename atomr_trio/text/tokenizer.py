@@ -15,9 +15,9 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
+from ..model.config import ModelLoadError
+from ..model.gguf_file import GGUFTokenizerData
 from .chat_template import ChatTemplate, ChatTemplateError
-from .model.config import ModelLoadError
-from .model.gguf_file import GGUFTokenizerData
 
 # The pre-tokenizer split used by Llama 3 and Qwen2 byte-level BPE vocabularies.
 _LLAMA3_SPLIT = (

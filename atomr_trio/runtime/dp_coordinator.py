@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import trio
 
-from .engine_core import EngineCore
-from .messages import reply
+from ..engine.engine_core import EngineCore
+from ..engine.messages import reply
 
 
 @dataclass(frozen=True)

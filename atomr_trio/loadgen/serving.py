@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import trio
 
-from ..tokenizer import Tokenizer
+from ..text.tokenizer import Tokenizer
 
 
 @dataclass
@@ -34,7 +34,7 @@ class RequestResult:
 
 
 def load_tokenizer(tokenizer_model: str | None) -> Tokenizer:
-    from ..model.source import ModelSource
+    from ..model_source import ModelSource
 
     return ModelSource.open(tokenizer_model).tokenizer
 

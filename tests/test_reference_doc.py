@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 from pydantic import Field
 
-from atomr_trio import config_doc
-from atomr_trio.deployment import DeploymentSpec
+from atomr_trio import reference_doc
+from atomr_trio.runtime.deployment import DeploymentSpec
 
 
 def test_configuration_doc_is_current() -> None:
-    assert config_doc.main(["--check"]) == 0, "run: python -m atomr_trio.config_doc"
-    text = config_doc.DOC.read_text()
+    assert reference_doc.main(["--check"]) == 0, "run: python -m atomr_trio.reference_doc"
+    text = reference_doc.DOC.read_text()
     for key in ("`--api-key`", "`--request-timeout`", "`serving.max_queue`", "`token_budget.tokens_per_minute`"):
         assert key in text
 
@@ -21,5 +21,5 @@ def test_a_new_field_makes_the_doc_stale(monkeypatch: pytest.MonkeyPatch) -> Non
         brand_new_knob: int = Field(default=3, description="added without regenerating")
 
     monkeypatch.setattr(config_doc, "DeploymentSpec", Extended)
-    assert "brand_new_knob" in config_doc.render()
-    assert config_doc.main(["--check"]) == 1
+    assert "brand_new_knob" in reference_doc.render()
+    assert reference_doc.main(["--check"]) == 1

@@ -20,12 +20,12 @@ from typing import Literal
 import trio
 from pydantic import BaseModel, ConfigDict, Field
 
-from .async_llm import AsyncLLM
-from .config import EngineConfig
+from ..async_llm import AsyncLLM
+from ..engine.engine_config import EngineConfig
+from ..engine.engine_core import EngineCore
+from ..model_source import ModelSource
 from .dp_coordinator import DpCoordinator
-from .engine_core import EngineCore
 from .metrics import Metrics
-from .model.source import ModelSource
 from .placement import Placement
 
 log = logging.getLogger(__name__)
