@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 from .engine.engine_config import EngineConfig
-from .engine.engine_core import EngineCore
+from .engine.engine_core import EngineCore, EngineHandle
 from .engine.messages import AddRequest, SeqDelta
 from .engine.outbox import Outbox
 from .model_source import ModelSource
@@ -32,8 +32,8 @@ _request_counter = itertools.count()
 
 
 class AsyncLLM:
-    def __init__(self, core: EngineCore, source: ModelSource) -> None:
-        self.core = core
+    def __init__(self, engine: EngineHandle, source: ModelSource) -> None:
+        self.engine = engine
         self.source = source
         self.model_name = source.name
 
@@ -43,7 +43,7 @@ class AsyncLLM:
 
     @property
     def config(self) -> EngineConfig:
-        return self.core.cfg
+        return self.engine.config
 
     # ---- prompts ----------------------------------------------------------------------------
     def prepare_prompt(self, prompt: PromptType, add_special_tokens: bool = True) -> tuple[str | None, list[int]]:
@@ -142,12 +142,12 @@ class AsyncLLM:
         rid = request_id or f"req-{next(_request_counter)}-{uuid.uuid4().hex[:8]}"
         outbox: Outbox[SeqDelta] = Outbox()
         tracker = RequestTracker(rid, text, ids, params, self.tokenizer, self.source.eos_token_ids)
-        await self.core.add(AddRequest(rid, ids, params, outbox))
+        await self.engine.add(AddRequest(rid, ids, params, outbox))
         try:
             while not tracker.finished:
                 for d in await outbox.get():
                     if tracker.apply(d):  # a stop string ended this sample
-                        await self.core.abort(rid, d.index, outbox)
+                        await self.engine.abort(rid, d.index, outbox)
                 if tracker.error:
                     raise RequestError(tracker.error)
                 yield tracker.delta_output() if delta else tracker.output()
@@ -155,7 +155,7 @@ class AsyncLLM:
             # Idempotent: a no-op for a request the engine has already finished, and for one it
             # refused (the outbox says whose request it is).
             with trio.CancelScope(shield=True):
-                await self.core.abort(rid, outbox=outbox)
+                await self.engine.abort(rid, outbox=outbox)
 
     async def generate_one(self, prompt: PromptType | None, params: SamplingParams | None = None,
                            **kw: Any) -> RequestOutput:
@@ -167,10 +167,15 @@ class AsyncLLM:
         return final
 
     async def abort(self, request_id: str) -> None:
-        await self.core.abort(request_id)
+        await self.engine.abort(request_id)
+
+    async def abort_all(self) -> None:
+        """End every request of this engine now (each gets finish_reason "abort")."""
+        await self.engine.abort_all()
 
     def stats(self) -> dict[str, Any]:
-        return self.core.snapshot()
+        """The engine's latest snapshot, as a dict (the worker's under "worker")."""
+        return self.engine.snapshot().as_dict()
 
 
 def engine_config(config: EngineConfig | None = None, **kwargs: Any) -> EngineConfig:
@@ -195,9 +200,9 @@ async def open_engine(
     core = EngineCore(source, resolved)
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(core.run)
+            handle = await nursery.start(core.run)
             try:
-                yield AsyncLLM(core, source)
+                yield AsyncLLM(handle, source)
             finally:
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:

@@ -70,7 +70,7 @@ class LLM:
                     await trio.sleep(0.01)
             with trio.move_on_after(30):
                 while self._inflight:  # again and again: a request may reach the engine late
-                    await engine.core.abort_all()
+                    await engine.abort_all()
                     await trio.sleep(0.05)
             streams.cancel_scope.cancel()
 

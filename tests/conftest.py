@@ -30,6 +30,17 @@ def _tracking_init(self: engine_core.EngineCore, *args: Any, **kwargs: Any) -> N
 engine_core.EngineCore.__init__ = _tracking_init  # type: ignore[method-assign]
 
 
+def core_of(engine: Any) -> engine_core.EngineCore:
+    """The EngineCore behind an AsyncLLM, an LLM or an EngineHandle, for tests that look inside
+    the engine they drive (the package itself only ever holds the handle)."""
+    handle = getattr(engine, "engine", engine)  # LLM -> AsyncLLM -> EngineHandle
+    handle = getattr(handle, "engine", handle)
+    for core in list(_ENGINES):
+        if core.handle is handle:
+            return core
+    raise LookupError(f"no live EngineCore behind {engine!r}")
+
+
 @pytest.fixture(autouse=True)
 def no_block_leaks() -> Iterator[None]:
     """After every test: each engine's free blocks == total blocks (cached-but-free count as
@@ -40,12 +51,12 @@ def no_block_leaks() -> Iterator[None]:
     for core in list(_ENGINES):
         bm = core.block_manager
         while (bm.num_free_blocks != bm.num_blocks or core.scheduler.has_work()
-               or core.snapshot()["num_requests"]):
+               or core.snapshot().num_requests):
             if time.monotonic() > deadline:
                 pytest.fail(
                     f"{core.name} leaked: {bm.num_free_blocks} free KV blocks of {bm.num_blocks}, "
                     f"{core.num_running} running, {core.num_waiting} waiting, "
-                    f"{core.snapshot()['num_requests']} requests in its table"
+                    f"{core.snapshot().num_requests} requests in its table"
                 )
             time.sleep(0.01)
 

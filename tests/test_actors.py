@@ -14,7 +14,7 @@ from atomr_trio.runtime.placement import Placement
 
 async def test_the_coordinator_survives_a_caller_that_gave_up() -> None:
     coord = DpCoordinator()
-    core = SimpleNamespace(name="m/engine-0", state="serving", load_sink=None)
+    core = SimpleNamespace(name="m/engine-0", snapshot=lambda: SimpleNamespace(state="serving"))
     coord.add(core)  # type: ignore[arg-type]
     with trio.move_on_after(0.05):
         await coord.pick()  # queued while the actor is not running yet; then this caller leaves

@@ -8,6 +8,7 @@ from contextlib import aclosing
 
 import pytest
 import trio
+from conftest import core_of
 
 from atomr_trio import LLM, SamplingParams, open_engine
 from atomr_trio.engine.sequence import SeqStatus
@@ -64,7 +65,7 @@ async def test_abort_frees_blocks_before_the_next_step_and_spares_the_batch() ->
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     prompts = ["The history of the printing press", "A recipe for bread:", "The rules of chess are"]
     async with open_engine(dtype="float32", num_kv_blocks=128, max_model_len=512) as engine:
-        core = engine.core
+        core = core_of(engine)
         alone = [(await engine.generate_one(p, params)).outputs[0].token_ids for p in prompts[1:]]
 
         aborted: set[str] = set()
@@ -201,7 +202,7 @@ async def test_an_exception_caused_by_one_request_ends_only_that_request(monkeyp
             await engine.generate_one(prompts[0], poison)
         stats = engine.stats()
         assert stats["request_failures"] == 2 and stats["context_restarts"] == 0
-        assert engine.core.worker.num_context_builds == 1
+        assert core_of(engine).worker.num_context_builds == 1
         assert (await engine.generate_one(prompts[1], params)).outputs[0].token_ids == alone[1]
 
 

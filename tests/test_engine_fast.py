@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 import trio
+from conftest import core_of
 
 from atomr_trio import SamplingParams
 from atomr_trio.async_llm import AsyncLLM, open_engine
@@ -109,7 +110,7 @@ async def test_an_eos_id_only_the_model_config_lists_ends_requests_everywhere(ti
 # ---- requests leave the engine exactly once ------------------------------------------------------
 async def test_finished_requests_leave_the_table_and_are_counted_exactly(tiny_source: ModelSource) -> None:
     async with engine_on(tiny_source, max_num_seqs=4) as engine:
-        core = engine.core
+        core = core_of(engine)
 
         async def run(i: int, params: SamplingParams) -> None:
             await engine.generate_one(prompt(i), params)
@@ -141,7 +142,7 @@ async def test_abort_mid_generation_frees_every_block_at_once(tiny_source: Model
     params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
     short = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     async with engine_on(tiny_source, enable_prefix_caching=False) as engine:
-        core, bm = engine.core, engine.core.block_manager
+        core, bm = core_of(engine), core_of(engine).block_manager
         other_alone = tokens(await engine.generate_one(prompt(1), short))
         outbox: Outbox[SeqDelta] = Outbox()
         await core.add(AddRequest("victim", prompt(0, 40)["prompt_token_ids"], params, outbox))
@@ -177,7 +178,7 @@ async def test_abort_mid_generation_frees_every_block_at_once(tiny_source: Model
 async def test_the_owner_aborts_a_request_whose_consumer_walked_away(tiny_source: ModelSource, how: str) -> None:
     params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
     async with engine_on(tiny_source) as engine:
-        core = engine.core
+        core = core_of(engine)
         if how == "break":  # the consumer stops reading and closes the stream
             async with aclosing(engine.generate(prompt(), params)) as stream:
                 async for out in stream:

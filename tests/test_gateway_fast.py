@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import trio
+from conftest import core_of
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
@@ -49,7 +50,7 @@ def long_body(name: str = "tiny", stream: bool = False, n_prompt: int = 8) -> di
 
 def engine_of(runtime: Runtime, name: str = "tiny") -> tuple[Deployment, EngineCore]:
     dep = runtime.manager.deployments[name]
-    return dep, dep.replicas[0]
+    return dep, core_of(dep.replicas[0])
 
 
 async def wait_until(cond: Any, timeout: float = 3.0) -> None:
@@ -63,7 +64,7 @@ async def test_a_client_that_disconnects_has_its_request_aborted(tiny_model_dir:
         dep, core = engine_of(runtime)
 
         def idle() -> bool:
-            return core.snapshot()["num_requests"] == 0 and dep.admitted == 0
+            return core.snapshot().num_requests == 0 and dep.admitted == 0
 
         # a stream whose client stops reading after a few events and closes the connection
         async with client.stream("POST", "/v1/completions", json=long_body(stream=True)) as r:
@@ -124,4 +125,4 @@ async def test_requests_over_the_deployment_limits_get_429_with_retry_after(tiny
             r = await client.post("/v1/completions", json=long_body("queued", n_prompt=20))  # 30 + 20 > 40
             check_429(r, "prompt tokens waiting")
             nursery.cancel_scope.cancel()  # those clients leave; their requests are aborted
-        await wait_until(lambda: core.snapshot()["num_requests"] == 0)
+        await wait_until(lambda: core.snapshot().num_requests == 0)

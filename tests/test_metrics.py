@@ -15,7 +15,8 @@ import trio.testing
 from serverproc import Server, metric
 from test_hf_dir import write_tiny_model
 
-from atomr_trio.runtime.metrics import EngineInfo, FinishedRequest, Metrics, StepReport
+from atomr_trio.engine.reports import EngineInfo, FinishedRequest, StepReport
+from atomr_trio.runtime.metrics import Metrics
 
 # vLLM v1's series (Prometheus names as /metrics shows them, counters with their _total).
 VLLM_SERIES = {

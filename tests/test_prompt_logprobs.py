@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import core_of
 
 from atomr_trio import LLM, SamplingParams, open_engine
 from atomr_trio.executor import model_runner
@@ -86,7 +87,7 @@ def same(a: RequestOutput, b: RequestOutput, tol: float = 0.0) -> None:
 
 def count_rows(llm: LLM) -> list[int]:
     """Wrap the runner so that the number of prompt-logprob rows each step computed is recorded."""
-    runner = llm.engine.core.worker.context.runner  # type: ignore[union-attr]
+    runner = core_of(llm).worker.context.runner  # type: ignore[union-attr]
     rows: list[int] = []
     inner = runner._prompt_logprobs
 
@@ -170,7 +171,7 @@ def test_preemption_neither_repeats_nor_loses_entries(tiny_dir: Path, tiny_ref) 
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, prompt_logprobs=1)
     # 16 blocks x 8 = 128 tokens of KV for 8 requests of ~100 tokens each, prefilled 16 at a time.
     with LLM(str(tiny_dir), dtype="float32", num_kv_blocks=16, block_size=BS, max_num_batched_tokens=16) as llm:
-        core = llm.engine.core
+        core = core_of(llm)
         pending_at_preemption: list[int] = []
         preempt = core.scheduler._preempt
 

@@ -20,6 +20,6 @@ def test_a_new_field_makes_the_doc_stale(monkeypatch: pytest.MonkeyPatch) -> Non
     class Extended(DeploymentSpec):
         brand_new_knob: int = Field(default=3, description="added without regenerating")
 
-    monkeypatch.setattr(config_doc, "DeploymentSpec", Extended)
+    monkeypatch.setattr(reference_doc, "DeploymentSpec", Extended)
     assert "brand_new_knob" in reference_doc.render()
     assert reference_doc.main(["--check"]) == 1

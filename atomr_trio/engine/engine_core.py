@@ -14,30 +14,26 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import trio
 
 from ..executor.model_runner import BatchItem, PromptRows, StepBatch, StepResult
 from ..executor.sampler import SampleRow, TokenLogprobs
-from ..executor.worker import Worker
+from ..executor.worker import Faults, Worker, WorkerSnapshot
 from ..model_source import ModelSource
-from ..runtime.metrics import EngineInfo, FinishedRequest, Metrics, StepReport
 from .block_manager import BlockManager
 from .engine_config import EngineConfig
-from .messages import AbortAll, AbortRequest, AddRequest, RequestMetrics, SeqDelta
+from .messages import AbortAll, AbortRequest, AddRequest, Board, RequestMetrics, SeqDelta
 from .outbox import Outbox
+from .reports import EngineInfo, FinishedRequest, LoadSink, ReportSink, StepReport
 from .scheduler import Scheduled, Scheduler, SchedulerOutput
 from .sequence import SeqStatus, Sequence
 
 log = logging.getLogger(__name__)
 
 INBOX_SIZE = 1024
-
-
-class LoadSink(Protocol):
-    def report_load(self, engine: str, load: float) -> None: ...
 
 
 class EngineFailed(RuntimeError):
@@ -57,37 +53,54 @@ class EngineStats:
     finished: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass
-class _Live:
-    seqs: list[Sequence]
-    outbox: Outbox[SeqDelta]
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """What an EngineCore publishes about itself after every change (views read it; reading
+    never blocks and never mutates)."""
+
+    name: str
+    state: str  # "created" | "loading" | "serving" | "restarting" | "failed" | "stopped"
+    failure: str | None
+    kernels: str
+    num_requests: int  # live requests (any sample not finished)
+    num_requests_running: int
+    num_requests_waiting: int
+    waiting_prompt_tokens: int  # prompt tokens not yet computed of the waiting sequences
+    inbox_depth: int
+    kv_cache_usage: float
+    num_kv_blocks: int
+    num_free_blocks: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    prefix_cache_evictions: int
+    num_preemptions: int
+    context_restarts: int
+    request_failures: int
+    steps: int
+    multi_seq_steps: int
+    prompt_tokens: int
+    generation_tokens: int
+    forward_s: float  # model forward seconds, in all
+    step_s: float  # engine step seconds (schedule, forward, sampling, bookkeeping)
+    forward_share: float
+    worker: WorkerSnapshot
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
-class EngineCore:
-    def __init__(self, source: ModelSource, cfg: EngineConfig, name: str = "engine-0",
-                 model_name: str | None = None, metrics: Metrics | None = None) -> None:
-        assert cfg.num_kv_blocks is not None and cfg.max_model_len is not None, "resolve cfg first"
+class EngineHandle:
+    """What others hold of an EngineCore: messages to send, its resolved config and its latest
+    snapshot. It cannot reach the engine's scheduler, blocks or worker."""
+
+    def __init__(self, name: str, config: EngineConfig,
+                 send: trio.MemorySendChannel[AddRequest | AbortRequest | AbortAll],
+                 board: Board[EngineSnapshot]) -> None:
         self.name = name
-        self.model_name = model_name or source.name
-        self.metrics = metrics
-        self.load_sink: LoadSink | None = None  # a DpCoordinator, when the engine is a replica
-        self.cfg = cfg
-        self.source = source
-        self.vocab_size = source.config.vocab_size
-        self.eos_token_ids = frozenset(source.eos_token_ids)
-        self.block_manager = BlockManager(cfg.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
-        self.worker = Worker(source, cfg, name)
-        self.stats = EngineStats()
-        self.state = "created"
-        self.failure: str | None = None
-        self._requests: dict[str, _Live] = {}
-        self._finished: list[FinishedRequest] = []  # since the last metrics report
-        self._itl: list[float] = []
-        self._reported = (0, 0, 0)  # prefix queries, prefix hits, preemptions at the last report
-        self._send, self._inbox = trio.open_memory_channel[AddRequest | AbortRequest | AbortAll](INBOX_SIZE)
+        self.config = config
+        self._send = send
+        self._board = board
 
-    # ---- what other actors call (they only send messages) -----------------------------------
     async def add(self, req: AddRequest) -> None:
         await self._send.send(req)
 
@@ -107,6 +120,51 @@ class EngineCore:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
+    def snapshot(self) -> EngineSnapshot:
+        return self._board.read()
+
+
+@dataclass
+class _Live:
+    seqs: list[Sequence]
+    outbox: Outbox[SeqDelta]
+
+
+class EngineCore:
+    def __init__(self, source: ModelSource, cfg: EngineConfig, name: str = "engine-0",
+                 model_name: str | None = None, metrics: ReportSink | None = None,
+                 load_sink: LoadSink | None = None, faults: Faults | None = None) -> None:
+        assert cfg.num_kv_blocks is not None and cfg.max_model_len is not None, "resolve cfg first"
+        self.name = name
+        self.model_name = model_name or source.name
+        self.metrics = metrics
+        self.load_sink = load_sink  # a DpCoordinator, when the engine is a replica
+        self.cfg = cfg
+        self.source = source
+        self.vocab_size = source.config.vocab_size
+        self.eos_token_ids = frozenset(source.eos_token_ids)
+        self.block_manager = BlockManager(cfg.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.worker = Worker(source, cfg, name, faults)
+        self.stats = EngineStats()
+        self.state = "created"
+        self.failure: str | None = None
+        self._requests: dict[str, _Live] = {}
+        self._finished: list[FinishedRequest] = []  # since the last metrics report
+        self._itl: list[float] = []
+        self._reported = (0, 0, 0)  # prefix queries, prefix hits, preemptions at the last report
+        self._send, self._inbox = trio.open_memory_channel[AddRequest | AbortRequest | AbortAll](INBOX_SIZE)
+        self._board = Board(self.snapshot())
+        self.handle = EngineHandle(name, cfg, self._send, self._board)
+
+    # ---- what other actors call (they only send messages) -----------------------------------
+    async def add(self, req: AddRequest) -> None:
+        await self.handle.add(req)
+
+    async def abort(self, request_id: str, index: int | None = None,
+                    outbox: Outbox[SeqDelta] | None = None) -> None:
+        await self.handle.abort(request_id, index, outbox)
+
     @property
     def num_running(self) -> int:
         return len(self.scheduler.running)
@@ -120,16 +178,18 @@ class EngineCore:
         return sum(s.num_tokens - s.num_computed_tokens for s in self.scheduler.waiting)
 
     # ---- the actor ------------------------------------------------------------------------
-    async def run(self, *, task_status: trio.TaskStatus[EngineCore] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[EngineHandle] = trio.TASK_STATUS_IGNORED) -> None:
         self.state = "loading"
+        self._publish()
         try:
             await self.worker.start()
             self.state = "serving"
+            self._publish()
             if self.metrics is not None:
                 bm = self.block_manager
                 self.metrics.report(EngineInfo(self.model_name, self.name, bm.block_size, bm.num_blocks,
                                                bm.enable_prefix_caching))
-            task_status.started(self)
+            task_status.started(self.handle)
             async with self._inbox:
                 while True:
                     if not self.scheduler.has_work():
@@ -150,6 +210,7 @@ class EngineCore:
                 else:
                     self._abort(rid, None, reason="abort")
             self.worker.close()
+            self._publish()
 
     def _drain_inbox(self) -> None:
         while True:
@@ -286,6 +347,7 @@ class EngineCore:
             self.failure = f"device context failed repeatedly ({type(error).__name__}: {error})"
             raise EngineFailed(self.failure) from error
         self.state = "restarting"
+        self._publish()
         await self.worker.restart()
         self.state = "serving"
         self.stats.context_restarts += 1
@@ -405,6 +467,7 @@ class EngineCore:
         ))
 
     def _report(self, num_scheduled: int, iteration_tokens: int, prompt: int, generated: int) -> None:
+        self._publish()
         bm = self.block_manager
         if self.load_sink is not None:
             self.load_sink.report_load(self.name, self.num_running + self.num_waiting + bm.usage)
@@ -423,32 +486,25 @@ class EngineCore:
         self._itl, self._finished = [], []
 
     # ---- views ------------------------------------------------------------------------------
-    def snapshot(self) -> dict[str, float | int | str]:
-        bm = self.block_manager
-        return {
-            "name": self.name,
-            "state": self.state,
-            "kernels": self.worker.kernels,
-            "num_requests": len(self._requests),  # live requests (any sample not finished)
-            "num_requests_running": self.num_running,
-            "num_requests_waiting": self.num_waiting,
-            "kv_cache_usage": bm.usage,
-            "num_kv_blocks": bm.num_blocks,
-            "num_free_blocks": bm.num_free_blocks,
-            "prefix_cache_queries": bm.prefix_queries,
-            "prefix_cache_hits": bm.prefix_hits,
-            "prefix_cache_evictions": bm.evictions,
-            "num_preemptions": self.scheduler.num_preemptions,
-            "context_restarts": self.stats.context_restarts,
-            "request_failures": self.stats.request_failures,
-            "steps": self.stats.steps,
-            "multi_seq_steps": self.stats.multi_seq_steps,
-            "prompt_tokens": self.stats.prompt_tokens,
-            "generation_tokens": self.stats.generation_tokens,
-            "forward_s": self.stats.forward_s,  # model forward seconds, in all
-            "step_s": self.stats.step_s,  # engine step seconds (schedule, forward, sampling, bookkeeping)
-            "forward_share": self.stats.forward_s / self.stats.step_s if self.stats.step_s else math.nan,
-        }
+    def _publish(self) -> None:
+        self._board.publish(self.snapshot())
+
+    def snapshot(self) -> EngineSnapshot:
+        bm, st = self.block_manager, self.stats
+        return EngineSnapshot(
+            name=self.name, state=self.state, failure=self.failure, kernels=self.worker.kernels,
+            num_requests=len(self._requests), num_requests_running=self.num_running,
+            num_requests_waiting=self.num_waiting, waiting_prompt_tokens=self.waiting_prompt_tokens,
+            inbox_depth=self._send.statistics().current_buffer_used,
+            kv_cache_usage=bm.usage, num_kv_blocks=bm.num_blocks, num_free_blocks=bm.num_free_blocks,
+            prefix_cache_queries=bm.prefix_queries, prefix_cache_hits=bm.prefix_hits,
+            prefix_cache_evictions=bm.evictions, num_preemptions=self.scheduler.num_preemptions,
+            context_restarts=st.context_restarts, request_failures=st.request_failures, steps=st.steps,
+            multi_seq_steps=st.multi_seq_steps, prompt_tokens=st.prompt_tokens,
+            generation_tokens=st.generation_tokens, forward_s=st.forward_s, step_s=st.step_s,
+            forward_share=st.forward_s / st.step_s if st.step_s else math.nan,
+            worker=self.worker.snapshot(),
+        )
 
 
 def _prompt_rows(seq: Sequence, start: int, n: int) -> PromptRows | None:
@@ -480,4 +536,4 @@ def _metrics(seq: Sequence) -> RequestMetrics:
                           seq.num_output_tokens)
 
 
-__all__ = ["EngineCore", "EngineStats", "SeqStatus"]
+__all__ = ["EngineCore", "EngineHandle", "EngineSnapshot", "EngineStats", "SeqStatus"]

@@ -10,7 +10,7 @@ fails the actor.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import trio
 
@@ -28,6 +28,20 @@ def reply(channel: trio.MemorySendChannel[T], value: T) -> bool:
     except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
         return False
     return True
+
+
+class Board(Generic[T]):
+    """Where an actor publishes its latest snapshot (a frozen dataclass) for its handles to read.
+    Only the owning actor calls `publish`; a read never blocks and sees a whole snapshot."""
+
+    def __init__(self, first: T) -> None:
+        self._value = first
+
+    def publish(self, value: T) -> None:
+        self._value = value
+
+    def read(self) -> T:
+        return self._value
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import gc
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
 
 import torch
 
@@ -28,6 +29,26 @@ log = logging.getLogger(__name__)
 
 MAX_RESTARTS = 3  # Context rebuilds allowed ...
 RESTART_WINDOW_S = 60.0  # ... within this many seconds
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Test hook: each of the first `times` Contexts fails at its `at_step`-th step."""
+
+    at_step: int | None = None
+    times: int = 1
+
+
+@dataclass(frozen=True)
+class WorkerSnapshot:
+    """What the Worker shows of itself to the views (/admin/tree)."""
+
+    name: str
+    device: str
+    state: str  # "starting" | "ready" | "rebuilding" | "stopped"
+    context_builds: int
+    inbox_depth: int
+    kernels: str  # which kernel path each part of the forward runs on (cpu_kernels.py)
 
 
 class InjectedFault(RuntimeError):
@@ -76,17 +97,19 @@ class Context:
 
 
 class Worker:
-    def __init__(self, source: ModelSource, cfg: EngineConfig, name: str) -> None:
+    def __init__(self, source: ModelSource, cfg: EngineConfig, name: str, faults: Faults | None = None) -> None:
         self.source = source
         self.cfg = cfg
         self.name = name
         self.thread = DeviceThread(f"{name}-device", cfg.torch_threads)
         self.context: Context | None = None
+        self.state = "starting"
         self.num_context_builds = 0
-        # Test hook: each of the first `fail_times` Contexts fails at its `fail_at_step`-th step.
-        self.fail_at_step: int | None = None
-        self.fail_times = 1
+        self.faults = faults or Faults()
         self._restarts: deque[float] = deque()
+
+    def snapshot(self) -> WorkerSnapshot:
+        return WorkerSnapshot(self.name, self.cfg.device, self.state, self.num_context_builds, 0, self.kernels)
 
     def can_restart(self) -> bool:
         now = time.monotonic()
@@ -105,14 +128,16 @@ class Worker:
     async def rebuild(self) -> None:
         """(Re)create the Context on the device thread; the old one is dropped first."""
 
-        inject = self.fail_at_step if self.num_context_builds < self.fail_times else None
+        inject = self.faults.at_step if self.num_context_builds < self.faults.times else None
 
         def build() -> Context:
             self.context = None
             gc.collect()
             return Context(self.source, self.cfg, inject)
 
+        self.state = "rebuilding" if self.num_context_builds else "starting"
         self.context = await self.thread.run(build)
+        self.state = "ready"
         self.num_context_builds += 1
         log.info("%s: context ready (build %d)", self.name, self.num_context_builds)
 
@@ -143,5 +168,6 @@ class Worker:
         """Drop the Context and end the device thread (no job is in flight: `run` never
         abandons one, so the engine only gets here between steps)."""
         self.context = None
+        self.state = "stopped"
         self.thread.stop()
         self.thread.join(timeout=30)

@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..async_llm import AsyncLLM
 from ..engine.engine_config import EngineConfig
-from ..engine.engine_core import EngineCore
+from ..engine.engine_core import EngineCore, EngineHandle
+from ..executor.worker import Faults
 from ..model_source import ModelSource
 from .dp_coordinator import DpCoordinator
 from .metrics import Metrics
@@ -140,11 +141,10 @@ class Deployment:
                         # off the Trio thread: `dtype=auto` may probe the CPU's bf16 kernels
                         cfg = await trio.to_thread.run_sync(self.spec.engine_config(n_threads, i).resolve,
                                                             self.source.config)
-                        core = EngineCore(self.source, cfg, f"{self.name}/engine-{i}", self.name, self.metrics)
-                        core.worker.fail_at_step = self.spec.fail_at_step
-                        core.worker.fail_times = self.spec.fail_times
-                        await nursery.start(core.run)
-                        self.coordinator.add(core)
+                        core = EngineCore(self.source, cfg, f"{self.name}/engine-{i}", self.name, self.metrics,
+                                          load_sink=self.coordinator,
+                                          faults=Faults(self.spec.fail_at_step, self.spec.fail_times))
+                        self.coordinator.add(await nursery.start(core.run))
                     self.state = "serving"
                     started = True
                     task_status.started()
@@ -164,7 +164,7 @@ class Deployment:
         """Admit one request and have the DpCoordinator pick its replica, or raise
         DeploymentUnavailable. The caller releases the ticket when the request is over."""
         if self.state != "serving" or self.source is None:
-            if self.state == "failed" or any(c.failure for c in self.replicas):
+            if self.state == "failed" or any(c.snapshot().failure for c in self.replicas):
                 self.state = "failed"
             why = f": {_without_paths(self.reason)}" if self.reason else ""
             raise DeploymentUnavailable(self.name, 503, f"deployment '{self.name}' is {self.state}{why}")
@@ -189,7 +189,7 @@ class Deployment:
         limit = policy.max_queued_prompt_tokens
         if limit is None or policy.on_capacity_exhausted != "reject":
             return
-        queued = sum(c.waiting_prompt_tokens for c in self.replicas)
+        queued = sum(c.snapshot().waiting_prompt_tokens for c in self.replicas)
         if queued and queued + prompt_tokens > limit:
             raise DeploymentUnavailable(
                 self.name, 429, f"deployment '{self.name}' has {queued} prompt tokens waiting (limit {limit})", 1.0)
@@ -211,15 +211,15 @@ class Deployment:
         self._tokens_window.append((now, tokens))
 
     @property
-    def replicas(self) -> list[EngineCore]:
+    def replicas(self) -> list[EngineHandle]:
         return self.coordinator.replicas
 
     def in_flight(self) -> int:
-        return sum(c.num_running + c.num_waiting for c in self.replicas)
+        return sum(s.num_requests_running + s.num_requests_waiting for s in (c.snapshot() for c in self.replicas))
 
     def describe(self) -> dict:
         return {
             "name": self.name, "state": self.state, "reason": self.reason,
-            "model": self.spec.model or "default", "replicas": [c.snapshot() for c in self.replicas],
+            "model": self.spec.model or "default", "replicas": [c.snapshot().as_dict() for c in self.replicas],
             "spec": self.spec.model_dump(),
         }

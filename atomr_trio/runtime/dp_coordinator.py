@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import trio
 
-from ..engine.engine_core import EngineCore
+from ..engine.engine_core import EngineHandle
 from ..engine.messages import reply
 
 
@@ -26,25 +26,24 @@ class LoadReport:
 
 @dataclass(frozen=True)
 class Pick:
-    reply: trio.MemorySendChannel[EngineCore | None]
+    reply: trio.MemorySendChannel[EngineHandle | None]
 
 
 class DpCoordinator:
     def __init__(self) -> None:
-        self.replicas: list[EngineCore] = []
+        self.replicas: list[EngineHandle] = []
         self.routed: dict[str, int] = {}  # requests sent to each replica, in all
         self._load: dict[str, float] = {}
         self._since_report: dict[str, int] = {}
         self._send, self._inbox = trio.open_memory_channel[LoadReport | Pick](1024)
 
-    def add(self, core: EngineCore) -> None:
+    def add(self, core: EngineHandle) -> None:
         self.replicas.append(core)
         self.routed[core.name] = self._since_report[core.name] = 0
         self._load[core.name] = 0.0
-        core.load_sink = self
 
-    def serving(self) -> list[EngineCore]:
-        return [c for c in self.replicas if c.state == "serving"]
+    def serving(self) -> list[EngineHandle]:
+        return [c for c in self.replicas if c.snapshot().state == "serving"]
 
     # ---- what others call --------------------------------------------------------------
     def report_load(self, engine: str, load: float) -> None:
@@ -53,9 +52,9 @@ class DpCoordinator:
         except trio.WouldBlock:
             pass
 
-    async def pick(self) -> EngineCore | None:
+    async def pick(self) -> EngineHandle | None:
         """None when no replica serves (or the coordinator has stopped)."""
-        send, recv = trio.open_memory_channel[EngineCore | None](1)
+        send, recv = trio.open_memory_channel[EngineHandle | None](1)
         try:
             await self._send.send(Pick(send))
         except trio.BrokenResourceError:
@@ -77,7 +76,7 @@ class DpCoordinator:
                         self.routed[core.name] -= 1  # the caller gave up before hearing back
                         self._since_report[core.name] -= 1
 
-    def _choose(self) -> EngineCore | None:
+    def _choose(self) -> EngineHandle | None:
         live = self.serving()
         if not live:
             return None

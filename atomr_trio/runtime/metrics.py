@@ -14,10 +14,11 @@ Invariants:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from ..engine.reports import EngineInfo, StepReport
 
 log = logging.getLogger("atomr_trio.runtime.metrics")
 
@@ -27,49 +28,6 @@ _TOKENS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
 
 
 PREFIXES = ("atomr", "vllm")
-
-
-@dataclass(frozen=True)
-class FinishedRequest:
-    reason: str
-    prompt_tokens: int
-    generation_tokens: int  # all samples together
-    e2e_s: float
-    queue_s: float | None
-    ttft_s: float | None
-    prefill_s: float | None
-    decode_s: float | None
-    n: int = 1
-    max_tokens: int | None = None  # the request's parameter
-    max_generation_tokens: int = 0  # the longest sample's
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    """Sent once by an engine when it starts: its KV cache's shape."""
-    model: str
-    engine: str
-    block_size: int
-    num_blocks: int
-    prefix_caching: bool
-
-
-@dataclass(frozen=True)
-class StepReport:
-    model: str
-    engine: str
-    num_running: int
-    num_waiting: int
-    kv_usage: float
-    num_scheduled: int  # sequences in this step's batch
-    iteration_tokens: int
-    prompt_tokens: int
-    generation_tokens: int
-    prefix_queries: int  # since the previous report
-    prefix_hits: int
-    preemptions: int
-    inter_token_s: list[float] = field(default_factory=list)
-    finished: list[FinishedRequest] = field(default_factory=list)
 
 
 class Metrics:

@@ -128,13 +128,16 @@ class Runtime:
         """A live view of the actor tree: each actor, its state and queue depth."""
         deployments = []
         for d in self.manager.deployments.values():
-            replicas = [{
-                "actor": "EngineCore", "name": c.name, "state": c.state,
-                "running": c.num_running, "waiting": c.num_waiting, "kv_cache_usage": round(c.block_manager.usage, 4),
-                "children": [{"actor": "Worker", "name": c.worker.name, "context_builds": c.worker.num_context_builds,
-                              "children": [{"actor": "Context", "state": "ready" if c.worker.context else "absent",
-                                            "kernels": c.worker.kernels}]}],
-            } for c in d.replicas]
+            replicas = []
+            for s in (c.snapshot() for c in d.replicas):
+                w = s.worker
+                context = {"actor": "Context", "state": "ready" if w.state == "ready" else "absent",
+                           "kernels": w.kernels}
+                worker = {"actor": "Worker", "name": w.name, "device": w.device, "state": w.state,
+                          "context_builds": w.context_builds, "inbox": w.inbox_depth, "children": [context]}
+                replicas.append({"actor": "EngineCore", "name": s.name, "state": s.state, "inbox": s.inbox_depth,
+                                 "running": s.num_requests_running, "waiting": s.num_requests_waiting,
+                                 "kv_cache_usage": round(s.kv_cache_usage, 4), "children": [worker]})
             coordinator = {"actor": "DpCoordinator", "routed": dict(d.coordinator.routed)}
             deployments.append({"actor": "Deployment", "name": d.name, "state": d.state, "reason": d.reason,
                                 "children": [coordinator, *replicas]})

@@ -621,7 +621,7 @@ def _usage(outs: list[RequestOutput], completion: int | None = None) -> dict[str
 
 
 def _model_card(dep: Deployment) -> dict[str, Any]:
-    max_len = dep.replicas[0].cfg.max_model_len if dep.replicas else None
+    max_len = dep.replicas[0].config.max_model_len if dep.replicas else None
     return {"id": dep.name, "object": "model", "created": 0, "owned_by": "atomr_trio", "max_model_len": max_len}
 
 
