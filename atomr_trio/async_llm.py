@@ -13,12 +13,11 @@ import itertools
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import fields
 from typing import Any
 
 import trio
 
-from .engine.engine_config import EngineConfig
+from .engine.engine_config import EngineConfig, engine_config
 from .engine.engine_core import EngineCore, EngineHandle
 from .engine.messages import AddRequest, SeqDelta
 from .engine.outbox import Outbox
@@ -176,16 +175,6 @@ class AsyncLLM:
     def stats(self) -> dict[str, Any]:
         """The engine's latest snapshot, as a dict (the worker's under "worker")."""
         return self.engine.snapshot().as_dict()
-
-
-def engine_config(config: EngineConfig | None = None, **kwargs: Any) -> EngineConfig:
-    known = {f.name for f in fields(EngineConfig)}
-    unknown = set(kwargs) - known
-    if unknown:
-        raise TypeError(f"unknown engine setting(s): {', '.join(sorted(unknown))}")
-    if config is None:
-        return EngineConfig(**kwargs)
-    return EngineConfig(**{**{k: getattr(config, k) for k in known}, **kwargs})
 
 
 @asynccontextmanager

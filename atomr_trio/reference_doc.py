@@ -1,5 +1,6 @@
-"""Render docs/configuration.md from the code: every CLI flag (the argparse parser) and every
-TOML / admin-API deployment key (the pydantic models), so the document cannot drift.
+"""Render docs/configuration.md from the code: every CLI flag (the parser cli.py generates from
+the pydantic models), every ServerSettings field, every TOML / admin-API deployment key and every
+library engine setting (the pydantic models), so the document cannot drift.
 
     python -m atomr_trio.reference_doc          # rewrite docs/configuration.md
     python -m atomr_trio.reference_doc --check  # exit 1 if it is stale
@@ -8,7 +9,6 @@ TOML / admin-API deployment key (the pydantic models), so the document cannot dr
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,9 +16,10 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from .__main__ import parser
+from .cli import parser
+from .engine.engine_config import EngineOptions, EngineSettings
 from .model.cpu_kernels import ENVIRONMENT
-from .runtime.deployment import DeploymentSpec
+from .runtime.deployment_spec import DeploymentSpec
 from .server.serve import ServerSettings
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
@@ -34,7 +35,7 @@ def _cli_rows() -> list[str]:
         if action.choices:
             kind = " \\| ".join(map(str, action.choices))
         default = action.default if action.default not in (None, []) else "—"
-        help_text = (action.help or "").replace("|", "\\|")
+        help_text = _cell((action.help or "").replace("%%", "%"))
         rows.append(f"| `{', '.join(action.option_strings)}` | {kind} | `{default}` | {help_text} |")
     return rows
 
@@ -42,38 +43,46 @@ def _cli_rows() -> list[str]:
 def _settings_rows() -> list[str]:
     """ServerSettings' fields, each with the flag that sets it from the command line."""
     flags = {a.dest: a.option_strings[0] for a in parser()._actions if a.option_strings}
-    rows = ["| field | default | flag |", "|---|---|---|"]
-    for f in dataclasses.fields(ServerSettings):
-        if f.default is not dataclasses.MISSING:
-            default = repr(f.default)
-        else:
-            default = "one deployment, the default model" if f.name == "deployments" else "[]"
-        flag = flags.get(f.name) or flags.get(f.name.removesuffix("s"))
-        where = f"`{flag}`" if flag else ("`--config`, or `--model` and the flags after it"
-                                          if f.name == "deployments" else "—")
-        rows.append(f"| `{f.name}` | `{default}` | {where} |")
+    rows = ["| field | type | default | flag | meaning |", "|---|---|---|---|---|"]
+    for name, field in ServerSettings.model_fields.items():
+        default = "one deployment, the default model" if name == "deployments" else repr(
+            field.get_default(call_default_factory=True))
+        where = f"`{flags[name]}`" if name in flags else ("`--config`, or `--model` and the flags after it"
+                                                          if name == "deployments" else "—")
+        rows.append(f"| `{name}` | {_type_name(field.annotation)} | `{default}` | {where} | "
+                    f"{_cell(field.description)} |")
     return rows
 
 
-def _model_rows(model: type[BaseModel], prefix: str = "") -> list[str]:
+def _type_name(annotation: Any) -> str:
+    text = str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    return _cell(text.replace("atomr_trio.runtime.deployment_spec.", ""))
+
+
+def _cell(text: str | None) -> str:
+    return (text or "").replace("|", "\\|")
+
+
+def _model_rows(model: type[BaseModel], prefix: str = "", skip: type[BaseModel] | None = None) -> list[str]:
+    """One row per field (nested models' fields as `outer.inner`), but those `skip` has."""
     rows: list[str] = []
     for name, field in model.model_fields.items():
+        if skip is not None and name in skip.model_fields:
+            continue
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             rows.extend(_model_rows(ann, f"{prefix}{name}."))
             continue
-        type_name = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
         default: Any = field.default
         if default is PydanticUndefined:
             default = "required"
-        rows.append(f"| `{prefix}{name}` | {type_name.replace('|', chr(92) + '|')} | `{default}` | "
-                    f"{(field.description or '').replace('|', chr(92) + '|')} |")
+        rows.append(f"| `{prefix}{name}` | {_type_name(ann)} | `{default}` | {_cell(field.description)} |")
     return rows
 
 
 def _environment_rows() -> list[str]:
     rows = ["| variable | meaning |", "|---|---|"]
-    rows += [f"| `{name}` | {text.replace('|', chr(92) + '|')} |" for name, text in ENVIRONMENT.items()]
+    rows += [f"| `{name}` | {_cell(text)} |" for name, text in ENVIRONMENT.items()]
     return rows
 
 
@@ -94,13 +103,29 @@ def render() -> str:
         "",
         *_settings_rows(),
         "",
-        "## Deployments: `[[deployment]]` tables in `--config FILE.toml`, or `POST /admin/deployments`",
+        "## Engine settings",
         "",
-        "Nested keys (`serving.max_queue`) are written as TOML sub-tables or inline tables.",
+        "Every deployment (flags or `[[deployment]]` table) and the library (`LLM(model, **settings)`,",
+        "`open_engine(model, **settings)`) take these; an unknown name is a TypeError in the library.",
         "",
         "| key | type | default | meaning |",
         "|---|---|---|---|",
-        *_model_rows(DeploymentSpec),
+        *_model_rows(EngineSettings),
+        "",
+        "The library alone also takes:",
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+        *_model_rows(EngineOptions, skip=EngineSettings),
+        "",
+        "## Deployments: `[[deployment]]` tables in `--config FILE.toml`, or `POST /admin/deployments`",
+        "",
+        "The engine settings above, and these. Nested keys (`serving.max_queue`) are written as TOML",
+        "sub-tables or inline tables.",
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+        *_model_rows(DeploymentSpec, skip=EngineSettings),
         "",
         "## Environment",
         "",

@@ -1,5 +1,5 @@
-"""Deployment: one served model — its spec (pydantic, from TOML or the admin API) and the actor
-that supervises its replicas (one EngineCore each).
+"""Deployment: one served model — the actor that supervises its replicas (one EngineCore each);
+its spec (pydantic, from TOML or the admin API) is in deployment_spec.py.
 
 Invariants:
 - State only moves pending -> loading -> serving -> draining -> stopped, or to failed (with a
@@ -15,66 +15,21 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Literal
 
 import trio
-from pydantic import BaseModel, ConfigDict, Field
 
 from ..async_llm import AsyncLLM
-from ..engine.engine_config import EngineConfig
 from ..engine.engine_core import EngineCore, EngineHandle
 from ..executor.worker import Faults
 from ..model_source import ModelSource
+from .deployment_spec import DeploymentSpec
+from .deployment_spec import ServingPolicy as ServingPolicy  # re-exported: importers of the spec classes
+from .deployment_spec import TokenBudget as TokenBudget  # from here keep working
 from .dp_coordinator import DpCoordinator
 from .metrics import Metrics
 from .placement import Placement
 
 log = logging.getLogger(__name__)
-
-
-class ServingPolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    max_queue: int = Field(default=1024, ge=0, description="most requests waiting for a batch slot")
-    max_queued_prompt_tokens: int | None = Field(
-        default=None, ge=1, description="most prompt tokens waiting for a batch slot (a lone prompt always may)")
-    on_capacity_exhausted: Literal["reject", "queue"] = Field(
-        default="reject", description="reject: 429 with Retry-After; queue: wait for a slot")
-
-
-class TokenBudget(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    tokens_per_minute: int | None = Field(default=None, ge=1, description="prompt + completion tokens")
-    on_exceeded: Literal["reject", "warn"] = Field(default="reject", description="reject: 429; warn: log and serve")
-
-
-class DeploymentSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=200, description="the name clients pass as 'model'")
-    model: str | None = Field(default=None, description="HF directory or GGUF file; none: the default model")
-    dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        default="auto", description="weights and KV cache; auto: bfloat16 where a fast bf16 path runs (--dtype)")
-    replicas: int = Field(default=1, ge=1, le=64, description="data-parallel engine replicas")
-    max_model_len: int | None = Field(default=None, ge=2, description="prompt + completion (default: the model's)")
-    max_num_seqs: int = Field(default=256, ge=1, description="sequences per engine step, per replica")
-    max_num_batched_tokens: int = Field(default=2048, ge=1, description="token budget of one step (chunked prefill)")
-    kv_cache_memory_bytes: int = Field(default=1 << 30, ge=1, description="per replica")
-    block_size: int = Field(default=16, ge=1, le=1024, description="tokens per KV block")
-    serving: ServingPolicy = Field(default_factory=ServingPolicy)
-    token_budget: TokenBudget = Field(default_factory=TokenBudget)
-    request_timeout: float | None = Field(
-        default=None, gt=0, description="seconds a request may take, queueing included (default: the server's)")
-    fail_at_step: int | None = Field(
-        default=None, ge=1, description="test hook: a device Context fails at its N-th engine step")
-    fail_times: int = Field(default=1, ge=1, description="test hook: how many Contexts in a row fail")
-
-    def engine_config(self, torch_threads: int | None, replica: int = 0) -> EngineConfig:
-        """Replica i's settings. Its seed is i, so the replicas' generators for unseeded sampling
-        draw different streams (with one seed, requests routed alike would get the same tokens),
-        and a restarted server draws the same streams again."""
-        return EngineConfig(dtype=self.dtype, max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
-                            max_num_batched_tokens=self.max_num_batched_tokens, block_size=self.block_size,
-                            kv_cache_memory_bytes=self.kv_cache_memory_bytes, torch_threads=torch_threads,
-                            seed=replica)
 
 
 class DeploymentUnavailable(Exception):

@@ -13,14 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import signal
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
+from pydantic import BaseModel, ConfigDict, Field
 
-from ..runtime.deployment import DeploymentSpec
+from ..runtime.deployment_spec import DeploymentSpec
 from ..runtime.tree import Runtime, open_runtime
 from .gateway import create_app
 
@@ -31,17 +31,33 @@ class StartupFailed(RuntimeError):
     """Every deployment failed while the server started: there is nothing to serve."""
 
 
-@dataclass
-class ServerSettings:
-    deployments: list[DeploymentSpec] = field(default_factory=lambda: [DeploymentSpec(name="default")])
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_keys: list[str] = field(default_factory=list)
-    admin_keys: list[str] = field(default_factory=list)
-    request_timeout: float | None = None
-    shutdown_timeout: float = 30.0
-    handle_signals: bool = True
-    metrics_prefix: str = "atomr"  # or "vllm": /metrics carries vLLM's exact series names
+class ServerSettings(BaseModel):
+    """The server's settings; `python -m atomr_trio` builds them from its flags (cli.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    deployments: list[DeploymentSpec] = Field(
+        default_factory=lambda: [DeploymentSpec(name="default")],
+        description="the models to serve (default: one deployment of the default model)")
+    host: str = Field(default="127.0.0.1", description="address to bind")
+    port: int = Field(default=8000, ge=0, le=65535, description="port to bind; 0 picks a free one")
+    api_keys: list[str] = Field(
+        default_factory=list, description="require 'Authorization: Bearer KEY' on every route but /health and "
+                                          "/admin/* (repeatable; also $ATOMR_API_KEY, comma-separated)")
+    admin_keys: list[str] = Field(
+        default_factory=list, description="the keys that open /admin/* (repeatable; also $ATOMR_ADMIN_KEY). "
+                                          "Without one, /admin/* is closed (403) when API keys are set, and "
+                                          "answers loopback clients only when no key is set")
+    request_timeout: float | None = Field(
+        default=None, gt=0, description="seconds a request may take, queueing included; a deployment may set "
+                                        "its own")
+    shutdown_timeout: float = Field(
+        default=30.0, ge=0, description="seconds in-flight requests may finish after the first SIGTERM/SIGINT")
+    handle_signals: bool = Field(
+        default=True, description="drain on SIGINT/SIGTERM, log the actor tree on SIGUSR1 (off when the "
+                                  "host program owns the signals)")
+    metrics_prefix: Literal["atomr", "vllm"] = Field(
+        default="atomr", description="prefix of the /metrics series; vllm: vLLM's exact names and labels, so "
+                                     "its dashboards and the Kubernetes inference gateway read them")
 
 
 async def serve(settings: ServerSettings, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
