@@ -25,6 +25,7 @@ serve: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check atomr_trio tests examples benchmarks
 	$(VENV)/bin/mypy atomr_trio
+	$(VENV)/bin/lint-imports
 
 test: lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider
