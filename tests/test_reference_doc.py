@@ -6,13 +6,14 @@ import pytest
 from pydantic import Field
 
 from atomr_trio import reference_doc
-from atomr_trio.runtime.deployment import DeploymentSpec
+from atomr_trio.runtime.deployment_spec import DeploymentSpec
 
 
 def test_configuration_doc_is_current() -> None:
     assert reference_doc.main(["--check"]) == 0, "run: python -m atomr_trio.reference_doc"
     text = reference_doc.DOC.read_text()
-    for key in ("`--api-key`", "`--request-timeout`", "`serving.max_queue`", "`token_budget.tokens_per_minute`"):
+    for key in ("`--api-key`", "`--request-timeout`", "`--data-parallel-size`", "`serving.max_queue`",
+                "`token_budget.tokens_per_minute`", "`num_kv_blocks`", "`handle_signals`"):
         assert key in text
 
 
