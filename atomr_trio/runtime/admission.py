@@ -35,10 +35,6 @@ class Ticket:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the deployment has stopped: nothing to count any more
 
-    @property
-    def released(self) -> bool:
-        return self._releases is None
-
     def __enter__(self) -> Ticket:
         return self
 
