@@ -10,14 +10,15 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import conftest
 import httpx
 import trio
-from conftest import core_of
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from atomr_trio.engine.engine_core import EngineCore
-from atomr_trio.runtime.deployment import Deployment, DeploymentSpec
+from atomr_trio.runtime.deployment import DeploymentHandle
+from atomr_trio.runtime.deployment_spec import DeploymentSpec
 from atomr_trio.runtime.tree import Runtime, open_runtime
 from atomr_trio.server.gateway import create_app
 
@@ -26,7 +27,8 @@ from atomr_trio.server.gateway import create_app
 async def serving(*specs: DeploymentSpec) -> AsyncIterator[tuple[httpx.AsyncClient, Runtime]]:
     async with open_runtime(specs) as runtime:
         for spec in specs:
-            assert runtime.manager.deployments[spec.name].state == "serving"
+            dep = runtime.manager.get(spec.name)
+            assert dep is not None and dep.snapshot().state == "serving"
         hc = HypercornConfig()
         hc.bind = ["127.0.0.1:0"]
         hc.accesslog = None
@@ -48,9 +50,12 @@ def long_body(name: str = "tiny", stream: bool = False, n_prompt: int = 8) -> di
             "temperature": 0, "ignore_eos": True, "stream": stream}
 
 
-def engine_of(runtime: Runtime, name: str = "tiny") -> tuple[Deployment, EngineCore]:
-    dep = runtime.manager.deployments[name]
-    return dep, core_of(dep.replicas[0])
+def engine_of(runtime: Runtime, name: str = "tiny") -> tuple[DeploymentHandle, EngineCore]:
+    """The deployment's handle and (for the test to look inside) its first replica's EngineCore."""
+    dep = runtime.manager.get(name)
+    assert dep is not None
+    replica = dep.snapshot().replicas[0].name
+    return dep, next(c for c in conftest._ENGINES if c.name == replica and c.state == "serving")
 
 
 async def wait_until(cond: Any, timeout: float = 3.0) -> None:
@@ -64,7 +69,7 @@ async def test_a_client_that_disconnects_has_its_request_aborted(tiny_model_dir:
         dep, core = engine_of(runtime)
 
         def idle() -> bool:
-            return core.snapshot().num_requests == 0 and dep.admitted == 0
+            return core.snapshot().num_requests == 0 and dep.snapshot().admitted == 0
 
         # a stream whose client stops reading after a few events and closes the connection
         async with client.stream("POST", "/v1/completions", json=long_body(stream=True)) as r:
@@ -93,7 +98,7 @@ async def test_a_client_that_disconnects_has_its_request_aborted(tiny_model_dir:
 
 
 async def test_requests_over_the_deployment_limits_get_429_with_retry_after(tiny_model_dir: Path) -> None:
-    from atomr_trio.runtime.deployment import ServingPolicy
+    from atomr_trio.runtime.deployment_spec import ServingPolicy
 
     capped = spec(tiny_model_dir, "capped", max_num_seqs=1, serving=ServingPolicy(max_queue=0))
     queued = spec(tiny_model_dir, "queued", max_num_seqs=1,
@@ -111,7 +116,7 @@ async def test_requests_over_the_deployment_limits_get_429_with_retry_after(tiny
             assert held.status_code == 200
             check_429(await client.post("/v1/completions", json=long_body("capped")), "at capacity")
         dep, _ = engine_of(runtime, "capped")
-        await wait_until(lambda: dep.admitted == 0)  # the stream's client left: its slot is free again
+        await wait_until(lambda: dep.snapshot().admitted == 0)  # the stream's client left: its slot is free again
         short = {**long_body("capped"), "max_tokens": 2}
         assert (await client.post("/v1/completions", json=short)).status_code == 200
 

@@ -16,7 +16,7 @@ from serverproc import Server, metric
 from test_hf_dir import write_tiny_model
 
 from atomr_trio.engine.reports import EngineInfo, FinishedRequest, StepReport
-from atomr_trio.runtime.metrics import Metrics
+from atomr_trio.runtime.metrics import Metrics, MetricsSnapshot
 
 # vLLM v1's series (Prometheus names as /metrics shows them, counters with their _total).
 VLLM_SERIES = {
@@ -48,14 +48,18 @@ def _step(engine: str, **kw: object) -> StepReport:
 
 
 async def _fed(prefix: str) -> str:
-    m = Metrics(prefix=prefix)
+    actor = Metrics(prefix=prefix)
+    m = actor.handle  # what engines and the gateway hold
     async with trio.open_nursery() as nursery:
-        await nursery.start(m.run)
+        await nursery.start(actor.run)
         m.report(EngineInfo("m", "m/engine-1", 16, 64, True))
         done = FinishedRequest("length", 10, 12, 2.0, 0.1, 0.5, 0.4, 1.5, n=2, max_tokens=6, max_generation_tokens=6)
         m.report(_step("m/engine-1", finished=[done]))
+        m.count_request("dep", "success")
         await trio.testing.wait_all_tasks_blocked()
+        assert m.snapshot() == MetricsSnapshot("running", 0)
         nursery.cancel_scope.cancel()
+    assert m.snapshot().state == "stopped"
     return m.render().decode()
 
 
@@ -85,6 +89,8 @@ async def test_default_prefix_keeps_atomr_names() -> None:
     assert {n.replace("atomr:", "vllm:") for n in names} >= VLLM_SERIES - {
         "vllm:gpu_cache_usage_perc", "vllm:time_per_output_token_seconds"}
     assert metric(text, "atomr:num_requests_waiting", model_name="m", engine="m/engine-1") == 2
+    # the gateway's count arrives as a message, and the actor bumps the counter
+    assert metric(text, "atomr:deployment_requests_total", deployment="dep", outcome="success") == 1
     with pytest.raises(ValueError, match="prefix"):
         Metrics(prefix="sglang")
 

@@ -1,8 +1,12 @@
 """Metrics: the actor that turns engine step reports into Prometheus series and a periodic log.
 
 Invariants:
-- Engines report with `report()`, which never blocks: a full inbox drops the report and counts
-  the drop (`atomr:metrics_dropped_reports`), so metrics can never slow the step loop.
+- Others hold a `MetricsHandle`. Engines report with `report()` and the gateway counts a request's
+  outcome with `count_request()`: both are messages that never block (a full inbox drops the
+  message and counts the drop, `atomr:metrics_dropped_reports` — the one series a caller bumps,
+  since the actor never hears of what did not reach it), so metrics can never slow a step loop
+  or a request. Every other series is written by the actor's own task.
+- The actor publishes a `MetricsSnapshot` (state, inbox depth) on its Board.
 - Every timestamp in a report was taken in the engine with a monotonic clock.
 - Series carry vLLM's names under a prefix: `atomr:` (the default) or `vllm:`. With `vllm` every
   series vLLM also has is exactly vLLM's (name, type, labels `model_name` and `engine` with the
@@ -14,10 +18,12 @@ Invariants:
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, replace
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from ..engine.messages import Board
 from ..engine.reports import EngineInfo, StepReport
 
 log = logging.getLogger("atomr_trio.runtime.metrics")
@@ -28,6 +34,52 @@ _TOKENS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
 
 
 PREFIXES = ("atomr", "vllm")
+
+
+@dataclass(frozen=True)
+class RequestOutcome:
+    """How one request routed to a deployment ended (`atomr:deployment_requests{outcome}`)."""
+
+    deployment: str
+    outcome: str
+
+
+@dataclass(frozen=True)
+class MetricsSnapshot:
+    state: str  # "created" | "running" | "stopped"
+    inbox_depth: int
+
+
+class MetricsHandle:
+    """What others hold of the Metrics actor: non-blocking messages, the rendered series and
+    its snapshot."""
+
+    def __init__(self, send: trio.MemorySendChannel[StepReport | EngineInfo | RequestOutcome],
+                 board: Board[MetricsSnapshot], registry: CollectorRegistry, dropped: Counter) -> None:
+        self._send, self._board, self._registry, self._dropped = send, board, registry, dropped
+
+    def report(self, rep: StepReport | EngineInfo) -> None:
+        """Hand a step's report over without ever blocking the caller."""
+        self._tell(rep)
+
+    def count_request(self, deployment: str, outcome: str) -> None:
+        self._tell(RequestOutcome(deployment, outcome))
+
+    def _tell(self, msg: StepReport | EngineInfo | RequestOutcome) -> None:
+        try:
+            self._send.send_nowait(msg)
+        except trio.WouldBlock:
+            self._dropped.inc()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the runtime is stopping
+
+    def render(self) -> bytes:
+        """The Prometheus text of every series (prometheus_client reads its registry safely
+        while the actor writes it)."""
+        return generate_latest(self._registry)
+
+    def snapshot(self) -> MetricsSnapshot:
+        return replace(self._board.read(), inbox_depth=self._send.statistics().current_buffer_used)
 
 
 class Metrics:
@@ -86,34 +138,29 @@ class Metrics:
                                            ["deployment", "outcome"], registry=r)
         self.dropped = Counter("atomr:metrics_dropped_reports", "Step reports dropped (inbox full)",
                                registry=r)
-        self._send, self._inbox = trio.open_memory_channel[StepReport | EngineInfo](4096)
+        self._send, self._inbox = trio.open_memory_channel[StepReport | EngineInfo | RequestOutcome](4096)
+        self._board = Board(MetricsSnapshot("created", 0))
+        self.handle = MetricsHandle(self._send, self._board, r, self.dropped)
         self._interval = log_interval_s
         self._window = {"prompt": 0, "gen": 0, "queries": 0, "hits": 0}
         self._latest: dict[tuple[str, str], StepReport] = {}
 
-    def report(self, rep: StepReport | EngineInfo) -> None:
-        """Hand a step's report over without ever blocking the caller."""
+    async def run(self, *, task_status: trio.TaskStatus[MetricsHandle] = trio.TASK_STATUS_IGNORED) -> None:
+        self._board.publish(MetricsSnapshot("running", 0))
         try:
-            self._send.send_nowait(rep)
-        except trio.WouldBlock:
-            self.dropped.inc()
-
-    def count_request(self, deployment: str, outcome: str) -> None:
-        self.deployment_requests.labels(deployment, outcome).inc()
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._log_loop)
-            async for rep in self._inbox:
-                if isinstance(rep, EngineInfo):
-                    self.cache_info.labels(rep.model, self._engine(rep.engine), str(rep.block_size),
-                                           str(rep.num_blocks), str(rep.prefix_caching)).set(1)
-                else:
-                    self._apply(rep)
+            async with self._inbox, trio.open_nursery() as nursery:
+                nursery.start_soon(self._log_loop)
+                task_status.started(self.handle)
+                async for msg in self._inbox:
+                    if isinstance(msg, RequestOutcome):
+                        self.deployment_requests.labels(msg.deployment, msg.outcome).inc()
+                    elif isinstance(msg, EngineInfo):
+                        self.cache_info.labels(msg.model, self._engine(msg.engine), str(msg.block_size),
+                                               str(msg.num_blocks), str(msg.prefix_caching)).set(1)
+                    else:
+                        self._apply(msg)
+        finally:
+            self._board.publish(MetricsSnapshot("stopped", 0))
 
     def _engine(self, name: str) -> str:
         """The `engine` label: our engine's name, or under vllm: its replica index, as vLLM labels

@@ -31,7 +31,10 @@ from werkzeug.exceptions import HTTPException
 
 from ..async_llm import AsyncLLM
 from ..outputs import CompletionOutput, Logprob, RequestError, RequestOutput
-from ..runtime.deployment import Deployment, DeploymentSpec, DeploymentUnavailable, Ticket
+from ..runtime.admission import Job, Ticket
+from ..runtime.deployment import DeploymentHandle, DeploymentUnavailable
+from ..runtime.deployment_spec import DeploymentSpec
+from ..runtime.deployment_state import DeploymentSnapshot
 from ..runtime.tree import Runtime
 from ..sampling_params import MAX_LISTED, SamplingParams
 from ..text.chat_template import ChatTemplateError
@@ -56,11 +59,11 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
     admin = [k.encode() for k in (admin_keys or [])]
     manager, metrics = runtime.manager, runtime.metrics
 
-    def deadline_for(dep: Deployment) -> float:
+    def deadline_for(dep: DeploymentHandle) -> float:
         timeout = dep.spec.request_timeout or request_timeout
         return trio.current_time() + timeout if timeout else math.inf
 
-    def deployment(name: str) -> Deployment:
+    def deployment(name: str) -> DeploymentHandle:
         dep = manager.get(name)
         if dep is None:
             raise APIError(404, f"The model `{name}` does not exist.", "NotFoundError", param="model",
@@ -78,7 +81,7 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
         if refused is not None:
             await _consume_body()
             raise refused
-        if runtime.draining:
+        if runtime.is_draining:
             await _consume_body()
             raise APIError(503, "the server is shutting down", "service_unavailable")
         return None
@@ -139,7 +142,7 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
     @app.get("/health")
     @app.get("/healthz")
     async def health() -> Any:
-        states = {d.name: d.state for d in manager.deployments.values()}
+        states = {d.name: d.state for d in manager.snapshot().deployments}
         ok = bool(states) and all(s == "serving" for s in states.values())
         return {"status": "ok" if ok else "unavailable", "deployments": states}, 200 if ok else 503
 
@@ -149,12 +152,12 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
 
     @app.get("/v1/models")
     async def models() -> Any:
-        return {"object": "list", "data": [_model_card(d) for d in manager.deployments.values()
+        return {"object": "list", "data": [_model_card(d) for d in manager.snapshot().deployments
                                            if d.state == "serving"]}
 
     @app.get("/v1/models/<path:model_id>")
     async def model(model_id: str) -> Any:
-        dep = deployment(model_id)
+        dep = deployment(model_id).snapshot()
         if dep.state != "serving":
             raise APIError(404, f"The model `{model_id}` does not exist.", "NotFoundError", param="model",
                            code="model_not_found")
@@ -183,7 +186,7 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
 
     @app.get("/admin/deployments/<path:name>")
     async def get_deployment(name: str) -> Any:
-        return deployment(name).describe()
+        return deployment(name).snapshot().describe()
 
     @app.delete("/admin/deployments/<path:name>")
     async def delete_deployment(name: str) -> Any:
@@ -194,13 +197,12 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
 
     async def any_engine(data: dict[str, Any]) -> AsyncLLM:
         name = data.get("model")
-        if name is None and len(manager.deployments) == 1:
-            name = next(iter(manager.deployments))
+        names = [d.name for d in manager.snapshot().deployments]
+        if name is None and len(names) == 1:
+            name = names[0]
         if not isinstance(name, str):
             raise APIError(400, "give 'model'", param="model")
-        engine, ticket = await deployment(name).route()
-        ticket.release()  # tokenizing takes no engine capacity
-        return engine
+        return deployment(name).prompts()  # tokenizing takes no engine capacity
 
     @app.post("/tokenize")
     async def tokenize() -> Any:
@@ -234,11 +236,12 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
         and release the admission ticket unless a stream took it over."""
         dep = deployment(body.model)
         deadline = deadline_for(dep)
-        engine, ticket = await dep.route()
+        engine = dep.prompts()  # the handler tokenizes with it, then admits (`_admit`)
         outcome = _Outcome(runtime, dep.name)
-        with _released_unless_streamed(ticket) as keep:
+        tickets: list[Ticket] = []
+        with _released_unless_streamed(tickets) as keep:
             try:
-                return await handler(body, dep, engine, deadline, ticket, keep, outcome)
+                return await handler(body, dep, engine, deadline, tickets, keep, outcome)
             except BaseException as e:
                 if isinstance(e, trio.Cancelled) or (
                         isinstance(e, BaseExceptionGroup) and e.subgroup(trio.Cancelled) is not None):
@@ -249,8 +252,8 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
     async def chat_completions() -> Any:
         return await admitted(await body_of(ChatCompletionRequest), chat)
 
-    async def chat(body: ChatCompletionRequest, dep: Deployment, engine: AsyncLLM, deadline: float,
-                   ticket: Ticket, keep: list[bool], outcome: _Outcome) -> Any:
+    async def chat(body: ChatCompletionRequest, dep: DeploymentHandle, engine: AsyncLLM, deadline: float,
+                   tickets: list[Ticket], keep: list[bool], outcome: _Outcome) -> Any:
         rid = f"chatcmpl-{_request_id(body)}"
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         try:
@@ -267,7 +270,7 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
         asked = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = body.sampling_params(budget(engine, len(ids), asked), logprobs, body.prompt_logprobs)
-        dep.admit([(len(ids), params.n, params.max_tokens)])
+        engine, ticket = await _admit(dep, engine, tickets, [(len(ids), params.n, params.max_tokens)])
         if body.stream:
             keep.append(True)
             return _sse(_chat_stream(engine, body, rid, ids, params, dep.name, deadline, outcome, role, echo),
@@ -288,8 +291,8 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
     async def completions() -> Any:
         return await admitted(await body_of(CompletionRequest), complete)
 
-    async def complete(body: CompletionRequest, dep: Deployment, engine: AsyncLLM, deadline: float,
-                       ticket: Ticket, keep: list[bool], outcome: _Outcome) -> Any:
+    async def complete(body: CompletionRequest, dep: DeploymentHandle, engine: AsyncLLM, deadline: float,
+                       tickets: list[Ticket], keep: list[bool], outcome: _Outcome) -> Any:
         rid = f"cmpl-{_request_id(body)}"
         prompts = body.prompt
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
@@ -307,7 +310,8 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, admin_keys: 
             jobs.append((text, _truncated(engine, ids, body.truncate_prompt_tokens)))
         params_list = [body.sampling_params(budget(engine, len(ids), body.max_tokens), body.logprobs,
                                             body.prompt_logprobs_k) for _, ids in jobs]
-        dep.admit([(len(ids), p.n, p.max_tokens) for (_, ids), p in zip(jobs, params_list, strict=True)])
+        engine, ticket = await _admit(dep, engine, tickets, [(len(ids), p.n, p.max_tokens)
+                                                             for (_, ids), p in zip(jobs, params_list, strict=True)])
         if body.stream:
             keep.append(True)
             return _sse(_completion_stream(engine, body, rid, jobs, params_list, dep.name, deadline, outcome),
@@ -412,7 +416,7 @@ class _Outcome:
     def ended(self, finals: list[RequestOutput]) -> None:
         """A request that ran to its end: a success, unless the shutdown aborted it."""
         aborted = any(o.finish_reason == "abort" for out in finals for o in out.outputs)
-        self("shutdown" if aborted and self._runtime.draining else "success")
+        self("shutdown" if aborted and self._runtime.is_draining else "success")
 
 
 def _timeout_error() -> APIError:
@@ -435,7 +439,7 @@ async def _run(runtime: Runtime, engine: AsyncLLM, ids: list[int], params: Sampl
     if out is None:
         count("timeout")
         raise _timeout_error()
-    if runtime.draining and any(o.finish_reason == "abort" for o in out.outputs):
+    if runtime.is_draining and any(o.finish_reason == "abort" for o in out.outputs):
         count("shutdown")
         raise APIError(503, "the server shut down before the request finished", "service_unavailable")
     return out
@@ -464,8 +468,17 @@ async def _consume_body() -> None:
     await request.get_data()
 
 
+async def _admit(dep: DeploymentHandle, prompts: AsyncLLM, tickets: list[Ticket],
+                 jobs: list[Job]) -> tuple[AsyncLLM, Ticket]:
+    """Admit a tokenized request in one message: the replica to run it on, and its ticket (kept
+    in `tickets` for `_released_unless_streamed`)."""
+    admission = await dep.admit(jobs)
+    tickets.append(admission.ticket)
+    return AsyncLLM(admission.engine, prompts.source), admission.ticket
+
+
 @contextmanager
-def _released_unless_streamed(ticket: Ticket) -> Iterator[list[bool]]:
+def _released_unless_streamed(tickets: list[Ticket]) -> Iterator[list[bool]]:
     """Release the admission ticket when the handler returns, unless it handed the request to
     a stream (which then owns the ticket)."""
     keep: list[bool] = []
@@ -473,7 +486,8 @@ def _released_unless_streamed(ticket: Ticket) -> Iterator[list[bool]]:
         yield keep
     finally:
         if not keep:
-            ticket.release()
+            for ticket in tickets:
+                ticket.release()
 
 
 def _sse(events: AsyncIterator[str], ticket: Ticket, outcome: _Outcome) -> Response:
@@ -620,8 +634,8 @@ def _usage(outs: list[RequestOutput], completion: int | None = None) -> dict[str
             "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outs)}}
 
 
-def _model_card(dep: Deployment) -> dict[str, Any]:
-    max_len = dep.replicas[0].config.max_model_len if dep.replicas else None
+def _model_card(dep: DeploymentSnapshot) -> dict[str, Any]:
+    max_len = dep.max_model_len
     return {"id": dep.name, "object": "model", "created": 0, "owned_by": "atomr_trio", "max_model_len": max_len}
 
 

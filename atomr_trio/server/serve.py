@@ -2,7 +2,8 @@
 one nursery we own.
 
 Invariant: the first SIGINT/SIGTERM stops accepting and lets in-flight requests finish (up to
-`shutdown_timeout`); a second signal cancels everything at once. SIGUSR1 logs the actor tree.
+`shutdown_timeout`, waiting on the deployments' idle events); a second signal cancels everything
+at once. SIGUSR1 logs the actor tree.
 Leaving the nursery stops every engine. A server whose every deployment failed at start raises
 `StartupFailed` instead of listening (the CLI exits non-zero with the causes); deployments that
 fail later, or are added later, leave the server up for the others.
@@ -25,6 +26,8 @@ from ..runtime.tree import Runtime, open_runtime
 from .gateway import create_app
 
 log = logging.getLogger("atomr_trio")
+ABORT_GRACE_S = 2.0  # after the shutdown timeout's abort: for the aborted requests' handlers to end
+WRITE_GRACE_S = 1.0  # after idle: for Hypercorn to write the last responses and return
 
 
 class StartupFailed(RuntimeError):
@@ -63,7 +66,7 @@ class ServerSettings(BaseModel):
 async def serve(settings: ServerSettings, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until a signal (or cancellation). Reports the bound URLs through task_status."""
     async with open_runtime(settings.deployments, settings.metrics_prefix) as runtime:
-        deps = list(runtime.manager.deployments.values())
+        deps = runtime.manager.snapshot().deployments
         if deps and all(d.state == "failed" for d in deps):
             # nothing to serve: say why and exit, rather than listen and answer 503 to everything
             raise StartupFailed("; ".join(f"deployment '{d.name}' failed to start: {d.reason}" for d in deps))
@@ -74,41 +77,43 @@ async def serve(settings: ServerSettings, *, task_status: Any = trio.TASK_STATUS
         # Our drain ends the streams itself (final chunk + [DONE]) and then stops Hypercorn, so
         # Hypercorn's own cut-off must come later.
         hc.graceful_timeout = settings.shutdown_timeout + 5
-        stop = trio.Event()
+        stop, http_done = trio.Event(), trio.Event()
         async with trio.open_nursery() as nursery:
 
             async def http(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
                 # Returns after the shutdown trigger, once in-flight responses are done (or
                 # graceful_timeout passed); then the signal watcher is no longer needed.
                 await hypercorn_serve(app, hc, shutdown_trigger=stop.wait, task_status=task_status)
+                http_done.set()
                 nursery.cancel_scope.cancel()
-
-            def in_flight() -> int:
-                return sum(d.in_flight() for d in runtime.manager.deployments.values())
 
             async def drain() -> None:
                 # In-flight requests may finish until the timeout; then the engines end the rest
-                # ("abort": streams get a final chunk and [DONE], others a 503). Hypercorn would
-                # also wait for idle keep-alive connections, so we stop it once nothing is left.
+                # ("abort": streams get a final chunk and [DONE], others a 503). Idle: every
+                # ticket is back, so every handler and stream has ended; Hypercorn (shut down by
+                # `stop`) then writes their last bytes, closes the idle keep-alive connections
+                # and returns, which ends the nursery. One that still has not after
+                # WRITE_GRACE_S (a connection we did not admit: an admin call, a slow reader) is
+                # cut off with the rest.
                 await stop.wait()
-                runtime.draining = True
-                with trio.move_on_after(settings.shutdown_timeout):
-                    while in_flight():
-                        await trio.sleep(0.05)
-                if in_flight():
-                    log.info("shutdown timeout: aborting %d request(s)", in_flight())
+                runtime.begin_drain()
+                with trio.move_on_after(settings.shutdown_timeout) as waited:
+                    await runtime.wait_idle()
+                if waited.cancelled_caught:
+                    held = sum(d.admitted for d in runtime.manager.snapshot().deployments)
+                    log.info("shutdown timeout: aborting %d request(s)", held)
                     await runtime.abort_all()
-                    with trio.move_on_after(2):
-                        while in_flight():
-                            await trio.sleep(0.02)
-                await trio.sleep(0.3)  # let the handlers write their last events
+                    with trio.move_on_after(ABORT_GRACE_S):
+                        await runtime.wait_idle()
+                with trio.move_on_after(WRITE_GRACE_S):
+                    await http_done.wait()
                 nursery.cancel_scope.cancel()
 
             if settings.handle_signals:
                 nursery.start_soon(_watch_signals, stop, nursery.cancel_scope, runtime)
             nursery.start_soon(drain)
             binds = await nursery.start(http)
-            serving = ", ".join(f"{d.name} ({d.state})" for d in runtime.manager.deployments.values())
+            serving = ", ".join(f"{d.name} ({d.state})" for d in runtime.manager.snapshot().deployments)
             log.info("atomr_trio listening on %s, models: %s", ", ".join(binds), serving)
             task_status.started(binds)
         log.info("atomr_trio stopped")
