@@ -15,7 +15,8 @@ import trio
 import trio.testing
 
 from atomr_trio.runtime.admission import Admission
-from atomr_trio.runtime.deployment import DeploymentSpec, DeploymentUnavailable, ServingPolicy
+from atomr_trio.runtime.deployment import DeploymentUnavailable
+from atomr_trio.runtime.deployment_spec import DeploymentSpec, ServingPolicy
 from atomr_trio.runtime.deployment_state import IllegalTransition, next_state
 from atomr_trio.runtime.dp_coordinator import DpCoordinator
 from atomr_trio.runtime.mailbox import ActorGone, ask, refuse_pending

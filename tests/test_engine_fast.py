@@ -21,7 +21,7 @@ from atomr_trio.engine.messages import AddRequest, SeqDelta
 from atomr_trio.engine.outbox import Outbox
 from atomr_trio.engine.sequence import SeqStatus
 from atomr_trio.model_source import ModelSource
-from atomr_trio.runtime.deployment import DeploymentSpec
+from atomr_trio.runtime.deployment_spec import DeploymentSpec
 
 
 @asynccontextmanager
