@@ -145,7 +145,7 @@ async def test_abort_mid_generation_frees_every_block_at_once(tiny_source: Model
         core, bm = core_of(engine), core_of(engine).block_manager
         other_alone = tokens(await engine.generate_one(prompt(1), short))
         outbox: Outbox[SeqDelta] = Outbox()
-        await core.add(AddRequest("victim", prompt(0, 40)["prompt_token_ids"], params, outbox))
+        await core.handle.add(AddRequest("victim", prompt(0, 40)["prompt_token_ids"], params, outbox))
         other: list[int] = []
 
         async def run_other() -> None:
@@ -158,7 +158,7 @@ async def test_abort_mid_generation_frees_every_block_at_once(tiny_source: Model
                 generated += sum(len(d.new_token_ids) for d in await outbox.get())
             (victim,) = [s for s in core.scheduler.running if s.request_id == "victim"]
             assert len(victim.block_table) >= 3
-            await core.abort("victim")
+            await core.handle.abort("victim")
             final: list[SeqDelta] = []
             while not final:
                 final = [d for d in await outbox.get() if d.finish_reason is not None]
