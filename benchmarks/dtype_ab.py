@@ -22,9 +22,9 @@ import time
 import torch
 
 from atomr_trio.engine.engine_config import EngineConfig
+from atomr_trio.executor.context import Context
 from atomr_trio.executor.model_runner import BatchItem, StepBatch
 from atomr_trio.executor.sampler import SampleRow
-from atomr_trio.executor.worker import Context
 from atomr_trio.model_source import ModelSource
 from atomr_trio.sampling_params import SamplingParams
 

@@ -14,10 +14,11 @@ import torch
 
 from atomr_trio import LLM
 from atomr_trio.engine import engine_core
+from atomr_trio.executor.worker import Worker
 from atomr_trio.model import cpu_kernels
 from atomr_trio.model_source import ModelSource
 
-# Every EngineCore built during the run, so the leak check below can see it.
+# Every EngineCore (and Worker) built during the run, so the leak check below can see it.
 _ENGINES: weakref.WeakSet[engine_core.EngineCore] = weakref.WeakSet()
 _orig_init = engine_core.EngineCore.__init__
 
@@ -29,6 +30,17 @@ def _tracking_init(self: engine_core.EngineCore, *args: Any, **kwargs: Any) -> N
 
 engine_core.EngineCore.__init__ = _tracking_init  # type: ignore[method-assign]
 
+_WORKERS: weakref.WeakSet[Worker] = weakref.WeakSet()
+_orig_worker_init = Worker.__init__
+
+
+def _tracking_worker_init(self: Worker, *args: Any, **kwargs: Any) -> None:
+    _orig_worker_init(self, *args, **kwargs)
+    _WORKERS.add(self)
+
+
+Worker.__init__ = _tracking_worker_init  # type: ignore[method-assign]
+
 
 def core_of(engine: Any) -> engine_core.EngineCore:
     """The EngineCore behind an AsyncLLM, an LLM or an EngineHandle, for tests that look inside
@@ -39,6 +51,16 @@ def core_of(engine: Any) -> engine_core.EngineCore:
         if core.handle is handle:
             return core
     raise LookupError(f"no live EngineCore behind {engine!r}")
+
+
+def worker_of(engine: Any) -> Worker:
+    """The Worker behind an engine (anything `core_of` takes), for tests that look at its
+    Context (the EngineCore itself only holds the Worker's handle)."""
+    handle = core_of(engine).worker
+    for worker in list(_WORKERS):
+        if worker.handle is handle:
+            return worker
+    raise LookupError(f"no live Worker behind {engine!r}")
 
 
 @pytest.fixture(autouse=True)

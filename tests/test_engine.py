@@ -202,7 +202,7 @@ async def test_an_exception_caused_by_one_request_ends_only_that_request(monkeyp
             await engine.generate_one(prompts[0], poison)
         stats = engine.stats()
         assert stats["request_failures"] == 2 and stats["context_restarts"] == 0
-        assert core_of(engine).worker.num_context_builds == 1
+        assert core_of(engine).snapshot().worker.context_builds == 1
         assert (await engine.generate_one(prompts[1], params)).outputs[0].token_ids == alone[1]
 
 

@@ -1,11 +1,14 @@
 """The engine and its request owner (`AsyncLLM.generate`) on a tiny random model, fast enough for
 `make test-fast`: the engine's own random generator, one EOS set, requests that leave the engine
-(and its counters) exactly once, aborts that free every block at once, and owners that abort
-what their consumer walked away from."""
+(and its counters) exactly once, aborts that free every block at once, owners that abort
+what their consumer walked away from, and the engine's Worker: a device thread only while the
+engine runs, a rebuilt Context that requests never notice (and the views do), a restart budget
+past which the engine fails, and no polling when nothing can be scheduled."""
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
@@ -16,11 +19,17 @@ import trio
 from conftest import core_of
 
 from atomr_trio import SamplingParams
-from atomr_trio.async_llm import AsyncLLM, open_engine
+from atomr_trio.async_llm import AsyncLLM, engine_config, open_engine
+from atomr_trio.engine.engine_core import EngineCore, EngineFailed, EngineHandle
 from atomr_trio.engine.messages import AddRequest, SeqDelta
 from atomr_trio.engine.outbox import Outbox
+from atomr_trio.engine.scheduler import SchedulerOutput
 from atomr_trio.engine.sequence import SeqStatus
+from atomr_trio.executor import worker as worker_module
+from atomr_trio.executor.context import Context
+from atomr_trio.executor.worker import Faults
 from atomr_trio.model_source import ModelSource
+from atomr_trio.outputs import RequestError
 from atomr_trio.runtime.deployment_spec import DeploymentSpec
 
 
@@ -145,7 +154,7 @@ async def test_abort_mid_generation_frees_every_block_at_once(tiny_source: Model
         core, bm = core_of(engine), core_of(engine).block_manager
         other_alone = tokens(await engine.generate_one(prompt(1), short))
         outbox: Outbox[SeqDelta] = Outbox()
-        await core.add(AddRequest("victim", prompt(0, 40)["prompt_token_ids"], params, outbox))
+        await core.handle.add(AddRequest("victim", prompt(0, 40)["prompt_token_ids"], params, outbox))
         other: list[int] = []
 
         async def run_other() -> None:
@@ -158,7 +167,7 @@ async def test_abort_mid_generation_frees_every_block_at_once(tiny_source: Model
                 generated += sum(len(d.new_token_ids) for d in await outbox.get())
             (victim,) = [s for s in core.scheduler.running if s.request_id == "victim"]
             assert len(victim.block_table) >= 3
-            await core.abort("victim")
+            await core.handle.abort("victim")
             final: list[SeqDelta] = []
             while not final:
                 final = [d for d in await outbox.get() if d.finish_reason is not None]
@@ -226,3 +235,115 @@ async def test_a_small_token_budget_splits_prompts_without_changing_tokens_or_lo
             assert lw.keys() == lc.keys()
             for tok in lw:
                 assert lc[tok].logprob == pytest.approx(lw[tok].logprob, abs=1e-4)
+
+
+# ---- the engine's Worker: threads, rebuilds, failure, no polling ---------------------------------
+@asynccontextmanager
+async def core_on(source: ModelSource, name: str, faults: Faults | None = None,
+                  **settings: Any) -> AsyncIterator[tuple[EngineCore, AsyncLLM]]:
+    """An EngineCore run directly (open_engine takes no fault hook); an EngineFailed that ends
+    it is kept in `failed` instead of raised."""
+    settings = {"dtype": "float32", "num_kv_blocks": 64, "max_model_len": 256, "torch_threads": 1, **settings}
+    core = EngineCore(source, engine_config(None, **settings).resolve(source.config), name, faults=faults)
+
+    async def run(task_status: trio.TaskStatus[EngineHandle] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await core.run(task_status=task_status)
+        except EngineFailed as e:
+            failed.append(e)
+
+    failed: list[EngineFailed] = []
+    async with trio.open_nursery() as nursery:
+        handle = await nursery.start(run)
+        yield core, AsyncLLM(handle, source)
+        nursery.cancel_scope.cancel()
+
+
+def device_threads(name: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == f"{name}-device"]
+
+
+async def test_an_engine_holds_a_device_thread_only_while_it_runs(tiny_source: ModelSource) -> None:
+    cfg = engine_config(None, dtype="float32", num_kv_blocks=64, max_model_len=256).resolve(tiny_source.config)
+    before = threading.active_count()
+    idle = EngineCore(tiny_source, cfg, "never-run")
+    assert threading.active_count() == before and device_threads("never-run") == []
+    assert (idle.snapshot().state, idle.snapshot().worker.state) == ("created", "starting")
+    async with core_on(tiny_source, "runs") as (core, engine):
+        assert len(device_threads("runs")) == 1
+        await engine.generate_one(prompt(), SamplingParams(temperature=0, max_tokens=3))
+    assert device_threads("runs") == [], "the device thread outlived its engine"
+    assert (core.handle.snapshot().state, core.handle.snapshot().worker.state) == ("stopped", "stopped")
+
+
+async def test_a_context_rebuild_is_invisible_to_requests_and_shows_in_the_snapshot(
+        tiny_source: ModelSource, monkeypatch: pytest.MonkeyPatch) -> None:
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    async with engine_on(tiny_source) as engine:
+        want = tokens(await engine.generate_one(prompt(), params))
+    release = threading.Event()
+
+    class SlowRebuild(Context):  # the second build waits, so the rebuild can be watched
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            builds.append(1)
+            if len(builds) > 1:
+                release.wait(10)
+            super().__init__(*args, **kwargs)
+
+    builds: list[int] = []
+    monkeypatch.setattr(worker_module, "Context", SlowRebuild)
+    async with core_on(tiny_source, "flaky", Faults(at_step=5)) as (core, engine):
+        got: list[int] = []
+
+        async def run() -> None:
+            got.extend(tokens(await engine.generate_one(prompt(), params)))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            await wait_until(lambda: core.handle.snapshot().state == "restarting")
+            # the views see the Worker's own state while the engine waits on it
+            worker = core.handle.snapshot().worker
+            assert (worker.state, worker.context_builds) == ("rebuilding", 1)
+            release.set()
+        snap = core.handle.snapshot()
+        assert got == want  # recomputed from its tokens: the request saw nothing
+        assert (snap.state, snap.context_restarts, snap.request_failures) == ("serving", 1, 0)
+        assert (snap.worker.state, snap.worker.context_builds, snap.worker.inbox_depth) == ("ready", 2, 0)
+
+
+async def test_past_the_restart_budget_the_engine_fails_and_ends_its_requests(tiny_source: ModelSource) -> None:
+    async with core_on(tiny_source, "broken", Faults(at_step=1, times=100)) as (core, engine):
+        with pytest.raises(RequestError, match="device context failed repeatedly"):
+            await engine.generate_one(prompt(), SamplingParams(temperature=0, max_tokens=4))
+        await wait_until(lambda: core.handle.snapshot().state == "failed")
+        snap = core.handle.snapshot()
+        assert snap.failure is not None and "InjectedFault" in snap.failure
+        assert snap.context_restarts == 3  # 3 rebuilds in 60 s, then no more
+        assert (snap.worker.state, snap.worker.context_builds) == ("stopped", 4)
+        assert snap.num_requests == 0 and device_threads("broken") == []
+
+
+async def test_with_nothing_schedulable_the_engine_waits_for_a_message_instead_of_spinning(
+        tiny_source: ModelSource, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with engine_on(tiny_source) as engine:
+        core = core_of(engine)
+        original, calls, stuck = core.scheduler.schedule, [0], [True]
+
+        def schedule() -> SchedulerOutput:
+            calls[0] += 1
+            return SchedulerOutput() if stuck[0] else original()
+
+        monkeypatch.setattr(core.scheduler, "schedule", schedule)
+        got: list[int] = []
+
+        async def run() -> None:
+            got.extend(tokens(await engine.generate_one(prompt(), SamplingParams(temperature=0, max_tokens=3))))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            await wait_until(lambda: calls[0] > 0)
+            await trio.sleep(0.2)
+            assert calls[0] == 1, "the engine polled the scheduler with no message in between"
+            stuck[0] = False
+            await engine.engine.abort("no-such-request")  # any message makes it look again
+        assert len(got) == 3

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from atomr_trio.async_llm import engine_config
+from atomr_trio.executor.context import Context
 from atomr_trio.executor.model_runner import BatchItem, StepBatch
 from atomr_trio.executor.sampler import Sampler, SampleRow
-from atomr_trio.executor.worker import Context
 from atomr_trio.model import native
 from atomr_trio.model_source import ModelSource
 from atomr_trio.sampling_params import SamplingParams

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import core_of
+from conftest import core_of, worker_of
 
 from atomr_trio import LLM, SamplingParams, open_engine
 from atomr_trio.executor import model_runner
@@ -87,7 +87,7 @@ def same(a: RequestOutput, b: RequestOutput, tol: float = 0.0) -> None:
 
 def count_rows(llm: LLM) -> list[int]:
     """Wrap the runner so that the number of prompt-logprob rows each step computed is recorded."""
-    runner = core_of(llm).worker.context.runner  # type: ignore[union-attr]
+    runner = worker_of(llm).context.runner  # type: ignore[union-attr]
     rows: list[int] = []
     inner = runner._prompt_logprobs
 

@@ -1,17 +1,22 @@
 """DeviceThread: one long-lived OS thread per device that runs torch work for Trio tasks.
 
 Invariants:
+- The OS thread exists exactly while `open_device_thread`'s block runs: it is started on entry
+  and joined on exit (off the Trio thread, shielded), so building the objects that will use it
+  starts nothing, and leaving the block leaves no thread behind.
 - Jobs run one at a time, in order, on the same OS thread, so torch's per-thread settings
   (`torch.set_num_threads`) hold for every job.
-- A Trio task awaiting a job is never abandoned mid-job: cancellation takes effect once the job
-  returns, so device state is never touched by two jobs at once.
+- A task that is already cancelled submits no job. A Trio task awaiting a job is never abandoned
+  mid-job: cancellation takes effect once the job returns, so device state is never touched by
+  two jobs at once, and the thread is idle whenever its owner can leave the block.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import outcome
@@ -19,15 +24,22 @@ import trio
 
 T = TypeVar("T")
 
+_Job = tuple[Callable[[], Any], Callable[[outcome.Outcome[Any]], None]]
+
+
+class DeviceThreadClosed(RuntimeError):
+    """A job was submitted after the device thread's block was left."""
+
 
 class DeviceThread:
+    """Made by `open_device_thread` only; `run` is all its users call."""
+
     def __init__(self, name: str, num_threads: int | None) -> None:
         self.name = name
         self.num_threads = num_threads
-        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Callable[[outcome.Outcome], None]] | None]
-        self._jobs = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
-        self._thread.start()
+        self._closed = False
 
     def _main(self) -> None:
         import torch
@@ -43,10 +55,13 @@ class DeviceThread:
 
     async def run(self, fn: Callable[[], T]) -> T:
         """Run fn() on the device thread and return its result (or raise its exception)."""
+        await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller submits nothing
+        if self._closed:
+            raise DeviceThreadClosed(f"{self.name} is closed")
         token = trio.lowlevel.current_trio_token()
         task = trio.lowlevel.current_task()
 
-        def deliver(result: outcome.Outcome) -> None:
+        def deliver(result: outcome.Outcome[Any]) -> None:
             try:
                 token.run_sync_soon(trio.lowlevel.reschedule, task, result)
             except trio.RunFinishedError:  # the Trio run is gone; nobody waits any more
@@ -60,9 +75,25 @@ class DeviceThread:
         result: T = await trio.lowlevel.wait_task_rescheduled(abort)
         return result
 
-    def stop(self) -> None:
-        """Ask the thread to exit after the jobs already queued; does not wait."""
-        self._jobs.put(None)
+    def _start(self) -> None:
+        self._thread.start()
 
-    def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
+    async def _close(self) -> None:
+        """Let the thread finish the jobs already queued, then join it without blocking the Trio
+        thread; shielded, so a cancelled owner still leaves no thread behind."""
+        self._closed = True
+        self._jobs.put(None)
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._thread.join)
+
+
+@asynccontextmanager
+async def open_device_thread(name: str, num_threads: int | None) -> AsyncIterator[DeviceThread]:
+    """A running DeviceThread for the block's duration (named `name`; `num_threads`: torch's
+    intra-op threads on it, None to keep torch's default)."""
+    thread = DeviceThread(name, num_threads)
+    thread._start()
+    try:
+        yield thread
+    finally:
+        await thread._close()

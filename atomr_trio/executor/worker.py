@@ -1,10 +1,17 @@
-"""Worker (stable) and Context (restartable): the two tiers that own one device.
+"""Worker: the actor that owns one device — a Trio task with an inbox, its DeviceThread and
+the restartable Context under it.
 
 Invariants:
-- The Worker lives as long as its EngineCore and is what the engine talks to; the Context holds
-  everything that a device failure can poison (weights, KV tensors) and can be rebuilt from the
-  model source without the engine noticing anything but lost KV contents.
-- All torch work of a device runs on the Worker's DeviceThread, one job at a time.
+- The Worker lives as long as its EngineCore, which talks to it only through its
+  `WorkerHandle`; the Context holds everything a device failure can poison (weights, KV
+  tensors) and is rebuilt from the model source, within the restart budget, without the engine
+  noticing anything but lost KV contents.
+- All torch work of the device runs on the Worker's DeviceThread, one job at a time. The thread
+  runs exactly while `Worker.run` does, so a Worker that was built but never run holds no thread.
+- Messages are answered one at a time, in order; every message is answered, or its reply
+  channel closed when the Worker stops.
+- `state` changes only in `_move`, which refuses illegal transitions; the Worker publishes a
+  fresh WorkerSnapshot on its Board after every change.
 """
 
 from __future__ import annotations
@@ -13,22 +20,33 @@ import gc
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
+import outcome
+import trio
 
 from ..engine.engine_config import EngineConfig
-from ..model import cpu_kernels
-from ..model.llama import LlamaModel
+from ..engine.messages import Board, reply
 from ..model_source import ModelSource
-from .device_thread import DeviceThread
-from .model_runner import ModelRunner, StepBatch, StepResult
-from .sampler import Sampler
+from .context import Context, InjectedFault
+from .device_thread import DeviceThread, open_device_thread
+from .model_runner import StepResult
+from .worker_handle import CheckHealth, Execute, WorkerHandle, WorkerMessage, WorkerSnapshot
 
 log = logging.getLogger(__name__)
 
 MAX_RESTARTS = 3  # Context rebuilds allowed ...
 RESTART_WINDOW_S = 60.0  # ... within this many seconds
+INBOX_SIZE = 16  # the engine sends one message and awaits its answer before the next
+
+_MOVES = {
+    "starting": {"ready", "stopped"},
+    "ready": {"rebuilding", "failed", "stopped"},
+    "rebuilding": {"ready", "failed", "stopped"},
+    "failed": {"stopped"},
+    "stopped": set[str](),
+}
 
 
 @dataclass(frozen=True)
@@ -39,61 +57,23 @@ class Faults:
     times: int = 1
 
 
-@dataclass(frozen=True)
-class WorkerSnapshot:
-    """What the Worker shows of itself to the views (/admin/tree)."""
+class RestartBudget:
+    """At most `limit` Context rebuilds within any `window_s` seconds."""
 
-    name: str
-    device: str
-    state: str  # "starting" | "ready" | "rebuilding" | "stopped"
-    context_builds: int
-    inbox_depth: int
-    kernels: str  # which kernel path each part of the forward runs on (cpu_kernels.py)
+    def __init__(self, limit: int = MAX_RESTARTS, window_s: float = RESTART_WINDOW_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit, self.window_s, self._clock = limit, window_s, clock
+        self._spent: deque[float] = deque()
 
-
-class InjectedFault(RuntimeError):
-    """Raised by a Context at the step chosen by the `fail_at_step` test hook; it stands for a
-    device failure, so the Context stays broken afterwards (like a GPU after a sticky error)."""
-
-
-class Context:
-    """Weights + KV cache on one device. Built and used only on the device thread."""
-
-    def __init__(self, source: ModelSource, cfg: EngineConfig, fail_at_step: int | None = None) -> None:
-        assert cfg.max_model_len is not None and cfg.num_kv_blocks is not None
-        self.steps = 0
-        self.fail_at_step = fail_at_step
-        self.broken = False
-        rng = torch.Generator(device=cfg.device).manual_seed(cfg.seed)  # this engine's own, for unseeded rows
-        mc = source.config
-        model = LlamaModel(mc, cfg.torch_dtype, cfg.max_model_len)
-        model.load_weights(source.weights(), source.path)
-        self.plan: cpu_kernels.KernelPlan | None = None
-        if torch.device(cfg.device).type == "cpu":
-            self.plan = cpu_kernels.choose(mc, cfg.torch_dtype)  # each fast path probed before use
-            log.info("%s", self.plan.describe())
-            model.use_kernels(self.plan)
-        kv = torch.zeros(
-            mc.num_layers, 2, mc.num_kv_heads, cfg.num_kv_blocks * cfg.block_size, mc.head_dim,
-            dtype=cfg.torch_dtype, device=cfg.device,
-        )
-        self.runner = ModelRunner(model, kv, cfg.block_size, Sampler(source.eos_token_ids, rng))
-
-    def execute(self, batch: StepBatch) -> StepResult:
-        self.steps += 1
-        if self.steps == self.fail_at_step:
-            self.broken = True
-        if self.broken:
-            raise InjectedFault(f"injected fault at step {self.fail_at_step}")
-        return self.runner.execute(batch)
-
-    def healthy(self) -> bool:
-        """Can this Context still compute? A read that synchronizes with the device surfaces an
-        asynchronous device error (on CUDA) as an exception here."""
-        if self.broken:
+    def take(self) -> bool:
+        """Spend one rebuild now; False (nothing spent) when the window's rebuilds are used up."""
+        now = self._clock()
+        while self._spent and now - self._spent[0] > self.window_s:
+            self._spent.popleft()
+        if len(self._spent) >= self.limit:
             return False
-        probe = torch.ones(2, device=self.runner.kv_cache.device)
-        return float(probe.sum().item()) == 2.0
+        self._spent.append(now)
+        return True
 
 
 class Worker:
@@ -101,33 +81,91 @@ class Worker:
         self.source = source
         self.cfg = cfg
         self.name = name
-        self.thread = DeviceThread(f"{name}-device", cfg.torch_threads)
-        self.context: Context | None = None
+        self.faults = faults or Faults()
+        self.context: Context | None = None  # set and dropped on the device thread only
         self.state = "starting"
         self.num_context_builds = 0
-        self.faults = faults or Faults()
-        self._restarts: deque[float] = deque()
+        self.budget = RestartBudget()
+        self._thread: DeviceThread | None = None
+        self._send, self._inbox = trio.open_memory_channel[WorkerMessage](INBOX_SIZE)
+        self._board = Board(self._snapshot())
+        self.handle = WorkerHandle(name, self._send, self._board)
 
-    def snapshot(self) -> WorkerSnapshot:
-        return WorkerSnapshot(self.name, self.cfg.device, self.state, self.num_context_builds, 0, self.kernels)
+    # ---- the actor ----------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[WorkerHandle] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the device thread, build the first Context (its failure is raised here, before
+        `started`), then answer messages until the handle is closed or this task is cancelled.
+        The thread is joined however this ends."""
+        try:
+            async with open_device_thread(f"{self.name}-device", self.cfg.torch_threads) as thread:
+                self._thread = thread
+                await self._build()
+                task_status.started(self.handle)
+                async for msg in self._inbox:
+                    self._publish()  # the inbox is one shorter
+                    await self._answer(msg)
+        finally:
+            self._thread = None
+            self.context = None  # the thread is joined: no job can hold it
+            self._close_inbox()
+            self._move("stopped")
 
-    def can_restart(self) -> bool:
-        now = time.monotonic()
-        while self._restarts and now - self._restarts[0] > RESTART_WINDOW_S:
-            self._restarts.popleft()
-        return len(self._restarts) < MAX_RESTARTS
+    async def _answer(self, msg: WorkerMessage) -> None:
+        if isinstance(msg, Execute):
+            reply(msg.reply, await self._execute(msg))
+        elif isinstance(msg, CheckHealth):
+            reply(msg.reply, await self._healthy())
+        else:
+            reply(msg.reply, await self._rebuild())
 
-    async def restart(self) -> None:
-        """Rebuild a failed Context (the caller checked `can_restart`)."""
-        self._restarts.append(time.monotonic())
-        await self.rebuild()
+    def _close_inbox(self) -> None:
+        """Stop taking messages; the callers of any still queued hear that the Worker stopped."""
+        self._inbox.close()
+        while True:
+            try:
+                msg = self._inbox.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return
+            msg.reply.close()
 
-    async def start(self) -> None:
-        await self.rebuild()
+    # ---- the device work ----------------------------------------------------------------------
+    def _device(self) -> DeviceThread:
+        assert self._thread is not None, "the Worker is not running"
+        return self._thread
 
-    async def rebuild(self) -> None:
+    async def _execute(self, msg: Execute) -> outcome.Outcome[StepResult]:
+        ctx = self.context
+        if ctx is None:
+            return outcome.Error(RuntimeError(f"{self.name}: no device context"))
+        try:
+            return outcome.Value(await self._device().run(lambda: ctx.execute(msg.batch)))
+        except Exception as e:  # noqa: BLE001 - the caller decides: a request's contents or the device
+            return outcome.Error(e)
+
+    async def _healthy(self) -> bool:
+        ctx = self.context
+        if ctx is None:
+            return False
+        try:
+            return await self._device().run(ctx.healthy)
+        except Exception:  # noqa: BLE001 - any error here means the device context is gone
+            return False
+
+    async def _rebuild(self) -> outcome.Outcome[bool]:
+        """Rebuild a failed Context if the restart budget allows; False when it is spent (the
+        Worker is failed then: it keeps its broken Context and rebuilds no more)."""
+        if self.state == "failed" or not self.budget.take():
+            self._move("failed")
+            return outcome.Value(False)
+        try:
+            await self._build()
+        except Exception as e:  # noqa: BLE001 - raised in the engine, as a failed build always was
+            self._move("failed")
+            return outcome.Error(e)
+        return outcome.Value(True)
+
+    async def _build(self) -> None:
         """(Re)create the Context on the device thread; the old one is dropped first."""
-
         inject = self.faults.at_step if self.num_context_builds < self.faults.times else None
 
         def build() -> Context:
@@ -135,39 +173,31 @@ class Worker:
             gc.collect()
             return Context(self.source, self.cfg, inject)
 
-        self.state = "rebuilding" if self.num_context_builds else "starting"
-        self.context = await self.thread.run(build)
-        self.state = "ready"
+        if self.num_context_builds:
+            self._move("rebuilding")
+        self.context = await self._device().run(build)
         self.num_context_builds += 1
+        self._move("ready")
+        if self.context.plan is not None:
+            log.info("%s", self.context.plan.describe())
         log.info("%s: context ready (build %d)", self.name, self.num_context_builds)
 
-    @property
-    def kernels(self) -> str:
-        """Which kernel path each part of the forward runs on (cpu_kernels.py), for the views."""
-        ctx = self.context
-        return ctx.plan.summary() if ctx is not None and ctx.plan is not None else "torch"
+    # ---- state and views ----------------------------------------------------------------------
+    def _move(self, to: str) -> None:
+        if to != self.state:
+            if to not in _MOVES[self.state]:
+                raise RuntimeError(f"{self.name}: a Worker cannot go from {self.state} to {to}")
+            self.state = to
+        self._publish()
 
-    async def execute(self, batch: StepBatch) -> StepResult:
-        ctx = self.context
-        if ctx is None:
-            raise RuntimeError(f"{self.name}: no device context")
-        return await self.thread.run(lambda: ctx.execute(batch))
+    def _publish(self) -> None:
+        self._board.publish(self._snapshot())
 
-    async def healthy(self) -> bool:
-        """After a failed step: False when the Context itself is at fault (rebuild it), True when
-        the failure must have come from the batch's contents."""
+    def _snapshot(self) -> WorkerSnapshot:
         ctx = self.context
-        if ctx is None:
-            return False
-        try:
-            return await self.thread.run(ctx.healthy)
-        except Exception:  # noqa: BLE001 - any error here means the device context is gone
-            return False
+        return WorkerSnapshot(self.name, self.cfg.device, self.state, self.num_context_builds,
+                              self._send.statistics().current_buffer_used,
+                              ctx.kernels if ctx is not None else "torch")
 
-    def close(self) -> None:
-        """Drop the Context and end the device thread (no job is in flight: `run` never
-        abandons one, so the engine only gets here between steps)."""
-        self.context = None
-        self.state = "stopped"
-        self.thread.stop()
-        self.thread.join(timeout=30)
+
+__all__ = ["Context", "Faults", "InjectedFault", "RestartBudget", "Worker", "WorkerHandle", "WorkerSnapshot"]

@@ -1,0 +1,120 @@
+"""What crosses the wall between the engine and its Worker in one step: the StepBatch built from
+the scheduler's output, and the StepResult applied back to the sequences.
+
+Invariants:
+- A StepBatch is a snapshot: it copies every list it takes from a Sequence, so the engine may
+  change sequences (abort them) while the step runs on the device thread.
+- A result is applied only to sequences that are still live: one aborted during the step keeps
+  nothing of it. Applying is the only place a sequence gains computed or generated tokens.
+- Prompt-logprob rows are asked for exactly once per prompt position (`prompt_rows`), so a
+  chunked or recomputed prompt neither repeats nor loses an entry.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection
+
+from ..executor.model_runner import BatchItem, PromptRows, StepBatch, StepResult
+from ..executor.sampler import SampleRow
+from .block_manager import BlockManager
+from .engine_stats import EngineStats, StepReporter
+from .request_table import RequestTable
+from .scheduler import Scheduled, SchedulerOutput
+from .sequence import Sequence
+
+
+def build_batch(sched: SchedulerOutput) -> StepBatch:
+    items = []
+    for s in sched.scheduled:
+        seq, c, n = s.seq, s.seq.num_computed_tokens, s.num_new_tokens
+        row = None
+        if s.samples and seq.params.max_tokens != 0:  # max_tokens 0: score the prompt only
+            p = seq.params
+            need_history = p.uses_penalties
+            row = SampleRow(
+                params=p,
+                generator=seq.generator,
+                prompt_ids=seq.token_ids[: seq.num_prompt_tokens] if need_history else None,
+                output_ids=seq.output_token_ids if need_history else None,
+                num_output_tokens=seq.num_output_tokens,
+            )
+        items.append(BatchItem(seq.seq_id, seq.token_ids[c : c + n], c, list(seq.block_table), row,
+                               prompt_rows(seq, c, n)))
+    return StepBatch(items)
+
+
+def prompt_rows(seq: Sequence, start: int, n: int) -> PromptRows | None:
+    """The rows of positions [start, start + n) that score a prompt token still missing its
+    logprob entry: row p scores token p + 1, so the chunk's last row scores the next chunk's
+    first token, and the prompt's last row (it predicts the first generated token) none."""
+    nxt = seq.prompt_logprobs_next
+    if nxt is None:
+        return None
+    assert start <= nxt - 1, "prompt-logprob rows were skipped"  # the scheduler limits cache hits
+    first, end = max(start, nxt - 1), min(start + n, seq.num_prompt_tokens - 1)
+    if end <= first:
+        return None
+    k = seq.params.prompt_logprobs or 0
+    return PromptRows(first - start, seq.token_ids[first + 1 : end + 1], k)
+
+
+class ResultApplier:
+    """Applies StepResults: advances each sequence, caches its full blocks, appends the sampled
+    token, counts tokens, and hands each sample's delta (and its end) to the RequestTable."""
+
+    def __init__(self, table: RequestTable, block_manager: BlockManager, stats: EngineStats,
+                 reporter: StepReporter, eos_token_ids: Collection[int], max_model_len: int) -> None:
+        self.table = table
+        self.block_manager = block_manager
+        self.stats = stats
+        self.reporter = reporter
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_model_len = max_model_len
+
+    def apply(self, scheduled: list[Scheduled], items: list[BatchItem], result: StepResult) -> None:
+        self.stats.forward_s += result.forward_s
+        row_of = {sid: j for j, sid in enumerate(result.seq_ids)}
+        now = time.monotonic()
+        for s, item in zip(scheduled, items, strict=True):
+            seq = s.seq
+            if seq.is_finished:
+                continue  # aborted while the step ran
+            self._advance(seq, s.num_new_tokens, item.start, result)
+            if item.sample is None:
+                if seq.params.max_tokens == 0 and seq.num_computed_tokens == seq.num_tokens:
+                    self.table.emit(seq, None, None, "length")  # the prompt is scored: done
+                continue
+            j = row_of[seq.seq_id]
+            tok = result.sampled.token_ids[j]
+            self._append(seq, tok, now)
+            self.table.emit(seq, tok, result.sampled.logprobs[j], self._finish_reason(seq, tok))
+
+    def _advance(self, seq: Sequence, num_new_tokens: int, start: int, result: StepResult) -> None:
+        """The step computed num_new_tokens more of seq (from position `start`)."""
+        seq.num_computed_tokens += num_new_tokens
+        prompt_end = min(seq.num_computed_tokens, seq.num_prompt_tokens)
+        self.stats.prompt_tokens += max(0, prompt_end - start)
+        self.block_manager.cache_computed(seq)
+        if seq.prompt_logprobs is not None:
+            seq.prompt_logprobs.extend(result.prompt_logprobs.get(seq.seq_id, ()))
+
+    def _append(self, seq: Sequence, tok: int, now: float) -> None:
+        seq.token_ids.append(tok)
+        seq.first_token = seq.first_token or now
+        if seq.last_token is not None and self.reporter.wants_details:
+            self.reporter.inter_token(now - seq.last_token)
+        seq.last_token = now
+        self.stats.generation_tokens += 1
+
+    def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
+        p = seq.params  # the sampler forbids stop tokens before min_tokens
+        if not p.ignore_eos and tok in self.eos_token_ids:
+            return "stop"
+        if p.stop_token_ids and tok in p.stop_token_ids:
+            return "stop"
+        if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
+            return "length"
+        if seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None

@@ -1,0 +1,66 @@
+"""Context: the restartable tier of a device — weights and KV cache, and the one step they run.
+
+Invariant: a Context holds everything a device failure can poison, and nothing else, so a
+broken one is dropped and rebuilt from the model source; it is built and used only on its
+Worker's DeviceThread. A Context that failed stays failed (like a GPU after a sticky error).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..engine.engine_config import EngineConfig
+from ..model import cpu_kernels
+from ..model.llama import LlamaModel
+from ..model_source import ModelSource
+from .model_runner import ModelRunner, StepBatch, StepResult
+from .sampler import Sampler
+
+
+class InjectedFault(RuntimeError):
+    """Raised by a Context at the step chosen by the `fail_at_step` test hook; it stands for a
+    device failure, so the Context stays broken afterwards (like a GPU after a sticky error)."""
+
+
+class Context:
+    """Weights + KV cache on one device. Built and used only on the device thread."""
+
+    def __init__(self, source: ModelSource, cfg: EngineConfig, fail_at_step: int | None = None) -> None:
+        assert cfg.max_model_len is not None and cfg.num_kv_blocks is not None
+        self.steps = 0
+        self.fail_at_step = fail_at_step
+        self.broken = False
+        rng = torch.Generator(device=cfg.device).manual_seed(cfg.seed)  # this engine's own, for unseeded rows
+        mc = source.config
+        model = LlamaModel(mc, cfg.torch_dtype, cfg.max_model_len)
+        model.load_weights(source.weights(), source.path)
+        self.plan: cpu_kernels.KernelPlan | None = None
+        if torch.device(cfg.device).type == "cpu":
+            self.plan = cpu_kernels.choose(mc, cfg.torch_dtype)  # each fast path probed before use
+            model.use_kernels(self.plan)
+        kv = torch.zeros(
+            mc.num_layers, 2, mc.num_kv_heads, cfg.num_kv_blocks * cfg.block_size, mc.head_dim,
+            dtype=cfg.torch_dtype, device=cfg.device,
+        )
+        self.runner = ModelRunner(model, kv, cfg.block_size, Sampler(source.eos_token_ids, rng))
+
+    @property
+    def kernels(self) -> str:
+        """Which kernel path each part of the forward runs on (cpu_kernels.py), for the views."""
+        return self.plan.summary() if self.plan is not None else "torch"
+
+    def execute(self, batch: StepBatch) -> StepResult:
+        self.steps += 1
+        if self.steps == self.fail_at_step:
+            self.broken = True
+        if self.broken:
+            raise InjectedFault(f"injected fault at step {self.fail_at_step}")
+        return self.runner.execute(batch)
+
+    def healthy(self) -> bool:
+        """Can this Context still compute? A read that synchronizes with the device surfaces an
+        asynchronous device error (on CUDA) as an exception here."""
+        if self.broken:
+            return False
+        probe = torch.ones(2, device=self.runner.kv_cache.device)
+        return float(probe.sum().item()) == 2.0
