@@ -15,7 +15,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import AsyncIterator, Generator, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import aclosing, contextmanager
 from typing import Any
 
 import sniffio
@@ -138,16 +138,12 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(items):
                 raise ValueError(f"got {len(params)} sampling params for {len(items)} prompts")
-        items = [(text, engine.truncate_prompt(ids, p.truncate_prompt_tokens))
-                 for (text, ids), p in zip(items, params, strict=True)]
-        for (_, ids), p in zip(items, params, strict=True):
-            engine.check_request(ids, p)
+        requests = [engine.request(text, p, prompt_ids=ids) for (text, ids), p in zip(items, params, strict=True)]
         results: list[RequestOutput | None] = [None] * len(items)
         bar = _progress(len(items)) if use_tqdm and items else None
 
         async def one(i: int) -> None:
-            text, ids = items[i]
-            results[i] = await engine.generate_one(text, params[i], prompt_ids=ids)
+            results[i] = await requests[i].result()
             if bar is not None:
                 bar.update(1)
                 out_tokens = sum(len(o.token_ids) for r in results if r for o in r.outputs)
@@ -178,18 +174,17 @@ class LLM:
             text, ids = engine.chat_prompt(list(prompt))
         else:
             text, ids = engine.prepare_prompt(prompt)  # type: ignore[arg-type]
-        params = sampling_params or SamplingParams()
-        ids = engine.truncate_prompt(ids, params.truncate_prompt_tokens)
-        engine.check_request(ids, params)
+        request = engine.request(text, sampling_params, prompt_ids=ids)
         deltas: queue.SimpleQueue[str | BaseException | None] = queue.SimpleQueue()
         scope = trio.CancelScope()
 
         async def produce() -> None:
             try:
                 with self._in_flight(), scope:
-                    async for out in engine.generate(text, params, delta=True, prompt_ids=ids):
-                        if out.outputs[0].text:
-                            deltas.put(out.outputs[0].text)
+                    async with aclosing(request.outputs(delta=True)) as outputs:
+                        async for out in outputs:
+                            if out.outputs[0].text:
+                                deltas.put(out.outputs[0].text)
             except Exception as e:  # noqa: BLE001 - handed to the consumer's thread
                 deltas.put(e)
             finally:

@@ -19,7 +19,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from atomr_trio.engine.engine_core import EngineCore
 from atomr_trio.runtime.deployment import Deployment, DeploymentSpec
 from atomr_trio.runtime.tree import Runtime, open_runtime
-from atomr_trio.server.gateway import create_app
+from atomr_trio.server.app import create_app
 
 
 @asynccontextmanager

@@ -20,7 +20,6 @@ from typing import Literal
 import trio
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..async_llm import AsyncLLM
 from ..engine.engine_config import EngineConfig
 from ..engine.engine_core import EngineCore, EngineHandle
 from ..executor.worker import Faults
@@ -160,9 +159,10 @@ class Deployment:
                 if not started:
                     task_status.started()
 
-    async def route(self) -> tuple[AsyncLLM, Ticket]:
-        """Admit one request and have the DpCoordinator pick its replica, or raise
-        DeploymentUnavailable. The caller releases the ticket when the request is over."""
+    async def route(self) -> tuple[EngineHandle, ModelSource, Ticket]:
+        """Admit one request and have the DpCoordinator pick its replica (its engine, and the
+        model it serves), or raise DeploymentUnavailable. The caller releases the ticket when the
+        request is over."""
         if self.state != "serving" or self.source is None:
             if self.state == "failed" or any(c.snapshot().failure for c in self.replicas):
                 self.state = "failed"
@@ -176,7 +176,7 @@ class Deployment:
         core = await self.coordinator.pick()
         if core is None:
             raise DeploymentUnavailable(self.name, 503, f"deployment '{self.name}' has no serving replica")
-        return AsyncLLM(core, self.source), Ticket(self)
+        return core, self.source, Ticket(self)
 
     def admit(self, jobs: list[tuple[int, int, int | None]]) -> None:
         """Check the (prompt tokens, n, max_tokens) of a request's prompts against the waiting-

@@ -22,7 +22,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from ..runtime.deployment import DeploymentSpec
 from ..runtime.tree import Runtime, open_runtime
-from .gateway import create_app
+from .app import create_app
 
 log = logging.getLogger("atomr_trio")
 
