@@ -38,6 +38,7 @@ class LLM:
         self._closing = False
         self._drain_s = 0.0
         self._inflight = 0  # generate/chat batches and stream producers running in the Trio thread
+        self._idle: trio.Event  # set while nothing is in flight (made in the Trio thread)
         self._streams: trio.Nursery
         self._error: BaseException | None = None
         self._ready = threading.Event()
@@ -63,15 +64,18 @@ class LLM:
             self._streams = streams  # where `stream()` runs its requests
             self._token = trio.lowlevel.current_trio_token()
             self._stop = trio.Event()
+            self._idle = trio.Event()
+            self._idle.set()
             self._ready.set()
             await self._stop.wait()
             with trio.move_on_after(self._drain_s):
                 while self._inflight:
-                    await trio.sleep(0.01)
+                    await self._idle.wait()
             with trio.move_on_after(30):
                 while self._inflight:  # again and again: a request may reach the engine late
                     await engine.abort_all()
-                    await trio.sleep(0.05)
+                    with trio.move_on_after(0.05):
+                        await self._idle.wait()
             streams.cancel_scope.cancel()
 
     # ---- info -------------------------------------------------------------------------------
@@ -237,11 +241,15 @@ class LLM:
     @contextmanager
     def _in_flight(self) -> Iterator[None]:
         """Count a batch or stream producer as in flight (Trio thread only), for close()."""
+        if not self._inflight:
+            self._idle = trio.Event()
         self._inflight += 1
         try:
             yield
         finally:
             self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
 
     def close(self, timeout: float = 0.0) -> None:
         """Stop the engine. Calls in flight in other threads get `timeout` seconds to finish;
