@@ -136,6 +136,8 @@ class Request:
                 raise DeadlineExceeded
             while not tracker.finished:
                 with trio.move_on_at(deadline) as waiting:
+                    # The deadline holds even when deltas are always ready (get() then never waits).
+                    await trio.lowlevel.checkpoint_if_cancelled()
                     for d in await outbox.get():
                         if tracker.apply(d):  # a stop string ended this sample
                             await engine.abort(rid, d.index, outbox)

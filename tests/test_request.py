@@ -4,9 +4,12 @@ share."""
 
 from __future__ import annotations
 
+from contextlib import aclosing
+
 import pytest
 import trio
 from conftest import core_of
+from trio.testing import MockClock
 
 from atomr_trio.async_llm import open_engine
 from atomr_trio.model_source import ModelSource
@@ -47,13 +50,19 @@ async def test_a_request_is_checked_when_made_and_runs_once(tiny_source: ModelSo
             await req.result()
 
 
-async def test_a_deadline_aborts_the_request_in_the_engine(tiny_source: ModelSource) -> None:
+async def test_a_deadline_aborts_the_request_in_the_engine(tiny_source: ModelSource, mock_clock: MockClock) -> None:
+    mock_clock.rate = 1  # real time, plus the jumps below
     async with open_engine(tiny_source, dtype="float32", num_kv_blocks=64, max_model_len=256,
                            torch_threads=1) as engine:
         core = core_of(engine)
         req = Request(engine.engine, tiny_source, PROMPT, SamplingParams(max_tokens=200, ignore_eos=True))
+        got = []
         with pytest.raises(DeadlineExceeded):
-            await req.result(deadline=trio.current_time() + 0.3)
+            async with aclosing(req.outputs(delta=True, deadline=trio.current_time() + 3600)) as outputs:
+                async for out in outputs:
+                    got.append(out)
+                    mock_clock.jump(3600)  # the deadline passes while the request generates
+        assert len(got) == 1 and not got[0].finished
         with trio.fail_after(3):
             while engine.stats()["num_requests"]:
                 await trio.sleep(0.01)
