@@ -15,7 +15,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import AsyncIterator, Generator, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import aclosing, contextmanager
 from typing import Any
 
 import sniffio
@@ -38,6 +38,7 @@ class LLM:
         self._closing = False
         self._drain_s = 0.0
         self._inflight = 0  # generate/chat batches and stream producers running in the Trio thread
+        self._idle: trio.Event  # set while nothing is in flight (made in the Trio thread)
         self._streams: trio.Nursery
         self._error: BaseException | None = None
         self._ready = threading.Event()
@@ -63,15 +64,18 @@ class LLM:
             self._streams = streams  # where `stream()` runs its requests
             self._token = trio.lowlevel.current_trio_token()
             self._stop = trio.Event()
+            self._idle = trio.Event()
+            self._idle.set()
             self._ready.set()
             await self._stop.wait()
             with trio.move_on_after(self._drain_s):
                 while self._inflight:
-                    await trio.sleep(0.01)
+                    await self._idle.wait()
             with trio.move_on_after(30):
                 while self._inflight:  # again and again: a request may reach the engine late
                     await engine.abort_all()
-                    await trio.sleep(0.05)
+                    with trio.move_on_after(0.05):
+                        await self._idle.wait()
             streams.cancel_scope.cancel()
 
     # ---- info -------------------------------------------------------------------------------
@@ -138,16 +142,12 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(items):
                 raise ValueError(f"got {len(params)} sampling params for {len(items)} prompts")
-        items = [(text, engine.truncate_prompt(ids, p.truncate_prompt_tokens))
-                 for (text, ids), p in zip(items, params, strict=True)]
-        for (_, ids), p in zip(items, params, strict=True):
-            engine.check_request(ids, p)
+        requests = [engine.request(text, p, prompt_ids=ids) for (text, ids), p in zip(items, params, strict=True)]
         results: list[RequestOutput | None] = [None] * len(items)
         bar = _progress(len(items)) if use_tqdm and items else None
 
         async def one(i: int) -> None:
-            text, ids = items[i]
-            results[i] = await engine.generate_one(text, params[i], prompt_ids=ids)
+            results[i] = await requests[i].result(engine.engine)
             if bar is not None:
                 bar.update(1)
                 out_tokens = sum(len(o.token_ids) for r in results if r for o in r.outputs)
@@ -178,18 +178,17 @@ class LLM:
             text, ids = engine.chat_prompt(list(prompt))
         else:
             text, ids = engine.prepare_prompt(prompt)  # type: ignore[arg-type]
-        params = sampling_params or SamplingParams()
-        ids = engine.truncate_prompt(ids, params.truncate_prompt_tokens)
-        engine.check_request(ids, params)
+        request = engine.request(text, sampling_params, prompt_ids=ids)
         deltas: queue.SimpleQueue[str | BaseException | None] = queue.SimpleQueue()
         scope = trio.CancelScope()
 
         async def produce() -> None:
             try:
                 with self._in_flight(), scope:
-                    async for out in engine.generate(text, params, delta=True, prompt_ids=ids):
-                        if out.outputs[0].text:
-                            deltas.put(out.outputs[0].text)
+                    async with aclosing(request.outputs(engine.engine, delta=True)) as outputs:
+                        async for out in outputs:
+                            if out.outputs[0].text:
+                                deltas.put(out.outputs[0].text)
             except Exception as e:  # noqa: BLE001 - handed to the consumer's thread
                 deltas.put(e)
             finally:
@@ -242,11 +241,15 @@ class LLM:
     @contextmanager
     def _in_flight(self) -> Iterator[None]:
         """Count a batch or stream producer as in flight (Trio thread only), for close()."""
+        if not self._inflight:
+            self._idle = trio.Event()
         self._inflight += 1
         try:
             yield
         finally:
             self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
 
     def close(self, timeout: float = 0.0) -> None:
         """Stop the engine. Calls in flight in other threads get `timeout` seconds to finish;

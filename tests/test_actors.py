@@ -116,7 +116,7 @@ async def test_admission_is_one_message_and_the_ticket_is_released_once(tiny_mod
     async with open_runtime([capped]) as runtime:
         dep = runtime.manager.get("tiny")
         assert dep is not None
-        assert dep.prompts().tokenizer.encode("hi")  # tokenizing needs no admission
+        assert dep.serving_model()[0].tokenizer.encode("hi")  # tokenizing needs no admission
         admission = await dep.admit([(8, 1, 4)])
         assert isinstance(admission, Admission) and admission.engine.name == "tiny/engine-0"
         snap = dep.snapshot()

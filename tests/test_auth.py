@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from atomr_trio.runtime.tree import open_runtime
+from atomr_trio.server.app import create_app
 from atomr_trio.server.auth import is_admin_path, is_loopback, refusal
-from atomr_trio.server.gateway import create_app
 
 KEY, ADMIN = "sk-api-0123456789", "sk-admin-9876543210"
 LOCAL, REMOTE = {"client": ("127.0.0.1", 50000)}, {"client": ("203.0.113.7", 50000)}

@@ -20,7 +20,7 @@ from atomr_trio.engine.engine_core import EngineCore
 from atomr_trio.runtime.deployment import DeploymentHandle
 from atomr_trio.runtime.deployment_spec import DeploymentSpec
 from atomr_trio.runtime.tree import Runtime, open_runtime
-from atomr_trio.server.gateway import create_app
+from atomr_trio.server.app import create_app
 
 
 @asynccontextmanager

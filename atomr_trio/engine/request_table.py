@@ -24,6 +24,7 @@ from .outbox import Outbox
 from .reports import FinishedRequest
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .validation import check_request
 
 
 @dataclass
@@ -66,28 +67,13 @@ class RequestTable:
         self._live[msg.request_id] = _Live(seqs, msg.outbox)
 
     def _check(self, msg: AddRequest) -> None:
-        """Raise ValueError for a request this engine cannot serve. Every admitted request fits
-        the KV cache on its own, which is what lets the scheduler always make progress."""
-        ids, cfg = msg.prompt_token_ids, self.cfg
-        assert cfg.max_model_len is not None and cfg.num_kv_blocks is not None
+        """Raise ValueError for a request this engine cannot serve (`validation.check_request`,
+        the check every face ran before sending it; the engine runs it again because anyone
+        holding its handle may send). Every admitted request fits the KV cache on its own,
+        which is what lets the scheduler always make progress."""
         if msg.request_id in self._live:
             raise ValueError(f"request id {msg.request_id!r} is already in use")
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if min(ids) < 0 or max(ids) >= self.vocab_size:
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
-        if len(ids) >= cfg.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(ids)} tokens; the maximum context length is {cfg.max_model_len}"
-            )
-        msg.params.check_for_model(self.vocab_size)
-        asked = msg.params.max_tokens
-        longest = min(len(ids) + (cfg.max_model_len if asked is None else asked), cfg.max_model_len)
-        if self.block_manager.blocks_for(longest) > cfg.num_kv_blocks:
-            raise ValueError(
-                f"the request needs up to {longest} tokens of KV cache; this engine holds "
-                f"{cfg.num_kv_blocks * cfg.block_size}"
-            )
+        check_request(msg.prompt_token_ids, msg.params, self.cfg, self.vocab_size)
 
     # ---- results and endings ------------------------------------------------------------------
     def emit(self, seq: Sequence, token: int | None, logprobs: TokenLogprobs | None, reason: str | None) -> None:

@@ -26,10 +26,9 @@ from dataclasses import dataclass, replace
 
 import trio
 
-from ..async_llm import AsyncLLM
 from ..engine.engine_config import EngineConfig
 from ..engine.engine_core import EngineCore, EngineHandle
-from ..engine.messages import AbortAll, AbortRequest, AddRequest, Board, reply
+from ..engine.messages import Board, reply
 from ..executor.worker import Faults
 from ..model_source import ModelSource
 from .admission import Admission, Job, Ticket
@@ -124,17 +123,14 @@ class DeploymentHandle:
             raise answer
         return answer
 
-    def prompts(self) -> AsyncLLM:
-        """An AsyncLLM for the request's owner to tokenize and check its prompts with before
-        admission; it reaches no engine (`admit` answers the replica to run on). Raises
+    def serving_model(self) -> tuple[ModelSource, EngineConfig]:
+        """The model this deployment serves and its replicas' engine settings, for a request's
+        owner to tokenize and check its prompts with before it asks for admission; raises
         DeploymentUnavailable (503) unless the deployment serves."""
-        snap, engines = self._board.read(), self._engines.read()
-        if snap.state != "serving" or snap.source is None or snap.engine_config is None or not engines:
+        snap = self._board.read()
+        if snap.state != "serving" or snap.source is None or snap.engine_config is None:
             raise _unavailable(self.name, snap.state, snap.reason)
-        closed, _ = trio.open_memory_channel[AddRequest | AbortRequest | AbortAll](0)
-        closed.close()
-        nowhere = EngineHandle(f"{self.name}/prompts", snap.engine_config, closed, Board(engines[0].snapshot()))
-        return AsyncLLM(nowhere, snap.source)
+        return snap.source, snap.engine_config
 
     async def drain(self, timeout: float) -> DeploymentSnapshot:
         """Stop admitting; once the tickets are back (or `timeout` passed) stop the replicas and

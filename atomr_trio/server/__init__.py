@@ -1,1 +1,5 @@
-"""The OpenAI-compatible HTTP server: request bodies, the Gateway app, and the serve loop."""
+"""The OpenAI-compatible HTTP server: `app` assembles the Gateway from its routes (`openai_routes`,
+`admin_routes`), `admission` routes a generation request and holds its ticket, `sse` and `chunks`
+write streams, `openai_format` shapes responses, `errors` the error answers, `protocol` and
+`bodies` the request bodies, `auth` who may call what, `state` what handlers reach, `serve` the
+serve loop."""

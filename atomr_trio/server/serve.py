@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..runtime.deployment_spec import DeploymentSpec
 from ..runtime.tree import Runtime, open_runtime
-from .gateway import create_app
+from .app import create_app
 
 log = logging.getLogger("atomr_trio")
 ABORT_GRACE_S = 2.0  # after the shutdown timeout's abort: for the aborted requests' handlers to end
