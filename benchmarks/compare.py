@@ -165,7 +165,7 @@ def bench(peer: Peer, hf_dir: Path, args: argparse.Namespace, concurrency: int, 
           seed: int) -> dict[str, Any]:
     """One `bench serve` run. Every run gets its own seed, so no engine serves a prompt it has
     seen before (all of them cache prefixes)."""
-    from atomr_trio.loadgen import serve as bench_serve
+    from atomr_trio.loadgen import serving as bench_serve
 
     ns = argparse.Namespace(
         base_url=peer.url, endpoint="/v1/completions", model=MODEL_NAME, tokenizer=str(hf_dir),

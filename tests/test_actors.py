@@ -14,13 +14,13 @@ import pytest
 import trio
 import trio.testing
 
-from atomr_trio.runtime.admission import Admission
 from atomr_trio.runtime.deployment import DeploymentUnavailable
 from atomr_trio.runtime.deployment_spec import DeploymentSpec, ServingPolicy
 from atomr_trio.runtime.deployment_state import IllegalTransition, next_state
 from atomr_trio.runtime.dp_coordinator import DpCoordinator
 from atomr_trio.runtime.mailbox import ActorGone, ask, refuse_pending
 from atomr_trio.runtime.placement import Placement
+from atomr_trio.runtime.ticket import Admission
 from atomr_trio.runtime.tree import open_runtime
 
 

@@ -31,13 +31,13 @@ from ..engine.engine_core import EngineCore, EngineHandle
 from ..engine.messages import Board, reply
 from ..executor.worker import Faults
 from ..model_source import ModelSource
-from .admission import Admission, Job, Ticket
 from .deployment_spec import DeploymentSpec
 from .deployment_state import DeploymentSnapshot, IllegalTransition, State, next_state
 from .dp_coordinator import CoordinatorHandle, DpCoordinator
 from .mailbox import ActorGone, ask, refuse_pending
 from .metrics import MetricsHandle
 from .placement import PlacementHandle
+from .ticket import Admission, Job, Ticket
 
 log = logging.getLogger(__name__)
 

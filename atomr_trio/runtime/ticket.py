@@ -1,5 +1,5 @@
-"""Admission: what a Deployment answers a request it admits — the replica's EngineHandle and a
-`Ticket`, the request's place in the deployment until it is released.
+"""Tickets and admissions: what a Deployment answers a request it admits — the replica's
+EngineHandle and a `Ticket`, the request's place in the deployment until it is released.
 
 Invariants:
 - A ticket is released once, whatever releases it (`release()` or leaving `with ticket:`; later
