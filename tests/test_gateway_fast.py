@@ -131,3 +131,39 @@ async def test_requests_over_the_deployment_limits_get_429_with_retry_after(tiny
             check_429(r, "prompt tokens waiting")
             nursery.cancel_scope.cancel()  # those clients leave; their requests are aborted
         await wait_until(lambda: core.snapshot().num_requests == 0)
+
+
+def _nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+    return [node, *(n for child in node.get("children", []) for n in _nodes(child))]
+
+
+async def test_admin_tree_lists_every_actor_with_the_live_requests_under_the_gateway(tiny_model_dir: Path) -> None:
+    async with serving(spec(tiny_model_dir)) as (client, runtime):
+        dep, _ = engine_of(runtime)
+
+        async def tree() -> dict[str, Any]:
+            r = await client.get("/admin/tree")
+            assert r.status_code == 200
+            return r.json()
+
+        async with client.stream("POST", "/v1/completions", json=long_body(stream=True)) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    break
+            nodes = _nodes(await tree())
+            assert {n["actor"] for n in nodes} == {
+                "Runtime", "Metrics", "Placement", "DeploymentManager", "Deployment", "DpCoordinator",
+                "EngineCore", "Worker", "Context", "Gateway", "Request"}
+            assert all("state" in n or n["actor"] == "Request" for n in nodes)
+            assert all("inbox" in n for n in nodes if n["actor"] not in {"Runtime", "Gateway", "Request", "Context"})
+            gateway = next(n for n in nodes if n["actor"] == "Gateway")
+            assert gateway["state"] == "serving" and gateway["requests"] == 1
+            (request,) = gateway["children"]
+            assert request["model"] == "tiny" and request["phase"] == "streaming" and request["age_s"] >= 0
+        await wait_until(lambda: dep.snapshot().admitted == 0)
+        gateway = next(n for n in _nodes(await tree()) if n["actor"] == "Gateway")
+        assert gateway["requests"] == 0 and gateway["children"] == []  # off the board once its stream ended
+        assert (await client.post("/v1/completions", json={**long_body(), "max_tokens": 2})).status_code == 200
+        gateway = next(n for n in _nodes(await tree()) if n["actor"] == "Gateway")
+        assert gateway["requests"] == 0  # a non-stream request leaves the board when its handler returns

@@ -22,7 +22,7 @@ admin_routes = Blueprint("admin", __name__)
 
 @admin_routes.get("/admin/tree")
 async def admin_tree() -> Any:
-    return gateway_state().runtime.tree()
+    return gateway_state().tree()
 
 
 @admin_routes.get("/admin/deployments")

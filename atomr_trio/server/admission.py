@@ -30,6 +30,7 @@ from ..sampling_params import SamplingParams
 from .errors import bad_request, engine_failed, timeout_error
 from .outcome import Outcome
 from .protocol import APIError, StreamOptions
+from .request_board import RequestBoard
 from .sse import Part, sse_events, sse_response
 from .state import gateway_state
 
@@ -49,6 +50,8 @@ class Admitted:
     deadline: float  # trio clock
     outcome: Outcome
     held: ExitStack  # releases the admission ticket
+    board: RequestBoard  # where the request shows in /admin/tree
+    key: int  # its entry on the board
     engine: EngineHandle | None = None  # the replica, once admitted
 
     @property
@@ -83,6 +86,7 @@ class Admitted:
         them, 503 when it cannot serve) it charges their tokens and picks the replica."""
         admission = await self.dep.admit([(len(r.prompt_ids), r.params.n, r.params.max_tokens) for r in requests])
         self.held.enter_context(admission.ticket)
+        self.board.mark(self.key, "admitted")
         self.engine = admission.engine
         return admission.engine
 
@@ -104,6 +108,7 @@ class Admitted:
     def stream(self, rid: str, kind: str, parts: Sequence[Part], options: StreamOptions | None) -> Response:
         """Answer with a stream of the parts' events; the stream takes over the ticket."""
         events = sse_events(rid, kind, self.dep.name, self._engine(), parts, self.outcome, self.deadline, options)
+        self.board.mark(self.key, "streaming")
         return sse_response(events, self.held.pop_all(), self.outcome)
 
     def _engine(self) -> EngineHandle:
@@ -122,8 +127,10 @@ async def admitted(model: str) -> AsyncIterator[Admitted]:
     source, config = dep.serving_model()
     outcome = Outcome(state.runtime, dep.name)
     with ExitStack() as held:
+        key = state.requests.add(dep.name)
+        held.callback(state.requests.remove, key)  # off the board when the ticket is released
         try:
-            yield Admitted(dep, source, config, deadline, outcome, held)
+            yield Admitted(dep, source, config, deadline, outcome, held, state.requests, key)
         except BaseException as e:
             if isinstance(e, trio.Cancelled) or (
                     isinstance(e, BaseExceptionGroup) and e.subgroup(trio.Cancelled) is not None):

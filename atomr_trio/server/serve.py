@@ -22,8 +22,9 @@ from hypercorn.trio import serve as hypercorn_serve
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..runtime.deployment_spec import DeploymentSpec
-from ..runtime.tree import Runtime, open_runtime
+from ..runtime.tree import open_runtime
 from .app import create_app
+from .state import GatewayState, state_of
 
 log = logging.getLogger("atomr_trio")
 ABORT_GRACE_S = 2.0  # after the shutdown timeout's abort: for the aborted requests' handlers to end
@@ -110,7 +111,7 @@ async def serve(settings: ServerSettings, *, task_status: Any = trio.TASK_STATUS
                 nursery.cancel_scope.cancel()
 
             if settings.handle_signals:
-                nursery.start_soon(_watch_signals, stop, nursery.cancel_scope, runtime)
+                nursery.start_soon(_watch_signals, stop, nursery.cancel_scope, state_of(app))
             nursery.start_soon(drain)
             binds = await nursery.start(http)
             serving = ", ".join(f"{d.name} ({d.state})" for d in runtime.manager.snapshot().deployments)
@@ -119,11 +120,11 @@ async def serve(settings: ServerSettings, *, task_status: Any = trio.TASK_STATUS
         log.info("atomr_trio stopped")
 
 
-async def _watch_signals(stop: trio.Event, scope: trio.CancelScope, runtime: Runtime) -> None:
+async def _watch_signals(stop: trio.Event, scope: trio.CancelScope, state: GatewayState) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGUSR1) as signals:
         async for sig in signals:
             if sig == signal.SIGUSR1:
-                log.info("actor tree: %s", json.dumps(runtime.tree(), indent=2))
+                log.info("actor tree: %s", json.dumps(state.tree(), indent=2))
             elif not stop.is_set():
                 log.info("%s: draining; a second signal stops at once", signal.Signals(sig).name)
                 stop.set()

@@ -9,7 +9,8 @@ handler is a plain module-level function.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 from quart import Quart, current_app
@@ -19,6 +20,7 @@ from ..runtime.deployment_manager import ManagerHandle
 from ..runtime.metrics import MetricsHandle
 from ..runtime.tree import Runtime
 from .protocol import APIError
+from .request_board import RequestBoard
 
 _KEY = "atomr_trio"
 
@@ -29,6 +31,7 @@ class GatewayState:
     api_keys: tuple[bytes, ...] = ()
     admin_keys: tuple[bytes, ...] = ()
     request_timeout: float | None = None  # seconds, where a deployment sets none
+    requests: RequestBoard = field(default_factory=RequestBoard)  # the live Request actors
 
     @property
     def manager(self) -> ManagerHandle:
@@ -46,6 +49,12 @@ class GatewayState:
                            code="model_not_found")
         return dep
 
+    def tree(self) -> dict[str, Any]:
+        """The Runtime's actor tree with the Gateway's node (its live requests) beside its actors."""
+        tree = self.runtime.tree()
+        tree["children"].append(self.requests.node(self.runtime.is_draining))
+        return tree
+
     def deadline_for(self, dep: DeploymentHandle) -> float:
         """When a request routed now must be over (trio clock; queueing included)."""
         timeout = dep.spec.request_timeout or self.request_timeout
@@ -56,7 +65,11 @@ def install(app: Quart, state: GatewayState) -> None:
     app.extensions[_KEY] = state
 
 
+def state_of(app: Quart) -> GatewayState:
+    state: GatewayState = app.extensions[_KEY]
+    return state
+
+
 def gateway_state() -> GatewayState:
     """The state of the app serving the current request."""
-    state: GatewayState = current_app.extensions[_KEY]
-    return state
+    return state_of(current_app)
