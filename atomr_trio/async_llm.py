@@ -57,13 +57,16 @@ class AsyncLLM:
         documents: list[dict[str, Any]] | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
         add_special_tokens: bool = False,
+        tools: list[dict[str, Any]] | None = None,
     ) -> tuple[str | None, list[int]]:
         """(text, token ids) of a conversation rendered by the model's chat template.
         `add_generation_prompt` defaults to `not continue_final_message`; `add_special_tokens`
-        adds the tokenizer's special tokens on top of what the template writes (vLLM's option)."""
+        adds the tokenizer's special tokens on top of what the template writes (vLLM's option);
+        `tools` (OpenAI's function tools) are shown to the model."""
         return chat_prompt(self.tokenizer, messages, add_generation_prompt,
                            continue_final_message=continue_final_message, documents=documents,
-                           chat_template_kwargs=chat_template_kwargs, add_special_tokens=add_special_tokens)
+                           chat_template_kwargs=chat_template_kwargs, add_special_tokens=add_special_tokens,
+                           tools=tools)
 
     # ---- requests ---------------------------------------------------------------------------
     def request(self, prompt: PromptType | None, params: SamplingParams | None = None,

@@ -62,6 +62,8 @@ MODEL_FLAGS = [
     Flag(DeploymentSpec, "name", "--served-model-name", note="(default: the model's file or directory name)"),
     *(Flag(DeploymentSpec, name) for name in EngineSettings.model_fields),
     Flag(DeploymentSpec, "replicas", "--data-parallel-size"),
+    Flag(DeploymentSpec, "enable_auto_tool_choice"),
+    Flag(DeploymentSpec, "tool_call_parser"),
 ]
 SERVER_FLAGS = [
     Flag(CommandLine, "config"),

@@ -117,16 +117,20 @@ class LLM:
         add_generation_prompt: bool | None = None,
         continue_final_message: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
         """Render each conversation with the model's chat template and generate. With
         `continue_final_message` the last message is left open for the model to continue
         (`add_generation_prompt` then defaults to false); `chat_template_kwargs` are template
-        variables."""
+        variables; `tools` (OpenAI's function tools) are shown to the model — to make it call
+        one, constrain the output (`SamplingParams(structured_outputs=...)`, e.g.
+        `tools.prompting.required_constraint(tools)`)."""
         engine = self.engine
         one = bool(messages) and isinstance(messages[0], Mapping)
         conversations: list[Any] = [messages] if one else list(messages)
         items = [engine.chat_prompt(list(c), add_generation_prompt, continue_final_message=continue_final_message,
-                                    chat_template_kwargs=chat_template_kwargs) for c in conversations]
+                                    chat_template_kwargs=chat_template_kwargs, tools=tools)
+                 for c in conversations]
         return self._run_batch(items, sampling_params, use_tqdm)
 
     def _run_batch(
@@ -157,6 +161,8 @@ class LLM:
 
         async def run_all() -> None:
             with self._in_flight():
+                for r in requests:  # a constraint that does not compile raises here, before any runs
+                    await r.prepare()
                 async with trio.open_nursery() as nursery:
                     for i in range(len(items)):
                         nursery.start_soon(one, i)

@@ -7,13 +7,15 @@ later, by the Context that owns the device (`weights()`), so a restart re-reads 
 from __future__ import annotations
 
 import importlib.util
+import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .grammar.compiler import GrammarCompiler
 from .model.config import ModelConfig, ModelLoadError
 from .model.gguf_file import GGUFFile
 from .model.hf_dir import hf_weights
@@ -45,6 +47,8 @@ class ModelSource:
     tokenizer: Tokenizer
     kind: str  # "gguf" | "hf"
     gguf: GGUFFile | None = None  # the parsed header, kept: parsing it again costs seconds
+    _grammars: GrammarCompiler | None = field(default=None, repr=False)
+    _grammars_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @staticmethod
     def open(model: str | Path | None) -> ModelSource:
@@ -63,6 +67,14 @@ class ModelSource:
             tok = Tokenizer.from_gguf(g.tokenizer_data(), str(path))
             return ModelSource(path, name, cfg, tok, "gguf", g)
         raise ModelLoadError(f"{path}: no such model file or directory")
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """The model's structured-output compiler (one per source, made on first use)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.tokenizer, self.config.vocab_size)
+            return self._grammars
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

@@ -30,8 +30,11 @@ from .engine.outbox import Outbox
 from .engine.validation import check_request, token_ids
 from .outputs import RequestError, RequestOutput, RequestTracker
 from .sampling_params import SamplingParams
+from .tools.conversation import with_tools
 
 if TYPE_CHECKING:
+    from xgrammar import CompiledGrammar
+
     from .engine.engine_config import EngineConfig
     from .engine.engine_core import EngineHandle
     from .model_source import ModelSource
@@ -73,15 +76,20 @@ def chat_prompt(
     documents: list[dict[str, Any]] | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
     add_special_tokens: bool = False,
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[str | None, list[int]]:
     """(text, token ids) of a conversation rendered by the model's chat template.
     `add_generation_prompt` defaults to `not continue_final_message`; `add_special_tokens`
-    adds the tokenizer's special tokens on top of what the template writes (vLLM's option)."""
+    adds the tokenizer's special tokens on top of what the template writes (vLLM's option);
+    `tools` (OpenAI's list) reach the template, or a system prompt when it does not render
+    them (tools.conversation), as do the conversation's tool calls and results."""
     if add_generation_prompt is None:
         add_generation_prompt = not continue_final_message
+    template = tokenizer.chat_template
+    messages, tools = with_tools(messages, tools, template is not None and template.renders_tools)
     text = tokenizer.apply_chat_template(
         messages, add_generation_prompt, continue_final_message=continue_final_message,
-        documents=documents, template_kwargs=chat_template_kwargs,
+        documents=documents, template_kwargs=chat_template_kwargs, tools=tools,
     )
     return text, tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
@@ -119,6 +127,16 @@ class Request:
         self.prompt, self.params = text, params
         self._source = source
         self._started = False
+        self._grammar: CompiledGrammar | None = None
+
+    async def prepare(self) -> None:
+        """Compile the request's output constraint (params.structured_outputs), off the Trio loop
+        and once per model and constraint; ValueError when it does not compile. `outputs` does
+        it too: a server calls it first, so that a bad constraint costs no admission."""
+        spec = self.params.structured_outputs
+        if spec is not None and self._grammar is None:
+            assert not isinstance(spec, dict)  # SamplingParams made it a StructuredOutputsParams
+            self._grammar = await self._source.grammars.compile(spec)
 
     async def outputs(self, engine: EngineHandle, *, delta: bool = False, deadline: float = math.inf
                       ) -> AsyncGenerator[RequestOutput, None]:
@@ -128,13 +146,14 @@ class Request:
         if self._started:
             raise RuntimeError(f"request {self.request_id!r} already ran")
         self._started = True
+        await self.prepare()
         rid = self.request_id
         outbox: Outbox[SeqDelta] = Outbox()
         tracker = RequestTracker(rid, self.prompt, self.prompt_ids, self.params, self._source.tokenizer,
                                  self._source.eos_token_ids)
         try:
             with trio.move_on_at(deadline) as sending:
-                await engine.add(AddRequest(rid, self.prompt_ids, self.params, outbox))
+                await engine.add(AddRequest(rid, self.prompt_ids, self.params, outbox, self._grammar))
             if sending.cancelled_caught:
                 raise DeadlineExceeded
             while not tracker.finished:

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+from .grammar.spec import StructuredOutputsParams
 
 # Upper bounds that keep one request from dominating memory or the sampler.
 MAX_N = 128
@@ -50,6 +53,9 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True  # False: nothing between special tokens in a row (when kept)
     priority: int = 0  # scheduling order: lower values first, then arrival
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens; -1: max_model_len
+    # The output follows this constraint (a JSON schema, regex, choice, grammar, ...); a dict
+    # is taken as StructuredOutputsParams' fields.
+    structured_outputs: StructuredOutputsParams | dict[str, Any] | None = None
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -121,6 +127,13 @@ class SamplingParams:
         _int_in("priority", self.priority, -(1 << 31), (1 << 31) - 1)
         if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens != -1:
             _int_in("truncate_prompt_tokens", self.truncate_prompt_tokens, 1, 1 << 30)
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as e:
+                raise ValueError(f"structured_outputs: {e}") from None
+        elif self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams or a dict of its fields")
 
     @property
     def greedy(self) -> bool:

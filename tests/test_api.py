@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import aclosing
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -216,20 +217,34 @@ def test_validation_errors_name_every_offending_entry(http: httpx.Client) -> Non
     assert "temperature:" in err["message"] and "top_p:" in err["message"]
 
 
-STRUCTURED = {
-    "guided_json": {"type": "object"}, "guided_regex": "a+", "guided_choice": ["yes", "no"],
-    "guided_grammar": "root ::= 'a'", "structured_outputs": {"json": {"type": "object"}},
-    "guided_decoding_backend": "xgrammar", "guided_whitespace_pattern": " ", "guided_json_object": True,
-    "structural_tag": "{}",
+# Each way to ask for an output constraint, and a check of what comes out (any weights).
+STRUCTURED: dict[str, tuple[Any, Callable[[str], bool]]] = {
+    "guided_json": ({"type": "object", "properties": {"k": {"enum": [1, 2]}}, "required": ["k"],
+                     "additionalProperties": False}, lambda t: json.loads(t)["k"] in (1, 2)),
+    "guided_regex": ("a{1,3}b", lambda t: t in ("ab", "aab", "aaab")),
+    "guided_choice": (["yes", "no"], lambda t: t in ("yes", "no")),
+    "guided_grammar": ('root ::= "x" | "yz"', lambda t: t in ("x", "yz")),
+    "structured_outputs": ({"choice": ["up", "down"]}, lambda t: t in ("up", "down")),
+    "response_format": ({"type": "json_schema", "json_schema": {"name": "b", "schema": {"type": "boolean"}}},
+                        lambda t: t in ("true", "false")),
+}
+MALFORMED = {
+    "guided_json": {"type": "nonsense"}, "guided_regex": "((", "guided_choice": [], "guided_grammar": "root ::= nope",
+    "structured_outputs": {"regex": "a", "choice": ["a"]}, "response_format": {"type": "yaml"},
 }
 
 
 @pytest.mark.parametrize("route", ["chat", "completions"])
-def test_structured_output_fields_are_refused_by_name(http: httpx.Client, route: str) -> None:
-    for name, value in STRUCTURED.items():
-        assert "structured output" in refused(post(http, route, {name: value}), name)
-    r = post(http, route, {"response_format": {"type": "json_object"}})
-    assert "structured output" in refused(r, "response_format")
+def test_structured_output_fields_are_honoured_or_refused_by_name(http: httpx.Client, route: str) -> None:
+    for name, (value, follows) in STRUCTURED.items():
+        r = post(http, route, {name: value, "max_tokens": 40, "temperature": 1.0, "n": 3})
+        assert r.status_code == 200, r.text
+        texts = [c["message"]["content"] if route == "chat" else c["text"] for c in r.json()["choices"]]
+        assert all(follows(t) for t in texts), (name, texts)
+    for name, value in MALFORMED.items():
+        refused(post(http, route, {name: value}), name)
+    r = post(http, route, {"guided_regex": "a", "guided_choice": ["a"]})
+    assert "one output constraint" in refused(r, "guided_choice")
     # unset (null) or a no-op value: served
     assert post(http, route, dict.fromkeys(STRUCTURED)).status_code == 200
     assert post(http, route, {"response_format": {"type": "text"}}).status_code == 200
@@ -238,8 +253,9 @@ def test_structured_output_fields_are_refused_by_name(http: httpx.Client, route:
 def test_the_openai_client_sees_the_refusal(server: Server) -> None:
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="tiny", messages=HI, extra_body={"guided_json": {"type": "object"}})
-    assert e.value.body["param"] == "guided_json"
+        client.chat.completions.create(model="tiny", messages=HI, extra_body={"guided_regex": "(("})
+    assert e.value.body["param"] == "guided_regex"
+    assert "does not compile" in e.value.body["message"]
 
 
 @pytest.mark.parametrize("route", ["chat", "completions"])
@@ -267,8 +283,20 @@ def test_chat_only_refusals(http: httpx.Client) -> None:
     r = post(http, "chat", {"top_logprobs": 3})
     assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
-    messages = [*HI, {"role": "assistant", "content": None, "tool_calls": [call]}, {"role": "user", "content": "ok"}]
-    refused(post(http, "chat", {"messages": messages}), "messages.1.tool_calls")
+    messages = [*HI, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "42"}]
+    assert post(http, "chat", {"messages": messages}).status_code == 200  # a tool's result, answered
+    assert "use tool_calls" in refused(post(http, "chat", {"messages": [
+        *HI, {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}}]}),
+        "messages.1.function_call")
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    refused(post(http, "chat", {"tool_choice": "required"}), "tool_choice")  # no tools
+    refused(post(http, "chat", {"tools": [tool], "tool_choice": {"type": "function", "function": {"name": "g"}}}),
+            "tool_choice")
+    refused(post(http, "chat", {"tools": [tool], "tool_choice": "auto"}), "tool_choice")  # auto is not enabled
+    refused(post(http, "chat", {"tools": [{"type": "function", "function": {"name": "bad name!"}}]}), "tools")
+    r = post(http, "chat", {"tools": [tool], "tool_choice": "required", "response_format": {"type": "json_object"}})
+    refused(r, "tool_choice")
     # a reply fed back as the openai client returns it (null and empty fields) is fine
     reply = {"role": "assistant", "content": "hello", "refusal": None, "annotations": [], "audio": None,
              "function_call": None, "tool_calls": None}

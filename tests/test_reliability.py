@@ -241,6 +241,30 @@ async def test_disconnects_abort_and_free_everything(server: Server) -> None:
         assert finished(text, "length") == finished(before, "length")
 
 
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 10}}, "required": ["city"]}}}
+
+
+def _deep(depth: int) -> dict:
+    schema: dict = {"type": "integer"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
+# Constraints that cost a compiler time or memory: refused by their size limits (400), or
+# compiled within the time limit.
+HOSTILE_FORMATS = [
+    {"type": "json_schema", "json_schema": {"name": "deep", "schema": _deep(200)}},
+    {"type": "json_schema", "json_schema": {"name": "enum", "schema": {"enum": [f"v{i}" for i in range(20000)]}}},
+    {"type": "json_schema", "json_schema": {"name": "big", "schema": {"enum": [f"v{i}" for i in range(3000)]}}},
+    {"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "nonsense"}}},
+    {"type": "json_schema", "json_schema": {"name": "no-schema"}},
+    {"type": "json_schema", "json_schema": {"name": "pattern", "schema": {"type": "string", "pattern": "(((("}}},
+    {"type": "json_object"}, {"type": "text"}, {"type": "yaml"},
+]
+
+
 def test_fuzzed_bodies_never_get_a_5xx(server: Server) -> None:
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import strategies as st
@@ -269,7 +293,17 @@ def test_fuzzed_bodies_never_get_a_5xx(server: Server) -> None:
         "stop_token_ids": st.one_of(st.none(), st.lists(st.integers(-5, 10**6), max_size=3), anything),
         "stream": st.booleans(), "logprobs": st.one_of(st.none(), st.booleans(), st.integers(-1, 30)),
         "ignore_eos": st.booleans(), "repetition_penalty": st.one_of(st.floats(-1, 3), anything),
-        "tools": st.one_of(st.none(), anything), "response_format": st.one_of(st.none(), anything),
+        "tools": st.one_of(st.none(), anything, st.just([WEATHER_TOOL])),
+        "tool_choice": st.one_of(st.none(), st.sampled_from(["auto", "required", "none"]), anything,
+                                 st.just({"type": "function", "function": {"name": "get_weather"}}),
+                                 st.just({"type": "function", "function": {"name": "nope"}})),
+        "parallel_tool_calls": st.one_of(st.none(), st.booleans(), anything),
+        "response_format": st.one_of(st.none(), anything, st.sampled_from(HOSTILE_FORMATS)),
+        "structured_outputs": st.one_of(st.none(), anything, st.fixed_dictionaries(
+            {}, optional={"regex": st.text(max_size=12), "choice": st.lists(st.text(max_size=5), max_size=3),
+                          "grammar": st.text(max_size=20), "json": anything})),
+        "guided_regex": st.one_of(st.none(), st.text(max_size=12)),
+        "guided_choice": st.one_of(st.none(), anything),
     }
     prompt = st.one_of(st.text(max_size=30), st.lists(st.integers(-5, 400), max_size=30),
                        st.lists(st.text(max_size=10), max_size=3), anything)

@@ -124,8 +124,13 @@ def test_error_contract(client: openai.OpenAI, server: Server) -> None:
         client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=5000)
     with pytest.raises(openai.BadRequestError) as e:
         tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
-        client.chat.completions.create(model=MODEL, messages=QUESTION, tools=[tool])
-    assert e.value.body["param"] == "tools"
+        client.chat.completions.create(model=MODEL, messages=QUESTION, tools=[tool], tool_choice="auto")
+    assert e.value.body["param"] == "tool_choice" and "--enable-auto-tool-choice" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=QUESTION, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {
+                "a": {"type": "string", "pattern": "(("}}}}})
+    assert e.value.body["param"] == "response_format" and "does not compile" in e.value.body["message"]
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="no-such-model", messages=QUESTION)
     with pytest.raises(openai.AuthenticationError):

@@ -10,13 +10,16 @@ fails the actor.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import trio
 
 from ..executor.sampler import TokenLogprobs
 from ..sampling_params import SamplingParams
 from .outbox import Outbox
+
+if TYPE_CHECKING:
+    from xgrammar import CompiledGrammar
 
 T = TypeVar("T")
 
@@ -86,6 +89,7 @@ class AddRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     outbox: Outbox[SeqDelta]
+    grammar: CompiledGrammar | None = None  # params.structured_outputs, compiled (Request.prepare)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 from ..executor.sampler import TokenLogprobs
+from ..grammar.matcher import Matcher
 from .block_manager import BlockManager
 from .engine_config import EngineConfig
 from .engine_stats import EngineStats
@@ -61,7 +62,8 @@ class RequestTable:
         seqs: list[Sequence] = []
         for i in range(msg.params.n):
             seq = Sequence(msg.request_id, i, list(msg.prompt_token_ids), len(msg.prompt_token_ids),
-                           msg.params, leader=seqs[0] if seqs else None)
+                           msg.params, leader=seqs[0] if seqs else None,
+                           matcher=Matcher(msg.grammar) if msg.grammar is not None else None)
             seqs.append(seq)
             self.scheduler.add(seq)
         self._live[msg.request_id] = _Live(seqs, msg.outbox)
@@ -74,6 +76,8 @@ class RequestTable:
         if msg.request_id in self._live:
             raise ValueError(f"request id {msg.request_id!r} is already in use")
         check_request(msg.prompt_token_ids, msg.params, self.cfg, self.vocab_size)
+        if msg.params.structured_outputs is not None and msg.grammar is None:
+            raise ValueError("structured_outputs: the request's grammar was not compiled (Request.prepare)")
 
     # ---- results and endings ------------------------------------------------------------------
     def emit(self, seq: Sequence, token: int | None, logprobs: TokenLogprobs | None, reason: str | None) -> None:

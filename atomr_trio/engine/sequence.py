@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..executor.sampler import TokenLogprobs
+from ..grammar.matcher import Matcher
 from ..sampling_params import SamplingParams
 
 _seq_counter = itertools.count()
@@ -53,6 +54,7 @@ class Sequence:
     # computed so far (position 0 has none); shipped once, with the delta that ends the prompt.
     prompt_logprobs: list[TokenLogprobs] | None = None
     prompt_logprobs_sent: bool = False
+    matcher: Matcher | None = None  # structured outputs: the grammar's state after output_token_ids
 
     def __post_init__(self) -> None:
         if self.params.prompt_logprobs is not None and self.index == 0:

@@ -3,7 +3,9 @@ the scheduler's output, and the StepResult applied back to the sequences.
 
 Invariants:
 - A StepBatch is a snapshot: it copies every list it takes from a Sequence, so the engine may
-  change sequences (abort them) while the step runs on the device thread.
+  change sequences (abort them) while the step runs on the device thread. The one live object
+  it holds, a sample's grammar matcher, is only read in the step and advanced here, when the
+  sampled token is applied.
 - A result is applied only to sequences that are still live: one aborted during the step keeps
   nothing of it. Applying is the only place a sequence gains computed or generated tokens.
 - Prompt-logprob rows are asked for exactly once per prompt position (`prompt_rows`), so a
@@ -38,6 +40,7 @@ def build_batch(sched: SchedulerOutput) -> StepBatch:
                 prompt_ids=seq.token_ids[: seq.num_prompt_tokens] if need_history else None,
                 output_ids=seq.output_token_ids if need_history else None,
                 num_output_tokens=seq.num_output_tokens,
+                matcher=seq.matcher,
             )
         items.append(BatchItem(seq.seq_id, seq.token_ids[c : c + n], c, list(seq.block_table), row,
                                prompt_rows(seq, c, n)))
@@ -88,6 +91,9 @@ class ResultApplier:
             j = row_of[seq.seq_id]
             tok = result.sampled.token_ids[j]
             self._append(seq, tok, now)
+            if seq.matcher is not None and not seq.matcher.accept(tok):
+                self.table.fail(seq.request_id, f"the sampled token {tok} is outside the request's grammar")
+                continue
             self.table.emit(seq, tok, result.sampled.logprobs[j], self._finish_reason(seq, tok))
 
     def _advance(self, seq: Sequence, num_new_tokens: int, start: int, result: StepResult) -> None:
@@ -113,6 +119,8 @@ class ResultApplier:
             return "stop"
         if p.stop_token_ids and tok in p.stop_token_ids:
             return "stop"
+        if seq.matcher is not None and seq.matcher.is_terminated:
+            return "stop"  # the grammar is complete
         if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
             return "length"
         if seq.num_tokens >= self.max_model_len:

@@ -7,6 +7,8 @@ Invariants:
   on what else is in the batch. Unseeded rows draw from the sampler's generator (one per
   engine, seeded from `EngineConfig.seed`); the process-wide torch RNG is never read or reseeded,
   so the user's own torch code and other engines in the process are not disturbed.
+- Constrained rows (a grammar's matcher) have every token their grammar forbids masked in one
+  batched op after penalties, bias and min_tokens; rows without one pay nothing.
 - Returned logprobs are log-softmax of the model's raw logits (before penalties, temperature and
   truncation), as vLLM and OpenAI report them.
 """
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..grammar.matcher import Matcher, mask_logits
 from ..sampling_params import SamplingParams
 
 
@@ -27,6 +30,7 @@ class SampleRow:
     prompt_ids: list[int] | None  # only when penalties are used
     output_ids: list[int] | None  # only when penalties or min_tokens are used
     num_output_tokens: int
+    matcher: Matcher | None = None  # the sample's grammar (structured outputs), read only here
 
 
 @dataclass
@@ -75,9 +79,9 @@ class Sampler:
                 ids = torch.tensor(list(r.params.logit_bias), dtype=torch.long)
                 vals = torch.tensor(list(r.params.logit_bias.values()), dtype=logits.dtype)
                 logits[i].index_add_(0, ids, vals)
-        blocked = [
+        blocked = [  # a grammar decides when a constrained row may stop
             i for i, r in enumerate(rows)
-            if r.num_output_tokens < r.params.min_tokens
+            if r.num_output_tokens < r.params.min_tokens and r.matcher is None
         ]
         for i in blocked:  # too early to stop: forbid EOS and the request's stop tokens
             stops = list(rows[i].params.stop_token_ids or [])
@@ -85,6 +89,8 @@ class Sampler:
                 stops += self.eos_token_ids
             if stops:
                 logits[i, stops] = float("-inf")
+        if any(r.matcher is not None for r in rows):
+            mask_logits(logits, [r.matcher for r in rows])
 
         greedy = torch.tensor([r.params.greedy for r in rows])
         if bool(greedy.all()):

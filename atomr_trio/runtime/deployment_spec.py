@@ -41,6 +41,11 @@ class DeploymentSpec(EngineSettings):
     token_budget: TokenBudget = Field(default_factory=TokenBudget)
     request_timeout: float | None = Field(
         default=None, gt=0, description="seconds a request may take, queueing included (default: the server's)")
+    enable_auto_tool_choice: bool = Field(
+        default=False, description="let the model decide whether to call tools (tool_choice 'auto', the default "
+                                   "when a chat request has tools); without it 'auto' is refused")
+    tool_call_parser: Literal["hermes", "llama3_json", "mistral"] = Field(
+        default="hermes", description="how tool calls are read from the model's text under tool_choice 'auto'")
     fail_at_step: int | None = Field(
         default=None, ge=1, description="test hook: a device Context fails at its N-th engine step")
     fail_times: int = Field(default=1, ge=1, description="test hook: how many Contexts in a row fail")

@@ -84,6 +84,12 @@ class Admitted:
     async def admit(self, requests: Sequence[Request]) -> EngineHandle:
         """Admit the requests in one message to the deployment: within its limits (429 past
         them, 503 when it cannot serve) it charges their tokens and picks the replica."""
+        for r in requests:  # an output constraint compiles first: a bad one is a 400 and costs nothing
+            try:
+                await r.prepare()
+            except ValueError as e:
+                spec = r.params.structured_outputs
+                raise bad_request(e, getattr(spec, "param", "structured_outputs")) from None
         admission = await self.dep.admit([(len(r.prompt_ids), r.params.n, r.params.max_tokens) for r in requests])
         self.held.enter_context(admission.ticket)
         self.board.mark(self.key, "admitted")

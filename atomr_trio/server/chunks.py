@@ -12,14 +12,18 @@ from typing import Any
 from ..outputs import CompletionOutput, Logprob, RequestOutput
 from ..text.tokenizer import Tokenizer
 from .openai_format import as_token_ids, chat_logprobs, completion_logprobs
+from .tool_calls import ToolMode, delta_fields, finish_reason
 
 
 class ChatChoices:
     """Chat: a role chunk per choice, then the echo (when there is one), then content deltas."""
 
-    def __init__(self, n: int, role: str, echo: str, logprobs: int | None, as_ids: bool) -> None:
+    def __init__(self, n: int, role: str, echo: str, logprobs: int | None, as_ids: bool,
+                 tools: ToolMode | None = None) -> None:
         self._n, self._role, self._echo = n, role, echo
         self._logprobs, self._as_ids = logprobs, as_ids
+        self._tool_streams = [tools.stream() for _ in range(n)] if tools is not None else None
+        self._called = [False] * n
 
     def opening(self) -> list[list[dict[str, Any]]]:
         groups = [[{"index": i, "delta": {"role": self._role, "content": ""}, "logprobs": None,
@@ -31,11 +35,25 @@ class ChatChoices:
 
     def choice(self, delta: RequestOutput, o: CompletionOutput) -> dict[str, Any] | None:
         k = self._logprobs
-        if not (o.text or o.finish_reason or (o.logprobs and k is not None)):
+        fields = self._delta(o)
+        if not (fields or o.finish_reason or (o.logprobs and k is not None)):
             return None
-        return {"index": o.index, "delta": {"content": o.text} if o.text else {},
+        return {"index": o.index, "delta": fields,
                 "logprobs": chat_logprobs(as_token_ids(o, self._as_ids), k) if k is not None else None,
-                "finish_reason": o.finish_reason}
+                "finish_reason": finish_reason(o.finish_reason, self._called[o.index])}
+
+    def _delta(self, o: CompletionOutput) -> dict[str, Any]:
+        """The choice's new content, or with tools the content and tool-call fragments read from it."""
+        if self._tool_streams is None:
+            return {"content": o.text} if o.text else {}
+        reader = self._tool_streams[o.index]
+        d = reader.feed(o.text)
+        if o.finish_reason:
+            end = reader.finish()
+            d.content += end.content
+            d.tool_calls.extend(end.tool_calls)
+        self._called[o.index] = self._called[o.index] or bool(d.tool_calls)
+        return delta_fields(d)
 
 
 class CompletionChoices:

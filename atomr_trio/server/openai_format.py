@@ -15,6 +15,7 @@ from typing import Any
 from ..outputs import CompletionOutput, Logprob, RequestOutput
 from ..runtime.deployment_state import DeploymentSnapshot
 from ..text.tokenizer import Tokenizer
+from .tool_calls import ToolMode, finish_reason, message_fields
 
 
 def usage(outs: list[RequestOutput], completion: int | None = None) -> dict[str, Any]:
@@ -127,14 +128,22 @@ def completion_logprobs(tokenizer: Tokenizer, o: CompletionOutput, k: int,
 
 
 def chat_completion(rid: str, model: str, out: RequestOutput, role: str, echo: str, logprobs: int | None,
-                    as_ids: bool) -> dict[str, Any]:
-    """A finished chat completion's body."""
-    choices = [{
-        "index": o.index,
-        "message": {"role": role, "content": echo + o.text},
-        "logprobs": chat_logprobs(as_token_ids(o, as_ids), logprobs) if logprobs is not None else None,
-        "finish_reason": o.finish_reason,
-    } for o in out.outputs]
+                    as_ids: bool, tools: ToolMode | None = None) -> dict[str, Any]:
+    """A finished chat completion's body; with `tools`, calls read from each choice's text."""
+    choices = []
+    for o in out.outputs:
+        message: dict[str, Any] = {"role": role, "content": echo + o.text}
+        called = False
+        if tools is not None:
+            parsed = tools.parse(o.text)
+            message = {"role": role, **message_fields(parsed)}
+            called = bool(parsed.tool_calls)
+        choices.append({
+            "index": o.index,
+            "message": message,
+            "logprobs": chat_logprobs(as_token_ids(o, as_ids), logprobs) if logprobs is not None else None,
+            "finish_reason": finish_reason(o.finish_reason, called),
+        })
     return {"id": rid, "object": "chat.completion", "created": int(time.time()),
             "model": model, "choices": choices, "usage": usage([out]),
             "prompt_logprobs": prompt_logprobs(out)}

@@ -26,6 +26,7 @@ from .openai_format import chat_completion, model_card, text_completion, text_of
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, check_request_id
 from .sse import Part
 from .state import gateway_state
+from .tool_calls import tool_mode
 
 if TYPE_CHECKING:
     from ..model_source import ModelSource
@@ -132,11 +133,13 @@ async def chat_completions() -> Any:
 async def _chat(body: ChatCompletionRequest, adm: Admitted) -> Any:
     rid = f"chatcmpl-{_request_id(body)}"
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    tools = tool_mode(body, adm.dep.spec)
     try:
         _, ids = chat_prompt(
             adm.source.tokenizer, messages, body.generation_prompt,
             continue_final_message=body.continue_final_message, documents=body.documents,
-            chat_template_kwargs=body.template_kwargs(), add_special_tokens=body.add_special_tokens)
+            chat_template_kwargs=body.template_kwargs(), add_special_tokens=body.add_special_tokens,
+            tools=body.tools)
     except ChatTemplateError as e:
         raise APIError(400, str(e), param="messages") from None
     # vLLM's reply role: the assistant's, or the last message's when no generation prompt opens a turn
@@ -145,15 +148,16 @@ async def _chat(body: ChatCompletionRequest, adm: Admitted) -> Any:
     ids = adm.truncated(ids, body.truncate_prompt_tokens)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     asked = body.max_completion_tokens or body.max_tokens
-    params = body.sampling_params(adm.max_tokens(len(ids), asked), logprobs, body.prompt_logprobs)
+    constraint = tools.constraint() if tools is not None and tools.choice != "auto" else body.constraint()
+    params = body.sampling_params(adm.max_tokens(len(ids), asked), logprobs, body.prompt_logprobs, constraint)
     req = adm.request(rid, ids, params)
     await adm.admit([req])
     if body.stream:
-        choices = ChatChoices(params.n, role, echo, logprobs, body.return_tokens_as_token_ids)
+        choices = ChatChoices(params.n, role, echo, logprobs, body.return_tokens_as_token_ids, tools)
         return adm.stream(rid, "chat.completion.chunk", [Part(req, choices)], body.stream_options)
     out = await adm.finish(req)
     adm.outcome("success")
-    return chat_completion(rid, adm.dep.name, out, role, echo, logprobs, body.return_tokens_as_token_ids)
+    return chat_completion(rid, adm.dep.name, out, role, echo, logprobs, body.return_tokens_as_token_ids, tools)
 
 
 @openai_routes.post("/v1/completions")
@@ -166,8 +170,10 @@ async def completions() -> Any:
 async def _complete(body: CompletionRequest, adm: Admitted) -> Any:
     rid = f"cmpl-{_request_id(body)}"
     jobs = _prompts(body, adm)
+    constraint = body.constraint()
     reqs = [adm.request(f"{rid}-{i}", ids, body.sampling_params(adm.max_tokens(len(ids), body.max_tokens),
-                                                                body.logprobs, body.prompt_logprobs_k), text)
+                                                                body.logprobs, body.prompt_logprobs_k, constraint),
+                        text)
             for i, (text, ids) in enumerate(jobs)]
     await adm.admit(reqs)
     tokenizer = adm.source.tokenizer

@@ -4,14 +4,17 @@ Invariant: a body that validates here maps onto SamplingParams without surprises
 client sends is silently dropped. Every top-level field is one of:
 - honoured: a field of the models below;
 - refused with a 400 naming it (`check()`): a feature of vLLM or OpenAI this server does not
-  implement (structured outputs, beam search, tools, ...), whenever it is set to anything but its
-  no-op value (`REFUSED`; any `guided_*` field too);
+  implement (beam search, logits processors, ...), whenever it is set to anything but its
+  no-op value (`REFUSED`);
 - ignored (`IGNORED`): fields OpenAI clients send routinely that change nothing in the output
   (`metadata`, `store`, `service_tier`, ...);
 - unknown: refused with a 400 as well, so that a misspelt parameter is never mistaken for one
   that took effect.
 A field set to null counts as absent. Chat messages pass every key through to the chat template,
-as transformers does, except `tool_calls`, `function_call` and `audio`, which are refused.
+as transformers does, except `function_call` and `audio`, which are refused.
+Output constraints come from one of `response_format`, `structured_outputs` or vLLM's older
+`guided_*` fields (`constraint()`), and for chat from `tool_choice` "required" or a named
+function; giving two is a 400 naming the second.
 """
 
 from __future__ import annotations
@@ -20,18 +23,21 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..grammar.spec import StructuredOutputsParams
 from ..sampling_params import SamplingParams
 from ..text.chat_template import RESERVED_VARIABLES
+from ..tools.prompting import check_tools
 
 MAX_MESSAGES = 1024  # messages in one chat request
 MAX_PROMPTS = 256  # prompts in one completions request
 MAX_REQUEST_ID = 256  # characters of a client-given request id
 
-_NO_STRUCTURED = "structured output (constrained decoding) is not implemented, so the text would not follow it"
 # Known fields this server does not implement: refused when set to anything but their no-op value.
 REFUSED: dict[str, str] = {
-    "structured_outputs": _NO_STRUCTURED,
-    "structural_tag": _NO_STRUCTURED,
+    "structural_tag": "give it as structured_outputs.structural_tag or response_format",
+    "guided_whitespace_pattern": "JSON whitespace is compact, or free with "
+                                 "structured_outputs.disable_any_whitespace=false",
+    "guided_decoding_backend": "xgrammar is the only structured-output backend",
     "logits_processors": "custom logits processors are not supported",
     "allowed_token_ids": "restricting the vocabulary is not implemented",
     "bad_words": "banned words are not implemented",
@@ -46,8 +52,8 @@ REFUSED: dict[str, str] = {
     "min_repetition_pattern_size": "repetition detection is not implemented",
     "repetition_min_count": "repetition detection is not implemented",
     "include_reasoning": "there is no reasoning parser; reasoning stays in the content",
-    "functions": "tools are not supported",
-    "function_call": "tools are not supported",
+    "functions": "the deprecated functions API is not implemented; use tools",
+    "function_call": "the deprecated functions API is not implemented; use tool_choice",
     "audio": "there is no audio output",
     "modalities": "the only output modality is text",
     "prediction": "predicted outputs are not implemented",
@@ -141,14 +147,35 @@ class _Common(BaseModel):
     use_beam_search: bool = False
     length_penalty: float = 1.0  # beam search only
     response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def constraint(self) -> StructuredOutputsParams | None:
+        """The body's output constraint, if it asks for one (a 400 for a bad or a second one)."""
+        found: list[StructuredOutputsParams] = []
+        rf = self.response_format
+        if rf is not None:
+            found.extend(_from_response_format(rf))
+        if self.structured_outputs is not None:
+            fields = {k: v for k, v in self.structured_outputs.items() if k not in _SO_NO_OP}
+            found.append(_structured("structured_outputs", **fields))
+        for kind in ("json", "regex", "choice", "grammar"):
+            value = getattr(self, f"guided_{kind}")
+            if value is not None:
+                found.append(_structured(f"guided_{kind}", **{kind: value}))
+        if len(found) > 1:
+            raise APIError(400, f"give one output constraint, not {found[0].param} and {found[1].param}",
+                           param=found[1].param)
+        return found[0] if found else None
 
     def check(self) -> None:
         """Refuse what this server does not implement (a 400 naming the field)."""
         for name, value in (self.model_extra or {}).items():
             if name in IGNORED or not _is_set(name, value):
                 continue
-            if name.startswith("guided_"):
-                raise unsupported(name, _NO_STRUCTURED)
             if name in REFUSED:
                 raise unsupported(name, REFUSED[name])
             shown = name if len(name) <= 100 else name[:100] + "..."  # the body may be megabytes
@@ -159,8 +186,7 @@ class _Common(BaseModel):
             raise unsupported("use_beam_search", "beam search is not implemented")
         if self.length_penalty != 1.0:
             raise unsupported("length_penalty", "it applies to beam search, which is not implemented")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise unsupported("response_format", _NO_STRUCTURED)
+        self.constraint()  # a 400 now for a malformed one
         if self.truncate_prompt_tokens is not None and not (
                 self.truncate_prompt_tokens == -1 or self.truncate_prompt_tokens >= 1):
             raise APIError(400, f"truncate_prompt_tokens must be -1 (the context length) or >= 1, got "
@@ -175,8 +201,8 @@ class _Common(BaseModel):
                            param="prompt_logprobs")
         return self
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                        prompt_logprobs: int | None = None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
+                        constraint: StructuredOutputsParams | None = None) -> SamplingParams:
         try:
             return SamplingParams(
                 n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
@@ -190,6 +216,7 @@ class _Common(BaseModel):
                 spaces_between_special_tokens=self.spaces_between_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 truncate_prompt_tokens=self.truncate_prompt_tokens, priority=self.priority,
+                structured_outputs=constraint,
             )
         except ValueError as e:
             raise APIError(400, str(e), param=_param_of(str(e))) from e
@@ -197,7 +224,7 @@ class _Common(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # other keys go to the chat template as they are
-    role: Literal["system", "user", "assistant", "developer"]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
 
@@ -209,6 +236,7 @@ class ChatCompletionRequest(_Common):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None  # False: one call at most (tool_choice "required")
     echo: bool = False  # prepend the last message when the reply has its role
     add_generation_prompt: bool | None = None  # default: not continue_final_message
     continue_final_message: bool = False
@@ -220,10 +248,13 @@ class ChatCompletionRequest(_Common):
 
     def check(self) -> None:
         super().check()
-        if self.tools:
-            raise unsupported("tools")
-        if self.tool_choice not in (None, "none"):
-            raise unsupported("tool_choice")
+        try:
+            check_tools(self.tools, self.tool_choice)
+        except ValueError as e:
+            raise APIError(400, str(e), param=str(e).split(":", 1)[0]) from None
+        if self.tool_choice not in (None, "none", "auto") and self.constraint() is not None:
+            raise APIError(400, "tool_choice 'required' or a named function constrains the output itself; "
+                                "it cannot be combined with another output constraint", param="tool_choice")
         if self.chat_template:
             raise unsupported("chat_template", "a template runs on the server, so only the model's own "
                                                "template is used; vLLM refuses it too unless trusted")
@@ -238,9 +269,9 @@ class ChatCompletionRequest(_Common):
         if self.top_logprobs and not self.logprobs:
             raise APIError(400, "when using `top_logprobs`, `logprobs` must be set to true", param="top_logprobs")
         for i, m in enumerate(self.messages):
-            for key in ("tool_calls", "function_call", "audio"):
+            for key in ("function_call", "audio"):
                 if _is_set(key, (m.model_extra or {}).get(key)):
-                    raise unsupported(f"messages.{i}.{key}", "tools are not supported" if key != "audio"
+                    raise unsupported(f"messages.{i}.{key}", "use tool_calls" if key != "audio"
                                       else "there is no audio input")
 
     @property
@@ -288,6 +319,41 @@ class CompletionRequest(_Common):
         super().check()
         if self.suffix:
             raise unsupported("suffix")
+
+
+# vLLM's structured_outputs fields that ask for what happens here anyway: no fallback backend,
+# JSON objects closed to undeclared properties (strict schemas).
+_SO_NO_OP = ("disable_fallback", "disable_additional_properties", "backend", "_backend")
+
+
+def _structured(param: str, **fields: Any) -> StructuredOutputsParams:
+    try:
+        return StructuredOutputsParams(**fields, param=param)
+    except TypeError as e:
+        unknown = str(e).split("argument", 1)[-1].strip(" '")
+        raise APIError(400, f"{param}: '{unknown}' is not a field of it", param=param) from None
+    except ValueError as e:
+        raise APIError(400, str(e), param=param) from None
+
+
+def _from_response_format(rf: dict[str, Any]) -> list[StructuredOutputsParams]:
+    """OpenAI's response_format: text (no constraint), json_object, json_schema; vLLM's
+    structural_tag."""
+    kind = rf.get("type")
+    if kind == "text":
+        return []
+    if kind == "json_object":
+        return [_structured("response_format", json_object=True)]
+    if kind == "json_schema":
+        spec = rf.get("json_schema")
+        if not isinstance(spec, dict) or "schema" not in spec and "json_schema" not in spec:
+            raise APIError(400, "response_format: json_schema needs {'name': ..., 'schema': {...}}",
+                           param="response_format")
+        return [_structured("response_format", json=spec.get("schema", spec.get("json_schema")))]
+    if kind == "structural_tag":
+        return [_structured("response_format", structural_tag=rf)]
+    raise APIError(400, f"response_format: type must be 'text', 'json_object', 'json_schema' or "
+                        f"'structural_tag', got {kind!r}", param="response_format")
 
 
 def _param_of(message: str) -> str | None:

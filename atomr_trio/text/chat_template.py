@@ -12,7 +12,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-from jinja2 import TemplateError
+from jinja2 import TemplateError, meta
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -47,6 +47,8 @@ class ChatTemplate:
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         self._template = env.from_string(source)
         self._bos, self._eos = bos_token, eos_token
+        # Whether the template reads `tools` (else a request's tools need another way in).
+        self.renders_tools = "tools" in meta.find_undeclared_variables(env.parse(source))
 
     def render(
         self,
@@ -56,10 +58,11 @@ class ChatTemplate:
         continue_final_message: bool = False,
         documents: list[dict[str, Any]] | None = None,
         extra: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
         """The prompt text. `continue_final_message` leaves the last message open (no end-of-turn
-        after its text) so the model continues it; `documents` and `extra` (chat_template_kwargs)
-        are template variables."""
+        after its text) so the model continues it; `documents`, `tools` (OpenAI's tool list) and
+        `extra` (chat_template_kwargs) are template variables."""
         if continue_final_message and add_generation_prompt:
             raise ChatTemplateError("continue_final_message and add_generation_prompt cannot both be set: "
                                     "the first continues the last message, the second starts a new one")
@@ -76,7 +79,7 @@ class ChatTemplate:
             text: str = self._template.render(
                 **variables,
                 messages=msgs,
-                tools=None,
+                tools=tools or None,
                 documents=documents,
                 add_generation_prompt=add_generation_prompt,
             )

@@ -54,6 +54,11 @@ class Tokenizer:
             else None
         )
 
+    @property
+    def backend(self) -> HFTokenizer:
+        """The `tokenizers` Tokenizer underneath (its vocabulary, for grammar compilers)."""
+        return self._tok
+
     # ---- construction ------------------------------------------------------------------
     @staticmethod
     def from_hf_dir(path: Path, eos_token_ids: Sequence[int]) -> Tokenizer:
@@ -169,6 +174,7 @@ class Tokenizer:
         continue_final_message: bool = False,
         documents: list[dict[str, Any]] | None = None,
         template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
         if self.chat_template is None:
             raise ChatTemplateError(
@@ -181,6 +187,7 @@ class Tokenizer:
             continue_final_message=continue_final_message,
             documents=documents,
             extra=template_kwargs,
+            tools=tools,
         )
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
