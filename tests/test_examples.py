@@ -28,6 +28,13 @@ def test_quickstart() -> None:
     assert "sample 0:" in out and "sample 1:" in out
 
 
+def test_structured_output() -> None:
+    out = _run(sys.executable, str(EXAMPLES / "structured_output.py"))
+    events = [line for line in out.splitlines() if line.startswith("event: Event(")]
+    assert len(events) == 3 and "kind='conference'" in events[1]
+    assert "tool call: book_table({'people': 4, 'time': '19:30'})" in out
+
+
 def test_trio_app() -> None:
     out = _run(sys.executable, str(EXAMPLES / "trio_app.py"))
     assert out.count(" -> ") == 3 and "HTTP:" in out

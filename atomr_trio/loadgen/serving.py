@@ -130,6 +130,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     tok = await trio.to_thread.run_sync(load_tokenizer, args.tokenizer)
     prompts = make_prompts(tok, args.num_prompts, args.input_len, args.seed)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    extra = json.loads(args.extra_body) if args.extra_body else {}
+    if not isinstance(extra, dict):
+        raise SystemExit("--extra-body must be a JSON object")
     url = args.base_url.rstrip("/") + args.endpoint
     results: list[RequestResult] = []
     limit = trio.CapacityLimiter(args.max_concurrency or max(1, args.num_prompts))
@@ -143,6 +146,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         "temperature": 0.0, "stream_options": {"include_usage": True}}
                 if args.ignore_eos:
                     body.update(ignore_eos=True, min_tokens=args.output_len)
+                body.update(extra)
                 res = await one_request(client, url, body)
                 if res.ok and not res.output_tokens:  # no usage in the stream (llama.cpp): count like vLLM does
                     res.output_tokens = len(tok.encode(res.text, add_special_tokens=False))
@@ -196,6 +200,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="force exactly --output-len tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--goodput", nargs="*", default=[], help="SLOs like ttft:500 tpot:50 e2el:5000 (ms)")
+    p.add_argument("--extra-body", help="a JSON object merged into every request body "
+                                        "(e.g. a response_format or structured_outputs)")
     p.add_argument("--api-key")
     p.add_argument("--result-file", help="write the results as JSON here")
 

@@ -11,6 +11,7 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -150,6 +151,8 @@ async def _chat(body: ChatCompletionRequest, adm: Admitted) -> Any:
     asked = body.max_completion_tokens or body.max_tokens
     constraint = tools.constraint() if tools is not None and tools.choice != "auto" else body.constraint()
     params = body.sampling_params(adm.max_tokens(len(ids), asked), logprobs, body.prompt_logprobs, constraint)
+    if tools is not None and tools.parser == "mistral":  # its [TOOL_CALLS] marker is a special token
+        params = dataclasses.replace(params, skip_special_tokens=False)
     req = adm.request(rid, ids, params)
     await adm.admit([req])
     if body.stream:
