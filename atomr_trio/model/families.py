@@ -11,11 +11,18 @@ import torch
 
 from .config import SUPPORTED_ARCHITECTURES, ModelConfig, ModelLoadError
 from .llama import LlamaModel
+from .moe import MixtralModel, Qwen3MoeModel
+from .phi3 import Phi3Model
+from .qwen3 import Qwen3Model
 
 MODEL_CLASSES: dict[str, type[LlamaModel]] = {
     "llama": LlamaModel,
     "mistral": LlamaModel,
     "qwen2": LlamaModel,
+    "qwen3": Qwen3Model,
+    "qwen3_moe": Qwen3MoeModel,
+    "mixtral": MixtralModel,
+    "phi3": Phi3Model,
 }
 assert set(MODEL_CLASSES) == set(SUPPORTED_ARCHITECTURES.values())
 
