@@ -26,15 +26,26 @@ def write_tiny_model(path: Path, arch: str = "qwen2", seed: int = 0, max_positio
                      chat_template: str | None = TINY_CHAT_TEMPLATE) -> None:
     """A byte-level BPE tokenizer with no merges (vocab = 256 bytes + 2 specials) and a
     2-layer model of the given architecture (Qwen2 with non-zero q/k/v biases), saved in
-    safetensors shards of at most ~200 kB. `chat_template=None` writes no chat template."""
+    safetensors shards of at most ~200 kB. `chat_template=None` writes no chat template.
+    The other families (test_families.py): "qwen3" (head_dim 32, not hidden / heads = 16, and
+    q/k norm weights away from 1), "qwen3_moe" (4 experts, top-2, layer 1 dense), "mixtral"
+    (4 experts, top-2) and "phi3" (fused qkv_proj and gate_up_proj)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import (
         LlamaConfig,
         LlamaForCausalLM,
         MistralConfig,
         MistralForCausalLM,
+        MixtralConfig,
+        MixtralForCausalLM,
+        Phi3Config,
+        Phi3ForCausalLM,
         Qwen2Config,
         Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
     )
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -55,18 +66,35 @@ def write_tiny_model(path: Path, arch: str = "qwen2", seed: int = 0, max_positio
         "qwen2": (Qwen2Config, Qwen2ForCausalLM),
         "mistral": (MistralConfig, MistralForCausalLM),
         "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+        "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
+        "mixtral": (MixtralConfig, MixtralForCausalLM),
+        "phi3": (Phi3Config, Phi3ForCausalLM),
     }[arch]
-    cfg = config_cls(
-        vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions, rope_theta=10000.0,
-        tie_word_embeddings=arch == "llama", eos_token_id=im_end, initializer_range=0.2,
-    )
+    family: dict = {
+        "qwen3": {"head_dim": 32},
+        "qwen3_moe": {"head_dim": 32, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
+                      "mlp_only_layers": [1], "norm_topk_prob": False},
+        "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 96},
+        "phi3": {"pad_token_id": 0, "bos_token_id": None},
+    }.get(arch, {})
+    cfg = config_cls(**{
+        "vocab_size": tok.get_vocab_size(), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": max_positions,
+        "rope_theta": 10000.0, "tie_word_embeddings": arch == "llama", "eos_token_id": im_end,
+        "initializer_range": 0.2, **family,
+    })
     model = model_cls(cfg).float()
     if arch == "qwen2":
         with torch.no_grad():
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0.0, 0.5)
+    if arch in ("qwen3", "qwen3_moe"):  # norms initialise to ones: make them matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_norm.weight.normal_(1.0, 0.3)
+                layer.self_attn.k_norm.weight.normal_(1.0, 0.3)
     model.save_pretrained(str(path), max_shard_size="200KB", safe_serialization=True)
 
 

@@ -11,7 +11,7 @@ import torch
 
 from ..engine.engine_config import EngineConfig
 from ..model import cpu_kernels
-from ..model.llama import LlamaModel
+from ..model.families import build_model
 from ..model_source import ModelSource
 from .model_runner import ModelRunner, StepBatch, StepResult
 from .sampler import Sampler
@@ -32,7 +32,7 @@ class Context:
         self.broken = False
         rng = torch.Generator(device=cfg.device).manual_seed(cfg.seed)  # this engine's own, for unseeded rows
         mc = source.config
-        model = LlamaModel(mc, cfg.torch_dtype, cfg.max_model_len)
+        model = build_model(mc, cfg.torch_dtype, cfg.max_model_len)
         model.load_weights(source.weights(), source.path)
         self.plan: cpu_kernels.KernelPlan | None = None
         if torch.device(cfg.device).type == "cpu":

@@ -15,7 +15,11 @@ from typing import Any
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
+    "MixtralForCausalLM": "mixtral",
+    "Phi3ForCausalLM": "phi3",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 
 
@@ -25,7 +29,7 @@ class ModelLoadError(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    architecture: str  # "llama" | "mistral" | "qwen2"
+    architecture: str  # a value of SUPPORTED_ARCHITECTURES
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -42,6 +46,15 @@ class ModelConfig:
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    # the other families (qwen3.py, moe.py, phi3.py): RMSNorm per head on q and k before rope
+    qk_norm: bool = False
+    # mixture of experts: 0 experts is a dense model; an MoE layer's experts are
+    # `moe_intermediate_size` wide, and the layers in `dense_layers` keep the dense MLP
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    dense_layers: tuple[int, ...] = ()
 
     @staticmethod
     def from_hf_dir(path: Path) -> ModelConfig:
@@ -79,6 +92,10 @@ class ModelConfig:
         if gen_path.is_file():
             eos = json.loads(gen_path.read_text()).get("eos_token_id", eos)
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        partial = rope_params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+        if float(partial) != 1.0:
+            raise ModelLoadError(f"{cfg_path}: field 'partial_rotary_factor' = {partial} is not supported "
+                                 "(rope over the whole head only)")
         return ModelConfig(
             architecture=arch,
             vocab_size=int(need("vocab_size")),
@@ -97,7 +114,11 @@ class ModelConfig:
             sliding_window=int(sliding) if sliding else None,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),
+            **_family_fields(arch, cfg, need),
         )
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.num_experts > 0 and i not in self.dense_layers
 
     @property
     def max_model_len(self) -> int:
@@ -105,3 +126,23 @@ class ModelConfig:
         if self.sliding_window:
             return min(self.max_position_embeddings, self.sliding_window)
         return self.max_position_embeddings
+
+
+def _family_fields(arch: str, cfg: dict[str, Any], need: Any) -> dict[str, Any]:
+    """The fields beyond the Llama decoder's that `arch`'s config.json sets."""
+    if arch == "qwen3":
+        return {"qk_norm": True}
+    if arch == "mixtral":
+        return {"num_experts": int(need("num_local_experts")), "num_experts_per_tok": int(need("num_experts_per_tok")),
+                "moe_intermediate_size": int(need("intermediate_size")), "norm_topk_prob": True}
+    if arch == "qwen3_moe":
+        # released checkpoints say num_experts; transformers 5 saves it as num_local_experts
+        n = int(cfg["num_experts"] if "num_experts" in cfg else need("num_local_experts"))
+        step = int(cfg.get("decoder_sparse_step", 1))
+        only_dense = {int(i) for i in cfg.get("mlp_only_layers") or []}
+        dense = tuple(i for i in range(int(need("num_hidden_layers")))
+                      if i in only_dense or step <= 0 or (i + 1) % step != 0)
+        return {"qk_norm": True, "num_experts": n, "num_experts_per_tok": int(need("num_experts_per_tok")),
+                "moe_intermediate_size": int(need("moe_intermediate_size")),
+                "norm_topk_prob": bool(cfg.get("norm_topk_prob", False)), "dense_layers": dense}
+    return {}

@@ -1,7 +1,11 @@
 """Read a Llama-family GGUF file: config, dequantized weights under HF names, tokenizer pieces.
 
 Invariant: weights come out exactly as an HF checkpoint would hold them — llama.cpp's row
-permutation of attn_q / attn_k (llama architecture only) is undone here, nowhere else.
+permutation of attn_q / attn_k (llama architecture only, Mixtral included; qwen2/qwen3/phi3
+files are not permuted) is undone here, nowhere else. Tensors with no single HF counterpart
+keep a name the family module splits: phi3's `attn_qkv` / `ffn_up` (gate|up) become
+`self_attn.qkv_proj` / `mlp.gate_up_proj` (phi3.py), stacked `ffn_*_exps` [E, ...] become
+`mlp.experts.{gate,up,down}_proj.weight` (moe.py).
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import numpy as np
 from .config import ModelConfig, ModelLoadError
 from .gguf_header import GGUFHeader
 
-_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+# general.architecture -> ModelConfig.architecture ("llama" with llama.expert_count > 0 is Mixtral)
+_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe",
+          "phi3": "phi3"}
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -28,7 +34,16 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_qkv": "self_attn.qkv_proj",
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
 }
+_PHI3_NAMES = {**_LAYER_NAMES, "ffn_up": "mlp.gate_up_proj"}  # phi3's ffn_up holds gate|up
+_EXPERT_NAMES = {"ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj"}
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
@@ -76,15 +91,34 @@ class GGUFFile:
         tokens = self.field("tokenizer.ggml.tokens", None)
         vocab = int(self.field(f"{a}.vocab_size", len(tokens) if tokens else 0))
         eos = self.field("tokenizer.ggml.eos_token_id", None)
+        n_layers = int(self.field(f"{a}.block_count"))
+        ffn = int(self.field(f"{a}.feed_forward_length", 0))
+        experts = int(self.field(f"{a}.expert_count", 0))
+        arch = "mixtral" if a == "llama" and experts else _ARCHS[a]
+        head_dim = int(self.field(f"{a}.attention.key_length", hidden // n_heads))
+        rot = self.field(f"{a}.rope.dimension_count", None)
+        if rot is not None and int(rot) != head_dim:  # e.g. Phi-4-mini: rope over 3/4 of each head
+            raise ModelLoadError(f"{self.path}: field '{a}.rope.dimension_count' = {rot} is not supported "
+                                 f"(rope over the whole head, {head_dim}, only)")
+        moe: dict[str, Any] = {}
+        if experts:
+            moe = {
+                "num_experts": experts,
+                "num_experts_per_tok": int(self.field(f"{a}.expert_used_count")),
+                "moe_intermediate_size": int(self.field(f"{a}.expert_feed_forward_length", ffn)),
+                "norm_topk_prob": bool(self.field(f"{a}.expert_weights_norm", True)),
+                "dense_layers": tuple(i for i in range(n_layers) if f"blk.{i}.ffn_gate_inp.weight" not in names),
+            }
         return ModelConfig(
-            architecture=_ARCHS[a],
+            architecture=arch,
             vocab_size=vocab,
             hidden_size=hidden,
-            intermediate_size=int(self.field(f"{a}.feed_forward_length")),
-            num_layers=int(self.field(f"{a}.block_count")),
+            # an all-MoE file may give only the experts' width
+            intermediate_size=ffn or moe.get("moe_intermediate_size") or int(self.field(f"{a}.feed_forward_length")),
+            num_layers=n_layers,
             num_heads=n_heads,
             num_kv_heads=int(self.field(f"{a}.attention.head_count_kv", n_heads)),
-            head_dim=int(self.field(f"{a}.attention.key_length", hidden // n_heads)),
+            head_dim=head_dim,
             rms_norm_eps=float(self.field(f"{a}.attention.layer_norm_rms_epsilon")),
             rope_theta=float(self.field(f"{a}.rope.freq_base", 10000.0)),
             max_position_embeddings=int(self.field(f"{a}.context_length")),
@@ -92,6 +126,8 @@ class GGUFFile:
             attention_bias="blk.0.attn_q.bias" in names,
             bos_token_id=self.field("tokenizer.ggml.bos_token_id", None),
             eos_token_ids=(int(eos),) if eos is not None else (),
+            qk_norm="blk.0.attn_q_norm.weight" in names,
+            **moe,
         )
 
     def weights(self, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
@@ -101,7 +137,7 @@ class GGUFFile:
 
         for t in self._reader.tensors:
             qtype = GGMLQuantizationType(t.ggml_type)
-            name = _hf_name(t.name)
+            name = _hf_name(t.name, _PHI3_NAMES if self.arch == "phi3" else _LAYER_NAMES)
             if name is None:
                 continue  # e.g. rope_freqs, which we compute ourselves
             try:
@@ -134,10 +170,13 @@ class GGUFFile:
         )
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def _hf_name(gguf_name: str, layer_names: dict[str, str]) -> str | None:
     parts = gguf_name.split(".")
-    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in layer_names:
+        return f"model.layers.{parts[1]}.{layer_names[parts[2]]}.{parts[3]}"
+    if parts[0] == "blk" and len(parts) == 5 and parts[2] in _EXPERT_NAMES and parts[3].isdigit():
+        # older Mixtral files: one tensor per expert, blk.N.ffn_gate.E.weight
+        return f"model.layers.{parts[1]}.mlp.experts.{parts[3]}.{_EXPERT_NAMES[parts[2]]}.{parts[4]}"
     if len(parts) == 2 and parts[0] in _GLOBAL_NAMES:
         return f"{_GLOBAL_NAMES[parts[0]]}.{parts[1]}"
     return None

@@ -3,14 +3,20 @@
 Invariant: `forward` computes one flattened batch — prompt chunks and single decode tokens of
 many sequences — in one pass, writing each token's K/V into the paged cache before attention
 reads it. Weights are held fused (q|k|v and gate|up) so each layer runs four matmuls.
+
+The other families (qwen3.py, moe.py, phi3.py; families.py picks the class) subclass
+`LlamaModel` and override only its hooks: `checkpoint_tensors` (names and splits of the
+checkpoint's tensors), `expected_shapes`, `qk_norm` (per-head norms on q and k) and `mlp`
+(the dense gate|up/down MLP or another block with the `Mlp` interface).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -23,14 +29,34 @@ from .linear import Linear
 from .native import Kernels
 
 
+class Mlp(Protocol):
+    """A layer's feed-forward block: [T, hidden] -> [T, hidden], over `Linear`s the kernels lay out."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def linears(self) -> list[Linear]: ...
+
+
+@dataclass
+class DenseMlp:
+    gate_up: Linear  # gate | up stacked
+    down: Linear
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.gate_up.silu_mul(x))
+
+    def linears(self) -> list[Linear]:
+        return [self.gate_up, self.down]
+
+
 @dataclass
 class Layer:
     in_norm: torch.Tensor
     post_norm: torch.Tensor
     qkv: Linear  # q | k | v stacked
     o: Linear
-    gate_up: Linear  # gate | up stacked
-    down: Linear
+    mlp: Mlp
+    qk_norm: torch.Tensor | None = None  # [q heads + kv heads, head_dim]: each head's RMSNorm weight
 
 
 class LlamaModel:
@@ -50,19 +76,20 @@ class LlamaModel:
         self, weights: Iterable[tuple[str, torch.Tensor | np.ndarray, Path]], source: Path
     ) -> None:
         cfg = self.cfg
-        expected = _expected_shapes(cfg)
+        expected = self.expected_shapes()
         got: dict[str, torch.Tensor] = {}
-        for name, value, file in weights:
-            if name not in expected:
-                if name.endswith("rotary_emb.inv_freq"):
-                    continue
-                raise ModelLoadError(f"{file}: unexpected tensor '{name}' for a {cfg.architecture} model")
-            t = torch.from_numpy(np.array(value)) if isinstance(value, np.ndarray) else value
-            if tuple(t.shape) != expected[name]:
-                raise ModelLoadError(
-                    f"{file}: tensor '{name}' has shape {tuple(t.shape)}, expected {expected[name]}"
-                )
-            got[name] = t.to(self.dtype).contiguous()
+        for file_name, value, file in weights:
+            if file_name.endswith("rotary_emb.inv_freq"):
+                continue
+            tensor = torch.from_numpy(np.array(value)) if isinstance(value, np.ndarray) else value
+            for name, t in self.checkpoint_tensors(file_name, tensor, file):
+                if name not in expected:
+                    raise ModelLoadError(f"{file}: unexpected tensor '{name}' for a {cfg.architecture} model")
+                if tuple(t.shape) != expected[name]:
+                    raise ModelLoadError(
+                        f"{file}: tensor '{name}' has shape {tuple(t.shape)}, expected {expected[name]}"
+                    )
+                got[name] = t.to(self.dtype).contiguous()
         if cfg.tie_word_embeddings:
             got.setdefault("lm_head.weight", got.get("model.embed_tokens.weight", torch.empty(0)))
         missing = [n for n in expected if n not in got]
@@ -80,11 +107,30 @@ class LlamaModel:
                 post_norm=got[p + "post_attention_layernorm.weight"],
                 qkv=Linear(torch.cat([got[a + f"{x}_proj.weight"] for x in "qkv"]), bias),
                 o=Linear(got[a + "o_proj.weight"]),
-                gate_up=Linear(
-                    torch.cat([got[p + "mlp.gate_proj.weight"], got[p + "mlp.up_proj.weight"]]), gate_up=True
-                ),
-                down=Linear(got[p + "mlp.down_proj.weight"]),
+                mlp=self.mlp(got, i),
+                qk_norm=self.qk_norm(got, i),
             ))
+
+    # ---- the hooks a family overrides ----------------------------------------------------
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor the model needs (after `checkpoint_tensors`), and its shape."""
+        return _expected_shapes(self.cfg)
+
+    def checkpoint_tensors(self, name: str, t: torch.Tensor, file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+        """The tensors under our names that one checkpoint tensor holds (renamed, or split)."""
+        yield name, t
+
+    def qk_norm(self, got: dict[str, torch.Tensor], i: int) -> torch.Tensor | None:
+        """Layer i's per-head RMSNorm weights for q and k, [q heads + kv heads, head_dim]; None: no norms."""
+        return None
+
+    def mlp(self, got: dict[str, torch.Tensor], i: int) -> Mlp:
+        """Layer i's feed-forward block, from the loaded tensors."""
+        p = f"model.layers.{i}.mlp."
+        return DenseMlp(
+            gate_up=Linear(torch.cat([got[p + "gate_proj.weight"], got[p + "up_proj.weight"]]), gate_up=True),
+            down=Linear(got[p + "down_proj.weight"]),
+        )
 
     def use_kernels(self, plan: KernelPlan) -> None:
         """Run on the CPU kernels of `plan` (cpu_kernels.py): the native ops or plain torch ones,
@@ -92,7 +138,7 @@ class LlamaModel:
         plain weight; a oneDNN-packed copy beside it; or nothing for plain F.linear)."""
         self.native = plan.kernels if plan.ops == "native" else None
         self.one_row_gemv = plan.one_row_gemv
-        linears = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        linears = [lin for layer in self.layers for lin in (layer.qkv, layer.o, *layer.mlp.linears())]
         linears.append(self.lm_head)
         k = plan.kernels
         for lin in linears:
@@ -130,6 +176,10 @@ class LlamaModel:
         for i, w in enumerate(self.layers):
             h, x = self._add_norm(h, delta, w.in_norm)
             qkv = w.qkv(x)
+            if w.qk_norm is not None:  # before rope, on every kernel path: q and k rows normalised in place
+                qk_rows = qkv[:, : (nq + nkv) * hd].view(-1, nq + nkv, hd)
+                normed = F.rms_norm(qk_rows.float(), (hd,), eps=cfg.rms_norm_eps).to(qkv.dtype) * w.qk_norm
+                qk_rows.copy_(normed)
             kv = kv_cache[i]
             if native is not None:  # rope on q and k, and k, v into the cache, in one op
                 qk = native.rope_store_kv(qkv, positions, self.cos, self.sin, kv, meta.slot_mapping, nq, nkv)
@@ -143,7 +193,7 @@ class LlamaModel:
                 v = qkv[:, (nq + nkv) * hd :].view(-1, nkv, hd)
                 attn = paged_attention(qk[:, :nq], qk[:, nq:], v, kv, meta)
             h, x = self._add_norm(h, w.o(attn), w.post_norm)
-            delta = w.down(w.gate_up.silu_mul(x))
+            delta = w.mlp(x)
         return h if delta is None else h + delta
 
     def _add_norm(
