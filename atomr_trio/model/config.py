@@ -66,9 +66,9 @@ class ModelConfig:
         rope_theta = cfg.get("rope_theta", rope_params.get("rope_theta"))
         if rope_theta is None:
             rope_theta = 10000.0  # the Llama paper's value, and HF's documented default
-        rope_scaling = cfg.get("rope_scaling")
-        if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
-            rope_scaling = dict(rope_params)
+        from .rope import rope_scaling_from_hf  # rope.py imports this module
+
+        rope_scaling = rope_scaling_from_hf(cfg, cfg_path)
         num_heads = int(need("num_attention_heads"))
         hidden = int(need("hidden_size"))
         sliding = cfg.get("sliding_window")
@@ -101,7 +101,10 @@ class ModelConfig:
 
     @property
     def max_model_len(self) -> int:
-        """Longest sequence the model serves correctly (sliding-window attention is not used)."""
+        """Longest sequence the model serves correctly (sliding-window attention is not used);
+        dynamic and yarn rope scaling extend `max_position_embeddings` (rope.context_limit)."""
+        from .rope import context_limit  # rope.py imports this module
+
         if self.sliding_window:
-            return min(self.max_position_embeddings, self.sliding_window)
-        return self.max_position_embeddings
+            return min(context_limit(self), self.sliding_window)
+        return context_limit(self)

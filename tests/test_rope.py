@@ -1,0 +1,140 @@
+"""Rope scaling (model/rope.py) against transformers.
+
+Fast: for every supported type our cos/sin tables equal the ones transformers' rotary embedding
+computes (its ROPE_INIT_FUNCTIONS, then its forward) past the original context, and differ from
+unscaled rope there; an unsupported type is a ModelLoadError naming it and the supported ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from atomr_trio.model.config import ModelConfig, ModelLoadError
+from atomr_trio.model.rope import ROPE_TYPES, _inv_freq, context_limit, rope_tables
+
+HEAD_DIM = 64
+THETA = 10000.0
+_GEN = torch.Generator().manual_seed(0)
+SHORT = (1 + 0.5 * torch.rand(HEAD_DIM // 2, generator=_GEN)).tolist()
+LONG = (1 + 6 * torch.rand(HEAD_DIM // 2, generator=_GEN)).tolist()
+
+# name -> (config.json fields beyond the shape, the original context, the served length)
+CASES: dict[str, tuple[dict[str, Any], int, int]] = {
+    "llama3": ({"max_position_embeddings": 4096, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 1024}}, 1024, 4096),
+    "yarn": ({"max_position_embeddings": 4096, "rope_scaling": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}}, 1024, 4096),
+    "yarn-mscale": ({"max_position_embeddings": 4096, "rope_scaling": {  # DeepSeek-style keys, legacy 'type'
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024, "mscale": 0.707,
+        "mscale_all_dim": 1.0, "beta_fast": 16, "beta_slow": 2, "truncate": False}}, 1024, 4096),
+    "yarn-attention-factor": ({"max_position_embeddings": 8192, "rope_parameters": {  # transformers 5 key
+        "rope_type": "yarn", "rope_theta": THETA, "factor": 8.0, "original_max_position_embeddings": 1024,
+        "attention_factor": 1.25}}, 1024, 8192),
+    "longrope": ({"max_position_embeddings": 4096, "original_max_position_embeddings": 1024,  # Phi-3 style
+                  "rope_scaling": {"type": "longrope", "short_factor": SHORT, "long_factor": LONG}}, 1024, 4096),
+    "su": ({"max_position_embeddings": 4096, "original_max_position_embeddings": 1024,
+            "rope_scaling": {"type": "su", "short_factor": SHORT, "long_factor": LONG}}, 1024, 4096),
+    "longrope-short": ({"max_position_embeddings": 4096, "original_max_position_embeddings": 1024,  # served <= original
+                        "rope_scaling": {"type": "longrope", "short_factor": SHORT, "long_factor": LONG}}, 0, 1024),
+    "dynamic": ({"max_position_embeddings": 1024, "rope_scaling": {"type": "dynamic", "factor": 2.0}}, 1024, 2048),
+    "linear": ({"max_position_embeddings": 4096, "rope_scaling": {"type": "linear", "factor": 4.0}}, 1024, 4096),
+}
+
+
+def raw_config(fields: dict[str, Any]) -> dict[str, Any]:
+    return {"architectures": ["LlamaForCausalLM"], "vocab_size": 32, "hidden_size": 4 * HEAD_DIM,
+            "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "rope_theta": THETA, **fields}
+
+
+def our_config(tmp_path: Path, raw: dict[str, Any]) -> ModelConfig:
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    return ModelConfig.from_hf_dir(tmp_path)
+
+
+def their_rope(raw: dict[str, Any]) -> tuple[Any, torch.nn.Module]:
+    """transformers' config and rotary embedding for `raw` (Phi-3's for longrope, as Phi-3 loads)."""
+    from transformers import LlamaConfig, Phi3Config
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+
+    kind = (raw.get("rope_scaling") or {}).get("type")
+    raw = {k: v for k, v in raw.items() if k != "architectures"}
+    if kind in ("longrope", "su"):
+        phi3 = Phi3Config(**json.loads(json.dumps(raw)))
+        return phi3, Phi3RotaryEmbedding(phi3)
+    llama = LlamaConfig(**json.loads(json.dumps(raw)))  # a copy: transformers edits the dicts
+    return llama, LlamaRotaryEmbedding(llama)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_tables_equal_transformers_past_the_original_context(name: str, tmp_path: Path) -> None:
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    fields, original, served = CASES[name]
+    raw = raw_config(fields)
+    cfg = our_config(tmp_path, raw)
+    cos, sin = rope_tables(cfg, served, torch.float32)
+    assert cos.shape == sin.shape == (served, HEAD_DIM)
+
+    their_cfg, rotary = their_rope(raw)
+    positions = torch.arange(served)[None]  # one sequence at the served length
+    with torch.no_grad():
+        want_cos, want_sin = rotary(torch.zeros(1), positions)
+    past = slice(original, served)
+    err = max((cos[past] - want_cos[0, past]).abs().max().item(), (sin[past] - want_sin[0, past]).abs().max().item())
+    print(f"{name}: max |table - transformers| past position {original} = {err:.3g}")
+    assert err <= 1e-6, err
+    assert torch.allclose(cos, want_cos[0], atol=1e-6, rtol=0) and torch.allclose(sin, want_sin[0], atol=1e-6, rtol=0)
+
+    # the same inverse frequencies and attention factor as ROPE_INIT_FUNCTIONS for this length
+    kind = cfg.rope_scaling["rope_type"] if cfg.rope_scaling else "default"
+    inv, scale = ROPE_INIT_FUNCTIONS[kind](their_cfg, None, seq_len=served)
+    ours_inv, ours_scale = _inv_freq(cfg, served)
+    assert torch.allclose(ours_inv, inv.float(), rtol=1e-7, atol=0) and ours_scale == pytest.approx(scale, rel=1e-12)
+
+    # and the scaling changes the tables there (the comparison is not between two unscaled ones)
+    plain_cos, _ = rope_tables(dataclasses.replace(cfg, rope_scaling=None), served, torch.float32)
+    assert (cos[past] - plain_cos[past]).abs().max().item() > 1e-2
+
+
+def test_longrope_attention_factor_defaults_to_phi3s(tmp_path: Path) -> None:
+    cfg = our_config(tmp_path, raw_config(CASES["longrope"][0]))
+    _, scale = _inv_freq(cfg, 4096)
+    assert scale == pytest.approx(math.sqrt(1 + math.log(4096 / 1024) / math.log(1024)))
+
+
+def test_context_limit_follows_the_scaling(tmp_path: Path) -> None:
+    def limit(fields: dict[str, Any]) -> int:
+        return context_limit(our_config(tmp_path, raw_config(fields)))
+
+    assert limit(CASES["llama3"][0]) == 4096
+    assert limit(CASES["longrope"][0]) == 4096
+    assert limit(CASES["dynamic"][0]) == 2048  # dynamic NTK: max_position_embeddings is its original context
+    qwen_style = {"max_position_embeddings": 32768, "rope_scaling": {
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}
+    assert limit(qwen_style) == 131072
+    assert our_config(tmp_path, raw_config(qwen_style)).max_model_len == 131072
+
+
+def test_an_unsupported_rope_type_names_it_and_the_supported_ones(tmp_path: Path) -> None:
+    raw = raw_config({"max_position_embeddings": 4096, "rope_scaling": {"rope_type": "mrope", "factor": 2.0}})
+    with pytest.raises(ModelLoadError, match=r"config\.json.*'mrope'.*supported: " + ", ".join(ROPE_TYPES)):
+        our_config(tmp_path, raw)
+    cfg = our_config(tmp_path, raw_config({"max_position_embeddings": 4096}))
+    bad = dataclasses.replace(cfg, rope_scaling={"type": "ntk-by-parts"})
+    with pytest.raises(ModelLoadError, match=r"'ntk-by-parts'.*supported: .*yarn.*longrope"):
+        rope_tables(bad, 16, torch.float32)
+    with pytest.raises(ModelLoadError, match=r"partial_rotary_factor.*0\.5"):
+        our_config(tmp_path, raw_config({"max_position_embeddings": 4096, "partial_rotary_factor": 0.5}))
+    wrong_length = {**CASES["longrope"][0], "rope_scaling": {"type": "longrope", "short_factor": SHORT,
+                                                             "long_factor": LONG[:-1]}}
+    with pytest.raises(ModelLoadError, match=r"'long_factor' has 31 values, expected 32"):
+        rope_tables(our_config(tmp_path, raw_config(wrong_length)), 4096, torch.float32)
