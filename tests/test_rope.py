@@ -2,7 +2,8 @@
 
 Fast: for every supported type our cos/sin tables equal the ones transformers' rotary embedding
 computes (its ROPE_INIT_FUNCTIONS, then its forward) past the original context, and differ from
-unscaled rope there; an unsupported type is a ModelLoadError naming it and the supported ones.
+unscaled rope there; an unsupported type is a ModelLoadError naming it and the supported ones;
+GGUF rope metadata and rope tensors become the HF-style scaling dict.
 """
 
 from __future__ import annotations
@@ -10,13 +11,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from atomr_trio.model.config import ModelConfig, ModelLoadError
+from atomr_trio.model.gguf_file import GGUFFile
 from atomr_trio.model.rope import ROPE_TYPES, _inv_freq, context_limit, rope_tables
 
 HEAD_DIM = 64
@@ -138,3 +142,86 @@ def test_an_unsupported_rope_type_names_it_and_the_supported_ones(tmp_path: Path
                                                              "long_factor": LONG[:-1]}}
     with pytest.raises(ModelLoadError, match=r"'long_factor' has 31 values, expected 32"):
         rope_tables(our_config(tmp_path, raw_config(wrong_length)), 4096, torch.float32)
+
+
+# ---- GGUF metadata ----------------------------------------------------------------------------
+def write_gguf(path: Path, metadata: Callable[[Any], None], tensors: dict[str, np.ndarray] | None = None) -> GGUFFile:
+    """A GGUF file with a Llama shape, `metadata` and `tensors` (no weights: enough for config())."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(4096)
+    w.add_embedding_length(4 * HEAD_DIM)
+    w.add_block_count(1)
+    w.add_feed_forward_length(64)
+    w.add_head_count(4)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(THETA)
+    metadata(w)
+    for name, arr in (tensors or {}).items():
+        w.add_tensor(name, arr.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return GGUFFile(path)
+
+
+def test_gguf_rope_metadata_becomes_the_hf_scaling(tmp_path: Path) -> None:
+    import gguf
+
+    def yarn(w: Any) -> None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(4.0)
+        w.add_rope_scaling_orig_ctx_len(1024)
+        w.add_rope_scaling_yarn_beta_fast(16.0)
+        w.add_rope_scaling_yarn_beta_slow(2.0)
+
+    cfg = write_gguf(tmp_path / "yarn.gguf", yarn).config()
+    assert cfg.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
+                                "beta_fast": 16.0, "beta_slow": 2.0}
+    assert cfg.max_model_len == 4096
+
+    def yarn_log_mul(w: Any) -> None:  # llama.cpp: attention factor mscale(1) / mscale(yarn_log_multiplier)
+        yarn(w)
+        w.add_rope_scaling_yarn_log_mul(0.5)
+
+    cfg = write_gguf(tmp_path / "yarn-mul.gguf", yarn_log_mul).config()
+    _, scale = _inv_freq(cfg, 4096)
+    assert scale == pytest.approx((0.1 * math.log(4) + 1) / (0.05 * math.log(4) + 1))
+
+    def linear(w: Any) -> None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(2.0)
+
+    assert write_gguf(tmp_path / "linear.gguf", linear).config().rope_scaling == {"rope_type": "linear", "factor": 2.0}
+
+    def none(w: Any) -> None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+        w.add_rope_scaling_factor(2.0)  # ignored, as llama.cpp ignores it
+
+    assert write_gguf(tmp_path / "none.gguf", none).config().rope_scaling is None
+
+    def longrope(w: Any) -> None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+        w.add_rope_scaling_orig_ctx_len(1024)
+        w.add_rope_scaling_attn_factors(1.19)
+
+    factors = {"rope_factors_long.weight": np.array(LONG), "rope_factors_short.weight": np.array(SHORT)}
+    cfg = write_gguf(tmp_path / "longrope.gguf", longrope, factors).config()
+    assert cfg.rope_scaling is not None and cfg.rope_scaling["rope_type"] == "longrope"
+    assert cfg.rope_scaling["long_factor"] == pytest.approx(LONG)
+    assert cfg.rope_scaling["short_factor"] == pytest.approx(SHORT)
+    assert _inv_freq(cfg, 4096)[1] == pytest.approx(1.19)
+
+    divisors = np.linspace(1.0, 8.0, HEAD_DIM // 2)
+    cfg = write_gguf(tmp_path / "freqs.gguf", lambda w: None, {"rope_freqs.weight": divisors}).config()
+    assert cfg.rope_scaling == {"rope_type": "default", "freq_factors": pytest.approx(divisors.tolist())}
+    plain = 1.0 / THETA ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM)
+    assert torch.allclose(_inv_freq(cfg, 4096)[0], plain / torch.tensor(divisors, dtype=torch.float32), rtol=1e-6)
+
+    def unknown(w: Any) -> None:
+        w.add_string("llama.rope.scaling.type", "ntk")
+
+    with pytest.raises(ModelLoadError, match=r"llama\.rope\.scaling\.type' = 'ntk' is not supported"):
+        write_gguf(tmp_path / "unknown.gguf", unknown).config()
