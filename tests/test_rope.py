@@ -4,6 +4,10 @@ Fast: for every supported type our cos/sin tables equal the ones transformers' r
 computes (its ROPE_INIT_FUNCTIONS, then its forward) past the original context, and differ from
 unscaled rope there; an unsupported type is a ModelLoadError naming it and the supported ones;
 GGUF rope metadata and rope tensors become the HF-style scaling dict.
+Slow: tiny random Llama directories with llama3 and yarn scaling (original context 64,
+max_position_embeddings 256) give transformers' float32 greedy ids and logprobs for a 100-token
+prompt, and the llama3 one written as a GGUF file with a rope_freqs tensor and no rope scaling
+metadata decodes as its HF directory does.
 """
 
 from __future__ import annotations
@@ -19,9 +23,12 @@ import numpy as np
 import pytest
 import torch
 
+from atomr_trio import LLM, SamplingParams
+from atomr_trio.model import cpu_kernels, native
 from atomr_trio.model.config import ModelConfig, ModelLoadError
 from atomr_trio.model.gguf_file import GGUFFile
 from atomr_trio.model.rope import ROPE_TYPES, _inv_freq, context_limit, rope_tables
+from atomr_trio.model_source import ModelSource
 
 HEAD_DIM = 64
 THETA = 10000.0
@@ -94,7 +101,7 @@ def test_tables_equal_transformers_past_the_original_context(name: str, tmp_path
         want_cos, want_sin = rotary(torch.zeros(1), positions)
     past = slice(original, served)
     err = max((cos[past] - want_cos[0, past]).abs().max().item(), (sin[past] - want_sin[0, past]).abs().max().item())
-    print(f"{name}: max |table - transformers| past position {original} = {err:.3g}")
+    print(f"{name}: max |table - transformers| at positions {original}..{served - 1} = {err:.3g}")
     assert err <= 1e-6, err
     assert torch.allclose(cos, want_cos[0], atol=1e-6, rtol=0) and torch.allclose(sin, want_sin[0], atol=1e-6, rtol=0)
 
@@ -225,3 +232,94 @@ def test_gguf_rope_metadata_becomes_the_hf_scaling(tmp_path: Path) -> None:
 
     with pytest.raises(ModelLoadError, match=r"llama\.rope\.scaling\.type' = 'ntk' is not supported"):
         write_gguf(tmp_path / "unknown.gguf", unknown).config()
+
+
+# ---- end to end (slow) ------------------------------------------------------------------------
+TINY_SCALINGS = {
+    "llama3": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+}
+PROMPT = [(7 * j + 3) % 250 + 3 for j in range(100)]  # longer than the original context (64)
+NEW = 24
+
+
+def tiny_scaled(path: Path, kind: str) -> Path:
+    from test_hf_dir import write_tiny_model
+
+    write_tiny_model(path, "llama", seed=5, max_positions=256,
+                     config_overrides={"rope_scaling": dict(TINY_SCALINGS[kind])})
+    return path
+
+
+def decode(model: str) -> tuple[list[int], list[float]]:
+    """Our greedy ids for PROMPT, and the logprob of every prompt token after the first and of
+    every generated token."""
+    with LLM(model, dtype="float32", num_kv_blocks=64, block_size=8, max_num_batched_tokens=32) as llm:
+        out = llm.generate([{"prompt_token_ids": PROMPT}],
+                           SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True, logprobs=0,
+                                          prompt_logprobs=0), use_tqdm=False)[0]
+    comp = out.outputs[0]
+    assert out.prompt_logprobs is not None and comp.logprobs is not None
+    ids = list(comp.token_ids)
+    lps = [e[t].logprob for e, t in zip(out.prompt_logprobs[1:], PROMPT[1:], strict=True) if e is not None]
+    lps += [e[t].logprob for e, t in zip(comp.logprobs, ids, strict=True)]
+    assert len(lps) == len(PROMPT) - 1 + NEW
+    return ids, lps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ops", ["native", "torch"])  # rope in the native rope_store_kv kernel, or in torch
+@pytest.mark.parametrize("kind", sorted(TINY_SCALINGS))
+def test_scaled_tiny_llama_matches_transformers_past_the_original_context(
+    kind: str, ops: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    if ops == "native" and native.kernels() is None:
+        pytest.skip("no native kernels here")
+    monkeypatch.setenv(cpu_kernels.ENV, f"matmul=torch,ops={ops}")
+    model_dir = tiny_scaled(tmp_path / kind, kind)
+    cfg = ModelSource.open(str(model_dir)).config
+    assert cfg.rope_scaling is not None and cfg.rope_scaling["rope_type"] == kind and cfg.max_model_len == 256
+    ids, lps = decode(str(model_dir))
+
+    ref = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    assert ref.model.rotary_emb.rope_type == kind
+    with torch.no_grad():
+        want = ref.generate(torch.tensor([PROMPT]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                            pad_token_id=0)[0, len(PROMPT):].tolist()
+        seq = PROMPT + ids
+        logp = torch.log_softmax(ref(torch.tensor([seq])).logits[0].float(), dim=-1)
+    assert ids == want
+    want_lps = logp[torch.arange(len(seq) - 1), torch.tensor(seq[1:])]
+    err = (torch.tensor(lps) - want_lps).abs().max().item()
+    print(f"{kind} ({ops} ops): max |logprob - transformers| = {err:.3g} over {len(lps)} positions")
+    assert err < 1e-4
+
+
+@pytest.mark.slow
+def test_llama3_gguf_with_rope_freqs_decodes_as_its_hf_directory(tmp_path: Path) -> None:
+    from test_gguf import write_tiny_gguf
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    model_dir = tiny_scaled(tmp_path / "hf", "llama3")
+    their_cfg = AutoConfig.from_pretrained(str(model_dir))
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](their_cfg, None)
+    hd = their_cfg.head_dim
+    plain = 1.0 / (THETA ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    divisors = (plain / scaled).numpy()  # what llama.cpp's converter writes for Llama 3.1+
+    assert divisors.min() == 1.0 and divisors.max() == pytest.approx(4.0)
+    path = tmp_path / "tiny-llama3.gguf"
+    write_tiny_gguf(model_dir, path, tensors={"rope_freqs.weight": divisors})
+
+    src = ModelSource.open(str(path))
+    assert src.kind == "gguf" and src.config.rope_scaling is not None
+    assert set(src.config.rope_scaling) == {"rope_type", "freq_factors"}  # no rope scaling metadata
+    ids, lps = decode(str(path))
+    want_ids, want_lps = decode(str(model_dir))
+    assert ids == want_ids
+    err = max(abs(a - b) for a, b in zip(lps, want_lps, strict=True))
+    print(f"gguf rope_freqs: max |logprob - HF directory| = {err:.3g} over {len(lps)} positions")
+    assert err < 1e-4
