@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -23,10 +24,12 @@ TINY_CHAT_TEMPLATE = (
 
 
 def write_tiny_model(path: Path, arch: str = "qwen2", seed: int = 0, max_positions: int = 512,
-                     chat_template: str | None = TINY_CHAT_TEMPLATE) -> None:
+                     chat_template: str | None = TINY_CHAT_TEMPLATE,
+                     config_overrides: dict[str, Any] | None = None) -> None:
     """A byte-level BPE tokenizer with no merges (vocab = 256 bytes + 2 specials) and a
     2-layer model of the given architecture (Qwen2 with non-zero q/k/v biases), saved in
-    safetensors shards of at most ~200 kB. `chat_template=None` writes no chat template.
+    safetensors shards of at most ~200 kB. `chat_template=None` writes no chat template;
+    `config_overrides` are passed to the transformers config (e.g. `rope_scaling`).
     The other families (test_families.py): "qwen3" (head_dim 32, not hidden / heads = 16, and
     q/k norm weights away from 1), "qwen3_moe" (4 experts, top-2, layer 1 dense), "mixtral"
     (4 experts, top-2) and "phi3" (fused qkv_proj and gate_up_proj)."""
@@ -82,7 +85,7 @@ def write_tiny_model(path: Path, arch: str = "qwen2", seed: int = 0, max_positio
         "vocab_size": tok.get_vocab_size(), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": max_positions,
         "rope_theta": 10000.0, "tie_word_embeddings": arch == "llama", "eos_token_id": im_end,
-        "initializer_range": 0.2, **family,
+        "initializer_range": 0.2, **family, **(config_overrides or {}),
     })
     model = model_cls(cfg).float()
     if arch == "qwen2":

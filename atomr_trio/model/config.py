@@ -79,9 +79,9 @@ class ModelConfig:
         rope_theta = cfg.get("rope_theta", rope_params.get("rope_theta"))
         if rope_theta is None:
             rope_theta = 10000.0  # the Llama paper's value, and HF's documented default
-        rope_scaling = cfg.get("rope_scaling")
-        if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
-            rope_scaling = dict(rope_params)
+        from .rope import rope_scaling_from_hf  # rope.py imports this module
+
+        rope_scaling = rope_scaling_from_hf(cfg, cfg_path)
         num_heads = int(need("num_attention_heads"))
         hidden = int(need("hidden_size"))
         sliding = cfg.get("sliding_window")
@@ -92,10 +92,6 @@ class ModelConfig:
         if gen_path.is_file():
             eos = json.loads(gen_path.read_text()).get("eos_token_id", eos)
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-        partial = rope_params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
-        if float(partial) != 1.0:
-            raise ModelLoadError(f"{cfg_path}: field 'partial_rotary_factor' = {partial} is not supported "
-                                 "(rope over the whole head only)")
         return ModelConfig(
             architecture=arch,
             vocab_size=int(need("vocab_size")),
@@ -122,10 +118,13 @@ class ModelConfig:
 
     @property
     def max_model_len(self) -> int:
-        """Longest sequence the model serves correctly (sliding-window attention is not used)."""
+        """Longest sequence the model serves correctly (sliding-window attention is not used);
+        dynamic and yarn rope scaling extend `max_position_embeddings` (rope.context_limit)."""
+        from .rope import context_limit  # rope.py imports this module
+
         if self.sliding_window:
-            return min(self.max_position_embeddings, self.sliding_window)
-        return self.max_position_embeddings
+            return min(context_limit(self), self.sliding_window)
+        return context_limit(self)
 
 
 def _family_fields(arch: str, cfg: dict[str, Any], need: Any) -> dict[str, Any]:

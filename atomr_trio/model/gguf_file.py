@@ -5,7 +5,9 @@ permutation of attn_q / attn_k (llama architecture only, Mixtral included; qwen2
 files are not permuted) is undone here, nowhere else. Tensors with no single HF counterpart
 keep a name the family module splits: phi3's `attn_qkv` / `ffn_up` (gate|up) become
 `self_attn.qkv_proj` / `mlp.gate_up_proj` (phi3.py), stacked `ffn_*_exps` [E, ...] become
-`mlp.experts.{gate,up,down}_proj.weight` (moe.py).
+`mlp.experts.{gate,up,down}_proj.weight` (moe.py). Rope scaling comes out as an HF config's
+would (ModelConfig.rope_scaling, read by rope.py), the rope factor tensors (rope_freqs,
+rope_factors_long/short) included: they are config, not weights.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 
 from .config import ModelConfig, ModelLoadError
 from .gguf_header import GGUFHeader
+from .rope import yarn_attention_factor
 
 # general.architecture -> ModelConfig.architecture ("llama" with llama.expert_count > 0 is Mixtral)
 _ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe",
@@ -124,11 +127,62 @@ class GGUFFile:
             max_position_embeddings=int(self.field(f"{a}.context_length")),
             tie_word_embeddings="output.weight" not in names,
             attention_bias="blk.0.attn_q.bias" in names,
+            rope_scaling=self.rope_scaling(),
             bos_token_id=self.field("tokenizer.ggml.bos_token_id", None),
             eos_token_ids=(int(eos),) if eos is not None else (),
             qk_norm="blk.0.attn_q_norm.weight" in names,
             **moe,
         )
+
+    def rope_scaling(self) -> dict[str, Any] | None:
+        """The rope scaling as an HF-style dict (rope.py): from `{arch}.rope.scaling.*` (type none,
+        linear, yarn or longrope, the last with its `rope_factors_long/short` tensors), and the
+        `rope_freqs` tensor of Llama 3.1+ files (their llama3 scaling, as one divisor per
+        frequency) as `freq_factors`. None for plain rope."""
+        a, key = self.arch, f"{self.arch}.rope.scaling"
+        kind = self.field(f"{key}.type", None)
+        factor = self.field(f"{key}.factor", None)
+        if kind is None and self.field(f"{a}.rope.scale_linear", None) is not None:  # older files
+            kind, factor = "linear", self.field(f"{a}.rope.scale_linear")
+        original = self.field(f"{key}.original_context_length", None)
+        attn = self.field(f"{key}.attn_factor", None)  # llama.cpp multiplies it into the attention factor
+        params: dict[str, Any] = {}
+        if kind == "linear" and factor is not None and float(factor) != 1.0:
+            params = {"rope_type": "linear", "factor": float(factor)}
+        elif kind == "yarn":
+            params = {"rope_type": "yarn", "factor": float(self.field(f"{key}.factor"))}
+            if original is not None:
+                params["original_max_position_embeddings"] = int(original)
+            for gguf_key, hf_key in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"),
+                                     ("yarn_attn_factor", "attention_factor")):
+                if (value := self.field(f"{key}.{gguf_key}", None)) is not None:
+                    params[hf_key] = float(value)
+            if float(self.field(f"{key}.yarn_ext_factor", 1.0)) != 1.0:  # transformers' yarn has no such knob
+                raise ModelLoadError(f"{self.path}: field '{key}.yarn_ext_factor' other than 1 is not supported")
+            log_mul = float(self.field(f"{key}.yarn_log_multiplier", 0.0))
+            if log_mul:  # llama.cpp: the attention factor is mscale(1) / mscale(yarn_log_multiplier)
+                params.update(mscale=1.0, mscale_all_dim=log_mul)
+            if attn is not None and float(attn) != 1.0:
+                max_positions = int(self.field(f"{a}.context_length"))
+                params["attention_factor"] = yarn_attention_factor(params, max_positions) * float(attn)
+        elif kind == "longrope":
+            params = {"rope_type": "longrope", "long_factor": self._tensor_values("rope_factors_long.weight"),
+                      "short_factor": self._tensor_values("rope_factors_short.weight")}
+            if original is not None:
+                params["original_max_position_embeddings"] = int(original)
+            if attn is not None:
+                params["attention_factor"] = float(attn)
+        elif kind not in (None, "none", "linear"):
+            raise ModelLoadError(
+                f"{self.path}: field '{key}.type' = {kind!r} is not supported (supported: none, linear, yarn, longrope)"
+            )
+        elif attn is not None and float(attn) != 1.0:
+            raise ModelLoadError(f"{self.path}: field '{key}.attn_factor' = {attn} is supported with yarn and "
+                                 f"longrope only, not with scaling type {kind or 'none'!r}")
+        if any(t.name == "rope_freqs.weight" for t in self._reader.tensors):
+            params.setdefault("rope_type", "default")
+            params["freq_factors"] = self._tensor_values("rope_freqs.weight")
+        return params or None
 
     def weights(self, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
         """Yield (hf_name, float32 array) for every tensor, dequantized."""
@@ -139,7 +193,7 @@ class GGUFFile:
             qtype = GGMLQuantizationType(t.ggml_type)
             name = _hf_name(t.name, _PHI3_NAMES if self.arch == "phi3" else _LAYER_NAMES)
             if name is None:
-                continue  # e.g. rope_freqs, which we compute ourselves
+                continue  # e.g. rope_freqs and rope_factors_*: in the config's rope_scaling (rope_scaling())
             try:
                 arr = dequantize(t.data, qtype)
             except NotImplementedError as e:
@@ -152,6 +206,16 @@ class GGUFFile:
                 heads = cfg.num_heads if "attn_q" in t.name else cfg.num_kv_heads
                 arr = _unpermute(arr, heads)
             yield name, arr
+
+    def _tensor_values(self, name: str) -> list[float]:
+        """A small float tensor's values (the rope factors), dequantized."""
+        from gguf.constants import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        t = next((t for t in self._reader.tensors if t.name == name), None)
+        if t is None:
+            raise ModelLoadError(f"{self.path}: missing tensor '{name}'")
+        return [float(x) for x in np.asarray(dequantize(t.data, GGMLQuantizationType(t.ggml_type))).reshape(-1)]
 
     def tokenizer_data(self) -> GGUFTokenizerData:
         model = self.field("tokenizer.ggml.model", None)

@@ -18,6 +18,7 @@ from . import cpu_gemv, native
 from .attention import AttentionMetadata, paged_attention
 from .config import ModelConfig
 from .linear import Linear
+from .rope import rope_tables
 
 TINY = ModelConfig("llama", vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=1, num_heads=4,
                     num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
@@ -89,7 +90,7 @@ def probe_one_row_gemv(dtype: torch.dtype, cfg: ModelConfig) -> str | None:
 
 def _probe_native_ops(dtype: torch.dtype, cfg: ModelConfig) -> str | None:
     """Each native op of the decoder layer against its torch version, in this model's head shapes."""
-    from .llama import _rope, _rope_tables  # llama.py imports this module's users, not the reverse
+    from .llama import _rope  # llama.py imports this module's users, not the reverse
 
     k = native.kernels()
     assert k is not None
@@ -109,7 +110,7 @@ def _probe_native_ops(dtype: torch.dtype, cfg: ModelConfig) -> str | None:
         return bad
     # rope on q and k, k and v into their cache slots
     T, bs, blocks = 5, 16, 4
-    cos, sin = _rope_tables(cfg, 64, dtype)
+    cos, sin = rope_tables(cfg, 64, dtype)
     qkv = torch.randn(T, (nq + 2 * nkv) * hd, generator=g).to(dtype)
     positions = torch.tensor([0, 3, 17, 40, 63])
     slots = torch.tensor([5, 0, 33, 63, 18])

@@ -12,7 +12,6 @@ checkpoint's tensors), `expected_shapes`, `qk_norm` (per-head norms on q and k) 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from .config import ModelConfig, ModelLoadError
 from .cpu_kernels import KernelPlan
 from .linear import Linear
 from .native import Kernels
+from .rope import rope_tables
 
 
 class Mlp(Protocol):
@@ -67,7 +67,7 @@ class LlamaModel:
         self.lm_head: Linear
         self.norm: torch.Tensor
         self.layers: list[Layer] = []
-        self.cos, self.sin = _rope_tables(cfg, max_len, dtype)
+        self.cos, self.sin = rope_tables(cfg, max_len, dtype)  # every rope scaling is in them (rope.py)
         self.native: Kernels | None = None  # fused CPU kernels (native.py); None: plain torch ops
         self.one_row_gemv = False  # one-row steps switch oneDNN off for ATen's GEMV (cpu_gemv.py)
 
@@ -218,36 +218,6 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
-
-
-def _rope_tables(cfg: ModelConfig, max_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = cfg.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "linear":
-        inv_freq = inv_freq / float(scaling["factor"])
-    elif kind == "llama3":
-        inv_freq = _llama3_inv_freq(inv_freq, scaling)
-    elif kind != "default":
-        raise ModelLoadError(f"config field 'rope_scaling' type {kind!r} is not supported")
-    pos = torch.arange(max_len, dtype=torch.float32)
-    freqs = torch.outer(pos, inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
-    factor = float(s["factor"])
-    low, high = float(s.get("low_freq_factor", 1.0)), float(s.get("high_freq_factor", 4.0))
-    old_len = float(s.get("original_max_position_embeddings", 8192))
-    wavelen = 2 * math.pi / inv_freq
-    low_wavelen, high_wavelen = old_len / low, old_len / high
-    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return torch.where(medium, smoothed, scaled)
 
 
 def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
