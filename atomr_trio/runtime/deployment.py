@@ -30,6 +30,7 @@ from ..engine.engine_config import EngineConfig
 from ..engine.engine_core import EngineCore, EngineHandle
 from ..engine.messages import Board, reply
 from ..executor.worker import Faults
+from ..model.config import ModelLoadError
 from ..model_source import ModelSource
 from .deployment_spec import DeploymentSpec
 from .deployment_state import DeploymentSnapshot, IllegalTransition, State, next_state
@@ -277,7 +278,9 @@ class Deployment:
         except Exception as e:  # noqa: BLE001 - a model or engine failure ends this deployment only
             cause = _first_leaf(e)
             self._fail(f"{type(cause).__name__}: {cause}")
-            log.error("deployment %s failed: %s", self.name, self._reason, exc_info=cause)
+            # a model that cannot load says why in its message; other failures keep their trace
+            trace = None if isinstance(cause, ModelLoadError) else cause
+            log.error("deployment %s failed: %s", self.name, self._reason, exc_info=trace)
         finally:
             self._placement.release(self.name)
             if self._state != "failed":
