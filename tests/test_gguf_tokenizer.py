@@ -10,6 +10,7 @@ built from the trained vocabulary and its true merges (the model's tokenizer.jso
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -90,8 +91,9 @@ def trained() -> dict[str, Any]:
 
 
 def write_spm_gguf(path: Path, trained: dict[str, Any], metadata: Callable[[Any], None] | None = None,
-                   model: str = "llama") -> None:
-    """The trained vocabulary as llama.cpp writes a SentencePiece one: scores, token types, no merges."""
+                   model: str = "llama", arch: str = "llama", extra: tuple[str, ...] = ()) -> None:
+    """The trained vocabulary as llama.cpp writes a SentencePiece one: scores, token types, no
+    merges; `extra` pieces (user-defined) follow the trained ones."""
     vocab: dict[str, int] = trained["vocab"]
     tokens, scores, types = [], [], []
     for i, piece in enumerate(sorted(vocab, key=vocab.__getitem__)):
@@ -106,11 +108,15 @@ def write_spm_gguf(path: Path, trained: dict[str, Any], metadata: Callable[[Any]
         else:
             types.append(gguf.TokenType.NORMAL)
         scores.append(0.0 if types[-1] != gguf.TokenType.NORMAL else -float(i))
+    for piece in extra:
+        tokens.append(piece)
+        types.append(gguf.TokenType.USER_DEFINED)
+        scores.append(0.0)
     for piece in _CONTROL + _USER_DEFINED:
         tokens.append(piece)
         types.append(gguf.TokenType.CONTROL if piece in _CONTROL else gguf.TokenType.USER_DEFINED)
         scores.append(0.0)
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_tokenizer_model(model)
     w.add_token_list(tokens)
     w.add_token_scores(scores)
@@ -222,6 +228,52 @@ def test_spm_gguf_chat_template_eos_eot_and_padding(trained: dict[str, Any], tmp
     assert text == ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert text.startswith("<s><|im_start|>user\n")
     assert tok.encode_chat(messages) == ref.encode(text, add_special_tokens=False)
+
+
+def test_phi3_spm_gguf_equals_transformers(trained: dict[str, Any], tmp_path: Path) -> None:
+    """Phi-3's vocabulary prepends `▁` to every stretch of text, as its tokenizer.json does."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path / "phi3.gguf"
+    write_spm_gguf(path, trained, arch="phi3")
+    ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    tok = ours(path)
+    assert tok.encode("a <|im_end|> b", add_special_tokens=False) != ours_llama(trained, tmp_path).encode(
+        "a <|im_end|> b", add_special_tokens=False)
+    assert_same(tok, ref, STRINGS, add_special_tokens=True)
+    assert_same(tok, ref, STRINGS, add_special_tokens=False)
+
+
+def ours_llama(trained: dict[str, Any], tmp_path: Path) -> Tokenizer:
+    path = tmp_path / "llama" / "spm.gguf"
+    path.parent.mkdir()
+    write_spm_gguf(path, trained)
+    return ours(path)
+
+
+@pytest.mark.parametrize("says", [False, None])
+def test_gemma_spm_gguf_equals_transformers(trained: dict[str, Any], tmp_path: Path, says: bool | None) -> None:
+    """Gemma: no space prefix (whether or not the file says so), whitespace-run pieces stored with
+    real spaces, merges in vocabulary order. (This branch reads no Gemma weights; the tokenizer
+    data of a 'llama' file is relabelled instead.)"""
+    from transformers import AutoTokenizer
+
+    runs = ("  ", "   ", "    ")
+
+    def flag(w: Any) -> None:
+        if says is not None:
+            w.add_add_space_prefix(says)
+
+    path = tmp_path / "gemma.gguf"
+    write_spm_gguf(path, trained, flag, arch="gemma2", extra=runs)
+    ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    llama = tmp_path / "llama.gguf"
+    write_spm_gguf(llama, trained, flag, extra=runs)
+    data = dataclasses.replace(GGUFFile(llama).tokenizer_data(), architecture="gemma2")
+    tok = Tokenizer.from_gguf(data, str(path))
+    assert [tok.id_to_token(i) for i in tok.encode("a    b", add_special_tokens=False)] == ["a", "▁▁▁", "▁b"]
+    assert_same(tok, ref, STRINGS, add_special_tokens=True)
+    assert_same(tok, ref, STRINGS, add_special_tokens=False)
 
 
 @pytest.mark.parametrize("kind", ["bert", "t5", "rwkv"])

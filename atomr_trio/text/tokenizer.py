@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from ..model.config import ModelLoadError
@@ -199,10 +199,12 @@ _GGUF_MODELS = ("gpt2", "llama")
 _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 2, 3, 4
 
 
-def _add_gguf_tokens(tok: HFTokenizer, data: GGUFTokenizerData, special_types: tuple[int, ...]) -> None:
+def _add_gguf_tokens(tok: HFTokenizer, data: GGUFTokenizerData, special_types: tuple[int, ...],
+                     vocab: dict[str, int] | None = None) -> None:
     """Tokens the file marks as control (and, for SentencePiece, unknown) become special added
     tokens, user-defined ones plain added tokens: both are matched whole in the text, before the
-    model splits what lies between them."""
+    model splits what lies between them. With `vocab` (a respelled vocabulary), a user-defined
+    token it no longer holds stays a plain piece."""
     types = data.token_types or [1] * len(data.tokens)
     if len(types) != len(data.tokens):
         raise ModelLoadError(f"GGUF tokenizer: {len(types)} token types for {len(data.tokens)} tokens")
@@ -214,7 +216,7 @@ def _add_gguf_tokens(tok: HFTokenizer, data: GGUFTokenizerData, special_types: t
     tok.add_tokens([
         AddedToken(t, special=False, normalized=False)
         for t, ty in zip(data.tokens, types, strict=True)
-        if ty == _TOKEN_USER_DEFINED
+        if ty == _TOKEN_USER_DEFINED and (vocab is None or t in vocab)
     ])
 
 
@@ -238,11 +240,15 @@ def _byte_level_bpe(data: GGUFTokenizerData, source: str) -> HFTokenizer:
 
 
 def _sentencepiece_bpe(data: GGUFTokenizerData, source: str) -> HFTokenizer:
-    """'llama': a SentencePiece BPE vocabulary as transformers' LlamaTokenizer runs it — BPE whose
-    merges are the file's, or else every split of a piece into two pieces, best-scored piece
-    first; `<0xNN>` pieces as byte fallback; spaces as `▁`, one prepended to the text's start
-    unless `add_space_prefix` is false (and stripped again on decode)."""
+    """'llama': a SentencePiece BPE vocabulary as transformers runs it (LlamaTokenizer; Gemma's and
+    Phi-3's variants by `general.architecture`) — BPE whose merges are the file's, or else every
+    split of a piece into two pieces, best-scored piece first; `<0xNN>` pieces as byte fallback;
+    spaces as `▁`, one prepended to the text unless `add_space_prefix` is false (and stripped
+    again on decode)."""
     tokens = data.tokens
+    gemma = data.architecture.startswith("gemma")
+    if gemma:  # Gemma files spell whitespace pieces with real spaces, its vocabulary with `▁`
+        tokens = [t.replace(" ", "\u2581") if " " in t and not t.strip() else t for t in tokens]
     vocab = {t: i for i, t in enumerate(tokens)}
     merges: list[tuple[str, str]]
     if data.merges:
@@ -250,19 +256,27 @@ def _sentencepiece_bpe(data: GGUFTokenizerData, source: str) -> HFTokenizer:
     else:
         if data.scores and len(data.scores) != len(tokens):
             raise ModelLoadError(f"{source}: {len(data.scores)} tokenizer.ggml.scores for {len(tokens)} tokens")
-        scores = data.scores or [-float(i) for i in range(len(tokens))]
+        # Gemma's scores do not follow its merge order; its vocabulary order does.
+        scores = data.scores if data.scores and not gemma else [-float(i) for i in range(len(tokens))]
         merges = _merges_from_scores(tokens, scores, vocab)
     unk = tokens[data.unk_token_id] if data.unk_token_id is not None else ("<unk>" if "<unk>" in vocab else None)
     tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk,
                                  fuse_unk=True, byte_fallback=True))
-    prefix = data.add_space_prefix is None or data.add_space_prefix
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first" if prefix else "never",
-                                                 split=False)
+    # Gemma prepends no space unless its file asks; Llama-style vocabularies do unless it forbids.
+    prefix = data.add_space_prefix if data.add_space_prefix is not None else not gemma
+    if data.architecture == "phi3" and prefix:
+        # Phi-3's tokenizer.json: the prefix comes from a normalizer, so every stretch of text
+        # (between added tokens too) gets one, even one already starting with a space.
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="\u2581", prepend_scheme="first" if prefix else "never", split=False
+        )
     chain = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     if prefix:
         chain.append(decoders.Strip(content=" ", left=1, right=0))
     tok.decoder = decoders.Sequence(chain)
-    _add_gguf_tokens(tok, data, (_TOKEN_CONTROL, _TOKEN_UNKNOWN))
+    _add_gguf_tokens(tok, data, (_TOKEN_CONTROL, _TOKEN_UNKNOWN), vocab)
     return tok
 
 
