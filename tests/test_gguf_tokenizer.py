@@ -22,6 +22,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from atomr_trio.model.config import ModelLoadError
 from atomr_trio.model.gguf_file import GGUFFile
+from atomr_trio.text.detokenizer import IncrementalDetokenizer
 from atomr_trio.text.tokenizer import Tokenizer
 
 gguf = pytest.importorskip("gguf")
@@ -228,6 +229,25 @@ def test_spm_gguf_chat_template_eos_eot_and_padding(trained: dict[str, Any], tmp
     assert text == ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert text.startswith("<s><|im_start|>user\n")
     assert tok.encode_chat(messages) == ref.encode(text, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("text", ["naïve café 😀 日本語 and 🦊", "Hello world  two", " spaced\n\nlines "])
+def test_incremental_detokenization_keeps_the_continuations_spaces(
+    trained: dict[str, Any], tmp_path: Path, text: str
+) -> None:
+    """Streamed deltas of SentencePiece ids are the text they add after the prompt: a leading `▁`
+    stays a space there (only a decode from the very start strips it), and no delta holds half a
+    character."""
+    path = tmp_path / "spm.gguf"
+    write_spm_gguf(path, trained)
+    tok = ours(path)
+    prompt, ids = tok.encode("Say:"), tok.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tok, prompt, skip_special_tokens=True)
+    deltas = [detok.push([t]) for t in ids] + [detok.flush()]
+    assert not any("\ufffd" in d for d in deltas)
+    assert "".join(deltas) == tok.decode(prompt + ids)[len(tok.decode(prompt)):]
+    fresh = IncrementalDetokenizer(tok, [], skip_special_tokens=True)
+    assert "".join([fresh.push([t]) for t in ids] + [fresh.flush()]) == tok.decode(ids)
 
 
 def test_phi3_spm_gguf_equals_transformers(trained: dict[str, Any], tmp_path: Path) -> None:

@@ -199,7 +199,7 @@ _GGUF_MODELS = ("gpt2", "llama")
 _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 2, 3, 4
 
 
-def _add_gguf_tokens(tok: HFTokenizer, data: GGUFTokenizerData, special_types: tuple[int, ...],
+def _add_gguf_tokens(tok: HFTokenizer, data: GGUFTokenizerData, source: str, special_types: tuple[int, ...],
                      vocab: dict[str, int] | None = None) -> None:
     """Tokens the file marks as control (and, for SentencePiece, unknown) become special added
     tokens, user-defined ones plain added tokens: both are matched whole in the text, before the
@@ -207,7 +207,7 @@ def _add_gguf_tokens(tok: HFTokenizer, data: GGUFTokenizerData, special_types: t
     token it no longer holds stays a plain piece."""
     types = data.token_types or [1] * len(data.tokens)
     if len(types) != len(data.tokens):
-        raise ModelLoadError(f"GGUF tokenizer: {len(types)} token types for {len(data.tokens)} tokens")
+        raise ModelLoadError(f"{source}: {len(types)} tokenizer.ggml.token_type for {len(data.tokens)} tokens")
     tok.add_special_tokens([
         AddedToken(t, special=True, normalized=False)
         for t, ty in zip(data.tokens, types, strict=True)
@@ -235,7 +235,7 @@ def _byte_level_bpe(data: GGUFTokenizerData, source: str) -> HFTokenizer:
     else:
         raise ModelLoadError(f"{source}: tokenizer.ggml.pre = {data.pre!r} is not supported")
     tok.decoder = decoders.ByteLevel()
-    _add_gguf_tokens(tok, data, (_TOKEN_CONTROL,))
+    _add_gguf_tokens(tok, data, source, (_TOKEN_CONTROL,))
     return tok
 
 
@@ -276,7 +276,7 @@ def _sentencepiece_bpe(data: GGUFTokenizerData, source: str) -> HFTokenizer:
     if prefix:
         chain.append(decoders.Strip(content=" ", left=1, right=0))
     tok.decoder = decoders.Sequence(chain)
-    _add_gguf_tokens(tok, data, (_TOKEN_CONTROL, _TOKEN_UNKNOWN), vocab)
+    _add_gguf_tokens(tok, data, source, (_TOKEN_CONTROL, _TOKEN_UNKNOWN), vocab)
     return tok
 
 
