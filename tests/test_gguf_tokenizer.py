@@ -296,6 +296,32 @@ def test_gemma_spm_gguf_equals_transformers(trained: dict[str, Any], tmp_path: P
     assert_same(tok, ref, STRINGS, add_special_tokens=False)
 
 
+def test_a_llama2_style_gguf_opens_with_its_sentencepiece_tokenizer(trained: dict[str, Any], tmp_path: Path) -> None:
+    """ModelSource reads the vocabulary from the file (no weights needed for that): BOS added,
+    EOS and EOT end a sequence, and structured outputs see a byte-fallback vocabulary."""
+    from atomr_trio.grammar.compiler import tokenizer_info
+    from atomr_trio.model_source import ModelSource
+
+    def llama2(w: Any) -> None:
+        w.add_context_length(64)
+        w.add_embedding_length(32)
+        w.add_block_count(1)
+        w.add_feed_forward_length(64)
+        w.add_head_count(4)
+        w.add_head_count_kv(4)
+        w.add_layer_norm_rms_eps(1e-5)
+
+    path = tmp_path / "llama2.gguf"
+    write_spm_gguf(path, trained, llama2)
+    source = ModelSource.open(path)
+    tok = source.tokenizer
+    assert source.kind == "gguf" and tok.encode("Hello world")[0] == 1
+    assert tok.decode(tok.encode("Hello world  élève 🦊")) == "Hello world  élève 🦊"
+    assert source.eos_token_ids[:2] == (2, tok.backend.token_to_id("<|eot|>"))
+    info = tokenizer_info(tok, source.config.vocab_size)
+    assert info.vocab_type.name == "BYTE_FALLBACK" and info.add_prefix_space
+
+
 @pytest.mark.parametrize("kind", ["bert", "t5", "rwkv"])
 def test_an_unsupported_tokenizer_model_is_refused_by_name(
     trained: dict[str, Any], tmp_path: Path, kind: str
