@@ -6,7 +6,9 @@ prompts get the BOS token (and the EOS token) exactly when the model asks for it
 
 A GGUF carries no tokenizer.json: its vocabulary is rebuilt here, a byte-level BPE ('gpt2') or a
 SentencePiece BPE ('llama', byte fallback, `▁` for spaces) with the normalizer, pre-tokenizer and
-decoder transformers gives the same file, so ids and decoded text equal transformers'. Any other
+decoder transformers gives the same file, so ids and decoded text equal transformers' (one
+difference, kept on purpose: a `tokenizer.ggml.add_space_prefix` = false is honoured, as the
+model's own tokenizer does, where transformers' GGUF loading prepends a space anyway). Any other
 `tokenizer.ggml.model` is a ModelLoadError naming it.
 """
 
