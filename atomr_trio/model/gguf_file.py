@@ -13,7 +13,7 @@ rope_factors_long/short) included: they are config, not weights.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,15 +52,28 @@ _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm"
 
 @dataclass
 class GGUFTokenizerData:
-    model: str  # tokenizer.ggml.model, e.g. "gpt2"
+    """The tokenizer a GGUF describes, under llama.cpp's `tokenizer.ggml.*` keys, as read: ids
+    index `tokens`; `scores` / `token_types` / `merges` are empty when the file has none;
+    `add_bos_token` / `add_space_prefix` are None when the file does not say (the default then
+    depends on the vocabulary kind, text/tokenizer.py decides)."""
+
+    model: str  # tokenizer.ggml.model: "gpt2" (byte-level BPE), "llama" (SentencePiece), ...
     pre: str | None
     tokens: list[str]
     token_types: list[int]
     merges: list[str]
     bos_token_id: int | None
     eos_token_id: int | None
-    add_bos_token: bool
+    add_bos_token: bool | None
     chat_template: str | None
+    scores: list[float] = field(default_factory=list)
+    add_eos_token: bool = False
+    add_space_prefix: bool | None = None
+    unk_token_id: int | None = None
+    pad_token_id: int | None = None
+    eot_token_id: int | None = None  # end of turn / end of message: generation stops there too
+    eom_token_id: int | None = None
+    architecture: str = ""  # general.architecture (Gemma's SentencePiece files differ)
 
 
 class GGUFFile:
@@ -221,16 +234,33 @@ class GGUFFile:
         model = self.field("tokenizer.ggml.model", None)
         if model is None:
             raise ModelLoadError(f"{self.path}: no tokenizer in the GGUF metadata")
+
+        def opt_int(key: str) -> int | None:
+            v = self.field(f"tokenizer.ggml.{key}", None)
+            return int(v) if v is not None else None
+
+        def opt_bool(key: str) -> bool | None:
+            v = self.field(f"tokenizer.ggml.{key}", None)
+            return bool(v) if v is not None else None
+
         return GGUFTokenizerData(
-            model=model,
+            model=str(model),
             pre=self.field("tokenizer.ggml.pre", None),
             tokens=list(self.field("tokenizer.ggml.tokens")),
             token_types=[int(x) for x in self.field("tokenizer.ggml.token_type", [])],
             merges=list(self.field("tokenizer.ggml.merges", [])),
-            bos_token_id=self.field("tokenizer.ggml.bos_token_id", None),
-            eos_token_id=self.field("tokenizer.ggml.eos_token_id", None),
-            add_bos_token=bool(self.field("tokenizer.ggml.add_bos_token", False)),
+            bos_token_id=opt_int("bos_token_id"),
+            eos_token_id=opt_int("eos_token_id"),
+            add_bos_token=opt_bool("add_bos_token"),
             chat_template=self.field("tokenizer.chat_template", None),
+            scores=[float(x) for x in self.field("tokenizer.ggml.scores", [])],
+            add_eos_token=bool(opt_bool("add_eos_token")),
+            add_space_prefix=opt_bool("add_space_prefix"),
+            unk_token_id=opt_int("unknown_token_id"),
+            pad_token_id=opt_int("padding_token_id"),
+            eot_token_id=opt_int("eot_token_id"),
+            eom_token_id=opt_int("eom_token_id"),
+            architecture=self.arch,
         )
 
 
