@@ -1,8 +1,10 @@
 """IncrementalDetokenizer: token ids in, text deltas out, as tokens arrive.
 
 Invariants: a delta never ends in half a UTF-8 character (bytes are held back until the
-character completes), and the concatenated deltas plus `flush()` equal a full decode of the
-generated ids. Each step decodes only a short window of ids, never the whole output.
+character completes), and the concatenated deltas plus `flush()` equal the text the generated
+ids add after the prompt — a full decode of them, except that a SentencePiece vocabulary's
+leading space, which a decode on its own strips, is kept (it follows the prompt). Each step
+decodes only a short window of ids, never the whole output.
 """
 
 from __future__ import annotations
