@@ -8,6 +8,9 @@
 //
 // Layouts: q [nd, H, D]; kv [2, KVH, num_slots, D] (contiguous); slots [nd * L] int64;
 // ctx_lens [nd] int64 (each <= L). Query heads h*G .. h*G+G-1 share KV head h (G = H / KVH).
+// window (optional, > 0): sliding-window attention — the query sees only the last `window`
+// positions of its context (itself included), max(0, ctx_len - window) .. ctx_len - 1, as
+// transformers' sliding-window mask does; none (or <= 0): the whole context.
 // Built and loaded at run time by native.py.
 
 #include <ATen/ATen.h>
@@ -18,6 +21,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -209,7 +213,7 @@ struct Bf16 {
 // unit's slots lie inside the cache.
 template <typename T, typename Kernel, typename... Args>
 void run_units(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slots, const at::Tensor& ctx_lens,
-               at::Tensor& out, Args... args) {
+               int64_t window, at::Tensor& out, Args... args) {
   std::atomic<bool> bad_slot{false};
   const int64_t nd = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t KVH = kv.size(1), S = kv.size(2);
@@ -226,8 +230,10 @@ void run_units(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slot
     Kernel kernel(args...);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t n = w / KVH, h = w % KVH;
-      const int64_t len = std::min(lp[n], L);
-      const int64_t* srow = sp + n * L;
+      const int64_t ctx = std::min(lp[n], L);
+      const int64_t start = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;  // first visible position
+      const int64_t len = ctx - start;
+      const int64_t* srow = sp + n * L + start;
       bool in_range = true;
       for (int64_t l = 0; l < len; ++l) in_range &= srow[l] >= 0 && srow[l] < S;
       if (!in_range) {  // never read outside the cache; the caller gets an error instead
@@ -243,27 +249,27 @@ void run_units(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slot
 
 template <typename T>
 void dispatch(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slots, const at::Tensor& ctx_lens,
-              float scale, at::Tensor& out) {
+              float scale, int64_t window, at::Tensor& out) {
   const int64_t G = q.size(1) / kv.size(1), D = q.size(2), L = slots.size(0) / q.size(0);
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
 #define ATOMR_BF16_CASE(g)                                                      \
-  if (G == g && D == 64) return run_units<T, Bf16<g, 64>>(q, kv, slots, ctx_lens, out, L, scale); \
-  if (G == g && D == 128) return run_units<T, Bf16<g, 128>>(q, kv, slots, ctx_lens, out, L, scale);
+  if (G == g && D == 64) return run_units<T, Bf16<g, 64>>(q, kv, slots, ctx_lens, window, out, L, scale); \
+  if (G == g && D == 128) return run_units<T, Bf16<g, 128>>(q, kv, slots, ctx_lens, window, out, L, scale);
     ATOMR_BF16_CASE(1) ATOMR_BF16_CASE(2) ATOMR_BF16_CASE(3) ATOMR_BF16_CASE(4)
     ATOMR_BF16_CASE(5) ATOMR_BF16_CASE(6) ATOMR_BF16_CASE(7) ATOMR_BF16_CASE(8)
 #undef ATOMR_BF16_CASE
   }
 #endif
   switch (D) {
-    case 64: return run_units<T, Generic<T, 64>>(q, kv, slots, ctx_lens, out, G, D, L, scale);
-    case 128: return run_units<T, Generic<T, 128>>(q, kv, slots, ctx_lens, out, G, D, L, scale);
-    default: return run_units<T, Generic<T, 0>>(q, kv, slots, ctx_lens, out, G, D, L, scale);
+    case 64: return run_units<T, Generic<T, 64>>(q, kv, slots, ctx_lens, window, out, G, D, L, scale);
+    case 128: return run_units<T, Generic<T, 128>>(q, kv, slots, ctx_lens, window, out, G, D, L, scale);
+    default: return run_units<T, Generic<T, 0>>(q, kv, slots, ctx_lens, window, out, G, D, L, scale);
   }
 }
 
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slots,
-                                  const at::Tensor& ctx_lens, double scale) {
+                                  const at::Tensor& ctx_lens, double scale, std::optional<int64_t> window) {
   TORCH_CHECK(q.dim() == 3, "q must be [sequences, heads, head_dim], got ", q.sizes());
   TORCH_CHECK(kv.dim() == 4 && kv.size(0) == 2 && kv.size(3) == q.size(2),
               "kv must be [2, kv_heads, slots, head_dim] matching q, got ", kv.sizes());
@@ -281,11 +287,12 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kv, con
   at::Tensor lc = ctx_lens.contiguous();
   at::Tensor out = at::empty_like(qc);
   const float s = static_cast<float>(scale);
+  const int64_t w = window.has_value() ? *window : 0;
   if (q.scalar_type() == at::kBFloat16) {
-    dispatch<c10::BFloat16>(qc, kv, sc, lc, s, out);
+    dispatch<c10::BFloat16>(qc, kv, sc, lc, s, w, out);
   } else {
     TORCH_CHECK(q.scalar_type() == at::kFloat, "float32 or bfloat16 only, got ", q.scalar_type());
-    dispatch<float>(qc, kv, sc, lc, s, out);
+    dispatch<float>(qc, kv, sc, lc, s, w, out);
   }
   return out;
 }
@@ -293,7 +300,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kv, con
 }  // namespace
 
 TORCH_LIBRARY(atomr_trio, m) {
-  m.def("paged_decode_attention(Tensor q, Tensor kv, Tensor slots, Tensor ctx_lens, float scale) -> Tensor");
+  m.def("paged_decode_attention(Tensor q, Tensor kv, Tensor slots, Tensor ctx_lens, float scale, int? window=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(atomr_trio, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
