@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .config import SUPPORTED_ARCHITECTURES, ModelConfig, ModelLoadError
+from .gemma import GemmaModel
 from .llama import LlamaModel
 from .moe import MixtralModel, Qwen3MoeModel
 from .phi3 import Phi3Model
@@ -23,6 +24,8 @@ MODEL_CLASSES: dict[str, type[LlamaModel]] = {
     "qwen3_moe": Qwen3MoeModel,
     "mixtral": MixtralModel,
     "phi3": Phi3Model,
+    "gemma2": GemmaModel,
+    "gemma3": GemmaModel,
 }
 assert set(MODEL_CLASSES) == set(SUPPORTED_ARCHITECTURES.values())
 

@@ -1,0 +1,103 @@
+"""Gemma 2, Gemma 3 (text) and sliding-window attention against transformers.
+
+Tiny random HF directories (test_hf_dir.write_tiny_model, several safetensors shards) with a
+16-token window, shorter than the 40-token prompt and the 48 generated tokens: our greedy ids
+must equal transformers' float32 greedy ids for three prompts x 48 tokens, one request at a time
+and batched with 16-token prefill chunks, with each sampled token's logprob within 1e-4 of
+transformers' — on the native and the torch ops paths. Gemma 2 has attention and final-logit
+soft-capping (its attention runs on the torch path on both); Gemma 3 has q/k norms and two rope
+tables (its windowed decode takes the native kernel). A Mistral with a window decodes as
+transformers' does past the window. The native decode kernel's window is checked on its own.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import kernel_path_unavailable
+from test_families import GREEDY, LLM_ARGS, PROMPTS, Family
+
+from atomr_trio import LLM
+from atomr_trio.model import cpu_kernels, native
+from atomr_trio.model.config import ModelConfig
+from atomr_trio.model_source import ModelSource
+
+pytestmark = pytest.mark.slow
+
+WINDOWED = {"gemma2": None, "gemma3": None, "mistral": {"sliding_window": 16}}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Family]:
+    return {arch: Family(arch, tmp_path_factory.mktemp(f"tiny-{arch}"), overrides)
+            for arch, overrides in WINDOWED.items()}
+
+
+@pytest.mark.parametrize("path", ["native", "torch"])
+@pytest.mark.parametrize("arch", list(WINDOWED))
+def test_windowed_models_match_transformers(arch: str, path: str, models: dict[str, Family],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    why = kernel_path_unavailable(path, torch.float32)
+    if why:
+        pytest.skip(f"{path} kernel path unavailable here: {why}")
+    monkeypatch.setenv(cpu_kernels.ENV, path)
+    fam = models[arch]
+    assert len(list(fam.path.glob("*.safetensors"))) >= 2
+    with LLM(str(fam.path), **LLM_ARGS) as llm:
+        assert llm.stats()["kernels"] == f"matmul=torch, ops={path}"
+        one = [llm.generate([{"prompt_token_ids": p}], GREEDY, use_tqdm=False)[0] for p in PROMPTS]
+        worst = fam.check(one, f"{path}, one at a time")
+        batched = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
+        worst = max(worst, fam.check(batched, f"{path}, batched"))
+    print(f"{arch} ({path}): max |logprob - transformers'| = {worst:.3g}")
+
+
+def test_configs(models: dict[str, Family]) -> None:
+    g2 = ModelSource.open(str(models["gemma2"].path)).config
+    assert (g2.architecture, g2.sliding_window, g2.full_attention_layers) == ("gemma2", 16, (1,))
+    assert (g2.attn_logit_softcapping, g2.final_logit_softcapping, g2.query_pre_attn_scalar) == (3.0, 10.0, 24.0)
+    assert [g2.layer_window(i) for i in range(2)] == [16, None]
+    g3 = ModelSource.open(str(models["gemma3"].path)).config
+    assert g3.qk_norm and g3.full_attention_layers == (1,) and g3.attn_logit_softcapping is None
+    assert (g3.rope_theta, g3.rope_local_theta) == (100000.0, 10000.0)
+    assert g3.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    mistral = ModelSource.open(str(models["mistral"].path)).config
+    assert mistral.sliding_window == 16 and mistral.full_attention_layers == ()
+    assert mistral.max_model_len == mistral.max_position_embeddings  # no longer capped at the window
+
+
+def test_qwen2_window_layers() -> None:
+    """Qwen2 windows only layers >= max_window_layers, and only with use_sliding_window."""
+    from atomr_trio.model.config import _full_attention_layers
+
+    assert _full_attention_layers("qwen2", {"max_window_layers": 1}, 3) == (0,)
+    assert _full_attention_layers("mistral", {}, 3) == ()
+    assert _full_attention_layers("gemma3", {"sliding_window_pattern": 2}, 4) == (1, 3)
+    assert ModelConfig.layer_window.__doc__
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_decode_window(dtype: torch.dtype) -> None:
+    """decode_attention(window=W) equals attention over the last W positions of each context."""
+    k = native.kernels()
+    if k is None:
+        pytest.skip("native kernels unavailable here")
+    torch.manual_seed(0)
+    nd, H, KVH, D, S, L = 3, 4, 2, 64, 200, 50
+    q = torch.randn(nd, H, D).to(dtype)
+    kv = torch.randn(2, KVH, S, D).to(dtype)
+    slots = torch.randperm(S)[: nd * L]
+    lens = torch.tensor([50, 7, 31])
+    for window in (None, 1, 8, 16, 100):
+        got = k.decode_attention(q, kv, slots, lens, D**-0.5, window).float()
+        for n in range(nd):
+            ln = int(lens[n])
+            start = 0 if window is None else max(0, ln - window)
+            s = slots[n * L + start : n * L + ln]
+            kk, vv = kv[0][:, s].float(), kv[1][:, s].float()  # [KVH, len, D]
+            qq = q[n].float().view(KVH, H // KVH, D)
+            want = torch.softmax(qq @ kk.transpose(-1, -2) * D**-0.5, dim=-1) @ vv
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            assert torch.allclose(got[n], want.reshape(H, D), atol=tol), (window, n)
+    assert torch.equal(k.decode_attention(q, kv, slots, lens, D**-0.5), k.decode_attention(q, kv, slots, lens,
+                                                                                          D**-0.5, None))
