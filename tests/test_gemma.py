@@ -12,6 +12,8 @@ transformers' does past the window. The native decode kernel's window is checked
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import kernel_path_unavailable
@@ -101,3 +103,82 @@ def test_native_decode_window(dtype: torch.dtype) -> None:
             assert torch.allclose(got[n], want.reshape(H, D), atol=tol), (window, n)
     assert torch.equal(k.decode_attention(q, kv, slots, lens, D**-0.5), k.decode_attention(q, kv, slots, lens,
                                                                                           D**-0.5, None))
+
+
+def write_gemma_gguf(fam: Family, out: Path) -> None:
+    """The family's weights as llama.cpp's converter writes a Gemma: tensor names from the gguf
+    package's map, every norm weight stored as 1 + w, lm_head left out (tied), the window and
+    soft-caps as metadata; the scale (query_pre_attn_scalar = head_dim), the sliding pattern and
+    the local rope base are not written (the reader takes llama.cpp's rules)."""
+    import json
+
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+    from tokenizers import Tokenizer
+
+    hf = json.loads((fam.path / "config.json").read_text())
+    a = fam.arch
+    n_layers = hf["num_hidden_layers"]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA2 if a == "gemma2" else gguf.MODEL_ARCH.GEMMA3, n_layers)
+    w = gguf.GGUFWriter(str(out), a)
+    rope = hf["rope_parameters"]
+    full = rope.get("full_attention", rope)
+    for key, value in (("block_count", n_layers), ("context_length", hf["max_position_embeddings"]),
+                       ("embedding_length", hf["hidden_size"]), ("feed_forward_length", hf["intermediate_size"]),
+                       ("attention.head_count", hf["num_attention_heads"]),
+                       ("attention.head_count_kv", hf["num_key_value_heads"]),
+                       ("attention.key_length", hf["head_dim"]), ("attention.value_length", hf["head_dim"]),
+                       ("attention.sliding_window", hf["sliding_window"])):
+        w.add_uint32(f"{a}.{key}", value)
+    w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", hf["rms_norm_eps"])
+    w.add_float32(f"{a}.rope.freq_base", full["rope_theta"])
+    if full.get("rope_type") == "linear":
+        w.add_string(f"{a}.rope.scaling.type", "linear")
+        w.add_float32(f"{a}.rope.scaling.factor", full["factor"])
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if hf.get(key) is not None:
+            w.add_float32(f"{a}.{key}", hf[key])
+    tok = Tokenizer.from_file(str(fam.path / "tokenizer.json"))
+    vocab = sorted(tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+    w.add_string("tokenizer.ggml.model", "gpt2")
+    w.add_string("tokenizer.ggml.pre", "default")
+    w.add_array("tokenizer.ggml.tokens", [t for t, _ in vocab])
+    w.add_array("tokenizer.ggml.token_type", [3 if t.startswith("<|") else 1 for t, _ in vocab])
+    w.add_uint32("tokenizer.ggml.eos_token_id", tok.token_to_id("<|im_end|>"))
+    tensors: dict[str, np.ndarray] = {}
+    for f in sorted(fam.path.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    for name, t in tensors.items():
+        if name == "lm_head.weight":
+            continue
+        base = name.removesuffix(".weight")
+        if name.endswith("norm.weight"):
+            t = t + np.float32(1.0)
+        w.add_tensor(f"{names.get_name(base)}.weight", np.ascontiguousarray(t))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+# GGUF files keep no query_pre_attn_scalar nor (Gemma 3) sliding pattern: the dirs written as GGUF
+# use what llama.cpp assumes (scale head_dim; Gemma 3 with 6 layers, the sixth global)
+GGUF_OVERRIDES = {"gemma2": {"query_pre_attn_scalar": 32},
+                  "gemma3": {"query_pre_attn_scalar": 32, "num_hidden_layers": 6, "layer_types": None}}
+
+
+@pytest.mark.parametrize("arch", list(GGUF_OVERRIDES))
+def test_gguf_matches_transformers(arch: str, tmp_path: Path) -> None:
+    fam = Family(arch, tmp_path / "hf", GGUF_OVERRIDES[arch])
+    path = tmp_path / f"tiny-{arch}.gguf"
+    write_gemma_gguf(fam, path)
+    got = ModelSource.open(str(path)).config
+    want = ModelSource.open(str(fam.path)).config
+    assert want.full_attention_layers == ((1,) if arch == "gemma2" else (5,))
+    for name in ("architecture", "head_dim", "qk_norm", "sliding_window", "full_attention_layers",
+                 "attn_logit_softcapping", "final_logit_softcapping", "rope_theta", "rope_scaling",
+                 "rope_local_theta", "tie_word_embeddings", "query_pre_attn_scalar"):
+        assert getattr(got, name) == getattr(want, name), name
+    with LLM(str(path), **LLM_ARGS) as llm:
+        fam.check(llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False), "GGUF")
