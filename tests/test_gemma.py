@@ -182,3 +182,15 @@ def test_gguf_matches_transformers(arch: str, tmp_path: Path) -> None:
         assert getattr(got, name) == getattr(want, name), name
     with LLM(str(path), **LLM_ARGS) as llm:
         fam.check(llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False), "GGUF")
+
+
+def test_all_windowed_model_holds_only_its_window(models: dict[str, Family]) -> None:
+    """Mistral windows every layer: its sequences release the blocks behind the window as they
+    go, so three 88-token sequences run side by side in 12 blocks of 8 (without the release they
+    need 33 and take turns through preemption) and still decode transformers' ids."""
+    fam = models["mistral"]
+    assert ModelSource.open(str(fam.path)).config.window_of_every_layer == 16
+    assert ModelSource.open(str(models["gemma2"].path)).config.window_of_every_layer is None
+    with LLM(str(fam.path), **{**LLM_ARGS, "num_kv_blocks": 12}) as llm:
+        fam.check(llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False), "12 blocks")
+        assert llm.stats()["num_preemptions"] == 0

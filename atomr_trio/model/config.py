@@ -136,6 +136,11 @@ class ModelConfig:
         return None if self.sliding_window is None or i in self.full_attention_layers else self.sliding_window
 
     @property
+    def window_of_every_layer(self) -> int | None:
+        """The sliding window when every layer has it (older K/V is then never read); else None."""
+        return self.sliding_window if not self.full_attention_layers else None
+
+    @property
     def max_model_len(self) -> int:
         """Longest sequence the model serves correctly: sliding windows are attended as such, so
         only the rope bounds it; dynamic and yarn rope scaling extend `max_position_embeddings`
