@@ -194,3 +194,20 @@ def test_all_windowed_model_holds_only_its_window(models: dict[str, Family]) -> 
     with LLM(str(fam.path), **{**LLM_ARGS, "num_kv_blocks": 12}) as llm:
         fam.check(llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False), "12 blocks")
         assert llm.stats()["num_preemptions"] == 0
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_bf16_on_each_kernel_path_stays_close(arch: str, kernel_path: str, models: dict[str, Family]) -> None:
+    """bf16 on each CPU kernel path (native panels and oneDNN packing lay out the GeGLU too):
+    the first token's logprob stays close to transformers' float32 one."""
+    from atomr_trio import SamplingParams
+
+    fam = models[arch]
+    params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=0)
+    with LLM(str(fam.path), dtype="bfloat16", num_kv_blocks=64, block_size=8) as llm:
+        assert llm.stats()["kernels"].startswith(f"matmul={kernel_path}")
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    for i, out in enumerate(outs):
+        (tok, lp), = out.outputs[0].logprobs[0].items()
+        assert tok == fam.ids[i][0]
+        assert abs(lp.logprob - fam.logprobs[i][0]) < 0.1

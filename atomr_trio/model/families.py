@@ -2,7 +2,9 @@
 
 Invariant: every value of `config.SUPPORTED_ARCHITECTURES` (and each GGUF architecture
 gguf_file.py maps onto them) has exactly one class here; the classes differ only in the hooks
-`LlamaModel` documents, and share its attention, cache and kernels.
+`LlamaModel` documents, and share its attention, cache and kernels — except Gemma (gemma.py),
+whose norms and residual order differ enough that it has its own loading, forward and logits
+over the same paged attention and kernels.
 """
 
 from __future__ import annotations

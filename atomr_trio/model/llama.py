@@ -10,7 +10,8 @@ reads it. Weights are held fused (q|k|v and gate|up) so each layer runs four mat
 The other families (qwen3.py, moe.py, phi3.py; families.py picks the class) subclass
 `LlamaModel` and override only its hooks: `checkpoint_tensors` (names and splits of the
 checkpoint's tensors), `expected_shapes`, `qk_norm` (per-head norms on q and k) and `mlp`
-(the dense gate|up/down MLP or another block with the `Mlp` interface).
+(the dense gate|up/down MLP or another block with the `Mlp` interface). Gemma (gemma.py) reuses
+its tensor reading (`read_tensors`), layers and kernel layout but has its own forward.
 """
 
 from __future__ import annotations
