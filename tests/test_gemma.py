@@ -5,8 +5,8 @@ Tiny random HF directories (test_hf_dir.write_tiny_model, several safetensors sh
 must equal transformers' float32 greedy ids for three prompts x 48 tokens, one request at a time
 and batched with 16-token prefill chunks, with each sampled token's logprob within 1e-4 of
 transformers' — on the native and the torch ops paths. Gemma 2 has attention and final-logit
-soft-capping (its attention runs on the torch path on both); Gemma 3 has q/k norms and two rope
-tables (its windowed decode takes the native kernel). A Mistral with a window decodes as
+soft-capping (capped, windowed decode in the native kernel on the native path); Gemma 3 has q/k
+norms and two rope tables. A Mistral with a window decodes as
 transformers' does past the window. The native decode kernel's window is checked on its own.
 """
 
@@ -78,27 +78,33 @@ def test_qwen2_window_layers() -> None:
     assert ModelConfig.layer_window.__doc__
 
 
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("head_dim", [32, 64])  # bf16 64: the AVX512-BF16 kernel where the CPU has it
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_decode_window(dtype: torch.dtype) -> None:
-    """decode_attention(window=W) equals attention over the last W positions of each context."""
+def test_native_decode_window(dtype: torch.dtype, head_dim: int, softcap: float | None) -> None:
+    """decode_attention(window=W, softcap=c) equals attention over the last W positions of each
+    context, with scores capped as c * tanh(s / c)."""
     k = native.kernels()
     if k is None:
         pytest.skip("native kernels unavailable here")
     torch.manual_seed(0)
-    nd, H, KVH, D, S, L = 3, 4, 2, 64, 200, 50
+    nd, H, KVH, D, S, L = 3, 4, 2, head_dim, 200, 50
     q = torch.randn(nd, H, D).to(dtype)
     kv = torch.randn(2, KVH, S, D).to(dtype)
     slots = torch.randperm(S)[: nd * L]
     lens = torch.tensor([50, 7, 31])
     for window in (None, 1, 8, 16, 100):
-        got = k.decode_attention(q, kv, slots, lens, D**-0.5, window).float()
+        got = k.decode_attention(q, kv, slots, lens, D**-0.5, window, softcap).float()
         for n in range(nd):
             ln = int(lens[n])
             start = 0 if window is None else max(0, ln - window)
             s = slots[n * L + start : n * L + ln]
             kk, vv = kv[0][:, s].float(), kv[1][:, s].float()  # [KVH, len, D]
             qq = q[n].float().view(KVH, H // KVH, D)
-            want = torch.softmax(qq @ kk.transpose(-1, -2) * D**-0.5, dim=-1) @ vv
+            scores = qq @ kk.transpose(-1, -2) * D**-0.5
+            if softcap is not None:
+                scores = torch.tanh(scores / softcap) * softcap
+            want = torch.softmax(scores, dim=-1) @ vv
             tol = 1e-5 if dtype == torch.float32 else 2e-2
             assert torch.allclose(got[n], want.reshape(H, D), atol=tol), (window, n)
     assert torch.equal(k.decode_attention(q, kv, slots, lens, D**-0.5), k.decode_attention(q, kv, slots, lens,

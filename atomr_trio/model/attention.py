@@ -13,8 +13,8 @@ Sliding windows: a layer with window W shows a query at position p only the keys
 p - W + 1 .. p (W keys, itself included: transformers' sliding-window mask). The metadata holds
 the full-context masks; `paged_attention(window=W)` narrows them (cached per W on the metadata,
 so the layers sharing a window share one mask per step), and the native decode kernel takes W.
-Soft-capping (Gemma 2: scores -> cap * tanh(scores / cap) before the mask) runs on the torch
-path only: the native decode kernel has no cap, so a capped layer never takes it.
+Soft-capping (Gemma 2: scores -> cap * tanh(scores / cap) before the mask) runs on every path:
+the native decode kernel takes the cap too; the torch paths then leave SDPA for plain matmuls.
 
 Invariant: the step's new K/V are written into their slots before any query reads the cache, so
 a query sees exactly the tokens at positions <= its own of its own sequence (and, with a window
@@ -118,7 +118,7 @@ def paged_attention(
     write_kv: bool = True,  # False: the caller has already stored k, v in their slots
     window: int | None = None,  # sliding window: each query sees its last `window` positions
     scale: float | None = None,  # score scale; None: head_dim ** -0.5
-    softcap: float | None = None,  # scores -> softcap * tanh(scores / softcap) (torch path only)
+    softcap: float | None = None,  # scores -> softcap * tanh(scores / softcap)
 ) -> torch.Tensor:
     T, H, D = q.shape
     sc = D**-0.5 if scale is None else scale
@@ -129,12 +129,12 @@ def paged_attention(
         v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     outs = []
     nd = meta.num_decode
-    native_decode = meta.decode_op is not None and softcap is None
+    native_decode = meta.decode_op is not None
     bias, masks = (None, [p.mask for p in meta.prefills]) if window is None and native_decode else \
         _masks(meta, q.dtype, window)
     if nd and native_decode:
         assert meta.decode_op is not None and meta.decode_slots is not None and meta.decode_ctx_lens is not None
-        od = meta.decode_op(q[:nd], kv, meta.decode_slots, meta.decode_ctx_lens, sc, window)
+        od = meta.decode_op(q[:nd], kv, meta.decode_slots, meta.decode_ctx_lens, sc, window, softcap)
         outs.append(od.view(nd, H * D))
     elif nd:
         assert meta.decode_slots is not None and bias is not None

@@ -18,11 +18,11 @@ What differs from `LlamaModel`, as transformers computes it:
   layers rotate with their own base (`rope_local_theta`, unscaled) while its global layers use
   `rope_theta` and `rope_scaling`: two cos/sin tables.
 
-Kernels: attention is attention.py's paged attention on every path. Soft-capped layers always
-take its torch path (the native decode kernel has no cap), so Gemma 2 decodes on torch
-attention; Gemma 3 (no attention cap) takes the native decode kernel, windows included. The
-native rope + K/V store runs with the layer's own table. Norms are torch ops (the native
-add + norm kernel multiplies by the plain weight in the model dtype).
+Kernels: attention is attention.py's paged attention on every path; with the native ops loaded
+its decode rows take the native kernel, windows and Gemma 2's soft-cap included (prompt chunks
+stay on torch, as for every family). The native rope + K/V store runs with the layer's own table.
+Norms are torch ops (the native add + norm kernel multiplies by the plain weight in the model
+dtype).
 """
 
 from __future__ import annotations

@@ -54,11 +54,12 @@ DTYPES = (torch.float32, torch.bfloat16)  # what the kernels compute in
 
 
 class DecodeAttention(Protocol):
-    """(q [nd, H, D], kv cache, slots [nd * L], ctx_lens [nd], scale, window) -> [nd, H, D];
-    a window W > 0 shows each query only the last W positions of its context (itself included)."""
+    """(q [nd, H, D], kv cache, slots [nd * L], ctx_lens [nd], scale, window, softcap) -> [nd, H, D];
+    a window W > 0 shows each query only the last W positions of its context (itself included);
+    a softcap c > 0 turns each scaled score s into c * tanh(s / c) before the softmax."""
 
     def __call__(self, q: torch.Tensor, kv: torch.Tensor, slots: torch.Tensor, ctx_lens: torch.Tensor,
-                 scale: float, window: int | None = None) -> torch.Tensor: ...
+                 scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
