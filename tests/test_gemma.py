@@ -6,8 +6,9 @@ must equal transformers' float32 greedy ids for three prompts x 48 tokens, one r
 and batched with 16-token prefill chunks, with each sampled token's logprob within 1e-4 of
 transformers' — on the native and the torch ops paths. Gemma 2 has attention and final-logit
 soft-capping (capped, windowed decode in the native kernel on the native path); Gemma 3 has q/k
-norms and two rope tables. A Mistral with a window decodes as
-transformers' does past the window. The native decode kernel's window is checked on its own.
+norms and two rope tables. A Mistral with a window on every layer and a Qwen2 with one on its
+second layer decode as transformers' do past the window; Mistral's sequences also give back the
+blocks behind it. The native decode kernel's window and cap are checked on their own.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from atomr_trio.model_source import ModelSource
 
 pytestmark = pytest.mark.slow
 
-WINDOWED = {"gemma2": None, "gemma3": None, "mistral": {"sliding_window": 16}}
+# Qwen2 windows only the layers from max_window_layers on: layer 0 global, layer 1 windowed
+WINDOWED = {"gemma2": None, "gemma3": None, "mistral": {"sliding_window": 16},
+            "qwen2": {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1}}
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +66,8 @@ def test_configs(models: dict[str, Family]) -> None:
     assert g3.qk_norm and g3.full_attention_layers == (1,) and g3.attn_logit_softcapping is None
     assert (g3.rope_theta, g3.rope_local_theta) == (100000.0, 10000.0)
     assert g3.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    qwen2 = ModelSource.open(str(models["qwen2"].path)).config
+    assert (qwen2.sliding_window, qwen2.full_attention_layers, qwen2.window_of_every_layer) == (16, (0,), None)
     mistral = ModelSource.open(str(models["mistral"].path)).config
     assert mistral.sliding_window == 16 and mistral.full_attention_layers == ()
     assert mistral.max_model_len == mistral.max_position_embeddings  # no longer capped at the window
