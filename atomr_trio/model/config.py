@@ -100,6 +100,9 @@ class ModelConfig:
         sliding = cfg.get("sliding_window")
         if arch == "qwen2" and not cfg.get("use_sliding_window", False):
             sliding = None
+        if arch == "gemma3" and cfg.get("use_bidirectional_attention"):  # EmbeddingGemma: an encoder
+            raise ModelLoadError(f"{cfg_path}: field 'use_bidirectional_attention' = true is not supported "
+                                 "(causal decoders only)")
         num_layers = int(need("num_hidden_layers"))
         eos = cfg.get("eos_token_id")
         gen_path = path / "generation_config.json"
