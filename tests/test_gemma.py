@@ -258,3 +258,17 @@ def test_bf16_on_each_kernel_path_stays_close(arch: str, kernel_path: str, model
         (tok, lp), = out.outputs[0].logprobs[0].items()
         assert tok == fam.ids[i][0]
         assert abs(lp.logprob - fam.logprobs[i][0]) < 0.1
+
+
+def test_all_windowed_request_longer_than_the_cache(models: dict[str, Family]) -> None:
+    """88-token sequences on a 48-slot cache: refused when every token's K/V must stay, served
+    when blocks behind the window go back (6 blocks of 8 hold window + chunk + 2 partial blocks),
+    one at a time and batched (taking turns by preemption), with transformers' ids."""
+    fam = models["mistral"]
+    with LLM(str(fam.path), **{**LLM_ARGS, "num_kv_blocks": 6}) as llm:
+        one = [llm.generate([{"prompt_token_ids": p}], GREEDY, use_tqdm=False)[0] for p in PROMPTS]
+        fam.check(one, "6 blocks, one at a time")
+        fam.check(llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False), "6 blocks")
+    with LLM(str(models["qwen2"].path), **{**LLM_ARGS, "num_kv_blocks": 6}) as llm:  # a global layer
+        with pytest.raises(ValueError, match="KV cache"):
+            llm.generate([{"prompt_token_ids": PROMPTS[1]}], GREEDY, use_tqdm=False)
