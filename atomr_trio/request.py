@@ -122,7 +122,7 @@ class Request:
         assert max_len is not None
         self.prompt_ids = truncate_prompt(ids, params.truncate_prompt_tokens, max_len)
         check_request(self.prompt_ids, params, config, source.config.vocab_size,
-                      completion_must_fit=completion_must_fit)
+                      completion_must_fit=completion_must_fit, kv_window=source.config.window_of_every_layer)
         self.request_id = request_id or f"req-{next(_request_counter)}-{uuid.uuid4().hex[:8]}"
         self.prompt, self.params = text, params
         self._source = source

@@ -306,3 +306,44 @@ def test_prefix_caching_disabled() -> None:
     assert admit(bm, b) == []
     assert b.num_computed_tokens == 0
     assert (bm.prefix_queries, bm.prefix_hits, bm.evictions) == (0, 0, 0)
+
+
+def test_window_releases_blocks_no_query_can_see() -> None:
+    """With every layer windowed (W = 6), blocks wholly below num_computed - W + 1 go back to the
+    free queue as the sequence advances; the table stays positional (RELEASED entries)."""
+    from atomr_trio.engine.block_manager import RELEASED
+
+    bm = BlockManager(8, BS, window=6)
+    seq = make_seq(list(range(10)))  # 3 blocks
+    admit(bm, seq)
+    compute(bm, seq)
+    # the next query (position 10) sees 5..10: block 0 (0..3) is out, block 1 (4..7) is not
+    assert bm.release_outside_window(seq) == 1
+    assert seq.block_table[0] == RELEASED and RELEASED not in seq.block_table[1:]
+    assert bm.num_free_blocks == 8 - 2
+    assert bm.release_outside_window(seq) == 0  # nothing more until it advances
+    seq.token_ids += [10, 11, 12, 13, 14]
+    bm.allocate(seq, 15)
+    compute(bm, seq)  # next query 15 sees 10..15: blocks 0 and 1 out
+    assert bm.release_outside_window(seq) == 1
+    assert seq.block_table[:2] == [RELEASED, RELEASED] and bm.num_free_blocks == 8 - 2
+    bm.free(seq)
+    assert bm.num_free_blocks == 8 and seq.num_released_blocks == 0
+
+
+def test_released_blocks_stay_findable_in_the_prefix_cache() -> None:
+    bm = BlockManager(8, BS, window=4)
+    a = make_seq(list(range(12)), "a")
+    admit(bm, a)
+    compute(bm, a)
+    bm.release_outside_window(a)  # next query 12 sees 9..12: blocks 0 and 1 released
+    b = make_seq(list(range(12)) + [99], "b")
+    assert len(bm.lookup(b)) == 3  # the released blocks' K/V are intact until reused
+
+
+def test_no_window_releases_nothing() -> None:
+    bm = BlockManager(8, BS)
+    seq = make_seq(list(range(12)))
+    admit(bm, seq)
+    compute(bm, seq)
+    assert bm.release_outside_window(seq) == 0 and bm.num_free_blocks == 5

@@ -35,11 +35,11 @@ MAX_LOGPROB_DIFF: dict[str, float] = {}  # family -> worst |ours - transformers'
 class Family:
     """A family's tiny HF directory and transformers' greedy ids and their logprobs."""
 
-    def __init__(self, arch: str, path: Path) -> None:
+    def __init__(self, arch: str, path: Path, overrides: dict | None = None) -> None:
         from transformers import AutoModelForCausalLM
 
         self.arch, self.path = arch, path
-        write_tiny_model(path, arch, seed=3)
+        write_tiny_model(path, arch, seed=3, config_overrides=overrides)
         ref = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
         self.ids: list[list[int]] = []
         self.logprobs: list[list[float]] = []
@@ -236,9 +236,9 @@ def test_unsupported_architecture_lists_the_supported(families: dict[str, Family
     for f in families["qwen3"].path.iterdir():
         (bad / f.name).write_bytes(f.read_bytes())
     cfg = json.loads((bad / "config.json").read_text())
-    cfg["architectures"] = ["Gemma3ForCausalLM"]
+    cfg["architectures"] = ["Gemma3ForConditionalGeneration"]
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelLoadError, match=r"Gemma3ForCausalLM.*supported: .*MixtralForCausalLM.*"
+    with pytest.raises(ModelLoadError, match=r"Gemma3ForConditionalGeneration.*supported: .*MixtralForCausalLM.*"
                                              r"Phi3ForCausalLM.*Qwen3ForCausalLM.*Qwen3MoeForCausalLM"):
         ModelSource.open(str(bad))
 

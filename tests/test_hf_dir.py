@@ -32,9 +32,16 @@ def write_tiny_model(path: Path, arch: str = "qwen2", seed: int = 0, max_positio
     `config_overrides` are passed to the transformers config (e.g. `rope_scaling`).
     The other families (test_families.py): "qwen3" (head_dim 32, not hidden / heads = 16, and
     q/k norm weights away from 1), "qwen3_moe" (4 experts, top-2, layer 1 dense), "mixtral"
-    (4 experts, top-2) and "phi3" (fused qkv_proj and gate_up_proj)."""
+    (4 experts, top-2), "phi3" (fused qkv_proj and gate_up_proj); test_gemma.py: "gemma2" (window
+    16 on even layers, attention and final-logit soft-capping) and "gemma3" (3 layers, window 16
+    on layers 0 and 2, q/k norms, linear-scaled rope on the global layer, a local rope base), both
+    with head_dim 32, query_pre_attn_scalar 24 and every (1 + weight) norm away from 1."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
         LlamaConfig,
         LlamaForCausalLM,
         MistralConfig,
@@ -73,13 +80,23 @@ def write_tiny_model(path: Path, arch: str = "qwen2", seed: int = 0, max_positio
         "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
         "mixtral": (MixtralConfig, MixtralForCausalLM),
         "phi3": (Phi3Config, Phi3ForCausalLM),
+        "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+        "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
     }[arch]
+    gemma = {"head_dim": 32, "query_pre_attn_scalar": 24, "sliding_window": 16, "tie_word_embeddings": True,
+             "hidden_activation": "gelu_pytorch_tanh", "final_logit_softcapping": 10.0}
     family: dict = {
         "qwen3": {"head_dim": 32},
         "qwen3_moe": {"head_dim": 32, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
                       "mlp_only_layers": [1], "norm_topk_prob": False},
         "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 96},
         "phi3": {"pad_token_id": 0, "bos_token_id": None},
+        "gemma2": {**gemma, "attn_logit_softcapping": 3.0},
+        "gemma3": {**gemma, "num_hidden_layers": 3,
+                   "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+                   "rope_parameters": {
+                       "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+                       "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
     }.get(arch, {})
     cfg = config_cls(**{
         "vocab_size": tok.get_vocab_size(), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -98,6 +115,11 @@ def write_tiny_model(path: Path, arch: str = "qwen2", seed: int = 0, max_positio
             for layer in model.model.layers:
                 layer.self_attn.q_norm.weight.normal_(1.0, 0.3)
                 layer.self_attn.k_norm.weight.normal_(1.0, 0.3)
+    if arch in ("gemma2", "gemma3"):  # (1 + weight) norms initialise to zeros: make them matter
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.normal_(0.0, 0.3)
     model.save_pretrained(str(path), max_shard_size="200KB", safe_serialization=True)
 
 

@@ -328,3 +328,28 @@ def test_random_workload_keeps_cache_consistent_and_leaks_nothing(seed: int) -> 
         assert bm.num_free_blocks + len(held) == num_blocks
     assert not live, "every request must finish once arrivals stop"
     assert bm.num_free_blocks == num_blocks
+
+
+def test_windowed_admission_drops_a_cached_prefix_that_cannot_fit() -> None:
+    """All layers windowed (W = 4, 8-token budget): a new sequence whose cached prefix fills the
+    whole cache is admitted without it (recomputing) rather than never; a prefix that fits is
+    taken, and its blocks behind the first query's window are released at once."""
+    from atomr_trio.engine.block_manager import RELEASED
+
+    sched = Scheduler(BlockManager(4, BS, window=4), 8, 8)
+    prompt = [next(_fresh_tokens) for _ in range(16)]
+    a = make_seq(prompt, request_id="a")
+    sched.add(a)
+    step(sched)
+    step(sched)  # all 16 computed: 4 full blocks cached
+    sched.finish(a, "stop")
+    b = make_seq(prompt + [7], request_id="b")  # 4 cached blocks + 1 token: 5 blocks > 4
+    sched.add(b)
+    out, _ = step(sched)
+    assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(b, 8)]  # from position 0
+    sched.finish(b, "stop")
+    c = make_seq(prompt[:8] + [8], request_id="c")  # 2 cached blocks + 1 token: fits
+    sched.add(c)
+    out, _ = step(sched)
+    assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(c, 1)]
+    assert c.block_table[0] == RELEASED and c.block_table[1] != RELEASED  # query 8 sees 5..8

@@ -7,6 +7,11 @@ Invariants:
   the hash of block i-1 with block i's token ids, so equal hashes mean equal whole prefixes.
 - Freed blocks keep their hash and stay findable until the free queue hands them out again (LRU
   eviction); blocks without a hash are handed out first.
+- With a `window` (a model whose every layer attends to its last `window` positions only), a
+  sequence's leading blocks that no later query can see — every position below
+  num_computed_tokens - window + 1 — are released as it advances: their block-table entries
+  become RELEASED (the table stays positional) and the blocks go back as freed ones do. A
+  released entry is never read unmasked (the runner points it at block 0, outside every window).
 """
 
 from __future__ import annotations
@@ -18,18 +23,22 @@ from collections.abc import Sequence as Seq
 
 from .sequence import Sequence
 
+RELEASED = -1  # a block-table entry whose block was released (outside every window)
+
 
 def block_hash(parent: bytes, tokens: Seq[int]) -> bytes:
     return hashlib.sha256(parent + array("q", tokens).tobytes()).digest()
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 window: int | None = None) -> None:
         if num_blocks < 1:
             raise ValueError("the KV cache needs at least one block")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.window = window  # every layer's sliding window, when all layers have one
         self._ref = [0] * num_blocks
         self._hash: list[bytes | None] = [None] * num_blocks
         self._by_hash: dict[bytes, int] = {}
@@ -118,7 +127,7 @@ class BlockManager:
         hashes = self._hashes(seq, full)
         for i in range(seq.num_hashed_blocks, full):
             b, h = seq.block_table[i], hashes[i]
-            if self._hash[b] is None and h not in self._by_hash:
+            if b != RELEASED and self._hash[b] is None and h not in self._by_hash:
                 self._hash[b] = h
                 self._by_hash[h] = b
         seq.num_hashed_blocks = full
@@ -129,15 +138,36 @@ class BlockManager:
         self._hash = [None] * self.num_blocks
         self._by_hash.clear()
 
+    def release_outside_window(self, seq: Sequence) -> int:
+        """Release seq's leading blocks that no query from num_computed_tokens on can see (all
+        layers windowed only); how many were released now."""
+        if self.window is None:
+            return 0
+        first_visible = seq.num_computed_tokens - self.window + 1
+        end = min(max(0, first_visible) // self.block_size, len(seq.block_table))
+        released = 0
+        for i in range(seq.num_released_blocks, end):
+            b = seq.block_table[i]
+            seq.block_table[i] = RELEASED
+            self._unref(b)
+            released += 1
+        seq.num_released_blocks = max(seq.num_released_blocks, end)
+        return released
+
+    def _unref(self, b: int) -> None:
+        self._ref[b] -= 1
+        assert self._ref[b] >= 0, "block freed twice"
+        if self._ref[b] == 0:
+            self._free[b] = None
+            if self._hash[b] is None:
+                self._free.move_to_end(b, last=False)
+
     def free(self, seq: Sequence) -> None:
         """Release seq's blocks; tail blocks first so they are evicted before shared prefixes."""
         for b in reversed(seq.block_table):
-            self._ref[b] -= 1
-            assert self._ref[b] >= 0, "block freed twice"
-            if self._ref[b] == 0:
-                self._free[b] = None
-                if self._hash[b] is None:
-                    self._free.move_to_end(b, last=False)
+            if b != RELEASED:
+                self._unref(b)
         seq.block_table = []
         seq.num_hashed_blocks = 0
+        seq.num_released_blocks = 0
         seq.num_computed_tokens = 0

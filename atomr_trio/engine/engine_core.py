@@ -61,7 +61,8 @@ class EngineCore:
         self.cfg = cfg
         self.state = "created"
         self.failure: str | None = None
-        self.block_manager = BlockManager(cfg.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.block_manager = BlockManager(cfg.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching,
+                                          window=source.config.window_of_every_layer)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.stats = EngineStats()
         self.reporter = StepReporter(model_name or source.name, name, metrics, load_sink)

@@ -75,7 +75,7 @@ class RequestTable:
         which is what lets the scheduler always make progress."""
         if msg.request_id in self._live:
             raise ValueError(f"request id {msg.request_id!r} is already in use")
-        check_request(msg.prompt_token_ids, msg.params, self.cfg, self.vocab_size)
+        check_request(msg.prompt_token_ids, msg.params, self.cfg, self.vocab_size, kv_window=self.block_manager.window)
         if msg.params.structured_outputs is not None and msg.grammar is None:
             raise ValueError("structured_outputs: the request's grammar was not compiled (Request.prepare)")
 

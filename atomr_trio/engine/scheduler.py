@@ -103,10 +103,14 @@ class Scheduler:
                 hits = hits[: (pending - 1) // self.bm.block_size]
             computed = len(hits) * self.bm.block_size
             n = min(seq.num_tokens - computed, budget)
+            if hits and self.bm.window is not None and not self.bm.can_allocate(seq, computed + n, hits):
+                # windowed: a long cached prefix may not fit, though the sequence alone always does
+                hits, computed, n = [], 0, min(seq.num_tokens, budget)
             if not self.bm.can_allocate(seq, computed + n, hits):
                 break
             self.waiting.pop(0)
             self.bm.allocate(seq, computed + n, hits)
+            self.bm.release_outside_window(seq)  # cached blocks its first query cannot see
             self.bm.record_admission(seq, len(hits))
             seq.status = SeqStatus.RUNNING
             seq.first_scheduled = seq.first_scheduled or time.monotonic()

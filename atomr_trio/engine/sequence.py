@@ -42,6 +42,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # hashes of the leading full blocks
     num_hashed_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
+    num_released_blocks: int = 0  # leading entries of block_table released (BlockManager.RELEASED)
     num_cached_tokens: int = -1  # prompt tokens found in the prefix cache at first admission
     leader: Sequence | None = None  # for n > 1: sample 0, whose prompt blocks this one reuses
     generator: torch.Generator | None = None

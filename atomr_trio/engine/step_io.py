@@ -102,6 +102,7 @@ class ResultApplier:
         prompt_end = min(seq.num_computed_tokens, seq.num_prompt_tokens)
         self.stats.prompt_tokens += max(0, prompt_end - start)
         self.block_manager.cache_computed(seq)
+        self.block_manager.release_outside_window(seq)
         if seq.prompt_logprobs is not None:
             seq.prompt_logprobs.extend(result.prompt_logprobs.get(seq.seq_id, ()))
 

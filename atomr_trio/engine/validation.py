@@ -49,11 +49,13 @@ def token_ids(value: Any, vocab_size: int) -> list[int]:
 
 
 def check_request(ids: Sequence[int], params: SamplingParams, config: EngineConfig, vocab_size: int,
-                  *, completion_must_fit: bool = False) -> None:
+                  *, completion_must_fit: bool = False, kv_window: int | None = None) -> None:
     """Raise ValueError unless an engine with this (resolved) `config` can serve a request of
     prompt `ids` with `params`. With `completion_must_fit` (the OpenAI API's rule) the prompt plus
     `max_tokens` must fit the context; without it (the library's and the engine's) a completion
-    that reaches the context length ends there (finish_reason "length")."""
+    that reaches the context length ends there (finish_reason "length"). `kv_window`: the model's
+    window when every layer has one (ModelConfig.window_of_every_layer): the blocks behind it are
+    released as a sequence goes, so it needs room for the window and a prefill chunk only."""
     max_len, blocks = config.max_model_len, config.num_kv_blocks
     assert max_len is not None and blocks is not None, "check_request needs a resolved EngineConfig"
     if not ids:
@@ -66,6 +68,8 @@ def check_request(ids: Sequence[int], params: SamplingParams, config: EngineConf
         raise ContextLengthExceeded(len(ids), max_len)
     params.check_for_model(vocab_size)
     longest = min(len(ids) + (max_len if asked is None else asked), max_len)
+    if kv_window is not None:  # at most W - 1 older tokens, a chunk and two partial blocks
+        longest = min(longest, kv_window - 1 + config.max_num_batched_tokens + 2 * config.block_size)
     if -(-longest // config.block_size) > blocks:
         raise ValueError(f"the request needs up to {longest} tokens of KV cache; this engine holds "
                          f"{blocks * config.block_size}")

@@ -136,7 +136,8 @@ class ModelRunner:
         prefills: list[PrefillChunk] = []
         for it in items:
             n = len(it.token_ids)
-            bt = np.asarray(it.block_table, dtype=np.int64)
+            # released entries (block_manager.RELEASED, -1: outside every window) read block 0, masked
+            bt = np.maximum(np.asarray(it.block_table, dtype=np.int64), 0)
             pos = np.arange(it.start, it.start + n, dtype=np.int64)
             q_start = len(ids)
             ids.extend(it.token_ids)
@@ -161,7 +162,7 @@ class ModelRunner:
             table = np.zeros((nd, -(-L // bs)), dtype=np.int64)  # padding reads block 0, masked
             for i, d in enumerate(decodes):
                 n_blocks = min(len(d.block_table), table.shape[1])
-                table[i, :n_blocks] = d.block_table[:n_blocks]
+                table[i, :n_blocks] = np.maximum(d.block_table[:n_blocks], 0)
             decode_slots = torch.from_numpy(_slots(table, np.arange(L), bs).reshape(-1))
             decode_lens = torch.from_numpy(ctx_lens)
             if self.model.native is None:  # the torch path masks padding with a bias

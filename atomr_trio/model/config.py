@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = {
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "MixtralForCausalLM": "mixtral",
@@ -43,7 +45,8 @@ class ModelConfig:
     tie_word_embeddings: bool
     attention_bias: bool = False
     rope_scaling: dict[str, Any] | None = None
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # the window of every layer not in `full_attention_layers`
+    full_attention_layers: tuple[int, ...] = ()  # layers that see the whole context despite a window
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     # the other families (qwen3.py, moe.py, phi3.py): RMSNorm per head on q and k before rope
@@ -55,6 +58,13 @@ class ModelConfig:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True
     dense_layers: tuple[int, ...] = ()
+    # Gemma 2 / 3 (gemma.py): scores scaled by query_pre_attn_scalar ** -0.5, tanh soft-capping of
+    # the attention scores and of the final logits (None: none), and Gemma 3's rope base for
+    # its sliding layers (the global layers keep rope_theta and rope_scaling)
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    rope_local_theta: float | None = None
 
     @staticmethod
     def from_hf_dir(path: Path) -> ModelConfig:
@@ -76,6 +86,9 @@ class ModelConfig:
             return cfg[key]
 
         rope_params = cfg.get("rope_parameters") or {}
+        if arch == "gemma3":  # transformers 5 keeps one rope dict per layer kind
+            cfg = _gemma3_rope(cfg, cfg_path)
+            rope_params = cfg.get("rope_parameters") or {}
         rope_theta = cfg.get("rope_theta", rope_params.get("rope_theta"))
         if rope_theta is None:
             rope_theta = 10000.0  # the Llama paper's value, and HF's documented default
@@ -87,6 +100,10 @@ class ModelConfig:
         sliding = cfg.get("sliding_window")
         if arch == "qwen2" and not cfg.get("use_sliding_window", False):
             sliding = None
+        if arch == "gemma3" and cfg.get("use_bidirectional_attention"):  # EmbeddingGemma: an encoder
+            raise ModelLoadError(f"{cfg_path}: field 'use_bidirectional_attention' = true is not supported "
+                                 "(causal decoders only)")
+        num_layers = int(need("num_hidden_layers"))
         eos = cfg.get("eos_token_id")
         gen_path = path / "generation_config.json"
         if gen_path.is_file():
@@ -97,7 +114,7 @@ class ModelConfig:
             vocab_size=int(need("vocab_size")),
             hidden_size=hidden,
             intermediate_size=int(need("intermediate_size")),
-            num_layers=int(need("num_hidden_layers")),
+            num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=int(cfg.get("num_key_value_heads", num_heads)),
             head_dim=int(cfg.get("head_dim") or hidden // num_heads),
@@ -108,6 +125,7 @@ class ModelConfig:
             attention_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
             rope_scaling=rope_scaling,
             sliding_window=int(sliding) if sliding else None,
+            full_attention_layers=_full_attention_layers(arch, cfg, num_layers) if sliding else (),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),
             **_family_fields(arch, cfg, need),
@@ -116,15 +134,60 @@ class ModelConfig:
     def is_moe_layer(self, i: int) -> bool:
         return self.num_experts > 0 and i not in self.dense_layers
 
+    def layer_window(self, i: int) -> int | None:
+        """Layer i's sliding window (it sees the last W positions, itself included); None: all."""
+        return None if self.sliding_window is None or i in self.full_attention_layers else self.sliding_window
+
+    @property
+    def window_of_every_layer(self) -> int | None:
+        """The sliding window when every layer has it (older K/V is then never read); else None."""
+        return self.sliding_window if not self.full_attention_layers else None
+
     @property
     def max_model_len(self) -> int:
-        """Longest sequence the model serves correctly (sliding-window attention is not used);
-        dynamic and yarn rope scaling extend `max_position_embeddings` (rope.context_limit)."""
+        """Longest sequence the model serves correctly: sliding windows are attended as such, so
+        only the rope bounds it; dynamic and yarn rope scaling extend `max_position_embeddings`
+        (rope.context_limit)."""
         from .rope import context_limit  # rope.py imports this module
 
-        if self.sliding_window:
-            return min(context_limit(self), self.sliding_window)
         return context_limit(self)
+
+
+def _full_attention_layers(arch: str, cfg: dict[str, Any], num_layers: int) -> tuple[int, ...]:
+    """The layers that ignore a configured sliding window: `layer_types` where the config lists
+    them, else each family's rule as transformers applies it (Mistral: none)."""
+    kinds = cfg.get("layer_types")
+    if kinds:
+        return tuple(i for i, kind in enumerate(kinds) if kind != "sliding_attention")
+    if arch == "qwen2":  # the first max_window_layers layers are global
+        return tuple(range(min(num_layers, int(cfg.get("max_window_layers", 28)))))
+    if arch in ("gemma2", "gemma3"):  # every n-th layer is global (Gemma 2: every other one)
+        n = 2 if arch == "gemma2" else int(cfg.get("sliding_window_pattern", 6))
+        return tuple(i for i in range(num_layers) if (i + 1) % n == 0)
+    return ()
+
+
+def _gemma3_rope(cfg: dict[str, Any], cfg_path: Path) -> dict[str, Any]:
+    """A Gemma 3 config with its global layers' rope as `rope_theta` / `rope_scaling` and its
+    sliding layers' base as `rope_local_base_freq` (transformers 5 writes both as
+    rope_parameters = {"full_attention": {...}, "sliding_attention": {...}})."""
+    params = cfg.get("rope_parameters") or {}
+    if "full_attention" not in params:
+        return cfg
+    out = dict(cfg)
+    full = dict(params["full_attention"] or {})
+    local = params.get("sliding_attention") or {}
+    if local.get("rope_type", "default") != "default":
+        raise ModelLoadError(f"{cfg_path}: field 'rope_parameters.sliding_attention' = {local!r}: "
+                             "scaled rope on the sliding layers is not supported")
+    out.pop("rope_parameters")
+    if out.get("rope_theta") is None:
+        out["rope_theta"] = full.pop("rope_theta", None)
+    if out.get("rope_local_base_freq") is None:
+        out["rope_local_base_freq"] = local.get("rope_theta")
+    if out.get("rope_scaling") is None and full.get("rope_type", "default") != "default":
+        out["rope_scaling"] = full
+    return out
 
 
 def _family_fields(arch: str, cfg: dict[str, Any], need: Any) -> dict[str, Any]:
@@ -144,4 +207,10 @@ def _family_fields(arch: str, cfg: dict[str, Any], need: Any) -> dict[str, Any]:
         return {"qk_norm": True, "num_experts": n, "num_experts_per_tok": int(need("num_experts_per_tok")),
                 "moe_intermediate_size": int(need("moe_intermediate_size")),
                 "norm_topk_prob": bool(cfg.get("norm_topk_prob", False)), "dense_layers": dense}
+    if arch in ("gemma2", "gemma3"):
+        soft = {key: float(cfg[key]) if cfg.get(key) is not None else None
+                for key in ("attn_logit_softcapping", "final_logit_softcapping")}
+        local = cfg.get("rope_local_base_freq", 10000.0) if arch == "gemma3" else None
+        return {"query_pre_attn_scalar": float(need("query_pre_attn_scalar")), **soft,
+                "qk_norm": arch == "gemma3", "rope_local_theta": float(local) if local is not None else None}
     return {}

@@ -2,7 +2,9 @@
 
 Invariant: every value of `config.SUPPORTED_ARCHITECTURES` (and each GGUF architecture
 gguf_file.py maps onto them) has exactly one class here; the classes differ only in the hooks
-`LlamaModel` documents, and share its attention, cache and kernels.
+`LlamaModel` documents, and share its attention, cache and kernels — except Gemma (gemma.py),
+whose norms and residual order differ enough that it has its own loading, forward and logits
+over the same paged attention and kernels.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .config import SUPPORTED_ARCHITECTURES, ModelConfig, ModelLoadError
+from .gemma import GemmaModel
 from .llama import LlamaModel
 from .moe import MixtralModel, Qwen3MoeModel
 from .phi3 import Phi3Model
@@ -23,6 +26,8 @@ MODEL_CLASSES: dict[str, type[LlamaModel]] = {
     "qwen3_moe": Qwen3MoeModel,
     "mixtral": MixtralModel,
     "phi3": Phi3Model,
+    "gemma2": GemmaModel,
+    "gemma3": GemmaModel,
 }
 assert set(MODEL_CLASSES) == set(SUPPORTED_ARCHITECTURES.values())
 

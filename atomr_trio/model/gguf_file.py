@@ -8,6 +8,14 @@ keep a name the family module splits: phi3's `attn_qkv` / `ffn_up` (gate|up) bec
 `mlp.experts.{gate,up,down}_proj.weight` (moe.py). Rope scaling comes out as an HF config's
 would (ModelConfig.rope_scaling, read by rope.py), the rope factor tensors (rope_freqs,
 rope_factors_long/short) included: they are config, not weights.
+
+Gemma (`gemma2`, `gemma3`): llama.cpp stores every norm weight as 1 + w (the HF checkpoint's
+w); 1 is taken off again here. Its `ffn_norm` is the pre-feedforward norm, `post_attention_norm`
+and `post_ffw_norm` the norms after attention and MLP. The files do not hold
+query_pre_attn_scalar, the sliding pattern nor (older files) the local rope base: as llama.cpp,
+the scale is head_dim (hidden / heads for the 27B models: 46 layers for Gemma 2, 62 for Gemma 3),
+every other layer slides (Gemma 2) or five of every six (Gemma 3, unless the file gives
+`sliding_window_pattern`), and the local base is `rope.freq_base_swa` or 10000.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from .rope import yarn_attention_factor
 
 # general.architecture -> ModelConfig.architecture ("llama" with llama.expert_count > 0 is Mixtral)
 _ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe",
-          "phi3": "phi3"}
+          "phi3": "phi3", "gemma2": "gemma2", "gemma3": "gemma3"}
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -46,6 +54,9 @@ _LAYER_NAMES = {
     "ffn_down_exps": "mlp.experts.down_proj",
 }
 _PHI3_NAMES = {**_LAYER_NAMES, "ffn_up": "mlp.gate_up_proj"}  # phi3's ffn_up holds gate|up
+_GEMMA_NAMES = {**_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm",
+                "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}  # llama.cpp's test for the 27B attention scale
 _EXPERT_NAMES = {"ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj"}
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
@@ -126,6 +137,7 @@ class GGUFFile:
                 "dense_layers": tuple(i for i in range(n_layers) if f"blk.{i}.ffn_gate_inp.weight" not in names),
             }
         return ModelConfig(
+            **self._gemma_fields(n_layers, hidden // n_heads, head_dim),
             architecture=arch,
             vocab_size=vocab,
             hidden_size=hidden,
@@ -146,6 +158,26 @@ class GGUFFile:
             qk_norm="blk.0.attn_q_norm.weight" in names,
             **moe,
         )
+
+    def _gemma_fields(self, n_layers: int, hidden_per_head: int, head_dim: int) -> dict[str, Any]:
+        """The Gemma fields of ModelConfig (none for the other architectures)."""
+        a = self.arch
+        if a not in _GEMMA_27B_LAYERS:
+            return {}
+        window = self.field(f"{a}.attention.sliding_window", None)
+        pattern = int(self.field(f"{a}.attention.sliding_window_pattern", 2 if a == "gemma2" else 6))
+        caps = {key: float(v) if (v := self.field(f"{a}.{key}", None)) is not None else None
+                for key in ("attn_logit_softcapping", "final_logit_softcapping")}
+        from .config import _full_attention_layers
+
+        return {
+            "sliding_window": int(window) if window else None,
+            "full_attention_layers": _full_attention_layers(a, {"sliding_window_pattern": pattern}, n_layers)
+            if window else (),
+            "query_pre_attn_scalar": float(hidden_per_head if n_layers == _GEMMA_27B_LAYERS[a] else head_dim),
+            "rope_local_theta": float(self.field(f"{a}.rope.freq_base_swa", 10000.0)) if a == "gemma3" else None,
+            **caps,
+        }
 
     def rope_scaling(self) -> dict[str, Any] | None:
         """The rope scaling as an HF-style dict (rope.py): from `{arch}.rope.scaling.*` (type none,
@@ -204,7 +236,9 @@ class GGUFFile:
 
         for t in self._reader.tensors:
             qtype = GGMLQuantizationType(t.ggml_type)
-            name = _hf_name(t.name, _PHI3_NAMES if self.arch == "phi3" else _LAYER_NAMES)
+            gemma = self.arch in _GEMMA_27B_LAYERS
+            names = _PHI3_NAMES if self.arch == "phi3" else _GEMMA_NAMES if gemma else _LAYER_NAMES
+            name = _hf_name(t.name, names)
             if name is None:
                 continue  # e.g. rope_freqs and rope_factors_*: in the config's rope_scaling (rope_scaling())
             try:
@@ -218,6 +252,8 @@ class GGUFFile:
             if self.arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
                 heads = cfg.num_heads if "attn_q" in t.name else cfg.num_kv_heads
                 arr = _unpermute(arr, heads)
+            if gemma and name.endswith("norm.weight"):  # llama.cpp holds 1 + w
+                arr = arr - 1.0
             yield name, arr
 
     def _tensor_values(self, name: str) -> list[float]:

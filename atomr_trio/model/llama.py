@@ -1,5 +1,8 @@
 """The Llama-family decoder (Llama / SmolLM2, Mistral, Qwen2) as plain torch tensors.
 
+Sliding-window layers (Mistral, Qwen2 with use_sliding_window: `cfg.layer_window(i)`) attend
+to the last W positions only, on every attention path (attention.py).
+
 Invariant: `forward` computes one flattened batch — prompt chunks and single decode tokens of
 many sequences — in one pass, writing each token's K/V into the paged cache before attention
 reads it. Weights are held fused (q|k|v and gate|up) so each layer runs four matmuls.
@@ -7,7 +10,8 @@ reads it. Weights are held fused (q|k|v and gate|up) so each layer runs four mat
 The other families (qwen3.py, moe.py, phi3.py; families.py picks the class) subclass
 `LlamaModel` and override only its hooks: `checkpoint_tensors` (names and splits of the
 checkpoint's tensors), `expected_shapes`, `qk_norm` (per-head norms on q and k) and `mlp`
-(the dense gate|up/down MLP or another block with the `Mlp` interface).
+(the dense gate|up/down MLP or another block with the `Mlp` interface). Gemma (gemma.py) reuses
+its tensor reading (`read_tensors`), layers and kernel layout but has its own forward.
 """
 
 from __future__ import annotations
@@ -76,6 +80,28 @@ class LlamaModel:
         self, weights: Iterable[tuple[str, torch.Tensor | np.ndarray, Path]], source: Path
     ) -> None:
         cfg = self.cfg
+        got = self.read_tensors(weights, source)
+        self.embed = got["model.embed_tokens.weight"]
+        self.lm_head = Linear(got["lm_head.weight"])
+        self.norm = got["model.norm.weight"]
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            a = p + "self_attn."
+            bias = torch.cat([got[a + f"{x}_proj.bias"] for x in "qkv"]) if cfg.attention_bias else None
+            self.layers.append(Layer(
+                in_norm=got[p + "input_layernorm.weight"],
+                post_norm=got[p + "post_attention_layernorm.weight"],
+                qkv=Linear(torch.cat([got[a + f"{x}_proj.weight"] for x in "qkv"]), bias),
+                o=Linear(got[a + "o_proj.weight"]),
+                mlp=self.mlp(got, i),
+                qk_norm=self.qk_norm(got, i),
+            ))
+
+    def read_tensors(
+        self, weights: Iterable[tuple[str, torch.Tensor | np.ndarray, Path]], source: Path
+    ) -> dict[str, torch.Tensor]:
+        """Every tensor of `expected_shapes`, under our names, checked and in the model dtype."""
+        cfg = self.cfg
         expected = self.expected_shapes()
         got: dict[str, torch.Tensor] = {}
         for file_name, value, file in weights:
@@ -95,21 +121,7 @@ class LlamaModel:
         missing = [n for n in expected if n not in got]
         if missing:
             raise ModelLoadError(f"{source}: missing tensor '{missing[0]}' ({len(missing)} missing in all)")
-        self.embed = got["model.embed_tokens.weight"]
-        self.lm_head = Linear(got["lm_head.weight"])
-        self.norm = got["model.norm.weight"]
-        for i in range(cfg.num_layers):
-            p = f"model.layers.{i}."
-            a = p + "self_attn."
-            bias = torch.cat([got[a + f"{x}_proj.bias"] for x in "qkv"]) if cfg.attention_bias else None
-            self.layers.append(Layer(
-                in_norm=got[p + "input_layernorm.weight"],
-                post_norm=got[p + "post_attention_layernorm.weight"],
-                qkv=Linear(torch.cat([got[a + f"{x}_proj.weight"] for x in "qkv"]), bias),
-                o=Linear(got[a + "o_proj.weight"]),
-                mlp=self.mlp(got, i),
-                qk_norm=self.qk_norm(got, i),
-            ))
+        return got
 
     # ---- the hooks a family overrides ----------------------------------------------------
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -174,6 +186,7 @@ class LlamaModel:
             decode = (meta.decode_slots, meta.decode_ctx_lens)
         delta: torch.Tensor | None = None  # the previous layer's MLP output, not yet added to h
         for i, w in enumerate(self.layers):
+            window = cfg.layer_window(i)
             h, x = self._add_norm(h, delta, w.in_norm)
             qkv = w.qkv(x)
             if w.qk_norm is not None:  # before rope, on every kernel path: q and k rows normalised in place
@@ -184,14 +197,14 @@ class LlamaModel:
             if native is not None:  # rope on q and k, and k, v into the cache, in one op
                 qk = native.rope_store_kv(qkv, positions, self.cos, self.sin, kv, meta.slot_mapping, nq, nkv)
                 if decode is not None:
-                    attn = native.decode_attention(qk[:, :nq], kv, *decode, hd**-0.5).view(-1, nq * hd)
+                    attn = native.decode_attention(qk[:, :nq], kv, *decode, hd**-0.5, window).view(-1, nq * hd)
                 else:
                     v = qkv[:, (nq + nkv) * hd :].view(-1, nkv, hd)
-                    attn = paged_attention(qk[:, :nq], qk[:, nq:], v, kv, meta, write_kv=False)
+                    attn = paged_attention(qk[:, :nq], qk[:, nq:], v, kv, meta, write_kv=False, window=window)
             else:
                 qk = _rope(qkv[:, : (nq + nkv) * hd].view(-1, nq + nkv, hd), cos, sin)  # q and k in one pass
                 v = qkv[:, (nq + nkv) * hd :].view(-1, nkv, hd)
-                attn = paged_attention(qk[:, :nq], qk[:, nq:], v, kv, meta)
+                attn = paged_attention(qk[:, :nq], qk[:, nq:], v, kv, meta, window=window)
             h, x = self._add_norm(h, w.o(attn), w.post_norm)
             delta = w.mlp(x)
         return h if delta is None else h + delta

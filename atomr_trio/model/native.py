@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.utils.cpp_extension as cpp
@@ -50,8 +51,15 @@ CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "paged_decode_attention.cpp", CSRC / "norm_rope.cpp", CSRC / "linear_bf16.cpp")
 HEADERS = (CSRC / "vec_avx512.h",)  # included by the sources: part of the build key too
 DTYPES = (torch.float32, torch.bfloat16)  # what the kernels compute in
-# (q [nd, H, D], kv cache, slots [nd * L], ctx_lens [nd], scale) -> [nd, H, D]
-DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+class DecodeAttention(Protocol):
+    """(q [nd, H, D], kv cache, slots [nd * L], ctx_lens [nd], scale, window, softcap) -> [nd, H, D];
+    a window W > 0 shows each query only the last W positions of its context (itself included);
+    a softcap c > 0 turns each scaled score s into c * tanh(s / c) before the softmax."""
+
+    def __call__(self, q: torch.Tensor, kv: torch.Tensor, slots: torch.Tensor, ctx_lens: torch.Tensor,
+                 scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,11 @@
 //
 // Layouts: q [nd, H, D]; kv [2, KVH, num_slots, D] (contiguous); slots [nd * L] int64;
 // ctx_lens [nd] int64 (each <= L). Query heads h*G .. h*G+G-1 share KV head h (G = H / KVH).
+// window (optional, > 0): sliding-window attention — the query sees only the last `window`
+// positions of its context (itself included), max(0, ctx_len - window) .. ctx_len - 1, as
+// transformers' sliding-window mask does; none (or <= 0): the whole context.
+// softcap (optional, > 0): each scaled score s becomes softcap * tanh(s / softcap) before the
+// softmax (Gemma 2's attention-logit soft-capping); none (or <= 0): no capping.
 // Built and loaded at run time by native.py.
 
 #include <ATen/ATen.h>
@@ -18,6 +23,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -53,10 +59,11 @@ struct Unit {
 template <typename T, int64_t kD>
 struct Generic {
   int64_t G, D, L;
-  float scale;
+  float scale, softcap;
   std::vector<float> qf, acc, row, scores, denom;
-  Generic(int64_t G_, int64_t D_, int64_t L_, float s)
-      : G(G_), D(kD > 0 ? kD : D_), L(L_), scale(s), qf(G * D), acc(G * D), row(D), scores(G * L), denom(G) {}
+  Generic(int64_t G_, int64_t D_, int64_t L_, float s, float cap)
+      : G(G_), D(kD > 0 ? kD : D_), L(L_), scale(s), softcap(cap), qf(G * D), acc(G * D), row(D), scores(G * L),
+        denom(G) {}
 
   void operator()(const Unit<T>& u) {
     for (int64_t i = 0; i < G * D; ++i) qf[i] = as_float(u.q[i]) * scale;
@@ -73,6 +80,10 @@ struct Generic {
         scores[g * L + l] = s;
       }
     }
+
+    if (softcap > 0.f)
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t l = 0; l < u.len; ++l) scores[g * L + l] = softcap * std::tanh(scores[g * L + l] / softcap);
 
     // softmax numerators in place; denominators kept apart
     for (int64_t g = 0; g < G; ++g) {
@@ -129,9 +140,9 @@ struct Bf16 {
   static constexpr int NK = D / 32;  // bf16 vectors per row
   static constexpr int NA = D / 16;  // float32 vectors per row
   int64_t L;
-  float scale;
+  float scale, softcap;
   std::vector<float> scores;
-  Bf16(int64_t L_, float s) : L((L_ + 15) / 16 * 16), scale(s), scores(G * L) {}
+  Bf16(int64_t L_, float s, float cap) : L((L_ + 15) / 16 * 16), scale(s), softcap(cap), scores(G * L) {}
 
   void operator()(const Unit<c10::BFloat16>& u) {
     using atomr_vec::first_lanes;
@@ -171,9 +182,14 @@ struct Bf16 {
     // softmax numerators in place; 1 / denominators kept apart
     float inv[G];
     for (int g = 0; g < G; ++g) {
-      const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx[g]));
-      __m512 sum = _mm512_setzero_ps();
+      float top = _mm512_reduce_max_ps(mx[g]);
       float* sg = scores.data() + g * L;
+      if (softcap > 0.f) {  // capping is monotonic: the capped maximum is the cap of the maximum
+        for (int64_t l = 0; l < len; ++l) sg[l] = softcap * std::tanh(sg[l] / softcap);
+        top = softcap * std::tanh(top / softcap);
+      }
+      const __m512 m = _mm512_set1_ps(top);
+      __m512 sum = _mm512_setzero_ps();
       for (int64_t l0 = 0; l0 < len; l0 += 16) {
         const __mmask16 mask = first_lanes(len - l0);
         const __m512 e = _mm512_maskz_mov_ps(mask, atomr_vec::exp_ps(_mm512_sub_ps(_mm512_loadu_ps(sg + l0), m)));
@@ -209,7 +225,7 @@ struct Bf16 {
 // unit's slots lie inside the cache.
 template <typename T, typename Kernel, typename... Args>
 void run_units(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slots, const at::Tensor& ctx_lens,
-               at::Tensor& out, Args... args) {
+               int64_t window, at::Tensor& out, Args... args) {
   std::atomic<bool> bad_slot{false};
   const int64_t nd = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t KVH = kv.size(1), S = kv.size(2);
@@ -226,8 +242,10 @@ void run_units(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slot
     Kernel kernel(args...);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t n = w / KVH, h = w % KVH;
-      const int64_t len = std::min(lp[n], L);
-      const int64_t* srow = sp + n * L;
+      const int64_t ctx = std::min(lp[n], L);
+      const int64_t start = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;  // first visible position
+      const int64_t len = ctx - start;
+      const int64_t* srow = sp + n * L + start;
       bool in_range = true;
       for (int64_t l = 0; l < len; ++l) in_range &= srow[l] >= 0 && srow[l] < S;
       if (!in_range) {  // never read outside the cache; the caller gets an error instead
@@ -243,27 +261,28 @@ void run_units(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slot
 
 template <typename T>
 void dispatch(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slots, const at::Tensor& ctx_lens,
-              float scale, at::Tensor& out) {
+              float scale, int64_t window, float softcap, at::Tensor& out) {
   const int64_t G = q.size(1) / kv.size(1), D = q.size(2), L = slots.size(0) / q.size(0);
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
 #define ATOMR_BF16_CASE(g)                                                      \
-  if (G == g && D == 64) return run_units<T, Bf16<g, 64>>(q, kv, slots, ctx_lens, out, L, scale); \
-  if (G == g && D == 128) return run_units<T, Bf16<g, 128>>(q, kv, slots, ctx_lens, out, L, scale);
+  if (G == g && D == 64) return run_units<T, Bf16<g, 64>>(q, kv, slots, ctx_lens, window, out, L, scale, softcap); \
+  if (G == g && D == 128) return run_units<T, Bf16<g, 128>>(q, kv, slots, ctx_lens, window, out, L, scale, softcap);
     ATOMR_BF16_CASE(1) ATOMR_BF16_CASE(2) ATOMR_BF16_CASE(3) ATOMR_BF16_CASE(4)
     ATOMR_BF16_CASE(5) ATOMR_BF16_CASE(6) ATOMR_BF16_CASE(7) ATOMR_BF16_CASE(8)
 #undef ATOMR_BF16_CASE
   }
 #endif
   switch (D) {
-    case 64: return run_units<T, Generic<T, 64>>(q, kv, slots, ctx_lens, out, G, D, L, scale);
-    case 128: return run_units<T, Generic<T, 128>>(q, kv, slots, ctx_lens, out, G, D, L, scale);
-    default: return run_units<T, Generic<T, 0>>(q, kv, slots, ctx_lens, out, G, D, L, scale);
+    case 64: return run_units<T, Generic<T, 64>>(q, kv, slots, ctx_lens, window, out, G, D, L, scale, softcap);
+    case 128: return run_units<T, Generic<T, 128>>(q, kv, slots, ctx_lens, window, out, G, D, L, scale, softcap);
+    default: return run_units<T, Generic<T, 0>>(q, kv, slots, ctx_lens, window, out, G, D, L, scale, softcap);
   }
 }
 
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slots,
-                                  const at::Tensor& ctx_lens, double scale) {
+                                  const at::Tensor& ctx_lens, double scale, std::optional<int64_t> window,
+                                  std::optional<double> softcap) {
   TORCH_CHECK(q.dim() == 3, "q must be [sequences, heads, head_dim], got ", q.sizes());
   TORCH_CHECK(kv.dim() == 4 && kv.size(0) == 2 && kv.size(3) == q.size(2),
               "kv must be [2, kv_heads, slots, head_dim] matching q, got ", kv.sizes());
@@ -281,11 +300,13 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kv, con
   at::Tensor lc = ctx_lens.contiguous();
   at::Tensor out = at::empty_like(qc);
   const float s = static_cast<float>(scale);
+  const int64_t w = window.has_value() ? *window : 0;
+  const float cap = softcap.has_value() ? static_cast<float>(*softcap) : 0.f;
   if (q.scalar_type() == at::kBFloat16) {
-    dispatch<c10::BFloat16>(qc, kv, sc, lc, s, out);
+    dispatch<c10::BFloat16>(qc, kv, sc, lc, s, w, cap, out);
   } else {
     TORCH_CHECK(q.scalar_type() == at::kFloat, "float32 or bfloat16 only, got ", q.scalar_type());
-    dispatch<float>(qc, kv, sc, lc, s, out);
+    dispatch<float>(qc, kv, sc, lc, s, w, cap, out);
   }
   return out;
 }
@@ -293,7 +314,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kv, con
 }  // namespace
 
 TORCH_LIBRARY(atomr_trio, m) {
-  m.def("paged_decode_attention(Tensor q, Tensor kv, Tensor slots, Tensor ctx_lens, float scale) -> Tensor");
+  m.def("paged_decode_attention(Tensor q, Tensor kv, Tensor slots, Tensor ctx_lens, float scale, int? window=None, float? softcap=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(atomr_trio, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
