@@ -89,6 +89,18 @@ async def test_without_keys_the_admin_api_answers_loopback_only() -> None:
         assert (await c.get("/v1/models", scope_base=REMOTE)).status_code == 200  # the rest stays open
 
 
+async def test_a_model_of_an_unsupported_architecture_is_a_400_naming_what_is_supported(tmp_path: Path) -> None:
+    model = tmp_path / "neox"
+    model.mkdir()
+    (model / "config.json").write_text('{"architectures": ["GPTNeoXForCausalLM"], "hidden_size": 64}')
+    async with app_client() as c:
+        r = await c.post("/admin/deployments", json={"name": "neox", "model": str(model)}, scope_base=LOCAL)
+        assert r.status_code == 400
+        err = (await r.get_json())["error"]
+        assert err["code"] == "model_not_supported" and err["param"] == "model"
+        assert "GPTNeoXForCausalLM" in err["message"] and "Qwen3ForCausalLM" in err["message"], err
+
+
 async def test_a_model_that_fails_to_load_is_a_422_with_the_reason(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-model"
     async with app_client() as c:

@@ -259,8 +259,9 @@ def test_phi3_config_keeps_its_longrope_scaling(families: dict[str, Family], tmp
     assert got["long_factor"] == scaling["long_factor"] and got["short_factor"] == scaling["short_factor"]
 
 
-def test_partial_rotary_is_refused_by_name(families: dict[str, Family], tmp_path: Path) -> None:
-    """Phi-4-mini rotates 3/4 of each head; until rope does that, loading says so."""
+def test_partial_rotary_is_read_and_a_bad_one_refused_by_name(families: dict[str, Family], tmp_path: Path) -> None:
+    """Phi-4-mini rotates 3/4 of each head (parity: test_rope.py); a factor that does not give a
+    whole, even number of dims is refused by name."""
     import json
 
     d = tmp_path / "phi4ish"
@@ -269,6 +270,9 @@ def test_partial_rotary_is_refused_by_name(families: dict[str, Family], tmp_path
         (d / f.name).write_bytes(f.read_bytes())
     cfg = json.loads((d / "config.json").read_text())
     cfg["rope_parameters"]["partial_rotary_factor"] = 0.75
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert ModelSource.open(str(d)).config.rotary_dim == 12  # of 16
+    cfg["rope_parameters"]["partial_rotary_factor"] = 0.3
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelLoadError, match="partial_rotary_factor"):
         ModelSource.open(str(d))

@@ -143,8 +143,10 @@ def test_an_unsupported_rope_type_names_it_and_the_supported_ones(tmp_path: Path
     bad = dataclasses.replace(cfg, rope_scaling={"type": "ntk-by-parts"})
     with pytest.raises(ModelLoadError, match=r"'ntk-by-parts'.*supported: .*yarn.*longrope"):
         rope_tables(bad, 16, torch.float32)
-    with pytest.raises(ModelLoadError, match=r"partial_rotary_factor.*0\.5"):
-        our_config(tmp_path, raw_config({"max_position_embeddings": 4096, "partial_rotary_factor": 0.5}))
+    half = our_config(tmp_path, raw_config({"max_position_embeddings": 4096, "partial_rotary_factor": 0.5}))
+    assert half.rotary_dim == HEAD_DIM // 2
+    with pytest.raises(ModelLoadError, match=r"partial_rotary_factor' = 0\.3 gives"):  # 19.2 dims
+        our_config(tmp_path, raw_config({"max_position_embeddings": 4096, "partial_rotary_factor": 0.3}))
     wrong_length = {**CASES["longrope"][0], "rope_scaling": {"type": "longrope", "short_factor": SHORT,
                                                              "long_factor": LONG[:-1]}}
     with pytest.raises(ModelLoadError, match=r"'long_factor' has 31 values, expected 32"):
@@ -328,4 +330,37 @@ def test_llama3_gguf_with_rope_freqs_decodes_as_its_hf_directory(tmp_path: Path)
     assert ids == want_ids
     err = max(abs(a - b) for a, b in zip(lps, want_lps, strict=True))
     print(f"gguf rope_freqs: max |logprob - HF directory| = {err:.3g} over {len(lps)} positions")
+    assert err < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ops", ["native", "torch"])
+def test_partial_rotary_phi4_mini_style_matches_transformers(ops: str, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Phi-4-mini rotates 3/4 of each head (with longrope): here 12 of 16 dims, long factors past
+    the original context. Our kernels rotate whole heads; the q/k rows are reordered so that the
+    pairs transformers rotates are the ones rotated (rope.partial_rotary_order)."""
+    from test_hf_dir import write_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    if ops == "native" and native.kernels() is None:
+        pytest.skip("no native kernels here")
+    monkeypatch.setenv(cpu_kernels.ENV, f"matmul=torch,ops={ops}")
+    scaling = {"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+               "long_factor": [1.0, 1.4, 2.0, 3.0, 4.5, 7.0]}
+    model_dir = tmp_path / "phi4-mini-style"
+    write_tiny_model(model_dir, "phi3", seed=6, max_positions=256, config_overrides={
+        "rope_scaling": scaling, "original_max_position_embeddings": 64, "partial_rotary_factor": 0.75})
+    cfg = ModelSource.open(str(model_dir)).config
+    assert cfg.rotary_dim == 12 and cfg.head_dim == 16
+    ids, lps = decode(str(model_dir))
+    ref = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref.generate(torch.tensor([PROMPT]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                            pad_token_id=0)[0, len(PROMPT):].tolist()
+        seq = PROMPT + ids
+        logp = torch.log_softmax(ref(torch.tensor([seq])).logits[0].float(), dim=-1)
+    assert ids == want
+    err = (torch.tensor(lps) - logp[torch.arange(len(seq) - 1), torch.tensor(seq[1:])]).abs().max().item()
+    print(f"partial rotary 12/16 + longrope ({ops} ops): max |logprob - transformers| = {err:.3g}")
     assert err < 1e-4

@@ -29,6 +29,11 @@ class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message names the field or tensor and the file."""
 
 
+class UnsupportedModel(ModelLoadError):
+    """The model is well formed but asks for what this server does not implement (an
+    architecture, a rope type, a tokenizer kind); the message names it and what is supported."""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     architecture: str  # a value of SUPPORTED_ARCHITECTURES
@@ -45,6 +50,7 @@ class ModelConfig:
     tie_word_embeddings: bool
     attention_bias: bool = False
     rope_scaling: dict[str, Any] | None = None
+    rotary_dim: int | None = None  # rope over the first rotary_dim dims of each head (None: all)
     sliding_window: int | None = None  # the window of every layer not in `full_attention_layers`
     full_attention_layers: tuple[int, ...] = ()  # layers that see the whole context despite a window
     bos_token_id: int | None = None
@@ -75,7 +81,7 @@ class ModelConfig:
         archs = cfg.get("architectures") or []
         arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
-            raise ModelLoadError(
+            raise UnsupportedModel(
                 f"{cfg_path}: field 'architectures' = {archs!r} is not supported "
                 f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})"
             )
@@ -101,7 +107,7 @@ class ModelConfig:
         if arch == "qwen2" and not cfg.get("use_sliding_window", False):
             sliding = None
         if arch == "gemma3" and cfg.get("use_bidirectional_attention"):  # EmbeddingGemma: an encoder
-            raise ModelLoadError(f"{cfg_path}: field 'use_bidirectional_attention' = true is not supported "
+            raise UnsupportedModel(f"{cfg_path}: field 'use_bidirectional_attention' = true is not supported "
                                  "(causal decoders only)")
         num_layers = int(need("num_hidden_layers"))
         eos = cfg.get("eos_token_id")
@@ -124,6 +130,8 @@ class ModelConfig:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
             rope_scaling=rope_scaling,
+            rotary_dim=_rotary_dim(cfg, rope_scaling_params(cfg), int(cfg.get("head_dim") or hidden // num_heads),
+                                   cfg_path),
             sliding_window=int(sliding) if sliding else None,
             full_attention_layers=_full_attention_layers(arch, cfg, num_layers) if sliding else (),
             bos_token_id=cfg.get("bos_token_id"),
@@ -178,7 +186,7 @@ def _gemma3_rope(cfg: dict[str, Any], cfg_path: Path) -> dict[str, Any]:
     full = dict(params["full_attention"] or {})
     local = params.get("sliding_attention") or {}
     if local.get("rope_type", "default") != "default":
-        raise ModelLoadError(f"{cfg_path}: field 'rope_parameters.sliding_attention' = {local!r}: "
+        raise UnsupportedModel(f"{cfg_path}: field 'rope_parameters.sliding_attention' = {local!r}: "
                              "scaled rope on the sliding layers is not supported")
     out.pop("rope_parameters")
     if out.get("rope_theta") is None:
@@ -214,3 +222,20 @@ def _family_fields(arch: str, cfg: dict[str, Any], need: Any) -> dict[str, Any]:
         return {"query_pre_attn_scalar": float(need("query_pre_attn_scalar")), **soft,
                 "qk_norm": arch == "gemma3", "rope_local_theta": float(local) if local is not None else None}
     return {}
+
+
+def rope_scaling_params(cfg: dict[str, Any]) -> dict[str, Any]:
+    return cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+
+
+def _rotary_dim(cfg: dict[str, Any], params: dict[str, Any], head_dim: int, cfg_path: Path) -> int | None:
+    """`partial_rotary_factor` (Phi-4-mini: 0.75) as the number of rotated dims per head."""
+    factor = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
+    if factor is None or float(factor) == 1.0:
+        return None
+    exact = head_dim * float(factor)
+    dim = round(exact)
+    if abs(exact - dim) > 1e-6 or not 0 < dim < head_dim or dim % 2 or (head_dim - dim) % 2:
+        raise UnsupportedModel(f"{cfg_path}: field 'partial_rotary_factor' = {factor} gives {dim} rotated dims of "
+                             f"{head_dim}; an even number below head_dim with an even remainder is needed")
+    return dim

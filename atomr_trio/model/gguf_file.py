@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import ModelConfig, ModelLoadError
+from .config import ModelConfig, ModelLoadError, UnsupportedModel
 from .gguf_header import GGUFHeader
 from .rope import yarn_attention_factor
 
@@ -96,7 +96,7 @@ class GGUFFile:
             raise ModelLoadError(f"{path}: not a readable GGUF file ({e})") from e
         arch = self.field("general.architecture")
         if arch not in _ARCHS:
-            raise ModelLoadError(
+            raise UnsupportedModel(
                 f"{path}: field 'general.architecture' = {arch!r} is not supported "
                 f"(supported: {', '.join(sorted(_ARCHS))})"
             )
@@ -124,9 +124,10 @@ class GGUFFile:
         arch = "mixtral" if a == "llama" and experts else _ARCHS[a]
         head_dim = int(self.field(f"{a}.attention.key_length", hidden // n_heads))
         rot = self.field(f"{a}.rope.dimension_count", None)
-        if rot is not None and int(rot) != head_dim:  # e.g. Phi-4-mini: rope over 3/4 of each head
-            raise ModelLoadError(f"{self.path}: field '{a}.rope.dimension_count' = {rot} is not supported "
-                                 f"(rope over the whole head, {head_dim}, only)")
+        rotary_dim = int(rot) if rot is not None and int(rot) != head_dim else None  # Phi-4-mini: 3/4 of a head
+        if rotary_dim is not None and (not 0 < rotary_dim < head_dim or rotary_dim % 2 or (head_dim - rotary_dim) % 2):
+            raise UnsupportedModel(f"{self.path}: field '{a}.rope.dimension_count' = {rot} is not supported "
+                                 f"(an even number of dims below the head's {head_dim}, with an even remainder)")
         moe: dict[str, Any] = {}
         if experts:
             moe = {
@@ -153,6 +154,7 @@ class GGUFFile:
             tie_word_embeddings="output.weight" not in names,
             attention_bias="blk.0.attn_q.bias" in names,
             rope_scaling=self.rope_scaling(),
+            rotary_dim=rotary_dim,
             bos_token_id=self.field("tokenizer.ggml.bos_token_id", None),
             eos_token_ids=(int(eos),) if eos is not None else (),
             qk_norm="blk.0.attn_q_norm.weight" in names,
@@ -203,7 +205,7 @@ class GGUFFile:
                 if (value := self.field(f"{key}.{gguf_key}", None)) is not None:
                     params[hf_key] = float(value)
             if float(self.field(f"{key}.yarn_ext_factor", 1.0)) != 1.0:  # transformers' yarn has no such knob
-                raise ModelLoadError(f"{self.path}: field '{key}.yarn_ext_factor' other than 1 is not supported")
+                raise UnsupportedModel(f"{self.path}: field '{key}.yarn_ext_factor' other than 1 is not supported")
             log_mul = float(self.field(f"{key}.yarn_log_multiplier", 0.0))
             if log_mul:  # llama.cpp: the attention factor is mscale(1) / mscale(yarn_log_multiplier)
                 params.update(mscale=1.0, mscale_all_dim=log_mul)
@@ -218,7 +220,7 @@ class GGUFFile:
             if attn is not None:
                 params["attention_factor"] = float(attn)
         elif kind not in (None, "none", "linear"):
-            raise ModelLoadError(
+            raise UnsupportedModel(
                 f"{self.path}: field '{key}.type' = {kind!r} is not supported (supported: none, linear, yarn, longrope)"
             )
         elif attn is not None and float(attn) != 1.0:

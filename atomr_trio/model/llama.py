@@ -30,7 +30,7 @@ from .config import ModelConfig, ModelLoadError
 from .cpu_kernels import KernelPlan
 from .linear import Linear
 from .native import Kernels
-from .rope import rope_tables
+from .rope import partial_rotary_order, rope_tables
 
 
 class Mlp(Protocol):
@@ -87,6 +87,12 @@ class LlamaModel:
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
             a = p + "self_attn."
+            if cfg.rotary_dim is not None and cfg.qk_norm:
+                raise ModelLoadError(f"{source}: rope over part of each head with per-head q/k norms is not supported")
+            if cfg.rotary_dim is not None:  # rope over part of each head: see rope.partial_rotary_order
+                for x, heads in (("q", cfg.num_heads), ("k", cfg.num_kv_heads)):
+                    for kind in ("weight", "bias") if cfg.attention_bias else ("weight",):
+                        got[a + f"{x}_proj.{kind}"] = _reorder_heads(got[a + f"{x}_proj.{kind}"], heads, cfg)
             bias = torch.cat([got[a + f"{x}_proj.bias"] for x in "qkv"]) if cfg.attention_bias else None
             self.layers.append(Layer(
                 in_norm=got[p + "input_layernorm.weight"],
@@ -258,3 +264,12 @@ def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             for x, n in (("q", q), ("k", kv), ("v", kv)):
                 shapes[p + f"self_attn.{x}_proj.bias"] = (n,)
     return shapes
+
+
+def _reorder_heads(t: torch.Tensor, heads: int, cfg: ModelConfig) -> torch.Tensor:
+    """The rows of a q or k projection (weight or bias) with each head's dims in
+    rope.partial_rotary_order."""
+    assert cfg.rotary_dim is not None
+    order = partial_rotary_order(cfg.head_dim, cfg.rotary_dim)
+    rows = t.reshape(heads, cfg.head_dim, *t.shape[1:])
+    return rows[:, order].reshape(t.shape).contiguous()

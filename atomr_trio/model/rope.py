@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .config import ModelConfig, ModelLoadError
+from .config import ModelConfig, ModelLoadError, UnsupportedModel
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 _ALIASES = {"su": "longrope"}  # Phi-3's first checkpoints name longrope "su"
@@ -43,7 +43,7 @@ def rope_type(params: dict[str, Any] | None, source: str = "rope_scaling") -> st
     kind = str(p.get("rope_type", p.get("type", "default")))
     kind = _ALIASES.get(kind, kind)
     if kind not in ROPE_TYPES:
-        raise ModelLoadError(
+        raise UnsupportedModel(
             f"{source}: rope type {kind!r} is not supported "
             f"(supported: {', '.join(ROPE_TYPES)}, and 'su' for longrope)"
         )
@@ -57,9 +57,6 @@ def rope_scaling_from_hf(cfg: dict[str, Any], cfg_path: Path) -> dict[str, Any] 
     params = cfg.get("rope_scaling")
     if params is None:
         params = cfg.get("rope_parameters")
-    for partial in (cfg.get("partial_rotary_factor"), (params or {}).get("partial_rotary_factor")):
-        if partial is not None and float(partial) != 1.0:  # the kernels rotate whole heads
-            raise ModelLoadError(f"{cfg_path}: field 'partial_rotary_factor' = {partial} is not supported (only 1.0)")
     if not params:
         return None
     kind = rope_type(params, f"{cfg_path}: field 'rope_scaling'")
@@ -90,18 +87,33 @@ def rope_tables(cfg: ModelConfig, max_len: int, dtype: torch.dtype) -> tuple[tor
     inv_freq, scale = _inv_freq(cfg, max_len)
     pos = torch.arange(max_len, dtype=torch.float32)
     freqs = torch.outer(pos, inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    cos, sin = emb.cos(), emb.sin()
+    cos, sin = freqs.cos(), freqs.sin()
     if scale != 1.0:
         cos, sin = cos * scale, sin * scale
-    return cos.to(dtype), sin.to(dtype)
+    rotated = len(inv_freq)
+    if rotated < cfg.head_dim // 2:  # partial rotary: the other pairs pass through (cos 1, sin 0)
+        cos = torch.cat((cos, torch.ones(max_len, cfg.head_dim // 2 - rotated)), dim=-1)
+        sin = torch.cat((sin, torch.zeros(max_len, cfg.head_dim // 2 - rotated)), dim=-1)
+    return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((sin, sin), dim=-1).to(dtype)
+
+
+def partial_rotary_order(head_dim: int, rotary_dim: int) -> torch.Tensor:
+    """The order of a head's dims that makes partial rope whole-head rope: rotated pair
+    (i, i + rotary_dim / 2) lands on (j, j + head_dim / 2) with the pass-through dims after them
+    in each half, so `rotate_half` over the whole head (the tables give the pass-through pairs
+    cos 1, sin 0) rotates exactly the pairs transformers rotates. Applied alike to the q and k
+    rows of the projection it leaves every attention score unchanged."""
+    r, rest = rotary_dim // 2, (head_dim - rotary_dim) // 2
+    first = [*range(r), *range(rotary_dim, rotary_dim + rest)]
+    second = [*range(r, rotary_dim), *range(rotary_dim + rest, head_dim)]
+    return torch.tensor(first + second)
 
 
 def _inv_freq(cfg: ModelConfig, max_len: int) -> tuple[torch.Tensor, float]:
-    """(inverse frequencies [head_dim / 2], attention factor) for tables of `max_len` rows."""
+    """(inverse frequencies [rotary dims / 2], attention factor) for tables of `max_len` rows."""
     p = cfg.rope_scaling or {}
     kind = rope_type(p)
-    dim = cfg.head_dim
+    dim = cfg.rotary_dim or cfg.head_dim
     base = cfg.rope_theta
     if kind == "dynamic":
         # NTK-aware base for the served length L (the static form: cached keys keep their angles).
@@ -146,7 +158,7 @@ def _yarn(cfg: ModelConfig, p: dict[str, Any], wavelen: torch.Tensor, base: floa
     """YaRN: each frequency interpolated (divided by `factor`) or extrapolated (kept) by how many
     turns it makes over the original context: a linear ramp over the dimensions between the ones
     turning `beta_fast` and `beta_slow` times (bounds floored / ceiled unless `truncate` is false)."""
-    dim = cfg.head_dim
+    dim = cfg.rotary_dim or cfg.head_dim
     factor = _yarn_factor(p, cfg.max_position_embeddings)
     original = _original(p, cfg.max_position_embeddings)
     beta_fast = float(p.get("beta_fast") or 32)
@@ -194,7 +206,7 @@ def _longrope(
     sqrt(1 + ln(factor) / ln(original)), factor = max_position_embeddings / original."""
     original = _original(p, cfg.max_position_embeddings)
     key = "long_factor" if max_len > original else "short_factor"
-    inv_freq = 1.0 / (_per_frequency(p, key, cfg.head_dim) * wavelen)
+    inv_freq = 1.0 / (_per_frequency(p, key, cfg.rotary_dim or cfg.head_dim) * wavelen)
     attention = p.get("attention_factor")
     if attention is None:
         factor = float(p.get("factor") or cfg.max_position_embeddings / original)
@@ -211,7 +223,7 @@ def _per_frequency(p: dict[str, Any], key: str, dim: int) -> torch.Tensor:
     values = torch.tensor([float(x) for x in _need(p, key)], dtype=torch.float32)
     if values.shape != (dim // 2,):
         raise ModelLoadError(
-            f"rope_scaling '{key}' has {values.numel()} values, expected {dim // 2} (head_dim / 2)"
+            f"rope_scaling '{key}' has {values.numel()} values, expected {dim // 2} (rotated dims / 2)"
         )
     return values
 

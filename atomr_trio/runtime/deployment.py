@@ -30,7 +30,7 @@ from ..engine.engine_config import EngineConfig
 from ..engine.engine_core import EngineCore, EngineHandle
 from ..engine.messages import Board, reply
 from ..executor.worker import Faults
-from ..model.config import ModelLoadError
+from ..model.config import ModelLoadError, UnsupportedModel
 from ..model_source import ModelSource
 from .deployment_spec import DeploymentSpec
 from .deployment_state import DeploymentSnapshot, IllegalTransition, State, next_state
@@ -172,6 +172,7 @@ class Deployment:
         self._placement, self._metrics = placement, metrics
         self._state: State = "pending"
         self._reason: str | None = None
+        self._unsupported = False  # the failure: a model that asks for what is not implemented
         self._source: ModelSource | None = None
         self._engine_config: EngineConfig | None = None
         self._replicas: list[EngineHandle] = []
@@ -210,7 +211,7 @@ class Deployment:
     def _snapshot(self) -> DeploymentSnapshot:
         return DeploymentSnapshot(self.name, self._state, self._reason, self.spec, self._source, self._engine_config,
                                   self._admitted, 0, tuple(r.snapshot() for r in self._replicas),
-                                  self._coordinator.handle.snapshot())
+                                  self._coordinator.handle.snapshot(), self._unsupported)
 
     def _publish(self) -> None:
         self._board.publish(self._snapshot())
@@ -277,6 +278,7 @@ class Deployment:
                     self._settled.set()
         except Exception as e:  # noqa: BLE001 - a model or engine failure ends this deployment only
             cause = _first_leaf(e)
+            self._unsupported = self._unsupported or (self._state != "failed" and isinstance(cause, UnsupportedModel))
             self._fail(f"{type(cause).__name__}: {cause}")
             # a model that cannot load says why in its message; other failures keep their trace
             trace = None if isinstance(cause, ModelLoadError) else cause

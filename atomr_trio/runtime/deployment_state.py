@@ -64,6 +64,7 @@ class DeploymentSnapshot:
     inbox_depth: int
     replicas: tuple[EngineSnapshot, ...]
     coordinator: CoordinatorSnapshot
+    unsupported: bool = False  # failed because the model asks for what is not implemented
 
     @property
     def model(self) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from ..model.config import ModelLoadError
+from ..model.config import ModelLoadError, UnsupportedModel
 from ..model.gguf_file import GGUFTokenizerData
 from .chat_template import ChatTemplate, ChatTemplateError
 
@@ -117,7 +117,7 @@ class Tokenizer:
             tok = _sentencepiece_bpe(data, source)
             add_bos = data.add_bos_token is None or data.add_bos_token  # llama.cpp's default for these
         else:
-            raise ModelLoadError(
+            raise UnsupportedModel(
                 f"{source}: tokenizer.ggml.model = {data.model!r} is not supported from GGUF "
                 f"(supported: {', '.join(repr(m) for m in _GGUF_MODELS)}); load the model's HF directory instead"
             )
@@ -235,7 +235,7 @@ def _byte_level_bpe(data: GGUFTokenizerData, source: str) -> HFTokenizer:
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
     else:
-        raise ModelLoadError(f"{source}: tokenizer.ggml.pre = {data.pre!r} is not supported")
+        raise UnsupportedModel(f"{source}: tokenizer.ggml.pre = {data.pre!r} is not supported")
     tok.decoder = decoders.ByteLevel()
     _add_gguf_tokens(tok, data, source, (_TOKEN_CONTROL,))
     return tok
