@@ -113,7 +113,12 @@ def test_moe_float32_parity_on_each_kernel_path(path: str, families: dict[str, F
 def test_bf16_on_each_kernel_path_stays_close(arch: str, kernel_path: str, families: dict[str, Family]) -> None:
     """bf16 on each CPU kernel path (native panels and oneDNN packing lay out the experts too):
     the first token's top logprobs stay close to transformers' float32 ones."""
-    fam = families[arch]
+    check_bf16_first_token(families[arch], kernel_path)
+
+
+def check_bf16_first_token(fam: Family, kernel_path: str) -> None:
+    """bf16 on the forced kernel path: each prompt's first token equals transformers' float32
+    one and its logprob is within 0.1."""
     params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=0)
     with LLM(str(fam.path), dtype="bfloat16", num_kv_blocks=64, block_size=8) as llm:
         assert llm.stats()["kernels"].startswith(f"matmul={kernel_path}")

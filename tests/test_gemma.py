@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import kernel_path_unavailable
-from test_families import GREEDY, LLM_ARGS, PROMPTS, Family
+from test_families import GREEDY, LLM_ARGS, PROMPTS, Family, check_bf16_first_token
 
 from atomr_trio import LLM
 from atomr_trio.model import cpu_kernels, native
@@ -247,17 +247,7 @@ def test_all_windowed_model_holds_only_its_window(models: dict[str, Family]) -> 
 def test_bf16_on_each_kernel_path_stays_close(arch: str, kernel_path: str, models: dict[str, Family]) -> None:
     """bf16 on each CPU kernel path (native panels and oneDNN packing lay out the GeGLU too):
     the first token's logprob stays close to transformers' float32 one."""
-    from atomr_trio import SamplingParams
-
-    fam = models[arch]
-    params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=0)
-    with LLM(str(fam.path), dtype="bfloat16", num_kv_blocks=64, block_size=8) as llm:
-        assert llm.stats()["kernels"].startswith(f"matmul={kernel_path}")
-        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
-    for i, out in enumerate(outs):
-        (tok, lp), = out.outputs[0].logprobs[0].items()
-        assert tok == fam.ids[i][0]
-        assert abs(lp.logprob - fam.logprobs[i][0]) < 0.1
+    check_bf16_first_token(models[arch], kernel_path)
 
 
 def test_all_windowed_request_longer_than_the_cache(models: dict[str, Family]) -> None:

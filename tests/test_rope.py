@@ -276,6 +276,17 @@ def decode(model: str) -> tuple[list[int], list[float]]:
     return ids, lps
 
 
+def reference(ref: Any, ids: list[int]) -> tuple[list[int], torch.Tensor]:
+    """transformers' greedy ids for PROMPT, and its logprobs of PROMPT + `ids` (ours), position
+    by position, as `decode` returns them."""
+    with torch.no_grad():
+        want = ref.generate(torch.tensor([PROMPT]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                            pad_token_id=0)[0, len(PROMPT):].tolist()
+        seq = PROMPT + ids
+        logp = torch.log_softmax(ref(torch.tensor([seq])).logits[0].float(), dim=-1)
+    return want, logp[torch.arange(len(seq) - 1), torch.tensor(seq[1:])]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ops", ["native", "torch"])  # rope in the native rope_store_kv kernel, or in torch
 @pytest.mark.parametrize("kind", sorted(TINY_SCALINGS))
@@ -294,13 +305,8 @@ def test_scaled_tiny_llama_matches_transformers_past_the_original_context(
 
     ref = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     assert ref.model.rotary_emb.rope_type == kind
-    with torch.no_grad():
-        want = ref.generate(torch.tensor([PROMPT]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
-                            pad_token_id=0)[0, len(PROMPT):].tolist()
-        seq = PROMPT + ids
-        logp = torch.log_softmax(ref(torch.tensor([seq])).logits[0].float(), dim=-1)
+    want, want_lps = reference(ref, ids)
     assert ids == want
-    want_lps = logp[torch.arange(len(seq) - 1), torch.tensor(seq[1:])]
     err = (torch.tensor(lps) - want_lps).abs().max().item()
     print(f"{kind} ({ops} ops): max |logprob - transformers| = {err:.3g} over {len(lps)} positions")
     assert err < 1e-4
@@ -354,13 +360,8 @@ def test_partial_rotary_phi4_mini_style_matches_transformers(ops: str, tmp_path:
     cfg = ModelSource.open(str(model_dir)).config
     assert cfg.rotary_dim == 12 and cfg.head_dim == 16
     ids, lps = decode(str(model_dir))
-    ref = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    with torch.no_grad():
-        want = ref.generate(torch.tensor([PROMPT]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
-                            pad_token_id=0)[0, len(PROMPT):].tolist()
-        seq = PROMPT + ids
-        logp = torch.log_softmax(ref(torch.tensor([seq])).logits[0].float(), dim=-1)
+    want, want_lps = reference(AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval(), ids)
     assert ids == want
-    err = (torch.tensor(lps) - logp[torch.arange(len(seq) - 1), torch.tensor(seq[1:])]).abs().max().item()
+    err = (torch.tensor(lps) - want_lps).abs().max().item()
     print(f"partial rotary 12/16 + longrope ({ops} ops): max |logprob - transformers| = {err:.3g}")
     assert err < 1e-4

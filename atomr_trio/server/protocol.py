@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from ..grammar.spec import StructuredOutputsParams
 from ..sampling_params import SamplingParams
@@ -153,8 +153,16 @@ class _Common(BaseModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
 
+    # constraint(), read once: check() and the route both ask for it
+    _constraint: tuple[StructuredOutputsParams | None] | None = PrivateAttr(default=None)
+
     def constraint(self) -> StructuredOutputsParams | None:
         """The body's output constraint, if it asks for one (a 400 for a bad or a second one)."""
+        if self._constraint is None:
+            self._constraint = (self._read_constraint(),)
+        return self._constraint[0]
+
+    def _read_constraint(self) -> StructuredOutputsParams | None:
         found: list[StructuredOutputsParams] = []
         rf = self.response_format
         if rf is not None:
