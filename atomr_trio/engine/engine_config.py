@@ -14,6 +14,7 @@ Invariants:
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Literal
 
 import torch
@@ -21,7 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..model import cpu_kernels
 from ..model.config import ModelConfig
+from . import memory_plan
 
+DEFAULT_CPU_KV_BYTES = 1 << 30
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 Dtype = Literal["auto", "float32", "bfloat16"]
 
@@ -38,9 +41,28 @@ class EngineSettings(BaseModel):
     max_num_seqs: int = Field(default=256, ge=1, description="most sequences in one engine step, per replica")
     max_num_batched_tokens: int = Field(
         default=2048, ge=1, description="token budget of one engine step; longer prompts are chunked")
-    kv_cache_memory_bytes: int = Field(
-        default=1 << 30, ge=1, description="memory for the paged KV cache in bytes, per replica")
+    kv_cache_memory_bytes: int | None = Field(
+        default=None, ge=1, description="memory for the paged KV cache in bytes, per replica (default: 1 GiB on "
+                                       "CPU; on CUDA what gpu_memory_utilization leaves)")
     block_size: int = Field(default=16, ge=1, le=1024, description="tokens per KV block")
+    device: str = Field(
+        default="auto", description="where the weights, KV cache and steps live: auto (cuda when torch sees a GPU, "
+                                    "else cpu), cpu, cuda or cuda:N; a deployment's replicas on cuda are "
+                                    "spread over the GPUs by free memory")
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0, le=1, description="CUDA: the share of the GPU's memory this replica may use for "
+                                            "weights, activations and KV cache; the KV cache gets what the weights "
+                                            "and a profiling step at the largest batch leave")
+    enforce_eager: bool = Field(
+        default=False, description="CUDA: run every step eagerly (no CUDA graphs for decode steps)")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", value):
+            return value
+        raise ValueError("device must be auto, cpu, cuda or cuda:N")
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -55,7 +77,6 @@ class EngineOptions(EngineSettings):
     """EngineSettings and the knobs only the library sets: in a deployment, the placement
     chooses the threads and the replica index is the seed."""
 
-    device: str = Field(default="cpu", description="torch device of the weights and KV cache")
     num_kv_blocks: int | None = Field(
         default=None, ge=1, description="number of KV blocks; overrides kv_cache_memory_bytes")
     enable_prefix_caching: bool = Field(default=True, description="reuse the KV blocks of shared prompt prefixes")
@@ -74,28 +95,58 @@ class EngineConfig(EngineOptions):
     def resolved_dtype(self) -> Literal["float32", "bfloat16"]:
         if self.dtype != "auto":
             return self.dtype
-        if self.device.startswith("cuda"):
+        if self.resolved_device().startswith("cuda"):
             return "bfloat16"
         return "bfloat16" if _cpu_has_fast_bf16() else "float32"
 
+    def resolved_device(self) -> str:
+        """`device` as a concrete torch device: auto is cuda:0 where torch sees a GPU, else cpu;
+        plain cuda is the current GPU. Asking for a GPU torch cannot see is a ValueError."""
+        if self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available()):
+            return "cpu"
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r}: torch {torch.__version__} sees no CUDA GPU "
+                             f"(built with CUDA: {torch.version.cuda or 'no'})")
+        if self.device in ("auto", "cuda"):
+            return f"cuda:{torch.cuda.current_device()}"
+        index = int(self.device.split(":")[1])
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device {self.device!r}: torch sees {torch.cuda.device_count()} GPU(s)")
+        return self.device
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def kv_block_bytes(self, model: ModelConfig) -> int:
+        itemsize = torch.empty(0, dtype=_DTYPES[self.resolved_dtype()]).element_size()
+        return 2 * model.num_layers * self.block_size * model.num_kv_heads * model.head_dim * itemsize
+
     def resolve(self, model: ModelConfig) -> EngineConfig:
+        """Concrete numbers: dtype, device, context length, threads and KV blocks. On CUDA without
+        num_kv_blocks or kv_cache_memory_bytes, the blocks here are provisional (what the GPU's
+        memory leaves after the weights, before any step): the Context measures the weights and a
+        profiling step on the device and sizes the cache from that (memory_plan.py)."""
         limit = model.max_model_len
         if self.max_model_len is not None and self.max_model_len > limit:
             raise ValueError(
                 f"max_model_len ({self.max_model_len}) exceeds the model's limit ({limit})"
             )
-        max_len = self.max_model_len or limit
-        itemsize = torch.empty(0, dtype=_DTYPES[self.resolved_dtype()]).element_size()
-        per_block = 2 * model.num_layers * self.block_size * model.num_kv_heads * model.head_dim * itemsize
-        blocks = self.num_kv_blocks or self.kv_cache_memory_bytes // per_block
-        if blocks < 1:
-            raise ValueError(
-                f"kv_cache_memory_bytes ({self.kv_cache_memory_bytes}) is too small for one KV "
-                f"block ({per_block} bytes)"
-            )
-        return self.model_copy(update={
+        device = self.resolved_device()
+        resolved = self.model_copy(update={"device": device})
+        per_block = resolved.kv_block_bytes(model)
+        if self.num_kv_blocks:
+            blocks = self.num_kv_blocks
+        elif self.kv_cache_memory_bytes is not None or not resolved.on_cuda:
+            memory = self.kv_cache_memory_bytes or DEFAULT_CPU_KV_BYTES
+            blocks = memory // per_block
+            if blocks < 1:
+                raise ValueError(f"kv_cache_memory_bytes ({memory}) is too small for one KV block ({per_block} bytes)")
+        else:
+            blocks = memory_plan.provisional_blocks(resolved, model, per_block)
+        return resolved.model_copy(update={
             "dtype": self.resolved_dtype(),
-            "max_model_len": max_len,
+            "max_model_len": self.max_model_len or limit,
             "num_kv_blocks": blocks,
             "torch_threads": self.torch_threads or len(os.sched_getaffinity(0)),
         })
