@@ -134,7 +134,11 @@ def test_float16_is_refused_everywhere() -> None:
 
 
 def test_library_settings_validate_through_the_same_model() -> None:
-    assert set(EngineConfig.model_fields) == set(EngineOptions.model_fields) > set(EngineSettings.model_fields)
+    # EngineConfig adds only what `resolve` sets
+    assert set(EngineConfig.model_fields) - {"kv_from_gpu_memory"} == set(EngineOptions.model_fields)
+    assert set(EngineOptions.model_fields) > set(EngineSettings.model_fields)
+    with pytest.raises(TypeError, match="unknown engine setting.*kv_from_gpu_memory"):
+        LLM(kv_from_gpu_memory=True)
     with pytest.raises(TypeError, match="unknown engine setting.*bogus"):
         LLM(bogus=1)
     with pytest.raises(TypeError, match="unknown engine setting.*replicas"):
@@ -161,7 +165,7 @@ def test_a_deployments_engine_config_carries_its_engine_settings() -> None:
         include=set(EngineSettings.model_fields))
     assert (cfg.torch_threads, cfg.seed) == (2, 1)
     assert cfg.model_dump(exclude=set(EngineSettings.model_fields) | {"torch_threads", "seed"}) == \
-        EngineOptions().model_dump(exclude=set(EngineSettings.model_fields) | {"torch_threads", "seed"})
+        EngineConfig().model_dump(exclude=set(EngineSettings.model_fields) | {"torch_threads", "seed"})
 
 
 def test_python_m_atomr_trio_help() -> None:

@@ -88,6 +88,10 @@ class EngineOptions(EngineSettings):
 class EngineConfig(EngineOptions):
     """The frozen settings an engine runs with; `resolve` fills in the model-dependent ones."""
 
+    kv_from_gpu_memory: bool = Field(
+        default=False, description="set by resolve: num_kv_blocks is provisional, the Context sizes the cache "
+                                   "from the GPU's memory (memory_plan.py)")
+
     @property
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.resolved_dtype()]
@@ -145,6 +149,7 @@ class EngineConfig(EngineOptions):
         else:
             blocks = memory_plan.provisional_blocks(resolved, model, per_block)
         return resolved.model_copy(update={
+            "kv_from_gpu_memory": resolved.on_cuda and not self.num_kv_blocks and self.kv_cache_memory_bytes is None,
             "dtype": self.resolved_dtype(),
             "max_model_len": self.max_model_len or limit,
             "num_kv_blocks": blocks,
@@ -155,7 +160,7 @@ class EngineConfig(EngineOptions):
 def engine_config(config: EngineConfig | None = None, **settings: Any) -> EngineConfig:
     """`config` (default: all defaults) with `settings` applied, validated by the model. An unknown
     name is a TypeError, as for any keyword argument; a bad value a ValueError naming the setting."""
-    unknown = set(settings) - set(EngineConfig.model_fields)
+    unknown = set(settings) - set(EngineOptions.model_fields)
     if unknown:
         raise TypeError(f"unknown engine setting(s): {', '.join(sorted(unknown))}")
     base = config.model_dump() if config is not None else {}

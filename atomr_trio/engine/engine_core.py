@@ -58,25 +58,41 @@ class EngineCore:
                  load_sink: LoadSink | None = None, faults: Faults | None = None) -> None:
         assert cfg.num_kv_blocks is not None and cfg.max_model_len is not None, "resolve cfg first"
         self.name = name
+        self.source = source
         self.cfg = cfg
         self.state = "created"
         self.failure: str | None = None
-        self.block_manager = BlockManager(cfg.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching,
-                                          window=source.config.window_of_every_layer)
-        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.stats = EngineStats()
         self.reporter = StepReporter(model_name or source.name, name, metrics, load_sink)
-        self.requests = RequestTable(self.scheduler, self.block_manager, cfg, source.config.vocab_size,
-                                     self.stats, keep_records=self.reporter.wants_details)
-        self.results = ResultApplier(self.requests, self.block_manager, self.stats, self.reporter,
-                                     source.eos_token_ids, cfg.max_model_len)
         self._worker = Worker(source, cfg, name, faults)  # started by run(); a thread only then
         self.worker = self._worker.handle
-        self.recovery = Recovery(name, self.worker, self.scheduler, self.block_manager, self.requests,
-                                 self.results, self.stats, self._move)
+        self._build_parts(cfg)
         self._send, self._inbox = trio.open_memory_channel[EngineMessage](INBOX_SIZE)
         self._board = Board(self.snapshot())
         self.handle = EngineHandle(name, cfg, self._send, self._board, self.worker)
+
+    def _build_parts(self, cfg: EngineConfig) -> None:
+        """The parts sized by the KV cache. Built again, once, before serving when the Context
+        measured a different number of blocks on its device (CUDA: memory_plan.py)."""
+        assert cfg.num_kv_blocks is not None and cfg.max_model_len is not None
+        self.cfg = cfg
+        window = self.source.config.window_of_every_layer
+        self.block_manager = BlockManager(cfg.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching, window=window)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.requests = RequestTable(self.scheduler, self.block_manager, cfg, self.source.config.vocab_size,
+                                     self.stats, keep_records=self.reporter.wants_details)
+        self.results = ResultApplier(self.requests, self.block_manager, self.stats, self.reporter,
+                                     self.source.eos_token_ids, cfg.max_model_len)
+        self.recovery = Recovery(self.name, self.worker, self.scheduler, self.block_manager, self.requests,
+                                 self.results, self.stats, self._move)
+
+    def _take_measured_cache(self) -> None:
+        measured = self.worker.snapshot().num_kv_blocks
+        if measured is not None and measured != self.cfg.num_kv_blocks:
+            log.info("%s: %d KV blocks measured on %s (provisional: %s)", self.name, measured, self.cfg.device,
+                     self.cfg.num_kv_blocks)
+            self._build_parts(self.cfg.model_copy(update={"num_kv_blocks": measured, "kv_from_gpu_memory": False}))
+            self.handle.config = self.cfg
 
     @property
     def num_running(self) -> int:
@@ -100,6 +116,7 @@ class EngineCore:
             with _unwrapped():
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self._worker.run)
+                    self._take_measured_cache()
                     try:
                         self._move("serving")
                         self.reporter.started(self.block_manager)

@@ -10,9 +10,12 @@ from __future__ import annotations
 import torch
 
 from ..engine.engine_config import EngineConfig
+from ..engine.memory_plan import MemoryPlan
 from ..model import cpu_kernels
 from ..model.families import build_model
 from ..model_source import ModelSource
+from .cuda_graphs import DecodeGraphs, capture_sizes
+from .device_memory import GpuMemory, cuda_table_op, measure_kv_plan
 from .model_runner import ModelRunner, StepBatch, StepResult
 from .sampler import Sampler
 
@@ -30,19 +33,38 @@ class Context:
         self.steps = 0
         self.fail_at_step = fail_at_step
         self.broken = False
+        device = torch.device(cfg.device)
+        cuda = device.type == "cuda"
+        if cuda:
+            torch.cuda.set_device(device)
+        gpu = GpuMemory.read(device) if cuda else None
         rng = torch.Generator(device=cfg.device).manual_seed(cfg.seed)  # this engine's own, for unseeded rows
         mc = source.config
-        model = build_model(mc, cfg.torch_dtype, cfg.max_model_len)
+        model = build_model(mc, cfg.torch_dtype, cfg.max_model_len, cfg.device)
         model.load_weights(source.weights(), source.path)
         self.plan: cpu_kernels.KernelPlan | None = None
-        if torch.device(cfg.device).type == "cpu":
+        if not cuda:
             self.plan = cpu_kernels.choose(mc, cfg.torch_dtype)  # each fast path probed before use
             model.use_kernels(self.plan)
+        table_op = cuda_table_op() if cuda else None
+        sampler = Sampler(source.eos_token_ids, rng)
+        self.memory: MemoryPlan | None = None
+        blocks = cfg.num_kv_blocks
+        if gpu is not None and cfg.kv_from_gpu_memory:
+            self.memory = measure_kv_plan(model, cfg, gpu, table_op, sampler)
+            blocks = self.memory.blocks
+        self.num_kv_blocks = blocks
+        scratch = 1 if cuda else 0  # one block more on CUDA: the padding rows of graph replays write there
         kv = torch.zeros(
-            mc.num_layers, 2, mc.num_kv_heads, cfg.num_kv_blocks * cfg.block_size, mc.head_dim,
+            mc.num_layers, 2, mc.num_kv_heads, (blocks + scratch) * cfg.block_size, mc.head_dim,
             dtype=cfg.torch_dtype, device=cfg.device,
         )
-        self.runner = ModelRunner(model, kv, cfg.block_size, Sampler(source.eos_token_ids, rng))
+        self.runner = ModelRunner(model, kv, cfg.block_size, sampler, table_op=table_op)
+        if cuda and table_op is not None and not cfg.enforce_eager and model.graph_safe:
+            graphs = DecodeGraphs(model, kv, cfg.block_size, table_op, capture_sizes(cfg.max_num_seqs),
+                                  -(-cfg.max_model_len // cfg.block_size), blocks * cfg.block_size, cuda=True)
+            graphs.capture()
+            self.runner.graphs = graphs
 
     @property
     def kernels(self) -> str:

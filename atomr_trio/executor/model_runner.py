@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..model.attention import AttentionMetadata, PrefillChunk
+from ..model.attention import AttentionMetadata, PrefillChunk, TableDecode
 from ..model.cpu_gemv import kernels
 from ..model.llama import LlamaModel
+from .cuda_graphs import DecodeGraphs
 from .sampler import Sampler, SamplerOutput, SampleRow, TokenLogprobs, token_logprobs
 
 PROMPT_LOGPROBS_ROWS = 256  # logits rows held at once ([rows, vocab] float32: 50 MB at 49k vocab)
@@ -59,14 +60,20 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, block_size: int, sampler: Sampler) -> None:
+    def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, block_size: int, sampler: Sampler,
+                 table_op: TableDecode | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.sampler = sampler
+        self.device = kv_cache.device
+        self.table_op = table_op  # decode rows read the cache through block tables (CUDA)
+        self.graphs: DecodeGraphs | None = None  # set by the Context when it captured them
 
     def execute(self, batch: StepBatch) -> StepResult:
         items = sorted(batch.items, key=lambda it: len(it.token_ids) > 1)  # decodes first
+        if self._replays(items):
+            return self._replay(items)
         input_ids, positions, meta, last_rows = self._prepare(items)
         t0 = time.perf_counter()
         with self._matmuls(len(input_ids)):
@@ -76,11 +83,35 @@ class ModelRunner:
         if not sampling:
             return StepResult([], SamplerOutput([], []), time.perf_counter() - t0, prompt_lps)
         with self._matmuls(len(sampling)):
-            logits = self.model.logits(hidden[torch.tensor([r for r, _ in sampling])])
+            logits = self.model.logits(hidden[self._on_device(torch.tensor([r for r, _ in sampling]))])
         forward_s = time.perf_counter() - t0
         rows = [it.sample for _, it in sampling if it.sample is not None]
         out = self.sampler(logits, rows)
         return StepResult([it.seq_id for _, it in sampling], out, forward_s, prompt_lps)
+
+    def _replays(self, items: list[BatchItem]) -> bool:
+        """Does this step run from a captured graph? Decode rows only, each sampled, no prompt logprobs."""
+        return (self.graphs is not None and self.graphs.takes(len(items))
+                and all(len(it.token_ids) == 1 and it.sample is not None and it.prompt_logprobs is None
+                        for it in items))
+
+    def _replay(self, items: list[BatchItem]) -> StepResult:
+        assert self.graphs is not None
+        bs = self.block_size
+        t0 = time.perf_counter()
+        slots = [max(it.block_table[it.start // bs], 0) * bs + it.start % bs for it in items]
+        logits = self.graphs.run([it.token_ids[0] for it in items], [it.start for it in items], slots,
+                                 [it.block_table for it in items])
+        forward_s = time.perf_counter() - t0
+        out = self.sampler(logits, [it.sample for it in items if it.sample is not None])
+        return StepResult([it.seq_id for it in items], out, forward_s)
+
+    def _on_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A host-built input on the runner's device: through pinned memory, copied without
+        waiting, on a GPU; as it is on the CPU."""
+        if self.device.type == "cpu":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     @torch.inference_mode()
     def _prompt_logprobs(
@@ -154,8 +185,10 @@ class ModelRunner:
                 kv_slots = torch.from_numpy(_slots(bt, all_pos, bs))
                 mask = torch.arange(ctx).unsqueeze(0) <= torch.from_numpy(pos).unsqueeze(1)
                 prefills.append(PrefillChunk(q_start, n, kv_slots, mask))
-        decode_slots = decode_bias = decode_lens = None
-        if decodes:
+        decode_slots = decode_bias = decode_lens = decode_table = None
+        if decodes and self.table_op is not None:
+            decode_table, decode_lens = self._decode_tables(decodes)
+        elif decodes:
             nd = len(decodes)
             ctx_lens = np.array([d.start + 1 for d in decodes], dtype=np.int64)
             L = int(ctx_lens.max())  # the longest context among them
@@ -163,24 +196,42 @@ class ModelRunner:
             for i, d in enumerate(decodes):
                 n_blocks = min(len(d.block_table), table.shape[1])
                 table[i, :n_blocks] = np.maximum(d.block_table[:n_blocks], 0)
-            decode_slots = torch.from_numpy(_slots(table, np.arange(L), bs).reshape(-1))
-            decode_lens = torch.from_numpy(ctx_lens)
+            decode_slots = self._on_device(torch.from_numpy(_slots(table, np.arange(L), bs).reshape(-1)))
+            decode_lens = self._on_device(torch.from_numpy(ctx_lens))
             if self.model.native is None:  # the torch path masks padding with a bias
-                hidden = torch.arange(L).unsqueeze(0) >= decode_lens.unsqueeze(1)
+                hidden = torch.arange(L).unsqueeze(0) >= torch.from_numpy(ctx_lens).unsqueeze(1)
                 decode_bias = torch.zeros(1, nd, 1, L, dtype=self.model.dtype)
-                decode_bias.masked_fill_(hidden.view(1, nd, 1, L), float("-inf"))
+                decode_bias = self._on_device(decode_bias.masked_fill_(hidden.view(1, nd, 1, L), float("-inf")))
         meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(np.concatenate(slot_parts)),
+            slot_mapping=self._on_device(torch.from_numpy(np.concatenate(slot_parts))),
             num_decode=len(decodes),
             decode_slots=decode_slots,
             decode_bias=decode_bias,
-            prefills=prefills,
+            prefills=[self._chunk_on_device(p) for p in prefills],
             decode_ctx_lens=decode_lens,
             decode_op=self.model.native.decode_attention if self.model.native else None,
+            decode_block_table=decode_table,
+            block_size=bs,
+            table_op=self.table_op,
         )
-        input_ids = torch.tensor(ids, dtype=torch.long)
-        positions = torch.from_numpy(np.concatenate(pos_parts))
+        input_ids = self._on_device(torch.tensor(ids, dtype=torch.long))
+        positions = self._on_device(torch.from_numpy(np.concatenate(pos_parts)))
         return input_ids, positions, meta, last_rows
+
+    def _decode_tables(self, decodes: list[BatchItem]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode rows' block tables [nd, longest] (int32) and context lengths, on the device."""
+        width = max(len(d.block_table) for d in decodes)
+        table = np.zeros((len(decodes), width), dtype=np.int32)
+        for i, d in enumerate(decodes):
+            table[i, : len(d.block_table)] = np.maximum(d.block_table, 0)
+        lens = np.array([d.start + 1 for d in decodes], dtype=np.int32)
+        return self._on_device(torch.from_numpy(table)), self._on_device(torch.from_numpy(lens))
+
+    def _chunk_on_device(self, p: PrefillChunk) -> PrefillChunk:
+        if self.device.type == "cpu" or p.kv_slots is None:
+            return p
+        assert p.mask is not None
+        return PrefillChunk(p.q_start, p.q_len, self._on_device(p.kv_slots), self._on_device(p.mask))
 
 
 def _slots(table: np.ndarray, pos: np.ndarray, bs: int) -> np.ndarray:

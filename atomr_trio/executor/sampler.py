@@ -69,6 +69,7 @@ class Sampler:
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SamplerOutput:
         n, vocab = logits.shape
+        dev = logits.device
         want_logprobs = [r.params.logprobs is not None for r in rows]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
 
@@ -76,8 +77,8 @@ class Sampler:
             logits = self._penalize(logits, rows)
         for i, r in enumerate(rows):
             if r.params.logit_bias:
-                ids = torch.tensor(list(r.params.logit_bias), dtype=torch.long)
-                vals = torch.tensor(list(r.params.logit_bias.values()), dtype=logits.dtype)
+                ids = torch.tensor(list(r.params.logit_bias), dtype=torch.long, device=dev)
+                vals = torch.tensor(list(r.params.logit_bias.values()), dtype=logits.dtype, device=dev)
                 logits[i].index_add_(0, ids, vals)
         blocked = [  # a grammar decides when a constrained row may stop
             i for i, r in enumerate(rows)
@@ -92,23 +93,23 @@ class Sampler:
         if any(r.matcher is not None for r in rows):
             mask_logits(logits, [r.matcher for r in rows])
 
-        greedy = torch.tensor([r.params.greedy for r in rows])
-        if bool(greedy.all()):
+        greedy = torch.tensor([r.params.greedy for r in rows], device=dev)
+        if all(r.params.greedy for r in rows):
             tokens = logits.argmax(dim=-1)
         else:
-            temps = torch.tensor([1.0 if r.params.greedy else r.params.temperature for r in rows])
+            temps = torch.tensor([1.0 if r.params.greedy else r.params.temperature for r in rows], device=dev)
             scaled = logits / temps.unsqueeze(1)
             scaled = self._truncate(scaled, rows)
             probs = torch.softmax(scaled, dim=-1)
             # Exponential race: argmax(p / E) with E ~ Exp(1) is a sample from p.
             noise = torch.empty_like(probs).exponential_(generator=self.generator)
             for i, r in enumerate(rows):
-                if r.generator is not None:
-                    noise[i].exponential_(generator=r.generator)
+                if r.generator is not None:  # a seeded row's own (CPU) generator: the same draws on every device
+                    noise[i] = torch.empty(vocab, dtype=noise.dtype).exponential_(generator=r.generator).to(dev)
             sampled = (probs / noise).argmax(dim=-1)
             tokens = torch.where(greedy, logits.argmax(dim=-1), sampled)
 
-        token_list = tokens.tolist()
+        token_list = tokens.tolist()  # the step's one device-to-host copy of sampled ids
         out: list[TokenLogprobs | None] = [None] * n
         if raw_logprobs is not None:
             idx = [i for i, w in enumerate(want_logprobs) if w]
@@ -124,30 +125,32 @@ class Sampler:
         idx = [i for i, r in enumerate(rows) if r.params.uses_penalties]
         counts = torch.zeros(len(idx), vocab)
         seen = torch.zeros(len(idx), vocab, dtype=torch.bool)
-        for j, i in enumerate(idx):
+        for j, i in enumerate(idx):  # built on the host, then moved in one copy each
             out_ids = torch.tensor(rows[i].output_ids or [], dtype=torch.long)
             counts[j].index_add_(0, out_ids, torch.ones(len(out_ids)))
             seen[j, torch.tensor(rows[i].prompt_ids or [], dtype=torch.long)] = True
+        counts, seen = counts.to(logits.device), seen.to(logits.device)
         seen |= counts > 0
         sub = logits[idx]
-        rep = torch.tensor([rows[i].params.repetition_penalty for i in idx]).unsqueeze(1)
+        rep = torch.tensor([rows[i].params.repetition_penalty for i in idx], device=logits.device).unsqueeze(1)
         # Repetition penalty (CTRL): make every token seen so far less likely.
         sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-        freq = torch.tensor([rows[i].params.frequency_penalty for i in idx]).unsqueeze(1)
-        pres = torch.tensor([rows[i].params.presence_penalty for i in idx]).unsqueeze(1)
+        freq = torch.tensor([rows[i].params.frequency_penalty for i in idx], device=logits.device).unsqueeze(1)
+        pres = torch.tensor([rows[i].params.presence_penalty for i in idx], device=logits.device).unsqueeze(1)
         sub = sub - freq * counts - pres * (counts > 0).float()
         logits[idx] = sub
         return logits
 
     @staticmethod
     def _truncate(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
-        vocab = logits.shape[1]
-        top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in rows])
-        top_p = torch.tensor([r.params.top_p for r in rows])
-        min_p = torch.tensor([r.params.min_p for r in rows])
-        if bool((top_k < vocab).any()) or bool((top_p < 1.0).any()):
+        vocab, dev = logits.shape[1], logits.device
+        top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in rows], device=dev)
+        top_p = torch.tensor([r.params.top_p for r in rows], device=dev)
+        min_p = torch.tensor([r.params.min_p for r in rows], device=dev)
+        truncate = any(0 < r.params.top_k < vocab or r.params.top_p < 1.0 for r in rows)  # decided on the host
+        if truncate:
             sorted_logits, order = logits.sort(dim=-1, descending=True)
-            pos = torch.arange(vocab).unsqueeze(0)
+            pos = torch.arange(vocab, device=dev).unsqueeze(0)
             drop = pos >= top_k.unsqueeze(1)
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             probs = torch.softmax(sorted_logits, dim=-1)
@@ -156,7 +159,7 @@ class Sampler:
             drop = mass_before >= top_p.unsqueeze(1)
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
-        if bool((min_p > 0).any()):
+        if any(r.params.min_p > 0 for r in rows):
             probs = torch.softmax(logits, dim=-1)
             floor = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
             logits = logits.masked_fill(probs < floor, float("-inf"))

@@ -176,10 +176,15 @@ class Worker:
         if self.num_context_builds:
             self._move("rebuilding")
         self.context = await self._device().run(build)
+        if self.cfg.kv_from_gpu_memory:  # rebuilt Contexts keep the measured cache: the engine's blocks match it
+            self.cfg = self.cfg.model_copy(update={"num_kv_blocks": self.context.num_kv_blocks,
+                                                   "kv_from_gpu_memory": False})
         self.num_context_builds += 1
         self._move("ready")
         if self.context.plan is not None:
             log.info("%s", self.context.plan.describe())
+        if self.context.memory is not None:
+            log.info("%s: %s", self.name, self.context.memory.describe())
         log.info("%s: context ready (build %d)", self.name, self.num_context_builds)
 
     # ---- state and views ----------------------------------------------------------------------
@@ -197,7 +202,8 @@ class Worker:
         ctx = self.context
         return WorkerSnapshot(self.name, self.cfg.device, self.state, self.num_context_builds,
                               self._send.statistics().current_buffer_used,
-                              ctx.kernels if ctx is not None else "torch")
+                              ctx.kernels if ctx is not None else "torch",
+                              ctx.num_kv_blocks if ctx is not None else None)
 
 
 __all__ = ["Context", "Faults", "InjectedFault", "RestartBudget", "Worker", "WorkerHandle", "WorkerSnapshot"]

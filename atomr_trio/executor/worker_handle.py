@@ -37,6 +37,7 @@ class WorkerSnapshot:
     context_builds: int
     inbox_depth: int
     kernels: str  # which kernel path each part of the forward runs on (cpu_kernels.py)
+    num_kv_blocks: int | None = None  # the Context's KV cache, once built (CUDA: sized from the GPU's memory)
 
 
 @dataclass(frozen=True)

@@ -26,11 +26,22 @@ W, > its own - W).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from .native import DecodeAttention
+
+
+class TableDecode(Protocol):
+    """Decode attention through block tables: `[N, H, D]` queries over one layer's cache, each row
+    seeing positions 0 .. ctx_lens[row] - 1 (the last `window` of them with a window); a row
+    with ctx_len 0 is padding and gets zeros. Graph-safe: shapes depend on the inputs' shapes
+    only (triton_attention.paged_decode_attention on CUDA; `table_decode_torch` anywhere)."""
+
+    def __call__(self, q: torch.Tensor, kv: torch.Tensor, block_table: torch.Tensor, ctx_lens: torch.Tensor,
+                 block_size: int, scale: float, window: int | None, softcap: float | None) -> torch.Tensor: ...
 
 
 @dataclass
@@ -50,6 +61,10 @@ class AttentionMetadata:
     prefills: list[PrefillChunk]
     decode_ctx_lens: torch.Tensor | None = None  # [num_decode] context lengths (native kernel)
     decode_op: DecodeAttention | None = None  # native decode attention, when loaded (native.py)
+    # CUDA: the decode rows read the cache through block tables (graph-safe shapes), by `table_op`
+    decode_block_table: torch.Tensor | None = None  # [num_decode, max_blocks] int32
+    block_size: int = 0
+    table_op: TableDecode | None = None
     # window W -> its Narrowed view of the decode rows and prefill chunks; filled on first use in a step
     windowed: dict[int, Narrowed] = field(default_factory=dict)
 
@@ -68,24 +83,25 @@ def _narrow_decode(meta: AttentionMetadata, dtype: torch.dtype, window: int | No
     """(slots, bias) of the decode rows' visible keys: all L positions (window None), else each
     row's last min(L, W) positions (the gather reads no key outside the window)."""
     assert meta.decode_slots is not None and meta.decode_ctx_lens is not None
-    nd = meta.num_decode
+    nd, dev = meta.num_decode, meta.decode_slots.device
     L = meta.decode_slots.shape[0] // nd
     if window is None or window >= L:
         if meta.decode_bias is not None:
             return meta.decode_slots, meta.decode_bias
-        pos = torch.arange(L).unsqueeze(0).expand(nd, L)
+        pos = torch.arange(L, device=dev).unsqueeze(0).expand(nd, L)
         slots = meta.decode_slots
     else:
         first = (meta.decode_ctx_lens - window).clamp(min=0).unsqueeze(1)  # first visible position
-        pos = first + torch.arange(window).unsqueeze(0)  # [nd, W]; past the context only when len < W
+        pos = first + torch.arange(window, device=dev).unsqueeze(0)  # [nd, W]; past the context only when len < W
         slots = meta.decode_slots.view(nd, L).gather(1, pos.clamp(max=L - 1)).reshape(-1)
     lw = pos.shape[1]
     hidden = pos >= meta.decode_ctx_lens.unsqueeze(1)
-    bias = torch.zeros(1, nd, 1, lw, dtype=dtype).masked_fill_(hidden.view(1, nd, 1, lw), float("-inf"))
+    bias = torch.zeros(1, nd, 1, lw, dtype=dtype, device=dev).masked_fill_(hidden.view(1, nd, 1, lw), float("-inf"))
     return slots, bias
 
 
-def _narrow_prefill(p: PrefillChunk, window: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _narrow_prefill(p: PrefillChunk, window: int | None, dev: torch.device,
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The chunk's (kv_slots, mask) narrowed to `window`: keys before the first query's window
     dropped, and the mask hiding keys more than W - 1 behind each query (None: plain causal)."""
     ctx = p.q_len if p.kv_slots is None else p.kv_slots.shape[0]
@@ -93,18 +109,19 @@ def _narrow_prefill(p: PrefillChunk, window: int | None) -> tuple[torch.Tensor |
         return p.kv_slots, p.mask
     first_q = ctx - p.q_len
     lo = 0 if p.kv_slots is None else max(0, first_q - window + 1)  # no query sees a key before lo
-    q_pos = torch.arange(first_q, ctx).unsqueeze(1)
-    key = torch.arange(lo, ctx).unsqueeze(0)
+    q_pos = torch.arange(first_q, ctx, device=dev).unsqueeze(1)
+    key = torch.arange(lo, ctx, device=dev).unsqueeze(0)
     mask = (key <= q_pos) & (key > q_pos - window)
     return (None if p.kv_slots is None else p.kv_slots[lo:]), mask
 
 
-def _narrowed(meta: AttentionMetadata, dtype: torch.dtype, window: int | None) -> Narrowed:
+def _narrowed(meta: AttentionMetadata, dtype: torch.dtype, window: int | None, dev: torch.device) -> Narrowed:
     """The torch path's view of the step for layers with `window` (None: the whole context)."""
     key = window if window is not None else 0
     if key not in meta.windowed:
-        slots, bias = _narrow_decode(meta, dtype, window) if meta.num_decode else (None, None)
-        meta.windowed[key] = Narrowed(slots, bias, [_narrow_prefill(p, window) for p in meta.prefills])
+        decode = meta.num_decode and meta.table_op is None  # the table op narrows by itself
+        slots, bias = _narrow_decode(meta, dtype, window) if decode else (None, None)
+        meta.windowed[key] = Narrowed(slots, bias, [_narrow_prefill(p, window, dev) for p in meta.prefills])
     return meta.windowed[key]
 
 
@@ -122,7 +139,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     scores = torch.tanh(scores / softcap) * softcap
     if causal:
         n = q.shape[2]
-        mask = torch.ones(n, n, dtype=torch.bool).tril_()
+        mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril_()
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
@@ -149,11 +166,16 @@ def paged_attention(
     outs = []
     nd = meta.num_decode
     native_decode = meta.decode_op is not None
-    if window is None and native_decode:
+    if window is None and (native_decode or meta.table_op is not None):
         view = Narrowed(None, None, [(p.kv_slots, p.mask) for p in meta.prefills])
     else:
-        view = _narrowed(meta, q.dtype, window)
-    if nd and native_decode:
+        view = _narrowed(meta, q.dtype, window, q.device)
+    if nd and meta.table_op is not None:
+        assert meta.decode_block_table is not None and meta.decode_ctx_lens is not None
+        od = meta.table_op(q[:nd], kv, meta.decode_block_table, meta.decode_ctx_lens, meta.block_size, sc,
+                           window, softcap)
+        outs.append(od.reshape(nd, H * D))
+    elif nd and native_decode:
         assert meta.decode_op is not None and meta.decode_slots is not None and meta.decode_ctx_lens is not None
         od = meta.decode_op(q[:nd], kv, meta.decode_slots, meta.decode_ctx_lens, sc, window, softcap)
         outs.append(od.view(nd, H * D))
@@ -186,3 +208,28 @@ def paged_attention(
             op = _attend(qp, kp, vp, mask, scale, softcap)
         outs.append(op.squeeze(0).transpose(0, 1).reshape(p.q_len, H * D))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def table_decode_torch(q: torch.Tensor, kv: torch.Tensor, block_table: torch.Tensor, ctx_lens: torch.Tensor,
+                       block_size: int, scale: float, window: int | None, softcap: float | None) -> torch.Tensor:
+    """`TableDecode` in plain torch: every row gathers all max_blocks * block_size positions of
+    its table (static shapes, no host sync: capturable in a CUDA graph) and masks the ones it
+    cannot see. The reference for the Triton kernel, and the CUDA path where Triton is missing."""
+    n, H, D = q.shape
+    kvh = kv.shape[1]
+    L = block_table.shape[1] * block_size
+    pos = torch.arange(L, device=q.device)
+    slots = (block_table.long().repeat_interleave(block_size, dim=1) * block_size + pos % block_size).reshape(-1)
+    kvd = kv.view(2 * kvh, -1, D).index_select(1, slots).view(2, kvh, n, L, D)
+    lens = ctx_lens.long().unsqueeze(1)
+    visible = pos.unsqueeze(0) < lens
+    if window is not None:
+        visible &= pos.unsqueeze(0) > lens - 1 - window
+    qd = q.view(n, kvh, H // kvh, D).transpose(0, 1)  # [KVH, n, G, D]
+    scores = torch.matmul(qd.float(), kvd[0].float().transpose(-1, -2)) * scale  # [KVH, n, G, L]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~visible.view(1, n, 1, L), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a padding row sees nothing: zeros
+    out = torch.matmul(probs, kvd[1].float())  # [KVH, n, G, D]
+    return out.transpose(0, 1).reshape(n, H, D).to(q.dtype)

@@ -32,10 +32,10 @@ MODEL_CLASSES: dict[str, type[LlamaModel]] = {
 assert set(MODEL_CLASSES) == set(SUPPORTED_ARCHITECTURES.values())
 
 
-def build_model(cfg: ModelConfig, dtype: torch.dtype, max_len: int) -> LlamaModel:
+def build_model(cfg: ModelConfig, dtype: torch.dtype, max_len: int, device: str = "cpu") -> LlamaModel:
     """An empty model of `cfg`'s architecture (weights come with `load_weights`)."""
     cls = MODEL_CLASSES.get(cfg.architecture)
     if cls is None:
         raise ModelLoadError(f"architecture {cfg.architecture!r} is not supported "
                              f"(supported: {', '.join(sorted(MODEL_CLASSES))})")
-    return cls(cfg, dtype, max_len)
+    return cls(cfg, dtype, max_len, device)

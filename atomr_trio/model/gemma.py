@@ -65,11 +65,12 @@ class GemmaLayer(Layer):
 class GemmaModel(LlamaModel):
     """Gemma2ForCausalLM and Gemma3ForCausalLM (their differences are all in the config)."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_len: int) -> None:
-        super().__init__(cfg, dtype, max_len)
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_len: int, device: str = "cpu") -> None:
+        super().__init__(cfg, dtype, max_len, device)
         if cfg.rope_local_theta is not None:
             local = replace(cfg, rope_theta=cfg.rope_local_theta, rope_scaling=None)
-            self.local_cos, self.local_sin = rope_tables(local, max_len, dtype)
+            local_cos, local_sin = rope_tables(local, max_len, dtype)
+            self.local_cos, self.local_sin = local_cos.to(self.device), local_sin.to(self.device)
         else:
             self.local_cos, self.local_sin = self.cos, self.sin
         self.final_norm: torch.Tensor
@@ -137,7 +138,8 @@ class GemmaModel(LlamaModel):
         assert cfg.query_pre_attn_scalar is not None
         scale = cfg.query_pre_attn_scalar**-0.5
         norm = self._gemma_norm
-        h = F.embedding(input_ids, self.embed) * torch.tensor(cfg.hidden_size**0.5, dtype=self.dtype)
+        embed_scale = torch.tensor(cfg.hidden_size**0.5, dtype=self.dtype, device=self.device)
+        h = F.embedding(input_ids, self.embed) * embed_scale
         rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(table) -> the tokens' cos, sin
         for i, w in enumerate(self.layers):
             assert isinstance(w, GemmaLayer) and w.pre_ff is not None and w.post_ff is not None

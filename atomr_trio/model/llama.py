@@ -64,14 +64,18 @@ class Layer:
 
 
 class LlamaModel:
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_len: int) -> None:
+    graph_safe = True  # a decode step runs with static shapes and no host sync (CUDA graphs may capture it)
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_len: int, device: str = "cpu") -> None:
         self.cfg = cfg
         self.dtype = dtype
+        self.device = torch.device(device)
         self.embed: torch.Tensor
         self.lm_head: Linear
         self.norm: torch.Tensor
         self.layers: list[Layer] = []
-        self.cos, self.sin = rope_tables(cfg, max_len, dtype)  # every rope scaling is in them (rope.py)
+        cos, sin = rope_tables(cfg, max_len, dtype)  # every rope scaling is in them (rope.py)
+        self.cos, self.sin = cos.to(self.device), sin.to(self.device)
         self.native: Kernels | None = None  # fused CPU kernels (native.py); None: plain torch ops
         self.one_row_gemv = False  # one-row steps switch oneDNN off for ATen's GEMV (cpu_gemv.py)
 
@@ -121,9 +125,10 @@ class LlamaModel:
                     raise ModelLoadError(
                         f"{file}: tensor '{name}' has shape {tuple(t.shape)}, expected {expected[name]}"
                     )
-                got[name] = t.to(self.dtype).contiguous()
+                # each tensor goes to the device as it is read: no host copy of the whole model
+                got[name] = t.to(device=self.device, dtype=self.dtype).contiguous()
         if cfg.tie_word_embeddings:
-            got.setdefault("lm_head.weight", got.get("model.embed_tokens.weight", torch.empty(0)))
+            got.setdefault("lm_head.weight", got.get("model.embed_tokens.weight", torch.empty(0, device=self.device)))
         missing = [n for n in expected if n not in got]
         if missing:
             raise ModelLoadError(f"{source}: missing tensor '{missing[0]}' ({len(missing)} missing in all)")

@@ -71,6 +71,8 @@ class MoeMlp:
 class MoeModel(LlamaModel):
     """A `LlamaModel` whose MLPs (but those of `cfg.dense_layers`) are mixtures of experts."""
 
+    graph_safe = False  # tokens are grouped by expert on the host (bincount().tolist())
+
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         cfg = self.cfg
         shapes = super().expected_shapes()
