@@ -231,5 +231,6 @@ def table_decode_torch(q: torch.Tensor, kv: torch.Tensor, block_table: torch.Ten
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~visible.view(1, n, 1, L), float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a padding row sees nothing: zeros
-    out = torch.matmul(probs, kvd[1].float())  # [KVH, n, G, D]
+    values = kvd[1].float().masked_fill(~visible.view(1, n, L, 1), 0.0)  # a stale slot may hold anything
+    out = torch.matmul(probs, values)  # [KVH, n, G, D]
     return out.transpose(0, 1).reshape(n, H, D).to(q.dtype)

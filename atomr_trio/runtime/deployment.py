@@ -301,7 +301,7 @@ class Deployment:
         await coordinator.add(engine)
         self._replicas.append(engine)
         self._engines.publish(tuple(self._replicas))
-        self._engine_config = self._engine_config or cfg
+        self._engine_config = self._engine_config or engine.config  # with the measured KV blocks
         self._publish()
 
     # ---- draining -----------------------------------------------------------------------
