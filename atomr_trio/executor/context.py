@@ -69,7 +69,12 @@ class Context:
     @property
     def kernels(self) -> str:
         """Which kernel path each part of the forward runs on (cpu_kernels.py), for the views."""
-        return self.plan.summary() if self.plan is not None else "torch"
+        if self.plan is not None:
+            return self.plan.summary()
+        runner = self.runner
+        attention = getattr(runner.table_op, "__module__", "torch").rsplit(".", 1)[-1]
+        graphs = f"graphs {runner.graphs.sizes[0]}-{runner.graphs.sizes[-1]}" if runner.graphs else "eager"
+        return f"{runner.device.type}: decode attention {attention}, {graphs}"
 
     def execute(self, batch: StepBatch) -> StepResult:
         self.steps += 1
