@@ -162,7 +162,7 @@ def serve(args: argparse.Namespace) -> int:
            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     if args.enforce_eager:
         cmd.append("--enforce-eager")
-    result: dict[str, Any] = {"mode": _mode(args), "command": " ".join(cmd[1:]), "levels": {}}
+    result: dict[str, Any] = {"mode": _mode(args), "command": " ".join(["python3", *cmd[1:]]), "levels": {}}
     log = (args.scratch / f"server-{_mode(args)}.log").open("wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     (args.scratch / "server.pid").write_text(str(proc.pid))  # gpu_check.sh stops it if we cannot

@@ -72,11 +72,11 @@ if ! compgen -G ".whl/*.whl" > /dev/null || [[ ! -f .whl/smollm2-shape/config.js
   exit 2
 fi
 
-install() {  # pip when this python has it, else unpack the wheels (what pip --target does for these)
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || $PY -c "import glob, zipfile; [zipfile.ZipFile(w).extractall('/tmp/site') for w in sorted(glob.glob('.whl/*.whl'))]"
-}
-step install 30 install
+# pip when this python has it, else unpack the wheels (what pip --target does for these wheels)
+export PY
+step install 30 bash -c '$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || $PY -c "import glob, zipfile
+for w in sorted(glob.glob(\".whl/*.whl\")): zipfile.ZipFile(w).extractall(\"/tmp/site\")"'
 export PYTHONPATH=/tmp/site:$ROOT
 
 $PY - <<'EOF' > "$SCRATCH/environment.json" || echo '{}' > "$SCRATCH/environment.json"
