@@ -173,8 +173,11 @@ def serve(args: argparse.Namespace) -> int:
         warm = _run_level(_bench_args(args, url, 16, 16, 8), budget=30)  # kernels and graphs warm
         result["warmup_failed"] = None if warm is None else warm["failed"]
         _save(out, result)
-        for c in sorted(args.concurrency):
-            left = args.budget_s - (time.monotonic() - started) - 10  # 10 s to stop the server
+        levels = sorted(args.concurrency)
+        for i, c in enumerate(levels):
+            # 10 s to stop the server, and 10 s kept for each level still to come, so one slow
+            # level cannot take every later one's time
+            left = args.budget_s - (time.monotonic() - started) - 10 - 10 * (len(levels) - 1 - i)
             if left < 5:
                 result["levels"][str(c)] = {"error": "skipped: the step's time was spent"}
                 continue

@@ -7,16 +7,16 @@
 # and carry .whl along): the wheels this machine lacks and the default model's shape
 # (.whl/smollm2-shape). It uses the machine's python3 with its own torch, triton and transformers.
 #
-# Steps, each in its time box (`timeout`), about 7.5 minutes at most in all:
-#   install     30 s  the carried wheels into /tmp/site (no index, no deps)
-#   model       45 s  the SmolLM2-shaped random-weights model (benchmarks/gpu_model.py weights)
-#   pytest     115 s  `pytest -m cuda` on tests/test_cuda.py: greedy parity with transformers in float32
+# Steps, each in its time box (`timeout`; 3 s more to exit), under 8 minutes in all:
+#   install     25 s  the carried wheels into /tmp/site (no index, no deps)
+#   model       40 s  the SmolLM2-shaped random-weights model (benchmarks/gpu_model.py weights)
+#   pytest     110 s  `pytest -m cuda` on tests/test_cuda.py: greedy parity with transformers in float32
 #                     (tiny models, and the SmolLM2-shaped one: 8 prompts x 48 tokens, batched and one at
 #                     a time), CUDA graphs vs eager, bf16 vs float32, KV cache vs gpu_memory_utilization
-#   offline    2 x 35 s  `LLM.generate`, 256 prompts of 128 in / 128 out, bf16, CUDA graphs / --enforce-eager
-#   serve      2 x 78 s  the server on 127.0.0.1 under `bench serve` at 1, 16, 64, 256 concurrent
+#   offline    2 x 32 s  `LLM.generate`, 128 prompts of 128 in / 128 out, bf16, CUDA graphs / --enforce-eager
+#   serve      2 x 75 s  the server on 127.0.0.1 under `bench serve` at 1, 16, 64, 256 concurrent
 #                     (128 in / 128 out, ignore_eos), graphs / --enforce-eager
-#   transformers  35 s  `generate` on static batches of 1, 16, 64, 256, bf16, 128 new tokens
+#   transformers  32 s  `generate` on static batches of 1, 16, 64, 256, bf16, 128 new tokens
 #   report      10 s  the table
 # Everything lands in ${OUT:-gpu-results}/: gpu_check.log (all output), gpu_results.json and
 # gpu_results.md (the table: output tok/s per concurrency with graphs on and off, transformers'
@@ -43,7 +43,7 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND in its time box, record ex
   echo
   echo "=== $name (time box ${box} s) === $(date -u +%H:%M:%S)"
   local t0=$SECONDS
-  timeout -k 5 "$box" "$@"
+  timeout -k 3 "$box" "$@"
   local rc=$?
   (( rc == 124 || rc == 137 )) && echo "--- $name: stopped by its ${box} s time box"
   printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >> "$SCRATCH/steps.tsv"
@@ -74,12 +74,12 @@ fi
 
 # pip when this python has it, else unpack the wheels (what pip --target does for these wheels)
 export PY
-step install 30 bash -c '$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+step install 25 bash -c '$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || $PY -c "import glob, zipfile
 for w in sorted(glob.glob(\".whl/*.whl\")): zipfile.ZipFile(w).extractall(\"/tmp/site\")"'
 export PYTHONPATH=/tmp/site:$ROOT
 
-$PY - <<'EOF' > "$SCRATCH/environment.json" || echo '{}' > "$SCRATCH/environment.json"
+timeout 20 $PY - <<'EOF' > "$SCRATCH/environment.json" || echo '{}' > "$SCRATCH/environment.json"
 import json, platform, torch, transformers, triton
 print(json.dumps({
     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -90,20 +90,20 @@ EOF
 cat "$SCRATCH/environment.json"
 
 cp -r .whl/smollm2-shape "$MODEL"
-step model 45 $PY benchmarks/gpu_model.py weights "$MODEL" --dtype bfloat16
+step model 40 $PY benchmarks/gpu_model.py weights "$MODEL" --dtype bfloat16
 
 export ATOMR_TRIO_GPU_MODEL=$MODEL  # tests/test_cuda.py's SmolLM2-shaped tests run on it
-step pytest 115 $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py --timeout 100 -o addopts="-ra"
+step pytest 110 $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py --timeout 60 -o addopts="-ra"
 grep -E "(passed|failed|skipped|errors?|no tests ran).* in [0-9.]+s" "$LOG" | tail -1 > "$SCRATCH/pytest-summary.txt"
 
 BENCH=(benchmarks/gpu_bench.py)
-step offline-graphs 35 $PY "${BENCH[@]}" offline --model "$MODEL" --scratch "$SCRATCH"
-step offline-eager 35 $PY "${BENCH[@]}" offline --model "$MODEL" --scratch "$SCRATCH" --enforce-eager
-step serve-graphs 78 $PY "${BENCH[@]}" serve --model "$MODEL" --scratch "$SCRATCH" --budget-s 70
+step offline-graphs 32 $PY "${BENCH[@]}" offline --model "$MODEL" --scratch "$SCRATCH" --num-prompts 128
+step offline-eager 32 $PY "${BENCH[@]}" offline --model "$MODEL" --scratch "$SCRATCH" --num-prompts 128 --enforce-eager
+step serve-graphs 75 $PY "${BENCH[@]}" serve --model "$MODEL" --scratch "$SCRATCH" --budget-s 66
 stop_server graphs
-step serve-eager 78 $PY "${BENCH[@]}" serve --model "$MODEL" --scratch "$SCRATCH" --budget-s 70 --enforce-eager
+step serve-eager 75 $PY "${BENCH[@]}" serve --model "$MODEL" --scratch "$SCRATCH" --budget-s 66 --enforce-eager
 stop_server eager
-step transformers 35 $PY "${BENCH[@]}" transformers --model "$MODEL" --scratch "$SCRATCH"
+step transformers 32 $PY "${BENCH[@]}" transformers --model "$MODEL" --scratch "$SCRATCH"
 step report 10 $PY "${BENCH[@]}" report --scratch "$SCRATCH" --out "$OUT"
 
 echo "results in $OUT: $(ls "$OUT" | tr '\n' ' ')"
