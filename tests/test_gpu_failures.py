@@ -79,12 +79,27 @@ async def test_an_oom_preempts_part_of_the_batch_and_every_request_gets_its_unfa
     released: list[str] = []
     monkeypatch.setattr(worker_module, "release_cached_memory",
                         lambda device: released.append(threading.current_thread().name))
+    steps: list[tuple[int, bool]] = []  # each step's sequences, and whether it ran out of memory
+    original = worker_module.Worker._step
+
+    def step(self: worker_module.Worker, ctx: Context, batch: StepBatch) -> StepResult:
+        try:
+            result = original(self, ctx, batch)
+        except torch.OutOfMemoryError:
+            steps.append((len(batch.items), True))
+            raise
+        steps.append((len(batch.items), False))
+        return result
+
+    monkeypatch.setattr(worker_module.Worker, "_step", step)
     faults = Faults(at_step=2, times=2, kind="oom", over_seqs=4)  # the 2nd and 3rd steps of more than 4
     async with core_on(tiny_source, "oom", faults) as (core, engine):
         got = await run_all(engine, prompts)
         snap = core.handle.snapshot()
     assert got == want  # preempted sequences recomputed: exactly the tokens of the unfaulted run
-    assert snap.oom_retries >= 1 and snap.num_preemptions > 0
+    assert snap.oom_retries >= 1 and snap.num_preemptions > 0  # (64 KV blocks: no preemption without OOM)
+    first = next(i for i, (_, oom) in enumerate(steps) if oom)
+    assert steps[first + 1][0] <= steps[first][0] // 2  # the retry runs half the batch, not the same one
     assert (snap.request_failures, snap.context_restarts, snap.worker.context_builds) == (0, 0, 1)
     assert released and set(released) == {"oom-device"}  # cached memory freed on the device thread
     assert len(released) == snap.oom_retries
@@ -194,7 +209,7 @@ def test_the_batch_cap_halves_on_oom_and_grows_back_gradually() -> None:
     assert (cap.num_seqs, cap.num_tokens) == (20, 150)
     cap.lower(1, 1)
     assert (cap.num_seqs, cap.num_tokens) == (1, 1)  # never below one
-    sizes = []
+    sizes: list[tuple[int, int]] = []
     while cap.capped:
         for _ in range(RAISE_AFTER - 1):
             cap.succeeded()
