@@ -33,6 +33,7 @@ from ..engine.messages import Board, reply
 from ..model_source import ModelSource
 from .context import Context, InjectedFault
 from .device_thread import DeviceThread, open_device_thread
+from .failures import classify
 from .model_runner import StepBatch, StepResult
 from .worker_handle import CheckHealth, Execute, WorkerHandle, WorkerMessage, WorkerSnapshot
 
@@ -172,12 +173,16 @@ class Worker:
             return outcome.Error(e)
 
     def _step(self, ctx: Context, batch: StepBatch) -> StepResult:
-        """One step on the device thread. Out of memory, the allocator's cached blocks go back
-        to the device before the error travels to the engine (which retries a smaller batch)."""
+        """One step on the device thread. Out of memory, the step's tensors are let go (the
+        traceback's frames hold them) and the allocator's cached blocks go back to the device
+        before the error travels to the engine, which retries a smaller batch."""
         try:
             self._oom.check(batch)
             return ctx.execute(batch)
-        except torch.OutOfMemoryError:
+        except Exception as e:
+            if classify(e) != "oom":
+                raise
+            e.__traceback__ = None
             release_cached_memory(self.cfg.device)
             raise
 
