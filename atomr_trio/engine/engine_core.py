@@ -171,7 +171,7 @@ class EngineCore:
             self.requests.add(msg)
 
     async def _step(self) -> bool:
-        """One step: schedule, run the batch on the Worker, apply (or isolate a failure), report.
+        """One step: schedule, run the batch on the Worker, apply (or recover from a failure), report.
         False when nothing was schedulable (see `_serve`)."""
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
@@ -183,10 +183,11 @@ class EngineCore:
         try:
             result = await self.worker.execute(batch)
         except Exception as e:  # noqa: BLE001 - a request's contents or the device context failed
-            if not await self.recovery.isolate(sched.scheduled, batch.items, e):
+            if not await self.recovery.step_failed(sched.scheduled, batch.items, e):
                 return True  # the Context was rebuilt: every sequence is queued for recomputation
         else:
             self.results.apply(sched.scheduled, batch.items, result)
+            self.scheduler.cap.succeeded()
         st = self.stats
         self._report(len(sched.scheduled), sched.num_tokens, st.prompt_tokens - prompt0,
                      st.generation_tokens - gen0)
@@ -208,6 +209,10 @@ class EngineCore:
         self._publish()
 
     # ---- views ------------------------------------------------------------------------------
+    def _batch_cap(self) -> tuple[int, int] | None:
+        cap = self.scheduler.cap
+        return (cap.num_seqs, cap.num_tokens) if cap.capped else None
+
     def _publish(self) -> None:
         self._board.publish(self.snapshot())
 
@@ -221,7 +226,8 @@ class EngineCore:
             kv_cache_usage=bm.usage, num_kv_blocks=bm.num_blocks, num_free_blocks=bm.num_free_blocks,
             prefix_cache_queries=bm.prefix_queries, prefix_cache_hits=bm.prefix_hits,
             prefix_cache_evictions=bm.evictions, num_preemptions=self.scheduler.num_preemptions,
-            context_restarts=st.context_restarts, request_failures=st.request_failures, steps=st.steps,
+            context_restarts=st.context_restarts, request_failures=st.request_failures,
+            oom_retries=st.oom_retries, batch_cap=self._batch_cap(), steps=st.steps,
             multi_seq_steps=st.multi_seq_steps, prompt_tokens=st.prompt_tokens,
             generation_tokens=st.generation_tokens, forward_s=st.forward_s, step_s=st.step_s,
             forward_share=st.forward_s / st.step_s if st.step_s else math.nan,

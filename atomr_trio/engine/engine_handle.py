@@ -44,6 +44,8 @@ class EngineSnapshot:
     num_preemptions: int
     context_restarts: int
     request_failures: int
+    oom_retries: int  # steps that ran out of device memory (recovery.py)
+    batch_cap: tuple[int, int] | None  # (sequences, tokens) a step may take after an OOM; None: uncapped
     steps: int
     multi_seq_steps: int
     prompt_tokens: int

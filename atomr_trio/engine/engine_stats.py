@@ -24,7 +24,8 @@ class EngineStats:
     generation_tokens: int = 0
     forward_s: float = 0.0
     context_restarts: int = 0
-    request_failures: int = 0  # requests ended by an error their own contents caused in a step
+    request_failures: int = 0  # requests ended by an error in a step (their contents, or OOM alone)
+    oom_retries: int = 0  # steps that ran out of device memory (and were retried, smaller)
     step_s: float = 0.0
     finished: dict[str, int] = field(default_factory=dict)  # samples, by finish reason
 

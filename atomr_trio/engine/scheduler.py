@@ -8,6 +8,8 @@ Invariants (docs/architecture.md, "The engine step"):
   its next entry needs: cached blocks carry K/V, not logits.
 - When blocks run out, the lowest-priority, most recently admitted running sequence is preempted:
   its blocks are freed and it goes back to the front of the waiting queue to be recomputed.
+- After a step ran out of device memory, `cap` (batch_cap.py) limits the sequences running and
+  the tokens of a step below the configured limits, until steps succeed again.
 - A sequence is in exactly one of `waiting` or `running` until it finishes; a finished or
   aborted sequence holds no blocks.
 """
@@ -18,6 +20,7 @@ import bisect
 import time
 from dataclasses import dataclass, field
 
+from .batch_cap import BatchCap
 from .block_manager import BlockManager
 from .sequence import SeqStatus, Sequence
 
@@ -46,11 +49,18 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
         self.bm = block_manager
-        self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
+        self.cap = BatchCap(max_num_seqs, max_num_batched_tokens)  # the configured limits, and any OOM cap
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.cap.max_seqs
+
+    @property
+    def max_num_batched_tokens(self) -> int:
+        return self.cap.max_tokens
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
@@ -73,7 +83,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self.max_num_batched_tokens
+        budget = self.cap.num_tokens
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -91,7 +101,7 @@ class Scheduler:
                 i += 1
         if out.preempted:
             return out  # memory is tight: admit nobody new this step
-        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+        while self.waiting and len(self.running) < self.cap.num_seqs and budget > 0:
             seq = self.waiting[0]
             if not _leader_ready(seq):
                 break
@@ -131,6 +141,16 @@ class Scheduler:
             self.running.remove(seq)
             self.bm.free(seq)
             self.add(seq)
+
+    def shed(self, keep: int) -> list[Sequence]:
+        """Preempt running sequences (lowest priority, most recently admitted first) until at
+        most `keep` run; they are recomputed later. Returns the preempted ones."""
+        shed = []
+        while len(self.running) > keep:
+            victim = self._pick_victim(0)
+            self._preempt(victim)
+            shed.append(victim)
+        return shed
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -22,8 +22,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import outcome
+import torch
 import trio
 
 from ..engine.engine_config import EngineConfig
@@ -31,7 +33,8 @@ from ..engine.messages import Board, reply
 from ..model_source import ModelSource
 from .context import Context, InjectedFault
 from .device_thread import DeviceThread, open_device_thread
-from .model_runner import StepResult
+from .failures import classify
+from .model_runner import StepBatch, StepResult
 from .worker_handle import CheckHealth, Execute, WorkerHandle, WorkerMessage, WorkerSnapshot
 
 log = logging.getLogger(__name__)
@@ -51,10 +54,36 @@ _MOVES = {
 
 @dataclass(frozen=True)
 class Faults:
-    """Test hook: each of the first `times` Contexts fails at its `at_step`-th step."""
+    """Test hooks. kind "fault": each of the first `times` Contexts fails at its `at_step`-th
+    step and stays broken (a sticky device error). kind "oom": counting only the steps whose
+    batch has more than `over_seqs` sequences, the `at_step`-th such step and the `times - 1`
+    after it raise torch.OutOfMemoryError before computing anything; the Context stays healthy."""
 
     at_step: int | None = None
     times: int = 1
+    kind: Literal["fault", "oom"] = "fault"
+    over_seqs: int = 0
+
+    def context_fault(self, builds: int) -> int | None:
+        """The step at which the Context built after `builds` others breaks, if any."""
+        return self.at_step if self.kind == "fault" and builds < self.times else None
+
+
+class OomInjector:
+    """The "oom" kind of Faults, across Contexts; used on the device thread only."""
+
+    def __init__(self, faults: Faults) -> None:
+        self.faults = faults
+        self.steps = 0  # steps whose batch was large enough to count
+
+    def check(self, batch: StepBatch) -> None:
+        f = self.faults
+        if f.kind != "oom" or f.at_step is None or len(batch.items) <= f.over_seqs:
+            return
+        self.steps += 1
+        if f.at_step <= self.steps < f.at_step + f.times:
+            raise torch.OutOfMemoryError(f"injected out of memory at step {self.steps} "
+                                         f"({len(batch.items)} sequences)")
 
 
 class RestartBudget:
@@ -82,6 +111,7 @@ class Worker:
         self.cfg = cfg
         self.name = name
         self.faults = faults or Faults()
+        self._oom = OomInjector(self.faults)
         self.context: Context | None = None  # set and dropped on the device thread only
         self.state = "starting"
         self.num_context_builds = 0
@@ -138,9 +168,23 @@ class Worker:
         if ctx is None:
             return outcome.Error(RuntimeError(f"{self.name}: no device context"))
         try:
-            return outcome.Value(await self._device().run(lambda: ctx.execute(msg.batch)))
+            return outcome.Value(await self._device().run(lambda: self._step(ctx, msg.batch)))
         except Exception as e:  # noqa: BLE001 - the caller decides: a request's contents or the device
             return outcome.Error(e)
+
+    def _step(self, ctx: Context, batch: StepBatch) -> StepResult:
+        """One step on the device thread. Out of memory, the step's tensors are let go (the
+        traceback's frames hold them) and the allocator's cached blocks go back to the device
+        before the error travels to the engine, which retries a smaller batch."""
+        try:
+            self._oom.check(batch)
+            return ctx.execute(batch)
+        except Exception as e:
+            if classify(e) != "oom":
+                raise
+            e.__traceback__ = None
+            release_cached_memory(self.cfg.device)
+            raise
 
     async def _healthy(self) -> bool:
         ctx = self.context
@@ -166,7 +210,7 @@ class Worker:
 
     async def _build(self) -> None:
         """(Re)create the Context on the device thread; the old one is dropped first."""
-        inject = self.faults.at_step if self.num_context_builds < self.faults.times else None
+        inject = self.faults.context_fault(self.num_context_builds)
 
         def build() -> Context:
             self.context = None
@@ -204,6 +248,12 @@ class Worker:
                               self._send.statistics().current_buffer_used,
                               ctx.kernels if ctx is not None else "torch",
                               ctx.num_kv_blocks if ctx is not None else None)
+
+
+def release_cached_memory(device: str) -> None:
+    """Give the caching allocator's unused blocks back to the device (CUDA; nothing on CPU)."""
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 __all__ = ["Context", "Faults", "InjectedFault", "RestartBudget", "Worker", "WorkerHandle", "WorkerSnapshot"]

@@ -295,8 +295,9 @@ class Deployment:
         assert self._source is not None
         # off the Trio thread: `dtype=auto` may probe the CPU's bf16 kernels
         cfg = await trio.to_thread.run_sync(self.spec.engine_config(n_threads, i).resolve, self._source.config)
+        faults = Faults(self.spec.fail_at_step, self.spec.fail_times, self.spec.fail_kind)
         core = EngineCore(self._source, cfg, f"{self.name}/engine-{i}", self.name, self._metrics,
-                          load_sink=coordinator, faults=Faults(self.spec.fail_at_step, self.spec.fail_times))
+                          load_sink=coordinator, faults=faults)
         engine = await nursery.start(core.run)
         await coordinator.add(engine)
         self._replicas.append(engine)

@@ -49,6 +49,9 @@ class DeploymentSpec(EngineSettings):
     fail_at_step: int | None = Field(
         default=None, ge=1, description="test hook: a device Context fails at its N-th engine step")
     fail_times: int = Field(default=1, ge=1, description="test hook: how many Contexts in a row fail")
+    fail_kind: Literal["fault", "oom"] = Field(
+        default="fault", description="test hook: fault breaks the Context (a sticky device error); oom makes "
+                                     "fail_times steps from the N-th raise out of memory, the Context intact")
 
     def engine_config(self, torch_threads: int | None, replica: int = 0) -> EngineConfig:
         """Replica i's settings. Its seed is i, so the replicas' generators for unseeded sampling
