@@ -8,7 +8,7 @@
 # (.whl/smollm2-shape). It uses the machine's python3 with its own torch, triton and transformers.
 #
 # Steps, each in its time box (`timeout`; 3 s more to exit), under 8 minutes in all:
-#   install     25 s  the carried wheels into /tmp/site (no index, no deps)
+#   install     25 s  the carried wheels into $SCRATCH/site (no index, no deps)
 #   model       40 s  the SmolLM2-shaped random-weights model (benchmarks/gpu_model.py weights)
 #   pytest     110 s  `pytest -m cuda` on tests/test_cuda.py: greedy parity with transformers in float32
 #                     (tiny models, and the SmolLM2-shaped one: 8 prompts x 48 tokens, batched and one at
@@ -29,7 +29,7 @@ OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 LOG=$OUT/gpu_check.log
-SCRATCH=$(mktemp -d /tmp/atomr-gpu-check.XXXXXX)
+SCRATCH=$(mktemp -d -t atomr-gpu-check.XXXXXX)
 MODEL=$SCRATCH/smollm2-shape
 PY=python3
 exec > >(tee -a "$LOG") 2>&1
@@ -73,11 +73,11 @@ if ! compgen -G ".whl/*.whl" > /dev/null || [[ ! -f .whl/smollm2-shape/config.js
 fi
 
 # pip when this python has it, else unpack the wheels (what pip --target does for these wheels)
-export PY
+export PY SITE="$SCRATCH/site"
 step install 25 bash -c '$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || $PY -c "import glob, zipfile
-for w in sorted(glob.glob(\".whl/*.whl\")): zipfile.ZipFile(w).extractall(\"/tmp/site\")"'
-export PYTHONPATH=/tmp/site:$ROOT
+  --target "$SITE" .whl/*.whl || $PY -c "import glob, os, zipfile
+for w in sorted(glob.glob(\".whl/*.whl\")): zipfile.ZipFile(w).extractall(os.environ[\"SITE\"])"'
+export PYTHONPATH=$SITE:$ROOT
 
 timeout 20 $PY - <<'EOF' > "$SCRATCH/environment.json" || echo '{}' > "$SCRATCH/environment.json"
 import json, platform, torch, transformers, triton

@@ -62,7 +62,8 @@ def test_table_decode_matches_the_gather_path(window: int | None, softcap: float
         table[i, : len(t)] = torch.tensor(t)
     got = table_decode_torch(q, kv, table, torch.tensor(lens, dtype=torch.int32), bs, D**-0.5, window, softcap)
     L = max(lens)
-    slots = torch.tensor([[t[p // bs] * bs + p % bs if p < n else 0 for p in range(L)] for t, n in zip(tables, lens)])
+    slots = torch.tensor([[t[p // bs] * bs + p % bs if p < n else 0 for p in range(L)]
+                          for t, n in zip(tables, lens, strict=True)])
     bias = torch.zeros(1, len(lens), 1, L)
     bias.masked_fill_((torch.arange(L) >= torch.tensor(lens).unsqueeze(1)).view(1, -1, 1, L), float("-inf"))
     meta = AttentionMetadata(slot_mapping=torch.zeros(0, dtype=torch.long), num_decode=len(lens),
@@ -124,7 +125,7 @@ def test_replayed_decode_steps_match_eager_ones(arch: str, tmp_path: Path) -> No
                                  max_blocks=32, scratch_slot=63 * 8, cuda=False)
     got = _drive(runner, prompts, steps=24)
     assert [[t for t, _ in g] for g in got] == [[t for t, _ in w] for w in want]
-    assert max(abs(a[1] - b[1]) for g, w in zip(got, want) for a, b in zip(g, w)) < 1e-4
+    assert max(abs(a[1] - b[1]) for g, w in zip(got, want, strict=True) for a, b in zip(g, w, strict=True)) < 1e-4
 
 
 # ---- the KV cache from gpu_memory_utilization ---------------------------------------------
