@@ -1,0 +1,156 @@
+"""The Triton paged decode attention kernel (model/triton_attention.py), run on CPU tensors
+through Triton's interpreter (TRITON_INTERPRET=1, set before the kernels are built) and compared
+with a plain-torch reference written here: each row's positions gathered through its block table,
+GQA by repeat_interleave, the window and the soft cap, softmax in float64. Cases: GQA 9/3 heads
+D=64 and 4/1 heads D=128 (and D=80, padded), ragged context lengths over shuffled blocks,
+windows, soft caps, bf16 and float32 caches, the split (flash-decoding) path, padding rows, NaN
+in every slot a row may not read, and `out=` written in place."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from atomr_trio.model import triton_attention as ta
+
+
+def _import_triton_for_the_interpreter() -> None:
+    """Import Triton with TRITON_INTERPRET=1: triton.language's own jit functions (tl.cdiv,
+    tl.max, ...) take interpreter form at import, so the variable must be set before it. The
+    variable is restored after; each test sets it again for the build of our kernels."""
+    before = os.environ.get("TRITON_INTERPRET")
+    fresh = "triton" not in sys.modules
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        tl = pytest.importorskip("triton.language", reason="Triton is not installed: the kernel cannot run")
+    finally:
+        if before is None:
+            os.environ.pop("TRITON_INTERPRET")
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+    if not fresh and type(tl.cdiv).__name__ != "InterpretedFunction":
+        pytest.skip("Triton was imported before without TRITON_INTERPRET=1: its interpreter cannot run here",
+                    allow_module_level=True)
+
+
+_import_triton_for_the_interpreter()
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Build the kernels under Triton's interpreter (CPU tensors), and drop them afterwards so a
+    later CUDA build in the same process compiles for real."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ta._kernels.cache_clear()
+    yield
+    ta._kernels.cache_clear()
+    ta._scratch.clear()
+
+
+def _case(lens: list[int], H: int, KVH: int, D: int, bs: int, dtype: torch.dtype, seed: int = 0,
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, kv, block_table, ctx_lens): shuffled blocks, every slot no row may read set to NaN,
+    table columns past each context pointing at arbitrary (NaN-filled) blocks."""
+    g = torch.Generator().manual_seed(seed)
+    need = [-(-n // bs) for n in lens]
+    blocks = sum(need) + 3  # spare blocks: never read, NaN
+    kv = torch.full((2, KVH, blocks * bs, D), float("nan"))
+    perm = torch.randperm(blocks, generator=g).tolist()
+    width = max(max(need), 1) + 1
+    table = torch.full((len(lens), width), perm[-1], dtype=torch.int32)  # past the context: a NaN block
+    at = 0
+    for i, (n, k) in enumerate(zip(lens, need, strict=True)):
+        table[i, :k] = torch.tensor(perm[at : at + k], dtype=torch.int32)
+        at += k
+        for p in range(n):  # only the slots of visible positions hold data
+            slot = perm[at - k + p // bs] * bs + p % bs
+            kv[:, :, slot] = torch.randn(2, KVH, D, generator=g)
+    q = torch.randn(len(lens), H, D, generator=g).to(dtype)
+    return q, kv.to(dtype), table, torch.tensor(lens, dtype=torch.int32)
+
+
+def _reference(q: torch.Tensor, kv: torch.Tensor, table: torch.Tensor, lens: torch.Tensor, bs: int, scale: float,
+               window: int | None, softcap: float | None) -> torch.Tensor:
+    """Row by row in float64: gather the visible positions, repeat KV heads, softmax."""
+    n, H, D = q.shape
+    g = H // kv.shape[1]
+    out = torch.zeros(n, H, D, dtype=torch.float64)
+    for i, length in enumerate(lens.tolist()):
+        first = 0 if window is None else max(0, length - window)
+        pos = torch.arange(first, length)
+        if len(pos) == 0:
+            continue
+        slots = table[i].long()[pos // bs] * bs + pos % bs
+        k = kv[0][:, slots].double().repeat_interleave(g, dim=0)  # [H, L, D]
+        v = kv[1][:, slots].double().repeat_interleave(g, dim=0)
+        s = torch.einsum("hd,hld->hl", q[i].double(), k) * scale
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        out[i] = torch.einsum("hl,hld->hd", torch.softmax(s, dim=-1), v)
+    return out
+
+
+CASES = [  # (H, KVH, D, block_size, lens)
+    (9, 3, 64, 16, [1, 17, 40, 5]),
+    (4, 1, 128, 8, [13, 1, 30]),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window,softcap", [(None, None), (6, None), (None, 20.0), (9, 5.0)])
+@pytest.mark.parametrize("H,KVH,D,bs,lens", CASES)
+def test_the_kernel_matches_the_reference(H: int, KVH: int, D: int, bs: int, lens: list[int],
+                                          window: int | None, softcap: float | None, dtype: torch.dtype) -> None:
+    q, kv, table, ctx = _case(lens, H, KVH, D, bs, dtype)
+    got = ta.paged_decode_attention(q, kv, table, ctx, bs, D**-0.5, window, softcap)
+    assert got.dtype == dtype and got.shape == q.shape
+    assert not got.isnan().any()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    want = _reference(q, kv, table, ctx, bs, D**-0.5, window, softcap)
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("window", [None, 100])
+def test_the_split_path_matches_the_reference(monkeypatch: pytest.MonkeyPatch, window: int | None) -> None:
+    """Long contexts split over several programs (flash-decoding), some splits empty."""
+    monkeypatch.setattr(ta, "num_splits", lambda n, kvh, capacity: 3)
+    lens = [300, 1, 0, 65]
+    q, kv, table, ctx = _case(lens, 6, 2, 64, 16, torch.float32, seed=1)
+    got = ta.paged_decode_attention(q, kv, table, ctx, 16, 0.125, window, None)
+    want = _reference(q, kv, table, ctx, 16, 0.125, window, None)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[2], torch.zeros_like(got[2]))
+
+
+def test_a_head_size_that_is_not_a_power_of_two_is_padded() -> None:
+    q, kv, table, ctx = _case([7, 20], 4, 2, 80, 8, torch.float32, seed=2)
+    got = ta.paged_decode_attention(q, kv, table, ctx, 8, 80**-0.5)
+    torch.testing.assert_close(got.double(), _reference(q, kv, table, ctx, 8, 80**-0.5, None, None),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_padding_rows_get_zeros_and_read_nothing() -> None:
+    q, kv, table, ctx = _case([0, 9, 0], 9, 3, 64, 16, torch.float32, seed=3)
+    got = ta.paged_decode_attention(q, kv, table, ctx, 16, 0.125)
+    assert torch.equal(got[0], torch.zeros(9, 64)) and torch.equal(got[2], torch.zeros(9, 64))
+    torch.testing.assert_close(got.double(), _reference(q, kv, table, ctx, 16, 0.125, None, None),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_out_is_written_in_place_and_returned() -> None:
+    q, kv, table, ctx = _case([5, 12], 9, 3, 64, 16, torch.float32, seed=4)
+    out = torch.full_like(q, 7.0)
+    got = ta.paged_decode_attention(q, kv, table, ctx, 16, 0.125, out=out)
+    assert got is out
+    torch.testing.assert_close(out.double(), _reference(q, kv, table, ctx, 16, 0.125, None, None),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_the_split_count_depends_on_shapes_only() -> None:
+    assert ta.num_splits(256, 8, 1 << 15) == 1  # many rows fill the GPU already
+    assert ta.num_splits(1, 3, 4096) == ta.MAX_SPLITS  # one long row: split
+    assert ta.num_splits(1, 3, 128) == 1  # a short table is not worth splitting
