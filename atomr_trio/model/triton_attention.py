@@ -86,7 +86,7 @@ def _kernels() -> tuple[Any, Any]:
                       block_size, scale, window, softcap,
                       G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
                       BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                      HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
+                      HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
         row = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -96,7 +96,7 @@ def _kernels() -> tuple[Any, Any]:
         d_ok = d < D
         heads = kvh * G + g
         q = tl.load(q_ptr + row * sq_n + heads[:, None] * sq_h + d[None, :],
-                    mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+                    mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         ctx = tl.load(lens_ptr + row)
         lo = 0
         if HAS_WINDOW:
@@ -118,10 +118,7 @@ def _kernels() -> tuple[Any, Any]:
             kv_mask = seen[:, None] & d_ok[None, :]
             offs = slot[:, None] * sk_s + d[None, :]
             k = tl.load(k_base + offs, mask=kv_mask, other=0.0)
-            if IEEE:
-                s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-            else:
-                s = tl.dot(q.to(k.dtype), tl.trans(k))
+            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=PRECISION)
             s = s * scale
             if HAS_SOFTCAP:
                 s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)  # softcap * tanh(s / softcap)
@@ -131,11 +128,7 @@ def _kernels() -> tuple[Any, Any]:
             p = tl.where(seen[None, :], tl.exp2(s - m_new[:, None]), 0.0)
             v = tl.load(v_base + offs, mask=kv_mask, other=0.0)
             v = tl.where(kv_mask, v, 0.0)
-            if IEEE:
-                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
         if SPLITS == 1:
@@ -171,6 +164,12 @@ def _kernels() -> tuple[Any, Any]:
         tl.store(out_ptr + row * so_n + head * so_h + d, o.to(out_ptr.dtype.element_ty), mask=d < D)
 
     return decode_kernel, merge_kernel
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot's precision on float32 operands: exact for a float32 cache; TF32 for a 16-bit cache
+    (exact for its bf16 keys and values, and close for the float32 probabilities)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _scratch_for(n: int, h: int, block_d: int, splits: int, device: torch.device,
@@ -226,7 +225,7 @@ def paged_decode_attention(
         out.stride(0), out.stride(1),
         block_size, scale, window if window is not None else 0, softcap if softcap is not None else 1.0,
         G=g, D=d, SPLITS=splits, BLOCK_G=max(16, _next_pow2(g)), BLOCK_D=block_d, BLOCK_N=block_n,
-        HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None, IEEE=kv.dtype == torch.float32,
+        HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None, PRECISION=_precision(kv.dtype),
         num_warps=4)
     if splits > 1:
         merge_kernel[(n, h)](part, stat, out, out.stride(0), out.stride(1), h,
