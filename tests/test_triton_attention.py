@@ -114,22 +114,26 @@ def test_the_kernel_matches_the_reference(H: int, KVH: int, D: int, bs: int, len
     torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("window", [None, 100])
-def test_the_split_path_matches_the_reference(monkeypatch: pytest.MonkeyPatch, window: int | None) -> None:
+@pytest.mark.parametrize("window,softcap,dtype", [(None, None, torch.float32), (100, None, torch.float32),
+                                                  (None, 10.0, torch.bfloat16)])
+def test_the_split_path_matches_the_reference(monkeypatch: pytest.MonkeyPatch, window: int | None,
+                                              softcap: float | None, dtype: torch.dtype) -> None:
     """Long contexts split over several programs (flash-decoding), some splits empty."""
     monkeypatch.setattr(ta, "num_splits", lambda n, kvh, capacity: 3)
     lens = [300, 1, 0, 65]
-    q, kv, table, ctx = _case(lens, 6, 2, 64, 16, torch.float32, seed=1)
-    got = ta.paged_decode_attention(q, kv, table, ctx, 16, 0.125, window, None)
-    want = _reference(q, kv, table, ctx, 16, 0.125, window, None)
-    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    q, kv, table, ctx = _case(lens, 6, 2, 64, 16, dtype, seed=1)
+    got = ta.paged_decode_attention(q, kv, table, ctx, 16, 0.125, window, softcap)
+    want = _reference(q, kv, table, ctx, 16, 0.125, window, softcap)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
     assert torch.equal(got[2], torch.zeros_like(got[2]))
 
 
-def test_a_head_size_that_is_not_a_power_of_two_is_padded() -> None:
-    q, kv, table, ctx = _case([7, 20], 4, 2, 80, 8, torch.float32, seed=2)
-    got = ta.paged_decode_attention(q, kv, table, ctx, 8, 80**-0.5)
-    torch.testing.assert_close(got.double(), _reference(q, kv, table, ctx, 8, 80**-0.5, None, None),
+@pytest.mark.parametrize("D", [80, 96, 256])
+def test_head_sizes_are_padded_to_a_power_of_two(D: int) -> None:
+    q, kv, table, ctx = _case([7, 20], 4, 2, D, 8, torch.float32, seed=2)
+    got = ta.paged_decode_attention(q, kv, table, ctx, 8, D**-0.5)
+    torch.testing.assert_close(got.double(), _reference(q, kv, table, ctx, 8, D**-0.5, None, None),
                                atol=1e-5, rtol=1e-5)
 
 

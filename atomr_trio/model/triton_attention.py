@@ -17,24 +17,28 @@ and walks its share of the visible positions BLOCK_N at a time with an online so
 rows (N * KVH small against the GPU's SMs) and a long block table, the context is split across
 `num_splits` programs (flash-decoding): each writes its partial (max, sum, acc) to a scratch
 buffer and a second kernel merges them. With one split the first kernel writes the output.
+Both tl.dot products take float32 operands: exact ("ieee") for a float32 cache, TF32 for a
+16-bit one (exact for bf16 keys and values; the probabilities keep 10 mantissa bits, more than
+a bf16 P). Tiles are [32, BLOCK_D] for D <= 64, else [16, BLOCK_D] (~145 registers a thread on
+sm_90, no spills); BLOCK_D is D rounded up to a power of two, the padding masked.
 
 Invariant (CUDA-graph safe): nothing reads a tensor's values on the host; the grid, the split
 count and the scratch buffers depend on the shapes only (the scratch is allocated on the first
-call per shape and device and reused after, so capture after one eager call of the same shape;
+call per shape and device and kept: one made during a capture stays in the graph's pool, and
 calls must not run concurrently on two streams). Positions outside a row's visible range are
 never loaded (masked loads, block-table entries past the context included), and masked scores
 and values are zeroed by tl.where, so a stale slot holding NaN cannot leak.
 
 Triton is imported lazily: importing this module never imports it, and the kernels are built
 on the first call (`_kernels`, cached), so tests can set TRITON_INTERPRET=1 first and run the
-kernels on CPU tensors through Triton's interpreter (tests/test_triton_attention.py compares
-them with a plain-torch reference).
+kernels on CPU tensors through Triton's interpreter (tests/test_triton_attention.py: Triton
+itself must be imported with the variable set, as triton.language's own jit functions read it
+then; the tests compare with a plain-torch reference, NaN in every slot a row may not read).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 from typing import Any
 
 import torch
@@ -53,9 +57,10 @@ _scratch: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 def available() -> bool:
     """Whether Triton can be imported (never raises; Triton is not a declared dependency)."""
     try:
-        return importlib.util.find_spec("triton") is not None
-    except (ImportError, ValueError):
+        import triton.language  # noqa: F401
+    except Exception:  # noqa: BLE001 - a missing or broken Triton means: the plain-torch op
         return False
+    return True
 
 
 def num_splits(n: int, kv_heads: int, capacity: int) -> int:
@@ -215,7 +220,7 @@ def paged_decode_attention(
     kvh = kv.shape[1]
     g = h // kvh
     block_d = max(16, _next_pow2(d))
-    block_n = 64 if block_d <= 64 else 32
+    block_n = 32 if block_d <= 64 else 16  # a [BLOCK_N, BLOCK_D] tile: ~140 registers a thread on sm_90
     splits = num_splits(n, kvh, block_table.shape[1] * block_size)
     part, stat = _scratch_for(n, h, block_d, splits, q.device) if splits > 1 else (out, out)
     decode_kernel, merge_kernel = _kernels()
