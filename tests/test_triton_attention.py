@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from atomr_trio.model import triton_attention as ta
+from atomr_trio.model.attention import table_decode_torch
 
 
 def _import_triton_for_the_interpreter() -> None:
@@ -135,6 +136,21 @@ def test_head_sizes_are_padded_to_a_power_of_two(D: int) -> None:
     got = ta.paged_decode_attention(q, kv, table, ctx, 8, D**-0.5)
     torch.testing.assert_close(got.double(), _reference(q, kv, table, ctx, 8, D**-0.5, None, None),
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_it_agrees_with_the_engines_torch_op(seed: int) -> None:
+    """Random shapes and lengths against `table_decode_torch`, the op this kernel replaces."""
+    g = torch.Generator().manual_seed(seed)
+    KVH, G = int(torch.randint(1, 4, (1,), generator=g)), int(torch.randint(1, 5, (1,), generator=g))
+    bs = int(torch.randint(1, 9, (1,), generator=g))
+    lens = torch.randint(0, 50, (5,), generator=g).tolist()
+    window = [None, 1, 11][seed]
+    softcap = [None, 30.0, 3.0][seed]
+    q, kv, table, ctx = _case(lens, KVH * G, KVH, 32, bs, torch.float32, seed=seed)
+    got = ta.paged_decode_attention(q, kv, table, ctx, bs, 0.2, window, softcap)
+    want = table_decode_torch(q, kv, table, ctx, bs, 0.2, window, softcap)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_padding_rows_get_zeros_and_read_nothing() -> None:
