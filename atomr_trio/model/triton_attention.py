@@ -180,7 +180,8 @@ def _precision(dtype: torch.dtype) -> str:
 def _scratch_for(n: int, h: int, block_d: int, splits: int, device: torch.device,
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """The split kernels' partials ([N, H, splits, BLOCK_D] acc; [2, N, H, splits] max and sum),
-    allocated once per shape and device (graph capture reuses the eager call's buffers)."""
+    allocated on the first call per shape and device and kept (a graph captured later, or
+    during that call, reads and writes the same buffers on every replay)."""
     key = (n, h, block_d, splits, device)
     if key not in _scratch:
         _scratch[key] = (torch.empty(n, h, splits, block_d, dtype=torch.float32, device=device),
