@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -187,3 +188,31 @@ def test_the_split_count_depends_on_shapes_only() -> None:
     assert ta.num_splits(256, 8, 1 << 15) == 1  # many rows fill the GPU already
     assert ta.num_splits(1, 3, 4096) == ta.MAX_SPLITS  # one long row: split
     assert ta.num_splits(1, 3, 128) == 1  # a short table is not worth splitting
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the CPU run of the engine's graph path (tests/test_cuda.py covers CUDA)")
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
+def test_the_engines_decode_steps_through_the_kernel_match_eager_ones(arch: str, tmp_path: Any) -> None:
+    """The kernel as the engine calls it: decode steps replayed through DecodeGraphs' static
+    buffers (padded rows, scratch slot) and eager ones through block tables give the tokens and
+    logprobs of the engine's own CPU path (Gemma 2: sliding windows and soft-capping)."""
+    from test_gpu_path import _context, _drive
+    from test_hf_dir import write_tiny_model
+
+    from atomr_trio.executor.cuda_graphs import DecodeGraphs, capture_sizes
+    from atomr_trio.model_source import ModelSource
+
+    write_tiny_model(tmp_path, arch, seed=3)
+    source = ModelSource.open(str(tmp_path))
+    prompts = [[(7 * i + 3 * j) % 250 + 3 for j in range(5 + 7 * i)] for i in range(5)]
+    want = _drive(_context(source).runner, prompts, steps=12)
+    for graphs in (True, False):
+        runner = _context(source).runner
+        runner.table_op = ta.paged_decode_attention
+        if graphs:
+            runner.graphs = DecodeGraphs(runner.model, runner.kv_cache, 8, ta.paged_decode_attention,
+                                         capture_sizes(8), max_blocks=32, scratch_slot=63 * 8, cuda=False)
+        got = _drive(runner, prompts, steps=12)
+        assert [[t for t, _ in g] for g in got] == [[t for t, _ in w] for w in want]
+        assert max(abs(a[1] - b[1]) for g, w in zip(got, want, strict=True)
+                   for a, b in zip(g, w, strict=True)) < 1e-4

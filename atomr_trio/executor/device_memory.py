@@ -47,10 +47,10 @@ class GpuMemory:
 def cuda_table_op() -> TableDecode:
     """Decode attention for CUDA: the Triton kernel where Triton is installed (it ships with
     CUDA builds of torch), else the plain-torch op over the whole block table."""
-    from ..model import triton_attention
+    from ..model.triton_attention import available, paged_decode_attention
 
-    if triton_attention.available():
-        return triton_attention.paged_decode_attention
+    if available():
+        return paged_decode_attention
     log.warning("Triton is not installed: CUDA decode attention runs in plain torch (slower)")
     return table_decode_torch
 
