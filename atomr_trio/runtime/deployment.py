@@ -283,8 +283,8 @@ class Deployment:
             self._unsupported = self._unsupported or (first and isinstance(cause, UnsupportedModel))
             self._refused = self._refused or (first and isinstance(cause, PlacementError))
             self._fail(f"{type(cause).__name__}: {cause}")
-            # a model that cannot load says why in its message; other failures keep their trace
-            trace = None if isinstance(cause, ModelLoadError) else cause
+            # a model that cannot load or be placed says why in its message; other failures keep their trace
+            trace = None if isinstance(cause, ModelLoadError | PlacementError) else cause
             log.error("deployment %s failed: %s", self.name, self._reason, exc_info=trace)
         finally:
             self._placement.release(self.name)

@@ -45,5 +45,10 @@ def cuda_inventory() -> list[GpuInfo]:
     return gpus
 
 
+def no_gpu_reason() -> str:
+    """Why the inventory is empty, for the refusal of a deployment that asks for CUDA."""
+    return f"torch {torch.__version__} sees no CUDA GPU (built with CUDA: {torch.version.cuda or 'no'})"
+
+
 def gib(n: int) -> str:
     return f"{n / GiB:.1f} GiB"

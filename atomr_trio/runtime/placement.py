@@ -29,7 +29,7 @@ from types import MappingProxyType
 import trio
 
 from ..engine.messages import Board, reply
-from .gpu_inventory import GpuInfo, cuda_inventory, gib
+from .gpu_inventory import GpuInfo, cuda_inventory, gib, no_gpu_reason
 from .mailbox import ActorGone, ask, refuse_pending
 
 
@@ -138,7 +138,7 @@ def _place_on_cpu(request: PlacementRequest, cpu_threads: int) -> list[ReplicaSl
 
 def _candidates(request: PlacementRequest, gpus: Sequence[GpuInfo]) -> list[GpuInfo]:
     if not gpus:
-        raise PlacementError(f"device {request.device!r}: torch sees no CUDA GPU")
+        raise PlacementError(f"device {request.device!r}: {no_gpu_reason()}")
     if request.device in ("auto", "cuda"):
         return list(gpus)
     pinned = [g for g in gpus if g.device == request.device]
