@@ -176,3 +176,23 @@ async def test_the_tree_shows_each_workers_device_and_memory(tiny_model_dir: Pat
 
 def _nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
     return [node, *(n for child in node.get("children", []) for n in _nodes(child))]
+
+
+def test_context_bytes_counts_each_storage_once_and_opaque_packed_weights_too() -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    from atomr_trio.model.linear import Linear
+
+    weight = torch.zeros(64, 32, dtype=torch.bfloat16)
+    linear = Linear(weight)
+    linear.pack()  # oneDNN's blocked copy: an opaque tensor without a readable storage
+    assert linear.packed is not None and linear.packed.is_mkldnn
+    kv = torch.zeros(2, 2, 4, 16, 8)
+    ctx: Any = SimpleNamespace(runner=SimpleNamespace(kv_cache=kv, model=linear))
+    assert context_bytes(ctx) == kv.nbytes + 2 * weight.nbytes  # the plain weight and its packed copy
+    ctx.runner.model = {"layers": [linear, linear], "views": (weight[:8], kv[0])}  # shared storages: once
+    assert context_bytes(ctx) == kv.nbytes + 2 * weight.nbytes
+    ctx.runner.model = SimpleNamespace(weight=weight)  # only the package's own objects are walked into
+    assert context_bytes(ctx) == kv.nbytes

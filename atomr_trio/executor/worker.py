@@ -257,12 +257,16 @@ class Worker:
 
 def context_bytes(ctx: Context) -> int:
     """The bytes a Context holds on its device: its KV cache and every tensor its model holds
-    (weights, packed copies of them, rope tables), each storage counted once."""
-    storages: dict[int, int] = {}
+    (weights, packed copies of them, rope tables), each storage counted once; an opaque tensor
+    (oneDNN's packed weights have no storage to read) counts its elements."""
+    held: dict[object, int] = {}
     for t in _tensors([ctx.runner.kv_cache, ctx.runner.model], {}):
+        if t.is_mkldnn or t.is_sparse:
+            held[id(t)] = t.numel() * t.element_size()
+            continue
         storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
+        held[(storage.device, storage.data_ptr())] = storage.nbytes()
+    return sum(held.values())
 
 
 def _tensors(obj: Any, seen: dict[int, Any]) -> Iterator[torch.Tensor]:
