@@ -19,7 +19,7 @@ from atomr_trio.runtime.deployment_spec import DeploymentSpec, ServingPolicy
 from atomr_trio.runtime.deployment_state import IllegalTransition, next_state
 from atomr_trio.runtime.dp_coordinator import DpCoordinator
 from atomr_trio.runtime.mailbox import ActorGone, ask, refuse_pending
-from atomr_trio.runtime.placement import Placement
+from atomr_trio.runtime.placement import Placement, PlacementRequest, ReplicaSlot
 from atomr_trio.runtime.ticket import Admission
 from atomr_trio.runtime.tree import open_runtime
 
@@ -43,13 +43,14 @@ async def test_the_coordinator_survives_a_caller_that_gave_up() -> None:
 
 
 async def test_placement_survives_a_caller_that_gave_up() -> None:
-    placement = Placement(cpu_threads=2)
+    placement = Placement(cpu_threads=2, gpus=[])
     with trio.move_on_after(0.05):
-        await placement.handle.assign("gone", 1)
+        await placement.handle.assign(PlacementRequest("gone", 1))
     async with trio.open_nursery() as nursery:
         await nursery.start(placement.run)
-        assert await placement.handle.assign("here", 2) == [1, 1]
-        assert placement.handle.snapshot().assignments == {"here": (1, 1)}  # nothing held for the caller that left
+        assert await placement.handle.assign(PlacementRequest("here", 2)) == [ReplicaSlot("cpu", 1)] * 2
+        # nothing held for the caller that left
+        assert placement.handle.snapshot().assignments == {"here": (ReplicaSlot("cpu", 1),) * 2}
         placement.handle.release("here")
         await trio.testing.wait_all_tasks_blocked()
         assert placement.handle.snapshot().assignments == {}

@@ -11,7 +11,8 @@ Invariants:
 - Messages are answered one at a time, in order; every message is answered, or its reply
   channel closed when the Worker stops.
 - `state` changes only in `_move`, which refuses illegal transitions; the Worker publishes a
-  fresh WorkerSnapshot on its Board after every change.
+  fresh WorkerSnapshot on its Board after every change, with the bytes its Context holds on
+  the device (`context_bytes`, counted once per build).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import gc
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import outcome
 import torch
@@ -115,6 +116,7 @@ class Worker:
         self.context: Context | None = None  # set and dropped on the device thread only
         self.state = "starting"
         self.num_context_builds = 0
+        self._memory_bytes: int | None = None  # the Context's, counted on the device thread
         self.budget = RestartBudget()
         self._thread: DeviceThread | None = None
         self._send, self._inbox = trio.open_memory_channel[WorkerMessage](INBOX_SIZE)
@@ -212,23 +214,25 @@ class Worker:
         """(Re)create the Context on the device thread; the old one is dropped first."""
         inject = self.faults.context_fault(self.num_context_builds)
 
-        def build() -> Context:
+        def build() -> tuple[Context, int]:
             self.context = None
             gc.collect()
-            return Context(self.source, self.cfg, inject)
+            ctx = Context(self.source, self.cfg, inject)
+            return ctx, context_bytes(ctx)
 
         if self.num_context_builds:
             self._move("rebuilding")
-        self.context = await self._device().run(build)
+        ctx, self._memory_bytes = await self._device().run(build)
+        self.context = ctx
         if self.cfg.kv_from_gpu_memory:  # rebuilt Contexts keep the measured cache: the engine's blocks match it
-            self.cfg = self.cfg.model_copy(update={"num_kv_blocks": self.context.num_kv_blocks,
+            self.cfg = self.cfg.model_copy(update={"num_kv_blocks": ctx.num_kv_blocks,
                                                    "kv_from_gpu_memory": False})
         self.num_context_builds += 1
         self._move("ready")
-        if self.context.plan is not None:
-            log.info("%s", self.context.plan.describe())
-        if self.context.memory is not None:
-            log.info("%s: %s", self.name, self.context.memory.describe())
+        if ctx.plan is not None:
+            log.info("%s", ctx.plan.describe())
+        if ctx.memory is not None:
+            log.info("%s: %s", self.name, ctx.memory.describe())
         log.info("%s: context ready (build %d)", self.name, self.num_context_builds)
 
     # ---- state and views ----------------------------------------------------------------------
@@ -247,7 +251,43 @@ class Worker:
         return WorkerSnapshot(self.name, self.cfg.device, self.state, self.num_context_builds,
                               self._send.statistics().current_buffer_used,
                               ctx.kernels if ctx is not None else "torch",
-                              ctx.num_kv_blocks if ctx is not None else None)
+                              ctx.num_kv_blocks if ctx is not None else None,
+                              self._memory_bytes if ctx is not None else None)
+
+
+def context_bytes(ctx: Context) -> int:
+    """The bytes a Context holds on its device: its KV cache and every tensor its model holds
+    (weights, packed copies of them, rope tables), each storage counted once; an opaque tensor
+    (oneDNN's packed weights have no storage to read) counts its elements."""
+    held: dict[object, int] = {}
+    for t in _tensors([ctx.runner.kv_cache, ctx.runner.model], {}):
+        if t.is_mkldnn or t.is_sparse:
+            held[id(t)] = t.numel() * t.element_size()
+            continue
+        storage = t.untyped_storage()
+        held[(storage.device, storage.data_ptr())] = storage.nbytes()
+    return sum(held.values())
+
+
+def _tensors(obj: Any, seen: dict[int, Any]) -> Iterator[torch.Tensor]:
+    """The tensors reachable from `obj` through containers and the package's own objects
+    (`seen` keeps what it visited alive, so no id is reused while walking)."""
+    if id(obj) in seen:
+        return
+    seen[id(obj)] = obj
+    if isinstance(obj, torch.Tensor):
+        yield obj
+        return
+    if isinstance(obj, dict):
+        items: Any = obj.values()
+    elif isinstance(obj, list | tuple | set | frozenset):
+        items = obj
+    elif type(obj).__module__.startswith("atomr_trio.") and hasattr(obj, "__dict__"):
+        items = vars(obj).values()
+    else:
+        return
+    for item in items:
+        yield from _tensors(item, seen)
 
 
 def release_cached_memory(device: str) -> None:

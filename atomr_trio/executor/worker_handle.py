@@ -38,6 +38,7 @@ class WorkerSnapshot:
     inbox_depth: int
     kernels: str  # which kernel path each part of the forward runs on (cpu_kernels.py)
     num_kv_blocks: int | None = None  # the Context's KV cache, once built (CUDA: sized from the GPU's memory)
+    memory_bytes: int | None = None  # what the Context holds on its device (weights + KV cache), once built
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from .deployment_state import DeploymentSnapshot, IllegalTransition, State, next
 from .dp_coordinator import CoordinatorHandle, DpCoordinator
 from .mailbox import ActorGone, ask, refuse_pending
 from .metrics import MetricsHandle
-from .placement import PlacementHandle
+from .placement import PlacementError, PlacementHandle, PlacementRequest, ReplicaSlot
 from .ticket import Admission, Job, Ticket
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,7 @@ class Deployment:
         self._state: State = "pending"
         self._reason: str | None = None
         self._unsupported = False  # the failure: a model that asks for what is not implemented
+        self._refused = False  # the failure: placement found no room (PlacementError)
         self._source: ModelSource | None = None
         self._engine_config: EngineConfig | None = None
         self._replicas: list[EngineHandle] = []
@@ -211,7 +212,7 @@ class Deployment:
     def _snapshot(self) -> DeploymentSnapshot:
         return DeploymentSnapshot(self.name, self._state, self._reason, self.spec, self._source, self._engine_config,
                                   self._admitted, 0, tuple(r.snapshot() for r in self._replicas),
-                                  self._coordinator.handle.snapshot(), self._unsupported)
+                                  self._coordinator.handle.snapshot(), self._unsupported, self._refused)
 
     def _publish(self) -> None:
         self._board.publish(self._snapshot())
@@ -267,21 +268,23 @@ class Deployment:
             with self._replica_scope:
                 if self._state == "pending":
                     self._move("loading")
-                threads = await self._placement.assign(self.name, self.spec.replicas)
+                slots = await self._placement.assign(self._placement_request())
                 self._source = await trio.to_thread.run_sync(ModelSource.open, self.spec.model)
                 async with trio.open_nursery() as nursery:
                     coordinator = await nursery.start(self._coordinator.run)
-                    for i, n_threads in enumerate(threads):
-                        await self._start_replica(nursery, coordinator, i, n_threads)
+                    for i, slot in enumerate(slots):
+                        await self._start_replica(nursery, coordinator, i, slot)
                     if self._state == "loading":
                         self._move("serving")
                     self._settled.set()
         except Exception as e:  # noqa: BLE001 - a model or engine failure ends this deployment only
             cause = _first_leaf(e)
-            self._unsupported = self._unsupported or (self._state != "failed" and isinstance(cause, UnsupportedModel))
+            first = self._state != "failed"
+            self._unsupported = self._unsupported or (first and isinstance(cause, UnsupportedModel))
+            self._refused = self._refused or (first and isinstance(cause, PlacementError))
             self._fail(f"{type(cause).__name__}: {cause}")
-            # a model that cannot load says why in its message; other failures keep their trace
-            trace = None if isinstance(cause, ModelLoadError) else cause
+            # a model that cannot load or be placed says why in its message; other failures keep their trace
+            trace = None if isinstance(cause, ModelLoadError | PlacementError) else cause
             log.error("deployment %s failed: %s", self.name, self._reason, exc_info=trace)
         finally:
             self._placement.release(self.name)
@@ -290,11 +293,17 @@ class Deployment:
             self._settled.set()
             self._replicas_done.set()
 
+    def _placement_request(self) -> PlacementRequest:
+        spec = self.spec
+        return PlacementRequest(self.name, spec.replicas, spec.device, spec.gpu_memory_utilization)
+
     async def _start_replica(self, nursery: trio.Nursery, coordinator: CoordinatorHandle, i: int,
-                             n_threads: int) -> None:
+                             slot: ReplicaSlot) -> None:
+        """Replica i on its slot's device (cuda:i for N replicas over N GPUs) with its threads."""
         assert self._source is not None
         # off the Trio thread: `dtype=auto` may probe the CPU's bf16 kernels
-        cfg = await trio.to_thread.run_sync(self.spec.engine_config(n_threads, i).resolve, self._source.config)
+        engine_config = self.spec.engine_config(slot.threads, i, slot.device)
+        cfg = await trio.to_thread.run_sync(engine_config.resolve, self._source.config)
         faults = Faults(self.spec.fail_at_step, self.spec.fail_times, self.spec.fail_kind)
         core = EngineCore(self._source, cfg, f"{self.name}/engine-{i}", self.name, self._metrics,
                           load_sink=coordinator, faults=faults)

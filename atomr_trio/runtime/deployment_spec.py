@@ -35,8 +35,9 @@ class DeploymentSpec(EngineSettings):
     model: str | None = Field(
         default=None, description="HF model directory or GGUF file (default: the built-in SmolLM2-135M)")
     replicas: int = Field(default=1, ge=1, le=64,
-                          description="data-parallel engine replicas of the model; the CPU cores are split "
-                                      "between them")
+                          description="data-parallel engine replicas of the model; on CPU the cores are split "
+                                      "between them, on CUDA each gets its own GPU (two share one only when "
+                                      "replicas outnumber GPUs)")
     serving: ServingPolicy = Field(default_factory=ServingPolicy)
     token_budget: TokenBudget = Field(default_factory=TokenBudget)
     request_timeout: float | None = Field(
@@ -53,9 +54,12 @@ class DeploymentSpec(EngineSettings):
         default="fault", description="test hook: fault breaks the Context (a sticky device error); oom makes "
                                      "fail_times steps from the N-th raise out of memory, the Context intact")
 
-    def engine_config(self, torch_threads: int | None, replica: int = 0) -> EngineConfig:
+    def engine_config(self, torch_threads: int | None, replica: int = 0, device: str | None = None) -> EngineConfig:
         """Replica i's settings. Its seed is i, so the replicas' generators for unseeded sampling
         draw different streams (with one seed, requests routed alike would get the same tokens),
-        and a restarted server draws the same streams again."""
+        and a restarted server draws the same streams again. `device`: the one placement
+        assigned ("cpu", "cuda:i"), instead of the spec's."""
         engine = self.model_dump(include=set(EngineSettings.model_fields))
+        if device is not None:
+            engine["device"] = device
         return EngineConfig(**engine, torch_threads=torch_threads, seed=replica)

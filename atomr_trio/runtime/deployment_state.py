@@ -65,6 +65,7 @@ class DeploymentSnapshot:
     replicas: tuple[EngineSnapshot, ...]
     coordinator: CoordinatorSnapshot
     unsupported: bool = False  # failed because the model asks for what is not implemented
+    refused: bool = False  # failed because placement found no room for its replicas
 
     @property
     def model(self) -> str:

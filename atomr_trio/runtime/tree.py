@@ -79,8 +79,8 @@ def _deployment_node(d: DeploymentSnapshot) -> dict[str, Any]:
 def _engine_node(s: EngineSnapshot) -> dict[str, Any]:
     w = s.worker
     context = {"actor": "Context", "state": "ready" if w.state == "ready" else "absent", "kernels": w.kernels}
-    worker = {"actor": "Worker", "name": w.name, "device": w.device, "state": w.state,
-              "context_builds": w.context_builds, "inbox": w.inbox_depth, "children": [context]}
+    worker = {"actor": "Worker", "name": w.name, "device": w.device, "memory_bytes": w.memory_bytes,
+              "state": w.state, "context_builds": w.context_builds, "inbox": w.inbox_depth, "children": [context]}
     return {"actor": "EngineCore", "name": s.name, "state": s.state, "inbox": s.inbox_depth,
             "running": s.num_requests_running, "waiting": s.num_requests_waiting,
             "kv_cache_usage": round(s.kv_cache_usage, 4), "children": [worker]}
@@ -88,17 +88,18 @@ def _engine_node(s: EngineSnapshot) -> dict[str, Any]:
 
 @asynccontextmanager
 async def open_runtime(specs: Sequence[DeploymentSpec], metrics_prefix: str = "atomr",
-                       drain_timeout: float = 30.0) -> AsyncIterator[Runtime]:
+                       drain_timeout: float = 30.0, placement: Placement | None = None) -> AsyncIterator[Runtime]:
     """The actor tree for these deployments. `metrics_prefix`: "atomr" or "vllm" (vLLM's exact
-    series names, see metrics.py)."""
-    metrics_actor, placement_actor = Metrics(prefix=metrics_prefix), Placement()
+    series names, see metrics.py). `placement`: an actor not yet run (tests give one a fake GPU
+    inventory); by default one over this machine's cores and the GPUs torch sees."""
+    metrics_actor, placement_actor = Metrics(prefix=metrics_prefix), placement or Placement()
     async with trio.open_nursery() as nursery:
         metrics: MetricsHandle = await nursery.start(metrics_actor.run)
-        placement: PlacementHandle = await nursery.start(placement_actor.run)
-        manager: ManagerHandle = await nursery.start(DeploymentManager(placement, metrics, drain_timeout).run)
+        places: PlacementHandle = await nursery.start(placement_actor.run)
+        manager: ManagerHandle = await nursery.start(DeploymentManager(places, metrics, drain_timeout).run)
         for spec in specs:
             await manager.apply(spec)
         try:
-            yield Runtime(manager, metrics, placement)
+            yield Runtime(manager, metrics, places)
         finally:
             nursery.cancel_scope.cancel()

@@ -3,8 +3,9 @@ removed at run time. Who may call it is `auth.refusal`'s decision, made before t
 
 Invariant: an apply answers with the deployment's state as it is — 200 serving, 202 still
 loading, 400 a model that asks for what is not implemented (an architecture, a rope type, ...:
-the reason names it and what is supported), 422 another failure to load (with the reason), 503
-otherwise — and never leaves a failed model serving.
+the reason names it and what is supported) or a deployment placement has no room for (too many
+replicas for the cores, or too little GPU memory: the reason names the numbers), 422 another
+failure to load (with the reason), 503 otherwise — and never leaves a failed model serving.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ async def apply_deployment() -> Any:
     dep = await gateway_state().manager.apply(spec)
     if dep.state == "failed" and dep.unsupported:  # an architecture, rope type, ... not implemented
         raise APIError(400, f"deployment '{dep.name}': {dep.reason}", param="model", code="model_not_supported")
+    if dep.state == "failed" and dep.refused:  # no device has room for its replicas
+        raise APIError(400, f"deployment '{dep.name}': {dep.reason}", param="replicas", code="placement_refused")
     if dep.state == "failed":  # the model could not load: the admin sees why
         raise APIError(422, f"deployment '{dep.name}' failed to load: {dep.reason}", param="model",
                        code="deployment_failed")
