@@ -20,7 +20,7 @@ from atomr_trio.engine.memory_plan import MemoryPlanError, plan_kv_cache, weight
 from atomr_trio.executor import worker as worker_module
 from atomr_trio.executor.context import Context
 from atomr_trio.executor.cuda_graphs import DecodeGraphs, capture_sizes, padded_size
-from atomr_trio.executor.device_memory import profile_batch
+from atomr_trio.executor.device_memory import profile_batches
 from atomr_trio.executor.model_runner import BatchItem, ModelRunner, StepBatch
 from atomr_trio.executor.sampler import SampleRow
 from atomr_trio.model.attention import AttentionMetadata, paged_attention, table_decode_torch
@@ -163,16 +163,31 @@ def test_weight_bytes_from_the_shapes_match_the_loaded_model(tiny_source: ModelS
     assert math.isclose(estimate, params * 4, rel_tol=0.02), (estimate, params * 4)
 
 
-def test_the_profiling_step_is_the_largest_the_engine_schedules() -> None:
+def test_the_profiling_steps_are_the_widest_and_the_deepest_the_engine_schedules() -> None:
     cfg = engine_config(max_num_batched_tokens=2048, max_num_seqs=256, block_size=16, max_model_len=4096,
                         num_kv_blocks=8)
-    items = profile_batch(cfg)
-    assert len(items) == 256 and sum(len(it.token_ids) for it in items) == 2048
-    assert all(it.sample is not None for it in items)
-    blocks = [b for it in items for b in it.block_table]
+    wide, deep = profile_batches(cfg)
+    assert len(wide) == 256 and sum(len(it.token_ids) for it in wide) == 2048
+    assert all(it.sample is not None and it.sample.params.logprobs and not it.sample.params.greedy for it in wide)
+    blocks = [b for it in wide for b in it.block_table]
     assert len(blocks) == len(set(blocks))  # every sequence writes blocks of its own
-    one = profile_batch(engine_config(max_num_batched_tokens=512, max_num_seqs=1, max_model_len=300))
+    (chunk,) = deep  # one chunk of the whole budget, ending at the context length
+    assert (chunk.start, len(chunk.token_ids), len(chunk.block_table)) == (4096 - 2048, 2048, 256)
+    one, _ = profile_batches(engine_config(max_num_batched_tokens=512, max_num_seqs=1, max_model_len=300))
     assert len(one) == 1 and len(one[0].token_ids) == 300  # never past the context length
+
+
+def test_the_profiling_steps_run(tiny_source: ModelSource) -> None:
+    """Each profiling step is a step the runner takes (here on the CPU, over a scratch cache)."""
+    ctx = _context(tiny_source)
+    cfg = engine_config(dtype="float32", max_num_batched_tokens=64, max_num_seqs=8, block_size=8,
+                        max_model_len=256, num_kv_blocks=64)
+    for items in profile_batches(cfg):
+        blocks = 1 + max(b for it in items for b in it.block_table)
+        mc = tiny_source.config
+        kv = torch.zeros(mc.num_layers, 2, mc.num_kv_heads, blocks * 8, mc.head_dim)
+        out = ModelRunner(ctx.runner.model, kv, 8, ctx.runner.sampler).execute(StepBatch(items))
+        assert len(out.sampled.token_ids) == len(items)
 
 
 async def test_the_engine_takes_the_block_count_its_context_measured(tiny_source: ModelSource,

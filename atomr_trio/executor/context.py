@@ -15,7 +15,7 @@ from ..model import cpu_kernels
 from ..model.families import build_model
 from ..model_source import ModelSource
 from .cuda_graphs import DecodeGraphs, capture_sizes
-from .device_memory import GpuMemory, cuda_table_op, measure_kv_plan
+from .device_memory import GpuMemory, build_lock, cuda_table_op, measure_kv_plan
 from .model_runner import ModelRunner, StepBatch, StepResult
 from .sampler import Sampler
 
@@ -34,9 +34,16 @@ class Context:
         self.fail_at_step = fail_at_step
         self.broken = False
         device = torch.device(cfg.device)
-        cuda = device.type == "cuda"
-        if cuda:
+        if device.type == "cuda":
             torch.cuda.set_device(device)
+            with build_lock(device):  # replicas sharing the GPU measure and allocate one at a time
+                self._build(source, cfg, device)
+        else:
+            self._build(source, cfg, device)
+
+    def _build(self, source: ModelSource, cfg: EngineConfig, device: torch.device) -> None:
+        assert cfg.max_model_len is not None and cfg.num_kv_blocks is not None
+        cuda = device.type == "cuda"
         gpu = GpuMemory.read(device) if cuda else None
         rng = torch.Generator(device=cfg.device).manual_seed(cfg.seed)  # this engine's own, for unseeded rows
         mc = source.config

@@ -65,6 +65,9 @@ class DecodeGraphs:
         self.slots = torch.full((n,), scratch_slot, dtype=torch.long, device=dev)
         self.tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=dev)
         self.ctx_lens = torch.zeros(n, dtype=torch.int32, device=dev)
+        vocab = model.lm_head.out_features
+        # every size writes its logits here: one [largest, vocab] buffer, not one per captured size
+        self.logits = torch.empty(n, vocab, dtype=torch.float32, device=dev)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def capture(self) -> None:
@@ -72,6 +75,7 @@ class DecodeGraphs:
         once eagerly first (compiles the Triton kernels, creates cuBLAS workspaces)."""
         if not self.cuda:
             return
+        before = torch.cuda.memory_reserved(self.kv_cache.device)
         pool = None
         stream = torch.cuda.Stream(self.kv_cache.device)
         stream.wait_stream(torch.cuda.current_stream(self.kv_cache.device))
@@ -79,12 +83,15 @@ class DecodeGraphs:
             for size in reversed(self.sizes):
                 self._forward(size)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                # thread_local: other replicas' device threads may allocate while this one captures
+                with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
                     out = self._forward(size)
                 pool = graph.pool()
                 self._graphs[size] = (graph, out)
         torch.cuda.current_stream(self.kv_cache.device).wait_stream(stream)
-        log.info("captured CUDA graphs for decode batches of %s", ", ".join(map(str, self.sizes)))
+        taken = torch.cuda.memory_reserved(self.kv_cache.device) - before
+        log.info("captured CUDA graphs for decode batches of %s (%.2f GiB)", ", ".join(map(str, self.sizes)),
+                 taken / (1 << 30))
 
     def takes(self, n: int) -> bool:
         return padded_size(n, self.sizes) is not None
@@ -131,4 +138,6 @@ class DecodeGraphs:
             block_size=self.block_size, table_op=self.table_op,
         )
         hidden = self.model.forward(self.ids[:size], self.positions[:size], meta, self.kv_cache)
-        return self.model.logits(hidden)
+        out = self.logits[:size]
+        out.copy_(self.model.logits(hidden))
+        return out

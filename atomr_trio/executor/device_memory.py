@@ -1,19 +1,26 @@
 """What a Context measures on a GPU before it allocates its KV cache, and the CUDA decode op.
 
-`measure_kv_plan` runs after the weights are on the device: one profiling step at the engine's
-largest batch (max_num_batched_tokens tokens split over up to max_num_seqs sequences, each
-sampled, over a scratch cache just big enough) gives the peak of the activations; with the
-weights' bytes, the memory that appeared outside torch's allocator and the free memory read
-before loading, `memory_plan.plan_kv_cache` sizes the cache. The scratch cache is freed before
-the real one is allocated.
+`measure_kv_plan` runs after the weights are on the device: the profiling steps at the engine's
+extremes (`profile_batches`: the widest step, every row sampled with top-k, top-p and logprobs,
+and the deepest, one chunk ending at max_model_len) give the peak of the activations, over a
+scratch cache just big enough that is freed before the real one is allocated; with the bytes of
+the model's tensors, the memory that appeared outside torch's allocator and the free memory read
+before loading, `memory_plan.plan_kv_cache` sizes the cache.
 
-Invariant: runs on the device thread, before any request's step, on the Context's own device.
+Invariants: runs on the device thread, before any request's step, on the Context's own device;
+the Contexts of replicas that share a GPU build one at a time (`build_lock`), since torch's
+allocator statistics are per device. Not covered: a replica serving on the same GPU while
+another one profiles adds its own activations to that peak (the plan is then conservative), and
+the memory CUDA graphs take after the plan (logged by DecodeGraphs).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -55,39 +62,61 @@ def cuda_table_op() -> TableDecode:
     return table_decode_torch
 
 
-def profile_batch(cfg: EngineConfig) -> list[BatchItem]:
-    """The largest step the engine can schedule: max_num_batched_tokens prompt tokens over
-    min(max_num_seqs, tokens) sequences, each sampled, each in blocks of its own."""
+def profile_batches(cfg: EngineConfig) -> list[list[BatchItem]]:
+    """The steps whose activations bound every step the engine can schedule: the widest one
+    (max_num_batched_tokens prompt tokens over min(max_num_seqs, tokens) sequences, each sampled
+    with top-k, top-p and logprobs: the sampler's [rows, vocab] copies) and the deepest one (one
+    chunk of max_num_batched_tokens tokens ending at max_model_len: its attention reads the whole
+    context through a mask). Each sequence writes blocks of its own."""
     assert cfg.max_model_len is not None
+    bs = cfg.block_size
+    sampled = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, logprobs=20, max_tokens=1)
     tokens = min(cfg.max_num_batched_tokens, cfg.max_num_seqs * cfg.max_model_len)
     n = max(1, min(cfg.max_num_seqs, tokens))
     per = max(1, min(tokens // n, cfg.max_model_len))
-    blocks = -(-per // cfg.block_size)
-    greedy = SamplingParams(temperature=0.0, max_tokens=1)
-    return [BatchItem(seq_id=i, token_ids=[1] * per, start=0, block_table=list(range(i * blocks, (i + 1) * blocks)),
-                      sample=SampleRow(greedy, None, None, None, 0))
+    blocks = -(-per // bs)
+    wide = [BatchItem(seq_id=i, token_ids=[1] * per, start=0, block_table=list(range(i * blocks, (i + 1) * blocks)),
+                      sample=SampleRow(sampled, None, None, None, 0))
             for i in range(n)]
+    chunk = min(cfg.max_num_batched_tokens, cfg.max_model_len)
+    deep = [BatchItem(seq_id=0, token_ids=[1] * chunk, start=cfg.max_model_len - chunk,
+                      block_table=list(range(-(-cfg.max_model_len // bs))),
+                      sample=SampleRow(sampled, None, None, None, 0))]
+    return [wide, deep]
+
+
+_build_locks: dict[str, threading.Lock] = {}
+_build_locks_guard = threading.Lock()
+
+
+def build_lock(device: torch.device) -> threading.Lock:
+    """One lock per GPU: the Contexts of replicas sharing a GPU measure and allocate one at a
+    time (torch's allocator statistics are per device, not per replica)."""
+    with _build_locks_guard:
+        return _build_locks.setdefault(str(device), threading.Lock())
 
 
 def measure_kv_plan(model: LlamaModel, cfg: EngineConfig, before: GpuMemory, table_op: TableDecode | None,
                     sampler: Sampler) -> MemoryPlan:
-    """Size the KV cache from what the weights and one profiling step take on the device."""
+    """Size the KV cache from what the weights and the profiling steps take on the device."""
     dev = before.device
     torch.cuda.synchronize(dev)
-    weights = torch.cuda.memory_allocated(dev) - before.allocated
-    items = profile_batch(cfg)
-    blocks = sum(len(it.block_table) for it in items)
+    weights = held_bytes(model)
     mc = model.cfg
-    scratch = torch.zeros(mc.num_layers, 2, mc.num_kv_heads, blocks * cfg.block_size, mc.head_dim,
-                          dtype=cfg.torch_dtype, device=dev)
-    runner = ModelRunner(model, scratch, cfg.block_size, sampler, table_op=table_op)
-    torch.cuda.reset_peak_memory_stats(dev)
-    start = torch.cuda.memory_allocated(dev)
-    runner.execute(StepBatch(items))
-    torch.cuda.synchronize(dev)
-    activations = torch.cuda.max_memory_allocated(dev) - start
-    del runner, scratch
-    torch.cuda.empty_cache()
+    activations = 0
+    for items in profile_batches(cfg):
+        blocks = 1 + max(b for it in items for b in it.block_table)
+        scratch = torch.zeros(mc.num_layers, 2, mc.num_kv_heads, blocks * cfg.block_size, mc.head_dim,
+                              dtype=cfg.torch_dtype, device=dev)
+        runner = ModelRunner(model, scratch, cfg.block_size, sampler, table_op=table_op)
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        start = torch.cuda.memory_allocated(dev)
+        runner.execute(StepBatch(items))
+        torch.cuda.synchronize(dev)
+        activations = max(activations, torch.cuda.max_memory_allocated(dev) - start)
+        del runner, scratch
+        torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(dev)
     # memory that appeared outside torch's allocator (CUDA context, cuBLAS workspaces)
     other = max(0, (before.free - free) - (torch.cuda.memory_reserved(dev) - before.reserved))
@@ -96,3 +125,37 @@ def measure_kv_plan(model: LlamaModel, cfg: EngineConfig, before: GpuMemory, tab
                          block_bytes=cfg.kv_block_bytes(mc), block_tokens=cfg.block_size)
     log.info("%s: %s", dev, plan.describe())
     return plan
+
+
+def held_bytes(*roots: Any) -> int:
+    """The bytes of every tensor reachable from `roots` (a model, a cache), each storage counted
+    once; an opaque tensor (oneDNN's packed weights have no storage to read) counts its elements."""
+    held: dict[object, int] = {}
+    for t in _tensors(list(roots), {}):
+        if t.is_mkldnn or t.is_sparse:
+            held[id(t)] = t.numel() * t.element_size()
+            continue
+        storage = t.untyped_storage()
+        held[(storage.device, storage.data_ptr())] = storage.nbytes()
+    return sum(held.values())
+
+
+def _tensors(obj: Any, seen: dict[int, Any]) -> Iterator[torch.Tensor]:
+    """The tensors reachable from `obj` through containers and the package's own objects
+    (`seen` keeps what it visited alive, so no id is reused while walking)."""
+    if id(obj) in seen:
+        return
+    seen[id(obj)] = obj
+    if isinstance(obj, torch.Tensor):
+        yield obj
+        return
+    if isinstance(obj, dict):
+        items: Any = obj.values()
+    elif isinstance(obj, list | tuple | set | frozenset):
+        items = obj
+    elif type(obj).__module__.startswith("atomr_trio.") and hasattr(obj, "__dict__"):
+        items = vars(obj).values()
+    else:
+        return
+    for item in items:
+        yield from _tensors(item, seen)

@@ -49,11 +49,13 @@ def classify(error: BaseException) -> FailureKind:
         return "oom"
     if isinstance(error, InjectedFault):
         return "device"
-    if _ACCELERATOR_ERROR is not None and isinstance(error, _ACCELERATOR_ERROR):
-        return "device"
     message = str(error).lower()
     if "out of memory" in message and "cuda" in message:
-        return "oom"  # an OOM raised as a plain RuntimeError by an extension or an older path
+        # an OOM outside the caching allocator (pinned host memory, cuBLAS workspaces, a graph
+        # launch) comes as AcceleratorError or a plain RuntimeError: still a smaller batch, not a rebuild
+        return "oom"
+    if _ACCELERATOR_ERROR is not None and isinstance(error, _ACCELERATOR_ERROR):
+        return "device"
     if any(marker in message for marker in STICKY_CUDA_ERRORS):
         return "device"
     return "unknown"

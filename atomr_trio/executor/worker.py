@@ -21,9 +21,9 @@ import gc
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import outcome
 import torch
@@ -33,6 +33,7 @@ from ..engine.engine_config import EngineConfig
 from ..engine.messages import Board, reply
 from ..model_source import ModelSource
 from .context import Context, InjectedFault
+from .device_memory import held_bytes
 from .device_thread import DeviceThread, open_device_thread
 from .failures import classify
 from .model_runner import StepBatch, StepResult
@@ -172,6 +173,9 @@ class Worker:
         try:
             return outcome.Value(await self._device().run(lambda: self._step(ctx, msg.batch)))
         except Exception as e:  # noqa: BLE001 - the caller decides: a request's contents or the device
+            log.debug("%s: step failed", self.name, exc_info=e)
+            # the traceback's frames hold the Context: a rebuild could not free its weights and cache
+            e.__traceback__ = None
             return outcome.Error(e)
 
     def _step(self, ctx: Context, batch: StepBatch) -> StepResult:
@@ -257,37 +261,8 @@ class Worker:
 
 def context_bytes(ctx: Context) -> int:
     """The bytes a Context holds on its device: its KV cache and every tensor its model holds
-    (weights, packed copies of them, rope tables), each storage counted once; an opaque tensor
-    (oneDNN's packed weights have no storage to read) counts its elements."""
-    held: dict[object, int] = {}
-    for t in _tensors([ctx.runner.kv_cache, ctx.runner.model], {}):
-        if t.is_mkldnn or t.is_sparse:
-            held[id(t)] = t.numel() * t.element_size()
-            continue
-        storage = t.untyped_storage()
-        held[(storage.device, storage.data_ptr())] = storage.nbytes()
-    return sum(held.values())
-
-
-def _tensors(obj: Any, seen: dict[int, Any]) -> Iterator[torch.Tensor]:
-    """The tensors reachable from `obj` through containers and the package's own objects
-    (`seen` keeps what it visited alive, so no id is reused while walking)."""
-    if id(obj) in seen:
-        return
-    seen[id(obj)] = obj
-    if isinstance(obj, torch.Tensor):
-        yield obj
-        return
-    if isinstance(obj, dict):
-        items: Any = obj.values()
-    elif isinstance(obj, list | tuple | set | frozenset):
-        items = obj
-    elif type(obj).__module__.startswith("atomr_trio.") and hasattr(obj, "__dict__"):
-        items = vars(obj).values()
-    else:
-        return
-    for item in items:
-        yield from _tensors(item, seen)
+    (weights, packed copies of them, rope tables), each storage counted once."""
+    return held_bytes(ctx.runner.kv_cache, ctx.runner.model)
 
 
 def release_cached_memory(device: str) -> None:

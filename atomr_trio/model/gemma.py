@@ -67,6 +67,8 @@ class GemmaModel(LlamaModel):
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_len: int, device: str = "cpu") -> None:
         super().__init__(cfg, dtype, max_len, device)
+        # made once: a tensor built in forward would copy from the host inside a captured CUDA graph
+        self.embed_scale = torch.tensor(cfg.hidden_size**0.5, dtype=dtype, device=self.device)
         if cfg.rope_local_theta is not None:
             local = replace(cfg, rope_theta=cfg.rope_local_theta, rope_scaling=None)
             local_cos, local_sin = rope_tables(local, max_len, dtype)
@@ -138,8 +140,7 @@ class GemmaModel(LlamaModel):
         assert cfg.query_pre_attn_scalar is not None
         scale = cfg.query_pre_attn_scalar**-0.5
         norm = self._gemma_norm
-        embed_scale = torch.tensor(cfg.hidden_size**0.5, dtype=self.dtype, device=self.device)
-        h = F.embedding(input_ids, self.embed) * embed_scale
+        h = F.embedding(input_ids, self.embed) * self.embed_scale
         rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(table) -> the tokens' cos, sin
         for i, w in enumerate(self.layers):
             assert isinstance(w, GemmaLayer) and w.pre_ff is not None and w.post_ff is not None

@@ -39,6 +39,7 @@ then; the tests compare with a plain-torch reference, NaN in every slot a row ma
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any
 
 import torch
@@ -52,6 +53,7 @@ TARGET_PROGRAMS = 264  # ~2 programs per SM on an H200 (132 SMs)
 triton: Any = None
 tl: Any = None
 _scratch: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+_scratch_lock = threading.Lock()
 
 
 def available() -> bool:
@@ -182,11 +184,14 @@ def _scratch_for(n: int, h: int, block_d: int, splits: int, device: torch.device
     """The split kernels' partials ([N, H, splits, BLOCK_D] acc; [2, N, H, splits] max and sum),
     allocated on the first call per shape and device and kept (a graph captured later, or
     during that call, reads and writes the same buffers on every replay)."""
-    key = (n, h, block_d, splits, device)
-    if key not in _scratch:
-        _scratch[key] = (torch.empty(n, h, splits, block_d, dtype=torch.float32, device=device),
-                         torch.empty(2, n, h, splits, dtype=torch.float32, device=device))
-    return _scratch[key]
+    # per calling thread: two replicas on one GPU (one device thread each) must not merge each
+    # other's partials
+    key = (threading.get_ident(), n, h, block_d, splits, device)
+    with _scratch_lock:
+        if key not in _scratch:
+            _scratch[key] = (torch.empty(n, h, splits, block_d, dtype=torch.float32, device=device),
+                             torch.empty(2, n, h, splits, dtype=torch.float32, device=device))
+        return _scratch[key]
 
 
 def _check(q: torch.Tensor, kv: torch.Tensor, block_table: torch.Tensor, ctx_lens: torch.Tensor,
