@@ -213,8 +213,9 @@ def test_kv_blocks_follow_gpu_memory_utilization(tiny_model_dir: Path) -> None:
         pytest.skip(f"only {free / 2**30:.1f} of {total / 2**30:.1f} GiB free: another process holds the GPU")
     blocks = {}
     for utilization in (0.2, 0.4):
+        # large blocks: a tiny model's 4 KiB blocks would make the block manager's tables take seconds
         with LLM(str(tiny_model_dir), device="cuda", dtype="bfloat16", gpu_memory_utilization=utilization,
-                 max_num_seqs=16) as llm:
+                 max_num_seqs=16, block_size=256) as llm:
             cfg = llm.engine.config
             blocks[utilization] = llm.stats()["num_kv_blocks"]
             block_bytes = cfg.kv_block_bytes(llm.engine.source.config)
