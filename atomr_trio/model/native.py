@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "paged_decode_attention.cpp", CSRC / "norm_rope.cpp", CSRC / "linear_bf16.cpp")
-HEADERS = (CSRC / "vec_avx512.h",)  # included by the sources: part of the build key too
+HEADERS = (CSRC / "vec_avx512.h", CSRC / "vec_avx2.h")  # included by the sources: part of the build key too
 DTYPES = (torch.float32, torch.bfloat16)  # what the kernels compute in
 
 

@@ -24,9 +24,14 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
 
 #if defined(__AVX512BF16__)
 #include "vec_avx512.h"
+#elif defined(__AVX2__) && defined(__FMA__)
+#include "vec_avx2.h"
 #endif
 
 namespace {
@@ -34,6 +39,17 @@ namespace {
 constexpr int64_t kCols = 16;  // output columns per packed block: one vector of float32
 constexpr int kMaxRows = 8;    // rows per tile
 constexpr int kPanel = 3;     // blocks per panel of a plain matmul's packed weight
+
+// wp [panels, K/2, blocks * 16, 2]; x [M, K].
+void check(const at::Tensor& x, const at::Tensor& wp, int64_t blocks) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(),
+              "x must be a 2-D bfloat16 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(wp.dim() == 4 && wp.size(2) == blocks * kCols && wp.size(3) == 2 &&
+                  wp.scalar_type() == at::kBFloat16 && wp.is_contiguous(),
+              "wp must be a bfloat16 weight packed as [panels, K/2, ", blocks * kCols, ", 2], got ", wp.sizes());
+  TORCH_CHECK(x.size(1) == 2 * wp.size(1), "x has ", x.size(1), " inputs, the weight ", 2 * wp.size(1));
+}
+
 
 #if defined(__AVX512BF16__)
 
@@ -96,16 +112,6 @@ void matmul(const at::Tensor& x, const at::Tensor& wp, Epilogue&& epilogue) {
   });
 }
 
-// wp [panels, K/2, blocks * 16, 2]; x [M, K].
-void check(const at::Tensor& x, const at::Tensor& wp, int64_t blocks) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(),
-              "x must be a 2-D bfloat16 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
-  TORCH_CHECK(wp.dim() == 4 && wp.size(2) == blocks * kCols && wp.size(3) == 2 &&
-                  wp.scalar_type() == at::kBFloat16 && wp.is_contiguous(),
-              "wp must be a bfloat16 weight packed as [panels, K/2, ", blocks * kCols, ", 2], got ", wp.sizes());
-  TORCH_CHECK(x.size(1) == 2 * wp.size(1), "x has ", x.size(1), " inputs, the weight ", 2 * wp.size(1));
-}
-
 at::Tensor linear_bf16(const at::Tensor& x_, const at::Tensor& wp, int64_t n,
                        const c10::optional<at::Tensor>& bias_) {
   check(x_, wp, kPanel);
@@ -156,18 +162,164 @@ at::Tensor linear_silu_mul_bf16(const at::Tensor& x_, const at::Tensor& wp, int6
 }
 
 bool has_bf16_matmul() { return true; }
+std::string bf16_matmul_isa() { return "avx512bf16"; }
 
-#else  // no AVX512-BF16 on this machine: the Python side keeps oneDNN / ATen
+#elif defined(__AVX2__) && defined(__FMA__)
+
+// AVX2 + FMA (no bf16 dot instruction): the same packed panels, widened to float32 in registers.
+// A 32-bit lane of a panel holds one column's pair (k even low, k odd high), so widening is one
+// shift and one mask (atomr_avx2::widen_pairs), and the pair then takes two FMAs against the
+// broadcast float32 x[2p] and x[2p+1]. x is widened to float32 once per call.
+// Tiles: one row takes a whole panel at once (PW blocks x 2 halves = 6 accumulators for PW = 3,
+// each weight vector read once: the weight-streaming GEMV of a decode step); 2+ rows take up to
+// kRowsAvx2 rows x one block (2 * kRowsAvx2 accumulators of the 16 registers), block by block,
+// so each widened weight vector serves every row of the tile and the panel is re-read from L2.
+constexpr int kRowsAvx2 = 4;
+
+// acc[m][j][h] = x[m, :] . W[block j0 + j, columns 8h..8h+7] for an MT x JB tile of a panel of
+// PW blocks, stored to c [MT][PW * 16] at block j0 + j. x: MT float32 rows, ldx apart.
+template <int PW, int JB, int MT>
+void tile_avx2(const float* x, int64_t ldx, const int32_t* w, int64_t pairs, int j0, float* c) {
+  __m256 acc[MT][JB][2];
+  for (int m = 0; m < MT; ++m)
+    for (int j = 0; j < JB; ++j) acc[m][j][0] = acc[m][j][1] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const int32_t* wp = w + (p * PW + j0) * kCols;
+    for (int j = 0; j < JB; ++j)
+      for (int h = 0; h < 2; ++h) {
+        __m256 even, odd;
+        atomr_avx2::widen_pairs(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + j * kCols + h * 8)),
+                                even, odd);
+        for (int m = 0; m < MT; ++m) {
+          const float* xm = x + m * ldx + 2 * p;
+          acc[m][j][h] = _mm256_fmadd_ps(even, _mm256_broadcast_ss(xm), acc[m][j][h]);
+          acc[m][j][h] = _mm256_fmadd_ps(odd, _mm256_broadcast_ss(xm + 1), acc[m][j][h]);
+        }
+      }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int j = 0; j < JB; ++j)
+      for (int h = 0; h < 2; ++h) _mm256_storeu_ps(c + (m * PW + j0 + j) * kCols + h * 8, acc[m][j][h]);
+}
+
+// One tile of mt rows over the whole panel (c [mt][PW * 16]).
+template <int PW>
+void panel_avx2(int mt, const float* x, int64_t ldx, const int32_t* w, int64_t pairs, float* c) {
+  if (mt == 1) return tile_avx2<PW, PW, 1>(x, ldx, w, pairs, 0, c);
+  for (int j = 0; j < PW; ++j) switch (mt) {
+      case 2: tile_avx2<PW, 1, 2>(x, ldx, w, pairs, j, c); break;
+      case 3: tile_avx2<PW, 1, 3>(x, ldx, w, pairs, j, c); break;
+      default: tile_avx2<PW, 1, 4>(x, ldx, w, pairs, j, c);
+    }
+}
+
+// x [M, K] bf16 -> float32 [M * K].
+std::vector<float> widen_rows(const at::Tensor& x) {
+  const int64_t n = x.numel();
+  std::vector<float> out(static_cast<size_t>(n));
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out.data() + i, atomr_avx2::load_bf16(src + i));
+  for (; i < n; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(src[i]) << 16;
+    std::memcpy(&out[i], &bits, sizeof(float));
+  }
+  return out;
+}
+
+// As the AVX512-BF16 `matmul`: tiles panel by panel, each finished tile handed to
+// `epilogue(row0, rows, panel, c)` with c [rows][PW * 16]; threads take contiguous runs of panels.
+template <int PW, typename Epilogue>
+void matmul_avx2(const at::Tensor& x, const at::Tensor& wp, Epilogue&& epilogue) {
+  const int64_t M = x.size(0), panels = wp.size(0), pairs = wp.size(1), K = 2 * pairs;
+  const std::vector<float> xf = widen_rows(x);
+  const int32_t* wb = reinterpret_cast<const int32_t*>(wp.data_ptr<at::BFloat16>());
+  const int64_t panel_size = pairs * PW * kCols;  // int32 units
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    alignas(32) float c[kRowsAvx2 * PW * kCols];
+    for (int64_t panel = begin; panel < end; ++panel) {
+      const int32_t* w = wb + panel * panel_size;
+      for (int64_t m0 = 0; m0 < M; m0 += kRowsAvx2) {
+        const int mt = static_cast<int>(std::min<int64_t>(kRowsAvx2, M - m0));
+        panel_avx2<PW>(mt, xf.data() + m0 * K, K, w, pairs, c);
+        epilogue(m0, mt, panel, c);
+      }
+    }
+  });
+}
+
+at::Tensor linear_bf16(const at::Tensor& x_, const at::Tensor& wp, int64_t n,
+                       const c10::optional<at::Tensor>& bias_) {
+  check(x_, wp, kPanel);
+  TORCH_CHECK(n > 0 && (n + kPanel * kCols - 1) / (kPanel * kCols) == wp.size(0), "n = ", n,
+              " does not fit ", wp.size(0), " panels");
+  at::Tensor x = x_.contiguous();
+  at::Tensor y = at::empty({x.size(0), n}, x.options());
+  at::Tensor bias;
+  if (bias_.has_value()) {
+    bias = bias_->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == n, "bias must hold n values");
+  }
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  matmul_avx2<kPanel>(x, wp, [&](int64_t m0, int mt, int64_t panel, const float* c) {
+    for (int j = 0; j < kPanel; ++j)
+      for (int h = 0; h < 2; ++h) {
+        const int64_t col = (panel * kPanel + j) * kCols + h * 8, valid = std::min<int64_t>(8, n - col);
+        if (valid <= 0) return;  // padding columns of the last panel
+        __m256 b = _mm256_setzero_ps();
+        if (bp != nullptr) {
+          alignas(32) float tmp[8] = {};
+          std::memcpy(tmp, bp + col, static_cast<size_t>(valid) * sizeof(float));
+          b = _mm256_load_ps(tmp);
+        }
+        for (int m = 0; m < mt; ++m)
+          atomr_avx2::store_bf16(yp + (m0 + m) * n + col,
+                                 _mm256_add_ps(_mm256_loadu_ps(c + (m * kPanel + j) * kCols + h * 8), b), valid);
+      }
+  });
+  return y;
+}
+
+at::Tensor linear_silu_mul_bf16(const at::Tensor& x_, const at::Tensor& wp, int64_t n) {
+  check(x_, wp, 2);
+  TORCH_CHECK(n > 0 && (n + kCols - 1) / kCols == wp.size(0), "n = ", n, " does not fit ", wp.size(0),
+              " gate/up panels");
+  at::Tensor x = x_.contiguous();
+  at::Tensor y = at::empty({x.size(0), n}, x.options());
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  const __m256 one = _mm256_set1_ps(1.f);
+  matmul_avx2<2>(x, wp, [&](int64_t m0, int mt, int64_t panel, const float* c) {
+    for (int h = 0; h < 2; ++h) {
+      const int64_t col = panel * kCols + h * 8, valid = std::min<int64_t>(8, n - col);
+      if (valid <= 0) return;
+      for (int m = 0; m < mt; ++m) {
+        const __m256 g = _mm256_loadu_ps(c + (2 * m) * kCols + h * 8);
+        const __m256 u = _mm256_loadu_ps(c + (2 * m + 1) * kCols + h * 8);
+        const __m256 e = atomr_avx2::exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, e));
+        atomr_avx2::store_bf16(yp + (m0 + m) * n + col, _mm256_mul_ps(silu, u), valid);
+      }
+    }
+  });
+  return y;
+}
+
+bool has_bf16_matmul() { return true; }
+std::string bf16_matmul_isa() { return "avx2"; }
+
+#else  // neither AVX512-BF16 nor AVX2 + FMA: the Python side keeps oneDNN / ATen
 
 at::Tensor linear_bf16(const at::Tensor&, const at::Tensor&, int64_t, const c10::optional<at::Tensor>&) {
-  TORCH_CHECK(false, "linear_bf16 needs AVX512-BF16");
+  TORCH_CHECK(false, "linear_bf16 needs AVX512-BF16 or AVX2 + FMA");
   return {};
 }
 at::Tensor linear_silu_mul_bf16(const at::Tensor&, const at::Tensor&, int64_t) {
-  TORCH_CHECK(false, "linear_silu_mul_bf16 needs AVX512-BF16");
+  TORCH_CHECK(false, "linear_silu_mul_bf16 needs AVX512-BF16 or AVX2 + FMA");
   return {};
 }
 bool has_bf16_matmul() { return false; }
+std::string bf16_matmul_isa() { return ""; }
 
 #endif
 
@@ -177,6 +329,7 @@ TORCH_LIBRARY_FRAGMENT(atomr_trio, m) {
   m.def("linear_bf16(Tensor x, Tensor wp, int n, Tensor? bias) -> Tensor");
   m.def("linear_silu_mul_bf16(Tensor x, Tensor wp, int n) -> Tensor");
   m.def("has_bf16_matmul() -> bool", &has_bf16_matmul);
+  m.def("bf16_matmul_isa() -> str", &bf16_matmul_isa);
 }
 
 TORCH_LIBRARY_IMPL(atomr_trio, CPU, m) {
