@@ -8,9 +8,11 @@ context out of the paged cache before a batch of tiny matmuls.
   with the AVX512-BF16 version; one sequence: 61 -> 26 -> 12 us).
 - `csrc/norm_rope.cpp` fuses residual add + RMS norm, and rotary embedding + the K/V cache write,
   each into one op (one row, bf16: add + norm ~28 -> ~4 us, rope + K/V write ~62 -> ~4 us).
-- `csrc/linear_bf16.cpp`: the bf16 matmul over weights packed for AVX512-BF16 (see linear.py).
-  Where the CPU lacks those instructions, `Kernels.linear` is None and the AVX512-BF16 paths of
-  the other kernels are compiled out (their portable loops remain).
+- `csrc/linear_bf16.cpp`: the bf16 matmul over weights packed in panels (see linear.py), built
+  for AVX512-BF16 (`vdpbf16ps`) where the -march has it, else for AVX2 + FMA (the bf16 pairs
+  widened to float32 in registers; `Kernels.matmul_isa` says which). Where the -march has
+  neither, `Kernels.linear` is None. The AVX512-BF16 paths of the other kernels are compiled out
+  without those instructions (their portable loops remain).
 
 How: the system C++ compiler builds the sources against torch's own headers and libraries with
 `-O3 -march=native` (or the -march in ATOMR_TRIO_NATIVE_ARCH) into one library, in a cache
@@ -69,9 +71,11 @@ class Kernels:
     decode_attention: DecodeAttention
     add_rms_norm_: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, float], torch.Tensor]
     rope_store_kv: Callable[..., torch.Tensor]
-    # bf16 matmul over packed panels (linear.py); None where the CPU lacks AVX512-BF16
+    # bf16 matmul over packed panels (linear.py); None where the build has neither AVX512-BF16
+    # nor AVX2 + FMA
     linear: NativeLinear | None
     linear_silu_mul: NativeSiluMul | None
+    matmul_isa: str = ""  # what `linear` was built for: "avx512bf16", "avx2", or "" (none)
 
 
 _lock = threading.Lock()
@@ -115,10 +119,10 @@ def _load() -> Kernels | None:
         log.warning("native CPU kernels unavailable, using plain torch ops: %s", e)
         return None
     ops = torch.ops.atomr_trio
-    matmul = ops.has_bf16_matmul()
+    isa = ops.bf16_matmul_isa()
     return Kernels(
         ops.paged_decode_attention, ops.add_rms_norm_, ops.rope_store_kv,
-        ops.linear_bf16 if matmul else None, ops.linear_silu_mul_bf16 if matmul else None,
+        ops.linear_bf16 if isa else None, ops.linear_silu_mul_bf16 if isa else None, isa,
     )
 
 
