@@ -144,11 +144,13 @@ def bf16_matmul_is_fast() -> bool:
       reading weights read half the bytes, and those matmuls are faster than float32's
       (16 rows x 576 -> 1536, one thread, 2-core Zen 4: bf16 0.22 ms vs float32 0.43 ms).
     - Only the AVX2 native matmul passes (no bf16 dot instruction; the weights are widened in
-      registers): decided by timing it, once per process (~10 ms), against plain torch float32
-      `F.linear` on the default model's MLP weight (1536 x 576) at one row, the batch-1 decode
-      GEMV (`kernel_probes.time_avx2_bf16_against_float32`); bf16 only if it is faster. Measured
-      on a 2-core Zen 4 built for Haswell with oneDNN, ATen and MKL capped at AVX2, streaming
-      24 such weights: 0.073 ms vs 0.374 ms (and 2.8 vs 13.4 ms for the 49152 x 576 lm_head).
+      registers): decided by timing it, once per process (15-45 ms with the setup), against
+      plain torch float32 `F.linear` on the default model's MLP weight (1536 x 576) at one row,
+      the batch-1 decode GEMV, one thread each, best of 7 alternated rounds
+      (`kernel_probes.time_avx2_bf16_against_float32`); bf16 only if it is faster. Measured so
+      on a 2-core Zen 4 built for Haswell with oneDNN, ATen and MKL capped at AVX2: 0.034 ms vs
+      0.070 ms; streaming 24 such weights on 2 threads 0.073 vs 0.374 ms (2.8 vs 13.4 ms for the
+      49152 x 576 lm_head), and a whole batch-1 decode step of the default model 12.1 vs 56.8 ms.
     - Nothing beyond plain torch: float32. Plain torch's bf16 matmul there is the slower: the
       same capped machine took 1.42 ms in bf16 vs 0.37 ms in float32 at 16 rows, 9.9 vs 1.5 ms
       at 64 rows, 0.10 vs 0.07 ms at one."""
