@@ -3,9 +3,11 @@
 Parts and their paths, fastest first:
 - `matmul` over bfloat16 weights: `native` (csrc/linear_bf16.cpp over packed panels; built for
   AVX512-BF16 where the -march has it, else for AVX2 + FMA: the CPU must have what the build
-  used) -> `onednn` (oneDNN-packed weights for steps of 2+ rows; needs AVX512BW/VL/DQ or
-  AVX-NE-CONVERT; one-row matmuls take ATen's GEMV where its own probe passes, else oneDNN)
-  -> `torch` (F.linear as torch dispatches it).
+  used; the AVX2 build stays first on AVX-512 CPUs without AVX512-BF16 too: built for
+  skylake-avx512 with oneDNN capped at AVX512_CORE, one core, it took half oneDNN's time at
+  1-256 rows, e.g. 16 x 576 -> 1536 0.46 vs 1.01 ms) -> `onednn` (oneDNN-packed weights for
+  steps of 2+ rows; needs AVX512BW/VL/DQ or AVX-NE-CONVERT; one-row matmuls take ATen's GEMV
+  where its own probe passes, else oneDNN) -> `torch` (F.linear as torch dispatches it).
   float32 weights have `torch` only: the other two are bf16 layouts.
 - `ops` — decode attention over the paged cache, residual add + RMS norm, rope + K/V cache
   write: `native` (csrc/*.cpp, built by native.py; needs x86-64 and a C++ compiler) -> `torch`.
