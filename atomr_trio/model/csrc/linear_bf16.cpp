@@ -1,4 +1,5 @@
-// bfloat16 matmul by a weight packed for the AVX512-BF16 dot instruction (CPU).
+// bfloat16 matmul by a weight packed for the AVX512-BF16 dot instruction (CPU); built for
+// AVX2 + FMA where the -march lacks AVX512-BF16 (the second half of this file).
 //
 // y[m, n] = sum_k x[m, k] * W[n, k], float32 accumulation, one rounding to bfloat16 at the end.
 // The weight is packed once (linear.py) into panels of PW blocks of 16 output columns, as
@@ -14,8 +15,10 @@
 // linear_bf16(x [M, K], wp, n, bias?) -> y [M, n]; wp in panels of 3 blocks (PW = 3)
 // linear_silu_mul_bf16(x [M, K], wp, n) -> silu(x W_gate^T) * (x W_up^T) as [M, n], where wp
 //   has panels of 2 blocks: gate columns 16b..16b+15, then the same up columns (PW = 2).
-// has_bf16_matmul() -> whether this build has the instructions (else the ops raise and
-//   linear.py keeps oneDNN / ATen).
+// has_bf16_matmul() -> whether this build has a matmul (else the ops raise and linear.py keeps
+//   oneDNN / ATen); bf16_matmul_isa() -> "avx512bf16", "avx2" or "" (none): which one.
+// Invariant of both builds: float32 sums of the exact bf16 products, one rounding (to nearest
+// even) of each output to bf16, padding columns never stored.
 // Built and loaded at run time by native.py.
 
 #include <ATen/ATen.h>
@@ -176,8 +179,10 @@ std::string bf16_matmul_isa() { return "avx512bf16"; }
 //   tiles of kRowsWide rows x NH halves of 8 columns (12 accumulators; per input NH loads and
 //   kRowsWide broadcasts feed kRowsWide * NH FMAs, the shape of an fp32 GEMM micro-kernel) run
 //   over it: widening is paid once per panel for all rows. Measured against widening in
-//   registers per tile (4 rows x 1 block), 2-core Zen 4 built for Haswell: 2 rows level,
-//   16 rows 1.1-1.2x, 64 rows 1.2-1.5x, 512 rows 1.4-1.6x faster.
+//   registers per tile (4 rows x 1 block), 2-core Zen 4 built for Haswell: 2 rows 1.0-1.3x,
+//   16 rows 1.1-1.2x, 64 rows 1.2-1.6x, 512 rows 1.3-1.7x faster. Against torch float32
+//   F.linear (MKL capped at AVX2): 16 rows 1.1-1.4x faster, 64 rows level, 512 rows level to
+//   1.2x slower — close enough that prefill stays here rather than holding float32 copies.
 // x is widened to float32 once per call.
 constexpr int kRowsWide = 4;
 
