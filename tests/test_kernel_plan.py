@@ -196,8 +196,8 @@ def test_arm_skips_the_native_build(monkeypatch: pytest.MonkeyPatch, caplog: pyt
 @pytest.mark.slow
 def test_an_avx2_only_cpu_serves_bf16(tiny_dir: Path, tmp_path: Path) -> None:
     """This machine pretending to be an AVX2-only x86 (oneDNN and ATen capped at AVX2, kernels
-    built for Haswell): bf16 must serve on the paths such a CPU has, and forcing one it lacks
-    must name the missing feature."""
+    built for Haswell): bf16 serves on the AVX2 native matmul, dtype=auto is decided by timing it
+    against float32, and forcing a path the CPU lacks names the missing feature."""
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
            "ATOMR_TRIO_NATIVE_ARCH": "haswell"}
     env.pop(cpu_kernels.ENV, None)
@@ -211,14 +211,39 @@ def test_an_avx2_only_cpu_serves_bf16(tiny_dir: Path, tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", script, str(tiny_dir)], env=env, capture_output=True,
                           text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout.splitlines()[0]) == "float32"  # dtype=auto: plain torch bf16 is slower
+    dtype = json.loads(done.stdout.splitlines()[0])
+    timed = re.search(r"dtype auto: the AVX2 bf16 matmul took ([\d.]+) ms, float32 F.linear ([\d.]+) ms.*: (\w+)",
+                      done.stderr)
+    assert timed, done.stderr[-2000:]
+    assert timed[3] == dtype == ("bfloat16" if float(timed[1]) < float(timed[2]) else "float32")
     kernels, tokens = json.loads(done.stdout.splitlines()[-1])
-    assert kernels == "matmul=torch, ops=native" and len(tokens) == 8
-    # a real AVX2-only CPU is turned away by its flags, an emulated one by oneDNN's refusal
-    assert re.search(r"not matmul onednn: (this CPU lacks avx512bw|its probe raised RuntimeError)", done.stderr)
+    assert kernels == "matmul=native, ops=native" and len(tokens) == 8
     done = subprocess.run([sys.executable, "-c", script, str(tiny_dir)], env={**env, cpu_kernels.ENV: "onednn"},
                           capture_output=True, text=True, timeout=400)
     assert done.returncode != 0 and "avx512bw, avx512vl and avx512dq" in done.stderr
+
+
+def test_auto_dtype_times_the_avx2_matmul_when_it_is_the_only_bf16_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the only bf16 path beyond torch is the AVX2 native matmul, bf16 iff it timed faster
+    than float32 (the timing itself is stubbed here; the slow AVX2 test above runs it for real)."""
+    _needs("native", "matmul")
+    k = native.kernels()
+    assert k is not None
+    monkeypatch.delenv(cpu_kernels.ENV, raising=False)
+    monkeypatch.setitem(native._state, "k", dataclasses.replace(k, matmul_isa="avx2"))
+    monkeypatch.setattr(cpu_kernels, "unavailable", lambda part, path, dtype, cfg=None:
+                        "lacks it" if path == "onednn" else None)
+    for times, want in (((0.03, 0.07), "bfloat16"), ((0.08, 0.07), "float32")):
+        cpu_kernels._probed_bf16_matmul.cache_clear()
+        monkeypatch.setattr(cpu_kernels.kernel_probes, "time_avx2_bf16_against_float32", lambda t=times: t)
+        assert EngineConfig().resolved_dtype() == want, times
+    cpu_kernels._probed_bf16_matmul.cache_clear()
+
+
+def test_the_avx2_timing_measures_both_kernels() -> None:
+    _needs("native", "matmul")
+    native_ms, float32_ms = cpu_kernels.kernel_probes.time_avx2_bf16_against_float32(rounds=2)
+    assert 0 < native_ms < 50 and 0 < float32_ms < 50
 
 
 def test_kernel_path_skips_name_the_missing_feature(monkeypatch: pytest.MonkeyPatch) -> None:

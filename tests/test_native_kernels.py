@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,3 +175,18 @@ def test_a_failed_build_falls_back_with_a_warning(monkeypatch, tmp_path, caplog)
         assert native._load() is None
     assert "unavailable" in caplog.text
     assert not list(tmp_path.rglob("*.so"))
+
+
+@needs_compiler
+@pytest.mark.slow
+def test_the_haswell_build_passes_the_kernel_tests():
+    """The kernels built for an AVX2-only CPU (ATOMR_TRIO_NATIVE_ARCH=haswell: no AVX-512, so
+    bf16 attention takes its AVX2 + FMA version) pass this file's tests too, in a subprocess
+    whose library is a second cached build."""
+    here = Path(__file__)
+    env = {**os.environ, "ATOMR_TRIO_NATIVE_ARCH": "haswell"}
+    tests = [str(here), f"{here.with_name('test_gemma.py')}::test_native_decode_window"]
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests, "-k", "not haswell"],
+                          env=env, capture_output=True, text=True, timeout=500, cwd=here.parent.parent)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1], done.stdout[-500:]

@@ -3,6 +3,12 @@ every row count and shape, silu(gate) * up in one pass, clear errors on bad inpu
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -106,3 +112,77 @@ def test_bad_input_is_a_clear_error() -> None:
         k.linear(torch.randn(2, 32).to(torch.bfloat16), wp, 200, None)
     with pytest.raises(RuntimeError, match="packed"):
         k.linear(torch.randn(2, 32).to(torch.bfloat16), torch.randn(48, 32).to(torch.bfloat16), 48, None)
+
+
+# ---- the AVX2 + FMA build (no AVX512-BF16), built for Haswell in a subprocess --------------------
+# One subprocess builds that library (a second cached one: the build key holds the -march) and
+# measures every case; the tests below read its answers. Shapes: out features not a multiple of
+# 16 or 48 (the padding of the last panel, the 8-column half stores), in features even but not a
+# multiple of 32; rows 1 (the one-pass GEMV) and 3, 17, 64 (widened panels, whole and partial
+# 4-row tiles).
+AVX2_ROWS = (1, 3, 17, 64)
+AVX2_SHAPES = ((100, 34), (61, 194), (40, 578), (1541, 2))
+AVX2_SCRIPT = r"""
+import json
+import torch
+import torch.nn.functional as F
+from atomr_trio.model import native
+from atomr_trio.model.linear import Linear
+
+def bound(exact, err32):
+    # half a bf16 step of the exact value (its rounding) plus what float32 sums may be off by
+    half_ulp = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(1e-30))) - 8)
+    return half_ulp * (1 + 2**-7) + err32 + 1e-30
+
+def excess(got, exact, b):
+    return float(((got.double() - exact).abs() - b).max())
+
+k = native.kernels()
+out = {"isa": k.matmul_isa if k else None}
+g = torch.Generator().manual_seed(0)
+for rows in ROWS:
+    for n, kin in SHAPES:
+        w = torch.randn(n, kin, generator=g).to(torch.bfloat16)
+        b = torch.randn(n, generator=g).to(torch.bfloat16)
+        x = torch.randn(rows, kin, generator=g).to(torch.bfloat16)
+        lin = Linear(w.clone(), b)
+        assert lin.pack_native(k.linear, k.linear_silu_mul)
+        xd, wd = x.double(), w.double()
+        exact = xd @ wd.T + b.double()
+        err32 = 2 * (kin + 1) * 2.0**-24 * (xd.abs() @ wd.abs().T + b.double().abs())
+        out[f"linear {rows}x{kin}->{n}"] = excess(lin(x), exact, bound(exact, err32))
+        gate_up = torch.cat([w, w.roll(1, 0)]).contiguous()
+        lin = Linear(gate_up.clone(), gate_up=True)
+        assert lin.pack_native(k.linear, k.linear_silu_mul)
+        both = xd @ gate_up.double().T
+        gate, up = both[:, :n], both[:, n:]
+        exact = F.silu(gate) * up
+        e = 2 * kin * 2.0**-24 * (xd.abs() @ gate_up.double().abs().T)
+        err32 = 1.1 * e[:, :n] * up.abs() + F.silu(gate).abs() * e[:, n:] + 8 * 2.0**-24 * exact.abs()
+        out[f"silu_mul {rows}x{kin}->{n}"] = excess(lin.silu_mul(x), exact, bound(exact, err32))
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def avx2_excess() -> dict[str, float]:
+    """Each case's worst error beyond its bound (<= 0: within it), from the Haswell build."""
+    if not native.is_x86_64() or shutil.which("g++") is None:
+        pytest.skip("the native kernels need x86-64 and g++")
+    script = AVX2_SCRIPT.replace("ROWS", repr(AVX2_ROWS)).replace("SHAPES", repr(AVX2_SHAPES))
+    env = {**os.environ, "ATOMR_TRIO_NATIVE_ARCH": "haswell"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    answers: dict[str, float] = json.loads(done.stdout.splitlines()[-1])
+    assert answers.pop("isa") == "avx2"
+    return answers
+
+
+@pytest.mark.parametrize("rows", AVX2_ROWS)
+@pytest.mark.parametrize("n,k", AVX2_SHAPES)
+@pytest.mark.parametrize("op", ["linear", "silu_mul"])
+def test_avx2_build_matches_float64_to_rounding(avx2_excess: dict[str, float], op: str, rows: int,
+                                                n: int, k: int) -> None:
+    """The AVX2 + FMA matmul (and its fused silu_mul) round the float32 sum once to bf16: within
+    half a bf16 step of the float64 product, plus float32 summation error."""
+    assert avx2_excess[f"{op} {rows}x{k}->{n}"] <= 0

@@ -1,10 +1,13 @@
 """CPU kernel plan: which kernel runs each part of a CPU forward, chosen by trying them.
 
 Parts and their paths, fastest first:
-- `matmul` over bfloat16 weights: `native` (csrc/linear_bf16.cpp over packed panels; needs
-  AVX512-BF16) -> `onednn` (oneDNN-packed weights for steps of 2+ rows; needs AVX512BW/VL/DQ or
-  AVX-NE-CONVERT; one-row matmuls take ATen's GEMV where its own probe passes, else oneDNN)
-  -> `torch` (F.linear as torch dispatches it).
+- `matmul` over bfloat16 weights: `native` (csrc/linear_bf16.cpp over packed panels; built for
+  AVX512-BF16 where the -march has it, else for AVX2 + FMA: the CPU must have what the build
+  used; the AVX2 build stays first on AVX-512 CPUs without AVX512-BF16 too: built for
+  skylake-avx512 with oneDNN capped at AVX512_CORE, one core, it took half oneDNN's time at
+  1-256 rows, e.g. 16 x 576 -> 1536 0.46 vs 1.01 ms) -> `onednn` (oneDNN-packed weights for
+  steps of 2+ rows; needs AVX512BW/VL/DQ or AVX-NE-CONVERT; one-row matmuls take ATen's GEMV
+  where its own probe passes, else oneDNN) -> `torch` (F.linear as torch dispatches it).
   float32 weights have `torch` only: the other two are bf16 layouts.
 - `ops` — decode attention over the paged cache, residual add + RMS norm, rope + K/V cache
   write: `native` (csrc/*.cpp, built by native.py; needs x86-64 and a C++ compiler) -> `torch`.
@@ -136,12 +139,23 @@ def choose(cfg: ModelConfig, dtype: torch.dtype) -> KernelPlan:
 
 
 def bf16_matmul_is_fast() -> bool:
-    """Whether `dtype=auto` should pick bfloat16 on this CPU: a bf16 matmul path other than plain
-    torch runs here (forced, or passing its probe). With one, bf16 halves the bytes read per step
-    and its matmuls are faster than float32's (16 rows x 576 -> 1536, one thread, 2-core Zen 4:
-    bf16 0.22 ms vs float32 0.43 ms). Without one, plain torch's bf16 matmul is the slower: the
-    same machine with oneDNN, ATen and MKL capped at AVX2 (what an AVX2-only CPU runs) took 1.42 ms
-    in bf16 vs 0.37 ms in float32 at 16 rows, 9.9 vs 1.5 ms at 64 rows, 0.10 vs 0.07 ms at one."""
+    """Whether `dtype=auto` should pick bfloat16 on this CPU.
+
+    - Forced paths: bf16 unless the forced matmul is plain torch.
+    - oneDNN's bf16 path or the AVX512-BF16 native one passes its probe: bf16. Steps bound by
+      reading weights read half the bytes, and those matmuls are faster than float32's
+      (16 rows x 576 -> 1536, one thread, 2-core Zen 4: bf16 0.22 ms vs float32 0.43 ms).
+    - Only the AVX2 native matmul passes (no bf16 dot instruction; the weights are widened in
+      registers): decided by timing it, once per process (15-45 ms with the setup), against
+      plain torch float32 `F.linear` on the default model's MLP weight (1536 x 576) at one row,
+      the batch-1 decode GEMV, one thread each, best of 7 alternated rounds
+      (`kernel_probes.time_avx2_bf16_against_float32`); bf16 only if it is faster. Measured so
+      on a 2-core Zen 4 built for Haswell with oneDNN, ATen and MKL capped at AVX2: 0.034 ms vs
+      0.070 ms; streaming 24 such weights on 2 threads 0.073 vs 0.374 ms (2.8 vs 13.4 ms for the
+      49152 x 576 lm_head), and a whole batch-1 decode step of the default model 12.1 vs 56.8 ms.
+    - Nothing beyond plain torch: float32. Plain torch's bf16 matmul there is the slower: the
+      same capped machine took 1.42 ms in bf16 vs 0.37 ms in float32 at 16 rows, 9.9 vs 1.5 ms
+      at 64 rows, 0.10 vs 0.07 ms at one."""
     force = forced()
     if force:
         return force["matmul"] != "torch"
@@ -150,8 +164,19 @@ def bf16_matmul_is_fast() -> bool:
 
 @cache
 def _probed_bf16_matmul() -> bool:
-    # oneDNN's probe first: it is cheap, and every CPU with the native path has oneDNN's too
-    return any(unavailable("matmul", path, torch.bfloat16) is None for path in ("onednn", "native"))
+    # oneDNN's probe first: it is cheap, and every CPU with the AVX512-BF16 path has oneDNN's too
+    if unavailable("matmul", "onednn", torch.bfloat16) is None:
+        return True
+    if unavailable("matmul", "native", torch.bfloat16) is not None:
+        return False
+    k = native.kernels()
+    if k is None or k.matmul_isa != "avx2":
+        return True
+    native_ms, float32_ms = kernel_probes.time_avx2_bf16_against_float32()
+    faster = native_ms < float32_ms
+    log.info("dtype auto: the AVX2 bf16 matmul took %.3f ms, float32 F.linear %.3f ms (1 x 576 -> 1536): %s",
+             native_ms, float32_ms, "bfloat16" if faster else "float32")
+    return faster
 
 
 def paths(part: str, dtype: torch.dtype) -> list[str]:
@@ -196,6 +221,8 @@ def cpu_flags() -> frozenset[str]:
 
 
 ONEDNN_BF16_FLAGS = ("avx512bw", "avx512vl", "avx512dq")
+# ONEDNN_MAX_CPU_ISA values that leave oneDNN no bf16 instructions (AVX2_VNNI_2 has avx_ne_convert)
+ONEDNN_CAPS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI")
 
 
 def _missing_feature(part: str, path: str) -> str | None:
@@ -206,18 +233,33 @@ def _missing_feature(part: str, path: str) -> str | None:
             return "switched off by ATOMR_TRIO_NATIVE=0"
         if shutil.which(os.environ.get("CXX", "g++")) is None:
             return "no C++ compiler (g++ or $CXX) to build the native kernels"
-        flags = cpu_flags()
-        if part == "matmul" and flags and "avx512_bf16" not in flags:
-            return "this CPU lacks avx512_bf16"
         k = native.kernels()
         if k is None:
             return "the native kernels did not build (see the warning above)"
-        if part == "matmul" and k.linear is None:
-            return f"the kernels were built without AVX512-BF16 (-march={native.march()})"
+        if part == "matmul":
+            return _native_matmul_missing(k)
     if path == "onednn":
         if not torch.backends.mkldnn.is_available():
             return "this torch build has no oneDNN"
         flags = cpu_flags()
         if flags and not (all(f in flags for f in ONEDNN_BF16_FLAGS) or "avx_ne_convert" in flags):
             return "this CPU lacks avx512bw, avx512vl and avx512dq (or avx_ne_convert) for oneDNN's bf16"
+        cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+        if cap in ONEDNN_CAPS_WITHOUT_BF16:  # how an AVX2-only CPU is emulated on a newer one
+            return (f"oneDNN is capped at ONEDNN_MAX_CPU_ISA={cap}, without avx512bw, avx512vl and avx512dq "
+                    "(or avx_ne_convert) for its bf16")
     return None
+
+
+# the CPU flags each build of the native matmul executes (Kernels.matmul_isa)
+NATIVE_MATMUL_FLAGS = {"avx512bf16": ("avx512_bf16",), "avx2": ("avx2", "fma")}
+
+
+def _native_matmul_missing(k: Kernels) -> str | None:
+    """The build's matmul decides what the CPU must have: a build for another -march
+    (ATOMR_TRIO_NATIVE_ARCH=haswell on an AVX-512 CPU) runs its own instructions, not the CPU's best."""
+    if k.linear is None:
+        return f"the kernels were built without AVX512-BF16 or AVX2 + FMA (-march={native.march()})"
+    flags = cpu_flags()
+    lacking = [f for f in NATIVE_MATMUL_FLAGS.get(k.matmul_isa, ()) if flags and f not in flags]
+    return f"this CPU lacks {' and '.join(lacking)}" if lacking else None

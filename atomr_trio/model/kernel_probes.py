@@ -9,6 +9,7 @@ oneDNN's process-wide switch only through cpu_gemv's KernelChoice.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -138,6 +139,37 @@ def _probe_native_ops(dtype: torch.dtype, cfg: ModelConfig) -> str | None:
     want = paged_attention(q.float(), q.float()[:, :nkv], q.float()[:, :nkv], kv.float(), meta, write_kv=False)
     got = k.decode_attention(q, kv, dslots, lens, hd**-0.5)
     return _mismatch(got.reshape(2, nq * hd), want, "paged_decode_attention")
+
+
+def time_avx2_bf16_against_float32(rounds: int = 7) -> tuple[float, float]:
+    """(native bf16 ms, torch float32 ms) per one-row matmul by the default model's MLP weight
+    (576 -> 1536), for cpu_kernels' dtype=auto decision where the only bf16 path beyond torch is
+    the AVX2 native one. One thread (torch's count is restored after): with two, a neighbour
+    holding a core stalls every parallel call for a scheduler slice (measured: 7.8 ms instead of
+    0.03 ms per call on a busy 2-core machine), which would decide by the neighbour. Each the best
+    of `rounds` rounds of 3 calls, taken in alternation after a warm-up round: ~5 ms in all."""
+    k = native.kernels()
+    assert k is not None and k.linear is not None and k.linear_silu_mul is not None
+    w = torch.full((1536, 576), 0.01)  # the values do not matter to the time (no denormals)
+    x = torch.full((1, 576), 0.5)
+    lin = Linear(w.to(torch.bfloat16), None)
+    assert lin.pack_native(k.linear, k.linear_silu_mul)
+    xb = x.to(torch.bfloat16)
+    calls = {"native": lambda: lin(xb), "float32": lambda: F.linear(x, w)}
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for round_ in range(rounds + 1):
+            for name, call in calls.items():
+                t0 = time.perf_counter()
+                for _ in range(3):
+                    call()
+                if round_:  # round 0 warms up
+                    times[name].append((time.perf_counter() - t0) / 3 * 1e3)
+    finally:
+        torch.set_num_threads(threads)
+    return min(times["native"]), min(times["float32"])
 
 
 PROBES: dict[tuple[str, str], Callable[[torch.dtype, ModelConfig], str | None]] = {

@@ -5,12 +5,16 @@ decode step's few rows — and the torch decode attention in attention.py copies
 context out of the paged cache before a batch of tiny matmuls.
 - `csrc/paged_decode_attention.cpp` reads K/V where they lie instead (measured on a 2-core EPYC,
   bf16, 16 sequences x 156 tokens: ~475 -> ~200 us per layer with the portable loops, ~80 us
-  with the AVX512-BF16 version; one sequence: 61 -> 26 -> 12 us).
+  with the AVX512-BF16 version; one sequence: 61 -> 26 -> 12 us). Built for AVX2 + FMA without
+  AVX512-BF16, bf16 caches take an AVX2 version (the same machine built for Haswell: ~240 -> ~80 us
+  at 16 x 156, 19-31 -> 9-11 us for one sequence; see the source).
 - `csrc/norm_rope.cpp` fuses residual add + RMS norm, and rotary embedding + the K/V cache write,
   each into one op (one row, bf16: add + norm ~28 -> ~4 us, rope + K/V write ~62 -> ~4 us).
-- `csrc/linear_bf16.cpp`: the bf16 matmul over weights packed for AVX512-BF16 (see linear.py).
-  Where the CPU lacks those instructions, `Kernels.linear` is None and the AVX512-BF16 paths of
-  the other kernels are compiled out (their portable loops remain).
+- `csrc/linear_bf16.cpp`: the bf16 matmul over weights packed in panels (see linear.py), built
+  for AVX512-BF16 (`vdpbf16ps`) where the -march has it, else for AVX2 + FMA (the bf16 pairs
+  widened to float32 in registers; `Kernels.matmul_isa` says which). Where the -march has
+  neither, `Kernels.linear` is None. The AVX512-BF16 paths of the other kernels are compiled out
+  without those instructions (their portable loops remain).
 
 How: the system C++ compiler builds the sources against torch's own headers and libraries with
 `-O3 -march=native` (or the -march in ATOMR_TRIO_NATIVE_ARCH) into one library, in a cache
@@ -49,7 +53,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "paged_decode_attention.cpp", CSRC / "norm_rope.cpp", CSRC / "linear_bf16.cpp")
-HEADERS = (CSRC / "vec_avx512.h",)  # included by the sources: part of the build key too
+HEADERS = (CSRC / "vec_avx512.h", CSRC / "vec_avx2.h")  # included by the sources: part of the build key too
 DTYPES = (torch.float32, torch.bfloat16)  # what the kernels compute in
 
 
@@ -69,9 +73,11 @@ class Kernels:
     decode_attention: DecodeAttention
     add_rms_norm_: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, float], torch.Tensor]
     rope_store_kv: Callable[..., torch.Tensor]
-    # bf16 matmul over packed panels (linear.py); None where the CPU lacks AVX512-BF16
+    # bf16 matmul over packed panels (linear.py); None where the build has neither AVX512-BF16
+    # nor AVX2 + FMA
     linear: NativeLinear | None
     linear_silu_mul: NativeSiluMul | None
+    matmul_isa: str = ""  # what `linear` was built for: "avx512bf16", "avx2", or "" (none)
 
 
 _lock = threading.Lock()
@@ -115,10 +121,10 @@ def _load() -> Kernels | None:
         log.warning("native CPU kernels unavailable, using plain torch ops: %s", e)
         return None
     ops = torch.ops.atomr_trio
-    matmul = ops.has_bf16_matmul()
+    isa = ops.bf16_matmul_isa()
     return Kernels(
         ops.paged_decode_attention, ops.add_rms_norm_, ops.rope_store_kv,
-        ops.linear_bf16 if matmul else None, ops.linear_silu_mul_bf16 if matmul else None,
+        ops.linear_bf16 if isa else None, ops.linear_silu_mul_bf16 if isa else None, isa,
     )
 
 
