@@ -39,6 +39,7 @@ from .attention import AttentionMetadata, paged_attention
 from .config import ModelConfig
 from .linear import Linear
 from .llama import Layer, LlamaModel, _rope
+from .quantized import QuantizedWeight, embedding
 from .rope import rope_tables
 
 
@@ -88,7 +89,7 @@ class GemmaModel(LlamaModel):
         return shapes
 
     def load_weights(
-        self, weights: Iterable[tuple[str, torch.Tensor | np.ndarray, Path]], source: Path
+        self, weights: Iterable[tuple[str, torch.Tensor | np.ndarray | QuantizedWeight, Path]], source: Path
     ) -> None:
         cfg = self.cfg
         got = self.read_tensors(weights, source)
@@ -139,7 +140,7 @@ class GemmaModel(LlamaModel):
         scale = cfg.query_pre_attn_scalar**-0.5
         norm = self._gemma_norm
         embed_scale = torch.tensor(cfg.hidden_size**0.5, dtype=self.dtype, device=self.device)
-        h = F.embedding(input_ids, self.embed) * embed_scale
+        h = embedding(input_ids, self.embed, self.dtype) * embed_scale
         rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(table) -> the tokens' cos, sin
         for i, w in enumerate(self.layers):
             assert isinstance(w, GemmaLayer) and w.pre_ff is not None and w.post_ff is not None

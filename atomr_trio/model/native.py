@@ -11,6 +11,8 @@ context out of the paged cache before a batch of tiny matmuls.
 - `csrc/linear_bf16.cpp`: the bf16 matmul over weights packed for AVX512-BF16 (see linear.py).
   Where the CPU lacks those instructions, `Kernels.linear` is None and the AVX512-BF16 paths of
   the other kernels are compiled out (their portable loops remain).
+- `csrc/quant_matmul.cpp`: the matmul over weights kept in GGUF's quantized blocks (Q8_0, Q4_0,
+  Q4_1, Q4_K), dequantized in registers (quantized.py); AVX-512, AVX2 or portable loops.
 
 How: the system C++ compiler builds the sources against torch's own headers and libraries with
 `-O3 -march=native` (or the -march in ATOMR_TRIO_NATIVE_ARCH) into one library, in a cache
@@ -48,7 +50,8 @@ from .linear import NativeLinear, NativeSiluMul
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "paged_decode_attention.cpp", CSRC / "norm_rope.cpp", CSRC / "linear_bf16.cpp")
+SOURCES = (CSRC / "paged_decode_attention.cpp", CSRC / "norm_rope.cpp", CSRC / "linear_bf16.cpp",
+           CSRC / "quant_matmul.cpp")
 HEADERS = (CSRC / "vec_avx512.h",)  # included by the sources: part of the build key too
 DTYPES = (torch.float32, torch.bfloat16)  # what the kernels compute in
 
@@ -72,6 +75,10 @@ class Kernels:
     # bf16 matmul over packed panels (linear.py); None where the CPU lacks AVX512-BF16
     linear: NativeLinear | None
     linear_silu_mul: NativeSiluMul | None
+    # GGUF-block matmuls (quant_matmul.cpp, every x86-64 build): see quantized.py
+    quant_linear: Callable[..., torch.Tensor] | None = None
+    quant_linear_silu_mul: Callable[..., torch.Tensor] | None = None
+    quant_dequantize: Callable[..., torch.Tensor] | None = None
 
 
 _lock = threading.Lock()
@@ -119,6 +126,7 @@ def _load() -> Kernels | None:
     return Kernels(
         ops.paged_decode_attention, ops.add_rms_norm_, ops.rope_store_kv,
         ops.linear_bf16 if matmul else None, ops.linear_silu_mul_bf16 if matmul else None,
+        ops.quant_linear, ops.quant_linear_silu_mul, ops.quant_dequantize,
     )
 
 
