@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from atomr_trio import LLM, SamplingParams
 from atomr_trio.model import native, quantized
-from atomr_trio.model.quantized import KEPT, QuantizedWeight, QuantLinear, random_blocks
+from atomr_trio.model.quantized import QuantizedWeight, QuantLinear, random_blocks
 
 gguf = pytest.importorskip("gguf")
 from gguf.constants import GGMLQuantizationType  # noqa: E402
@@ -61,7 +61,7 @@ def test_dequantize_matches_the_gguf_package(name: str) -> None:
 
 @needs_native
 @pytest.mark.parametrize("name", list(TYPES))
-@pytest.mark.parametrize("rows", [1, 3, 17, 64, 80])  # 80: above DEQUANT_ROWS, dequantize + F.linear
+@pytest.mark.parametrize("rows", [1, 3, 4, 17, 64, 80])  # 1-3: in registers; 4-64: buffered; 80: F.linear
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quant_linear_matches_dequantize_then_matmul(name: str, rows: int, dtype: torch.dtype) -> None:
     t = TYPES[name]
@@ -81,7 +81,7 @@ def test_quant_linear_matches_dequantize_then_matmul(name: str, rows: int, dtype
 
 @needs_native
 @pytest.mark.parametrize("name", list(TYPES))
-@pytest.mark.parametrize("rows", [1, 17, 80])
+@pytest.mark.parametrize("rows", [1, 3, 17, 80])
 def test_quant_silu_mul_matches_the_reference(name: str, rows: int) -> None:
     t = TYPES[name]
     k = 256 if t == 12 else 64

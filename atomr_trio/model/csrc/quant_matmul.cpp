@@ -17,8 +17,12 @@
 //     128 bytes of nibbles; group g of 32 values: w = d * sc[g] * q - dmin * mn[g], where
 //     groups 2c and 2c+1 are the low and high nibbles of bytes 32c..32c+31.
 //
-// Threads split the output rows (at::parallel_for); a tile of up to kMaxTile rows of x shares
-// every dequantized block, so a weight row is read from memory once per call. Vector code:
+// Threads split the output rows (at::parallel_for). Steps of up to kFewRows rows (batch-1 and
+// small-batch decode: bound by reading the weight) dequantize each block in registers and use it
+// for every row at once. Larger steps dequantize kTileN weight rows at a time into a small float32
+// buffer (L1/L2) that every kTileM-row tile of x then reuses, so the dequantization is paid once
+// per weight row, not once per tile of x. Either way a weight row is read from memory once per
+// call, and x / y move in their own dtype (no extra torch ops around the kernel). Vector code:
 // AVX-512 (16 lanes), AVX2+FMA (2 x 8 lanes) or portable loops, chosen at compile time
 // (native.py builds with -march=native or $ATOMR_TRIO_NATIVE_ARCH).
 //
@@ -48,7 +52,6 @@ namespace {
 
 // ---- 16 float32 lanes: one AVX-512 vector, two AVX2 vectors, or plain loops -------------------
 #if defined(__AVX512F__)
-constexpr int kMaxTile = 8;  // rows of x per tile: 2 accumulators each, 16 of 32 registers
 struct V16 {
   __m512 v;
 };
@@ -64,7 +67,6 @@ inline V16 from_i8(const uint8_t* p) {
   return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
 }
 #elif defined(__AVX2__) && defined(__FMA__)
-constexpr int kMaxTile = 4;  // rows per tile: 2 accumulators of 2 registers each, 16 of 16 registers
 struct V16 {
   __m256 a, b;
 };
@@ -92,7 +94,6 @@ inline V16 from_i8(const uint8_t* p) {
   return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)))};
 }
 #else
-constexpr int kMaxTile = 4;
 struct V16 {
   float f[16];
 };
@@ -216,7 +217,8 @@ struct Q4_K {
   }
 };
 
-// out[m] = x[m, :] . W row, for MT rows of x (float32, row stride ldx)
+// out[m] = x[m, :] . W row, for MT rows of x (float32, row stride ldx): the blocks dequantized
+// in registers. The path of steps with few rows, where every block read serves few products.
 template <class F, int MT>
 void dot_tile(const uint8_t* row, int64_t blocks, const float* x, int64_t ldx, float* out) {
   V16 acc0[MT], acc1[MT];  // two chains per row: the FMA latency is hidden at one row too
@@ -236,32 +238,220 @@ void dot_tile(const uint8_t* row, int64_t blocks, const float* x, int64_t ldx, f
   for (int m = 0; m < MT; ++m) out[m] = hsum(add(acc0[m], acc1[m]));
 }
 
+// The weight rows' values, float32, into out (K values per row).
+template <class F>
+void dequant_row(const uint8_t* row, int64_t blocks, float* out) {
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int g = 0; g < F::kGroups; ++g) {
+      V16 w0, w1;
+      F::group(row + b * F::kBytes, g, w0, w1);
+      store(out + b * F::kValues + g * 32, w0);
+      store(out + b * F::kValues + g * 32 + 16, w1);
+    }
+  }
+}
+
+// Register tile of the many-row path: kTileM rows of x x kTileN dequantized weight rows.
+#if defined(__AVX512F__)
+constexpr int kTileM = 4, kTileN = 4;  // 16 accumulators, 4 weight and 1 x vector
+#else
+constexpr int kTileM = 2, kTileN = 2;  // AVX2: 8 accumulators of 2 registers
+#endif
+constexpr int64_t kFewRows = 3;  // steps of up to this many rows dequantize in registers (dot_tile)
+
+// c[m * kTileN + j] = x[m, :] . wbuf[j, :] for MT rows of x, over float32 weight rows in wbuf
+template <int MT>
+void dot_buffered(const float* wbuf, const float* x, int64_t K, float* c) {
+  V16 acc[MT][kTileN];
+  for (int m = 0; m < MT; ++m)
+    for (int j = 0; j < kTileN; ++j) acc[m][j] = zero();
+  for (int64_t k = 0; k < K; k += 16) {
+    V16 wv[kTileN];
+    for (int j = 0; j < kTileN; ++j) wv[j] = load(wbuf + j * K + k);
+    for (int m = 0; m < MT; ++m) {
+      const V16 xv = load(x + m * K + k);
+      for (int j = 0; j < kTileN; ++j) acc[m][j] = fma(wv[j], xv, acc[m][j]);
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int j = 0; j < kTileN; ++j) c[m * kTileN + j] = hsum(acc[m][j]);
+}
+
+void dot_buffered_rows(int mt, const float* wbuf, const float* x, int64_t K, float* c) {
+  switch (mt) {
+    case 1: dot_buffered<1>(wbuf, x, K, c); break;
+#if defined(__AVX512F__)
+    case 2: dot_buffered<2>(wbuf, x, K, c); break;
+    case 3: dot_buffered<3>(wbuf, x, K, c); break;
+    default: dot_buffered<4>(wbuf, x, K, c);
+#else
+    default: dot_buffered<2>(wbuf, x, K, c);
+#endif
+  }
+}
+
+#if defined(__AVX512BF16__)
+// bfloat16 x and AVX512-BF16: the weight rows go to the buffer as bfloat16 (the rounding the bf16
+// weights of quantization=none have too) and `vdpbf16ps` multiplies 32 pairs per instruction:
+// twice the float32 FMA's rate, which bounds steps of many rows.
+constexpr bool kBf16Dot = true;
+
+template <class F>
+void dequant_row_bf16(const uint8_t* row, int64_t blocks, uint16_t* out) {
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int g = 0; g < F::kGroups; ++g) {
+      V16 w0, w1;
+      F::group(row + b * F::kBytes, g, w0, w1);
+      _mm512_storeu_si512(out + b * F::kValues + g * 32, (__m512i)_mm512_cvtne2ps_pbh(w1.v, w0.v));
+    }
+  }
+}
+
+template <int MT>
+void dot_buffered_bf16(const uint16_t* wbuf, const uint16_t* x, int64_t K, float* c) {
+  __m512 acc[MT][kTileN];
+  for (int m = 0; m < MT; ++m)
+    for (int j = 0; j < kTileN; ++j) acc[m][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    __m512bh wv[kTileN];
+    for (int j = 0; j < kTileN; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(wbuf + j * K + k);
+    for (int m = 0; m < MT; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+      for (int j = 0; j < kTileN; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], wv[j], xv);
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int j = 0; j < kTileN; ++j) c[m * kTileN + j] = _mm512_reduce_add_ps(acc[m][j]);
+}
+
+void dot_buffered_bf16_rows(int mt, const uint16_t* wbuf, const uint16_t* x, int64_t K, float* c) {
+  switch (mt) {
+    case 1: dot_buffered_bf16<1>(wbuf, x, K, c); break;
+    case 2: dot_buffered_bf16<2>(wbuf, x, K, c); break;
+    case 3: dot_buffered_bf16<3>(wbuf, x, K, c); break;
+    default: dot_buffered_bf16<4>(wbuf, x, K, c);
+  }
+}
+#else
+constexpr bool kBf16Dot = false;
+#endif
+
 template <class F>
 void dot_rows(int mt, const uint8_t* row, int64_t blocks, const float* x, int64_t ldx, float* out) {
   switch (mt) {
     case 1: dot_tile<F, 1>(row, blocks, x, ldx, out); break;
     case 2: dot_tile<F, 2>(row, blocks, x, ldx, out); break;
-    case 3: dot_tile<F, 3>(row, blocks, x, ldx, out); break;
-#if defined(__AVX512F__)
-    case 4: dot_tile<F, 4>(row, blocks, x, ldx, out); break;
-    case 5: dot_tile<F, 5>(row, blocks, x, ldx, out); break;
-    case 6: dot_tile<F, 6>(row, blocks, x, ldx, out); break;
-    case 7: dot_tile<F, 7>(row, blocks, x, ldx, out); break;
-    default: dot_tile<F, 8>(row, blocks, x, ldx, out);
-#else
-    default: dot_tile<F, 4>(row, blocks, x, ldx, out);
-#endif
+    default: dot_tile<F, 3>(row, blocks, x, ldx, out);
   }
 }
 
-// col[m] = x[m, :] . W row n, for every row m of x, tile by tile
-template <class F>
-void dot_all(const uint8_t* row, int64_t blocks, const float* x, int64_t M, int64_t K, float* col) {
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxTile) {
-    const int mt = static_cast<int>(std::min<int64_t>(kMaxTile, M - m0));
-    dot_rows<F>(mt, row, blocks, x + m0 * K, K, col + m0);
-  }
+// x as float32 rows: the tensor's own data when it is float32, else a widened copy in `copy`.
+const float* float_rows(const at::Tensor& x, int64_t k, std::vector<float>& copy) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k && x.device().is_cpu() && x.is_contiguous() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "x must be a contiguous 2-D float32 or bfloat16 CPU tensor with ", k, " columns, got ", x.sizes(),
+              " ", x.scalar_type());
+  if (x.scalar_type() == at::kFloat) return x.data_ptr<float>();
+  const at::BFloat16* p = x.data_ptr<at::BFloat16>();
+  copy.resize(x.numel());
+  for (int64_t i = 0; i < x.numel(); ++i) copy[i] = static_cast<float>(p[i]);
+  return copy.data();
 }
+
+// x's bfloat16 bits where the vdpbf16ps tiles can take them, else nullptr
+const uint16_t* bf16_bits(const at::Tensor& x) {
+  if (!kBf16Dot || x.scalar_type() != at::kBFloat16) return nullptr;
+  return reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+}
+
+// y[m, n] = value, in y's dtype (float32 or bfloat16, rounded to nearest even)
+struct Out {
+  float* f = nullptr;
+  at::BFloat16* h = nullptr;
+  int64_t ld = 0;
+  explicit Out(at::Tensor& y) : ld(y.size(1)) {
+    if (y.scalar_type() == at::kFloat) f = y.data_ptr<float>();
+    else h = y.data_ptr<at::BFloat16>();
+  }
+  void put(int64_t m, int64_t n, float v) const {
+    if (f != nullptr) f[m * ld + n] = v;
+    else h[m * ld + n] = at::BFloat16(v);
+  }
+};
+
+// Threads take runs of output rows; grain: enough rows that a thread's share is worth a wake-up.
+constexpr int64_t kGrain = 16;
+
+#if defined(__AVX512BF16__)
+template <class F, typename Cols, typename Emit>
+void products_bf16(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, int64_t rb, int64_t count,
+                   Cols&& cols, Emit&& emit) {
+  const int64_t blocks = K / F::kValues, groups = (count + kTileN - 1) / kTileN;
+  at::parallel_for(0, groups, std::max<int64_t>(1, kGrain / kTileN), [&](int64_t begin, int64_t end) {
+    std::vector<uint16_t> wbuf(kTileN * K);
+    float c[kTileM * kTileN];
+    for (int64_t gi = begin; gi < end; ++gi) {
+      const int64_t i0 = gi * kTileN, nt = std::min<int64_t>(kTileN, count - i0);
+      for (int64_t j = 0; j < kTileN; ++j) {
+        if (j < nt) dequant_row_bf16<F>(w + cols(i0 + j) * rb, blocks, wbuf.data() + j * K);
+        else std::fill_n(wbuf.data() + j * K, K, uint16_t{0});
+      }
+      for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
+        const int mt = static_cast<int>(std::min<int64_t>(kTileM, M - m0));
+        dot_buffered_bf16_rows(mt, wbuf.data(), x + m0 * K, K, c);
+        for (int m = 0; m < mt; ++m)
+          for (int64_t j = 0; j < nt; ++j) emit(m0 + m, i0 + j, cols(i0 + j), c[m * kTileN + j]);
+      }
+    }
+  });
+}
+#endif
+
+// Calls emit(m, col, v) for every product x[m] . W[col] of the weight rows `cols(i)`, i in
+// [0, count): steps of few rows dequantize in registers; others dequantize kTileN rows at a time
+// into a float32 buffer that every tile of x rows reuses.
+template <class F, typename Cols, typename Emit>
+void products(const float* x, const uint16_t* xh, int64_t M, int64_t K, const uint8_t* w, int64_t rb,
+              int64_t count, Cols&& cols, Emit&& emit) {
+  const int64_t blocks = K / F::kValues;
+#if defined(__AVX512BF16__)
+  if (xh != nullptr && M > kFewRows) {  // x in bfloat16 (bits in xh): the vdpbf16ps tiles
+    products_bf16<F>(xh, M, K, w, rb, count, cols, emit);
+    return;
+  }
+#endif
+  if (M <= kFewRows) {
+    // threads take pairs of products (a gate|up output is one pair: see quant_linear_silu_mul)
+    at::parallel_for(0, (count + 1) / 2, kGrain / 2, [&](int64_t begin, int64_t end) {
+      float c[kFewRows];
+      for (int64_t i = 2 * begin; i < std::min(2 * end, count); ++i) {
+        const int64_t n = cols(i);
+        dot_rows<F>(static_cast<int>(M), w + n * rb, blocks, x, K, c);
+        for (int64_t m = 0; m < M; ++m) emit(m, i, n, c[m]);
+      }
+    });
+    return;
+  }
+  const int64_t groups = (count + kTileN - 1) / kTileN;
+  at::parallel_for(0, groups, std::max<int64_t>(1, kGrain / kTileN), [&](int64_t begin, int64_t end) {
+    std::vector<float> wbuf(kTileN * K);
+    float c[kTileM * kTileN];
+    for (int64_t gi = begin; gi < end; ++gi) {
+      const int64_t i0 = gi * kTileN, nt = std::min<int64_t>(kTileN, count - i0);
+      for (int64_t j = 0; j < kTileN; ++j) {
+        if (j < nt) dequant_row<F>(w + cols(i0 + j) * rb, blocks, wbuf.data() + j * K);
+        else std::fill_n(wbuf.data() + j * K, K, 0.f);  // past the last row: zeros, results dropped
+      }
+      for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
+        const int mt = static_cast<int>(std::min<int64_t>(kTileM, M - m0));
+        dot_buffered_rows(mt, wbuf.data(), x + m0 * K, K, c);
+        for (int m = 0; m < mt; ++m)
+          for (int64_t j = 0; j < nt; ++j) emit(m0 + m, i0 + j, cols(i0 + j), c[m * kTileN + j]);
+      }
+    }
+  });
+}
+
 
 template <class F>
 int64_t row_bytes_of(int64_t k) {
@@ -292,60 +482,56 @@ void check_weight(const at::Tensor& w, int64_t k) {
               " values take ", row_bytes_of<F>(k));
 }
 
-at::Tensor float_rows(const at::Tensor& x, int64_t k) {
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == k && x.device().is_cpu() &&
-                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
-              "x must be a 2-D float32 or bfloat16 CPU tensor with ", k, " columns, got ", x.sizes(), " ",
-              x.scalar_type());
-  return x.to(at::kFloat).contiguous();
-}
-
-// Threads take runs of output rows; grain: enough rows that a thread's share is worth a wake-up.
-constexpr int64_t kGrain = 16;
-
 at::Tensor quant_linear(const at::Tensor& x_, const at::Tensor& w, int64_t type, int64_t k,
-                        const c10::optional<at::Tensor>& bias) {
+                        const c10::optional<at::Tensor>& bias_) {
   return with_format(type, [&](auto f) {
     using F = decltype(f);
     check_weight<F>(w, k);
-    const at::Tensor x = float_rows(x_, k);
-    const int64_t M = x.size(0), N = w.size(0), blocks = k / F::kValues, rb = w.size(1);
+    const at::Tensor x = x_.contiguous();
+    std::vector<float> xcopy;
+    const float* xp = float_rows(x, k, xcopy);
+    const int64_t M = x.size(0), N = w.size(0);
+    at::Tensor bias;
+    if (bias_.has_value()) {
+      bias = bias_->to(at::kFloat).contiguous();
+      TORCH_CHECK(bias.dim() == 1 && bias.size(0) == N, "bias must hold ", N, " values");
+    }
+    const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
     at::Tensor y = at::empty({M, N}, x.options());
-    const float* xp = x.data_ptr<float>();
-    const uint8_t* wp = w.data_ptr<uint8_t>();
-    float* yp = y.data_ptr<float>();
-    at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
-      std::vector<float> col(M);
-      for (int64_t n = begin; n < end; ++n) {
-        dot_all<F>(wp + n * rb, blocks, xp, M, k, col.data());
-        for (int64_t m = 0; m < M; ++m) yp[m * N + n] = col[m];
-      }
-    });
-    if (bias.has_value()) y.add_(bias->to(at::kFloat));
-    return x_.scalar_type() == at::kFloat ? y : y.to(x_.scalar_type());
+    const Out out(y);
+    products<F>(xp, bf16_bits(x), M, k, w.data_ptr<uint8_t>(), w.size(1), N, [](int64_t i) { return i; },
+                [&](int64_t m, int64_t, int64_t n, float v) { out.put(m, n, bp != nullptr ? v + bp[n] : v); });
+    return y;
   });
 }
 
+// gate|up: product i < 2n is gate row i / 2 (even i) or up row i / 2 (odd i), so each thread's
+// run of products holds both halves of its outputs; the up product finishes an output.
 at::Tensor quant_linear_silu_mul(const at::Tensor& x_, const at::Tensor& w, int64_t type, int64_t k) {
   return with_format(type, [&](auto f) {
     using F = decltype(f);
     check_weight<F>(w, k);
     TORCH_CHECK(w.size(0) % 2 == 0, "a gate|up weight has an even number of rows, got ", w.size(0));
-    const at::Tensor x = float_rows(x_, k);
-    const int64_t M = x.size(0), n = w.size(0) / 2, blocks = k / F::kValues, rb = w.size(1);
+    const at::Tensor x = x_.contiguous();
+    std::vector<float> xcopy;
+    const float* xp = float_rows(x, k, xcopy);
+    const int64_t M = x.size(0), n = w.size(0) / 2;
     at::Tensor y = at::empty({M, n}, x.options());
-    const float* xp = x.data_ptr<float>();
-    const uint8_t* wp = w.data_ptr<uint8_t>();
-    float* yp = y.data_ptr<float>();
-    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-      std::vector<float> gate(M), up(M);
-      for (int64_t j = begin; j < end; ++j) {
-        dot_all<F>(wp + j * rb, blocks, xp, M, k, gate.data());
-        dot_all<F>(wp + (j + n) * rb, blocks, xp, M, k, up.data());
-        for (int64_t m = 0; m < M; ++m) yp[m * n + j] = gate[m] / (1.f + std::exp(-gate[m])) * up[m];
-      }
-    });
-    return x_.scalar_type() == at::kFloat ? y : y.to(x_.scalar_type());
+    at::Tensor gate = at::empty({M, n}, x.options().dtype(at::kFloat));
+    float* gp = gate.data_ptr<float>();
+    const Out out(y);
+    products<F>(xp, bf16_bits(x), M, k, w.data_ptr<uint8_t>(), w.size(1), 2 * n,
+                [n](int64_t i) { return i % 2 == 0 ? i / 2 : n + i / 2; },
+                [&](int64_t m, int64_t i, int64_t, float v) {
+                  const int64_t j = i / 2;
+                  if (i % 2 == 0) {
+                    gp[m * n + j] = v;
+                  } else {
+                    const float g = gp[m * n + j];
+                    out.put(m, j, g / (1.f + std::exp(-g)) * v);
+                  }
+                });
+    return y;
   });
 }
 
