@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> str:
     step_ms = plain * 1000
     lines = [
         f"Decode step, batch {args.batch}, context ≈ {prompt + 8 + steps} tokens, {cfg.dtype}, "
-        f"quantization {cfg.quantization}, {cfg.torch_threads} threads: **{step_ms:.1f} ms per step** ({args.batch / plain:.0f} tok/s from the "
+        f"quantization {cfg.quantization}, {cfg.torch_threads} threads: **{step_ms:.1f} ms per step** "
+        f"({args.batch / plain:.0f} tok/s from the "
         f"model alone), measured over {steps} steps without the profiler. Self time per op group under "
         "torch.profiler (its own overhead inflates small ops):",
         "",

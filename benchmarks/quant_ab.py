@@ -4,7 +4,10 @@ activations) vs bf16 and float32 weights on the kernel plan's matmul. The config
 interleaved, round after round, and the best round of each is reported, so a shared machine's
 noise hits them alike.
 
-    python benchmarks/quant_ab.py [--rows 1 16] [--rounds 7] [--steps 10]
+    python benchmarks/quant_ab.py [--rows 1 16] [--rounds 7] [--steps 10] [--threads N] [--cpu-time]
+
+--cpu-time times the process's CPU seconds instead of the wall clock (with --threads 1: the
+kernels' own cost, what a busy shared machine does not inflate).
 """
 
 from __future__ import annotations
@@ -49,7 +52,12 @@ def main() -> int:
     p.add_argument("--rows", type=int, nargs="+", default=[1, 16])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--cpu-time", action="store_true")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if args.cpu_time else time.perf_counter
     source = ModelSource.open(None)
     configs = {"gguf, bf16 activations": (torch.bfloat16, "gguf"), "gguf, f32 activations": (torch.float32, "gguf"),
                "bf16 weights": (torch.bfloat16, "none"), "f32 weights": (torch.float32, "none")}
@@ -61,10 +69,10 @@ def main() -> int:
             for _ in range(args.rounds):
                 for name, run in runs.items():
                     run()
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     for _ in range(args.steps):
                         run()
-                    best[name] = min(best[name], (time.perf_counter() - t0) / args.steps)
+                    best[name] = min(best[name], (clock() - t0) / args.steps)
             for name, t in best.items():
                 print(f"{rows:3d} rows  {name:24s} {t * 1000:7.2f} ms per step's matmuls")
     return 0

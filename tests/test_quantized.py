@@ -171,6 +171,42 @@ def test_tiny_quantized_gguf_generates_as_its_dequantized_self(tiny_quantized_gg
                 assert b[token].logprob == pytest.approx(lp.logprob, abs=1e-4)
 
 
+@needs_native
+@pytest.mark.parametrize("arch", ["phi3", "qwen3", "qwen3_moe", "mixtral"])
+def test_family_gguf_quantized_generates_as_its_dequantized_self(
+        arch: str, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each family's GGUF (test_families.write_gguf) with its 2-D weights in Q8_0: phi3's fused
+    q|k|v and gate|up split by block rows, q/k norms, MoE experts and routers dequantized."""
+    from test_families import Family, write_gguf
+
+    fam = Family(arch, tmp_path_factory.mktemp(f"tiny-{arch}"))
+    path = tmp_path_factory.mktemp("q") / f"{arch}.gguf"
+    add = gguf.GGUFWriter.add_tensor
+
+    def add_q8(self: Any, name: str, arr: np.ndarray, **kw: Any) -> None:
+        if arr.ndim != 2 or arr.shape[1] % 32 or kw:
+            return add(self, name, arr, **kw)
+        q8 = GGMLQuantizationType.Q8_0
+        return add(self, name, quantize(np.ascontiguousarray(arr, dtype=np.float32), q8), raw_dtype=q8)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "add_tensor", add_q8)
+    write_gguf(fam, path)
+    monkeypatch.undo()
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=2)
+    prompts: Any = [{"prompt_token_ids": p} for p in ([5, 17, 99, 3], list(range(30, 60)))]
+    runs = {}
+    for q in ("none", "gguf"):
+        with LLM(str(path), dtype="float32", quantization=q, num_kv_blocks=64, block_size=8) as llm:
+            runs[q] = llm.generate(prompts, params, use_tqdm=False)
+            if q == "gguf":
+                assert isinstance(_resident(llm).layers[0].qkv, QuantLinear)
+    for plain, quant in zip(runs["none"], runs["gguf"], strict=True):
+        assert quant.outputs[0].token_ids == plain.outputs[0].token_ids
+        for a, b in zip(plain.outputs[0].logprobs, quant.outputs[0].logprobs, strict=True):
+            for token, lp in a.items():
+                assert b[token].logprob == pytest.approx(lp.logprob, abs=1e-4)
+
+
 def test_gguf_quantization_refuses_an_hf_checkpoint(tiny_model_dir: Path) -> None:
     with pytest.raises(Exception, match="quantization='gguf'"):
         with LLM(str(tiny_model_dir), dtype="float32", quantization="gguf", num_kv_blocks=16):
