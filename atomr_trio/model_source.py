@@ -19,6 +19,7 @@ from .grammar.compiler import GrammarCompiler
 from .model.config import ModelConfig, ModelLoadError
 from .model.gguf_file import GGUFFile
 from .model.hf_dir import hf_weights
+from .model.quantized import QuantizedWeight
 from .text.tokenizer import Tokenizer
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -83,9 +84,16 @@ class ModelSource:
         min_tokens and the RequestTracker reports it as the stop reason."""
         return tuple(dict.fromkeys((*self.tokenizer.eos_token_ids, *self.config.eos_token_ids)))
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor | np.ndarray, Path]]:
+    def weights(
+        self, quantization: str = "none"
+    ) -> Iterator[tuple[str, torch.Tensor | np.ndarray | QuantizedWeight, Path]]:
+        """Every tensor as (name, value, file); quantization="gguf" keeps a GGUF file's quantized
+        blocks (gguf_file.py, quantized.py) and is a ValueError for any other source."""
+        if quantization == "gguf" and self.kind != "gguf":
+            raise ValueError(f"{self.path}: quantization='gguf' keeps a GGUF file's quantized weights; "
+                             f"this model is a {self.kind} checkpoint (use quantization='none')")
         if self.kind == "hf":
             yield from hf_weights(self.path)
         else:
-            for name, arr in (self.gguf or GGUFFile(self.path)).weights(self.config):
+            for name, arr in (self.gguf or GGUFFile(self.path)).weights(self.config, quantization):
                 yield name, arr, self.path

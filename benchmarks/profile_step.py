@@ -1,7 +1,8 @@
 """Where one engine step's time goes: decode steps of B sequences (context ~ 128 + 64 tokens) on the
 real Context/ModelRunner, under torch.profiler; prints a markdown summary (or writes it to --out).
 
-    python benchmarks/profile_step.py [--batch 16] [--model PATH] [--dtype auto] [--out FILE]
+    python benchmarks/profile_step.py [--batch 16] [--model PATH] [--dtype auto] [--quantization none|gguf]
+                                      [--out FILE]
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from atomr_trio.sampling_params import SamplingParams
 
 def run(args: argparse.Namespace) -> str:
     source = ModelSource.open(args.model)
-    cfg = EngineConfig(dtype=args.dtype, max_model_len=1024, num_kv_blocks=args.batch * 16 + 8).resolve(source.config)
+    cfg = EngineConfig(dtype=args.dtype, quantization=args.quantization, max_model_len=1024,
+                       num_kv_blocks=args.batch * 16 + 8).resolve(source.config)
     torch.set_num_threads(cfg.torch_threads or 1)
     ctx = Context(source, cfg)
     runner = ctx.runner
@@ -63,7 +65,8 @@ def run(args: argparse.Namespace) -> str:
     step_ms = plain * 1000
     lines = [
         f"Decode step, batch {args.batch}, context ≈ {prompt + 8 + steps} tokens, {cfg.dtype}, "
-        f"{cfg.torch_threads} threads: **{step_ms:.1f} ms per step** ({args.batch / plain:.0f} tok/s from the "
+        f"quantization {cfg.quantization}, {cfg.torch_threads} threads: **{step_ms:.1f} ms per step** "
+        f"({args.batch / plain:.0f} tok/s from the "
         f"model alone), measured over {steps} steps without the profiler. Self time per op group under "
         "torch.profiler (its own overhead inflates small ops):",
         "",
@@ -97,6 +100,12 @@ def _group(op: str) -> str:
         return "matmul (native bf16 kernel: linear layers, lm_head)"
     if op == "atomr_trio::linear_silu_mul_bf16":
         return "matmul gate|up + silu * up (native bf16 kernel)"
+    if op == "atomr_trio::quant_linear":
+        return "matmul (GGUF blocks, quant_matmul.cpp: linear layers, lm_head)"
+    if op == "atomr_trio::quant_linear_silu_mul":
+        return "matmul gate|up + silu * up (GGUF blocks, quant_matmul.cpp)"
+    if op == "atomr_trio::quant_dequantize":
+        return "embedding rows dequantized (GGUF blocks)"
     if op == "atomr_trio::paged_decode_attention":
         return "decode attention (native kernel, reads the paged cache in place)"
     if op.startswith("aten::_scaled_dot") or "flash" in op:
@@ -110,6 +119,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--model", default=None)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--quantization", default="none", choices=["none", "gguf"])
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     texts = []

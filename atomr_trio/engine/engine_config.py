@@ -55,6 +55,11 @@ class EngineSettings(BaseModel):
                                             "and a profiling step at the largest batch leave")
     enforce_eager: bool = Field(
         default=False, description="CUDA: run every step eagerly (no CUDA graphs for decode steps)")
+    quantization: Literal["none", "gguf"] = Field(
+        default="none", description="none: every weight is dequantized to dtype on loading; gguf: a GGUF "
+                                    "model's Q8_0, Q4_0, Q4_1 and Q4_K matrices stay in their blocks in memory "
+                                    "and a native CPU kernel multiplies by them (activations in dtype, float32 "
+                                    "sums; needs the native kernels; not on CUDA nor for HF checkpoints)")
 
     @field_validator("device")
     @classmethod
@@ -137,6 +142,9 @@ class EngineConfig(EngineOptions):
                 f"max_model_len ({self.max_model_len}) exceeds the model's limit ({limit})"
             )
         device = self.resolved_device()
+        if self.quantization == "gguf" and device != "cpu":
+            raise ValueError(f"quantization 'gguf' runs on the CPU only for now (device {device!r}); "
+                             "use quantization='none' on a GPU")
         resolved = self.model_copy(update={"device": device})
         per_block = resolved.kv_block_bytes(model)
         if self.num_kv_blocks:

@@ -48,7 +48,7 @@ class Context:
         rng = torch.Generator(device=cfg.device).manual_seed(cfg.seed)  # this engine's own, for unseeded rows
         mc = source.config
         model = build_model(mc, cfg.torch_dtype, cfg.max_model_len, cfg.device)
-        model.load_weights(source.weights(), source.path)
+        model.load_weights(source.weights(cfg.quantization), source.path)
         self.plan: cpu_kernels.KernelPlan | None = None
         if not cuda:
             self.plan = cpu_kernels.choose(mc, cfg.torch_dtype)  # each fast path probed before use

@@ -39,6 +39,7 @@ from .attention import AttentionMetadata, paged_attention
 from .config import ModelConfig
 from .linear import Linear
 from .llama import Layer, LlamaModel, _rope
+from .quantized import QuantizedWeight, embedding
 from .rope import rope_tables
 
 
@@ -90,7 +91,7 @@ class GemmaModel(LlamaModel):
         return shapes
 
     def load_weights(
-        self, weights: Iterable[tuple[str, torch.Tensor | np.ndarray, Path]], source: Path
+        self, weights: Iterable[tuple[str, torch.Tensor | np.ndarray | QuantizedWeight, Path]], source: Path
     ) -> None:
         cfg = self.cfg
         got = self.read_tensors(weights, source)
@@ -140,7 +141,7 @@ class GemmaModel(LlamaModel):
         assert cfg.query_pre_attn_scalar is not None
         scale = cfg.query_pre_attn_scalar**-0.5
         norm = self._gemma_norm
-        h = F.embedding(input_ids, self.embed) * self.embed_scale
+        h = embedding(input_ids, self.embed, self.dtype) * self.embed_scale
         rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(table) -> the tokens' cos, sin
         for i, w in enumerate(self.layers):
             assert isinstance(w, GemmaLayer) and w.pre_ff is not None and w.post_ff is not None

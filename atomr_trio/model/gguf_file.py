@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from .config import ModelConfig, ModelLoadError, UnsupportedModel
 from .gguf_header import GGUFHeader
+from .quantized import KEPT, QuantizedWeight, from_gguf
 from .rope import yarn_attention_factor
 
 # general.architecture -> ModelConfig.architecture ("llama" with llama.expert_count > 0 is Mixtral)
@@ -231,8 +233,12 @@ class GGUFFile:
             params["freq_factors"] = self._tensor_values("rope_freqs.weight")
         return params or None
 
-    def weights(self, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-        """Yield (hf_name, float32 array) for every tensor, dequantized."""
+    def weights(
+        self, cfg: ModelConfig, quantization: str = "none"
+    ) -> Iterator[tuple[str, np.ndarray | QuantizedWeight]]:
+        """Yield (hf_name, float32 array) for every tensor, dequantized; with quantization="gguf"
+        the 2-D Q8_0 / Q4_0 / Q4_1 / Q4_K tensors come as their raw blocks (QuantizedWeight,
+        quantized.py), rows in the same order a dequantized tensor's would be."""
         from gguf.constants import GGMLQuantizationType
         from gguf.quants import dequantize
 
@@ -243,6 +249,9 @@ class GGUFFile:
             name = _hf_name(t.name, names)
             if name is None:
                 continue  # e.g. rope_freqs and rope_factors_*: in the config's rope_scaling (rope_scaling())
+            if quantization == "gguf" and t.ggml_type in KEPT and len(t.shape) == 2 and not gemma:
+                yield name, self._raw(t, cfg)
+                continue
             try:
                 arr = dequantize(t.data, qtype)
             except NotImplementedError as e:
@@ -257,6 +266,16 @@ class GGUFFile:
             if gemma and name.endswith("norm.weight"):  # llama.cpp holds 1 + w
                 arr = arr - 1.0
             yield name, arr
+
+    def _raw(self, t: Any, cfg: ModelConfig) -> QuantizedWeight:
+        """A quantized 2-D tensor as its blocks, llama.cpp's q/k row permutation undone on the rows."""
+        out, k = int(t.shape[1]), int(t.shape[0])
+        w = from_gguf(int(t.ggml_type), (out, k), t.data)
+        if self.arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = cfg.num_heads if "attn_q" in t.name else cfg.num_kv_heads
+            order = _unpermute(np.arange(out).reshape(out, 1), heads).reshape(-1)
+            w = w.rows(torch.from_numpy(np.ascontiguousarray(order)))
+        return w
 
     def _tensor_values(self, name: str) -> list[float]:
         """A small float tensor's values (the rope factors), dequantized."""

@@ -16,6 +16,7 @@ its tensor reading (`read_tensors`), layers and kernel layout but has its own fo
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,18 @@ from .config import ModelConfig, ModelLoadError
 from .cpu_kernels import KernelPlan
 from .linear import Linear
 from .native import Kernels
+from .quantized import (
+    QuantizedWeight,
+    cat_rows,
+    describe,
+    embedding,
+    make_linear,
+    require_kernels,
+)
 from .rope import partial_rotary_order, rope_tables
+
+log = logging.getLogger(__name__)
+Weight = torch.Tensor | QuantizedWeight
 
 
 class Mlp(Protocol):
@@ -70,7 +82,7 @@ class LlamaModel:
         self.cfg = cfg
         self.dtype = dtype
         self.device = torch.device(device)
-        self.embed: torch.Tensor
+        self.embed: Weight  # a QuantizedWeight with quantization="gguf" (quantized.py)
         self.lm_head: Linear
         self.norm: torch.Tensor
         self.layers: list[Layer] = []
@@ -78,15 +90,18 @@ class LlamaModel:
         self.cos, self.sin = cos.to(self.device), sin.to(self.device)
         self.native: Kernels | None = None  # fused CPU kernels (native.py); None: plain torch ops
         self.one_row_gemv = False  # one-row steps switch oneDNN off for ATen's GEMV (cpu_gemv.py)
+        # the weights kept as GGUF blocks (quantization="gguf"), by name; read_tensors fills it
+        self.quantized: dict[str, QuantizedWeight] = {}
 
     # ---- loading -------------------------------------------------------------------------
     def load_weights(
-        self, weights: Iterable[tuple[str, torch.Tensor | np.ndarray, Path]], source: Path
+        self, weights: Iterable[tuple[str, torch.Tensor | np.ndarray | QuantizedWeight, Path]], source: Path
     ) -> None:
         cfg = self.cfg
         got = self.read_tensors(weights, source)
-        self.embed = got["model.embed_tokens.weight"]
-        self.lm_head = Linear(got["lm_head.weight"])
+        w = self.weight
+        self.embed = w(got, "model.embed_tokens.weight")
+        self.lm_head = make_linear(w(got, "lm_head.weight"))
         self.norm = got["model.norm.weight"]
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
@@ -95,28 +110,37 @@ class LlamaModel:
                 raise ModelLoadError(f"{source}: rope over part of each head with per-head q/k norms is not supported")
             if cfg.rotary_dim is not None:  # rope over part of each head: see rope.partial_rotary_order
                 for x, heads in (("q", cfg.num_heads), ("k", cfg.num_kv_heads)):
+                    if a + f"{x}_proj.weight" in self.quantized:
+                        key = a + f"{x}_proj.weight"
+                        self.quantized[key] = _reorder_quantized(self.quantized[key], heads, cfg)
                     for kind in ("weight", "bias") if cfg.attention_bias else ("weight",):
-                        got[a + f"{x}_proj.{kind}"] = _reorder_heads(got[a + f"{x}_proj.{kind}"], heads, cfg)
+                        if a + f"{x}_proj.{kind}" in got:
+                            got[a + f"{x}_proj.{kind}"] = _reorder_heads(got[a + f"{x}_proj.{kind}"], heads, cfg)
             bias = torch.cat([got[a + f"{x}_proj.bias"] for x in "qkv"]) if cfg.attention_bias else None
             self.layers.append(Layer(
                 in_norm=got[p + "input_layernorm.weight"],
                 post_norm=got[p + "post_attention_layernorm.weight"],
-                qkv=Linear(torch.cat([got[a + f"{x}_proj.weight"] for x in "qkv"]), bias),
-                o=Linear(got[a + "o_proj.weight"]),
+                qkv=make_linear(cat_rows([w(got, a + f"{x}_proj.weight") for x in "qkv"], self.dtype), bias),
+                o=make_linear(w(got, a + "o_proj.weight")),
                 mlp=self.mlp(got, i),
                 qk_norm=self.qk_norm(got, i),
             ))
 
     def read_tensors(
-        self, weights: Iterable[tuple[str, torch.Tensor | np.ndarray, Path]], source: Path
+        self, weights: Iterable[tuple[str, torch.Tensor | np.ndarray | QuantizedWeight, Path]], source: Path
     ) -> dict[str, torch.Tensor]:
-        """Every tensor of `expected_shapes`, under our names, checked and in the model dtype."""
+        """Every tensor of `expected_shapes`, under our names, checked and in the model dtype; the
+        GGUF blocks it keeps (`keeps_quantized`) go to `self.quantized` instead (`weight` reads both)."""
         cfg = self.cfg
         expected = self.expected_shapes()
         got: dict[str, torch.Tensor] = {}
         for file_name, value, file in weights:
             if file_name.endswith("rotary_emb.inv_freq"):
                 continue
+            if isinstance(value, QuantizedWeight):
+                value = self._keep_or_dequantize(file_name, value, expected, file)
+                if isinstance(value, QuantizedWeight):
+                    continue
             tensor = torch.from_numpy(np.array(value)) if isinstance(value, np.ndarray) else value
             for name, t in self.checkpoint_tensors(file_name, tensor, file):
                 if name not in expected:
@@ -127,12 +151,41 @@ class LlamaModel:
                     )
                 # each tensor goes to the device as it is read: no host copy of the whole model
                 got[name] = t.to(device=self.device, dtype=self.dtype).contiguous()
+        if cfg.tie_word_embeddings and "model.embed_tokens.weight" in self.quantized:
+            self.quantized.setdefault("lm_head.weight", self.quantized["model.embed_tokens.weight"])  # one copy
         if cfg.tie_word_embeddings:
             got.setdefault("lm_head.weight", got.get("model.embed_tokens.weight", torch.empty(0, device=self.device)))
-        missing = [n for n in expected if n not in got]
+        for name in self.quantized:
+            got.pop(name, None)  # a tied float placeholder of a quantized embedding
+        missing = [n for n in expected if n not in got and n not in self.quantized]
         if missing:
             raise ModelLoadError(f"{source}: missing tensor '{missing[0]}' ({len(missing)} missing in all)")
         return got
+
+    def weight(self, got: dict[str, torch.Tensor], name: str) -> Weight:
+        """A weight matrix as loaded: its GGUF blocks if kept, else the float tensor."""
+        q = self.quantized.get(name)
+        return q if q is not None else got[name]
+
+    def _keep_or_dequantize(self, file_name: str, w: QuantizedWeight, expected: dict[str, tuple[int, ...]],
+                            file: Path) -> QuantizedWeight | torch.Tensor:
+        """Keep a quantized weight (in `self.quantized`, shape-checked), or its float tensor to read on."""
+        pieces = list(self.quantized_tensors(file_name, w, file))
+        if not all(self.keeps_quantized(name) for name, _ in pieces):
+            return w.dequantize().to(self.dtype)
+        for name, piece in pieces:
+            if name not in expected:
+                raise ModelLoadError(f"{file}: unexpected tensor '{name}' for a {self.cfg.architecture} model")
+            if tuple(piece.shape) != expected[name]:
+                raise ModelLoadError(
+                    f"{file}: tensor '{name}' has shape {tuple(piece.shape)}, expected {expected[name]}")
+            self.quantized[name] = piece
+        return w
+
+    def keeps_quantized(self, name: str) -> bool:
+        """Whether the weight `name` may stay GGUF blocks: the dense matmuls and the embedding, on CPU."""
+        dense = name.endswith(("_proj.weight", "embed_tokens.weight", "lm_head.weight")) and ".experts." not in name
+        return dense and self.device.type == "cpu"
 
     # ---- the hooks a family overrides ----------------------------------------------------
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -143,6 +196,10 @@ class LlamaModel:
         """The tensors under our names that one checkpoint tensor holds (renamed, or split)."""
         yield name, t
 
+    def quantized_tensors(self, name: str, w: QuantizedWeight, file: Path) -> Iterator[tuple[str, QuantizedWeight]]:
+        """`checkpoint_tensors` for a weight kept as GGUF blocks (a split is a split of its rows)."""
+        yield name, w
+
     def qk_norm(self, got: dict[str, torch.Tensor], i: int) -> torch.Tensor | None:
         """Layer i's per-head RMSNorm weights for q and k, [q heads + kv heads, head_dim]; None: no norms."""
         return None
@@ -150,10 +207,9 @@ class LlamaModel:
     def mlp(self, got: dict[str, torch.Tensor], i: int) -> Mlp:
         """Layer i's feed-forward block, from the loaded tensors."""
         p = f"model.layers.{i}.mlp."
-        return DenseMlp(
-            gate_up=Linear(torch.cat([got[p + "gate_proj.weight"], got[p + "up_proj.weight"]]), gate_up=True),
-            down=Linear(got[p + "down_proj.weight"]),
-        )
+        gate_up = cat_rows([self.weight(got, p + f"{x}_proj.weight") for x in ("gate", "up")], self.dtype)
+        return DenseMlp(gate_up=make_linear(gate_up, gate_up=True),
+                        down=make_linear(self.weight(got, p + "down_proj.weight")))
 
     def use_kernels(self, plan: KernelPlan) -> None:
         """Run on the CPU kernels of `plan` (cpu_kernels.py): the native ops or plain torch ones,
@@ -164,6 +220,9 @@ class LlamaModel:
         linears = [lin for layer in self.layers for lin in (layer.qkv, layer.o, *layer.mlp.linears())]
         linears.append(self.lm_head)
         k = plan.kernels
+        if self.quantized:  # the GGUF blocks need the native quantized matmul, whatever the plan
+            require_kernels()
+            log.info("weights kept as GGUF blocks (quantization=gguf): %s", describe(linears))
         for lin in linears:
             if plan.matmul == "native":
                 assert k is not None and k.linear is not None and k.linear_silu_mul is not None
@@ -188,7 +247,7 @@ class LlamaModel:
         if native is None:
             cos = self.cos[positions].unsqueeze(1)
             sin = self.sin[positions].unsqueeze(1)
-        h = F.embedding(input_ids, self.embed)
+        h = embedding(input_ids, self.embed, self.dtype)
         # every row a decode token and the native kernels loaded: attention is the kernel alone,
         # called here (no paged_attention around it: a few ops fewer per layer)
         decode: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -269,6 +328,11 @@ def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             for x, n in (("q", q), ("k", kv), ("v", kv)):
                 shapes[p + f"self_attn.{x}_proj.bias"] = (n,)
     return shapes
+
+
+def _reorder_quantized(w: QuantizedWeight, heads: int, cfg: ModelConfig) -> QuantizedWeight:
+    """`_reorder_heads` of a projection weight's GGUF block rows (a row permutation)."""
+    return w.rows(_reorder_heads(torch.arange(w.shape[0]), heads, cfg))
 
 
 def _reorder_heads(t: torch.Tensor, heads: int, cfg: ModelConfig) -> torch.Tensor:

@@ -15,6 +15,8 @@ context out of the paged cache before a batch of tiny matmuls.
   widened to float32 in registers; `Kernels.matmul_isa` says which). Where the -march has
   neither, `Kernels.linear` is None. The AVX512-BF16 paths of the other kernels are compiled out
   without those instructions (their portable loops remain).
+- `csrc/quant_matmul.cpp`: the matmul over weights kept in GGUF's quantized blocks (Q8_0, Q4_0,
+  Q4_1, Q4_K), dequantized in registers (quantized.py); AVX-512, AVX2 or portable loops.
 
 How: the system C++ compiler builds the sources against torch's own headers and libraries with
 `-O3 -march=native` (or the -march in ATOMR_TRIO_NATIVE_ARCH) into one library, in a cache
@@ -52,7 +54,8 @@ from .linear import NativeLinear, NativeSiluMul
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "paged_decode_attention.cpp", CSRC / "norm_rope.cpp", CSRC / "linear_bf16.cpp")
+SOURCES = (CSRC / "paged_decode_attention.cpp", CSRC / "norm_rope.cpp", CSRC / "linear_bf16.cpp",
+           CSRC / "quant_matmul.cpp")
 HEADERS = (CSRC / "vec_avx512.h", CSRC / "vec_avx2.h")  # included by the sources: part of the build key too
 DTYPES = (torch.float32, torch.bfloat16)  # what the kernels compute in
 
@@ -78,6 +81,10 @@ class Kernels:
     linear: NativeLinear | None
     linear_silu_mul: NativeSiluMul | None
     matmul_isa: str = ""  # what `linear` was built for: "avx512bf16", "avx2", or "" (none)
+    # GGUF-block matmuls (quant_matmul.cpp, every x86-64 build): see quantized.py
+    quant_linear: Callable[..., torch.Tensor] | None = None
+    quant_linear_silu_mul: Callable[..., torch.Tensor] | None = None
+    quant_dequantize: Callable[..., torch.Tensor] | None = None
 
 
 _lock = threading.Lock()
@@ -125,6 +132,7 @@ def _load() -> Kernels | None:
     return Kernels(
         ops.paged_decode_attention, ops.add_rms_norm_, ops.rope_store_kv,
         ops.linear_bf16 if isa else None, ops.linear_silu_mul_bf16 if isa else None, isa,
+        ops.quant_linear, ops.quant_linear_silu_mul, ops.quant_dequantize,
     )
 
 
