@@ -211,11 +211,12 @@ def bench(peer: Peer, hf_dir: Path, args: argparse.Namespace, concurrency: int, 
     seen before (all of them cache prefixes)."""
     from atomr_trio.loadgen import serving as bench_serve
 
-    ns = argparse.Namespace(
-        base_url=peer.url, endpoint="/v1/completions", model=MODEL_NAME, tokenizer=str(hf_dir),
-        input_len=args.input_len, output_len=args.output_len, num_prompts=num_prompts,
-        max_concurrency=concurrency, request_rate=float("inf"), ignore_eos=True, seed=seed,
-        goodput=[], api_key=None, result_file=None)
+    parser = argparse.ArgumentParser()
+    bench_serve.add_arguments(parser)  # its own defaults for every option not set here
+    ns = parser.parse_args([
+        "--base-url", peer.url, "--model", MODEL_NAME, "--tokenizer", str(hf_dir), "--input-len", str(args.input_len),
+        "--output-len", str(args.output_len), "--num-prompts", str(num_prompts), "--max-concurrency",
+        str(concurrency), "--ignore-eos", "--seed", str(seed)])
     before = engine_time(peer)
     result = trio.run(bench_serve.run, ns)
     after = engine_time(peer)
