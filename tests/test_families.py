@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import kernel_path_unavailable
-from test_hf_dir import write_tiny_model
+from test_hf_dir import copy_with_config, write_tiny_model
 
 from atomr_trio import LLM, SamplingParams
 from atomr_trio.model import cpu_kernels
@@ -234,31 +234,18 @@ def test_gguf_matches_the_hf_dir(arch: str, families: dict[str, Family], tmp_pat
 
 
 def test_unsupported_architecture_lists_the_supported(families: dict[str, Family], tmp_path: Path) -> None:
-    import json
 
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for f in families["qwen3"].path.iterdir():
-        (bad / f.name).write_bytes(f.read_bytes())
-    cfg = json.loads((bad / "config.json").read_text())
-    cfg["architectures"] = ["Gemma3ForConditionalGeneration"]
-    (bad / "config.json").write_text(json.dumps(cfg))
+    bad = copy_with_config(families["qwen3"].path, tmp_path / "bad",
+                           lambda cfg: cfg.update(architectures=["Gemma3ForConditionalGeneration"]))
     with pytest.raises(ModelLoadError, match=r"Gemma3ForConditionalGeneration.*supported: .*MixtralForCausalLM.*"
                                              r"Phi3ForCausalLM.*Qwen3ForCausalLM.*Qwen3MoeForCausalLM"):
         ModelSource.open(str(bad))
 
 
 def test_phi3_config_keeps_its_longrope_scaling(families: dict[str, Family], tmp_path: Path) -> None:
-    import json
 
-    d = tmp_path / "phi3-scaled"
-    d.mkdir()
-    for f in families["phi3"].path.iterdir():
-        (d / f.name).write_bytes(f.read_bytes())
-    cfg = json.loads((d / "config.json").read_text())
     scaling = {"type": "longrope", "long_factor": [1.0] * 8, "short_factor": [1.0] * 8}
-    cfg["rope_scaling"] = scaling
-    (d / "config.json").write_text(json.dumps(cfg))
+    d = copy_with_config(families["phi3"].path, tmp_path / "phi3-scaled", lambda cfg: cfg.update(rope_scaling=scaling))
     got = ModelSource.open(str(d)).config.rope_scaling  # parity past the original context: test_rope.py
     assert got is not None and got["rope_type"] == "longrope"
     assert got["long_factor"] == scaling["long_factor"] and got["short_factor"] == scaling["short_factor"]

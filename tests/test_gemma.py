@@ -14,11 +14,13 @@ blocks behind it. The native decode kernel's window and cap are checked on their
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from conftest import kernel_path_unavailable
 from test_families import GREEDY, LLM_ARGS, PROMPTS, Family, check_bf16_first_token
+from test_hf_dir import copy_with_config
 
 from atomr_trio import LLM
 from atomr_trio.model import cpu_kernels, native
@@ -76,35 +78,25 @@ def test_configs(models: dict[str, Family]) -> None:
 def test_gemma3_config_as_released_checkpoints_write_it(models: dict[str, Family], tmp_path: Path) -> None:
     """Released Gemma 3 configs predate transformers 5's per-kind rope_parameters and layer_types:
     rope_theta, rope_local_base_freq, rope_scaling and sliding_window_pattern say the same."""
-    import json
 
     fam = models["gemma3"]
-    d = tmp_path / "gemma3-old-config"
-    d.mkdir()
-    for f in fam.path.iterdir():
-        (d / f.name).write_bytes(f.read_bytes())
-    cfg = json.loads((d / "config.json").read_text())
-    del cfg["rope_parameters"], cfg["layer_types"]
-    cfg.update(rope_theta=100000.0, rope_local_base_freq=10000.0, sliding_window_pattern=2,
-               rope_scaling={"rope_type": "linear", "factor": 2.0})
-    (d / "config.json").write_text(json.dumps(cfg))
+    def old_style(cfg: dict[str, Any]) -> None:
+        del cfg["rope_parameters"], cfg["layer_types"]
+        cfg.update(rope_theta=100000.0, rope_local_base_freq=10000.0, sliding_window_pattern=2,
+                   rope_scaling={"rope_type": "linear", "factor": 2.0})
+
+    d = copy_with_config(fam.path, tmp_path / "gemma3-old-config", old_style)
     assert ModelSource.open(str(d)).config == ModelSource.open(str(fam.path)).config
     with LLM(str(d), **LLM_ARGS) as llm:
         fam.check(llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False), "old config")
 
 
 def test_bidirectional_gemma3_is_refused(models: dict[str, Family], tmp_path: Path) -> None:
-    import json
 
     from atomr_trio.model.config import ModelLoadError
 
-    d = tmp_path / "embedding-gemma"
-    d.mkdir()
-    for f in models["gemma3"].path.iterdir():
-        (d / f.name).write_bytes(f.read_bytes())
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["use_bidirectional_attention"] = True
-    (d / "config.json").write_text(json.dumps(cfg))
+    d = copy_with_config(models["gemma3"].path, tmp_path / "embedding-gemma",
+                         lambda cfg: cfg.update(use_bidirectional_attention=True))
     with pytest.raises(ModelLoadError, match="use_bidirectional_attention"):
         ModelSource.open(str(d))
 

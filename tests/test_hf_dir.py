@@ -23,6 +23,17 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
+def copy_with_config(src: Path, dst: Path, edit: Any) -> Path:
+    """A copy of the model directory `src` at `dst`, its config.json changed in place by `edit(cfg)`."""
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((dst / "config.json").read_text())
+    edit(cfg)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
 def write_tiny_model(path: Path, arch: str = "qwen2", seed: int = 0, max_positions: int = 512,
                      chat_template: str | None = TINY_CHAT_TEMPLATE,
                      config_overrides: dict[str, Any] | None = None) -> None:

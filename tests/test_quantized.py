@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_parity import PROMPTS  # the prompts of the other default-model checks
 
 from atomr_trio import LLM, SamplingParams
 from atomr_trio.model import native, quantized
@@ -241,19 +242,6 @@ def test_gguf_quantization_without_native_kernels_fails_the_start(
 
 
 # ---- the default model -----------------------------------------------------------------------------
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
-    "Once upon a time, in a small village at the edge of a great forest, there lived an old "
-    "woodcutter and his three children. Every morning the woodcutter",
-    "Here is a list of the planets of the solar system, in order from the sun:",
-    "Q: Why is the sky blue?\nA:",
-    "Translate to French: 'The weather is nice today, and I would like to go for a long walk "
-    "by the river with my friends before dinner.'\nFrench:",
-    "1, 2, 3, 4, 5,",
-    "In machine learning, the attention mechanism lets a model weigh different parts of its input "
-    "when producing each part of its output. The key idea of self-attention is that",
-]
 
 
 def _first_tokens(llm: LLM) -> list[tuple[int, dict[int, float]]]:
