@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from atomr_trio.executor.sampler import Sampler, SampleRow
+from atomr_trio.executor.sampler import Sampler, SampleRow, argmax_rows
 from atomr_trio.sampling_params import SamplingParams
 
 EOS = 3
@@ -243,3 +243,19 @@ def test_logprobs_rank_of_a_random_sample() -> None:
         assert lp is not None
         assert lp.rank == 4 - tok  # token 3 is the best
         assert [t for t, _ in lp.top] == [3, 2]
+
+
+def test_row_argmax_is_torch_s_on_ties_nan_infinities_and_strided_rows() -> None:
+    """The sampler's CPU argmax (through NumPy) picks what torch.argmax picks: the first of equal
+    maxima, a NaN over any number, and any finite value over -inf."""
+    nan, inf = float("nan"), float("inf")
+    cases = [
+        torch.tensor([[1.0, 3.0, 3.0, 0.0], [nan, 1.0, nan, 2.0], [-inf, -inf, -inf, -inf], [-inf, -5.0, -inf, -5.0]]),
+        torch.randn(16, 49152),
+        torch.randn(7, 33).t(),  # not contiguous
+        torch.randn(5, 9)[:, ::2],
+    ]
+    for x in cases:
+        assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
+    x = torch.randn(3, 11, dtype=torch.bfloat16)
+    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))  # other dtypes stay with torch
