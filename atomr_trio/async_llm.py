@@ -19,6 +19,7 @@ import trio
 
 from .engine.engine_config import EngineConfig, engine_config
 from .engine.engine_core import EngineCore, EngineHandle
+from .executor.device_thread import run_on_own_thread
 from .model_source import ModelSource
 from .outputs import RequestOutput
 from .request import PromptType, Request, chat_prompt, prepare_prompt
@@ -122,7 +123,8 @@ async def open_engine(
     EngineCore in a nursery owned by this context manager."""
     cfg = engine_config(config, **kwargs)
     source = model if isinstance(model, ModelSource) else await trio.to_thread.run_sync(ModelSource.open, model)
-    resolved = await trio.to_thread.run_sync(cfg.resolve, source.config)  # dtype=auto may probe kernels
+    # dtype=auto may probe kernels: on a thread that ends with the probe (run_on_own_thread)
+    resolved = await run_on_own_thread(lambda: cfg.resolve(source.config), "resolve")
     core = EngineCore(source, resolved)
     try:
         async with trio.open_nursery() as nursery:

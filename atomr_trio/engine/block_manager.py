@@ -96,7 +96,7 @@ class BlockManager:
                     del self._free[b]
                 self._ref[b] += 1
             seq.block_table = list(hits)
-            seq.num_computed_tokens = len(hits) * self.block_size
+            seq.num_computed_tokens = seq.num_applied_tokens = len(hits) * self.block_size
             seq.num_hashed_blocks = len(hits)
         for _ in range(self.blocks_for(num_tokens) - len(seq.block_table)):
             b, _ = self._free.popitem(last=False)
@@ -117,11 +117,13 @@ class BlockManager:
                 self.prefix_queries += seq.num_prompt_tokens
                 self.prefix_hits += hit_tokens
 
-    def cache_computed(self, seq: Sequence) -> None:
-        """Give a hash to every full block of seq whose K/V are now computed."""
+    def cache_computed(self, seq: Sequence, num_tokens: int | None = None) -> None:
+        """Give a hash to every full block of seq whose K/V are now computed: among its first
+        `num_tokens` (default: num_computed_tokens; the engine passes what applied steps computed)."""
         if not self.enable_prefix_caching:
             return
-        full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        computed = seq.num_computed_tokens if num_tokens is None else num_tokens
+        full = min(computed // self.block_size, len(seq.block_table))
         if full <= seq.num_hashed_blocks:
             return
         hashes = self._hashes(seq, full)
@@ -138,12 +140,12 @@ class BlockManager:
         self._hash = [None] * self.num_blocks
         self._by_hash.clear()
 
-    def release_outside_window(self, seq: Sequence) -> int:
-        """Release seq's leading blocks that no query from num_computed_tokens on can see (all
-        layers windowed only); how many were released now."""
+    def release_outside_window(self, seq: Sequence, num_tokens: int | None = None) -> int:
+        """Release seq's leading blocks that no query from position `num_tokens` (default:
+        num_computed_tokens) on can see (all layers windowed only); how many were released now."""
         if self.window is None:
             return 0
-        first_visible = seq.num_computed_tokens - self.window + 1
+        first_visible = (seq.num_computed_tokens if num_tokens is None else num_tokens) - self.window + 1
         end = min(max(0, first_visible) // self.block_size, len(seq.block_table))
         released = 0
         for i in range(seq.num_released_blocks, end):
@@ -170,4 +172,4 @@ class BlockManager:
         seq.block_table = []
         seq.num_hashed_blocks = 0
         seq.num_released_blocks = 0
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_applied_tokens = 0

@@ -53,6 +53,11 @@ class EngineSettings(BaseModel):
         default=0.9, gt=0, le=1, description="CUDA: the share of the GPU's memory this replica may use for "
                                             "weights, activations and KV cache; the KV cache gets what the weights "
                                             "and a profiling step at the largest batch leave")
+    async_scheduling: bool = Field(
+        default=True, description="schedule each step while the one before it runs (its sampled tokens are "
+                                  "filled in on the device thread), so scheduling, results and streaming "
+                                  "overlap the forward; steps of requests with a grammar or prompt logprobs "
+                                  "still wait for the step before them")
     enforce_eager: bool = Field(
         default=False, description="CUDA: run every step eagerly (no CUDA graphs for decode steps)")
     quantization: Literal["none", "gguf"] = Field(

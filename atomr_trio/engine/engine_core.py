@@ -12,6 +12,13 @@ Invariants:
   engine talks to it only through its WorkerHandle. Building an EngineCore starts no task and
   no thread.
 - The loop never polls: it steps while there is work and otherwise waits for the next message.
+- Async scheduling (`async_scheduling`, on by default): while step N runs on the device thread
+  the loop applies step N-1 and schedules and submits step N+1, whose decode rows take N's
+  sampled tokens as PLACEHOLDERs (step_io.launch; the Worker fills them in), so the device
+  thread never waits for the Trio side. At most two steps are in flight, a step follows only one
+  that `can_follow`, and results are applied in order. When a step fails, the steps behind it
+  fail unrun (PredecessorFailed); all of them are taken back, latest first, and Recovery acts
+  on the failed one with nothing in flight.
 - `state` changes only in `_move`, which refuses illegal transitions; every change is published.
 """
 
@@ -20,12 +27,16 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import trio
 
+from ..executor.model_runner import BatchItem
 from ..executor.worker import Faults, Worker
+from ..executor.worker_handle import PendingStep
 from ..model_source import ModelSource
 from .block_manager import BlockManager
 from .engine_config import EngineConfig
@@ -35,8 +46,8 @@ from .messages import AbortAll, AbortRequest, Board
 from .recovery import EngineFailed, Recovery
 from .reports import LoadSink, ReportSink
 from .request_table import RequestTable
-from .scheduler import Scheduler
-from .step_io import ResultApplier, build_batch
+from .scheduler import Scheduled, Scheduler
+from .step_io import ResultApplier, build_batch, can_follow, known_tokens, launch, take_back
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +61,18 @@ _MOVES = {
     "failed": set[str](),
     "stopped": set[str](),
 }
+
+
+@dataclass
+class InFlight:
+    """A step submitted to the Worker and not yet applied."""
+
+    scheduled: list[Scheduled]
+    items: list[BatchItem]
+    num_tokens: int
+    pending: PendingStep
+    can_follow: bool  # the next step may be scheduled before this one returns
+    started: float  # perf_counter before it was scheduled
 
 
 class EngineCore:
@@ -68,6 +91,9 @@ class EngineCore:
         self.worker = self._worker.handle
         self._build_parts(cfg)
         self._send, self._inbox = trio.open_memory_channel[EngineMessage](INBOX_SIZE)
+        self._flight: deque[InFlight] = deque()
+        self._depth = 2 if cfg.async_scheduling else 1  # steps in flight at most
+        self._landed = 0.0  # perf_counter when the last step was applied
         self._board = Board(self.snapshot())
         self.handle = EngineHandle(name, cfg, self._send, self._board, self.worker)
 
@@ -134,25 +160,30 @@ class EngineCore:
 
     async def _serve(self) -> None:
         """Handle messages and step until the inbox closes; every message queued before a step
-        is handled before it.
+        is scheduled is handled before it.
 
-        With work queued, `schedule()` always picks something: each admitted request fits the
-        KV cache alone (RequestTable._check), so the first running sequence can always grow
-        once it has preempted the others, and with nothing running the first waiting one can
-        always be admitted (a follower sample never sorts before its leader). Should it still
-        pick nothing, the engine logs an error and waits for the next message (an abort or a
-        new request changes what can be scheduled) instead of spinning."""
+        With work queued and nothing in flight, `schedule()` always picks something: each
+        admitted request fits the KV cache alone (RequestTable._check), so the first running
+        sequence can always grow once it has preempted the others, and with nothing running the
+        first waiting one can always be admitted (a follower sample never sorts before its
+        leader). Should it still pick nothing, the engine logs an error and waits for the next
+        message (an abort or a new request changes what can be scheduled) instead of spinning."""
         stalled = False
         async with self._inbox:
             while True:
-                if stalled or not self.scheduler.has_work():
+                if not self._flight and (stalled or not self.scheduler.has_work()):
                     self._report(0, 0, 0, 0)  # publish the idle state (aborts may have emptied it)
                     try:
                         self._handle(await self._inbox.receive())
                     except trio.EndOfChannel:
                         return
                 self._drain_inbox()
-                stalled = self.scheduler.has_work() and not await self._step()
+                await self._launch()
+                stalled = not self._flight and self.scheduler.has_work()
+                if self._flight:
+                    await self._land()
+                elif stalled:
+                    log.error("%s: nothing schedulable although work is queued; waiting for a message", self.name)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -170,31 +201,54 @@ class EngineCore:
         else:
             self.requests.add(msg)
 
-    async def _step(self) -> bool:
-        """One step: schedule, run the batch on the Worker, apply (or recover from a failure), report.
-        False when nothing was schedulable (see `_serve`)."""
-        t0 = time.perf_counter()
-        sched = self.scheduler.schedule()
-        if not sched.scheduled:
-            log.error("%s: nothing schedulable although work is queued; waiting for a message", self.name)
-            return False
-        batch = build_batch(sched)
+    async def _launch(self) -> None:
+        """Schedule and submit steps while fewer than `_depth` are in flight and the last one
+        in flight can be followed."""
+        while len(self._flight) < self._depth and (not self._flight or self._flight[-1].can_follow):
+            t0 = time.perf_counter()
+            sched = self.scheduler.schedule()
+            if not sched.scheduled:
+                return
+            batch = build_batch(sched, follows=bool(self._flight))
+            follow = can_follow(sched.scheduled)
+            launch(sched.scheduled, batch.items, self.results.max_model_len)
+            pending = await self.worker.submit(batch)
+            self._flight.append(InFlight(sched.scheduled, batch.items, sched.num_tokens, pending, follow, t0))
+
+    async def _land(self) -> None:
+        """Wait for the oldest step in flight and apply it, or recover from its failure."""
+        step = self._flight[0]
         prompt0, gen0 = self.stats.prompt_tokens, self.stats.generation_tokens
         try:
-            result = await self.worker.execute(batch)
+            result = await step.pending.result()
         except Exception as e:  # noqa: BLE001 - a request's contents or the device context failed
-            if not await self.recovery.step_failed(sched.scheduled, batch.items, e):
-                return True  # the Context was rebuilt: every sequence is queued for recomputation
+            if not await self._failed(e):
+                return  # the Context was rebuilt: every sequence is queued for recomputation
         else:
-            self.results.apply(sched.scheduled, batch.items, result)
+            self._flight.popleft()
+            self.results.apply(step.scheduled, step.items, result)
             self.scheduler.cap.succeeded()
         st = self.stats
-        self._report(len(sched.scheduled), sched.num_tokens, st.prompt_tokens - prompt0,
-                     st.generation_tokens - gen0)
+        self._report(len(step.scheduled), step.num_tokens, st.prompt_tokens - prompt0, st.generation_tokens - gen0)
+        now = time.perf_counter()
         st.steps += 1
-        st.multi_seq_steps += len(sched.scheduled) > 1
-        st.step_s += time.perf_counter() - t0
-        return True
+        st.multi_seq_steps += len(step.scheduled) > 1
+        st.step_s += now - max(step.started, self._landed)  # wall time the engine was busy with it
+        self._landed = now
+
+    async def _failed(self, error: Exception) -> bool:
+        """The oldest step in flight failed: the ones behind it fail unrun; take them all back,
+        latest first, then let Recovery act on the failed step with nothing in flight."""
+        failed = self._flight[0]
+        for later in list(self._flight)[1:]:
+            try:
+                await later.pending.result()  # PredecessorFailed: it did not run
+            except Exception:  # noqa: BLE001, S110 - nothing of it is kept either way
+                pass
+        while self._flight:
+            step = self._flight.pop()
+            take_back(step.scheduled, step.items)
+        return await self.recovery.step_failed(failed.scheduled, known_tokens(failed.scheduled, failed.items), error)
 
     def _report(self, num_scheduled: int, iteration_tokens: int, prompt: int, generated: int) -> None:
         self._publish()

@@ -36,7 +36,7 @@ from .block_manager import BlockManager
 from .engine_stats import EngineStats
 from .request_table import RequestTable
 from .scheduler import Scheduled, Scheduler
-from .step_io import ResultApplier
+from .step_io import ResultApplier, launch, take_back
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,9 @@ class Recovery:
         self.move = move  # the engine's state transition ("restarting", "serving")
 
     async def step_failed(self, scheduled: list[Scheduled], items: list[BatchItem], error: Exception) -> bool:
-        """A step failed: act on its kind of failure. False when the Context was rebuilt (every
-        sequence is queued for recomputation), True when the engine goes on with its queues."""
+        """A step failed (taken back, nothing in flight, its items holding known tokens): act on
+        its kind of failure. False when the Context was rebuilt (every sequence is queued for
+        recomputation), True when the engine goes on with its queues."""
         kind = classify(error)
         if kind == "oom":
             self.out_of_memory(scheduled, error)
@@ -110,9 +111,11 @@ class Recovery:
             if s.seq.is_finished:
                 continue
             if len(items) > 1:
+                launch([s], [item], self.results.max_model_len)
                 try:
                     result = await self.worker.execute(StepBatch([item]))
                 except Exception as e:  # noqa: BLE001
+                    take_back([s], [item])
                     error = e
                 else:
                     self.results.apply([s], [item], result)

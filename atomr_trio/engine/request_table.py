@@ -150,7 +150,7 @@ def _record(seqs: list[Sequence], now: float) -> FinishedRequest:
     return FinishedRequest(
         reason=lead.finish_reason or "abort",
         prompt_tokens=lead.num_prompt_tokens,
-        generation_tokens=sum(s.num_output_tokens for s in seqs),
+        generation_tokens=sum(s.num_generated for s in seqs),
         e2e_s=now - lead.arrival,
         queue_s=lead.first_scheduled - lead.arrival if lead.first_scheduled else None,
         ttft_s=lead.first_token - lead.arrival if lead.first_token else None,
@@ -159,7 +159,7 @@ def _record(seqs: list[Sequence], now: float) -> FinishedRequest:
         decode_s=now - lead.first_token if lead.first_token else None,
         n=len(seqs),
         max_tokens=lead.params.max_tokens,
-        max_generation_tokens=max(s.num_output_tokens for s in seqs),
+        max_generation_tokens=max(s.num_generated for s in seqs),
     )
 
 
@@ -174,4 +174,4 @@ def _take_prompt_logprobs(seq: Sequence) -> list[TokenLogprobs] | None:
 
 def _metrics(seq: Sequence) -> RequestMetrics:
     return RequestMetrics(seq.arrival, seq.first_scheduled, seq.first_token, time.monotonic(),
-                          seq.num_output_tokens)
+                          seq.num_generated)

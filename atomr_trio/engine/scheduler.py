@@ -12,6 +12,11 @@ Invariants (docs/architecture.md, "The engine step"):
   the tokens of a step below the configured limits, until steps succeed again.
 - A sequence is in exactly one of `waiting` or `running` until it finishes; a finished or
   aborted sequence holds no blocks.
+- With a step in flight (async scheduling) its sequences count as computed and their sampled
+  tokens as PLACEHOLDERs: a running sequence decodes its placeholder unless it is `awaiting`
+  (its token must be known first: a grammar, or the token may end it). A waiting sequence never
+  holds a placeholder when it is admitted: preemption admits nobody in the same step, and the
+  step in flight is applied before the next is scheduled.
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ class Scheduler:
         else:
             self.waiting.remove(seq)
         self.bm.free(seq)
+        seq.drop_placeholders()  # the steps in flight for it are dropped when they return
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
 
@@ -88,6 +94,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if n == 0 or seq.awaiting:  # everything it has is in flight, or its next token must be known
+                i += 1
+                continue
             while not self.bm.can_allocate(seq, seq.num_computed_tokens + n):
                 victim = self._pick_victim(i)
                 self._preempt(victim)
@@ -166,6 +175,6 @@ def _leader_ready(seq: Sequence) -> bool:
     return (
         lead is None
         or lead.status is SeqStatus.FINISHED
-        or lead.num_computed_tokens >= lead.num_prompt_tokens
-        or lead.num_output_tokens > 0
+        or lead.num_applied_tokens >= lead.num_prompt_tokens
+        or lead.num_generated > 0
     )

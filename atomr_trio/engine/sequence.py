@@ -1,9 +1,15 @@
 """Sequence: the engine's state for one sample of one request.
 
-Invariant: `token_ids` (prompt + generated) is the whole truth of a sequence; the KV cache holds
-the first `num_computed_tokens` of them. Preemption only resets `num_computed_tokens` and the
-block table, so a preempted sequence is recomputed from its tokens and loses nothing; the prompt
-logprobs computed so far stay too, so a recompute neither repeats nor loses an entry.
+Invariants:
+- `token_ids` (prompt + generated) is the whole truth of a sequence. Its last `num_pending` entries
+  are PLACEHOLDERs: tokens that steps in flight will sample (a step appends one when it is
+  submitted, its result replaces it, a failed step takes it back), so a step can be scheduled
+  before the one it follows has returned (engine_core.py, "async scheduling").
+- The KV cache holds, or a step in flight is writing, the first `num_computed_tokens` of them;
+  the first `num_applied_tokens` are computed by steps whose results were applied.
+- Preemption only resets the counts and the block table, so a preempted sequence is recomputed
+  from its tokens and loses nothing; the prompt logprobs computed so far stay too, so a
+  recompute neither repeats nor loses an entry.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..executor.model_runner import PLACEHOLDER
 from ..executor.sampler import TokenLogprobs
 from ..grammar.matcher import Matcher
 from ..sampling_params import SamplingParams
@@ -39,6 +46,9 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_seq_counter))
     status: SeqStatus = SeqStatus.WAITING
     num_computed_tokens: int = 0
+    num_applied_tokens: int = 0
+    num_pending: int = 0  # trailing PLACEHOLDERs in token_ids
+    awaiting: bool = False  # its pending token must be known before it is scheduled again
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # hashes of the leading full blocks
     num_hashed_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
@@ -71,6 +81,29 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_generated(self) -> int:
+        """Generated tokens already known (placeholders of steps in flight left out)."""
+        return self.num_output_tokens - self.num_pending
+
+    def add_placeholder(self) -> None:
+        self.token_ids.append(PLACEHOLDER)
+        self.num_pending += 1
+
+    def resolve(self, position: int, token: int) -> None:
+        """The token a step sampled at `position` replaces its placeholder."""
+        assert self.token_ids[position] == PLACEHOLDER, "a sampled token was resolved twice"
+        self.token_ids[position] = token
+        self.num_pending -= 1
+        self.awaiting = self.awaiting and self.num_pending > 0  # it awaits its last pending token
+
+    def drop_placeholders(self) -> None:
+        """Forget the tokens of steps in flight (the sequence ended, or those steps failed)."""
+        if self.num_pending:
+            del self.token_ids[-self.num_pending:]
+        self.num_pending = 0
+        self.awaiting = False
 
     @property
     def output_token_ids(self) -> list[int]:

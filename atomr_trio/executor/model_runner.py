@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from ..model.llama import LlamaModel
 from .cuda_graphs import DecodeGraphs
 from .sampler import Sampler, SamplerOutput, SampleRow, TokenLogprobs, token_logprobs
 
+PLACEHOLDER = -1  # a token the previous step samples; the Worker fills it in before the step runs
 PROMPT_LOGPROBS_ROWS = 256  # logits rows held at once ([rows, vocab] float32: 50 MB at 49k vocab)
 
 
@@ -49,6 +50,23 @@ class BatchItem:
 @dataclass
 class StepBatch:
     items: list[BatchItem]
+    follows: bool = False  # scheduled before the previous step returned: it may hold PLACEHOLDERs
+
+
+def fill_placeholders(batch: StepBatch, sampled: dict[int, int]) -> StepBatch:
+    """The batch with each PLACEHOLDER (in a row's tokens, or in the output history penalties
+    read) replaced by the token the previous step sampled for that sequence (`sampled`, by
+    seq_id). New items: the engine keeps the ones it sent."""
+    items = []
+    for it in batch.items:
+        if PLACEHOLDER in it.token_ids:
+            tok = sampled[it.seq_id]
+            it = replace(it, token_ids=[tok if t == PLACEHOLDER else t for t in it.token_ids])
+            row = it.sample
+            if row is not None and row.output_ids is not None and PLACEHOLDER in row.output_ids:
+                it.sample = replace(row, output_ids=[tok if t == PLACEHOLDER else t for t in row.output_ids])
+        items.append(it)
+    return StepBatch(items)
 
 
 @dataclass

@@ -9,7 +9,10 @@ Invariants:
 - All torch work of the device runs on the Worker's DeviceThread, one job at a time. The thread
   runs exactly while `Worker.run` does, so a Worker that was built but never run holds no thread.
 - Messages are answered one at a time, in order; every message is answered, or its reply
-  channel closed when the Worker stops.
+  channel closed when the Worker stops. A step (Execute) is queued on the device thread without
+  waiting for it, so the next step can be queued behind it while it runs; its answer comes when
+  it has run. A step that `follows` gets the previous step's sampled tokens in place of its
+  PLACEHOLDERs on the device thread, and fails with PredecessorFailed, unrun, when that step failed.
 - `state` changes only in `_move`, which refuses illegal transitions; the Worker publishes a
   fresh WorkerSnapshot on its Board after every change, with the bytes its Context holds on
   the device (`context_bytes`, counted once per build).
@@ -36,8 +39,8 @@ from .context import Context, InjectedFault
 from .device_memory import held_bytes
 from .device_thread import DeviceThread, open_device_thread
 from .failures import classify
-from .model_runner import StepBatch, StepResult
-from .worker_handle import CheckHealth, Execute, WorkerHandle, WorkerMessage, WorkerSnapshot
+from .model_runner import StepBatch, StepResult, fill_placeholders
+from .worker_handle import CheckHealth, Execute, PredecessorFailed, WorkerHandle, WorkerMessage, WorkerSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +121,7 @@ class Worker:
         self.state = "starting"
         self.num_context_builds = 0
         self._memory_bytes: int | None = None  # the Context's, counted on the device thread
+        self._sampled: dict[int, int] | None = None  # the last step's tokens by seq_id (device thread); None: it failed
         self.budget = RestartBudget()
         self._thread: DeviceThread | None = None
         self._send, self._inbox = trio.open_memory_channel[WorkerMessage](INBOX_SIZE)
@@ -145,7 +149,7 @@ class Worker:
 
     async def _answer(self, msg: WorkerMessage) -> None:
         if isinstance(msg, Execute):
-            reply(msg.reply, await self._execute(msg))
+            self._execute(msg)
         elif isinstance(msg, CheckHealth):
             reply(msg.reply, await self._healthy())
         else:
@@ -166,17 +170,35 @@ class Worker:
         assert self._thread is not None, "the Worker is not running"
         return self._thread
 
-    async def _execute(self, msg: Execute) -> outcome.Outcome[StepResult]:
+    def _execute(self, msg: Execute) -> None:
+        """Queue the step on the device thread; its outcome is the answer."""
         ctx = self.context
         if ctx is None:
-            return outcome.Error(RuntimeError(f"{self.name}: no device context"))
+            reply(msg.reply, outcome.Error(RuntimeError(f"{self.name}: no device context")))
+            return
+
+        def answer(result: outcome.Outcome[StepResult]) -> None:
+            if isinstance(result, outcome.Error):
+                log.debug("%s: step failed", self.name, exc_info=result.error)
+                # the traceback's frames hold the Context: a rebuild could not free its weights and cache
+                result.error.__traceback__ = None
+            reply(msg.reply, result)
+
+        self._device().submit(lambda: self._follow(ctx, msg.batch), answer)
+
+    def _follow(self, ctx: Context, batch: StepBatch) -> StepResult:
+        """On the device thread: fill in the previous step's tokens, run the step, keep its tokens."""
         try:
-            return outcome.Value(await self._device().run(lambda: self._step(ctx, msg.batch)))
-        except Exception as e:  # noqa: BLE001 - the caller decides: a request's contents or the device
-            log.debug("%s: step failed", self.name, exc_info=e)
-            # the traceback's frames hold the Context: a rebuild could not free its weights and cache
-            e.__traceback__ = None
-            return outcome.Error(e)
+            if batch.follows:
+                if self._sampled is None:
+                    raise PredecessorFailed(f"{self.name}: the step this one follows failed")
+                batch = fill_placeholders(batch, self._sampled)
+            result = self._step(ctx, batch)
+        except BaseException:
+            self._sampled = None
+            raise
+        self._sampled = dict(zip(result.seq_ids, result.sampled.token_ids, strict=True))
+        return result
 
     def _step(self, ctx: Context, batch: StepBatch) -> StepResult:
         """One step on the device thread. Out of memory, the step's tensors are let go (the
@@ -220,6 +242,7 @@ class Worker:
 
         def build() -> tuple[Context, int]:
             self.context = None
+            self._sampled = None
             gc.collect()
             ctx = Context(self.source, self.cfg, inject)
             return ctx, context_bytes(ctx)

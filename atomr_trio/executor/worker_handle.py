@@ -5,7 +5,8 @@
 Invariants: every message carries its own reply channel and gets exactly one answer, or, when
 the Worker has stopped, none: its reply channel is closed and the handle raises WorkerStopped.
 An answer that is an exception (`outcome.Error`) is raised in the caller, as if the caller had
-run the job itself.
+run the job itself. Steps are answered in the order they were submitted; `submit` returns once
+the Worker has the step, so the engine can submit the next one while it runs.
 """
 
 from __future__ import annotations
@@ -25,6 +26,28 @@ T = TypeVar("T")
 
 class WorkerStopped(RuntimeError):
     """The Worker has stopped (its EngineCore is ending); it answers nothing any more."""
+
+
+class PredecessorFailed(RuntimeError):
+    """A step that follows another (its PLACEHOLDERs are that step's sampled tokens) was not run
+    because that step failed."""
+
+
+class PendingStep:
+    """A submitted step's answer, to be awaited once."""
+
+    def __init__(self, name: str, recv: trio.MemoryReceiveChannel[outcome.Outcome[StepResult]]) -> None:
+        self._name = name
+        self._recv = recv
+
+    async def result(self) -> StepResult:
+        """The step's result; the step's own exception is raised here."""
+        async with self._recv:
+            try:
+                answer = await self._recv.receive()
+            except trio.EndOfChannel:
+                raise WorkerStopped(f"{self._name} stopped before answering") from None
+        return answer.unwrap()
 
 
 @dataclass(frozen=True)
@@ -77,10 +100,17 @@ class WorkerHandle:
 
     async def execute(self, batch: StepBatch) -> StepResult:
         """The step's result; the step's own exception is raised here."""
-        def message(r: trio.MemorySendChannel[outcome.Outcome[StepResult]]) -> Execute:
-            return Execute(batch, r)
+        return await (await self.submit(batch)).result()
 
-        return (await self._ask(message)).unwrap()
+    async def submit(self, batch: StepBatch) -> PendingStep:
+        """Hand the Worker a step and return without waiting for it to run."""
+        send, recv = trio.open_memory_channel[outcome.Outcome[StepResult]](1)
+        try:
+            await self._send.send(Execute(batch, send))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            recv.close()
+            raise WorkerStopped(f"{self.name} has stopped") from None
+        return PendingStep(self.name, recv)
 
     async def healthy(self) -> bool:
         """After a failed step: False when the Context itself is at fault (rebuild it), True when

@@ -29,6 +29,7 @@ import trio
 from ..engine.engine_config import EngineConfig
 from ..engine.engine_core import EngineCore, EngineHandle
 from ..engine.messages import Board, reply
+from ..executor.device_thread import run_on_own_thread
 from ..executor.worker import Faults
 from ..model.config import ModelLoadError, UnsupportedModel
 from ..model_source import ModelSource
@@ -301,9 +302,11 @@ class Deployment:
                              slot: ReplicaSlot) -> None:
         """Replica i on its slot's device (cuda:i for N replicas over N GPUs) with its threads."""
         assert self._source is not None
-        # off the Trio thread: `dtype=auto` may probe the CPU's bf16 kernels
+        # off the Trio thread: `dtype=auto` may probe the CPU's bf16 kernels (on a thread that ends
+        # with the probe: device_thread.run_on_own_thread)
         engine_config = self.spec.engine_config(slot.threads, i, slot.device)
-        cfg = await trio.to_thread.run_sync(engine_config.resolve, self._source.config)
+        source_config = self._source.config
+        cfg = await run_on_own_thread(lambda: engine_config.resolve(source_config), f"{self.name}-resolve-{i}")
         faults = Faults(self.spec.fail_at_step, self.spec.fail_times, self.spec.fail_kind)
         core = EngineCore(self._source, cfg, f"{self.name}/engine-{i}", self.name, self._metrics,
                           load_sink=coordinator, faults=faults)
