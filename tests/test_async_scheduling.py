@@ -216,3 +216,41 @@ async def test_kernel_probes_run_on_a_thread_that_ends_with_them(tiny_source: Mo
         await llm.generate_one(None, SamplingParams(temperature=0, max_tokens=2), prompt_ids=prompt(0))
     assert len(ran_on) == 1 and ran_on[0] is not threading.main_thread()
     assert not ran_on[0].is_alive()
+
+
+async def test_a_failed_step_whose_sequence_was_preempted_meanwhile_is_recomputed(
+        tiny_source: ModelSource, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two sequences fill the cache; scheduling the step after the one in flight preempts the
+    second; the step in flight then fails for its contents (the Context is fine), so its rows run
+    again one at a time — but the preempted one lost nothing and is recomputed later, as when no
+    step was in flight. Both requests get the tokens they get without the failure."""
+    from atomr_trio.executor.sampler import Sampler
+
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    prompts = [prompt(1, 30), prompt(2, 30)]
+    settings = {"num_kv_blocks": 4, "block_size": 16}
+    async with engine(tiny_source, False, **settings) as llm:
+        want = [(await llm.generate_one(None, params, prompt_ids=p)).outputs[0].token_ids for p in prompts]
+    original = Sampler.__call__
+    failed: list[int] = []
+
+    def fail_once(self: Sampler, logits: Any, rows: list[Any]) -> Any:
+        # the step that decodes position 31 of both: scheduling the next one preempts one of them
+        if not failed and len(rows) == 2 and all(r.num_output_tokens == 2 for r in rows):
+            failed.append(1)
+            raise IndexError("a row this step could not sample")
+        return original(self, logits, rows)
+
+    monkeypatch.setattr(Sampler, "__call__", fail_once)
+    got: list[Any] = [None, None]
+    async with engine(tiny_source, True, **settings) as llm:
+        async def one(i: int) -> None:
+            got[i] = (await llm.generate_one(None, params, prompt_ids=prompts[i])).outputs[0].token_ids
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for i in range(2):
+                    nursery.start_soon(one, i)
+        snap = llm.engine.snapshot()
+    assert failed and got == want
+    assert snap.num_preemptions >= 1 and (snap.request_failures, snap.context_restarts) == (0, 0)

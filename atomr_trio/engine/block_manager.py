@@ -9,7 +9,8 @@ Invariants:
   eviction); blocks without a hash are handed out first.
 - With a `window` (a model whose every layer attends to its last `window` positions only), a
   sequence's leading blocks that no later query can see — every position below
-  num_computed_tokens - window + 1 — are released as it advances: their block-table entries
+  p - window + 1, p the next position to query (the engine passes the tokens its applied steps
+  computed) — are released as it advances: their block-table entries
   become RELEASED (the table stays positional) and the blocks go back as freed ones do. A
   released entry is never read unmasked (the runner points it at block 0, outside every window).
 """

@@ -130,7 +130,7 @@ class EngineCore:
 
     @property
     def waiting_prompt_tokens(self) -> int:
-        return sum(s.num_tokens - s.num_computed_tokens for s in self.scheduler.waiting)
+        return sum(s.num_tokens - s.num_pending - s.num_computed_tokens for s in self.scheduler.waiting)
 
     # ---- the actor ------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[EngineHandle] = trio.TASK_STATUS_IGNORED) -> None:

@@ -36,6 +36,7 @@ from .block_manager import BlockManager
 from .engine_stats import EngineStats
 from .request_table import RequestTable
 from .scheduler import Scheduled, Scheduler
+from .sequence import SeqStatus
 from .step_io import ResultApplier, launch, take_back
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class Recovery:
     def out_of_memory(self, scheduled: list[Scheduled], error: Exception) -> None:
         """Shrink the batch and let the next step retry; a lone one-token step ends its request."""
         self.stats.oom_retries += 1
-        live = [s for s in scheduled if not s.seq.is_finished]
+        live = [s for s in scheduled if s.seq.status is SeqStatus.RUNNING]  # preempted ones lost nothing
         if not live:
             return
         num_tokens = sum(s.num_new_tokens for s in live)
@@ -108,8 +109,8 @@ class Recovery:
         log.warning("%s: a step failed (%s: %s); running its %d sequences one at a time",
                     self.name, type(error).__name__, error, len(items))
         for s, item in zip(scheduled, items, strict=True):
-            if s.seq.is_finished:
-                continue
+            if s.seq.status is not SeqStatus.RUNNING:
+                continue  # finished, or preempted while the step was in flight: recomputed from its tokens
             if len(items) > 1:
                 launch([s], [item], self.results.max_model_len)
                 try:

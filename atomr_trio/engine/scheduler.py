@@ -16,7 +16,7 @@ Invariants (docs/architecture.md, "The engine step"):
   tokens as PLACEHOLDERs: a running sequence decodes its placeholder unless it is `awaiting`
   (its token must be known first: a grammar, or the token may end it). A waiting sequence never
   holds a placeholder when it is admitted: preemption admits nobody in the same step, and the
-  step in flight is applied before the next is scheduled.
+  step that was in flight when it was preempted is applied before any later step is scheduled.
 """
 
 from __future__ import annotations

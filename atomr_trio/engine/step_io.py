@@ -3,12 +3,13 @@ the scheduler's output, and the StepResult applied back to the sequences.
 
 Invariants:
 - A StepBatch is a snapshot: it copies every list it takes from a Sequence, so the engine may
-  change sequences (abort them) while the step runs on the device thread. The one live object
-  it holds, a sample's grammar matcher, is only read in the step and advanced here, when the
-  sampled token is applied.
+  change sequences (abort them) while the step runs on the device thread. The live objects it
+  holds — a sample's grammar matcher, only read in the step and advanced here when the sampled
+  token is applied, and a seeded sample's generator — are used by one step at a time.
 - Submitting a step (`launch`) counts its tokens as computed and appends a PLACEHOLDER for each
-  token it samples; applying its result replaces the placeholders and is the only place a
-  sequence gains applied (cached, windowed) or generated tokens; a failed step is taken back
+  token it samples; applying its result replaces the placeholders and is where a running
+  sequence gains applied (cached, windowed) or generated tokens (admission with prefix-cache
+  hits starts it with those applied); a failed step is taken back
   (`take_back`) before anything else is done about it. A result is applied only to sequences
   that are still live: one aborted during the step keeps nothing of it.
 - Prompt-logprob rows are asked for exactly once per prompt position (`prompt_rows`), so a
@@ -63,6 +64,7 @@ def launch(scheduled: list[Scheduled], items: list[BatchItem], max_model_len: in
     first (a grammar, prompt logprobs, or the token may be its last) is `awaiting` meanwhile."""
     for s, item in zip(scheduled, items, strict=True):
         seq = s.seq
+        assert seq.status is SeqStatus.RUNNING, "only a running sequence is stepped"
         seq.num_computed_tokens += s.num_new_tokens
         if item.sample is None:
             continue

@@ -60,6 +60,8 @@ def fill_placeholders(batch: StepBatch, sampled: dict[int, int]) -> StepBatch:
     items = []
     for it in batch.items:
         if PLACEHOLDER in it.token_ids:
+            if it.seq_id not in sampled:
+                raise RuntimeError(f"internal: the previous step sampled nothing for sequence {it.seq_id}")
             tok = sampled[it.seq_id]
             it = replace(it, token_ids=[tok if t == PLACEHOLDER else t for t in it.token_ids])
             row = it.sample

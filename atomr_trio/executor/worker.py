@@ -172,10 +172,7 @@ class Worker:
 
     def _execute(self, msg: Execute) -> None:
         """Queue the step on the device thread; its outcome is the answer."""
-        ctx = self.context
-        if ctx is None:
-            reply(msg.reply, outcome.Error(RuntimeError(f"{self.name}: no device context")))
-            return
+        ctx = self.context  # None only while a Context is built or after the Worker failed
 
         def answer(result: outcome.Outcome[StepResult]) -> None:
             if isinstance(result, outcome.Error):
@@ -186,9 +183,11 @@ class Worker:
 
         self._device().submit(lambda: self._follow(ctx, msg.batch), answer)
 
-    def _follow(self, ctx: Context, batch: StepBatch) -> StepResult:
+    def _follow(self, ctx: Context | None, batch: StepBatch) -> StepResult:
         """On the device thread: fill in the previous step's tokens, run the step, keep its tokens."""
         try:
+            if ctx is None:
+                raise RuntimeError(f"{self.name}: no device context")
             if batch.follows:
                 if self._sampled is None:
                     raise PredecessorFailed(f"{self.name}: the step this one follows failed")
