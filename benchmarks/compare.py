@@ -451,17 +451,19 @@ def write_report(args: argparse.Namespace, peers: list[Peer], tf: dict[int, dict
     if a1 and l1 and l1["tpot_ms"]["median"] < a1["tpot_ms"]["median"]:
         lines += ["", f"Batch 1 is where atomr_trio loses: {a1['tpot_ms']['median']:.1f} ms per token against "
                   f"llama.cpp's {l1['tpot_ms']['median']:.1f} ms. Both read all bf16 weights (≈269 MB) for every "
-                  "token, so both are bound by memory bandwidth; the batch-1 profile below shows the matmuls "
-                  "(native AVX512-BF16 kernel where the CPU has it, else ATen's GEMV) taking most of a step and "
-                  "the rest spent in about ten ops per layer dispatched from Python, where ggml runs one C graph. "
+                  "token, so both are bound by memory bandwidth"
+                  + ("; the profile below shows the matmuls (native kernel where the CPU has it, else ATen's "
+                     "GEMV) taking most of a step and the rest spent in about ten ops per layer dispatched from "
+                     "Python, where ggml runs one C graph" if profile else "") + ". "
                   "From a few sequences on the same weight read serves every row, "
                   "and that is where continuous batching pulls ahead.", ""]
 
     if r16 is not None and r16 < 1.5:
         lines += ["", f"At 16 concurrent atomr_trio reaches {r16:.2f}× vLLM CPU's output rate"
-                  + (f" and {r64:.2f}× at 64" if r64 is not None else "") + ". The batch-16 profile below shows "
-                  "where a step goes: the weight matmuls, the decode attention (a native kernel that reads the "
-                  "paged cache in place) and the remaining per-op dispatch from Python.", ""]
+                  + (f" and {r64:.2f}× at 64" if r64 is not None else "") + "."
+                  + (" The profile below shows where a step goes: the weight matmuls, the decode attention (a "
+                     "native kernel that reads the paged cache in place) and the remaining per-op dispatch from "
+                     "Python." if profile else ""), ""]
 
     def runs(xs: list[dict[str, Any]]) -> str:
         return ", ".join(f"{x['output_throughput']:.1f} / {x['ttft_median_ms']:.0f} / {x['input_tokens']}" for x in xs)

@@ -1,6 +1,7 @@
 """Soak test: a live server under a mix of normal, cancelled, malformed and over-limit requests.
 
     python benchmarks/soak.py [--duration 300] [--concurrency 32] [--model PATH]
+                              [--dtype auto] [--quantization none|gguf]
 
 Starts `python -m atomr_trio` on 127.0.0.1 (the default model unless --model), drives it with
 `--concurrency` clients for `--duration` seconds, samples the server's RSS, then checks that:
@@ -262,8 +263,10 @@ def report(args: argparse.Namespace, res: dict[str, Any], wall: float) -> tuple[
         f"- Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
         f"{platform.system()} {platform.release()}.",
         f"- Server: `python -m atomr_trio --config <soak.toml>` serving {args.model or 'the default model'} "
-        f"(max_num_seqs {args.max_num_seqs}, max_queue {args.max_queue}, request_timeout {args.request_timeout} s).",
-        f"- Command: `python benchmarks/soak.py --duration {args.duration:g} --concurrency {args.concurrency}`",
+        f"(dtype {args.dtype}, quantization {args.quantization}, max_num_seqs {args.max_num_seqs}, "
+        f"max_queue {args.max_queue}, request_timeout {args.request_timeout} s).",
+        f"- Command: `python benchmarks/soak.py --duration {args.duration:g} --concurrency {args.concurrency}"
+        f" --dtype {args.dtype} --quantization {args.quantization}`",
         "",
         f"**Result: {'all checks held' if ok else 'FAILED'}.**",
         "",
@@ -304,6 +307,8 @@ def main() -> int:
     p.add_argument("--warmup", type=float, default=60.0, help="seconds before the RSS baseline is taken")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--model", default=None, help="model path (default: the built-in default model)")
+    p.add_argument("--dtype", default="auto", help="the engine's dtype (auto, bfloat16, float32)")
+    p.add_argument("--quantization", default="none", help="none, or gguf: keep the GGUF's quantized weights")
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--max-queue", type=int, default=12)
     p.add_argument("--request-timeout", type=float, default=600.0,
@@ -316,7 +321,8 @@ def main() -> int:
         config = Path(tmp) / "soak.toml"
         model = f'model = "{args.model}"\n' if args.model else ""
         config.write_text(
-            f'[[deployment]]\nname = "default"\n{model}max_num_seqs = {args.max_num_seqs}\n'
+            f'[[deployment]]\nname = "default"\n{model}dtype = "{args.dtype}"\n'
+            f'quantization = "{args.quantization}"\nmax_num_seqs = {args.max_num_seqs}\n'
             f"max_model_len = 2048\nrequest_timeout = {args.request_timeout}\n"
             f"serving = {{ max_queue = {args.max_queue} }}\n")
         proc, url = start_server(args, config)
