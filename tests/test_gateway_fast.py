@@ -167,3 +167,14 @@ async def test_admin_tree_lists_every_actor_with_the_live_requests_under_the_gat
         assert (await client.post("/v1/completions", json={**long_body(), "max_tokens": 2})).status_code == 200
         gateway = next(n for n in _nodes(await tree()) if n["actor"] == "Gateway")
         assert gateway["requests"] == 0  # a non-stream request leaves the board when its handler returns
+
+
+async def test_tokenize_refuses_a_malformed_conversation_with_400(tiny_model_dir: Path) -> None:
+    """The soak found a list of strings as `messages` answered with a 500."""
+    async with serving(spec(tiny_model_dir)) as (client, _):
+        good = await client.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert good.status_code == 200 and good.json()["count"] > 0
+        for messages in (["hi"], [{"role": 5, "content": "x"}], [{"content": "no role"}], [], "hi", [None]):
+            r = await client.post("/tokenize", json={"model": "tiny", "messages": messages})
+            assert r.status_code == 400, (messages, r.status_code, r.text)
+            assert r.json()["error"]["param"].startswith("messages"), r.text

@@ -31,8 +31,13 @@ async def json_object() -> dict[str, Any]:
 
 async def validated(model: type[ModelT]) -> ModelT:
     """The request body as `model`, or a 400 naming every invalid field (`param`: the first)."""
+    return validate(model, await json_object())
+
+
+def validate(model: type[ModelT], data: Any) -> ModelT:
+    """`data` as `model`, or a 400 naming every invalid field (`param`: the first)."""
     try:
-        return model.model_validate(await json_object())
+        return model.model_validate(data)
     except ValidationError as e:
         errors = [(".".join(str(x) for x in err["loc"]), err["msg"]) for err in e.errors()]
         message = "; ".join(f"{loc}: {msg}" if loc else msg for loc, msg in errors[:MAX_LISTED])

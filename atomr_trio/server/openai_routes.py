@@ -21,10 +21,10 @@ from quart import Blueprint, Response, g, request
 from ..request import Request, chat_prompt, prepare_prompt
 from ..text.chat_template import ChatTemplateError
 from .admission import Admitted, admitted
-from .bodies import json_object, validated
+from .bodies import json_object, validate, validated
 from .chunks import ChatChoices, CompletionChoices
 from .openai_format import chat_completion, model_card, text_completion, text_of
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, check_request_id
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, TokenizeChat, check_request_id
 from .sse import Part
 from .state import gateway_state
 from .tool_calls import tool_mode
@@ -83,8 +83,9 @@ async def tokenize() -> Any:
     data = await json_object()
     max_len, source = await _any_replica(data)
     if "messages" in data:
+        messages = [m.model_dump(exclude_none=True) for m in validate(TokenizeChat, data).messages]
         try:
-            _, ids = chat_prompt(source.tokenizer, data["messages"])
+            _, ids = chat_prompt(source.tokenizer, messages)
         except (ChatTemplateError, TypeError) as e:
             raise APIError(400, str(e), param="messages") from None
     elif isinstance(data.get("prompt"), str):

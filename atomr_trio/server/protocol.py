@@ -237,6 +237,13 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
 
+class TokenizeChat(BaseModel):
+    """The conversation of a /tokenize body (its other keys are read by the route)."""
+
+    model_config = ConfigDict(extra="allow")
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+
+
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1)
