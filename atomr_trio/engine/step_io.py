@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Collection
 
-from ..executor.model_runner import PLACEHOLDER, BatchItem, PromptRows, StepBatch, StepResult
+from ..executor.model_runner import PLACEHOLDER, BatchItem, PromptRows, StepBatch, StepResult, fill_placeholders
 from ..executor.sampler import SampleRow
 from .block_manager import BlockManager
 from .engine_stats import EngineStats, StepReporter
@@ -90,17 +90,13 @@ def take_back(scheduled: list[Scheduled], items: list[BatchItem]) -> None:
 
 def known_tokens(scheduled: list[Scheduled], items: list[BatchItem]) -> list[BatchItem]:
     """The items of a step whose predecessor has been applied, with its PLACEHOLDERs replaced by
-    the tokens now known (to run them again, alone, after the step failed)."""
+    the tokens now known (to run them again, alone, after the step failed): a placeholder stands
+    at its row's own position, which the predecessor's result has filled in on the sequence.
+    Rows of finished sequences keep theirs (Recovery skips them)."""
     out = []
     for s, item in zip(scheduled, items, strict=True):
-        if PLACEHOLDER in item.token_ids:
-            known = s.seq.token_ids[item.start : item.start + len(item.token_ids)]
-            row = item.sample
-            if row is not None and row.output_ids is not None:
-                row = SampleRow(row.params, row.generator, row.prompt_ids,
-                                s.seq.token_ids[s.seq.num_prompt_tokens : item.start + 1], row.num_output_tokens,
-                                row.matcher)
-            item = BatchItem(item.seq_id, known, item.start, item.block_table, row, item.prompt_logprobs)
+        if not s.seq.is_finished and PLACEHOLDER in item.token_ids:
+            item = fill_placeholders(StepBatch([item]), {item.seq_id: s.seq.token_ids[item.start]}).items[0]
         out.append(item)
     return out
 
