@@ -162,7 +162,9 @@ def serve(args: argparse.Namespace) -> int:
            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     if args.enforce_eager:
         cmd.append("--enforce-eager")
-    result: dict[str, Any] = {"mode": _mode(args), "command": " ".join(["python3", *cmd[1:]]), "levels": {}}
+    shown = ["python3", *cmd[1:]]  # the report's command: no path or port of the machine it ran on
+    shown[shown.index("--model") + 1], shown[shown.index("--port") + 1] = "MODEL", "PORT"
+    result: dict[str, Any] = {"mode": _mode(args), "command": " ".join(shown), "levels": {}}
     log = (args.scratch / f"server-{_mode(args)}.log").open("wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     (args.scratch / "server.pid").write_text(str(proc.pid))  # gpu_check.sh stops it if we cannot
@@ -280,14 +282,16 @@ def report(args: argparse.Namespace) -> int:
     data["tpot_ms_median_at_1"] = tpot1
 
     cfg = (data.get("serve-graphs") or data.get("serve-eager") or {}).get("command", "")
-    lines = ["# GPU check", ""]
+    lines = ["# GPU check", "",
+             "Written by `bash benchmarks/gpu_check.sh` on a GPU machine (its `report` step) — never edit by "
+             "hand; rerun it.", ""]
     env = data.get("environment") or {}
     if env:
         lines += [f"- {k}: {v}" for k, v in env.items()] + [""]
     lines += ["Random-weights SmolLM2-135M-shaped model (benchmarks/gpu_model.py), bf16, fixed lengths "
               "(ignore_eos / min_new_tokens). Ours: `bench serve` against the server at each concurrency, "
               "CUDA graphs on and --enforce-eager; transformers: `generate` on one static batch of B = concurrency.",
-              "", f"Server: `{cfg}`" if cfg else "", "",
+              "", f"Server: `{cfg}` (MODEL: that model's directory)" if cfg else "", "",
               "| concurrency | ours, graphs (tok/s) | ours, eager (tok/s) | transformers (tok/s) "
               "| graphs / transformers | eager / transformers |",
               "|---:|---:|---:|---:|---:|---:|"]
@@ -304,7 +308,9 @@ def report(args: argparse.Namespace) -> int:
         if o:
             lines.append(f"Offline (`LLM.generate`, {o['requests']} prompts, {mode}): "
                          f"{_num(o['output_tokens_per_s'])} output tok/s, {_num(o['total_tokens_per_s'])} total tok/s, "
-                         f"load {_num(o['load_s'])} s, KV blocks {o.get('num_kv_blocks')}")
+                         f"model forward {_num(100 * (o.get('forward_share') or math.nan))}% of the engine's "
+                         f"step time, load {_num(o['load_s'])} s, KV blocks {o.get('num_kv_blocks')}, "
+                         f"kernels: {o.get('kernels')}")
         else:
             lines.append(f"Offline ({mode}): no result")
     lines += ["", f"Tests (`pytest -m cuda`): {data['pytest'] or 'no result'}", "",

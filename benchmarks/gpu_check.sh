@@ -7,16 +7,16 @@
 # and carry .whl along): the wheels this machine lacks and the default model's shape
 # (.whl/smollm2-shape). It uses the machine's python3 with its own torch, triton and transformers.
 #
-# Steps, each in its time box (`timeout`; 3 s more to exit), under 8 minutes in all:
+# Steps, each in its time box (`timeout`; 3 s more to exit), under 9 minutes in all (about 5 on an H200):
 #   install     25 s  the carried wheels into $SCRATCH/site (no index, no deps)
 #   model       40 s  the SmolLM2-shaped random-weights model (benchmarks/gpu_model.py weights)
 #   pytest     110 s  `pytest -m cuda` on tests/test_cuda.py: greedy parity with transformers in float32
 #                     (tiny models, and the SmolLM2-shaped one: 8 prompts x 48 tokens, batched and one at
 #                     a time), CUDA graphs vs eager, bf16 vs float32, KV cache vs gpu_memory_utilization
 #   offline    2 x 32 s  `LLM.generate`, 128 prompts of 128 in / 128 out, bf16, CUDA graphs / --enforce-eager
-#   serve      2 x 75 s  the server on 127.0.0.1 under `bench serve` at 1, 16, 64, 256 concurrent
+#   serve      2 x 100 s the server on 127.0.0.1 under `bench serve` at 1, 16, 64, 256 concurrent
 #                     (128 in / 128 out, ignore_eos), graphs / --enforce-eager
-#   transformers  32 s  `generate` on static batches of 1, 16, 64, 256, bf16, 128 new tokens
+#   transformers  90 s  `generate` on static batches of 1, 16, 64, 256, bf16, 128 new tokens
 #   report      10 s  the table
 # Everything lands in ${OUT:-gpu-results}/: gpu_check.log (all output), gpu_results.json and
 # gpu_results.md (the table: output tok/s per concurrency with graphs on and off, transformers'
@@ -64,7 +64,9 @@ stop_server() {  # stop a server that gpu_bench.py could not (its step was kille
   return 0
 }
 
-echo "GPU check of $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '(no git)') at $(date -u)"
+export CHECK_COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '(no git)')
+export CHECK_DATE=$(date -u '+%Y-%m-%d %H:%M UTC')
+echo "GPU check of $CHECK_COMMIT at $CHECK_DATE"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi: none"
 
 if ! compgen -G ".whl/*.whl" > /dev/null || [[ ! -f .whl/smollm2-shape/config.json ]]; then
@@ -80,8 +82,9 @@ for w in sorted(glob.glob(\".whl/*.whl\")): zipfile.ZipFile(w).extractall(os.env
 export PYTHONPATH=$SITE:$ROOT
 
 timeout 20 $PY - <<'EOF' > "$SCRATCH/environment.json" || echo '{}' > "$SCRATCH/environment.json"
-import json, platform, torch, transformers, triton
+import json, os, platform, torch, transformers, triton
 print(json.dumps({
+    "commit": os.environ["CHECK_COMMIT"], "date": os.environ["CHECK_DATE"], "cpus": os.cpu_count(),
     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if torch.cuda.is_available() else None,
     "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
@@ -99,11 +102,11 @@ grep -E "(passed|failed|skipped|errors?|no tests ran).* in [0-9.]+s" "$LOG" | ta
 BENCH=(benchmarks/gpu_bench.py)
 step offline-graphs 32 $PY "${BENCH[@]}" offline --model "$MODEL" --scratch "$SCRATCH" --num-prompts 128
 step offline-eager 32 $PY "${BENCH[@]}" offline --model "$MODEL" --scratch "$SCRATCH" --num-prompts 128 --enforce-eager
-step serve-graphs 75 $PY "${BENCH[@]}" serve --model "$MODEL" --scratch "$SCRATCH" --budget-s 66
+step serve-graphs 100 $PY "${BENCH[@]}" serve --model "$MODEL" --scratch "$SCRATCH" --budget-s 91
 stop_server graphs
-step serve-eager 75 $PY "${BENCH[@]}" serve --model "$MODEL" --scratch "$SCRATCH" --budget-s 66 --enforce-eager
+step serve-eager 100 $PY "${BENCH[@]}" serve --model "$MODEL" --scratch "$SCRATCH" --budget-s 91 --enforce-eager
 stop_server eager
-step transformers 32 $PY "${BENCH[@]}" transformers --model "$MODEL" --scratch "$SCRATCH"
+step transformers 90 $PY "${BENCH[@]}" transformers --model "$MODEL" --scratch "$SCRATCH"
 step report 10 $PY "${BENCH[@]}" report --scratch "$SCRATCH" --out "$OUT"
 
 echo "results in $OUT: $(ls "$OUT" | tr '\n' ' ')"
