@@ -113,6 +113,93 @@ def test_a_slot_outside_the_cache_is_an_error_not_a_crash():
         _op()(q.half(), kv.half(), slots, lens, 0.125)
 
 
+def _exact_prefill(q, kv, slots, scale, window=None, softcap=None):
+    """float64 causal attention of Q queries at positions C - Q .. C - 1 over the C cached ones."""
+    Q, H, _ = q.shape
+    kvh, C = kv.shape[1], slots.numel()
+    k = kv[0][:, slots].double().repeat_interleave(H // kvh, dim=0)  # [H, C, D]
+    v = kv[1][:, slots].double().repeat_interleave(H // kvh, dim=0)
+    s = (q.double().transpose(0, 1) @ k.transpose(1, 2)) * scale  # [H, Q, C]
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    qpos, kpos = torch.arange(C - Q, C).unsqueeze(1), torch.arange(C).unsqueeze(0)
+    visible = kpos <= qpos
+    if window:
+        visible &= kpos > qpos - window
+    return (torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1) @ v).transpose(0, 1)
+
+
+def _prefill_op() -> native.PrefillAttention | None:
+    """The bf16 prefill kernel; None exactly where the build lacks AVX512-BF16 (asserted)."""
+    k = _kernels()
+    if k.prefill_attention is None:
+        assert k.matmul_isa != "avx512bf16", "an AVX512-BF16 build must load the prefill kernel"
+        with pytest.raises(RuntimeError, match="needs AVX512-BF16"):
+            torch.ops.atomr_trio.prefill_attention(torch.zeros(1, 1, 64, dtype=torch.bfloat16),
+                                                   torch.zeros(2, 1, 1, 64, dtype=torch.bfloat16),
+                                                   torch.zeros(1, dtype=torch.long), 0.125)
+    return k.prefill_attention
+
+
+@needs_compiler
+@pytest.mark.parametrize(  # (queries, context, kv heads, group, head size, window, softcap): tile edges at 16
+    "Q,C,kvh,group,d,window,softcap",
+    [(1, 1, 1, 1, 64, None, None), (15, 15, 3, 3, 64, None, None), (16, 16, 2, 4, 64, None, None),
+     (17, 17, 3, 3, 64, None, None), (128, 128, 3, 3, 64, None, None), (21, 37, 3, 3, 64, None, None),
+     (1, 50, 1, 8, 128, None, None), (33, 70, 2, 5, 128, None, None), (40, 90, 1, 2, 64, 17, None),
+     (30, 30, 2, 2, 64, None, 20.0), (9, 9, 1, 7, 64, 4, 30.0)],
+)
+def test_prefill_kernel_matches_exact_attention(Q, C, kvh, group, d, window, softcap):
+    """bf16 prefill attention over cached keys, causal (with a prefix already cached, a window,
+    soft-capping), against float64; the queries a strided view as the model passes them."""
+    op = _prefill_op()
+    if op is None:
+        return
+    g = torch.Generator().manual_seed(Q * 1000 + C)
+    kv = torch.randn(2, kvh, C + 40, d, generator=g).to(torch.bfloat16)
+    slots = torch.randperm(C + 40, generator=g)[:C]
+    qk = torch.randn(Q, kvh * group + kvh, d, generator=g).to(torch.bfloat16)  # q and k rows, as rope_store_kv
+    q = qk[:, : kvh * group]
+    out = op(q, kv, slots, d**-0.5, window, softcap)
+    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), _exact_prefill(q, kv, slots, d**-0.5, window, softcap),
+                               rtol=1e-2, atol=1e-2)
+
+
+@needs_compiler
+def test_prefill_kernel_in_a_mixed_batch_agrees_with_the_torch_path():
+    """Decodes, a fresh prompt chunk and a chunk after a cached prefix, through paged_attention
+    with the prefill kernel and without it (torch's SDPA), bf16: the same layer output to bf16
+    rounding; a bad slot is an error, not a read outside the cache."""
+    op = _prefill_op()
+    if op is None:
+        return
+    g = torch.Generator().manual_seed(3)
+    H, kvh, D = 9, 3, 64
+    kv = torch.randn(2, kvh, 400, D, generator=g).to(torch.bfloat16)
+    lens = torch.tensor([20, 37])
+    dslots = torch.randperm(400, generator=g)[:74].view(2, 37)
+    fresh = torch.arange(300, 306)  # a 6-token prompt, no prior context
+    prefix = torch.randperm(250, generator=g)[:60]  # 60 positions, the last 25 new
+    slot_mapping = torch.cat([dslots[0, 19:20], dslots[1, 36:37], fresh, prefix[35:]])
+    T = 2 + 6 + 25
+    q = torch.randn(T, H, D, generator=g).to(torch.bfloat16)
+    mask = torch.arange(60).unsqueeze(0) <= torch.arange(35, 60).unsqueeze(1)
+
+    def meta(prefill_op):
+        return AttentionMetadata(slot_mapping, 2, dslots.reshape(-1), None,
+                                 [PrefillChunk(2, 6, None, None), PrefillChunk(8, 25, prefix, mask)], lens,
+                                 _op(), prefill_op=prefill_op)
+
+    got = paged_attention(q, q[:, :kvh], q[:, :kvh], kv.clone(), meta(op))
+    want = paged_attention(q, q[:, :kvh], q[:, :kvh], kv.clone(), meta(None))
+    torch.testing.assert_close(got.double(), want.double(), rtol=2e-2, atol=2e-2)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        op(q[:6], kv, torch.tensor([0, 1, 2, 3, 4, 400]), 0.125)
+    with pytest.raises(RuntimeError, match="bfloat16 only"):
+        op(q[:6].float(), kv.float(), fresh, 0.125)
+
+
 @needs_compiler
 @pytest.mark.parametrize("rows", [1, 16, 130])
 def test_add_rms_norm_adds_in_place_and_normalizes_like_transformers(rows):

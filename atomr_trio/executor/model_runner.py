@@ -230,6 +230,7 @@ class ModelRunner:
             prefills=[self._chunk_on_device(p) for p in prefills],
             decode_ctx_lens=decode_lens,
             decode_op=self.model.native.decode_attention if self.model.native else None,
+            prefill_op=self.model.prefill_attention,
             decode_block_table=decode_table,
             block_size=bs,
             table_op=self.table_op,

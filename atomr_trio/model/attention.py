@@ -31,7 +31,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from .native import DecodeAttention
+from .native import DecodeAttention, PrefillAttention
 
 
 class TableDecode(Protocol):
@@ -61,6 +61,7 @@ class AttentionMetadata:
     prefills: list[PrefillChunk]
     decode_ctx_lens: torch.Tensor | None = None  # [num_decode] context lengths (native kernel)
     decode_op: DecodeAttention | None = None  # native decode attention, when loaded (native.py)
+    prefill_op: PrefillAttention | None = None  # native bf16 prefill attention, where the build has it
     # CUDA: the decode rows read the cache through block tables (graph-safe shapes), by `table_op`
     decode_block_table: torch.Tensor | None = None  # [num_decode, max_blocks] int32
     block_size: int = 0
@@ -197,6 +198,11 @@ def paged_attention(
             od = torch.matmul(torch.softmax(scores, dim=-1), vd)  # [KVH, nd, H/KVH, D]
         outs.append(od.transpose(0, 1).reshape(nd, H * D))
     for p, (kv_slots, mask) in zip(meta.prefills, view.prefills, strict=True):
+        if meta.prefill_op is not None and q.dtype == torch.bfloat16:  # keys read from the cache, in place
+            ctx_slots = p.kv_slots if p.kv_slots is not None else meta.slot_mapping[p.q_start : p.q_start + p.q_len]
+            op = meta.prefill_op(q[p.q_start : p.q_start + p.q_len], kv, ctx_slots, sc, window, softcap)
+            outs.append(op.view(p.q_len, H * D))
+            continue
         qp = q[p.q_start : p.q_start + p.q_len].transpose(0, 1).unsqueeze(0)
         if kv_slots is None:
             kp = k[p.q_start : p.q_start + p.q_len].transpose(0, 1).unsqueeze(0)

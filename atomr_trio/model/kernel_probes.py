@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_gemv, native
-from .attention import AttentionMetadata, paged_attention
+from .attention import AttentionMetadata, PrefillChunk, paged_attention
 from .config import ModelConfig
 from .linear import Linear
 from .rope import rope_tables
@@ -138,7 +138,17 @@ def _probe_native_ops(dtype: torch.dtype, cfg: ModelConfig) -> str | None:
     meta = AttentionMetadata(torch.empty(0, dtype=torch.long), 2, dslots, bias, [], lens)
     want = paged_attention(q.float(), q.float()[:, :nkv], q.float()[:, :nkv], kv.float(), meta, write_kv=False)
     got = k.decode_attention(q, kv, dslots, lens, hd**-0.5)
-    return _mismatch(got.reshape(2, nq * hd), want, "paged_decode_attention")
+    bad = _mismatch(got.reshape(2, nq * hd), want, "paged_decode_attention")
+    if bad or k.prefill_attention is None or dtype != torch.bfloat16 or hd not in (64, 128) or nq // nkv > 8:
+        return bad
+    # prefill attention of a 21-token chunk after 16 cached tokens (positions 16..36)
+    C, Q = 37, 21
+    cslots = torch.randperm(blocks * bs, generator=g)[:C]
+    q = torch.randn(Q, nq, hd, generator=g).to(dtype)
+    mask = torch.arange(C).unsqueeze(0) <= torch.arange(C - Q, C).unsqueeze(1)
+    meta = AttentionMetadata(torch.empty(0, dtype=torch.long), 0, None, None, [PrefillChunk(0, Q, cslots, mask)])
+    want = paged_attention(q.float(), q.float()[:, :nkv], q.float()[:, :nkv], kv.float(), meta, write_kv=False)
+    return _mismatch(k.prefill_attention(q, kv, cslots, hd**-0.5).reshape(Q, nq * hd), want, "prefill_attention")
 
 
 def time_avx2_bf16_against_float32(rounds: int = 7) -> tuple[float, float]:

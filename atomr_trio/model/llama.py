@@ -30,7 +30,7 @@ from .attention import AttentionMetadata, paged_attention
 from .config import ModelConfig, ModelLoadError
 from .cpu_kernels import KernelPlan
 from .linear import Linear
-from .native import Kernels
+from .native import Kernels, PrefillAttention
 from .quantized import (
     QuantizedWeight,
     cat_rows,
@@ -89,6 +89,7 @@ class LlamaModel:
         cos, sin = rope_tables(cfg, max_len, dtype)  # every rope scaling is in them (rope.py)
         self.cos, self.sin = cos.to(self.device), sin.to(self.device)
         self.native: Kernels | None = None  # fused CPU kernels (native.py); None: plain torch ops
+        self.prefill_attention: PrefillAttention | None = None  # its prefill kernel, where it runs
         self.one_row_gemv = False  # one-row steps switch oneDNN off for ATen's GEMV (cpu_gemv.py)
         # the weights kept as GGUF blocks (quantization="gguf"), by name; read_tensors fills it
         self.quantized: dict[str, QuantizedWeight] = {}
@@ -216,6 +217,11 @@ class LlamaModel:
         and every weight matrix laid out for the plan's matmul (native panels, which replace the
         plain weight; a oneDNN-packed copy beside it; or nothing for plain F.linear)."""
         self.native = plan.kernels if plan.ops == "native" else None
+        cfg = self.cfg
+        # the native prefill attention where its build and the head shape have it (else SDPA)
+        self.prefill_attention = (self.native.prefill_attention if self.native is not None
+                                  and self.dtype == torch.bfloat16 and cfg.head_dim in (64, 128)
+                                  and cfg.num_heads // cfg.num_kv_heads <= 8 else None)
         self.one_row_gemv = plan.one_row_gemv
         linears = [lin for layer in self.layers for lin in (layer.qkv, layer.o, *layer.mlp.linears())]
         linears.append(self.lm_head)

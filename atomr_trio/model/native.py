@@ -15,6 +15,9 @@ context out of the paged cache before a batch of tiny matmuls.
   widened to float32 in registers; `Kernels.matmul_isa` says which). Where the -march has
   neither, `Kernels.linear` is None. The AVX512-BF16 paths of the other kernels are compiled out
   without those instructions (their portable loops remain).
+- `csrc/prefill_attention.cpp`: causal attention of a bf16 prompt chunk over its keys in the cache,
+  built for AVX512-BF16 only (elsewhere `Kernels.prefill_attention` is None and prefills keep
+  torch's SDPA): 128-token prompt, 9 query / 3 KV heads, one layer on a 2-core Zen 4 ~360 -> ~145 us.
 - `csrc/quant_matmul.cpp`: the matmul over weights kept in GGUF's quantized blocks (Q8_0, Q4_0,
   Q4_1, Q4_K), dequantized in registers (quantized.py); AVX-512, AVX2 or portable loops.
 
@@ -55,9 +58,18 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "paged_decode_attention.cpp", CSRC / "norm_rope.cpp", CSRC / "linear_bf16.cpp",
-           CSRC / "quant_matmul.cpp")
+           CSRC / "quant_matmul.cpp", CSRC / "prefill_attention.cpp")
 HEADERS = (CSRC / "vec_avx512.h", CSRC / "vec_avx2.h")  # included by the sources: part of the build key too
 DTYPES = (torch.float32, torch.bfloat16)  # what the kernels compute in
+
+
+class PrefillAttention(Protocol):
+    """(q [Q, H, D] at positions C - Q .. C - 1, kv cache, slots [C] of positions 0 .. C - 1, scale,
+    window, softcap) -> [Q, H, D]: causal attention of a prompt chunk whose keys and values are
+    already in the cache (bfloat16)."""
+
+    def __call__(self, q: torch.Tensor, kv: torch.Tensor, slots: torch.Tensor, scale: float,
+                 window: int | None = None, softcap: float | None = None) -> torch.Tensor: ...
 
 
 class DecodeAttention(Protocol):
@@ -85,6 +97,8 @@ class Kernels:
     quant_linear: Callable[..., torch.Tensor] | None = None
     quant_linear_silu_mul: Callable[..., torch.Tensor] | None = None
     quant_dequantize: Callable[..., torch.Tensor] | None = None
+    # bf16 prefill attention (prefill_attention.cpp); None where the build lacks AVX512-BF16
+    prefill_attention: PrefillAttention | None = None
 
 
 _lock = threading.Lock()
@@ -133,6 +147,7 @@ def _load() -> Kernels | None:
         ops.paged_decode_attention, ops.add_rms_norm_, ops.rope_store_kv,
         ops.linear_bf16 if isa else None, ops.linear_silu_mul_bf16 if isa else None, isa,
         ops.quant_linear, ops.quant_linear_silu_mul, ops.quant_dequantize,
+        ops.prefill_attention if ops.prefill_attention_isa() else None,
     )
 
 
