@@ -17,7 +17,7 @@ its tensor reading (`read_tensors`), layers and kernel layout but has its own fo
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -66,6 +66,34 @@ class DenseMlp:
 
 
 @dataclass
+class FusedDecode:
+    """The layer stack as decode_layers.cpp takes it: a decode step's layers in one native call
+    (every layer a dense MLP without q/k norms, every matrix on the native bf16 matmul)."""
+
+    op: Callable[..., torch.Tensor]
+    in_norm: list[torch.Tensor]
+    post_norm: list[torch.Tensor]
+    qkv: list[torch.Tensor]
+    qkv_bias: list[torch.Tensor | None]
+    o: list[torch.Tensor]
+    gate_up: list[torch.Tensor]
+    down: list[torch.Tensor]
+    windows: list[int]  # 0: the whole context
+    nq: int
+    nkv: int
+    ff: int
+    scale: float
+    eps: float
+
+    def __call__(self, h: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 kv_cache: torch.Tensor, slot_mapping: torch.Tensor, dslots: torch.Tensor, dlens: torch.Tensor,
+                 ) -> torch.Tensor:
+        return self.op(h, positions, cos, sin, kv_cache, slot_mapping, dslots, dlens, self.in_norm, self.post_norm,
+                       self.qkv, self.qkv_bias, self.o, self.gate_up, self.down, self.windows, self.nq, self.nkv,
+                       self.ff, self.scale, self.eps)
+
+
+@dataclass
 class Layer:
     in_norm: torch.Tensor
     post_norm: torch.Tensor
@@ -90,6 +118,7 @@ class LlamaModel:
         self.cos, self.sin = cos.to(self.device), sin.to(self.device)
         self.native: Kernels | None = None  # fused CPU kernels (native.py); None: plain torch ops
         self.prefill_attention: PrefillAttention | None = None  # its prefill kernel, where it runs
+        self.fused_decode: FusedDecode | None = None  # decode steps' layers in one native call, where they can
         self.one_row_gemv = False  # one-row steps switch oneDNN off for ATen's GEMV (cpu_gemv.py)
         # the weights kept as GGUF blocks (quantization="gguf"), by name; read_tensors fills it
         self.quantized: dict[str, QuantizedWeight] = {}
@@ -236,6 +265,34 @@ class LlamaModel:
                     raise ModelLoadError(f"the native matmul cannot take a {lin.in_features}-wide weight")
             elif plan.matmul == "onednn":
                 lin.pack()
+        self.fused_decode = self._fuse_decode(plan)
+
+    def _fuse_decode(self, plan: KernelPlan) -> FusedDecode | None:
+        """The layers for decode_layers.cpp, where every part it runs is what forward would run:
+        native ops and matmul, dense MLPs, no q/k norms, no biases but q/k/v's."""
+        k, cfg = plan.kernels, self.cfg
+        if plan.ops != "native" or plan.matmul != "native" or k is None or k.decode_layers is None or self.quantized:
+            return None
+        mlps = [layer.mlp for layer in self.layers]
+        if not all(isinstance(m, DenseMlp) for m in mlps) or any(layer.qk_norm is not None for layer in self.layers):
+            return None
+        dense = [m for m in mlps if isinstance(m, DenseMlp)]
+        pairs = list(zip(self.layers, dense, strict=True))
+        if (any(lin.panels is None for layer, m in pairs for lin in (layer.qkv, layer.o, m.gate_up, m.down))
+                or any(lin.bias is not None for layer, m in pairs for lin in (layer.o, m.gate_up, m.down))
+                or len({m.gate_up.out_features for m in dense}) != 1):
+            return None
+
+        def panels(lin: Linear) -> torch.Tensor:
+            assert lin.panels is not None
+            return lin.panels
+
+        return FusedDecode(
+            k.decode_layers, [layer.in_norm for layer in self.layers], [layer.post_norm for layer in self.layers],
+            [panels(layer.qkv) for layer in self.layers], [layer.qkv.bias for layer in self.layers],
+            [panels(layer.o) for layer in self.layers], [panels(m.gate_up) for m in dense],
+            [panels(m.down) for m in dense], [cfg.layer_window(i) or 0 for i in range(cfg.num_layers)],
+            cfg.num_heads, cfg.num_kv_heads, dense[0].gate_up.out_features // 2, cfg.head_dim**-0.5, cfg.rms_norm_eps)
 
     # ---- compute -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -260,6 +317,8 @@ class LlamaModel:
         if (native is not None and not meta.prefills and meta.num_decode == len(input_ids)
                 and meta.decode_slots is not None and meta.decode_ctx_lens is not None):
             decode = (meta.decode_slots, meta.decode_ctx_lens)
+        if decode is not None and self.fused_decode is not None:  # the same layers, looped in C++
+            return self.fused_decode(h, positions, self.cos, self.sin, kv_cache, meta.slot_mapping, *decode)
         delta: torch.Tensor | None = None  # the previous layer's MLP output, not yet added to h
         for i, w in enumerate(self.layers):
             window = cfg.layer_window(i)

@@ -25,6 +25,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "ops.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -367,6 +369,15 @@ std::string bf16_matmul_isa() { return ""; }
 #endif
 
 }  // namespace
+
+namespace atomr_ops {  // ops.h
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& wp, int64_t n, const c10::optional<at::Tensor>& bias) {
+  return ::linear_bf16(x, wp, n, bias);
+}
+at::Tensor linear_silu_mul_bf16(const at::Tensor& x, const at::Tensor& wp, int64_t n) {
+  return ::linear_silu_mul_bf16(x, wp, n);
+}
+}  // namespace atomr_ops
 
 TORCH_LIBRARY_FRAGMENT(atomr_trio, m) {
   m.def("linear_bf16(Tensor x, Tensor wp, int n, Tensor? bias) -> Tensor");

@@ -15,6 +15,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "ops.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -161,6 +163,16 @@ at::Tensor rope_store_kv(const at::Tensor& qkv, const at::Tensor& positions, con
 }
 
 }  // namespace
+
+namespace atomr_ops {  // ops.h
+at::Tensor add_rms_norm_(at::Tensor h, const c10::optional<at::Tensor>& delta, const at::Tensor& w, double eps) {
+  return ::add_rms_norm_(std::move(h), delta, w, eps);
+}
+at::Tensor rope_store_kv(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos,
+                         const at::Tensor& sin, at::Tensor kv, const at::Tensor& slots, int64_t nq, int64_t nkv) {
+  return ::rope_store_kv(qkv, positions, cos, sin, std::move(kv), slots, nq, nkv);
+}
+}  // namespace atomr_ops
 
 TORCH_LIBRARY_FRAGMENT(atomr_trio, m) {
   m.def("add_rms_norm_(Tensor(a!) h, Tensor? delta, Tensor weight, float eps) -> Tensor");

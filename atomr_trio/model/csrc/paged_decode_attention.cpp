@@ -19,6 +19,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "ops.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -436,6 +438,14 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kv, con
 }
 
 }  // namespace
+
+namespace atomr_ops {  // ops.h
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slots,
+                                  const at::Tensor& ctx_lens, double scale, std::optional<int64_t> window,
+                                  std::optional<double> softcap) {
+  return ::paged_decode_attention(q, kv, slots, ctx_lens, scale, window, softcap);
+}
+}  // namespace atomr_ops
 
 TORCH_LIBRARY(atomr_trio, m) {
   m.def("paged_decode_attention(Tensor q, Tensor kv, Tensor slots, Tensor ctx_lens, float scale, int? window=None, float? softcap=None) -> Tensor");

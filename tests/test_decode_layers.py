@@ -1,0 +1,80 @@
+"""A decode step's layers in one native call (csrc/decode_layers.cpp, `LlamaModel.fused_decode`):
+the same tokens and logprobs, bit for bit, as the Python loop over the same kernels; used only
+where every part it runs is what that loop would run."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import worker_of
+from test_hf_dir import write_tiny_model
+
+from atomr_trio import LLM, SamplingParams
+from atomr_trio.model import cpu_kernels, llama, native
+
+PROMPTS = ["hello there", "a longer prompt that spans more than one block of sixteen tokens", "x", "1 2 3"]
+PARAMS = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=3)
+
+
+def _needs_native() -> None:
+    for part in ("matmul", "ops"):
+        why = cpu_kernels.unavailable(part, "native", torch.bfloat16)
+        if why:
+            pytest.skip(f"native {part} kernel path unavailable here: {why}")
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])  # q/k/v biases; a sliding window
+def tiny_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp(f"tiny-fused-{request.param}")
+    overrides = {"sliding_window": 6} if request.param == "mistral" else None  # shorter than most contexts
+    write_tiny_model(path, request.param, seed=5, config_overrides=overrides)
+    return path
+
+
+def _generate(model_dir: Path, **settings: Any) -> tuple[Any, list[tuple[list[int], list[Any]]]]:
+    with LLM(str(model_dir), dtype="bfloat16", max_model_len=256, num_kv_blocks=64, **settings) as llm:
+        model = worker_of(llm).context.runner.model
+        outs = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+        return model.fused_decode, [(list(o.outputs[0].token_ids), o.outputs[0].logprobs) for o in outs]
+
+
+def test_fused_decode_gives_the_python_loops_tokens_and_logprobs(tiny_dir: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    _needs_native()
+    k = native.kernels()
+    assert k is not None and k.decode_layers is not None
+    calls = []
+
+    def counted(*args: Any) -> torch.Tensor:
+        calls.append(args[0].shape[0])
+        return k.decode_layers(*args)  # type: ignore[misc]
+
+    monkeypatch.setitem(native._state, "k", dataclasses.replace(k, decode_layers=counted))
+    fused, got = _generate(tiny_dir)
+    assert fused is not None and calls, "decode steps took the fused call"
+    assert max(calls) == len(PROMPTS) and min(calls) >= 1  # batched decode rows, and single ones
+    monkeypatch.setattr(llama.LlamaModel, "_fuse_decode", lambda self, plan: None)
+    unfused, want = _generate(tiny_dir)
+    assert unfused is None
+    assert got == want
+
+
+def test_fused_decode_only_where_the_python_loop_would_run_the_same_kernels(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """q/k norms (Qwen3) and MoE MLPs keep the Python loop; so does any plan but native ops with
+    the native matmul."""
+    _needs_native()
+    for arch in ("qwen3", "qwen3_moe"):
+        write_tiny_model(tmp_path / arch, arch)
+        fused, got = _generate(tmp_path / arch)
+        assert fused is None, arch
+        assert all(len(ids) == PARAMS.max_tokens for ids, _ in got)
+    write_tiny_model(tmp_path / "llama", "llama")
+    monkeypatch.setenv(cpu_kernels.ENV, "matmul=torch,ops=native")
+    assert _generate(tmp_path / "llama")[0] is None
+    monkeypatch.setenv(cpu_kernels.ENV, "native")
+    assert _generate(tmp_path / "llama")[0] is not None
