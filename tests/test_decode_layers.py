@@ -36,14 +36,15 @@ def tiny_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 
 
 def _generate(model_dir: Path, **settings: Any) -> tuple[Any, list[tuple[list[int], list[Any]]]]:
-    with LLM(str(model_dir), dtype="bfloat16", max_model_len=256, num_kv_blocks=64, **settings) as llm:
+    with LLM(str(model_dir), **{"dtype": "bfloat16", "max_model_len": 256, "num_kv_blocks": 64, **settings}) as llm:
         model = worker_of(llm).context.runner.model
         outs = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
         return model.fused_decode, [(list(o.outputs[0].token_ids), o.outputs[0].logprobs) for o in outs]
 
 
-def test_fused_decode_gives_the_python_loops_tokens_and_logprobs(tiny_dir: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def _fused_equals_loop(model_dir: Path, monkeypatch: pytest.MonkeyPatch, **settings: Any) -> Any:
+    """Generate with the fused call (counted) and with the Python loop: the same tokens and
+    logprobs, bit for bit. Returns the FusedDecode used."""
     _needs_native()
     k = native.kernels()
     assert k is not None and k.decode_layers is not None
@@ -53,14 +54,34 @@ def test_fused_decode_gives_the_python_loops_tokens_and_logprobs(tiny_dir: Path,
         calls.append(args[0].shape[0])
         return k.decode_layers(*args)  # type: ignore[misc]
 
-    monkeypatch.setitem(native._state, "k", dataclasses.replace(k, decode_layers=counted))
-    fused, got = _generate(tiny_dir)
-    assert fused is not None and calls, "decode steps took the fused call"
-    assert max(calls) == len(PROMPTS) and min(calls) >= 1  # batched decode rows, and single ones
-    monkeypatch.setattr(llama.LlamaModel, "_fuse_decode", lambda self, plan: None)
-    unfused, want = _generate(tiny_dir)
+    with monkeypatch.context() as mp:
+        mp.setitem(native._state, "k", dataclasses.replace(k, decode_layers=counted))
+        fused, got = _generate(model_dir, **settings)
+        assert fused is not None and calls, "decode steps took the fused call"
+        assert max(calls) == len(PROMPTS) and min(calls) >= 1  # batched decode rows, and single ones
+        mp.setattr(llama.LlamaModel, "_fuse_decode", lambda self, plan: None)
+        unfused, want = _generate(model_dir, **settings)
     assert unfused is None
     assert got == want
+    return fused
+
+
+def test_fused_decode_gives_the_python_loops_tokens_and_logprobs(tiny_dir: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    fused = _fused_equals_loop(tiny_dir, monkeypatch)
+    assert set(fused.qtypes) == {-1}  # every matrix on the bf16 panels
+
+
+def test_fused_decode_over_gguf_blocks_and_panels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GGUF kept quantized whose layer 0 has a q|k|v group dequantized (bf16 panels there, GGUF
+    blocks elsewhere: Q4_0, Q4_1, Q8_0): the fused call gives the loop's tokens and logprobs."""
+    from test_quantized import _write_quantized_gguf
+
+    write_tiny_model(tmp_path / "hf", "llama", seed=3)
+    _write_quantized_gguf(tmp_path / "hf", tmp_path / "tiny-q.gguf", monkeypatch)
+    fused = _fused_equals_loop(tmp_path / "tiny-q.gguf", monkeypatch, quantization="gguf")
+    assert -1 in fused.qtypes and {2, 3, 8} <= set(fused.qtypes)
+    assert fused.max_rows is not None and fused.runs(fused.max_rows) and not fused.runs(fused.max_rows + 1)
 
 
 def test_fused_decode_only_where_the_python_loop_would_run_the_same_kernels(

@@ -32,7 +32,9 @@ from .cpu_kernels import KernelPlan
 from .linear import Linear
 from .native import Kernels, PrefillAttention
 from .quantized import (
+    DEQUANT_ROWS,
     QuantizedWeight,
+    QuantLinear,
     cat_rows,
     describe,
     embedding,
@@ -68,29 +70,35 @@ class DenseMlp:
 @dataclass
 class FusedDecode:
     """The layer stack as decode_layers.cpp takes it: a decode step's layers in one native call
-    (every layer a dense MLP without q/k norms, every matrix on the native bf16 matmul)."""
+    (every layer a dense MLP without q/k norms, every matrix on the native bf16 matmul's panels
+    or kept as GGUF blocks)."""
 
     op: Callable[..., torch.Tensor]
     in_norm: list[torch.Tensor]
     post_norm: list[torch.Tensor]
-    qkv: list[torch.Tensor]
+    qkv: list[torch.Tensor]  # panels or GGUF block data
     qkv_bias: list[torch.Tensor | None]
     o: list[torch.Tensor]
     gate_up: list[torch.Tensor]
     down: list[torch.Tensor]
+    qtypes: list[int]  # per layer q|k|v, o, gate|up, down: the GGML type of GGUF blocks, -1 for panels
     windows: list[int]  # 0: the whole context
     nq: int
     nkv: int
     ff: int
     scale: float
     eps: float
+    max_rows: int | None  # GGUF blocks: larger steps dequantize (QuantLinear), so they keep the loop
+
+    def runs(self, rows: int) -> bool:
+        return self.max_rows is None or rows <= self.max_rows
 
     def __call__(self, h: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  kv_cache: torch.Tensor, slot_mapping: torch.Tensor, dslots: torch.Tensor, dlens: torch.Tensor,
                  ) -> torch.Tensor:
         return self.op(h, positions, cos, sin, kv_cache, slot_mapping, dslots, dlens, self.in_norm, self.post_norm,
-                       self.qkv, self.qkv_bias, self.o, self.gate_up, self.down, self.windows, self.nq, self.nkv,
-                       self.ff, self.scale, self.eps)
+                       self.qkv, self.qkv_bias, self.o, self.gate_up, self.down, self.qtypes, self.windows, self.nq,
+                       self.nkv, self.ff, self.scale, self.eps)
 
 
 @dataclass
@@ -269,30 +277,36 @@ class LlamaModel:
 
     def _fuse_decode(self, plan: KernelPlan) -> FusedDecode | None:
         """The layers for decode_layers.cpp, where every part it runs is what forward would run:
-        native ops and matmul, dense MLPs, no q/k norms, no biases but q/k/v's."""
+        native ops, every matrix on the native bf16 panels or GGUF blocks, dense MLPs, no q/k
+        norms, no biases but q/k/v's."""
         k, cfg = plan.kernels, self.cfg
-        if plan.ops != "native" or plan.matmul != "native" or k is None or k.decode_layers is None or self.quantized:
+        if plan.ops != "native" or k is None or k.decode_layers is None:
             return None
         mlps = [layer.mlp for layer in self.layers]
         if not all(isinstance(m, DenseMlp) for m in mlps) or any(layer.qk_norm is not None for layer in self.layers):
             return None
         dense = [m for m in mlps if isinstance(m, DenseMlp)]
-        pairs = list(zip(self.layers, dense, strict=True))
-        if (any(lin.panels is None for layer, m in pairs for lin in (layer.qkv, layer.o, m.gate_up, m.down))
-                or any(lin.bias is not None for layer, m in pairs for lin in (layer.o, m.gate_up, m.down))
+        matrices = [lin for layer, m in zip(self.layers, dense, strict=True)
+                    for lin in (layer.qkv, layer.o, m.gate_up, m.down)]
+        if (any(not isinstance(lin, QuantLinear) and lin.panels is None for lin in matrices)
+                or any(lin.bias is not None for i, lin in enumerate(matrices) if i % 4)
                 or len({m.gate_up.out_features for m in dense}) != 1):
             return None
 
-        def panels(lin: Linear) -> torch.Tensor:
+        def data(lin: Linear) -> torch.Tensor:
+            if isinstance(lin, QuantLinear):
+                return lin.qweight.data
             assert lin.panels is not None
             return lin.panels
 
         return FusedDecode(
             k.decode_layers, [layer.in_norm for layer in self.layers], [layer.post_norm for layer in self.layers],
-            [panels(layer.qkv) for layer in self.layers], [layer.qkv.bias for layer in self.layers],
-            [panels(layer.o) for layer in self.layers], [panels(m.gate_up) for m in dense],
-            [panels(m.down) for m in dense], [cfg.layer_window(i) or 0 for i in range(cfg.num_layers)],
-            cfg.num_heads, cfg.num_kv_heads, dense[0].gate_up.out_features // 2, cfg.head_dim**-0.5, cfg.rms_norm_eps)
+            [data(layer.qkv) for layer in self.layers], [layer.qkv.bias for layer in self.layers],
+            [data(layer.o) for layer in self.layers], [data(m.gate_up) for m in dense], [data(m.down) for m in dense],
+            [lin.qweight.ggml_type if isinstance(lin, QuantLinear) else -1 for lin in matrices],
+            [cfg.layer_window(i) or 0 for i in range(cfg.num_layers)], cfg.num_heads, cfg.num_kv_heads,
+            dense[0].gate_up.out_features // 2, cfg.head_dim**-0.5, cfg.rms_norm_eps,
+            DEQUANT_ROWS if any(isinstance(lin, QuantLinear) for lin in matrices) else None)
 
     # ---- compute -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -317,7 +331,8 @@ class LlamaModel:
         if (native is not None and not meta.prefills and meta.num_decode == len(input_ids)
                 and meta.decode_slots is not None and meta.decode_ctx_lens is not None):
             decode = (meta.decode_slots, meta.decode_ctx_lens)
-        if decode is not None and self.fused_decode is not None:  # the same layers, looped in C++
+        if decode is not None and self.fused_decode is not None and self.fused_decode.runs(len(input_ids)):
+            # the same layers, looped in C++
             return self.fused_decode(h, positions, self.cos, self.sin, kv_cache, meta.slot_mapping, *decode)
         delta: torch.Tensor | None = None  # the previous layer's MLP output, not yet added to h
         for i, w in enumerate(self.layers):

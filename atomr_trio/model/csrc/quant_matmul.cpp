@@ -38,6 +38,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "ops.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -591,6 +593,16 @@ at::Tensor quant_dequantize(const at::Tensor& w, int64_t type, int64_t k, const 
 }
 
 }  // namespace
+
+namespace atomr_ops {  // ops.h
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t k,
+                        const c10::optional<at::Tensor>& bias) {
+  return ::quant_linear(x, w, type, k, bias);
+}
+at::Tensor quant_linear_silu_mul(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t k) {
+  return ::quant_linear_silu_mul(x, w, type, k);
+}
+}  // namespace atomr_ops
 
 TORCH_LIBRARY_FRAGMENT(atomr_trio, m) {
   m.def("quant_linear(Tensor x, Tensor w, int type, int k, Tensor? bias) -> Tensor");
