@@ -203,7 +203,8 @@ class ModelRunner:
                 ctx = it.start + n
                 all_pos = np.arange(ctx, dtype=np.int64)
                 kv_slots = torch.from_numpy(_slots(bt, all_pos, bs))
-                mask = torch.arange(ctx).unsqueeze(0) <= torch.from_numpy(pos).unsqueeze(1)
+                mask = (None if self.model.prefill_attention is not None  # the kernel masks by itself
+                        else torch.arange(ctx).unsqueeze(0) <= torch.from_numpy(pos).unsqueeze(1))
                 prefills.append(PrefillChunk(q_start, n, kv_slots, mask))
         decode_slots = decode_bias = decode_lens = decode_table = None
         if decodes and self.table_op is not None:

@@ -49,7 +49,7 @@ class PrefillChunk:
     q_start: int  # row of the chunk's first token in the flattened batch
     q_len: int
     kv_slots: torch.Tensor | None  # [ctx_len] slots of positions 0..ctx_len-1; None: no prior context
-    mask: torch.Tensor | None  # [q_len, ctx_len] bool, True = may attend
+    mask: torch.Tensor | None  # [q_len, ctx_len] bool, True = may attend; None: causal (prefill_op masks itself)
 
 
 @dataclass
@@ -61,7 +61,8 @@ class AttentionMetadata:
     prefills: list[PrefillChunk]
     decode_ctx_lens: torch.Tensor | None = None  # [num_decode] context lengths (native kernel)
     decode_op: DecodeAttention | None = None  # native decode attention, when loaded (native.py)
-    prefill_op: PrefillAttention | None = None  # native bf16 prefill attention, where the build has it
+    # native bf16 prefill attention, where the build has it; chunks then need no mask
+    prefill_op: PrefillAttention | None = None
     # CUDA: the decode rows read the cache through block tables (graph-safe shapes), by `table_op`
     decode_block_table: torch.Tensor | None = None  # [num_decode, max_blocks] int32
     block_size: int = 0
@@ -122,7 +123,9 @@ def _narrowed(meta: AttentionMetadata, dtype: torch.dtype, window: int | None, d
     if key not in meta.windowed:
         decode = meta.num_decode and meta.table_op is None  # the table op narrows by itself
         slots, bias = _narrow_decode(meta, dtype, window) if decode else (None, None)
-        meta.windowed[key] = Narrowed(slots, bias, [_narrow_prefill(p, window, dev) for p in meta.prefills])
+        native = meta.prefill_op is not None  # the native prefill op narrows by itself
+        prefills = [(p.kv_slots, p.mask) if native else _narrow_prefill(p, window, dev) for p in meta.prefills]
+        meta.windowed[key] = Narrowed(slots, bias, prefills)
     return meta.windowed[key]
 
 
@@ -198,7 +201,7 @@ def paged_attention(
             od = torch.matmul(torch.softmax(scores, dim=-1), vd)  # [KVH, nd, H/KVH, D]
         outs.append(od.transpose(0, 1).reshape(nd, H * D))
     for p, (kv_slots, mask) in zip(meta.prefills, view.prefills, strict=True):
-        if meta.prefill_op is not None and q.dtype == torch.bfloat16:  # keys read from the cache, in place
+        if meta.prefill_op is not None:  # keys read from the cache, in place
             ctx_slots = p.kv_slots if p.kv_slots is not None else meta.slot_mapping[p.q_start : p.q_start + p.q_len]
             op = meta.prefill_op(q[p.q_start : p.q_start + p.q_len], kv, ctx_slots, sc, window, softcap)
             outs.append(op.view(p.q_len, H * D))

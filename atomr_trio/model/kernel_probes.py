@@ -139,7 +139,7 @@ def _probe_native_ops(dtype: torch.dtype, cfg: ModelConfig) -> str | None:
     want = paged_attention(q.float(), q.float()[:, :nkv], q.float()[:, :nkv], kv.float(), meta, write_kv=False)
     got = k.decode_attention(q, kv, dslots, lens, hd**-0.5)
     bad = _mismatch(got.reshape(2, nq * hd), want, "paged_decode_attention")
-    if bad or k.prefill_attention is None or dtype != torch.bfloat16 or hd not in (64, 128) or nq // nkv > 8:
+    if bad or k.prefill_attention is None or not native.prefill_attention_fits(dtype, hd, nq, nkv):
         return bad
     # prefill attention of a 21-token chunk after 16 cached tokens (positions 16..36)
     C, Q = 37, 21

@@ -30,7 +30,7 @@ from .attention import AttentionMetadata, paged_attention
 from .config import ModelConfig, ModelLoadError
 from .cpu_kernels import KernelPlan
 from .linear import Linear
-from .native import Kernels, PrefillAttention
+from .native import Kernels, PrefillAttention, prefill_attention_fits
 from .quantized import (
     DEQUANT_ROWS,
     QuantizedWeight,
@@ -256,9 +256,8 @@ class LlamaModel:
         self.native = plan.kernels if plan.ops == "native" else None
         cfg = self.cfg
         # the native prefill attention where its build and the head shape have it (else SDPA)
-        self.prefill_attention = (self.native.prefill_attention if self.native is not None
-                                  and self.dtype == torch.bfloat16 and cfg.head_dim in (64, 128)
-                                  and cfg.num_heads // cfg.num_kv_heads <= 8 else None)
+        fits = prefill_attention_fits(self.dtype, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads)
+        self.prefill_attention = self.native.prefill_attention if self.native is not None and fits else None
         self.one_row_gemv = plan.one_row_gemv
         linears = [lin for layer in self.layers for lin in (layer.qkv, layer.o, *layer.mlp.linears())]
         linears.append(self.lm_head)

@@ -76,6 +76,12 @@ class PrefillAttention(Protocol):
                  window: int | None = None, softcap: float | None = None) -> torch.Tensor: ...
 
 
+def prefill_attention_fits(dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int) -> bool:
+    """Whether prefill_attention.cpp takes this model's attention (bf16, head size 64 or 128, at
+    most 8 query heads per KV head), where the build has it."""
+    return dtype == torch.bfloat16 and head_dim in (64, 128) and num_heads // num_kv_heads <= 8
+
+
 class DecodeAttention(Protocol):
     """(q [nd, H, D], kv cache, slots [nd * L], ctx_lens [nd], scale, window, softcap) -> [nd, H, D];
     a window W > 0 shows each query only the last W positions of its context (itself included);
