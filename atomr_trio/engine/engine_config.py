@@ -6,8 +6,8 @@ Invariants:
   `EngineOptions` (the few more only the library sets). The CLI parser, the deployment spec and
   docs/configuration.md are generated from these models; nothing repeats a default.
 - `EngineConfig` is the frozen record the engine reads. `resolve` turns it into concrete numbers
-  once (dtype, context length, number of KV blocks, threads); everything downstream reads the
-  resolved values and never guesses.
+  once (dtype, context length, step token budget, number of KV blocks, threads); everything
+  downstream reads the resolved values and never guesses.
 - float16 is refused everywhere (the CPU kernels compute in float32 or bfloat16).
 """
 
@@ -25,6 +25,7 @@ from ..model.config import ModelConfig
 from . import memory_plan
 
 DEFAULT_CPU_KV_BYTES = 1 << 30
+DEFAULT_STEP_TOKENS = {"cpu": 1024, "cuda": 2048}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 Dtype = Literal["auto", "float32", "bfloat16"]
 
@@ -39,8 +40,10 @@ class EngineSettings(BaseModel):
     max_model_len: int | None = Field(
         default=None, ge=2, description="longest prompt + completion (default: the model's)")
     max_num_seqs: int = Field(default=256, ge=1, description="most sequences in one engine step, per replica")
-    max_num_batched_tokens: int = Field(
-        default=2048, ge=1, description="token budget of one engine step; longer prompts are chunked")
+    max_num_batched_tokens: int | None = Field(
+        default=None, ge=1, description="token budget of one engine step; longer prompts are chunked (default: "
+                                        "1024 on CPU, where a prompt token costs a good part of a millisecond and "
+                                        "a smaller step lets running sequences decode between chunks; 2048 on CUDA)")
     kv_cache_memory_bytes: int | None = Field(
         default=None, ge=1, description="memory for the paged KV cache in bytes, per replica (default: 1 GiB on "
                                        "CPU; on CUDA what gpu_memory_utilization leaves)")
@@ -137,7 +140,7 @@ class EngineConfig(EngineOptions):
         return 2 * model.num_layers * self.block_size * model.num_kv_heads * model.head_dim * itemsize
 
     def resolve(self, model: ModelConfig) -> EngineConfig:
-        """Concrete numbers: dtype, device, context length, threads and KV blocks. On CUDA without
+        """Concrete numbers: dtype, device, context length, step token budget, threads and KV blocks. On CUDA without
         num_kv_blocks or kv_cache_memory_bytes, the blocks here are provisional (what the GPU's
         memory leaves after the weights, before any step): the Context measures the weights and a
         profiling step on the device and sizes the cache from that (memory_plan.py)."""
@@ -150,7 +153,8 @@ class EngineConfig(EngineOptions):
         if self.quantization == "gguf" and device != "cpu":
             raise ValueError(f"quantization 'gguf' runs on the CPU only for now (device {device!r}); "
                              "use quantization='none' on a GPU")
-        resolved = self.model_copy(update={"device": device})
+        step_tokens = self.max_num_batched_tokens or DEFAULT_STEP_TOKENS[device.split(":")[0]]
+        resolved = self.model_copy(update={"device": device, "max_num_batched_tokens": step_tokens})
         per_block = resolved.kv_block_bytes(model)
         if self.num_kv_blocks:
             blocks = self.num_kv_blocks

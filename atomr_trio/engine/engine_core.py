@@ -100,7 +100,7 @@ class EngineCore:
     def _build_parts(self, cfg: EngineConfig) -> None:
         """The parts sized by the KV cache. Built again, once, before serving when the Context
         measured a different number of blocks on its device (CUDA: memory_plan.py)."""
-        assert cfg.num_kv_blocks is not None and cfg.max_model_len is not None
+        assert cfg.num_kv_blocks and cfg.max_model_len and cfg.max_num_batched_tokens, "resolve cfg first"
         self.cfg = cfg
         window = self.source.config.window_of_every_layer
         self.block_manager = BlockManager(cfg.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching, window=window)

@@ -93,6 +93,7 @@ def activation_estimate(model: ModelConfig, tokens: int, itemsize: int) -> int:
 def provisional_blocks(cfg: EngineConfig, model: ModelConfig, block_bytes: int) -> int:
     """KV blocks for a CUDA replica before anything is loaded: the plan with the weights and the
     activations estimated from the model's shapes (the Context replaces it with a measured one)."""
+    assert cfg.max_num_batched_tokens is not None, "resolve sets the step token budget first"
     device = torch.device(cfg.device)
     free, total = torch.cuda.mem_get_info(device)
     itemsize = torch.empty(0, dtype=cfg.torch_dtype).element_size()

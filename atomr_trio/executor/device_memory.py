@@ -68,7 +68,7 @@ def profile_batches(cfg: EngineConfig) -> list[list[BatchItem]]:
     with top-k, top-p and logprobs: the sampler's [rows, vocab] copies) and the deepest one (one
     chunk of max_num_batched_tokens tokens ending at max_model_len: its attention reads the whole
     context through a mask). Each sequence writes blocks of its own."""
-    assert cfg.max_model_len is not None
+    assert cfg.max_model_len is not None and cfg.max_num_batched_tokens is not None, "resolve cfg first"
     bs = cfg.block_size
     sampled = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, logprobs=20, max_tokens=1)
     tokens = min(cfg.max_num_batched_tokens, cfg.max_num_seqs * cfg.max_model_len)
