@@ -268,11 +268,13 @@ def test_a_failed_build_falls_back_with_a_warning(monkeypatch, tmp_path, caplog)
 @pytest.mark.slow
 def test_the_haswell_build_passes_the_kernel_tests():
     """The kernels built for an AVX2-only CPU (ATOMR_TRIO_NATIVE_ARCH=haswell: no AVX-512, so
-    bf16 attention takes its AVX2 + FMA version) pass this file's tests too, in a subprocess
-    whose library is a second cached build."""
+    bf16 attention takes its AVX2 + FMA version) pass this file's tests too, and a decode step's
+    layers in one native call give the Python loop's tokens there as well (test_decode_layers.py),
+    in a subprocess whose library is a second cached build."""
     here = Path(__file__)
     env = {**os.environ, "ATOMR_TRIO_NATIVE_ARCH": "haswell"}
-    tests = [str(here), f"{here.with_name('test_gemma.py')}::test_native_decode_window"]
+    tests = [str(here), f"{here.with_name('test_gemma.py')}::test_native_decode_window",
+             str(here.with_name("test_decode_layers.py"))]
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests, "-k", "not haswell"],
                           env=env, capture_output=True, text=True, timeout=500, cwd=here.parent.parent)
     assert done.returncode == 0, done.stdout[-3000:]
