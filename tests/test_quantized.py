@@ -81,6 +81,29 @@ def test_quant_linear_matches_dequantize_then_matmul(name: str, rows: int, dtype
 
 
 @needs_native
+def test_prefill_chunks_of_every_length_reach_the_float_matmul_in_few_shapes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's bf16 matmul keeps state per shape: a server's prefill chunks of every length once
+    made its memory grow for as long as it ran. The rows are padded to whole DEQUANT_ROWS."""
+    seen: set[tuple[int, ...]] = set()
+    linear = F.linear
+
+    def spy(x: torch.Tensor, *args: Any) -> torch.Tensor:
+        seen.add(tuple(x.shape))
+        return linear(x, *args)
+
+    monkeypatch.setattr(quantized.F, "linear", spy)
+    w = _blocks(TYPES["Q8_0"], 45, 64, seed=4)
+    layer = QuantLinear(w)
+    for rows in range(quantized.DEQUANT_ROWS + 1, 3 * quantized.DEQUANT_ROWS + 1):
+        x = torch.randn(rows, 64, dtype=torch.bfloat16)
+        got = layer(x)
+        assert got.shape == (rows, 45)
+        torch.testing.assert_close(got, (x.double() @ _reference(w).T).to(torch.bfloat16), rtol=2e-2, atol=2e-2)
+    assert seen == {(2 * quantized.DEQUANT_ROWS, 64), (3 * quantized.DEQUANT_ROWS, 64)}
+
+
+@needs_native
 @pytest.mark.parametrize("name", list(TYPES))
 @pytest.mark.parametrize("rows", [1, 3, 17, 80])
 def test_quant_silu_mul_matches_the_reference(name: str, rows: int) -> None:
