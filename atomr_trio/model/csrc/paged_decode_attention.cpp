@@ -56,7 +56,22 @@ struct Unit {
   const int64_t* slots;  // [len] cache slots of positions 0..len-1
   int64_t len;
   T* out;              // [G, D]
+  const Unit* next = nullptr;  // the unit this thread works on after this one, if any
 };
+
+// The rows of a unit are gathered through its slots, which leaves the hardware prefetcher
+// little to follow. So the bf16 kernels ask for them ahead of use: while key row l is dotted,
+// value row l (into L1: the values are read after all the keys) and the next unit's key row l
+// (into L2); while value row l is added, the next unit's value row l. Measured on 30 layers'
+// caches, 2 threads, G = 3, D = 64 (2-core Zen 4): AVX512-BF16, 16 sequences x 150 positions
+// 88-90 -> 64-68 us a layer, 64 x 190 429-446 -> 340 us, 16 x 512 271 -> 228 us; the AVX2
+// build, 16 x 150 137-142 -> 81-87 us. (The portable loop, which float32 caches take, is bound
+// by its arithmetic: there the prefetches cost 5-10% and it has none.)
+template <int Locality, typename T>
+inline void prefetch_row(const T* base, int64_t slot, int64_t D) {
+  const char* row = reinterpret_cast<const char*>(base + slot * D);
+  for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(row + b, 0, Locality);
+}
 
 // Portable version: any dtype, head size and group. kD > 0: head size known at compile time
 // (lets the compiler unroll the row loops); 0: any.
@@ -167,6 +182,8 @@ struct Bf16 {
           continue;
         }
         const c10::BFloat16* k = u.k + u.slots[l0 + i] * D;
+        prefetch_row<3>(u.v, u.slots[l0 + i], D);
+        if (u.next != nullptr && l0 + i < u.next->len) prefetch_row<2>(u.next->k, u.next->slots[l0 + i], D);
         __m512bh kv[NK];
         for (int j = 0; j < NK; ++j) kv[j] = (__m512bh)_mm512_loadu_si512(k + j * 32);
         for (int g = 0; g < G; ++g) {
@@ -210,6 +227,7 @@ struct Bf16 {
       for (int i = 0; i < NA; ++i) acc[g][i] = _mm512_setzero_ps();
     for (int64_t l = 0; l < len; ++l) {
       const c10::BFloat16* v = u.v + u.slots[l] * D;
+      if (u.next != nullptr && l < u.next->len) prefetch_row<2>(u.next->v, u.next->slots[l], D);
       __m512 vf[NA];
       for (int i = 0; i < NA; ++i) vf[i] = atomr_vec::load_bf16(v + i * 16);
       for (int g = 0; g < G; ++g) {
@@ -267,6 +285,8 @@ struct Bf16Avx2 {
           continue;
         }
         const c10::BFloat16* k = u.k + u.slots[l0 + i] * D;
+        prefetch_row<3>(u.v, u.slots[l0 + i], D);
+        if (u.next != nullptr && l0 + i < u.next->len) prefetch_row<2>(u.next->k, u.next->slots[l0 + i], D);
         __m256 kf[NV];
         for (int j = 0; j < NV; ++j) kf[j] = atomr_avx2::load_bf16(k + j * 8);
         for (int g = 0; g < G; ++g) {
@@ -322,6 +342,7 @@ struct Bf16Avx2 {
       for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
       for (int64_t l = 0; l < len; ++l) {
         const c10::BFloat16* v = u.v + u.slots[l] * D + c;
+        if (c == 0 && u.next != nullptr && l < u.next->len) prefetch_row<2>(u.next->v, u.next->slots[l], D);
         const __m256 v0 = atomr_avx2::load_bf16(v), v1 = atomr_avx2::load_bf16(v + 8);
         for (int g = 0; g < G; ++g) {
           const __m256 p = _mm256_broadcast_ss(scores.data() + g * L + l);
@@ -355,22 +376,33 @@ void run_units(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slot
   const int64_t* lp = ctx_lens.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
 
+  // Unit w, if its slots lie inside the cache.
+  auto unit = [&](int64_t w, Unit<T>& u) {
+    const int64_t n = w / KVH, h = w % KVH;
+    const int64_t ctx = std::min(lp[n], L);
+    const int64_t start = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;  // first visible position
+    const int64_t len = ctx - start;
+    const int64_t* srow = sp + n * L + start;
+    bool in_range = true;
+    for (int64_t l = 0; l < len; ++l) in_range &= srow[l] >= 0 && srow[l] < S;
+    const int64_t first = (n * H + h * G) * D;
+    u = Unit<T>{qp + first, kp + h * S * D, vp + h * S * D, srow, len, op + first};
+    return in_range;
+  };
   at::parallel_for(0, nd * KVH, 1, [&](int64_t begin, int64_t end) {
     Kernel kernel(args...);
+    Unit<T> units[2];
+    bool ok = unit(begin, units[0]);
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t n = w / KVH, h = w % KVH;
-      const int64_t ctx = std::min(lp[n], L);
-      const int64_t start = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;  // first visible position
-      const int64_t len = ctx - start;
-      const int64_t* srow = sp + n * L + start;
-      bool in_range = true;
-      for (int64_t l = 0; l < len; ++l) in_range &= srow[l] >= 0 && srow[l] < S;
-      if (!in_range) {  // never read outside the cache; the caller gets an error instead
+      Unit<T>& u = units[(w - begin) % 2];
+      Unit<T>& next = units[(w - begin + 1) % 2];
+      const bool next_ok = w + 1 < end && unit(w + 1, next);
+      u.next = next_ok ? &next : nullptr;
+      if (ok)
+        kernel(u);
+      else  // never read outside the cache; the caller gets an error instead
         bad_slot = true;
-        continue;
-      }
-      const int64_t first = (n * H + h * G) * D;
-      kernel(Unit<T>{qp + first, kp + h * S * D, vp + h * S * D, srow, len, op + first});
+      ok = next_ok;
     }
   });
   TORCH_CHECK(!bad_slot, "paged_decode_attention: a slot lies outside the cache");
