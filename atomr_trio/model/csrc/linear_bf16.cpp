@@ -64,13 +64,15 @@ using atomr_vec::first_lanes;
 // acc[m][j] = x[m, :] . W[block j] for an MT x PW tile of a panel of PW blocks, stored to
 // c [MT][PW * 16]. For pair p, block j's 16 x 2 weights lie at w + (p * PW + j) * 16.
 template <int PW, int MT>
-void tile(const int32_t* x, int64_t ldx, const int32_t* w, int64_t pairs, float* c) {
+void tile(const int32_t* x, int64_t ldx, const int32_t* w, int64_t pairs, float* c, const int32_t* ahead) {
   __m512 acc[MT][PW];
   for (int m = 0; m < MT; ++m)
     for (int j = 0; j < PW; ++j) acc[m][j] = _mm512_setzero_ps();
   for (int64_t p = 0; p < pairs; ++p) {
     __m512bh wv[PW];
     for (int j = 0; j < PW; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(w + (p * PW + j) * kCols);
+    if (ahead != nullptr)
+      for (int j = 0; j < PW; ++j) __builtin_prefetch(ahead + (p * PW + j) * kCols, 0, 2);
     for (int m = 0; m < MT; ++m) {
       const __m512bh xv = (__m512bh)_mm512_set1_epi32(x[m * ldx + p]);
       for (int j = 0; j < PW; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], wv[j], xv);
@@ -81,23 +83,27 @@ void tile(const int32_t* x, int64_t ldx, const int32_t* w, int64_t pairs, float*
 }
 
 template <int PW>
-void tile_rows(int mt, const int32_t* x, int64_t ldx, const int32_t* w, int64_t pairs, float* c) {
+void tile_rows(int mt, const int32_t* x, int64_t ldx, const int32_t* w, int64_t pairs, float* c,
+               const int32_t* ahead = nullptr) {
   switch (mt) {
-    case 1: tile<PW, 1>(x, ldx, w, pairs, c); break;
-    case 2: tile<PW, 2>(x, ldx, w, pairs, c); break;
-    case 3: tile<PW, 3>(x, ldx, w, pairs, c); break;
-    case 4: tile<PW, 4>(x, ldx, w, pairs, c); break;
-    case 5: tile<PW, 5>(x, ldx, w, pairs, c); break;
-    case 6: tile<PW, 6>(x, ldx, w, pairs, c); break;
-    case 7: tile<PW, 7>(x, ldx, w, pairs, c); break;
-    default: tile<PW, 8>(x, ldx, w, pairs, c);
+    case 1: tile<PW, 1>(x, ldx, w, pairs, c, ahead); break;
+    case 2: tile<PW, 2>(x, ldx, w, pairs, c, ahead); break;
+    case 3: tile<PW, 3>(x, ldx, w, pairs, c, ahead); break;
+    case 4: tile<PW, 4>(x, ldx, w, pairs, c, ahead); break;
+    case 5: tile<PW, 5>(x, ldx, w, pairs, c, ahead); break;
+    case 6: tile<PW, 6>(x, ldx, w, pairs, c, ahead); break;
+    case 7: tile<PW, 7>(x, ldx, w, pairs, c, ahead); break;
+    default: tile<PW, 8>(x, ldx, w, pairs, c, ahead);
   }
 }
 
 // Runs the tiles of y = x W^T panel by panel and hands each finished tile to
 // `epilogue(row0, rows, panel, c)` with c [rows][PW * 16]. Threads take contiguous runs of
-// panels, so each streams one contiguous stretch of the packed weight (measured: prefetching
-// the next panel by hand gains nothing over the hardware prefetcher on this layout).
+// panels, so each streams one contiguous stretch of the packed weight. With more than one tile
+// of rows, the first reads the panel from memory and the others from L2, where memory would sit
+// idle: the last one asks for the next panel meanwhile (the default model's matrices, all
+// layers streamed, 2 threads, alternated runs: 16 rows 12.95-13.32 -> 12.56-12.92 ms, 32 rows
+// 22.9-23.0 -> 22.3-22.7 ms). With one tile the hardware prefetcher keeps up by itself.
 template <int PW, typename Epilogue>
 void matmul(const at::Tensor& x, const at::Tensor& wp, Epilogue&& epilogue) {
   const int64_t M = x.size(0), panels = wp.size(0), pairs = wp.size(1);
@@ -110,7 +116,8 @@ void matmul(const at::Tensor& x, const at::Tensor& wp, Epilogue&& epilogue) {
       const int32_t* w = wb + panel * panel_size;
       for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
         const int mt = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
-        tile_rows<PW>(mt, xp + m0 * pairs, pairs, w, pairs, c);
+        const bool last = m0 + kMaxRows >= M && m0 > 0 && panel + 1 < end;
+        tile_rows<PW>(mt, xp + m0 * pairs, pairs, w, pairs, c, last ? w + panel_size : nullptr);
         epilogue(m0, mt, panel, c);
       }
     }
