@@ -281,10 +281,9 @@ class LlamaModel:
         k, cfg = plan.kernels, self.cfg
         if plan.ops != "native" or k is None or k.decode_layers is None:
             return None
-        mlps = [layer.mlp for layer in self.layers]
-        if not all(isinstance(m, DenseMlp) for m in mlps) or any(layer.qk_norm is not None for layer in self.layers):
+        dense = [layer.mlp for layer in self.layers if isinstance(layer.mlp, DenseMlp)]
+        if len(dense) != len(self.layers) or any(layer.qk_norm is not None for layer in self.layers):
             return None
-        dense = [m for m in mlps if isinstance(m, DenseMlp)]
         matrices = [lin for layer, m in zip(self.layers, dense, strict=True)
                     for lin in (layer.qkv, layer.o, m.gate_up, m.down)]
         if (any(not isinstance(lin, QuantLinear) and lin.panels is None for lin in matrices)
