@@ -86,10 +86,10 @@ class StepSpy:
         original = worker_module.Worker._follow
         spy = self
 
-        def follow(worker: worker_module.Worker, ctx: Any, batch: StepBatch) -> StepResult:
+        def follow(worker: worker_module.Worker, ctx: Any, batch: StepBatch, on_launch: Any) -> StepResult:
             spy.follows.append(batch.follows)
             try:
-                return original(worker, ctx, batch)
+                return original(worker, ctx, batch, on_launch)
             except PredecessorFailed:
                 spy.predecessor_failed += 1
                 raise

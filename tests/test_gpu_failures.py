@@ -7,7 +7,7 @@ kinds apart from the exception alone; BatchCap lowers and regrows the batch limi
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -82,9 +82,9 @@ async def test_an_oom_preempts_part_of_the_batch_and_every_request_gets_its_unfa
     steps: list[tuple[int, bool]] = []  # each step's sequences, and whether it ran out of memory
     original = worker_module.Worker._step
 
-    def step(self: worker_module.Worker, ctx: Context, batch: StepBatch) -> StepResult:
+    def step(self: worker_module.Worker, ctx: Context, batch: StepBatch, on_launch: Callable[[], None]) -> StepResult:
         try:
-            result = original(self, ctx, batch)
+            result = original(self, ctx, batch, on_launch)
         except torch.OutOfMemoryError:
             steps.append((len(batch.items), True))
             raise
@@ -152,12 +152,12 @@ async def test_a_sticky_cuda_error_rebuilds_the_context_without_blaming_a_reques
             self.build = len(builds)
             super().__init__(*args, **kwargs)
 
-        def execute(self, batch: StepBatch) -> StepResult:
+        def execute(self, batch: StepBatch, on_launch: Callable[[], None] | None = None) -> StepResult:
             if self.build == 1 and self.steps == 4:
                 self.steps += 1
                 raise RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors "
                                    "might be asynchronously reported at some other API call")
-            return super().execute(batch)
+            return super().execute(batch, on_launch)
 
         def healthy(self) -> bool:
             probes.append(1)

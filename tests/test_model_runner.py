@@ -135,3 +135,22 @@ def test_a_mixed_batch_gives_each_sequence_what_it_gets_alone(runner: Runner) ->
         tok, logits = mixed[item.seq_id]
         assert tok == tok_alone
         torch.testing.assert_close(logits, logits_alone, atol=1e-4, rtol=1e-4)
+
+
+def test_on_launch_runs_once_per_step_before_the_layers_write_the_cache(runner: Runner) -> None:
+    """The DeviceThread hands the previous step's outcome to the Trio thread in `on_launch`, so
+    it must come after the step's own Python (its inputs built) and before the layers' long
+    call: the cache still lacks the step's keys when it runs, and a step calls it once."""
+    r = runner
+    kv = r.ctx.runner.kv_cache
+    seen: list[torch.Tensor] = []
+    sid, table = r.new_seq()
+    prompt = prompt_of(11)
+    steps = [BatchItem(sid, prompt, 0, table, row())]
+    for item in steps:
+        out = r.ctx.runner.execute(StepBatch([item]), on_launch=lambda: seen.append(kv.clone()))
+        assert len(seen) == 1
+        assert not torch.equal(seen[0], kv), "on_launch ran after the layers wrote the step's keys"
+        seen.clear()
+        if len(steps) < 3:  # then two decode steps
+            steps.append(BatchItem(sid, [out.sampled.token_ids[0]], item.start + len(item.token_ids), table, row()))

@@ -1,4 +1,5 @@
-"""The device tier: a DeviceThread exists only inside its block and never abandons a job, the
+"""The device tier: a DeviceThread exists only inside its block, never abandons a job and hands
+each outcome over when the job behind it launches, the
 restart budget is 3 rebuilds per 60 s, and a Worker answers through its handle (a step's own
 exception raised in the caller, a broken Context told from a healthy one, rebuilds counted)."""
 
@@ -6,9 +7,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+import outcome
 import pytest
 import trio
 
@@ -92,12 +94,48 @@ async def test_closing_does_not_block_the_trio_thread() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ticker)
         async with open_device_thread("dt-join", 1) as thread:
-            thread._jobs.put((lambda: time.sleep(0.3), lambda _: None))  # queued by no waiting task
+            thread._jobs.put((lambda _: time.sleep(0.3), lambda _: None))  # queued by no waiting task
             await trio.sleep(0.02)
             before = ticks
         assert ticks - before >= 10, "the Trio thread was blocked while joining"
         nursery.cancel_scope.cancel()
     assert device_threads("dt-join") == []
+
+
+async def test_an_outcome_is_handed_over_when_the_job_behind_it_launches() -> None:
+    """With a job queued behind it, a job's outcome stays on the device thread until that job
+    calls `hand_over` (right before its long call), then reaches the Trio thread while that job
+    still runs; with none queued behind it, at once."""
+    first_may_end = threading.Event()
+    first_delivered = threading.Event()
+    done = trio.Event()
+    got: list[object] = []
+
+    def first(_: object) -> str:
+        first_may_end.wait(5)
+        return "first"
+
+    def second(hand_over: Callable[[], None]) -> tuple[bool, bool]:
+        before = first_delivered.wait(0.2)  # time enough to arrive, had it been handed over
+        hand_over()
+        return before, first_delivered.wait(5)  # the Trio thread took it while this job ran
+
+    def deliver(result: outcome.Outcome[object]) -> None:
+        got.append(result.unwrap())
+        if got == ["first"]:
+            first_delivered.set()
+        if len(got) == 2:
+            done.set()
+
+    async with open_device_thread("dt-hand-over", 1) as thread:
+        thread.submit(first, deliver)
+        thread.submit(second, deliver)  # queued before the first can end
+        first_may_end.set()
+        with trio.fail_after(10):
+            await done.wait()
+        assert got == ["first", (False, True)]
+        with trio.fail_after(10):  # nothing queued behind it: its outcome comes without a next job
+            assert await thread.run(lambda: "alone") == "alone"
 
 
 # ---- the restart budget -------------------------------------------------------------------------

@@ -28,8 +28,6 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import trio
@@ -43,6 +41,7 @@ from .engine_config import EngineConfig
 from .engine_handle import EngineHandle, EngineMessage, EngineSnapshot
 from .engine_stats import EngineStats, StepReporter
 from .messages import AbortAll, AbortRequest, Board
+from .nurseries import unwrapped
 from .recovery import EngineFailed, Recovery
 from .reports import LoadSink, ReportSink
 from .request_table import RequestTable
@@ -139,7 +138,7 @@ class EngineCore:
         thread is joined before every live request gets its final delta."""
         self._move("loading")
         try:
-            with _unwrapped():
+            with unwrapped():  # the engine's nursery is its own business
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self._worker.run)
                     self._take_measured_cache()
@@ -287,19 +286,6 @@ class EngineCore:
             forward_share=st.forward_s / st.step_s if st.step_s else math.nan,
             worker=worker,
         )
-
-
-@contextmanager
-def _unwrapped() -> Iterator[None]:
-    """The engine's nursery is its own business: a single failure inside it (the first Context
-    not building, EngineFailed, a Worker crash) leaves `run` as itself, not in a group."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) != 1:
-            raise
-        exc = group.exceptions[0]
-        raise exc from exc.__cause__
 
 
 __all__ = ["EngineCore", "EngineFailed", "EngineHandle", "EngineSnapshot", "EngineStats"]

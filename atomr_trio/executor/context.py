@@ -7,6 +7,8 @@ Worker's DeviceThread. A Context that failed stays failed (like a GPU after a st
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..engine.engine_config import EngineConfig
@@ -83,13 +85,13 @@ class Context:
         graphs = f"graphs {runner.graphs.sizes[0]}-{runner.graphs.sizes[-1]}" if runner.graphs else "eager"
         return f"{runner.device.type}: decode attention {attention}, {graphs}"
 
-    def execute(self, batch: StepBatch) -> StepResult:
+    def execute(self, batch: StepBatch, on_launch: Callable[[], None] | None = None) -> StepResult:
         self.steps += 1
         if self.steps == self.fail_at_step:
             self.broken = True
         if self.broken:
             raise InjectedFault(f"injected fault at step {self.fail_at_step}")
-        return self.runner.execute(batch)
+        return self.runner.execute(batch, on_launch)
 
     def healthy(self) -> bool:
         """Can this Context still compute? A read that synchronizes with the device surfaces an

@@ -11,6 +11,7 @@ the top-k in batched ops, and dropped before the next slice.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 
@@ -90,14 +91,16 @@ class ModelRunner:
         self.table_op = table_op  # decode rows read the cache through block tables (CUDA)
         self.graphs: DecodeGraphs | None = None  # set by the Context when it captured them
 
-    def execute(self, batch: StepBatch) -> StepResult:
+    def execute(self, batch: StepBatch, on_launch: Callable[[], None] | None = None) -> StepResult:
+        """Run one step. `on_launch` is called once its inputs are built, right before the
+        forward's long call (the DeviceThread hands the previous step's outcome over then)."""
         items = sorted(batch.items, key=lambda it: len(it.token_ids) > 1)  # decodes first
         if self._replays(items):
-            return self._replay(items)
+            return self._replay(items, on_launch)
         input_ids, positions, meta, last_rows = self._prepare(items)
         t0 = time.perf_counter()
         with self._matmuls(len(input_ids)):
-            hidden = self.model.forward(input_ids, positions, meta, self.kv_cache)
+            hidden = self.model.forward(input_ids, positions, meta, self.kv_cache, on_launch=on_launch)
         prompt_lps = self._prompt_logprobs(hidden, items, last_rows)
         sampling = [(row, it) for row, it in zip(last_rows, items, strict=True) if it.sample]
         if not sampling:
@@ -115,11 +118,13 @@ class ModelRunner:
                 and all(len(it.token_ids) == 1 and it.sample is not None and it.prompt_logprobs is None
                         for it in items))
 
-    def _replay(self, items: list[BatchItem]) -> StepResult:
+    def _replay(self, items: list[BatchItem], on_launch: Callable[[], None] | None) -> StepResult:
         assert self.graphs is not None
         bs = self.block_size
         t0 = time.perf_counter()
         slots = [max(it.block_table[it.start // bs], 0) * bs + it.start % bs for it in items]
+        if on_launch is not None:
+            on_launch()
         logits = self.graphs.run([it.token_ids[0] for it in items], [it.start for it in items], slots,
                                  [it.block_table for it in items])
         forward_s = time.perf_counter() - t0

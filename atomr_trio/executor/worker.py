@@ -181,10 +181,11 @@ class Worker:
                 result.error.__traceback__ = None
             reply(msg.reply, result)
 
-        self._device().submit(lambda: self._follow(ctx, msg.batch), answer)
+        self._device().submit(lambda hand_over: self._follow(ctx, msg.batch, hand_over), answer)
 
-    def _follow(self, ctx: Context | None, batch: StepBatch) -> StepResult:
-        """On the device thread: fill in the previous step's tokens, run the step, keep its tokens."""
+    def _follow(self, ctx: Context | None, batch: StepBatch, on_launch: Callable[[], None]) -> StepResult:
+        """On the device thread: fill in the previous step's tokens, run the step, keep its tokens.
+        `on_launch` (the DeviceThread's hand-over) runs right before the forward's long call."""
         try:
             if ctx is None:
                 raise RuntimeError(f"{self.name}: no device context")
@@ -192,20 +193,20 @@ class Worker:
                 if self._sampled is None:
                     raise PredecessorFailed(f"{self.name}: the step this one follows failed")
                 batch = fill_placeholders(batch, self._sampled)
-            result = self._step(ctx, batch)
+            result = self._step(ctx, batch, on_launch)
         except BaseException:
             self._sampled = None
             raise
         self._sampled = dict(zip(result.seq_ids, result.sampled.token_ids, strict=True))
         return result
 
-    def _step(self, ctx: Context, batch: StepBatch) -> StepResult:
+    def _step(self, ctx: Context, batch: StepBatch, on_launch: Callable[[], None]) -> StepResult:
         """One step on the device thread. Out of memory, the step's tensors are let go (the
         traceback's frames hold them) and the allocator's cached blocks go back to the device
         before the error travels to the engine, which retries a smaller batch."""
         try:
             self._oom.check(batch)
-            return ctx.execute(batch)
+            return ctx.execute(batch, on_launch)
         except Exception as e:
             if classify(e) != "oom":
                 raise

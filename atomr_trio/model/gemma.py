@@ -27,7 +27,7 @@ dtype).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -133,8 +133,10 @@ class GemmaModel(LlamaModel):
         positions: torch.Tensor,
         meta: AttentionMetadata,
         kv_cache: torch.Tensor,
+        on_launch: Callable[[], None] | None = None,
     ) -> torch.Tensor:
-        """Hidden states [T, hidden] for the T flattened tokens (before the final norm)."""
+        """Hidden states [T, hidden] for the T flattened tokens (before the final norm).
+        `on_launch()` runs once, after the embedding, before the layers."""
         cfg = self.cfg
         nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         native = self.native
@@ -142,6 +144,8 @@ class GemmaModel(LlamaModel):
         scale = cfg.query_pre_attn_scalar**-0.5
         norm = self._gemma_norm
         h = embedding(input_ids, self.embed, self.dtype) * self.embed_scale
+        if on_launch is not None:
+            on_launch()
         rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(table) -> the tokens' cos, sin
         for i, w in enumerate(self.layers):
             assert isinstance(w, GemmaLayer) and w.pre_ff is not None and w.post_ff is not None

@@ -314,8 +314,10 @@ class LlamaModel:
         positions: torch.Tensor,
         meta: AttentionMetadata,
         kv_cache: torch.Tensor,
+        on_launch: Callable[[], None] | None = None,
     ) -> torch.Tensor:
-        """Hidden states [T, hidden] for the T flattened tokens (before the final norm)."""
+        """Hidden states [T, hidden] for the T flattened tokens (before the final norm).
+        `on_launch()` runs once, after the embedding, before the layers."""
         cfg = self.cfg
         nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         native = self.native
@@ -323,6 +325,8 @@ class LlamaModel:
             cos = self.cos[positions].unsqueeze(1)
             sin = self.sin[positions].unsqueeze(1)
         h = embedding(input_ids, self.embed, self.dtype)
+        if on_launch is not None:
+            on_launch()
         # every row a decode token and the native kernels loaded: attention is the kernel alone,
         # called here (no paged_attention around it: a few ops fewer per layer)
         decode: tuple[torch.Tensor, torch.Tensor] | None = None
