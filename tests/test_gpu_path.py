@@ -7,6 +7,7 @@ measured, and the device setting."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,8 @@ def _context(source: ModelSource) -> Context:
     return Context(source, cfg)
 
 
-def _drive(runner: ModelRunner, prompts: list[list[int]], steps: int, bs: int = 8) -> list[list[tuple[int, float]]]:
+def _drive(runner: ModelRunner, prompts: list[list[int]], steps: int, bs: int = 8,
+           on_launch: Callable[[], None] | None = None) -> list[list[tuple[int, float]]]:
     """Prefill the prompts in one step, then decode `steps` greedy steps for all of them (the last
     two sequences stop half-way, so batches shrink); each sample's (token, logprob) in order."""
     per = 64 // len(prompts)
@@ -102,7 +104,7 @@ def _drive(runner: ModelRunner, prompts: list[list[int]], steps: int, bs: int = 
             live = live[:-2]
         items = [BatchItem(i, seqs[i] if step == 0 else seqs[i][-1:], 0 if step == 0 else len(seqs[i]) - 1,
                            tables[i][: -(-len(seqs[i]) // bs)], row) for i in live]
-        out = runner.execute(StepBatch(items))
+        out = runner.execute(StepBatch(items), on_launch)
         for seq_id, tok, lp in zip(out.seq_ids, out.sampled.token_ids, out.sampled.logprobs, strict=True):
             assert lp is not None
             seqs[seq_id].append(tok)
@@ -123,8 +125,12 @@ def test_replayed_decode_steps_match_eager_ones(arch: str, tmp_path: Path) -> No
     runner.table_op = table_decode_torch
     runner.graphs = DecodeGraphs(runner.model, runner.kv_cache, 8, table_decode_torch, capture_sizes(8),
                                  max_blocks=32, scratch_slot=63 * 8, cuda=False)
-    got = _drive(runner, prompts, steps=24)
+    graphs = runner.graphs
+    launched: list[list[int]] = []  # the graphs' token inputs whenever a step hands over
+    got = _drive(runner, prompts, steps=24, on_launch=lambda: launched.append(graphs.ids.tolist()))
     assert [[t for t, _ in g] for g in got] == [[t for t, _ in w] for w in want]
+    assert len(launched) == 25  # once per step, the prefill's included
+    assert launched[1][:5] == [g[0][0] for g in got]  # a replay hands over once its inputs are in
     assert max(abs(a[1] - b[1]) for g, w in zip(got, want, strict=True) for a, b in zip(g, w, strict=True)) < 1e-4
 
 

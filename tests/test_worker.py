@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from atomr_trio.async_llm import engine_config
+from atomr_trio.engine.nurseries import unwrapped
 from atomr_trio.engine.sequence import Sequence
 from atomr_trio.executor.context import InjectedFault
 from atomr_trio.executor.device_thread import DeviceThreadClosed, open_device_thread
@@ -136,6 +137,53 @@ async def test_an_outcome_is_handed_over_when_the_job_behind_it_launches() -> No
         assert got == ["first", (False, True)]
         with trio.fail_after(10):  # nothing queued behind it: its outcome comes without a next job
             assert await thread.run(lambda: "alone") == "alone"
+
+
+def test_a_waiter_whose_owner_is_cancelled_still_gets_its_outcome() -> None:
+    """Cancelled while its job runs, a waiter is still woken with the job's result (the outcome
+    delivery is not cancelled with it), then the cancellation lands and the block is left. Run in
+    a thread of its own: were the outcome lost, the Trio run would hang, not fail."""
+    got: list[object] = []
+
+    async def scenario() -> None:
+        with trio.CancelScope() as outer:
+            async with open_device_thread("dt-owner-cancelled", 1) as thread:
+
+                async def cancel_soon() -> None:
+                    await trio.sleep(0.05)
+                    outer.cancel()  # while the job runs
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(cancel_soon)
+                    got.append(await thread.run(lambda: time.sleep(0.3) or "finished"))
+                    await trio.sleep(5)  # the cancellation lands here
+        got.append(outer.cancelled_caught)
+
+    runner = threading.Thread(target=trio.run, args=(scenario,), daemon=True)
+    runner.start()
+    runner.join(10)
+    assert not runner.is_alive(), "the waiter was never woken: its outcome was lost"
+    assert got == ["finished", True]
+
+
+def test_one_failure_leaves_the_nursery_as_itself_with_its_own_context() -> None:
+    """`unwrapped` (the DeviceThread's and the EngineCore's nurseries): the one exception, not a
+    group, and the exception it was raised while handling still shown as its context."""
+
+    async def fail() -> None:
+        try:
+            raise KeyError("first")
+        except KeyError:
+            raise ValueError("second")  # noqa: B904 - the implicit context is the point
+
+    async def owner() -> None:
+        with unwrapped():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fail)
+
+    with pytest.raises(ValueError, match="second") as info:
+        trio.run(owner)
+    assert isinstance(info.value.__context__, KeyError) and not info.value.__suppress_context__
 
 
 # ---- the restart budget -------------------------------------------------------------------------

@@ -12,12 +12,16 @@ from contextlib import contextmanager
 
 @contextmanager
 def unwrapped() -> Iterator[None]:
-    """Raise a group holding one exception as that exception (its cause kept); any other group
-    as it is."""
+    """Raise a group holding one exception as that exception, its own cause and context kept (not
+    the group as its context); any other group as it is."""
     try:
         yield
     except BaseExceptionGroup as group:
         if len(group.exceptions) != 1:
             raise
         exc = group.exceptions[0]
-        raise exc from exc.__cause__
+        context, suppress = exc.__context__, exc.__suppress_context__
+        try:
+            raise exc
+        finally:
+            exc.__context__, exc.__suppress_context__ = context, suppress

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -96,14 +96,17 @@ class DecodeGraphs:
     def takes(self, n: int) -> bool:
         return padded_size(n, self.sizes) is not None
 
-    def run(self, token_ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]]
-            ) -> torch.Tensor:
+    def run(self, token_ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
+            on_launch: Callable[[], None] | None = None) -> torch.Tensor:
         """float32 logits [n, vocab] of n decode rows (row i: token_ids[i] at positions[i], its
-        K/V into slots[i], its context through tables[i])."""
+        K/V into slots[i], its context through tables[i]). `on_launch()` runs once the inputs are
+        filled in, right before the replay."""
         n = len(token_ids)
         size = padded_size(n, self.sizes)
         assert size is not None, f"{n} decode rows: no captured graph holds them"
         self._fill(size, token_ids, positions, slots, tables)
+        if on_launch is not None:
+            on_launch()
         if not self.cuda:
             return self._forward(size)[:n]
         graph, out = self._graphs[size]

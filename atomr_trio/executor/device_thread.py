@@ -10,17 +10,21 @@ Invariants:
 - A task that is already cancelled submits no job. A Trio task awaiting a job is never abandoned
   mid-job: cancellation takes effect once the job returns, so device state is never touched by
   two jobs at once, and the thread is idle whenever its owner can leave the block.
-- Outcomes reach the Trio thread in job order. A job's outcome is handed over when the next job
-  calls its `hand_over` (right before its long GIL-free native call), when the next job returns,
-  or at once when no job is queued behind it.
+- Outcomes reach the Trio thread in job order, even while its owner is cancelled. A job's outcome
+  is handed over when the next job calls its `hand_over` (a model step: once its inputs are built,
+  right before its layers run), when the next job returns, or at once when no job is queued
+  behind it.
 
 Why the hand-over waits for the next job's launch: the Trio thread takes the GIL as soon as it
 wakes and keeps it for the outcome's Python (a step's results, SSE writes, the next schedule).
 Woken before the device thread's own Python of the next step (filling in tokens, building its
 inputs), that Python waited for the GIL: at 16 concurrent decodes on 2 cores ~2.7 ms of wall per
-step for ~0.5 ms of CPU, a tenth of the step. Woken right before the long call, the Trio thread
-works while the device computes. For the same reason the wake-up byte is written with the GIL
-held (`_Mailbox`): a write that lets the GIL go hands it to the woken thread then and there.
+step for ~0.5 ms of CPU, a tenth of the step. Woken as the layers start, the Trio thread works
+while the device computes — wholly so where the layers are one native call that lets the GIL go
+(the CPU decode step, `LlamaModel.fused_decode`); a layer loop in Python (prefill chunks, mixed
+steps, the torch path) still shares the GIL with it between ops. For the same reason the wake-up
+byte is written with the GIL held (`_Mailbox`): a write that lets the GIL go hands it to the
+woken thread then and there.
 """
 
 from __future__ import annotations
@@ -165,9 +169,9 @@ class DeviceThread:
 
     def submit(self, fn: Callable[[Callable[[], None]], T], deliver: Callable[[outcome.Outcome[T]], None]) -> None:
         """Queue fn(hand_over) behind the jobs already queued, without waiting for it; `deliver`
-        gets its outcome on the Trio thread. fn calls `hand_over()` right before its long GIL-free
-        call, if it has one: the outcome of the job before it goes to the Trio thread then. The
-        caller's task may end meanwhile: the job still runs."""
+        gets its outcome on the Trio thread. fn calls `hand_over()` once its own Python before the
+        long part is done, if it has such a part: the outcome of the job before it goes to the
+        Trio thread then. The caller's task may end meanwhile: the job still runs."""
         if self._closed:
             raise DeviceThreadClosed(f"{self.name} is closed")
         self._jobs.put((fn, deliver))
@@ -189,17 +193,25 @@ async def open_device_thread(name: str, num_threads: int | None) -> AsyncIterato
     """A running DeviceThread for the block's duration (named `name`; `num_threads`: torch's
     intra-op threads on it, None to keep torch's default)."""
     thread = DeviceThread(name, num_threads)
+    # Shielded: a cancelled owner's tasks still get the outcomes of the jobs they wait for (a
+    # waiter is never abandoned mid-job), so delivery stops only once the thread is joined.
+    delivering = trio.CancelScope(shield=True)
+
+    async def deliver() -> None:
+        with delivering:
+            await thread._mailbox.serve()
+
     try:
         with unwrapped():  # the mailbox's nursery is the thread's own business
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(thread._mailbox.serve)
+                nursery.start_soon(deliver)
                 thread._start()
                 try:
                     yield thread
                 finally:
                     await thread._close()
                     thread._mailbox.deliver_all()  # what the last jobs posted
-                    nursery.cancel_scope.cancel()
+                    delivering.cancel()
     finally:
         thread._mailbox.close()
 

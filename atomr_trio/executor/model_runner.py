@@ -93,7 +93,7 @@ class ModelRunner:
 
     def execute(self, batch: StepBatch, on_launch: Callable[[], None] | None = None) -> StepResult:
         """Run one step. `on_launch` is called once its inputs are built, right before the
-        forward's long call (the DeviceThread hands the previous step's outcome over then)."""
+        layers run (the DeviceThread hands the previous step's outcome over then)."""
         items = sorted(batch.items, key=lambda it: len(it.token_ids) > 1)  # decodes first
         if self._replays(items):
             return self._replay(items, on_launch)
@@ -123,10 +123,8 @@ class ModelRunner:
         bs = self.block_size
         t0 = time.perf_counter()
         slots = [max(it.block_table[it.start // bs], 0) * bs + it.start % bs for it in items]
-        if on_launch is not None:
-            on_launch()
         logits = self.graphs.run([it.token_ids[0] for it in items], [it.start for it in items], slots,
-                                 [it.block_table for it in items])
+                                 [it.block_table for it in items], on_launch)
         forward_s = time.perf_counter() - t0
         out = self.sampler(logits, [it.sample for it in items if it.sample is not None])
         return StepResult([it.seq_id for it in items], out, forward_s)

@@ -185,7 +185,8 @@ class Worker:
 
     def _follow(self, ctx: Context | None, batch: StepBatch, on_launch: Callable[[], None]) -> StepResult:
         """On the device thread: fill in the previous step's tokens, run the step, keep its tokens.
-        `on_launch` (the DeviceThread's hand-over) runs right before the forward's long call."""
+        `on_launch` (the DeviceThread's hand-over) runs once the step's inputs are built, right
+        before its layers."""
         try:
             if ctx is None:
                 raise RuntimeError(f"{self.name}: no device context")
