@@ -22,8 +22,9 @@
 // for every row at once. Larger steps dequantize kTileN weight rows at a time into a small float32
 // buffer (L1/L2) that every kTileM-row tile of x then reuses, so the dequantization is paid once
 // per weight row, not once per tile of x (with AVX512-BF16 and x in bf16: 16 rows into a bf16
-// buffer, `vdpbf16ps` tiles, and each row's 16 results stored by one vector epilogue). Either way a weight row is read from memory once per
-// call, and x / y move in their own dtype (no extra torch ops around the kernel). Vector code:
+// buffer, `vdpbf16ps` tiles, and each row's 16 results stored by one vector epilogue). Either way
+// a weight row is read from memory once per call, and x / y move in their own dtype (no extra
+// torch ops around the kernel). Vector code:
 // AVX-512 (16 lanes), AVX2+FMA (2 x 8 lanes) or portable loops, chosen at compile time
 // (native.py builds with -march=native or $ATOMR_TRIO_NATIVE_ARCH).
 //
@@ -586,7 +587,9 @@ at::Tensor quant_linear_silu_mul(const at::Tensor& x_, const at::Tensor& w, int6
     const float* xp = float_rows(x, k, xcopy);
     const int64_t M = x.size(0), n = w.size(0) / 2;
     at::Tensor y = at::empty({M, n}, x.options());
-    at::Tensor gate = at::empty({M, n}, x.options().dtype(at::kFloat));
+    // the per-product paths keep each gate until its up arrives; the bf16 many-row path needs none
+    const bool pairs_in_runs = kBf16Dot && bf16_bits(x) != nullptr && M > kFewRows;
+    at::Tensor gate = at::empty({pairs_in_runs ? 0 : M, n}, x.options().dtype(at::kFloat));
     float* gp = gate.data_ptr<float>();
     const Out out(y);
     products<F>(xp, bf16_bits(x), M, k, w.data_ptr<uint8_t>(), w.size(1), 2 * n,
