@@ -44,6 +44,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -335,8 +336,9 @@ void dequant_row_bf16(const uint8_t* row, int64_t blocks, uint16_t* out) {
   }
 }
 
+// c[m * ldc + j] = x[m, :] . wbuf[j, :] for MT rows of x and kTileN bf16 weight rows in wbuf
 template <int MT>
-void dot_buffered_bf16(const uint16_t* wbuf, const uint16_t* x, int64_t K, float* c) {
+void dot_buffered_bf16(const uint16_t* wbuf, const uint16_t* x, int64_t K, float* c, int64_t ldc) {
   __m512 acc[MT][kTileN];
   for (int m = 0; m < MT; ++m)
     for (int j = 0; j < kTileN; ++j) acc[m][j] = _mm512_setzero_ps();
@@ -348,15 +350,15 @@ void dot_buffered_bf16(const uint16_t* wbuf, const uint16_t* x, int64_t K, float
       for (int j = 0; j < kTileN; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], wv[j], xv);
     }
   }
-  for (int m = 0; m < MT; ++m) hsum4(acc[m], c + m * kTileN);
+  for (int m = 0; m < MT; ++m) hsum4(acc[m], c + m * ldc);
 }
 
-void dot_buffered_bf16_rows(int mt, const uint16_t* wbuf, const uint16_t* x, int64_t K, float* c) {
+void dot_buffered_bf16_rows(int mt, const uint16_t* wbuf, const uint16_t* x, int64_t K, float* c, int64_t ldc) {
   switch (mt) {
-    case 1: dot_buffered_bf16<1>(wbuf, x, K, c); break;
-    case 2: dot_buffered_bf16<2>(wbuf, x, K, c); break;
-    case 3: dot_buffered_bf16<3>(wbuf, x, K, c); break;
-    default: dot_buffered_bf16<4>(wbuf, x, K, c);
+    case 1: dot_buffered_bf16<1>(wbuf, x, K, c, ldc); break;
+    case 2: dot_buffered_bf16<2>(wbuf, x, K, c, ldc); break;
+    case 3: dot_buffered_bf16<3>(wbuf, x, K, c, ldc); break;
+    default: dot_buffered_bf16<4>(wbuf, x, K, c, ldc);
   }
 }
 #else
@@ -404,21 +406,17 @@ struct Out {
     if (f != nullptr) f[m * ld + n] = v;
     else h[m * ld + n] = at::BFloat16(v);
   }
+#if defined(__AVX512BF16__)  // the runs of 16 of the bf16 many-row path (products_bf16)
   // y[m, n0 .. n0 + valid) = v (+ bias[n0 ..]); v holds 16 values
   void put16(int64_t m, int64_t n0, const float* v, int valid, const float* bias) const {
-#if defined(__AVX512BF16__)
     const __mmask16 k = atomr_vec::first_lanes(valid);
     __m512 r = _mm512_loadu_ps(v);
     if (bias != nullptr) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(k, bias + n0));
     if (f != nullptr) _mm512_mask_storeu_ps(f + m * ld + n0, k, r);
     else _mm256_mask_storeu_epi16(h + m * ld + n0, k, (__m256i)_mm512_cvtneps_pbh(r));
-#else
-    for (int j = 0; j < valid; ++j) put(m, n0 + j, bias != nullptr ? v[j] + bias[n0 + j] : v[j]);
-#endif
   }
   // y[m, n0 .. n0 + valid / 2) = silu(gate) * up for v = gate, up, gate, up, ... (16 values)
   void put_silu_mul(int64_t m, int64_t n0, const float* v, int valid) const {
-#if defined(__AVX512BF16__)
     const __m512i even = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 14, 12, 10, 8, 6, 4, 2, 0);
     const __m512i odd = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 15, 13, 11, 9, 7, 5, 3, 1);
     const __m512 a = _mm512_loadu_ps(v);
@@ -429,14 +427,16 @@ struct Out {
     const __mmask16 k = atomr_vec::first_lanes(valid / 2);
     if (f != nullptr) _mm512_mask_storeu_ps(f + m * ld + n0, k, r);
     else _mm256_mask_storeu_epi16(h + m * ld + n0, k, (__m256i)_mm512_cvtneps_pbh(r));
-#else
-    for (int j = 0; j < valid / 2; ++j) put(m, n0 + j, v[2 * j] / (1.f + std::exp(-v[2 * j])) * v[2 * j + 1]);
-#endif
   }
+#endif
 };
 
 // Threads take runs of output rows; grain: enough rows that a thread's share is worth a wake-up.
 constexpr int64_t kGrain = 16;
+
+// Whether `products` takes the bf16 many-row path (results in runs of 16, to emit16) for M rows
+// of x whose bf16 bits are xh (nullptr: x is float32, or the build lacks AVX512-BF16).
+inline bool in_runs(const uint16_t* xh, int64_t M) { return kBf16Dot && xh != nullptr && M > kFewRows; }
 
 #if defined(__AVX512BF16__)
 constexpr int64_t kBlock = 16;  // products handed to the epilogue at once: one float32 vector
@@ -453,7 +453,6 @@ void products_bf16(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, in
   const int64_t blocks = K / F::kValues, groups = (count + kBlock - 1) / kBlock;
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint16_t> wbuf(kBlock * K);
-    float c[kTileM * kTileN];
     alignas(64) float v[kTileM][kBlock];
     for (int64_t gi = begin; gi < end; ++gi) {
       const int64_t i0 = gi * kBlock, nt = std::min<int64_t>(kBlock, count - i0);
@@ -463,11 +462,8 @@ void products_bf16(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, in
       }
       for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
         const int mt = static_cast<int>(std::min<int64_t>(kTileM, M - m0));
-        for (int64_t j0 = 0; j0 < kBlock; j0 += kTileN) {
-          dot_buffered_bf16_rows(mt, wbuf.data() + j0 * K, x + m0 * K, K, c);
-          for (int m = 0; m < mt; ++m)
-            for (int j = 0; j < kTileN; ++j) v[m][j0 + j] = c[m * kTileN + j];
-        }
+        for (int64_t j0 = 0; j0 < kBlock; j0 += kTileN)
+          dot_buffered_bf16_rows(mt, wbuf.data() + j0 * K, x + m0 * K, K, &v[0][j0], kBlock);
         for (int m = 0; m < mt; ++m) emit16(m0 + m, i0, v[m], static_cast<int>(nt));
       }
     }
@@ -484,7 +480,7 @@ void products(const float* x, const uint16_t* xh, int64_t M, int64_t K, const ui
               int64_t count, Cols&& cols, Emit&& emit, [[maybe_unused]] Emit16&& emit16) {
   const int64_t blocks = K / F::kValues;
 #if defined(__AVX512BF16__)
-  if (xh != nullptr && M > kFewRows) {  // x in bfloat16 (bits in xh): the vdpbf16ps tiles
+  if (in_runs(xh, M)) {  // x in bfloat16 (bits in xh): the vdpbf16ps tiles
     products_bf16<F>(xh, M, K, w, rb, count, cols, emit16);
     return;
   }
@@ -568,9 +564,13 @@ at::Tensor quant_linear(const at::Tensor& x_, const at::Tensor& w, int64_t type,
     const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
     at::Tensor y = at::empty({M, N}, x.options());
     const Out out(y);
+#if defined(__AVX512BF16__)
+    auto runs = [&](int64_t m, int64_t i0, const float* v, int valid) { out.put16(m, i0, v, valid, bp); };
+#else
+    std::nullptr_t runs = nullptr;  // no bf16 many-row path in this build
+#endif
     products<F>(xp, bf16_bits(x), M, k, w.data_ptr<uint8_t>(), w.size(1), N, [](int64_t i) { return i; },
-                [&](int64_t m, int64_t, int64_t n, float v) { out.put(m, n, bp != nullptr ? v + bp[n] : v); },
-                [&](int64_t m, int64_t i0, const float* v, int valid) { out.put16(m, i0, v, valid, bp); });
+                [&](int64_t m, int64_t, int64_t n, float v) { out.put(m, n, bp != nullptr ? v + bp[n] : v); }, runs);
     return y;
   });
 }
@@ -588,10 +588,14 @@ at::Tensor quant_linear_silu_mul(const at::Tensor& x_, const at::Tensor& w, int6
     const int64_t M = x.size(0), n = w.size(0) / 2;
     at::Tensor y = at::empty({M, n}, x.options());
     // the per-product paths keep each gate until its up arrives; the bf16 many-row path needs none
-    const bool pairs_in_runs = kBf16Dot && bf16_bits(x) != nullptr && M > kFewRows;
-    at::Tensor gate = at::empty({pairs_in_runs ? 0 : M, n}, x.options().dtype(at::kFloat));
+    at::Tensor gate = at::empty({in_runs(bf16_bits(x), M) ? 0 : M, n}, x.options().dtype(at::kFloat));
     float* gp = gate.data_ptr<float>();
     const Out out(y);
+#if defined(__AVX512BF16__)  // runs of 16 products start at even i: 8 whole gate, up pairs
+    auto runs = [&](int64_t m, int64_t i0, const float* v, int valid) { out.put_silu_mul(m, i0 / 2, v, valid); };
+#else
+    std::nullptr_t runs = nullptr;  // no bf16 many-row path in this build
+#endif
     products<F>(xp, bf16_bits(x), M, k, w.data_ptr<uint8_t>(), w.size(1), 2 * n,
                 [n](int64_t i) { return i % 2 == 0 ? i / 2 : n + i / 2; },
                 [&](int64_t m, int64_t i, int64_t, float v) {
@@ -602,8 +606,8 @@ at::Tensor quant_linear_silu_mul(const at::Tensor& x_, const at::Tensor& w, int6
                     const float g = gp[m * n + j];
                     out.put(m, j, g / (1.f + std::exp(-g)) * v);
                   }
-                },  // runs of 16 products start at even i: 8 whole gate, up pairs
-                [&](int64_t m, int64_t i0, const float* v, int valid) { out.put_silu_mul(m, i0 / 2, v, valid); });
+                },
+                runs);
     return y;
   });
 }
