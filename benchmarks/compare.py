@@ -26,6 +26,8 @@ CPU its OpenMP threads bound to the cores (`VLLM_CPU_OMP_THREADS_BIND`), a KV ca
 TCMalloc preloaded where the machine has it; llama.cpp one thread per core for decode and batch.
 `atomr-gguf` and `llamacpp-gguf` serve the default model's own quantized GGUF (Q4_1 weights, a
 Q8_0 embedding), ours with `--quantization gguf`: the same weights format on both sides.
+`atomr-int8` serves the HF directory with `--quantization int8` (weights and activations int8,
+model/int8.py): opt-in and lossy, so its ratios to vLLM (bf16) are reported apart from the targets.
 """
 
 from __future__ import annotations
@@ -146,6 +148,12 @@ def make_peers(args: argparse.Namespace, hf_dir: Path, gguf: Path | None) -> lis
                 sys.executable, "-m", "atomr_trio", "--model", str(hf_dir), "--served-model-name", MODEL_NAME,
                 "--port", str(port), "--max-model-len", "2048", "--dtype", args.atomr_dtype, "--log-level", "warning",
             ], {}, args.atomr_dtype, port))
+        elif name == "atomr-int8":
+            peers.append(Peer("atomr-int8", "atomr_trio, int8 weights and activations", [
+                sys.executable, "-m", "atomr_trio", "--model", str(hf_dir), "--served-model-name", MODEL_NAME,
+                "--port", str(port), "--max-model-len", "2048", "--dtype", args.atomr_dtype, "--quantization",
+                "int8", "--log-level", "warning",
+            ], {}, f"int8 W8A8, {args.atomr_dtype} activations", port))
         elif name == "vllm":
             vllm = args.vllm_venv / "bin" / "vllm"
             if not vllm.exists():
@@ -436,6 +444,17 @@ def write_report(args: argparse.Namespace, peers: list[Peer], tf: dict[int, dict
         t = a16["ttft_ms"]["median"] / v16["ttft_ms"]["median"]
         target("16 concurrent: TTFT median ≤ vLLM CPU's (ratio)", t, t <= 1.0)
     target("64 concurrent: output tok/s ≥ 1.5× vLLM CPU", r64, None if r64 is None else r64 >= 1.5)
+    if "atomr-int8" in by and "vllm" in by:  # opt-in and lossy: its own lines, apart from the bf16 targets
+        for c in (16, 64):
+            q, v = by["atomr-int8"].results.get(c), by["vllm"].results.get(c)
+            if q and v:
+                r = q["output_throughput"] / v["output_throughput"]
+                lines.append(f"| {c} concurrent, `--quantization int8` (W8A8) against vLLM CPU in bf16: output "
+                             f"tok/s ≥ 1.5× | {r:.2f} | {'yes' if r >= 1.5 else '**no**'} (not the same weights "
+                             "format) |")
+                t = q["ttft_ms"]["median"] / v["ttft_ms"]["median"]
+                lines.append(f"| {c} concurrent, `--quantization int8`: TTFT median ≤ vLLM CPU's (ratio) | {t:.2f} | "
+                             f"{'yes' if t <= 1.0 else '**no**'} |")
     a1 = atomr.results.get(1) if atomr else None
     l1 = by["llamacpp"].results.get(1) if "llamacpp" in by else None
     for ours, theirs, what in (("atomr", "llamacpp", "bf16"), ("atomr-gguf", "llamacpp-gguf", "the same GGUF")):

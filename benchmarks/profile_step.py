@@ -1,7 +1,7 @@
 """Where one engine step's time goes: decode steps of B sequences (context ~ 128 + 64 tokens) on the
 real Context/ModelRunner, under torch.profiler; prints a markdown summary (or writes it to --out).
 
-    python benchmarks/profile_step.py [--batch 16] [--model PATH] [--dtype auto] [--quantization none|gguf]
+    python benchmarks/profile_step.py [--batch 16] [--model PATH] [--dtype auto] [--quantization none|gguf|int8]
                                       [--out FILE]
 """
 
@@ -119,7 +119,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--model", default=None)
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--quantization", default="none", choices=["none", "gguf"])
+    p.add_argument("--quantization", default="none", choices=["none", "gguf", "int8"])
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     texts = []

@@ -1,7 +1,7 @@
 """Soak test: a live server under a mix of normal, cancelled, malformed and over-limit requests.
 
     python benchmarks/soak.py [--duration 300] [--concurrency 32] [--model PATH]
-                              [--dtype auto] [--quantization none|gguf]
+                              [--dtype auto] [--quantization none|gguf|int8]
 
 Starts `python -m atomr_trio` on 127.0.0.1 (the default model unless --model), drives it with
 `--concurrency` clients for `--duration` seconds, samples the server's RSS, then checks that:
@@ -308,7 +308,8 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--model", default=None, help="model path (default: the built-in default model)")
     p.add_argument("--dtype", default="auto", help="the engine's dtype (auto, bfloat16, float32)")
-    p.add_argument("--quantization", default="none", help="none, or gguf: keep the GGUF's quantized weights")
+    p.add_argument("--quantization", default="none",
+                   help="none; gguf: keep the GGUF's quantized weights; int8: weights and activations in int8")
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--max-queue", type=int, default=12)
     p.add_argument("--request-timeout", type=float, default=600.0,

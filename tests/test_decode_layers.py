@@ -72,6 +72,11 @@ def test_fused_decode_gives_the_python_loops_tokens_and_logprobs(tiny_dir: Path,
     assert set(fused.qtypes) == {-1}  # every matrix on the bf16 panels
 
 
+def test_fused_decode_over_int8_panels(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fused = _fused_equals_loop(tiny_dir, monkeypatch, quantization="int8")
+    assert set(fused.qtypes) == {-2}  # every matrix int8 (model/int8.py)
+
+
 def test_fused_decode_over_gguf_blocks_and_panels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A GGUF kept quantized whose layer 0 has a q|k|v group dequantized (bf16 panels there, GGUF
     blocks elsewhere: Q4_0, Q4_1, Q8_0): the fused call gives the loop's tokens and logprobs."""

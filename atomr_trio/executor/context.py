@@ -7,6 +7,7 @@ Worker's DeviceThread. A Context that failed stays failed (like a GPU after a st
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 
 import torch
@@ -54,7 +55,8 @@ class Context:
         self.plan: cpu_kernels.KernelPlan | None = None
         if not cuda:
             self.plan = cpu_kernels.choose(mc, cfg.torch_dtype)  # each fast path probed before use
-            model.use_kernels(self.plan)
+            model.use_kernels(self.plan, int8=cfg.quantization == "int8")
+            return_freed_heap()
         table_op = cuda_table_op() if cuda else None
         sampler = Sampler(source.eos_token_ids, rng)
         self.memory: MemoryPlan | None = None
@@ -100,3 +102,17 @@ class Context:
             return False
         probe = torch.ones(2, device=self.runner.kv_cache.device)
         return float(probe.sum().item()) == 2.0
+
+
+def return_freed_heap() -> None:
+    """Give the heap memory freed while loading back to the OS (glibc's `malloc_trim`). Loading
+    passes every weight through float copies on the way to its final layout (dequantized GGUF
+    blocks, bf16 panels, int8 packing), and glibc keeps what those freed in its arenas. Measured
+    on the default model right after loading: bf16 833 -> 721 MiB resident, int8 815 -> 595 MiB.
+    Elsewhere (not glibc) nothing happens."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)

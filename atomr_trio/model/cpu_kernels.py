@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -39,7 +37,7 @@ import torch
 
 from . import kernel_probes, native
 from .config import ModelConfig
-from .native import Kernels
+from .native import Kernels, KernelUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +58,6 @@ ENVIRONMENT = {
     "CXX": "the C++ compiler for the native kernels (default `g++`)",
     "ATOMR_API_KEY, ATOMR_ADMIN_KEY": "API / admin keys, comma-separated, beside `--api-key` / `--admin-key`",
 }
-
-
-class KernelUnavailable(RuntimeError):
-    """A kernel path forced by ATOMR_TRIO_CPU_KERNELS cannot run on this machine."""
 
 
 @dataclass(frozen=True)
@@ -228,12 +222,9 @@ ONEDNN_CAPS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI")
 
 def _missing_feature(part: str, path: str) -> str | None:
     if path == "native":
-        if not native.is_x86_64():
-            return f"the native kernels are x86-64 only (this CPU is {platform.machine()})"
-        if os.environ.get("ATOMR_TRIO_NATIVE", "1") == "0":
-            return "switched off by ATOMR_TRIO_NATIVE=0"
-        if shutil.which(os.environ.get("CXX", "g++")) is None:
-            return "no C++ compiler (g++ or $CXX) to build the native kernels"
+        why = native.missing()
+        if why is not None:
+            return why
         k = native.kernels()
         if k is None:
             return "the native kernels did not build (see the warning above)"

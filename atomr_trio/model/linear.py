@@ -61,6 +61,7 @@ class Linear:
         self.panels: torch.Tensor | None = None  # the same weight packed for the native kernel
         self._native: NativeLinear | None = None
         self._native_silu_mul: NativeSiluMul | None = None
+        self.int8 = False  # `panels` holds int8.py's packing (quantization="int8"), not bf16 panels
 
     def pack(self) -> None:
         assert self.weight is not None
@@ -75,6 +76,13 @@ class Linear:
         self._native, self._native_silu_mul = linear, silu_mul
         self.weight = None
         return True
+
+    def use_int8(self, packed: torch.Tensor, linear: NativeLinear, silu_mul: NativeSiluMul) -> None:
+        """Multiply by `packed`, this weight quantized by int8.py's `pack_int8`, on linear_int8.cpp's
+        ops from now on, and drop the float weight."""
+        self.panels = packed
+        self._native, self._native_silu_mul = linear, silu_mul
+        self.weight, self.packed, self.int8 = None, None, True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._native is not None:

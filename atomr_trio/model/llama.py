@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from .attention import AttentionMetadata, paged_attention
 from .config import ModelConfig, ModelLoadError
 from .cpu_kernels import KernelPlan
+from .int8 import pack_int8
+from .int8 import require_kernels as int8_kernels
 from .linear import Linear
 from .native import Kernels, PrefillAttention, prefill_attention_fits
 from .quantized import (
@@ -249,10 +251,11 @@ class LlamaModel:
         return DenseMlp(gate_up=make_linear(gate_up, gate_up=True),
                         down=make_linear(self.weight(got, p + "down_proj.weight")))
 
-    def use_kernels(self, plan: KernelPlan) -> None:
+    def use_kernels(self, plan: KernelPlan, int8: bool = False) -> None:
         """Run on the CPU kernels of `plan` (cpu_kernels.py): the native ops or plain torch ones,
         and every weight matrix laid out for the plan's matmul (native panels, which replace the
-        plain weight; a oneDNN-packed copy beside it; or nothing for plain F.linear)."""
+        plain weight; a oneDNN-packed copy beside it; or nothing for plain F.linear), or, with
+        `int8` (quantization="int8"), quantized for the native int8 matmul whatever the plan (int8.py)."""
         self.native = plan.kernels if plan.ops == "native" else None
         cfg = self.cfg
         # the native prefill attention where its build and the head shape have it (else SDPA)
@@ -265,7 +268,20 @@ class LlamaModel:
         if self.quantized:  # the GGUF blocks need the native quantized matmul, whatever the plan
             require_kernels()
             log.info("weights kept as GGUF blocks (quantization=gguf): %s", describe(linears))
+        if int8:
+            k8 = int8_kernels()
+            assert k8.int8_linear is not None and k8.int8_linear_silu_mul is not None
+            for lin in linears:
+                if lin.weight is None:
+                    raise ModelLoadError("quantization=int8 takes float weights (not GGUF blocks kept as such)")
+                if lin.in_features % 4:
+                    raise ModelLoadError(f"the int8 matmul takes inputs in fours, a weight has {lin.in_features}")
+                lin.use_int8(pack_int8(lin.weight, lin.gate_up), k8.int8_linear, k8.int8_linear_silu_mul)
+            log.info("%d weight matrices quantized to int8 per output channel (quantization=int8, %s matmul)",
+                     len(linears), k8.int8_isa)
         for lin in linears:
+            if lin.int8:
+                continue
             if plan.matmul == "native":
                 assert k is not None and k.linear is not None and k.linear_silu_mul is not None
                 if not lin.pack_native(k.linear, k.linear_silu_mul):
@@ -276,7 +292,7 @@ class LlamaModel:
 
     def _fuse_decode(self, plan: KernelPlan) -> FusedDecode | None:
         """The layers for decode_layers.cpp, where every part it runs is what forward would run:
-        native ops, every matrix on the native bf16 panels or GGUF blocks, dense MLPs, no q/k
+        native ops, every matrix on the native bf16 or int8 panels or GGUF blocks, dense MLPs, no q/k
         norms, no biases but q/k/v's."""
         k, cfg = plan.kernels, self.cfg
         if plan.ops != "native" or k is None or k.decode_layers is None:
@@ -301,7 +317,7 @@ class LlamaModel:
             k.decode_layers, [layer.in_norm for layer in self.layers], [layer.post_norm for layer in self.layers],
             [data(layer.qkv) for layer in self.layers], [layer.qkv.bias for layer in self.layers],
             [data(layer.o) for layer in self.layers], [data(m.gate_up) for m in dense], [data(m.down) for m in dense],
-            [lin.qweight.ggml_type if isinstance(lin, QuantLinear) else -1 for lin in matrices],
+            [lin.qweight.ggml_type if isinstance(lin, QuantLinear) else -2 if lin.int8 else -1 for lin in matrices],
             [cfg.layer_window(i) or 0 for i in range(cfg.num_layers)], cfg.num_heads, cfg.num_kv_heads,
             dense[0].gate_up.out_features // 2, cfg.head_dim**-0.5, cfg.rms_norm_eps,
             DEQUANT_ROWS if any(isinstance(lin, QuantLinear) for lin in matrices) else None)

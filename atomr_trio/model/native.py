@@ -21,6 +21,8 @@ context out of the paged cache before a batch of tiny matmuls.
 - `csrc/decode_layers.cpp`: a decode step's layers in one call, through the other kernels (bf16
   panels or GGUF blocks) called from C++ (`ops.h`) instead of a Python loop over 30 layers x 8 ops:
   one-sequence bf16 step 11.0 -> 9.9 ms, and the GIL left to the Trio thread meanwhile.
+- `csrc/linear_int8.cpp`: the int8 x int8 matmul of `quantization="int8"` (int8.py), built for
+  AVX512-VNNI (`vpdpbusd`) where the -march has it, else as plain C++ loops.
 - `csrc/quant_matmul.cpp`: the matmul over weights kept in GGUF's quantized blocks (Q8_0, Q4_0,
   Q4_1, Q4_K), dequantized in registers (quantized.py); AVX-512, AVX2 or portable loops.
 
@@ -61,7 +63,8 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "paged_decode_attention.cpp", CSRC / "norm_rope.cpp", CSRC / "linear_bf16.cpp",
-           CSRC / "quant_matmul.cpp", CSRC / "prefill_attention.cpp", CSRC / "decode_layers.cpp")
+           CSRC / "linear_int8.cpp", CSRC / "quant_matmul.cpp", CSRC / "prefill_attention.cpp",
+           CSRC / "decode_layers.cpp")
 # included by the sources: part of the build key too
 HEADERS = (CSRC / "vec_avx512.h", CSRC / "vec_avx2.h", CSRC / "ops.h")
 DTYPES = (torch.float32, torch.bfloat16)  # what the kernels compute in
@@ -103,6 +106,10 @@ class Kernels:
     linear: NativeLinear | None
     linear_silu_mul: NativeSiluMul | None
     matmul_isa: str = ""  # what `linear` was built for: "avx512bf16", "avx2", or "" (none)
+    # int8 matmuls (linear_int8.cpp, every x86-64 build): see int8.py
+    int8_linear: NativeLinear | None = None
+    int8_linear_silu_mul: NativeSiluMul | None = None
+    int8_isa: str = ""  # "avx512vnni" or "portable"
     # GGUF-block matmuls (quant_matmul.cpp, every x86-64 build): see quantized.py
     quant_linear: Callable[..., torch.Tensor] | None = None
     quant_linear_silu_mul: Callable[..., torch.Tensor] | None = None
@@ -128,6 +135,49 @@ def kernels() -> Kernels | None:
 def is_x86_64() -> bool:
     """The kernels' sources use x86 intrinsics; elsewhere (Arm) they are not built."""
     return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def missing() -> str | None:
+    """Why the native kernels cannot be built or loaded here (before trying); None if they may be."""
+    if not is_x86_64():
+        return f"the native kernels are x86-64 only (this CPU is {platform.machine()})"
+    if os.environ.get("ATOMR_TRIO_NATIVE", "1") == "0":
+        return "the native kernels are switched off by ATOMR_TRIO_NATIVE=0"
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        return "no C++ compiler (g++ or $CXX) to build the native kernels"
+    return None
+
+
+class KernelUnavailable(RuntimeError):
+    """A kernel path that is forced (ATOMR_TRIO_CPU_KERNELS) or required (a quantization) cannot
+    run on this machine."""
+
+
+Probed = tuple[Kernels | None, str | None]
+
+
+def probed(has_op: Callable[[Kernels], bool], probe: Callable[[Kernels], str | None]) -> Probed:
+    """The kernels and why an op of theirs cannot be used here: missing (`missing()`, or the build
+    lacks it: `has_op` false) or answering wrong (`probe` says how; an exception is an answer too);
+    None as the reason when it passed."""
+    why = missing()
+    if why is not None:
+        return None, why
+    k = kernels()
+    if k is None or not has_op(k):
+        return None, "the native kernels did not build (see the warning above)"
+    try:
+        return k, probe(k)
+    except Exception as e:  # noqa: BLE001 - any failure of the probe means: not this path
+        return k, f"its probe raised {type(e).__name__}: {e}"[:300]
+
+
+def require(result: Probed, what: str) -> Kernels:
+    """The kernels of a `probed` result; KernelUnavailable("<what> needs ...: <why>") if they did not pass."""
+    k, why = result
+    if why is not None or k is None:
+        raise KernelUnavailable(f"{what}: {why}")
+    return k
 
 
 def march() -> str:
@@ -158,9 +208,11 @@ def _load() -> Kernels | None:
     return Kernels(
         ops.paged_decode_attention, ops.add_rms_norm_, ops.rope_store_kv,
         ops.linear_bf16 if isa else None, ops.linear_silu_mul_bf16 if isa else None, isa,
-        ops.quant_linear, ops.quant_linear_silu_mul, ops.quant_dequantize,
-        ops.prefill_attention if ops.prefill_attention_isa() else None,
-        ops.decode_layers,
+        int8_linear=ops.int8_linear, int8_linear_silu_mul=ops.int8_linear_silu_mul, int8_isa=ops.int8_matmul_isa(),
+        quant_linear=ops.quant_linear, quant_linear_silu_mul=ops.quant_linear_silu_mul,
+        quant_dequantize=ops.quant_dequantize,
+        prefill_attention=ops.prefill_attention if ops.prefill_attention_isa() else None,
+        decode_layers=ops.decode_layers,
     )
 
 

@@ -154,6 +154,7 @@ class QuantLinear(Linear):
         self.panels = None
         self._native = None
         self._native_silu_mul = None
+        self.int8 = False
 
     def pack(self) -> None:
         """Nothing to pack: the blocks are the layout."""
@@ -213,33 +214,12 @@ def _kernels() -> native.Kernels | None:
 
 def require_kernels() -> native.Kernels:
     """The native kernels with the quantized matmul, probed; KernelUnavailable with the reason if not."""
-    k, why = _probed()
-    if why is not None or k is None:
-        from .cpu_kernels import KernelUnavailable
-
-        raise KernelUnavailable(f"quantization=gguf needs the native quantized matmul: {why}")
-    return k
+    return native.require(_probed(), "quantization=gguf needs the native quantized matmul")
 
 
 @cache
-def _probed() -> tuple[native.Kernels | None, str | None]:
-    import os
-    import shutil
-
-    if not native.is_x86_64():
-        return None, "the native kernels are x86-64 only"
-    if os.environ.get("ATOMR_TRIO_NATIVE", "1") == "0":
-        return None, "the native kernels are switched off by ATOMR_TRIO_NATIVE=0"
-    if shutil.which(os.environ.get("CXX", "g++")) is None:
-        return None, "no C++ compiler (g++ or $CXX) to build the native kernels"
-    k = native.kernels()
-    if k is None or k.quant_linear is None:
-        return None, "the native kernels did not build (see the warning above)"
-    try:
-        why = _probe(k)
-    except Exception as e:  # noqa: BLE001 - any failure of the probe means: not this path
-        why = f"its probe raised {type(e).__name__}: {e}"[:300]
-    return k, why
+def _probed() -> native.Probed:
+    return native.probed(lambda k: k.quant_linear is not None, _probe)
 
 
 def _probe(k: native.Kernels) -> str | None:

@@ -1,4 +1,4 @@
-// Every layer of a decode step in one call (CPU; weights on the native bf16 panels or GGUF blocks).
+// Every layer of a decode step in one call (CPU; weights on the native bf16 or int8 panels or GGUF blocks).
 //
 // A decode step of a small model is a long chain of short kernels: for the default model, 30
 // layers x 8 ops, ~35 us each at one sequence. Called one by one from Python, each costs a
@@ -13,8 +13,9 @@
 // k, k and v into kv_cache[i] at slot_mapping; attention of each row over its context
 // (dslots, dlens; windows[i] > 0: the last windows[i] positions); h += attn o[i]^T,
 // x = rms_norm(h) * post_norm[i]; delta = down(silu(gate) * up). Returns h + delta (h is
-// updated in place). Each matrix is either the packed bf16 panels of linear.py (`Linear.panels`;
-// its entry in `qtypes` is -1) or GGUF blocks (quantized.py's `QuantLinear`; its GGML type),
+// updated in place). Each matrix is the packed bf16 panels of linear.py (`Linear.panels`; its
+// entry in `qtypes` is -1), the int8 panels of int8.py (also `Linear.panels`; -2) or GGUF blocks
+// (quantized.py's `QuantLinear`; its GGML type),
 // `qtypes` holding 4 entries per layer: q|k|v, o, gate|up, down.
 // Built and loaded at run time by native.py.
 
@@ -26,6 +27,8 @@
 #include "ops.h"
 
 namespace {
+
+constexpr int64_t kBf16Panels = -1, kInt8Panels = -2;  // qtypes entries that are not GGML types
 
 at::Tensor decode_layers(at::Tensor h, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
                          at::Tensor kv_cache, const at::Tensor& slot_mapping, const at::Tensor& dslots,
@@ -42,10 +45,17 @@ at::Tensor decode_layers(at::Tensor h, const at::Tensor& positions, const at::Te
                   static_cast<int64_t>(windows.size()) == L && static_cast<int64_t>(qtypes.size()) == 4 * L,
               "one entry per layer in every list (four in qtypes)");
   const int64_t hidden = h.size(1), hd = kv_cache.size(4), n_qkv = (nq + 2 * nkv) * hd;
-  // x times matrix j of layer i (n outputs, k inputs): panels or GGUF blocks
+  // x times matrix j of layer i (n outputs, k inputs): bf16 panels, int8 panels or GGUF blocks
   auto linear = [&](const at::Tensor& x, const at::Tensor& w, int64_t j, int64_t n, int64_t k,
                     const std::optional<at::Tensor>& bias) {
-    return qtypes[j] < 0 ? atomr_ops::linear_bf16(x, w, n, bias) : atomr_ops::quant_linear(x, w, qtypes[j], k, bias);
+    if (qtypes[j] == kBf16Panels) return atomr_ops::linear_bf16(x, w, n, bias);
+    if (qtypes[j] == kInt8Panels) return atomr_ops::int8_linear(x, w, n, bias);
+    return atomr_ops::quant_linear(x, w, qtypes[j], k, bias);
+  };
+  auto silu_mul = [&](const at::Tensor& x, const at::Tensor& w, int64_t j) {
+    if (qtypes[j] == kBf16Panels) return atomr_ops::linear_silu_mul_bf16(x, w, ff);
+    if (qtypes[j] == kInt8Panels) return atomr_ops::int8_linear_silu_mul(x, w, ff);
+    return atomr_ops::quant_linear_silu_mul(x, w, qtypes[j], hidden);
   };
   std::optional<at::Tensor> delta;
   for (int64_t i = 0; i < L; ++i) {
@@ -59,8 +69,7 @@ at::Tensor decode_layers(at::Tensor h, const at::Tensor& positions, const at::Te
                                                         std::nullopt)
                           .view({-1, nq * hd});
     x = atomr_ops::add_rms_norm_(h, linear(attn, o[i], 4 * i + 1, hidden, nq * hd, std::nullopt), post_norm[i], eps);
-    at::Tensor act = qtypes[4 * i + 2] < 0 ? atomr_ops::linear_silu_mul_bf16(x, gate_up[i], ff)
-                                           : atomr_ops::quant_linear_silu_mul(x, gate_up[i], qtypes[4 * i + 2], hidden);
+    at::Tensor act = silu_mul(x, gate_up[i], 4 * i + 2);
     delta = linear(act, down[i], 4 * i + 3, hidden, ff, std::nullopt);
   }
   return delta.has_value() ? h.add_(*delta) : h;

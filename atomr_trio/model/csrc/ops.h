@@ -1,6 +1,6 @@
 // The native ops that other native code calls directly, in C++ (no dispatcher, no Python):
 // decode_layers.cpp runs a decode step's layers through them. Each is defined in its own source
-// (linear_bf16.cpp, quant_matmul.cpp, norm_rope.cpp, paged_decode_attention.cpp), where its header comment gives
+// (linear_bf16.cpp, linear_int8.cpp, quant_matmul.cpp, norm_rope.cpp, paged_decode_attention.cpp), where its header comment gives
 // its layouts and semantics; these are the same functions torch.ops.atomr_trio exposes.
 #pragma once
 
@@ -15,6 +15,8 @@ at::Tensor linear_silu_mul_bf16(const at::Tensor& x, const at::Tensor& wp, int64
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t k,
                         const c10::optional<at::Tensor>& bias);
 at::Tensor quant_linear_silu_mul(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t k);
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const c10::optional<at::Tensor>& bias);
+at::Tensor int8_linear_silu_mul(const at::Tensor& x, const at::Tensor& w, int64_t n);
 at::Tensor add_rms_norm_(at::Tensor h, const c10::optional<at::Tensor>& delta, const at::Tensor& w, double eps);
 at::Tensor rope_store_kv(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos,
                          const at::Tensor& sin, at::Tensor kv, const at::Tensor& slots, int64_t nq, int64_t nkv);

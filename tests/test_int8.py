@@ -1,0 +1,264 @@
+"""int8 weights and activations (`quantization="int8"`, model/int8.py, csrc/linear_int8.cpp):
+every build of the kernel against the rule computed exactly in float64 (int8.py's
+`reference_linear`), tile edges and odd shapes included; the packing held once; the engine with
+every matrix int8 (the fused decode call giving the Python loop's tokens); and (real_model) the
+default model against float32: first tokens and logprob gap, and its memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from atomr_trio import LLM, SamplingParams
+from atomr_trio.model import int8, native
+from atomr_trio.model.int8 import GROUP, pack_int8, quantize_activations, quantize_weight, reference_linear
+
+needs_native = pytest.mark.skipif(native.kernels() is None, reason="the native kernels did not build here")
+
+ROWS = [1, 3, 8, 9, 17, 64, 130]  # one tile and its edges (8 rows a tile), many tiles
+# (n, k): n not a multiple of a panel's 48 columns (padding must not leak), k a whole number of
+# groups, k ending in a short group (68 = 64 + 4, 200 = 3 * 64 + 8), the default model's shapes
+SHAPES = [(100, 64), (37, 68), (96, 200), (576, 576), (40, 1536)]
+
+
+def _magnitude(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """float64 [M, N]: sw * sum_g sx_g * sum |qx| (|qw| + 128), the size of the float32 terms the
+    kernel adds (the unsigned weight's 128 included), for its rounding bound."""
+    qx, sx = quantize_activations(x)
+    qw, sw = quantize_weight(w)
+    out = torch.zeros(x.shape[0], w.shape[0], dtype=torch.float64)
+    for g in range(sx.shape[1]):
+        part = slice(g * GROUP, (g + 1) * GROUP)
+        out += (qx[:, part].abs().double() @ (qw[:, part].abs().double() + 128).T) * sx[:, g].double()[:, None]
+    return out * sw.double()[None, :]
+
+
+def _excess(got: torch.Tensor, want: torch.Tensor, magnitude: torch.Tensor) -> float:
+    """The worst error beyond float32 summation over the groups plus one rounding to got's dtype
+    (<= 0: within)."""
+    groups = magnitude.new_tensor(-(-4096 // GROUP))  # at most this many groups in these cases
+    ulp = 2.0**-8 if got.dtype == torch.bfloat16 else 2.0**-23
+    bound = (groups + 4) * 2.0**-23 * magnitude + want.abs() * ulp + 1e-30
+    return float(((got.double() - want).abs() - bound).max())
+
+
+def excess_table() -> dict[str, Any]:
+    """Every case's worst excess over its bound, for the kernels this process built (run here, and
+    in subprocesses for the other builds)."""
+    k = native.kernels()
+    assert k is not None and k.int8_linear is not None and k.int8_linear_silu_mul is not None
+    out: dict[str, Any] = {"isa": k.int8_isa}
+    for n, kin in SHAPES:
+        g = torch.Generator().manual_seed(n * 7 + kin)
+        w = torch.randn(n, kin, generator=g) * kin**-0.5
+        w[0, :] *= 40  # one column far larger than the rest: its own scale
+        bias = torch.randn(n, generator=g)
+        gate_up = torch.cat([w, w.roll(1, 0)]).contiguous()
+        packed, packed_gu = pack_int8(w), pack_int8(gate_up, gate_up=True)
+        for rows in ROWS:
+            x = torch.randn(rows, kin, generator=g)
+            x[:, kin // 2] *= 50  # an outlier input, as real activations have
+            for dtype in (torch.float32, torch.bfloat16):
+                xd = x.to(dtype)
+                want = reference_linear(xd, w, bias)
+                mag = _magnitude(xd, w) + bias.double().abs()
+                got = k.int8_linear(xd, packed, n, bias)
+                assert got.dtype == dtype
+                out[f"linear {rows}x{kin}->{n} {dtype}"] = _excess(got, want, mag)
+                both = reference_linear(xd, gate_up)
+                want = F.silu(both[:, :n]) * both[:, n:]
+                m2 = _magnitude(xd, gate_up)
+                # silu's slope is at most 1.1 and up's term carries silu(gate) as a factor
+                mag = 1.1 * m2[:, :n] * both[:, n:].abs() + F.silu(both[:, :n]).abs() * m2[:, n:] + want.abs() * 1e-6
+                got = k.int8_linear_silu_mul(xd, packed_gu, n)
+                out[f"silu_mul {rows}x{kin}->{n} {dtype}"] = _excess(got, want, mag)
+    return out
+
+
+@pytest.fixture(scope="module")
+def native_excess() -> dict[str, Any]:
+    if native.kernels() is None:
+        pytest.skip("the native kernels did not build here")
+    return excess_table()
+
+
+def _other_build(arch: str) -> dict[str, Any]:
+    if not native.is_x86_64() or shutil.which("g++") is None:
+        pytest.skip("the native kernels need x86-64 and g++")
+    script = (f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_int8; "
+              "print(json.dumps(test_int8.excess_table()))")
+    env = {**os.environ, "ATOMR_TRIO_NATIVE_ARCH": arch}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
+    return table
+
+
+@pytest.fixture(scope="module")
+def haswell_excess() -> dict[str, Any]:
+    """The AVX2 build (no AVX-512: the portable loops throughout)."""
+    return _other_build("haswell")
+
+
+@pytest.fixture(scope="module")
+def skylake_excess() -> dict[str, Any]:
+    """An AVX-512 build without VNNI: vector quantization and epilogue around the portable dot loop."""
+    return _other_build("skylake-avx512")
+
+
+CASES = [f"{op} {rows}x{k}->{n} {dtype}" for op in ("linear", "silu_mul") for n, k in SHAPES for rows in ROWS
+         for dtype in (torch.float32, torch.bfloat16)]
+
+
+@needs_native
+def test_this_machines_build_matches_the_rule_to_float32_rounding(native_excess: dict[str, Any]) -> None:
+    worst = {case: native_excess[case] for case in CASES if native_excess[case] > 0}
+    assert not worst, worst
+
+
+@pytest.mark.slow
+def test_the_avx2_build_matches_the_rule_to_float32_rounding(haswell_excess: dict[str, Any]) -> None:
+    assert haswell_excess["isa"] == "portable"
+    worst = {case: haswell_excess[case] for case in CASES if haswell_excess[case] > 0}
+    assert not worst, worst
+
+
+@pytest.mark.slow
+def test_an_avx512_build_without_vnni_matches_the_rule_to_float32_rounding(skylake_excess: dict[str, Any]) -> None:
+    assert skylake_excess["isa"] == "portable"
+    worst = {case: skylake_excess[case] for case in CASES if skylake_excess[case] > 0}
+    assert not worst, worst
+
+
+def test_the_rule_is_int8_arithmetic_not_float() -> None:
+    """The reference the kernels are held to differs from the float product by the quantization
+    (so matching it is not matching float math), and stays within the quantization's error."""
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(5, 200, generator=g), torch.randn(30, 200, generator=g)
+    exact = x.double() @ w.double().T
+    ref = reference_linear(x, w)
+    err = (ref - exact).abs().max() / exact.abs().max()
+    assert 1e-4 < float(err) < 0.02
+    qx, sx = quantize_activations(x)
+    assert qx.abs().max() == 127 and sx.shape == (5, 4)  # 200 inputs: groups of 64, 64, 64 and 8
+    qw, sw = quantize_weight(w)
+    assert qw.dtype == torch.int8 and qw.abs().max() == 127 and sw.shape == (30,)
+
+
+@needs_native
+def test_rows_of_zeros_and_non_finite_rows() -> None:
+    k = native.kernels()
+    assert k is not None and k.int8_linear is not None
+    w = torch.randn(20, 128)
+    x = torch.randn(4, 128)
+    x[1] = 0
+    x[2, 70] = float("inf")
+    x[3, 5] = float("nan")
+    y = k.int8_linear(x, pack_int8(w), 20, torch.ones(20))
+    assert torch.equal(y[1], torch.ones(20))  # zeros times anything, plus the bias
+    assert bool(y[2].isnan().all()) and bool(y[3].isnan().all())  # as a float matmul spreads them
+    assert torch.allclose(y[0].double(), reference_linear(x[:1], w, torch.ones(20))[0], rtol=1e-5, atol=1e-5)
+    assert k.int8_linear(x[:0], pack_int8(w), 20, None).shape == (0, 20)
+
+
+@needs_native
+def test_bad_input_is_a_clear_error() -> None:
+    k = native.kernels()
+    assert k is not None and k.int8_linear is not None
+    w = pack_int8(torch.randn(20, 64))
+    with pytest.raises(RuntimeError, match="packed in panels"):
+        k.int8_linear(torch.randn(2, 64), w, 49, None)  # 49 outputs need two panels, these bytes hold one
+    with pytest.raises(RuntimeError, match="inputs in fours"):
+        k.int8_linear(torch.randn(2, 62), w, 20, None)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        k.int8_linear(torch.randn(2, 64).half(), w, 20, None)
+    with pytest.raises(ValueError, match="inputs in fours"):
+        pack_int8(torch.randn(8, 6))
+
+
+def test_a_packed_weight_is_one_byte_per_weight_plus_its_scales() -> None:
+    assert pack_int8(torch.randn(96, 64)).numel() == 96 * 64 + 96 * 4  # two whole panels of 48
+    assert pack_int8(torch.randn(100, 64)).numel() == 144 * 64 + 144 * 4  # padded to three
+    assert pack_int8(torch.randn(2 * 40, 64), gate_up=True).numel() == 96 * 64 + 96 * 4  # 3 x (16 + 16)
+
+
+# ---- in the engine -----------------------------------------------------------------------------------
+
+
+def _first(llm: LLM, prompts: list[str]) -> list[tuple[int, dict[int, float]]]:
+    params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=5)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    return [(o.outputs[0].token_ids[0], {t: lp.logprob for t, lp in o.outputs[0].logprobs[0].items()})
+            for o in outs]
+
+
+def _model(llm: LLM) -> Any:
+    from conftest import worker_of
+
+    return worker_of(llm).context.runner.model  # type: ignore[union-attr]
+
+
+@needs_native
+def test_every_matrix_is_int8_and_the_tiny_model_stays_close(tiny_model_dir: Path) -> None:
+    prompts = ["hello there", "a longer prompt that spans more than one block of sixteen tokens", "1 2 3"]
+    with LLM(str(tiny_model_dir), dtype="float32", num_kv_blocks=32) as llm:
+        want = _first(llm, prompts)
+    with LLM(str(tiny_model_dir), dtype="float32", quantization="int8", num_kv_blocks=32) as llm:
+        got = _first(llm, prompts)
+        model = _model(llm)
+        linears = [lin for layer in model.layers for lin in (layer.qkv, layer.o, *layer.mlp.linears())]
+        assert all(lin.int8 and lin.weight is None for lin in [*linears, model.lm_head])
+        assert model.layers[0].qkv.bias is not None  # qwen2: the bias stays float, added to int8 products
+    gap = max(abs(lp - w[1][t]) for w, (_, lps) in zip(want, got, strict=True) for t, lp in lps.items() if t in w[1])
+    assert [t for t, _ in got] == [t for t, _ in want]
+    assert gap < 0.3, gap  # measured 0.12; a wrong product (a misplaced scale, a lost group) gives nats
+
+
+@needs_native
+def test_int8_without_native_kernels_fails_the_start(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(int8, "_probed", lambda: (None, "the native kernels are switched off"))
+    with pytest.raises(Exception, match="needs the native int8 matmul: the native kernels are switched off"):
+        with LLM(str(tiny_model_dir), dtype="float32", quantization="int8", num_kv_blocks=16):
+            pass
+
+
+def test_int8_refuses_cuda() -> None:
+    from atomr_trio.engine.engine_config import engine_config
+    from atomr_trio.model.config import ModelConfig
+
+    cfg = engine_config(quantization="int8", device="cuda")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA here: resolving device=cuda fails before quantization is looked at")
+    with pytest.raises(ValueError, match="CPU only"):
+        cfg.resolve(ModelConfig("llama", 64, 64, 96, 1, 4, 2, 16, 1e-5, 1e4, 64, True))
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+@needs_native
+def test_default_model_in_int8_stays_close_to_float32(make_llm: Any) -> None:
+    """int8 weights and activations against float32 on the same weights: a quality check (measured
+    on this model: 7-8 of 8 first tokens, worst top-5 logprob gap ~0.5), and the memory it holds."""
+    from test_parity import PROMPTS
+    from test_quantized import _weight_bytes
+
+    ref = _first(make_llm(dtype="float32", max_model_len=1024, num_kv_blocks=256), PROMPTS)
+    llm = make_llm(dtype="bfloat16", quantization="int8", max_model_len=1024, num_kv_blocks=256)
+    got = _first(llm, PROMPTS)
+    same = sum(a[0] == b[0] for a, b in zip(ref, got, strict=True))
+    gap = max(abs(lp - r[1][t]) for r, (_, lps) in zip(ref, got, strict=True) for t, lp in lps.items() if t in r[1])
+    held = _weight_bytes(_model(llm))
+    print(f"quantization=int8: {same}/{len(PROMPTS)} first tokens as float32, worst logprob gap {gap:.3f}, "
+          f"weights held {held / 2**20:.1f} MiB")
+    assert same >= len(PROMPTS) - 1
+    assert gap < 0.8, gap
+    assert held < 200 * 2**20  # int8 matrices (+ scales) and the bf16 embedding; bf16 panels hold ~310 MiB
