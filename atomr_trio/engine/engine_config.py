@@ -69,8 +69,9 @@ class EngineSettings(BaseModel):
                                     "and a native CPU kernel multiplies by them (activations in dtype, float32 "
                                     "sums; needs the native kernels; not on CUDA nor for HF checkpoints); "
                                     "int8: every weight matrix is quantized to int8 per output channel on "
-                                    "loading and activations per row at each matmul (W8A8, int32 sums; fastest "
-                                    "on CPUs with AVX512-VNNI; needs the native kernels; not on CUDA)")
+                                    "loading and activations per row and group of 64 inputs at each matmul "
+                                    "(W8A8, exact int32 sums; lossy; fast on CPUs with AVX512-VNNI; needs the "
+                                    "native kernels; not on CUDA)")
 
     @field_validator("device")
     @classmethod

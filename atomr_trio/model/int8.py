@@ -28,9 +28,10 @@ streamed, 2 threads, against the bf16 panel kernel): 1 row 1.8x, 16 rows 1.5x, 6
 batch 16 17.5 -> 12.8 ms, batch 64 56.5 -> 45.7 ms.
 
 Invariants:
-- Every `Linear` of the model (attention q|k|v and o, the MLP's, the lm_head; not the
-  embedding, norms or MoE experts) is packed by `pack_int8` into one uint8 tensor
-  (`Linear.use_int8`), and its float weight is dropped: 1 byte per weight plus 4 per output.
+- Every `Linear` of the model (attention q|k|v and o, the MLP's and MoE experts', the lm_head;
+  not the embedding, norms or an MoE router, which picks the experts) is packed by `pack_int8`
+  into one uint8 tensor (`Linear.use_int8`), its float weight dropped: 1 byte per weight plus 4
+  per output. Packing goes a few panels at a time, so its float temporaries stay small.
 - The native kernels are required (any x86-64 build: AVX512-VNNI where the -march has it, plain
   C++ loops elsewhere, much slower; the load log says which). Without them, or if the probe
   answers wrong, the start fails with `KernelUnavailable` and the reason. CUDA is refused at
@@ -51,6 +52,7 @@ from .linear import COLS, PANEL
 log = logging.getLogger(__name__)
 
 GROUP = 64  # inputs per activation scale (linear_int8.cpp's kGroup)
+PACK_ROWS = 4096  # weight rows quantized at once by pack_int8
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,11 +104,20 @@ def pack_int8(weight: torch.Tensor, gate_up: bool = False) -> torch.Tensor:
     else:
         rows, width = weight, PANEL * COLS
     panels = -(-rows.shape[0] // width)
-    rows = F.pad(rows, (0, 0, 0, panels * width - rows.shape[0]))
-    q, scale = quantize_weight(rows)
-    unsigned = (q.to(torch.int16) + 128).to(torch.uint8)
-    quads = unsigned.view(panels, width, k // 4, 4).permute(0, 2, 1, 3).contiguous()
-    return torch.cat([quads.reshape(-1), scale.contiguous().view(torch.uint8)])
+    cols = panels * width
+    out = torch.empty(cols * k + cols * 4, dtype=torch.uint8)
+    quads = out[: cols * k].view(panels, k // 4, width, 4)
+    scales = out[cols * k :].view(torch.float32)
+    step = max(1, PACK_ROWS // width)  # panels at a time: the float temporaries stay a few MB
+    for p0 in range(0, panels, step):
+        p1 = min(panels, p0 + step)
+        part = rows[p0 * width : p1 * width]
+        part = F.pad(part, (0, 0, 0, (p1 - p0) * width - part.shape[0]))  # the last panel's padding columns
+        q, scale = quantize_weight(part)
+        unsigned = (q.to(torch.int16) + 128).to(torch.uint8)
+        quads[p0:p1] = unsigned.view(p1 - p0, width, k // 4, 4).permute(0, 2, 1, 3)
+        scales[p0 * width : p1 * width] = scale
+    return out
 
 
 def require_kernels() -> native.Kernels:
@@ -127,7 +138,7 @@ def _probe(k: native.Kernels) -> str | None:
     """int8_linear and its silu_mul on a small random matrix against `reference_linear`."""
     assert k.int8_linear is not None and k.int8_linear_silu_mul is not None
     g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(3, 64, generator=g), torch.randn(40, 64, generator=g)
+    x, w = torch.randn(9, 200, generator=g), torch.randn(40, 200, generator=g)  # 2 tiles of rows, 4 groups
     want = reference_linear(x, w)
     got = k.int8_linear(x, pack_int8(w), 40, None).double()
     if not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):

@@ -72,18 +72,18 @@ class DenseMlp:
 @dataclass
 class FusedDecode:
     """The layer stack as decode_layers.cpp takes it: a decode step's layers in one native call
-    (every layer a dense MLP without q/k norms, every matrix on the native bf16 matmul's panels
-    or kept as GGUF blocks)."""
+    (every layer a dense MLP without q/k norms, every matrix on the native bf16 matmul's panels,
+    int8 panels or kept as GGUF blocks)."""
 
     op: Callable[..., torch.Tensor]
     in_norm: list[torch.Tensor]
     post_norm: list[torch.Tensor]
-    qkv: list[torch.Tensor]  # panels or GGUF block data
+    qkv: list[torch.Tensor]  # bf16 or int8 panels, or GGUF block data
     qkv_bias: list[torch.Tensor | None]
     o: list[torch.Tensor]
     gate_up: list[torch.Tensor]
     down: list[torch.Tensor]
-    qtypes: list[int]  # per layer q|k|v, o, gate|up, down: the GGML type of GGUF blocks, -1 for panels
+    qtypes: list[int]  # per layer q|k|v, o, gate|up, down: the GGML type of GGUF blocks, -1 bf16 panels, -2 int8
     windows: list[int]  # 0: the whole context
     nq: int
     nkv: int
@@ -132,6 +132,7 @@ class LlamaModel:
         self.one_row_gemv = False  # one-row steps switch oneDNN off for ATen's GEMV (cpu_gemv.py)
         # the weights kept as GGUF blocks (quantization="gguf"), by name; read_tensors fills it
         self.quantized: dict[str, QuantizedWeight] = {}
+        self.int8_isa = ""  # quantization=int8 (use_kernels): the int8 matmul's build, "avx512vnni" or "portable"
 
     # ---- loading -------------------------------------------------------------------------
     def load_weights(
@@ -271,14 +272,19 @@ class LlamaModel:
         if int8:
             k8 = int8_kernels()
             assert k8.int8_linear is not None and k8.int8_linear_silu_mul is not None
-            for lin in linears:
+            # an MoE router stays float: it picks each token's experts, where int8's error would
+            # send tokens elsewhere, and it is a sliver of the work
+            routers = {id(getattr(layer.mlp, "router", None)) for layer in self.layers}
+            quantized_linears = [lin for lin in linears if id(lin) not in routers]
+            for lin in quantized_linears:
                 if lin.weight is None:
                     raise ModelLoadError("quantization=int8 takes float weights (not GGUF blocks kept as such)")
                 if lin.in_features % 4:
                     raise ModelLoadError(f"the int8 matmul takes inputs in fours, a weight has {lin.in_features}")
                 lin.use_int8(pack_int8(lin.weight, lin.gate_up), k8.int8_linear, k8.int8_linear_silu_mul)
+            self.int8_isa = k8.int8_isa
             log.info("%d weight matrices quantized to int8 per output channel (quantization=int8, %s matmul)",
-                     len(linears), k8.int8_isa)
+                     len(quantized_linears), k8.int8_isa)
         for lin in linears:
             if lin.int8:
                 continue

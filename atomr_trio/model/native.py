@@ -19,7 +19,7 @@ context out of the paged cache before a batch of tiny matmuls.
   built for AVX512-BF16 only (elsewhere `Kernels.prefill_attention` is None and prefills keep
   torch's SDPA): 128-token prompt, 9 query / 3 KV heads, one layer on a 2-core Zen 4 ~360 -> ~145 us.
 - `csrc/decode_layers.cpp`: a decode step's layers in one call, through the other kernels (bf16
-  panels or GGUF blocks) called from C++ (`ops.h`) instead of a Python loop over 30 layers x 8 ops:
+  or int8 panels, or GGUF blocks) called from C++ (`ops.h`) instead of a Python loop over 30 layers x 8 ops:
   one-sequence bf16 step 11.0 -> 9.9 ms, and the GIL left to the Trio thread meanwhile.
 - `csrc/linear_int8.cpp`: the int8 x int8 matmul of `quantization="int8"` (int8.py), built for
   AVX512-VNNI (`vpdpbusd`) where the -march has it, else as plain C++ loops.
@@ -116,7 +116,7 @@ class Kernels:
     quant_dequantize: Callable[..., torch.Tensor] | None = None
     # bf16 prefill attention (prefill_attention.cpp); None where the build lacks AVX512-BF16
     prefill_attention: PrefillAttention | None = None
-    # every layer of a decode step in one call (decode_layers.cpp), over `linear`'s panels or GGUF blocks
+    # every layer of a decode step in one call (decode_layers.cpp), over bf16 or int8 panels or GGUF blocks
     decode_layers: Callable[..., torch.Tensor] | None = None
 
 

@@ -105,7 +105,8 @@ inline __m512 load16(const c10::BFloat16* x, __mmask16 mask) {
 }
 #endif
 
-// One group of x [len] -> qx in q [len]; returns sx (0 for zeros, NaN when it holds inf or NaN:
+// One group of x [len] -> qx in q [len]; returns sx (0 for zeros, and for values too small to
+// scale, NaN when it holds inf or NaN:
 // the row's outputs are then NaN, as a float matmul's would be) and adds sum qx to *sum.
 template <typename T>
 float quantize_group(const T* x, int64_t len, int8_t* q, int32_t* sum) {
@@ -121,11 +122,12 @@ float quantize_group(const T* x, int64_t len, int8_t* q, int32_t* sum) {
   for (int64_t k = 0; k < len; ++k) top = std::max(top, abs_bits(load1(x, k)));
 #endif
   std::memset(q, 0, static_cast<size_t>(len));
-  if (top == 0) return 0.f;
   if (top >= 0x7f800000u) return std::numeric_limits<float>::quiet_NaN();
   float amax;
   std::memcpy(&amax, &top, sizeof amax);
   const float inv = 127.f / amax;
+  // zeros, or values so small (< ~4e-37) that 127 / max overflows: zeros at this precision
+  if (top == 0 || !(inv <= std::numeric_limits<float>::max())) return 0.f;
 #if INT8_VEC512
   __m512i vsum = _mm512_setzero_si512();
   for (int64_t k = 0; k < len; k += kCols) {
