@@ -1,7 +1,8 @@
 """Side-by-side benchmark: atomr_trio against vLLM CPU, llama.cpp and transformers, same model,
 same machine, same load generator, alternating runs; writes docs/benchmarks.md.
 
-    python benchmarks/compare.py [--peers atomr vllm llamacpp transformers] [--concurrency 1 16 64]
+    python benchmarks/compare.py [--peers atomr atomr-gguf atomr-int8 vllm llamacpp llamacpp-gguf transformers]
+                                 [--concurrency 1 16 64]
 
 Peers live in their own virtual environments outside the repo (--vllm-venv, --llama-venv; defaults
 ../venv-vllm, ../venv-llama), because they pin other versions of torch and transformers:
@@ -525,8 +526,8 @@ def write_report(args: argparse.Namespace, peers: list[Peer], tf: dict[int, dict
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--peers", nargs="+", default=["atomr", "atomr-gguf", "vllm", "llamacpp", "llamacpp-gguf",
-                                                  "transformers"])
+    p.add_argument("--peers", nargs="+", default=["atomr", "atomr-gguf", "atomr-int8", "vllm", "llamacpp",
+                                                  "llamacpp-gguf", "transformers"])
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64])
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)

@@ -33,7 +33,8 @@ Invariants:
   into one uint8 tensor (`Linear.use_int8`), its float weight dropped: 1 byte per weight plus 4
   per output. Packing goes a few panels at a time, so its float temporaries stay small.
 - The native kernels are required (any x86-64 build: AVX512-VNNI where the -march has it, plain
-  C++ loops elsewhere, much slower; the load log says which). Without them, or if the probe
+  C++ loops elsewhere: the same arithmetic, but built for Haswell a batch-16 decode step of the
+  default model took 115 ms against bf16's 40 ms; the load log warns). Without them, or if the probe
   answers wrong, the start fails with `KernelUnavailable` and the reason. CUDA is refused at
   `EngineConfig.resolve`.
 """
