@@ -209,18 +209,27 @@ def _model(llm: LLM) -> Any:
     return worker_of(llm).context.runner.model  # type: ignore[union-attr]
 
 
+def _float_and_int8(model_dir: Path, prompts: list[str]) -> tuple[list[Any], list[Any], Any]:
+    """First tokens and logprobs in float32 and with every matrix int8 (float32 activations), the
+    gap between them, and a view of the int8 model's matrices taken while it was loaded."""
+    with LLM(str(model_dir), dtype="float32", num_kv_blocks=32) as llm:
+        want = _first(llm, prompts)
+    with LLM(str(model_dir), dtype="float32", quantization="int8", num_kv_blocks=32) as llm:
+        got = _first(llm, prompts)
+        model = _model(llm)
+        seen = {"layers": [(layer.qkv, layer.o, layer.mlp.linears(), getattr(layer.mlp, "router", None))
+                           for layer in model.layers], "lm_head": model.lm_head}
+    gap = max(abs(lp - w[1][t]) for w, (_, lps) in zip(want, got, strict=True) for t, lp in lps.items() if t in w[1])
+    return want, got, (gap, seen)
+
+
 @needs_native
 def test_every_matrix_is_int8_and_the_tiny_model_stays_close(tiny_model_dir: Path) -> None:
     prompts = ["hello there", "a longer prompt that spans more than one block of sixteen tokens", "1 2 3"]
-    with LLM(str(tiny_model_dir), dtype="float32", num_kv_blocks=32) as llm:
-        want = _first(llm, prompts)
-    with LLM(str(tiny_model_dir), dtype="float32", quantization="int8", num_kv_blocks=32) as llm:
-        got = _first(llm, prompts)
-        model = _model(llm)
-        linears = [lin for layer in model.layers for lin in (layer.qkv, layer.o, *layer.mlp.linears())]
-        assert all(lin.int8 and lin.weight is None for lin in [*linears, model.lm_head])
-        assert model.layers[0].qkv.bias is not None  # qwen2: the bias stays float, added to int8 products
-    gap = max(abs(lp - w[1][t]) for w, (_, lps) in zip(want, got, strict=True) for t, lp in lps.items() if t in w[1])
+    want, got, (gap, seen) = _float_and_int8(tiny_model_dir, prompts)
+    linears = [lin for qkv, o, mlp, _ in seen["layers"] for lin in (qkv, o, *mlp)]
+    assert all(lin.int8 and lin.weight is None for lin in [*linears, seen["lm_head"]])
+    assert seen["layers"][0][0].bias is not None  # qwen2: the bias stays float, added to int8 products
     assert [t for t, _ in got] == [t for t, _ in want]
     assert gap < 0.3, gap  # measured 0.12; a wrong product (a misplaced scale, a lost group) gives nats
 
@@ -233,19 +242,12 @@ def test_each_family_in_int8_stays_close_to_float32(arch: str, tmp_path: Path) -
     from test_hf_dir import write_tiny_model
 
     write_tiny_model(tmp_path, arch, seed=3)
-    prompts = ["hello there", "1 2 3 4", "x"]
-    with LLM(str(tmp_path), dtype="float32", num_kv_blocks=32) as llm:
-        want = _first(llm, prompts)
-    with LLM(str(tmp_path), dtype="float32", quantization="int8", num_kv_blocks=32) as llm:
-        got = _first(llm, prompts)
-        model = _model(llm)
-        for layer in model.layers:
-            router = getattr(layer.mlp, "router", None)
-            assert layer.qkv.int8 and layer.o.int8
-            assert all(lin.int8 for lin in layer.mlp.linears() if lin is not router)
-            assert router is None or (not router.int8 and router.weight is not None)
-        assert model.lm_head.int8
-    gap = max(abs(lp - w[1][t]) for w, (_, lps) in zip(want, got, strict=True) for t, lp in lps.items() if t in w[1])
+    want, got, (gap, seen) = _float_and_int8(tmp_path, ["hello there", "1 2 3 4", "x"])
+    for qkv, o, mlp, router in seen["layers"]:
+        assert qkv.int8 and o.int8
+        assert all(lin.int8 for lin in mlp if lin is not router)
+        assert router is None or (not router.int8 and router.weight is not None)
+    assert seen["lm_head"].int8
     print(f"{arch}: worst top-5 logprob gap {gap:.3f}")
     assert gap < 0.4, gap  # measured 0.05-0.23 across these families; a wrong product gives nats
     for (t_want, lps_want), (t_got, _) in zip(want, got, strict=True):
@@ -259,17 +261,6 @@ def test_int8_without_native_kernels_fails_the_start(tiny_model_dir: Path, monke
     with pytest.raises(Exception, match="needs the native int8 matmul: the native kernels are switched off"):
         with LLM(str(tiny_model_dir), dtype="float32", quantization="int8", num_kv_blocks=16):
             pass
-
-
-def test_int8_refuses_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Refused when the config resolves, before a GPU is touched (checked here as if torch saw one)."""
-    from atomr_trio.engine.engine_config import EngineConfig, engine_config
-    from atomr_trio.model.config import ModelConfig
-
-    monkeypatch.setattr(EngineConfig, "resolved_device", lambda self: "cuda:0")
-    cfg = engine_config(quantization="int8", device="cuda")
-    with pytest.raises(ValueError, match="runs on the CPU only"):
-        cfg.resolve(ModelConfig("llama", 64, 64, 96, 1, 4, 2, 16, 1e-5, 1e4, 64, True))
 
 
 @pytest.mark.real_model

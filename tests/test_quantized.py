@@ -241,13 +241,14 @@ def test_gguf_quantization_refuses_an_hf_checkpoint(tiny_model_dir: Path) -> Non
             pass
 
 
-def test_gguf_quantization_refuses_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("quantization", ["gguf", "int8"])
+def test_quantization_refuses_cuda(quantization: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Refused when the config resolves, before a GPU is touched (checked here as if torch saw one)."""
     from atomr_trio.engine.engine_config import EngineConfig, engine_config
     from atomr_trio.model.config import ModelConfig
 
     monkeypatch.setattr(EngineConfig, "resolved_device", lambda self: "cuda:0")
-    cfg = engine_config(quantization="gguf", device="cuda")
+    cfg = engine_config(quantization=quantization, device="cuda")
     with pytest.raises(ValueError, match="runs on the CPU only"):
         cfg.resolve(ModelConfig("llama", 64, 64, 96, 1, 4, 2, 16, 1e-5, 1e4, 64, True))
 

@@ -53,11 +53,9 @@ class Context:
         model = build_model(mc, cfg.torch_dtype, cfg.max_model_len, cfg.device)
         model.load_weights(source.weights(cfg.quantization), source.path)
         self.plan: cpu_kernels.KernelPlan | None = None
-        self.int8_isa = ""  # quantization=int8: the int8 matmul's build ("avx512vnni" or "portable")
         if not cuda:
             self.plan = cpu_kernels.choose(mc, cfg.torch_dtype)  # each fast path probed before use
             model.use_kernels(self.plan, int8=cfg.quantization == "int8")
-            self.int8_isa = model.int8_isa
             return_freed_heap()
         table_op = cuda_table_op() if cuda else None
         sampler = Sampler(source.eos_token_ids, rng)
@@ -83,8 +81,9 @@ class Context:
     def kernels(self) -> str:
         """Which kernel path each part of the forward runs on (cpu_kernels.py), for the views."""
         if self.plan is not None:
-            if self.int8_isa:
-                return f"matmul=int8 ({self.int8_isa}), ops={self.plan.ops}"
+            isa = self.runner.model.int8_isa
+            if isa:
+                return f"matmul=int8 ({isa}), ops={self.plan.ops}"
             return self.plan.summary()
         runner = self.runner
         attention = getattr(runner.table_op, "__module__", "torch").rsplit(".", 1)[-1]

@@ -61,7 +61,6 @@ class Linear:
         self.panels: torch.Tensor | None = None  # the same weight packed for the native kernel
         self._native: NativeLinear | None = None
         self._native_silu_mul: NativeSiluMul | None = None
-        self.int8 = False  # `panels` holds int8.py's packing (quantization="int8"), not bf16 panels
 
     def pack(self) -> None:
         assert self.weight is not None
@@ -82,7 +81,12 @@ class Linear:
         ops from now on, and drop the float weight."""
         self.panels = packed
         self._native, self._native_silu_mul = linear, silu_mul
-        self.weight, self.packed, self.int8 = None, None, True
+        self.weight, self.packed = None, None
+
+    @property
+    def int8(self) -> bool:
+        """Whether `panels` holds int8.py's packing (uint8) rather than bf16 panels."""
+        return self.panels is not None and self.panels.dtype == torch.uint8
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._native is not None:

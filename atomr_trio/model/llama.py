@@ -274,7 +274,7 @@ class LlamaModel:
             assert k8.int8_linear is not None and k8.int8_linear_silu_mul is not None
             # an MoE router stays float: it picks each token's experts, where int8's error would
             # send tokens elsewhere, and it is a sliver of the work
-            routers = {id(getattr(layer.mlp, "router", None)) for layer in self.layers}
+            routers = {id(r) for layer in self.layers if (r := getattr(layer.mlp, "router", None)) is not None}
             quantized_linears = [lin for lin in linears if id(lin) not in routers]
             for lin in quantized_linears:
                 if lin.weight is None:

@@ -154,7 +154,6 @@ class QuantLinear(Linear):
         self.panels = None
         self._native = None
         self._native_silu_mul = None
-        self.int8 = False
 
     def pack(self) -> None:
         """Nothing to pack: the blocks are the layout."""
