@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native
-from .linear import COLS, PANEL
+from .linear import COLS, PANEL, gate_up_rows
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +97,7 @@ def pack_int8(weight: torch.Tensor, gate_up: bool = False) -> torch.Tensor:
     n, k = weight.shape
     if k % 4:
         raise ValueError(f"the int8 matmul takes inputs in fours; this weight has {k}")
-    if gate_up:
-        half = n // 2
-        blocks16 = -(-half // COLS)
-        gate, up = (F.pad(h, (0, 0, 0, blocks16 * COLS - half)).view(blocks16, COLS, k) for h in weight.chunk(2))
-        rows, width = torch.stack([gate, up], dim=1).reshape(-1, k), 2 * COLS
-    else:
-        rows, width = weight, PANEL * COLS
+    rows, width = (gate_up_rows(weight), 2 * COLS) if gate_up else (weight, PANEL * COLS)
     panels = -(-rows.shape[0] // width)
     cols = panels * width
     out = torch.empty(cols * k + cols * 4, dtype=torch.uint8)

@@ -45,10 +45,18 @@ def pack_panels(weight: torch.Tensor, blocks: int = PANEL) -> torch.Tensor:
     return padded.view(panels, width, k // 2, 2).permute(0, 2, 1, 3).contiguous()
 
 
+def gate_up_rows(weight: torch.Tensor) -> torch.Tensor:
+    """gate|up stacked [2 * n, in] -> its rows in the order of panels of 2 blocks: 16 gate rows, then
+    the same 16 up rows, and so on (each half padded with zero rows to a multiple of 16)."""
+    n, k = weight.shape[0] // 2, weight.shape[1]
+    blocks = -(-n // COLS)
+    gate, up = (F.pad(half, (0, 0, 0, blocks * COLS - n)).view(blocks, COLS, k) for half in weight.chunk(2))
+    return torch.stack([gate, up], dim=1).reshape(-1, k)
+
+
 def pack_gate_up_panels(weight: torch.Tensor) -> torch.Tensor:
     """gate|up stacked [2 * n, in] -> panels of 2 blocks: 16 gate columns, then the same 16 up columns."""
-    gate, up = (pack_panels(half, blocks=1) for half in weight.chunk(2))
-    return torch.cat([gate, up], dim=2).contiguous()
+    return pack_panels(gate_up_rows(weight), blocks=2)
 
 
 class Linear:
