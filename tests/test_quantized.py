@@ -5,6 +5,10 @@ against our own float32 path on the same file: first tokens and logprob gap, and
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +66,7 @@ def test_dequantize_matches_the_gguf_package(name: str) -> None:
 
 @needs_native
 @pytest.mark.parametrize("name", list(TYPES))
-@pytest.mark.parametrize("rows", [1, 3, 4, 17, 64, 80])  # 1-3: in registers; 4-64: buffered; 80: F.linear
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 17, 64, 80])  # 1-3: in registers; 4-64: buffered; 80: F.linear
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quant_linear_matches_dequantize_then_matmul(name: str, rows: int, dtype: torch.dtype) -> None:
     t = TYPES[name]
@@ -105,7 +109,7 @@ def test_prefill_chunks_of_every_length_reach_the_float_matmul_in_few_shapes(
 
 @needs_native
 @pytest.mark.parametrize("name", list(TYPES))
-@pytest.mark.parametrize("rows", [1, 3, 17, 80])
+@pytest.mark.parametrize("rows", [1, 2, 3, 17, 80])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16 4-64 rows: the vector epilogue
 def test_quant_silu_mul_matches_the_reference(name: str, rows: int, dtype: torch.dtype) -> None:
     t = TYPES[name]
@@ -120,6 +124,23 @@ def test_quant_silu_mul_matches_the_reference(name: str, rows: int, dtype: torch
         assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
     else:  # the output rounded to bf16 (and, above DEQUANT_ROWS, the weight)
         assert torch.allclose(got.double(), want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["haswell", "skylake-avx512"])
+def test_other_builds_pass_the_block_kernel_tests(arch: str) -> None:
+    """The block kernels built for an AVX2-only CPU (haswell: 8-lane vectors, one-row tiles of the
+    4-bit path) and for AVX-512 without BF16 (skylake-avx512: float32 x throughout) pass the three
+    tests above, in a subprocess whose library is a second cached build."""
+    if not native.is_x86_64() or shutil.which("g++") is None:
+        pytest.skip("the native kernels need x86-64 and g++")
+    here = Path(__file__)
+    env = {**os.environ, "ATOMR_TRIO_NATIVE_ARCH": arch}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here), "-k",
+                           "matches_the_gguf_package or matches_dequantize_then_matmul or silu_mul_matches"],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=here.parent.parent)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1], done.stdout[-500:]
 
 
 def test_row_operations_act_on_block_rows() -> None:
