@@ -24,7 +24,11 @@ and stopped before the next one starts (an idle server beside a loaded one still
 vLLM's busy-polling engine core alone kept most of a core). Repeats alternate the peers' order.
 Each peer gets the settings its documentation recommends for CPUs, printed in the report: vLLM
 CPU its OpenMP threads bound to the cores (`VLLM_CPU_OMP_THREADS_BIND`), a KV cache size and
-TCMalloc preloaded where the machine has it; llama.cpp one thread per core for decode and batch.
+TCMalloc preloaded where the machine has it (apt-get install libtcmalloc-minimal4; the report
+notes its absence); llama.cpp one thread per core for decode and batch. The binding is explicit
+because vLLM's default (`auto`) keeps one core for its scheduler process: on a 2-core machine that
+left it one compute thread (measured on a 2-core Zen 4: 240-249 output tok/s at 16 concurrent
+against 333-351 bound to both cores).
 `atomr-gguf` and `llamacpp-gguf` serve the default model's own quantized GGUF (Q4_1 weights, a
 Q8_0 embedding), ours with `--quantization gguf`: the same weights format on both sides.
 `atomr-int8` serves the HF directory with `--quantization int8` (weights and activations int8,
@@ -164,6 +168,9 @@ def make_peers(args: argparse.Namespace, hf_dir: Path, gguf: Path | None) -> lis
                 str(vllm), "serve", str(hf_dir), "--served-model-name", MODEL_NAME, "--host", "127.0.0.1",
                 "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "2048",
             ], vllm_env(args.threads), "bfloat16", port))
+            if "LD_PRELOAD" not in peers[-1].env:
+                peers[-1].note += ("ran without TCMalloc, which its CPU guide recommends (not installed here: "
+                                   "apt-get install libtcmalloc-minimal4). ")
         elif name == "llamacpp":
             py = args.llama_venv / "bin" / "python"
             if not py.exists() or gguf is None:
