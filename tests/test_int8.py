@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from atomr_trio import LLM, SamplingParams
 from atomr_trio.model import int8, native
+from atomr_trio.model.cpu_kernels import cpu_flags
 from atomr_trio.model.int8 import GROUP, pack_int8, quantize_activations, quantize_weight, reference_linear
 
 needs_native = pytest.mark.skipif(native.kernels() is None, reason="the native kernels did not build here")
@@ -91,9 +92,24 @@ def native_excess() -> dict[str, Any]:
     return excess_table()
 
 
-def _other_build(arch: str) -> dict[str, Any]:
+# what a host needs to run code built with ATOMR_TRIO_NATIVE_ARCH=<arch> (-march=<arch>)
+ARCH_FLAGS = {"haswell": {"avx2", "fma", "f16c", "bmi2"},
+              "skylake-avx512": {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl", "f16c"}}
+
+
+def skip_unless_host_runs(arch: str) -> None:
+    """Skip unless this host can build the native kernels for `arch` and execute them."""
     if not native.is_x86_64() or shutil.which("g++") is None:
         pytest.skip("the native kernels need x86-64 and g++")
+    if native.kernels() is None:
+        pytest.skip("the native kernels are off or did not build here")
+    lacking = ARCH_FLAGS[arch] - cpu_flags()
+    if lacking:
+        pytest.skip(f"this CPU cannot run a {arch} build (no {', '.join(sorted(lacking))})")
+
+
+def _other_build(arch: str) -> dict[str, Any]:
+    skip_unless_host_runs(arch)
     script = (f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_int8; "
               "print(json.dumps(test_int8.excess_table()))")
     env = {**os.environ, "ATOMR_TRIO_NATIVE_ARCH": arch}

@@ -4,9 +4,9 @@
 // one row of `row_bytes` per output), x float32 or bfloat16 (widened to float32 once). Each
 // block is dequantized in registers, 32 values at a time, and multiplied into float32
 // accumulators: no float copy of the weight exists, so a decode step reads 4.5-8.5 bits per
-// weight instead of 16 or 32 — batch-1 decode is bound by exactly that read. Activations stay
-// float32 (no int8 requantization of x): the only error against float32 arithmetic on the
-// dequantized weight is float32 summation order.
+// weight instead of 16 or 32. Activations stay float32 (no int8 requantization of x): the error
+// against float32 arithmetic on the dequantized weight is float32 rounding — the summation order,
+// and at few rows over 4-bit blocks the block's offset taken out of the sum (see there).
 //
 // Block formats (the GGUF file format, as llama.cpp defines it; d, dmin, m are IEEE half):
 //   Q8_0  34 bytes / 32 values: d, int8 q[32];                    w = d * q
@@ -72,7 +72,6 @@ inline void store(float* p, V16 a) { _mm512_storeu_ps(p, a.v); }
 inline V16 fma(V16 a, V16 b, V16 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
 inline V16 add(V16 a, V16 b) { return {_mm512_add_ps(a.v, b.v)}; }
 inline float hsum(V16 a) { return _mm512_reduce_add_ps(a.v); }
-inline V16 from_u8(__m128i q) { return {_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q))}; }
 inline V16 from_i8(const uint8_t* p) {
   return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
 }
@@ -95,9 +94,6 @@ inline float hsum(V16 v) {
   r = _mm_add_ps(r, _mm_movehl_ps(r, r));
   r = _mm_add_ss(r, _mm_movehdup_ps(r));
   return _mm_cvtss_f32(r);
-}
-inline V16 from_u8(__m128i q) {
-  return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(q, 8)))};
 }
 inline V16 from_i8(const uint8_t* p) {
   const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -187,11 +183,14 @@ inline float half_at(const uint8_t* p) {
 // in memory, yet at one row of x the hardware prefetcher alone left the default model's Q4_1
 // layers waiting on memory (all layers at one row: 5.3 -> 4.3 ms with it, on a Zen 4).
 constexpr int64_t kPrefetchRows = 4;
-inline void prefetch(const uint8_t* p) {
+// (the address may lie past the weight's end: a prefetch never faults, and no pointer is formed)
+inline void prefetch(const uint8_t* p, int64_t ahead) {
 #if defined(__AVX512F__) || defined(__AVX2__)
-  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(ahead)),
+               _MM_HINT_T0);
 #else
   (void)p;
+  (void)ahead;
 #endif
 }
 
@@ -264,7 +263,7 @@ void dot_tile(const uint8_t* row, int64_t blocks, const float* x, int64_t ldx, f
   const int64_t ahead = kPrefetchRows * blocks * F::kBytes;
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* blk = row + b * F::kBytes;
-    prefetch(blk + ahead);
+    prefetch(blk, ahead);
     for (int g = 0; g < F::kGroups; ++g) {
       V16 w0, w1;
       F::group(blk, g, w0, w1);
@@ -345,12 +344,14 @@ void dot_buffered_rows(int mt, const float* wbuf, const float* x, int64_t K, flo
 // with sum_i x_i per block computed once per call; the nibbles meet x as small integers and d, m
 // are applied once per block, four weight rows per tile sharing each x load. Batch-1 decode there
 // was bound by the instructions that widened and scaled every nibble, not by reading the blocks.
-// The only difference from float32 arithmetic on the dequantized weight is the summation order.
+// Against float32 arithmetic on the dequantized weight this rounds differently (no rounded weight
+// d q + m is formed; the two terms can cancel): float32 rounding of |d| sum |x| q + |m| sum |x|.
+// (An infinite x gives NaN here where d q + m would keep its sign: inf - inf in the two terms.)
 constexpr int kNibRows = 4;
 #if defined(__AVX512F__)
 constexpr int64_t kNibbleMaxRows = kFewRows;
 #else
-constexpr int64_t kNibbleMaxRows = 1;  // AVX2: 2 or 3 rows' tiles spill (measured slower than dot_tile)
+constexpr int64_t kNibbleMaxRows = 1;  // AVX2 / portable: 2 or 3 rows' tiles spill (slower than dot_tile)
 #endif
 
 template <class F>
@@ -389,7 +390,7 @@ void dot_nibbles(const uint8_t* const* rows, int64_t blocks, const float* x, int
   for (int64_t b = 0; b < blocks; ++b) {
     for (int j = 0; j < kNibRows; ++j) {
       const uint8_t* blk = rows[j] + b * F::kBytes;
-      prefetch(blk + ahead);
+      prefetch(blk, ahead);
       const float d = half_at(blk), mo = block_offset<F>(blk, d);
       V16 lo, hi;
       nibbles(blk + kNibbleAt<F>, lo, hi);
@@ -458,9 +459,10 @@ void dot_buffered_bf16_rows(int mt, const uint16_t* wbuf, const uint16_t* x, int
   }
 }
 
-// Steps of few rows over 4-bit blocks with x in bfloat16 (see "4-bit blocks at few rows" below):
+// Steps of few rows over 4-bit blocks with x in bfloat16 (see "4-bit blocks at few rows" above):
 // a block's 32 nibbles become bf16 integers 0..15 in three instructions (one vpermw lookup; exact)
-// and one `vdpbf16ps` takes all 32 products with x (exact products, float32 sums).
+// and one `vdpbf16ps` takes all 32 products with x (exact products, float32 sums; like every
+// vdpbf16ps path it flushes subnormal bf16 inputs to zero).
 // out[m * kNibRows + j] = x[m, :] . W row j (rows[j]) for MT rows of x, 4-bit blocks, bf16 x
 template <class F, int MT>
 void dot_nibbles_bf16(const uint8_t* const* rows, int64_t blocks, const uint16_t* x, int64_t ldx,
@@ -490,7 +492,7 @@ void dot_nibbles_bf16(const uint8_t* const* rows, int64_t blocks, const uint16_t
     }
     for (int j = 0; j < kNibRows; ++j) {
       const uint8_t* blk = rows[j] + b * F::kBytes;
-      prefetch(blk + ahead);
+      prefetch(blk, ahead);
       int32_t scales;
       std::memcpy(&scales, blk, 4);  // d, m as halves (Q4_0: d, then nibbles this does not use)
       const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(scales));
@@ -638,6 +640,7 @@ void products_bf16(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, in
 template <class F, typename Cols, typename Emit, typename Emit16>
 void products(const float* x, const uint16_t* xh, int64_t M, int64_t K, const uint8_t* w, int64_t rb,
               int64_t count, Cols&& cols, Emit&& emit, [[maybe_unused]] Emit16&& emit16) {
+  if (M == 0 || count == 0) return;  // nothing to compute (the tiles assume at least one row)
   const int64_t blocks = K / F::kValues;
 #if defined(__AVX512BF16__)
   if (in_runs(xh, M)) {  // x in bfloat16 (bits in xh): the vdpbf16ps tiles
