@@ -156,6 +156,11 @@ inline void nibbles(const uint8_t* p, V16& lo, V16& hi) {
   lo = {_mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(0x0F)))};
   hi = {_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4))};
 }
+// one of the two: the high nibbles if `high`, else the low ones
+inline V16 nibble_half(const uint8_t* p, bool high) {
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return {_mm512_cvtepi32_ps(high ? _mm512_srli_epi32(b, 4) : _mm512_and_si512(b, _mm512_set1_epi32(0x0F)))};
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 inline void nibbles(const uint8_t* p, V16& lo, V16& hi) {
   const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
@@ -164,12 +169,24 @@ inline void nibbles(const uint8_t* p, V16& lo, V16& hi) {
   lo = {_mm256_cvtepi32_ps(_mm256_and_si256(b0, m)), _mm256_cvtepi32_ps(_mm256_and_si256(b1, m))};
   hi = {_mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)), _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4))};
 }
+inline V16 nibble_half(const uint8_t* p, bool high) {
+  const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
+  const __m256i m = _mm256_set1_epi32(0x0F);
+  if (high) return {_mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)), _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4))};
+  return {_mm256_cvtepi32_ps(_mm256_and_si256(b0, m)), _mm256_cvtepi32_ps(_mm256_and_si256(b1, m))};
+}
 #else
 inline void nibbles(const uint8_t* p, V16& lo, V16& hi) {
   for (int i = 0; i < 16; ++i) {
     lo.f[i] = static_cast<float>(p[i] & 0x0F);
     hi.f[i] = static_cast<float>(p[i] >> 4);
   }
+}
+inline V16 nibble_half(const uint8_t* p, bool high) {
+  V16 r;
+  for (int i = 0; i < 16; ++i) r.f[i] = static_cast<float>(high ? p[i] >> 4 : p[i] & 0x0F);
+  return r;
 }
 #endif
 
@@ -246,11 +263,8 @@ struct Q4_K {
     const V16 d = set1(half_at(b) * static_cast<float>(sc));
     const V16 m = set1(-(half_at(b + 2) * static_cast<float>(mn)));
     const uint8_t* q = b + 16 + 32 * (g / 2);
-    V16 lo0, hi0, lo1, hi1;
-    nibbles(q, lo0, hi0);
-    nibbles(q + 16, lo1, hi1);
-    w0 = fma(g % 2 == 0 ? lo0 : hi0, d, m);
-    w1 = fma(g % 2 == 0 ? lo1 : hi1, d, m);
+    w0 = fma(nibble_half(q, g % 2 != 0), d, m);
+    w1 = fma(nibble_half(q + 16, g % 2 != 0), d, m);
   }
 };
 
