@@ -93,7 +93,7 @@ def native_excess() -> dict[str, Any]:
 
 
 # what a host needs to run code built with ATOMR_TRIO_NATIVE_ARCH=<arch> (-march=<arch>)
-ARCH_FLAGS = {"haswell": {"avx2", "fma", "f16c", "bmi2"},
+ARCH_FLAGS = {"x86-64": set(), "haswell": {"avx2", "fma", "f16c", "bmi2"},
               "skylake-avx512": {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl", "f16c"}}
 
 

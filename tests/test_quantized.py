@@ -139,11 +139,12 @@ def test_quant_silu_mul_matches_the_reference(name: str, rows: int, dtype: torch
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["haswell", "skylake-avx512"])
+@pytest.mark.parametrize("arch", ["x86-64", "haswell", "skylake-avx512"])
 def test_other_builds_pass_the_block_kernel_tests(arch: str) -> None:
-    """The block kernels built for an AVX2-only CPU (haswell: 8-lane vectors, one-row tiles of the
-    4-bit path) and for AVX-512 without BF16 (skylake-avx512: float32 x throughout) pass the three
-    tests above, in a subprocess whose library is a second cached build."""
+    """The block kernels built for a baseline x86-64 CPU (x86-64: the portable loops), an AVX2-only
+    CPU (haswell: 8-lane vectors, one-row tiles of the 4-bit path) and AVX-512 without BF16
+    (skylake-avx512: float32 x throughout) pass the three tests above, in a subprocess whose
+    library is a second cached build."""
     skip_unless_host_runs(arch)
     here = Path(__file__)
     env = {**os.environ, "ATOMR_TRIO_NATIVE_ARCH": arch}

@@ -148,27 +148,13 @@ inline void hsum4(const __m512* a, float* c) {
 }
 #endif
 
-// The low and high nibbles of 16 bytes, as 16 floats each (the bytes widened once, then masked and
-// shifted: both halves of a 4-bit block from one load).
+// The low (high = false) or high nibbles of 16 bytes, as 16 floats.
 #if defined(__AVX512F__)
-inline void nibbles(const uint8_t* p, V16& lo, V16& hi) {
-  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  lo = {_mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(0x0F)))};
-  hi = {_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4))};
-}
-// one of the two: the high nibbles if `high`, else the low ones
 inline V16 nibble_half(const uint8_t* p, bool high) {
   const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return {_mm512_cvtepi32_ps(high ? _mm512_srli_epi32(b, 4) : _mm512_and_si512(b, _mm512_set1_epi32(0x0F)))};
 }
 #elif defined(__AVX2__) && defined(__FMA__)
-inline void nibbles(const uint8_t* p, V16& lo, V16& hi) {
-  const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
-  const __m256i m = _mm256_set1_epi32(0x0F);
-  lo = {_mm256_cvtepi32_ps(_mm256_and_si256(b0, m)), _mm256_cvtepi32_ps(_mm256_and_si256(b1, m))};
-  hi = {_mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)), _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4))};
-}
 inline V16 nibble_half(const uint8_t* p, bool high) {
   const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
@@ -177,18 +163,18 @@ inline V16 nibble_half(const uint8_t* p, bool high) {
   return {_mm256_cvtepi32_ps(_mm256_and_si256(b0, m)), _mm256_cvtepi32_ps(_mm256_and_si256(b1, m))};
 }
 #else
-inline void nibbles(const uint8_t* p, V16& lo, V16& hi) {
-  for (int i = 0; i < 16; ++i) {
-    lo.f[i] = static_cast<float>(p[i] & 0x0F);
-    hi.f[i] = static_cast<float>(p[i] >> 4);
-  }
-}
 inline V16 nibble_half(const uint8_t* p, bool high) {
   V16 r;
   for (int i = 0; i < 16; ++i) r.f[i] = static_cast<float>(high ? p[i] >> 4 : p[i] & 0x0F);
   return r;
 }
 #endif
+
+// Both halves of a 4-bit block's 16 bytes (inlined: the compiler widens the bytes once for both).
+inline void nibbles(const uint8_t* p, V16& lo, V16& hi) {
+  lo = nibble_half(p, false);
+  hi = nibble_half(p, true);
+}
 
 inline float half_at(const uint8_t* p) {
   uint16_t h;
@@ -312,6 +298,17 @@ constexpr int kTileM = 2, kTileN = 2;  // AVX2: 8 accumulators of 2 registers
 #endif
 constexpr int64_t kFewRows = 3;  // steps of up to this many rows dequantize in registers (dot_tile)
 
+// fn(std::integral_constant<int, MT>{}) with MT = mt (1 .. kFewRows): the few-row tiles' row count
+// as a template argument
+template <typename Fn>
+void with_few_rows(int64_t mt, Fn&& fn) {
+  switch (mt) {
+    case 1: fn(std::integral_constant<int, 1>{}); break;
+    case 2: fn(std::integral_constant<int, 2>{}); break;
+    default: fn(std::integral_constant<int, 3>{});
+  }
+}
+
 // c[m * kTileN + j] = x[m, :] . wbuf[j, :] for MT rows of x, over float32 weight rows in wbuf
 template <int MT>
 void dot_buffered(const float* wbuf, const float* x, int64_t K, float* c) {
@@ -420,16 +417,6 @@ void dot_nibbles(const uint8_t* const* rows, int64_t blocks, const float* x, int
     for (int j = 0; j < kNibRows; ++j) out[m * kNibRows + j] = hsum(acc[m][j]) + off[m][j];
 }
 
-template <class F>
-void dot_nibbles_rows(int mt, const uint8_t* const* rows, int64_t blocks, const float* x, int64_t ldx,
-                      const float* xsum, float* out) {
-  switch (mt) {
-    case 1: dot_nibbles<F, 1>(rows, blocks, x, ldx, xsum, out); break;
-    case 2: dot_nibbles<F, 2>(rows, blocks, x, ldx, xsum, out); break;
-    default: dot_nibbles<F, 3>(rows, blocks, x, ldx, xsum, out);
-  }
-}
-
 #if defined(__AVX512BF16__)
 // bfloat16 x and AVX512-BF16: the weight rows go to the buffer as bfloat16 (the rounding the bf16
 // weights of quantization=none have too) and `vdpbf16ps` multiplies 32 pairs per instruction:
@@ -527,28 +514,9 @@ void dot_nibbles_bf16(const uint8_t* const* rows, int64_t blocks, const uint16_t
     for (int j = 0; j < kNibRows; ++j) out[m * kNibRows + j] += _mm_cvtss_f32(off[m][j]);
   }
 }
-
-template <class F>
-void dot_nibbles_bf16_rows(int mt, const uint8_t* const* rows, int64_t blocks, const uint16_t* x, int64_t ldx,
-                           const float* xsum, float* out) {
-  switch (mt) {
-    case 1: dot_nibbles_bf16<F, 1>(rows, blocks, x, ldx, xsum, out); break;
-    case 2: dot_nibbles_bf16<F, 2>(rows, blocks, x, ldx, xsum, out); break;
-    default: dot_nibbles_bf16<F, 3>(rows, blocks, x, ldx, xsum, out);
-  }
-}
 #else
 constexpr bool kBf16Dot = false;
 #endif
-
-template <class F>
-void dot_rows(int mt, const uint8_t* row, int64_t blocks, const float* x, int64_t ldx, float* out) {
-  switch (mt) {
-    case 1: dot_tile<F, 1>(row, blocks, x, ldx, out); break;
-    case 2: dot_tile<F, 2>(row, blocks, x, ldx, out); break;
-    default: dot_tile<F, 3>(row, blocks, x, ldx, out);
-  }
-}
 
 // x as float32 rows: the tensor's own data when it is float32, else a widened copy in `copy`.
 const float* float_rows(const at::Tensor& x, int64_t k, std::vector<float>& copy) {
@@ -672,11 +640,13 @@ void products(const float* x, const uint16_t* xh, int64_t M, int64_t K, const ui
           const int64_t i0 = g * kNibRows, nt = std::min<int64_t>(kNibRows, count - i0);
           const uint8_t* rows[kNibRows];  // past the last product: its row again, results dropped
           for (int64_t j = 0; j < kNibRows; ++j) rows[j] = w + cols(i0 + std::min(j, nt - 1)) * rb;
+          with_few_rows(M, [&](auto mt) {
+            constexpr int MT = decltype(mt)::value;
 #if defined(__AVX512BF16__)
-          if (xh != nullptr) dot_nibbles_bf16_rows<F>(static_cast<int>(M), rows, blocks, xh, K, xsum.data(), c);
-          else
+            if (xh != nullptr) return dot_nibbles_bf16<F, MT>(rows, blocks, xh, K, xsum.data(), c);
 #endif
-            dot_nibbles_rows<F>(static_cast<int>(M), rows, blocks, x, K, xsum.data(), c);
+            dot_nibbles<F, MT>(rows, blocks, x, K, xsum.data(), c);
+          });
           for (int64_t j = 0; j < nt; ++j)
             for (int64_t m = 0; m < M; ++m) emit(m, i0 + j, cols(i0 + j), c[m * kNibRows + j]);
         }
@@ -690,7 +660,7 @@ void products(const float* x, const uint16_t* xh, int64_t M, int64_t K, const ui
       float c[kFewRows];
       for (int64_t i = 2 * begin; i < std::min(2 * end, count); ++i) {
         const int64_t n = cols(i);
-        dot_rows<F>(static_cast<int>(M), w + n * rb, blocks, x, K, c);
+        with_few_rows(M, [&](auto mt) { dot_tile<F, decltype(mt)::value>(w + n * rb, blocks, x, K, c); });
         for (int64_t m = 0; m < M; ++m) emit(m, i, n, c[m]);
       }
     });
