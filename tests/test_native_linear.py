@@ -118,9 +118,10 @@ def test_bad_input_is_a_clear_error() -> None:
 # One subprocess builds that library (a second cached one: the build key holds the -march) and
 # measures every case; the tests below read its answers. Shapes: out features not a multiple of
 # 16 or 48 (the padding of the last panel, the 8-column half stores), in features even but not a
-# multiple of 32; rows 1 (the one-pass GEMV) and 3, 17, 64 (widened panels, whole and partial
-# 4-row tiles).
-AVX2_ROWS = (1, 3, 17, 64)
+# multiple of 32; rows 1 (the one-pass GEMV) and 2, 3, 4, 5, 7, 17, 64 (widened panels: whole
+# 6-row tiles and partial ones of 1 to 5 rows, each as a panel's first tile, which asks for the
+# next panel, and as a later one).
+AVX2_ROWS = (1, 2, 3, 4, 5, 7, 17, 64)
 AVX2_SHAPES = ((100, 34), (61, 194), (40, 578), (1541, 2))
 AVX2_SCRIPT = r"""
 import json
