@@ -32,9 +32,11 @@ Invariants:
   not the embedding, norms or an MoE router, which picks the experts) is packed by `pack_int8`
   into one uint8 tensor (`Linear.use_int8`), its float weight dropped: 1 byte per weight plus 4
   per output. Packing goes a few panels at a time, so its float temporaries stay small.
-- The native kernels are required (any x86-64 build: AVX512-VNNI where the -march has it, plain
-  C++ loops elsewhere: the same arithmetic, but built for Haswell a batch-16 decode step of the
-  default model took 115 ms against bf16's 40 ms; the load log warns). Without them, or if the probe
+- The native kernels are required (any x86-64 build: AVX512-VNNI where the -march has it, AVX2's
+  `vpmaddubsw` where it has that (the same exact sums; built for Haswell, decode steps of the
+  default model: batch 1 4.5-6.4 ms against bf16's 8.7-9.8 ms, batch 16 26-29 ms against 36-38,
+  batch 64 97 ms against 103-114), plain C++ loops elsewhere: the same arithmetic, slow beyond
+  one row; the load log warns). Without them, or if the probe
   answers wrong, the start fails with `KernelUnavailable` and the reason. CUDA is refused at
   `EngineConfig.resolve`.
 """
@@ -123,8 +125,8 @@ def require_kernels() -> native.Kernels:
 @cache
 def _probed() -> native.Probed:
     k, why = native.probed(lambda k: k.int8_linear is not None, _probe)
-    if k is not None and why is None and k.int8_isa != "avx512vnni":
-        log.warning("the int8 matmul runs plain C++ loops here (built without AVX512-VNNI): "
+    if k is not None and why is None and k.int8_isa == "portable":
+        log.warning("the int8 matmul runs plain C++ loops here (built without AVX512-VNNI or AVX2): "
                     "expect it slower than bf16")
     return k, why
 

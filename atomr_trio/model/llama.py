@@ -132,7 +132,7 @@ class LlamaModel:
         self.one_row_gemv = False  # one-row steps switch oneDNN off for ATen's GEMV (cpu_gemv.py)
         # the weights kept as GGUF blocks (quantization="gguf"), by name; read_tensors fills it
         self.quantized: dict[str, QuantizedWeight] = {}
-        self.int8_isa = ""  # quantization=int8 (use_kernels): the int8 matmul's build, "avx512vnni" or "portable"
+        self.int8_isa = ""  # quantization=int8 (use_kernels): the int8 matmul's build: avx512vnni, avx2 or portable
 
     # ---- loading -------------------------------------------------------------------------
     def load_weights(

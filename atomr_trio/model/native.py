@@ -109,7 +109,7 @@ class Kernels:
     # int8 matmuls (linear_int8.cpp, every x86-64 build): see int8.py
     int8_linear: NativeLinear | None = None
     int8_linear_silu_mul: NativeSiluMul | None = None
-    int8_isa: str = ""  # "avx512vnni" or "portable"
+    int8_isa: str = ""  # "avx512vnni", "avx2" or "portable"
     # GGUF-block matmuls (quant_matmul.cpp, every x86-64 build): see quantized.py
     quant_linear: Callable[..., torch.Tensor] | None = None
     quant_linear_silu_mul: Callable[..., torch.Tensor] | None = None

@@ -28,12 +28,14 @@
 //   then float32 sw [P] for the P = panels * PW * 16 packed columns, in packed order.
 // A tile of up to 8 rows x PW blocks keeps a group's int32 sums in registers and adds them, scaled,
 // to float32 totals in L1; threads split the panels (the layout and loop of linear_bf16.cpp).
-// Builds with AVX512-VNNI run that; others (AVX2, AVX-512 without VNNI, portable) the same loop
-// in plain C++, the same arithmetic without the instruction's speed (`int8_matmul_isa`).
+// Builds with AVX512-VNNI run that; builds with AVX2 (AVX-512 without VNNI included) take the byte
+// products with `vpmaddubsw` on qw itself (see "AVX2" below: exact too, no correction); others
+// the same loop in plain C++, the same arithmetic without the instructions' speed
+// (`int8_matmul_isa`).
 //
 // int8_linear(x [M, K] f32|bf16, w, n, bias?) -> y [M, n] in x's dtype
 // int8_linear_silu_mul(x [M, K], w, n) -> silu(x W_gate^T) * (x W_up^T) [M, n]; w packed as gate|up
-// int8_matmul_isa() -> "avx512vnni" or "portable"
+// int8_matmul_isa() -> "avx512vnni", "avx2" or "portable"
 // Built and loaded at run time by native.py.
 
 #include <ATen/ATen.h>
@@ -49,6 +51,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -57,6 +60,12 @@
 
 #include "vec_avx512.h"
 #endif
+#if defined(__AVX512VNNI__) && INT8_VEC512
+#define INT8_VNNI 1
+#elif defined(__AVX2__)
+#define INT8_AVX2 1  // the byte products by vpmaddubsw over sign-moved operands (see there)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -64,6 +73,11 @@ constexpr int64_t kCols = 16;   // output columns per block
 constexpr int kMaxRows = 8;     // rows per tile
 constexpr int kPanel = 3;       // blocks per panel of a plain weight; gate|up: 2
 constexpr int64_t kGroup = 64;  // inputs per activation scale (a multiple of 16)
+#if INT8_AVX2
+constexpr bool kUnsignedProducts = false;  // the tiles take qw itself: no correction
+#else
+constexpr bool kUnsignedProducts = true;  // the tiles multiply by qw + 128: corr takes the 128 out
+#endif
 
 // The two parts of a packed weight, for n outputs over K inputs in panels of `blocks` blocks
 // (gate|up panels, blocks = 2, give 16 outputs each; plain ones blocks * 16).
@@ -171,7 +185,7 @@ Rows quantize_rows(const at::Tensor& x) {
                             ? quantize_group(x.data_ptr<float>() + m * K + k0, len, q, &sum)
                             : quantize_group(x.data_ptr<at::BFloat16>() + m * K + k0, len, q, &sum);
         r.scale[m * groups + g] = s;
-        corr += 128.f * s * static_cast<float>(sum);
+        if (kUnsignedProducts) corr += 128.f * s * static_cast<float>(sum);
       }
       r.corr[m] = corr;
     }
@@ -182,7 +196,7 @@ Rows quantize_rows(const at::Tensor& x) {
 // c[m][16 j + col] = sum_g sx[m, g] * (the int32 sum over group g's quads of the 4 byte products of
 // x row m and column (j, col)), for an MT x PW tile of a panel; c [MT][PW * 16]. x rows are ldx
 // int32 (quads) apart, their scales ldg apart.
-#if defined(__AVX512VNNI__) && INT8_VEC512
+#if INT8_VNNI
 std::string int8_matmul_isa() { return "avx512vnni"; }
 // The loops are unrolled by pragma: left to -O3, GCC kept an 8 x 3 tile's 24 accumulators on the
 // stack (half the speed; -O2 or the explicit unroll keep them in registers).
@@ -232,6 +246,66 @@ void tile(const int32_t* x, int64_t ldx, const float* sx, int64_t ldg, const int
         const __m512 sum = _mm512_cvtepi32_ps(_mm512_load_si512(ci + (m * PW + j) * kCols));
         _mm512_store_ps(out, _mm512_fmadd_ps(sum, s, g == 0 ? _mm512_setzero_ps() : _mm512_load_ps(out)));
       }
+    }
+  }
+}
+#elif INT8_AVX2
+std::string int8_matmul_isa() { return "avx2"; }
+// AVX2 has no byte dot instruction that takes both signs: `vpmaddubsw` multiplies unsigned by
+// signed bytes into saturating int16 pairs. Moving x's sign onto the weight (`vpsignb`) makes the
+// pair |x_a| (qw_a sgn x_a) + |x_b| (qw_b sgn x_b) = x_a qw_a + x_b qw_b, at most 2 * 127 * 127 =
+// 32258 in magnitude: no saturation, so the sums stay exact (qx and qw lie in -127..127). Then
+// `vpmaddwd` by ones adds the pairs into int32 lanes, one quad of inputs per output column. The
+// weight is stored as qw + 128 (the VNNI layout): one xor by 0x80 gives qw back.
+// RT rows x PW blocks (2 registers of 8 columns each) over quads q0..q1, added to acc.
+template <int PW, int RT>
+inline void quad_sums(const int32_t* x, int64_t ldx, const int32_t* w, int64_t q0, int64_t q1, __m256i (&acc)[RT][2 * PW]) {
+  const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  for (int64_t q = q0; q < q1; ++q) {
+    __m256i xv[RT], ax[RT];
+    for (int m = 0; m < RT; ++m) {
+      xv[m] = _mm256_set1_epi32(x[m * ldx + q]);
+      ax[m] = _mm256_sign_epi8(xv[m], xv[m]);  // |qx|: qx is never -128
+    }
+    for (int j = 0; j < 2 * PW; ++j) {
+      const __m256i wq = _mm256_xor_si256(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (q * PW * 2 + j) * 8)), flip);
+      for (int m = 0; m < RT; ++m) {
+        const __m256i pairs = _mm256_maddubs_epi16(ax[m], _mm256_sign_epi8(wq, xv[m]));
+        acc[m][j] = _mm256_add_epi32(acc[m][j], _mm256_madd_epi16(pairs, ones));
+      }
+    }
+  }
+}
+
+template <int PW, int MT>
+void tile(const int32_t* x, int64_t ldx, const float* sx, int64_t ldg, const int32_t* w, int64_t quads, float* c,
+          const int32_t*) {
+  constexpr int W = PW * kCols;
+  constexpr int64_t kGroupQuads = kGroup / 4;
+  for (int m = 0; m < MT * W; ++m) c[m] = 0.f;
+  for (int64_t q0 = 0, g = 0; q0 < quads; q0 += kGroupQuads, ++g) {
+    const int64_t q1 = std::min(quads, q0 + kGroupQuads);
+    // two rows at a time: their 2 x 2PW accumulators, x and the weight vector fit 16 registers
+    for (int m0 = 0; m0 < MT; m0 += 2) {
+      auto run = [&](auto rows) {
+        constexpr int RT = decltype(rows)::value;
+        __m256i acc[RT][2 * PW];
+        for (int m = 0; m < RT; ++m)
+          for (int j = 0; j < 2 * PW; ++j) acc[m][j] = _mm256_setzero_si256();
+        quad_sums<PW, RT>(x + m0 * ldx, ldx, w, q0, q1, acc);
+        for (int m = 0; m < RT; ++m) {
+          const __m256 s = _mm256_set1_ps(sx[(m0 + m) * ldg + g]);
+          for (int j = 0; j < 2 * PW; ++j) {
+            float* out = c + (m0 + m) * W + j * 8;
+            _mm256_storeu_ps(out, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m][j]), s, _mm256_loadu_ps(out)));
+          }
+        }
+      };
+      if (m0 + 1 < MT)
+        run(std::integral_constant<int, 2>{});
+      else
+        run(std::integral_constant<int, 1>{});
     }
   }
 }
