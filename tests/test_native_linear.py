@@ -118,10 +118,10 @@ def test_bad_input_is_a_clear_error() -> None:
 # One subprocess builds that library (a second cached one: the build key holds the -march) and
 # measures every case; the tests below read its answers. Shapes: out features not a multiple of
 # 16 or 48 (the padding of the last panel, the 8-column half stores), in features even but not a
-# multiple of 32; rows 1 (the one-pass GEMV) and 2, 3, 4, 5, 7, 17, 64 (widened panels: whole
-# 6-row tiles and partial ones of 1 to 5 rows, each as a panel's first tile, which asks for the
-# next panel, and as a later one).
-AVX2_ROWS = (1, 2, 3, 4, 5, 7, 17, 64)
+# multiple of 32; rows 1 (the one-pass GEMV) and 2-5, 7-9, 17, 64 (widened panels: a panel's
+# first tile, which asks for the thread's next panel, of 2-6 rows, and later tiles of 1-6 rows;
+# 2 threads, so that a thread holds several panels of the larger shapes).
+AVX2_ROWS = (1, 2, 3, 4, 5, 7, 8, 9, 17, 64)
 AVX2_SHAPES = ((100, 34), (61, 194), (40, 578), (1541, 2))
 AVX2_SCRIPT = r"""
 import json
@@ -138,6 +138,7 @@ def bound(exact, err32):
 def excess(got, exact, b):
     return float(((got.double() - exact).abs() - b).max())
 
+torch.set_num_threads(2)
 k = native.kernels()
 out = {"isa": k.matmul_isa if k else None}
 g = torch.Generator().manual_seed(0)

@@ -70,7 +70,7 @@ class EngineSettings(BaseModel):
                                     "sums; needs the native kernels; not on CUDA nor for HF checkpoints); "
                                     "int8: every weight matrix is quantized to int8 per output channel on "
                                     "loading and activations per row and group of 64 inputs at each matmul "
-                                    "(W8A8, exact int32 sums; lossy; fast on CPUs with AVX512-VNNI; needs the "
+                                    "(W8A8, exact int32 sums; lossy; fast on CPUs with AVX512-VNNI or AVX2; needs the "
                                     "native kernels; not on CUDA)")
 
     @field_validator("device")

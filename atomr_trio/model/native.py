@@ -22,7 +22,8 @@ context out of the paged cache before a batch of tiny matmuls.
   or int8 panels, or GGUF blocks) called from C++ (`ops.h`) instead of a Python loop over 30 layers x 8 ops:
   one-sequence bf16 step 11.0 -> 9.9 ms, and the GIL left to the Trio thread meanwhile.
 - `csrc/linear_int8.cpp`: the int8 x int8 matmul of `quantization="int8"` (int8.py), built for
-  AVX512-VNNI (`vpdpbusd`) where the -march has it, else as plain C++ loops.
+  AVX512-VNNI (`vpdpbusd`) where the -march has it, else for AVX2 (`vpmaddubsw`), else as plain
+  C++ loops.
 - `csrc/quant_matmul.cpp`: the matmul over weights kept in GGUF's quantized blocks (Q8_0, Q4_0,
   Q4_1, Q4_K), dequantized in registers (quantized.py); AVX-512, AVX2 or portable loops.
 

@@ -307,6 +307,7 @@ std::vector<float> widen_rows(const at::Tensor& x) {
 template <int PW, typename Epilogue>
 void matmul_avx2(const at::Tensor& x, const at::Tensor& wp, Epilogue&& epilogue) {
   const int64_t M = x.size(0), panels = wp.size(0), pairs = wp.size(1), K = 2 * pairs;
+  if (M == 0) return;  // no rows: nothing to widen or store
   const std::vector<float> xf = widen_rows(x);
   const int32_t* wb = reinterpret_cast<const int32_t*>(wp.data_ptr<at::BFloat16>());
   const int64_t panel_size = pairs * PW * kCols;  // int32 units

@@ -62,7 +62,7 @@
 #endif
 #if defined(__AVX512VNNI__) && INT8_VEC512
 #define INT8_VNNI 1
-#elif defined(__AVX2__)
+#elif defined(__AVX2__) && defined(__FMA__)
 #define INT8_AVX2 1  // the byte products by vpmaddubsw over sign-moved operands (see there)
 #include <immintrin.h>
 #endif
@@ -163,7 +163,8 @@ float quantize_group(const T* x, int64_t len, int8_t* q, int32_t* sum) {
 }
 
 // The activations quantized: qx [M, K], sx [M, groups], and per row the float
-// 128 * sum_g sx[m, g] * sum_{k in g} qx[m, k] the unsigned weight adds to each output.
+// 128 * sum_g sx[m, g] * sum_{k in g} qx[m, k] the unsigned weight adds to each output (0 where
+// the tiles multiply by qw itself: kUnsignedProducts false).
 struct Rows {
   std::vector<int8_t> q;
   std::vector<float> scale, corr;
@@ -286,7 +287,8 @@ void tile(const int32_t* x, int64_t ldx, const float* sx, int64_t ldg, const int
   for (int m = 0; m < MT * W; ++m) c[m] = 0.f;
   for (int64_t q0 = 0, g = 0; q0 < quads; q0 += kGroupQuads, ++g) {
     const int64_t q1 = std::min(quads, q0 + kGroupQuads);
-    // two rows at a time: their 2 x 2PW accumulators, x and the weight vector fit 16 registers
+    // two rows at a time (at PW = 3 their 12 accumulators, x, |x| and a weight vector spill a few
+    // registers; fewer rows would read the weight more often)
     for (int m0 = 0; m0 < MT; m0 += 2) {
       auto run = [&](auto rows) {
         constexpr int RT = decltype(rows)::value;
@@ -409,7 +411,7 @@ void finish_silu16(const Scaled& gate, const Scaled& up, T* y, int64_t valid) {
 // Tiles of y = x W^T panel by panel, each finished one handed to
 // `epilogue(row0, rows, panel, c, corr, sw)`: c [rows][PW * 16] the tile's group-scaled sums,
 // corr the rows' corrections, sw the panel's column scales. With more than one tile of rows the
-// last asks for the next panel meanwhile (as linear_bf16.cpp).
+// last asks for the next panel meanwhile (as linear_bf16.cpp; the VNNI tiles only).
 template <int PW, typename Epilogue>
 void matmul(const at::Tensor& x_, const Packed& w, Epilogue&& epilogue) {
   const at::Tensor x = x_.contiguous();

@@ -698,7 +698,7 @@ void products(const float* x, const uint16_t* xh, int64_t M, int64_t K, const ui
     }
   }
   if (M <= kFewRows) {
-    // threads take pairs of products (a gate|up output's two halves: see quant_linear_silu_mul)
+    // threads take pairs of products (a gate|up output's two halves side by side)
     at::parallel_for(0, (count + 1) / 2, kGrain / 2, [&](int64_t begin, int64_t end) {
       float c[kFewRows];
       for (int64_t i = 2 * begin; i < std::min(2 * end, count); ++i) {
@@ -807,7 +807,7 @@ at::Tensor quant_linear_silu_mul(const at::Tensor& x_, const at::Tensor& w, int6
     const bool runs16 = in_runs(bf16_bits(x), M);
     at::Tensor gate_up = at::empty({runs16 ? 0 : 2, M, n}, x.options().dtype(at::kFloat));
     float* gp = gate_up.data_ptr<float>();
-    float* up = gp + M * n;
+    float* up = runs16 ? nullptr : gp + M * n;
     const Out out(y);
 #if defined(__AVX512BF16__)  // runs of 16 products start at even i: 8 whole gate, up pairs
     auto runs = [&](int64_t m, int64_t i0, const float* v, int valid) { out.put_silu_mul(m, i0 / 2, v, valid); };
@@ -817,7 +817,7 @@ at::Tensor quant_linear_silu_mul(const at::Tensor& x_, const at::Tensor& w, int6
     products<F>(xp, bf16_bits(x), M, k, w.data_ptr<uint8_t>(), w.size(1), 2 * n,
                 [n](int64_t i) { return i % 2 == 0 ? i / 2 : n + i / 2; },
                 [&](int64_t m, int64_t i, int64_t, float v) { (i % 2 == 0 ? gp : up)[m * n + i / 2] = v; }, runs);
-    if (!runs16) {  // y = silu(gate) * up, 16 outputs at a time
+    if (!runs16 && M > 0 && n > 0) {  // y = silu(gate) * up, 16 outputs at a time
       at::parallel_for(0, M, std::max<int64_t>(1, 4096 / n), [&](int64_t begin, int64_t end) {
         alignas(64) float r[16];
         for (int64_t m = begin; m < end; ++m)
@@ -826,7 +826,10 @@ at::Tensor quant_linear_silu_mul(const at::Tensor& x_, const at::Tensor& w, int6
             if (valid == 16) {
               store(r, silu_mul(load(gp + m * n + j), load(up + m * n + j)));
             } else {
-              for (int64_t t = 0; t < valid; ++t) r[t] = gp[m * n + j + t] / (1.f + std::exp(-gp[m * n + j + t])) * up[m * n + j + t];
+              for (int64_t t = 0; t < valid; ++t) {
+                const float g = gp[m * n + j + t];
+                r[t] = g / (1.f + std::exp(-g)) * up[m * n + j + t];
+              }
             }
             out.put_row(m, j, r, valid);
           }
