@@ -325,37 +325,35 @@ void with_few_rows(int64_t mt, Fn&& fn) {
   }
 }
 
-// c[m * kTileN + j] = x[m, :] . wbuf[j, :] for MT rows of x, over float32 weight rows in wbuf
+// The buffered tile's vector: V16, or with AVX2 one 8-lane register (V16's two registers per
+// accumulator spilled there: the tile's accumulators, weight vectors and an x vector must fit 16).
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
-// AVX2: one 8-lane register per accumulator, so that the tile's accumulators, its weight vectors
-// and an x vector fit the 16 registers (two-register V16 accumulators spilled).
-template <int MT>
-void dot_buffered(const float* wbuf, const float* x, int64_t K, float* c) {
-  __m256 acc[MT][kTileN];
-  for (int m = 0; m < MT; ++m)
-    for (int j = 0; j < kTileN; ++j) acc[m][j] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 8) {
-    __m256 wv[kTileN];
-    for (int j = 0; j < kTileN; ++j) wv[j] = _mm256_loadu_ps(wbuf + j * K + k);
-    for (int m = 0; m < MT; ++m) {
-      const __m256 xv = _mm256_loadu_ps(x + m * K + k);
-      for (int j = 0; j < kTileN; ++j) acc[m][j] = _mm256_fmadd_ps(wv[j], xv, acc[m][j]);
-    }
-  }
-  for (int m = 0; m < MT; ++m)
-    for (int j = 0; j < kTileN; ++j) c[m * kTileN + j] = hsum(V16{acc[m][j], _mm256_setzero_ps()});
-}
+struct Lane {
+  __m256 v;
+};
+constexpr int64_t kLane = 8;
+inline Lane lane_zero() { return {_mm256_setzero_ps()}; }
+inline Lane lane_load(const float* p) { return {_mm256_loadu_ps(p)}; }
+inline Lane fma(Lane a, Lane b, Lane c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+inline float hsum(Lane a) { return hsum(V16{a.v, _mm256_setzero_ps()}); }
 #else
+using Lane = V16;
+constexpr int64_t kLane = 16;
+inline Lane lane_zero() { return zero(); }
+inline Lane lane_load(const float* p) { return load(p); }
+#endif
+
+// c[m * kTileN + j] = x[m, :] . wbuf[j, :] for MT rows of x, over float32 weight rows in wbuf
 template <int MT>
 void dot_buffered(const float* wbuf, const float* x, int64_t K, float* c) {
-  V16 acc[MT][kTileN];
+  Lane acc[MT][kTileN];
   for (int m = 0; m < MT; ++m)
-    for (int j = 0; j < kTileN; ++j) acc[m][j] = zero();
-  for (int64_t k = 0; k < K; k += 16) {
-    V16 wv[kTileN];
-    for (int j = 0; j < kTileN; ++j) wv[j] = load(wbuf + j * K + k);
+    for (int j = 0; j < kTileN; ++j) acc[m][j] = lane_zero();
+  for (int64_t k = 0; k < K; k += kLane) {
+    Lane wv[kTileN];
+    for (int j = 0; j < kTileN; ++j) wv[j] = lane_load(wbuf + j * K + k);
     for (int m = 0; m < MT; ++m) {
-      const V16 xv = load(x + m * K + k);
+      const Lane xv = lane_load(x + m * K + k);
       for (int j = 0; j < kTileN; ++j) acc[m][j] = fma(wv[j], xv, acc[m][j]);
     }
   }
@@ -370,7 +368,6 @@ void dot_buffered(const float* wbuf, const float* x, int64_t K, float* c) {
     for (int j = 0; j < kTileN; ++j) c[m * kTileN + j] = hsum(acc[m][j]);
 #endif
 }
-#endif
 
 void dot_buffered_rows(int mt, const float* wbuf, const float* x, int64_t K, float* c) {
   switch (mt) {
