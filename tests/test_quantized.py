@@ -73,7 +73,7 @@ def test_dequantize_matches_the_gguf_package(name: str) -> None:
 
 @needs_native
 @pytest.mark.parametrize("name", list(TYPES))
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 17, 64, 80])  # 1-3: in registers; 4-64: buffered; 80: F.linear
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 17, 64, 80])  # 1-3: in registers; then buffered, or (bf16) panels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quant_linear_matches_dequantize_then_matmul(name: str, rows: int, dtype: torch.dtype) -> None:
     t = TYPES[name]
@@ -95,10 +95,13 @@ def test_quant_linear_matches_dequantize_then_matmul(name: str, rows: int, dtype
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prefill_chunks_of_every_length_reach_the_float_matmul_in_few_shapes(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
     """torch's bf16 matmul keeps state per shape: a server's prefill chunks of every length once
-    made its memory grow for as long as it ran. The rows are padded to whole DEQUANT_ROWS."""
+    made its memory grow for as long as it ran. Rows that reach F.linear are padded to whole
+    DEQUANT_ROWS; bf16 rows on a build with the native bf16 matmul never reach it (the kernel
+    dequantizes panels into that matmul's tiles)."""
     seen: set[tuple[int, ...]] = set()
     linear = F.linear
 
@@ -110,11 +113,42 @@ def test_prefill_chunks_of_every_length_reach_the_float_matmul_in_few_shapes(
     w = _blocks(TYPES["Q8_0"], 45, 64, seed=4)
     layer = QuantLinear(w)
     for rows in range(quantized.DEQUANT_ROWS + 1, 3 * quantized.DEQUANT_ROWS + 1):
-        x = torch.randn(rows, 64, dtype=torch.bfloat16)
+        x = torch.randn(rows, 64, dtype=dtype)
         got = layer(x)
         assert got.shape == (rows, 45)
-        torch.testing.assert_close(got, (x.double() @ _reference(w).T).to(torch.bfloat16), rtol=2e-2, atol=2e-2)
-    assert seen == {(2 * quantized.DEQUANT_ROWS, 64), (3 * quantized.DEQUANT_ROWS, 64)}
+        torch.testing.assert_close(got, (x.double() @ _reference(w).T).to(dtype), rtol=2e-2, atol=2e-2)
+    kernels = native.kernels()
+    in_panels = dtype == torch.bfloat16 and kernels is not None and kernels.matmul_isa != ""
+    assert seen == (set() if in_panels else {(2 * quantized.DEQUANT_ROWS, 64), (3 * quantized.DEQUANT_ROWS, 64)})
+
+
+needs_matmul = pytest.mark.skipif(not (native.kernels() and native.kernels().matmul_isa),  # type: ignore[union-attr]
+                                  reason="the build has no native bf16 matmul")
+
+
+@needs_matmul
+@pytest.mark.parametrize("name", list(TYPES))
+@pytest.mark.parametrize("rows", [33, 80])  # past kPanelRows (32): one tile of 8 rows and a part, or 10
+def test_many_bf16_rows_match_the_bf16_weight_matmul(name: str, rows: int) -> None:
+    """Many bf16 rows take dequantized panels through the bf16 matmul: the weight rounded to bf16
+    once, float32 sums, one rounding of each output. 100 outputs make three panels of 48 (the last
+    padded) and 2 x 37 gate|up outputs three panels of 16 (the last padded)."""
+    t = TYPES[name]
+    k = 512 if t == 12 else 96
+    w = _blocks(t, 100, k, seed=rows + 7)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    bias = torch.randn(100, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+    ref = _reference(w).to(torch.bfloat16).double()  # what the panels hold
+    got = QuantLinear(w, bias)(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 100)
+    _within_one_rounding(got, x.double() @ ref.T + bias.double(), x, ref)
+
+    gu = _blocks(t, 2 * 37, k, seed=rows + 8)
+    gate, up = (x.double() @ _reference(gu).to(torch.bfloat16).double().T).chunk(2, dim=-1)
+    want = F.silu(gate) * up
+    got = QuantLinear(gu, gate_up=True).silu_mul(x)
+    assert got.shape == (rows, 37)
+    assert torch.allclose(got.double(), want, rtol=2.0**-7, atol=1e-5 * float(want.abs().max()))
 
 
 @needs_native
@@ -143,13 +177,15 @@ def test_quant_silu_mul_matches_the_reference(name: str, rows: int, dtype: torch
 def test_other_builds_pass_the_block_kernel_tests(arch: str) -> None:
     """The block kernels built for a baseline x86-64 CPU (x86-64: the portable loops), an AVX2-only
     CPU (haswell: 8-lane vectors, one-row tiles of the 4-bit path) and AVX-512 without BF16
-    (skylake-avx512: float32 x throughout) pass the three tests above, in a subprocess whose
+    (skylake-avx512: float32 x in the block tiles) pass the tests above, in a subprocess whose
     library is a second cached build."""
     skip_unless_host_runs(arch)
     here = Path(__file__)
     env = {**os.environ, "ATOMR_TRIO_NATIVE_ARCH": arch}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here), "-k",
-                           "matches_the_gguf_package or matches_dequantize_then_matmul or silu_mul_matches"],
+    tests = "matches_the_gguf_package or matches_dequantize_then_matmul or silu_mul_matches"
+    if arch != "x86-64":  # the panels of many bf16 rows (haswell: AVX2 matmul, one pair at a time;
+        tests += " or match_the_bf16_weight_matmul"  # skylake-avx512: the transpose, bf16 by integer rounding)
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here), "-k", tests],
                           env=env, capture_output=True, text=True, timeout=600, cwd=here.parent.parent)
     assert done.returncode == 0, done.stdout[-3000:]
     assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1], done.stdout[-500:]

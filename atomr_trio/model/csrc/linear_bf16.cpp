@@ -17,6 +17,9 @@
 //   has panels of 2 blocks: gate columns 16b..16b+15, then the same up columns (PW = 2).
 // has_bf16_matmul() -> whether this build has a matmul (else the ops raise and linear.py keeps
 //   oneDNN / ATen); bf16_matmul_isa() -> "avx512bf16", "avx2" or "" (none): which one.
+// In C++ only (ops.h): linear_bf16_filled / linear_silu_mul_bf16_filled, the same matmuls over
+//   panels that a callback writes into a thread's buffer when needed (quant_matmul.cpp's GGUF
+//   blocks at many rows) instead of a packed weight.
 // Invariant of both builds: float32 sums of the exact bf16 products, one rounding (to nearest
 // even) of each output to bf16, padding columns never stored.
 // Built and loaded at run time by native.py.
@@ -55,6 +58,26 @@ void check(const at::Tensor& x, const at::Tensor& wp, int64_t blocks) {
               "wp must be a bfloat16 weight packed as [panels, K/2, ", blocks * kCols, ", 2], got ", wp.sizes());
   TORCH_CHECK(x.size(1) == 2 * wp.size(1), "x has ", x.size(1), " inputs, the weight ", 2 * wp.size(1));
 }
+
+// Where a matmul's panels come from: a weight packed once (linear.py), or `fill`, which writes each
+// panel in the same layout into a buffer of the thread that needs it (the GGUF blocks of
+// quant_matmul.cpp, dequantized panel by panel for steps of many rows).
+struct Panels {
+  const int32_t* packed = nullptr;               // [count][pairs][PW * 16] int32, or nullptr
+  const atomr_ops::PanelFill* fill = nullptr;    // else this
+  int64_t count = 0, pairs = 0;
+
+  static Panels of(const at::Tensor& wp) {
+    return {reinterpret_cast<const int32_t*>(wp.data_ptr<at::BFloat16>()), nullptr, wp.size(0), wp.size(1)};
+  }
+  // panel i: in the packed weight, or filled into own (a thread's buffer of one panel)
+  const int32_t* at(int64_t i, int64_t panel_size, std::vector<int32_t>& own) const {
+    if (packed != nullptr) return packed + i * panel_size;
+    own.resize(static_cast<size_t>(panel_size));
+    (*fill)(i, own.data());
+    return own.data();
+  }
+};
 
 
 #if defined(__AVX512BF16__)
@@ -106,18 +129,19 @@ void tile_rows(int mt, const int32_t* x, int64_t ldx, const int32_t* w, int64_t 
 // layers streamed, 2 threads, alternated runs: 16 rows 12.95-13.32 -> 12.56-12.92 ms, 32 rows
 // 22.9-23.0 -> 22.3-22.7 ms). With one tile the hardware prefetcher keeps up by itself.
 template <int PW, typename Epilogue>
-void matmul(const at::Tensor& x, const at::Tensor& wp, Epilogue&& epilogue) {
-  const int64_t M = x.size(0), panels = wp.size(0), pairs = wp.size(1);
+void matmul(const at::Tensor& x, const Panels& src, Epilogue&& epilogue) {
+  const int64_t M = x.size(0), panels = src.count, pairs = src.pairs;
+  if (M == 0) return;  // no rows: no panel to read or fill
   const int32_t* xp = reinterpret_cast<const int32_t*>(x.data_ptr<at::BFloat16>());
-  const int32_t* wb = reinterpret_cast<const int32_t*>(wp.data_ptr<at::BFloat16>());
   const int64_t panel_size = pairs * PW * kCols;  // int32 units
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     alignas(64) float c[kMaxRows * PW * kCols];
+    std::vector<int32_t> own;
     for (int64_t panel = begin; panel < end; ++panel) {
-      const int32_t* w = wb + panel * panel_size;
+      const int32_t* w = src.at(panel, panel_size, own);
       for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
         const int mt = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
-        const bool last = m0 + kMaxRows >= M && m0 > 0 && panel + 1 < end;
+        const bool last = m0 + kMaxRows >= M && m0 > 0 && panel + 1 < end && src.packed != nullptr;
         tile_rows<PW>(mt, xp + m0 * pairs, pairs, w, pairs, c, last ? w + panel_size : nullptr);
         epilogue(m0, mt, panel, c);
       }
@@ -125,21 +149,10 @@ void matmul(const at::Tensor& x, const at::Tensor& wp, Epilogue&& epilogue) {
   });
 }
 
-at::Tensor linear_bf16(const at::Tensor& x_, const at::Tensor& wp, int64_t n,
-                       const c10::optional<at::Tensor>& bias_) {
-  check(x_, wp, kPanel);
-  TORCH_CHECK(n > 0 && (n + kPanel * kCols - 1) / (kPanel * kCols) == wp.size(0), "n = ", n,
-              " does not fit ", wp.size(0), " panels");
-  at::Tensor x = x_.contiguous();
+at::Tensor linear_impl(const at::Tensor& x, const Panels& src, int64_t n, const float* bp) {
   at::Tensor y = at::empty({x.size(0), n}, x.options());
-  at::Tensor bias;
-  if (bias_.has_value()) {
-    bias = bias_->to(at::kFloat).contiguous();
-    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == n, "bias must hold n values");
-  }
-  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  matmul<kPanel>(x, wp, [&](int64_t m0, int mt, int64_t panel, const float* c) {
+  matmul<kPanel>(x, src, [&](int64_t m0, int mt, int64_t panel, const float* c) {
     for (int j = 0; j < kPanel; ++j) {
       const int64_t col = (panel * kPanel + j) * kCols, valid = std::min(kCols, n - col);
       if (valid <= 0) break;  // padding columns of the last panel
@@ -153,15 +166,11 @@ at::Tensor linear_bf16(const at::Tensor& x_, const at::Tensor& wp, int64_t n,
   return y;
 }
 
-at::Tensor linear_silu_mul_bf16(const at::Tensor& x_, const at::Tensor& wp, int64_t n) {
-  check(x_, wp, 2);
-  TORCH_CHECK(n > 0 && (n + kCols - 1) / kCols == wp.size(0), "n = ", n, " does not fit ", wp.size(0),
-              " gate/up panels");
-  at::Tensor x = x_.contiguous();
+at::Tensor silu_mul_impl(const at::Tensor& x, const Panels& src, int64_t n) {
   at::Tensor y = at::empty({x.size(0), n}, x.options());
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
   const __m512 one = _mm512_set1_ps(1.f);
-  matmul<2>(x, wp, [&](int64_t m0, int mt, int64_t panel, const float* c) {
+  matmul<2>(x, src, [&](int64_t m0, int mt, int64_t panel, const float* c) {
     const int64_t col = panel * kCols, valid = std::min(kCols, n - col);
     for (int m = 0; m < mt; ++m) {
       const __m512 g = _mm512_loadu_ps(c + (2 * m) * kCols);
@@ -305,17 +314,17 @@ std::vector<float> widen_rows(const at::Tensor& x) {
 // As the AVX512-BF16 `matmul`: tiles panel by panel, each finished tile handed to
 // `epilogue(row0, rows, panel, c)` with c [rows][PW * 16]; threads take contiguous runs of panels.
 template <int PW, typename Epilogue>
-void matmul_avx2(const at::Tensor& x, const at::Tensor& wp, Epilogue&& epilogue) {
-  const int64_t M = x.size(0), panels = wp.size(0), pairs = wp.size(1), K = 2 * pairs;
+void matmul_avx2(const at::Tensor& x, const Panels& src, Epilogue&& epilogue) {
+  const int64_t M = x.size(0), panels = src.count, pairs = src.pairs, K = 2 * pairs;
   if (M == 0) return;  // no rows: nothing to widen or store
   const std::vector<float> xf = widen_rows(x);
-  const int32_t* wb = reinterpret_cast<const int32_t*>(wp.data_ptr<at::BFloat16>());
   const int64_t panel_size = pairs * PW * kCols;  // int32 units
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     alignas(32) float c[kRowsWide * PW * kCols];
     std::vector<float> buf(M > 1 ? static_cast<size_t>(K * PW * kCols) : 0);
+    std::vector<int32_t> own;
     for (int64_t panel = begin; panel < end; ++panel) {
-      const int32_t* w = wb + panel * panel_size;
+      const int32_t* w = src.at(panel, panel_size, own);
       if (M == 1) {
         gemv_panel<PW>(xf.data(), w, pairs, c);
         epilogue(0, 1, panel, c);
@@ -323,7 +332,7 @@ void matmul_avx2(const at::Tensor& x, const at::Tensor& wp, Epilogue&& epilogue)
       }
       widen_panel<PW>(w, pairs, buf.data());
       const char* ahead = reinterpret_cast<const char*>(w + panel_size);  // the thread's next panel, if any
-      int64_t lines = panel + 1 < end ? panel_size * static_cast<int64_t>(sizeof(int32_t)) / 64 : 0;
+      int64_t lines = panel + 1 < end && src.packed != nullptr ? panel_size * static_cast<int64_t>(sizeof(int32_t)) / 64 : 0;
       for (int64_t m0 = 0; m0 < M; m0 += kRowsWide) {
         const int mt = static_cast<int>(std::min<int64_t>(kRowsWide, M - m0));
         panel_wide<PW>(mt, xf.data() + m0 * K, K, buf.data(), K, c, ahead, lines);
@@ -333,21 +342,10 @@ void matmul_avx2(const at::Tensor& x, const at::Tensor& wp, Epilogue&& epilogue)
   });
 }
 
-at::Tensor linear_bf16(const at::Tensor& x_, const at::Tensor& wp, int64_t n,
-                       const c10::optional<at::Tensor>& bias_) {
-  check(x_, wp, kPanel);
-  TORCH_CHECK(n > 0 && (n + kPanel * kCols - 1) / (kPanel * kCols) == wp.size(0), "n = ", n,
-              " does not fit ", wp.size(0), " panels");
-  at::Tensor x = x_.contiguous();
+at::Tensor linear_impl(const at::Tensor& x, const Panels& src, int64_t n, const float* bp) {
   at::Tensor y = at::empty({x.size(0), n}, x.options());
-  at::Tensor bias;
-  if (bias_.has_value()) {
-    bias = bias_->to(at::kFloat).contiguous();
-    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == n, "bias must hold n values");
-  }
-  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  matmul_avx2<kPanel>(x, wp, [&](int64_t m0, int mt, int64_t panel, const float* c) {
+  matmul_avx2<kPanel>(x, src, [&](int64_t m0, int mt, int64_t panel, const float* c) {
     for (int j = 0; j < kPanel; ++j)
       for (int h = 0; h < 2; ++h) {
         const int64_t col = (panel * kPanel + j) * kCols + h * 8, valid = std::min<int64_t>(8, n - col);
@@ -366,15 +364,11 @@ at::Tensor linear_bf16(const at::Tensor& x_, const at::Tensor& wp, int64_t n,
   return y;
 }
 
-at::Tensor linear_silu_mul_bf16(const at::Tensor& x_, const at::Tensor& wp, int64_t n) {
-  check(x_, wp, 2);
-  TORCH_CHECK(n > 0 && (n + kCols - 1) / kCols == wp.size(0), "n = ", n, " does not fit ", wp.size(0),
-              " gate/up panels");
-  at::Tensor x = x_.contiguous();
+at::Tensor silu_mul_impl(const at::Tensor& x, const Panels& src, int64_t n) {
   at::Tensor y = at::empty({x.size(0), n}, x.options());
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
   const __m256 one = _mm256_set1_ps(1.f);
-  matmul_avx2<2>(x, wp, [&](int64_t m0, int mt, int64_t panel, const float* c) {
+  matmul_avx2<2>(x, src, [&](int64_t m0, int mt, int64_t panel, const float* c) {
     for (int h = 0; h < 2; ++h) {
       const int64_t col = panel * kCols + h * 8, valid = std::min<int64_t>(8, n - col);
       if (valid <= 0) return;
@@ -395,18 +389,50 @@ std::string bf16_matmul_isa() { return "avx2"; }
 
 #else  // neither AVX512-BF16 nor AVX2 + FMA: the Python side keeps oneDNN / ATen
 
-at::Tensor linear_bf16(const at::Tensor&, const at::Tensor&, int64_t, const c10::optional<at::Tensor>&) {
-  TORCH_CHECK(false, "linear_bf16 needs AVX512-BF16 or AVX2 + FMA");
+at::Tensor linear_impl(const at::Tensor&, const Panels&, int64_t, const float*) {
+  TORCH_CHECK(false, "the bf16 matmul needs AVX512-BF16 or AVX2 + FMA");
   return {};
 }
-at::Tensor linear_silu_mul_bf16(const at::Tensor&, const at::Tensor&, int64_t) {
-  TORCH_CHECK(false, "linear_silu_mul_bf16 needs AVX512-BF16 or AVX2 + FMA");
+at::Tensor silu_mul_impl(const at::Tensor&, const Panels&, int64_t) {
+  TORCH_CHECK(false, "the bf16 matmul needs AVX512-BF16 or AVX2 + FMA");
   return {};
 }
 bool has_bf16_matmul() { return false; }
 std::string bf16_matmul_isa() { return ""; }
 
 #endif
+
+// bias as float32 (kept alive by `keep`), or nullptr
+const float* bias_of(const c10::optional<at::Tensor>& bias, int64_t n, at::Tensor& keep) {
+  if (!bias.has_value()) return nullptr;
+  keep = bias->to(at::kFloat).contiguous();
+  TORCH_CHECK(keep.dim() == 1 && keep.size(0) == n, "bias must hold n values");
+  return keep.data_ptr<float>();
+}
+
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& wp, int64_t n, const c10::optional<at::Tensor>& bias) {
+  check(x, wp, kPanel);
+  TORCH_CHECK(n > 0 && (n + kPanel * kCols - 1) / (kPanel * kCols) == wp.size(0), "n = ", n,
+              " does not fit ", wp.size(0), " panels");
+  at::Tensor keep;
+  const float* bp = bias_of(bias, n, keep);
+  return linear_impl(x.contiguous(), Panels::of(wp), n, bp);
+}
+
+at::Tensor linear_silu_mul_bf16(const at::Tensor& x, const at::Tensor& wp, int64_t n) {
+  check(x, wp, 2);
+  TORCH_CHECK(n > 0 && (n + kCols - 1) / kCols == wp.size(0), "n = ", n, " does not fit ", wp.size(0),
+              " gate/up panels");
+  return silu_mul_impl(x.contiguous(), Panels::of(wp), n);
+}
+
+// x [M, k] bf16, k even and > 0
+void check_filled(const at::Tensor& x, int64_t k, int64_t n) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(),
+              "x must be a 2-D bfloat16 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(k > 0 && k % 2 == 0 && x.size(1) == k, "x has ", x.size(1), " inputs, the weight ", k);
+  TORCH_CHECK(n > 0, "n = ", n);
+}
 
 }  // namespace
 
@@ -417,12 +443,25 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& wp, int64_t n, con
 at::Tensor linear_silu_mul_bf16(const at::Tensor& x, const at::Tensor& wp, int64_t n) {
   return ::linear_silu_mul_bf16(x, wp, n);
 }
+at::Tensor linear_bf16_filled(const at::Tensor& x, int64_t k, int64_t n, const PanelFill& fill,
+                              const c10::optional<at::Tensor>& bias) {
+  check_filled(x, k, n);
+  at::Tensor keep;
+  const float* bp = bias_of(bias, n, keep);
+  const int64_t panels = (n + kPanel * kCols - 1) / (kPanel * kCols);
+  return linear_impl(x.contiguous(), Panels{nullptr, &fill, panels, k / 2}, n, bp);
+}
+at::Tensor linear_silu_mul_bf16_filled(const at::Tensor& x, int64_t k, int64_t n, const PanelFill& fill) {
+  check_filled(x, k, n);
+  return silu_mul_impl(x.contiguous(), Panels{nullptr, &fill, (n + kCols - 1) / kCols, k / 2}, n);
+}
+bool has_bf16_matmul() { return ::has_bf16_matmul(); }
 }  // namespace atomr_ops
 
 TORCH_LIBRARY_FRAGMENT(atomr_trio, m) {
   m.def("linear_bf16(Tensor x, Tensor wp, int n, Tensor? bias) -> Tensor");
   m.def("linear_silu_mul_bf16(Tensor x, Tensor wp, int n) -> Tensor");
-  m.def("has_bf16_matmul() -> bool", &has_bf16_matmul);
+  m.def("has_bf16_matmul() -> bool", &::has_bf16_matmul);
   m.def("bf16_matmul_isa() -> str", &bf16_matmul_isa);
 }
 

@@ -6,12 +6,23 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdint>
+#include <functional>
 #include <optional>
 
 namespace atomr_ops {
 
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& wp, int64_t n, const c10::optional<at::Tensor>& bias);
 at::Tensor linear_silu_mul_bf16(const at::Tensor& x, const at::Tensor& wp, int64_t n);
+// The same matmuls over a weight given panel by panel: fill(i, dst) writes panel i of the packed
+// layout (linear_bf16.cpp; [k/2][PW * 16] pairs of bf16 as int32, PW = 3 for linear_bf16_filled,
+// 2 gate|up blocks for the silu one) into dst, a buffer of the calling thread. x: [M, k] bf16.
+// Both raise in a build without the bf16 matmul (has_bf16_matmul()).
+using PanelFill = std::function<void(int64_t panel, int32_t* dst)>;
+at::Tensor linear_bf16_filled(const at::Tensor& x, int64_t k, int64_t n, const PanelFill& fill,
+                              const c10::optional<at::Tensor>& bias);
+at::Tensor linear_silu_mul_bf16_filled(const at::Tensor& x, int64_t k, int64_t n, const PanelFill& fill);
+bool has_bf16_matmul();
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t k,
                         const c10::optional<at::Tensor>& bias);
 at::Tensor quant_linear_silu_mul(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t k);

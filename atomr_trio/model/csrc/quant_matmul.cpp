@@ -23,8 +23,10 @@
 // (see "4-bit blocks at few rows"). Larger steps dequantize kTileN weight rows at a time into a small float32
 // buffer (L1/L2) that every kTileM-row tile of x then reuses, so the dequantization is paid once
 // per weight row, not once per tile of x (with AVX512-BF16 and x in bf16: 16 rows into a bf16
-// buffer, `vdpbf16ps` tiles, and each row's 16 results stored by one vector epilogue). Either way
-// a weight row is read from memory once per call, and x / y move in their own dtype (no extra
+// buffer, `vdpbf16ps` tiles, and each row's 16 results stored by one vector epilogue). Steps of
+// more than kPanelRows rows of bf16 x, where the build has linear_bf16.cpp's matmul, hand it the
+// weight panel by panel, dequantized to bf16 into its packed layout (fill_panel). Either way a
+// weight row is read from memory once per call, and x / y move in their own dtype (no extra
 // torch ops around the kernel). Vector code:
 // AVX-512 (16 lanes), AVX2+FMA (2 x 8 lanes) or portable loops, chosen at compile time
 // (native.py builds with -march=native or $ATOMR_TRIO_NATIVE_ARCH).
@@ -33,7 +35,7 @@
 // quant_linear_silu_mul(x [M, K], w [2n, row_bytes], type, K) -> silu(x Wg^T) * (x Wu^T) [M, n]
 //   for a gate|up stacked weight (gate rows first).
 // quant_dequantize(w [N, row_bytes], type, K, rows?) -> float32 [len(rows) or N, K]: the
-//   weight's rows (an embedding lookup, or the whole weight for long prefill chunks).
+//   weight's rows (an embedding lookup, or the whole weight for prefill chunks of float32 x).
 // Built and loaded at run time by native.py.
 
 #include <ATen/ATen.h>
@@ -306,6 +308,120 @@ void dequant_row(const uint8_t* row, int64_t blocks, float* out) {
   }
 }
 
+// 16 values as bfloat16 (rounded to nearest even) at out.
+inline void store_bf16(uint16_t* out, V16 v) {
+#if defined(__AVX512BF16__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), (__m256i)_mm512_cvtneps_pbh(v.v));
+#elif defined(__AVX512F__)
+  const __m512i b = _mm512_castps_si512(v.v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v.v, v.v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(r));
+#elif defined(__AVX2__) && defined(__FMA__)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), atomr_avx2::to_bf16(v.a));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 8), atomr_avx2::to_bf16(v.b));
+#else
+  for (int i = 0; i < 16; ++i) out[i] = c10::BFloat16(v.f[i]).x;
+#endif
+}
+
+// The weight row's values as bfloat16 into out (K values): the rounding that the bf16 weights of
+// quantization=none have too.
+template <class F>
+void dequant_row_bf16(const uint8_t* row, int64_t blocks, uint16_t* out) {
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int g = 0; g < F::kGroups; ++g) {
+      V16 w0, w1;
+      F::group(row + b * F::kBytes, g, w0, w1);
+      store_bf16(out + b * F::kValues + g * 32, w0);
+      store_bf16(out + b * F::kValues + g * 32 + 16, w1);
+    }
+  }
+}
+
+// A panel of the weight in linear_bf16.cpp's packed layout (see ops.h, PanelFill), W = PW * 16
+// columns: dst[p * W + c] holds values 2p and 2p + 1 of weight row row_of(c) as bf16 (zeros where
+// row_of(c) < 0: the padding of the last panel).
+#if defined(__AVX512F__)
+// In place: lane k of r[i] <-> lane i of r[k] (16 x 16 int32; 64 shuffles).
+inline void transpose16(__m512i* r) {
+  __m512i a[16], b[16];
+  for (int m = 0; m < 8; ++m) {
+    a[2 * m] = _mm512_unpacklo_epi32(r[2 * m], r[2 * m + 1]);
+    a[2 * m + 1] = _mm512_unpackhi_epi32(r[2 * m], r[2 * m + 1]);
+  }
+  for (int q = 0; q < 4; ++q) {  // b[4q + e], 128-bit lane L: rows 4q..4q+3 at element 4L + e
+    b[4 * q] = _mm512_unpacklo_epi64(a[4 * q], a[4 * q + 2]);
+    b[4 * q + 1] = _mm512_unpackhi_epi64(a[4 * q], a[4 * q + 2]);
+    b[4 * q + 2] = _mm512_unpacklo_epi64(a[4 * q + 1], a[4 * q + 3]);
+    b[4 * q + 3] = _mm512_unpackhi_epi64(a[4 * q + 1], a[4 * q + 3]);
+  }
+  for (int e = 0; e < 4; ++e) {  // element 4L + e gathers lane L of b[e], b[4 + e], b[8 + e], b[12 + e]
+    const __m512i lo0 = _mm512_shuffle_i32x4(b[e], b[4 + e], 0x44), lo1 = _mm512_shuffle_i32x4(b[8 + e], b[12 + e], 0x44);
+    const __m512i hi0 = _mm512_shuffle_i32x4(b[e], b[4 + e], 0xEE), hi1 = _mm512_shuffle_i32x4(b[8 + e], b[12 + e], 0xEE);
+    r[e] = _mm512_shuffle_i32x4(lo0, lo1, 0x88);
+    r[4 + e] = _mm512_shuffle_i32x4(lo0, lo1, 0xDD);
+    r[8 + e] = _mm512_shuffle_i32x4(hi0, hi1, 0x88);
+    r[12 + e] = _mm512_shuffle_i32x4(hi0, hi1, 0xDD);
+  }
+}
+
+// 16 rows at a time (one block of columns): each row's group of 32 values becomes one vector of 16
+// bf16 pairs, and a transpose turns the 16 rows' vectors into 16 pairs' vectors of the panel.
+// Measured against storing each pair on its own (the default model's GGUF matrices, all layers,
+// 128 rows, 2 threads, 2-core Zen 4): 80.5 -> 72.5 ms (bf16 weights: 64.3 ms).
+template <class F, typename RowOf>
+void fill_panel(const uint8_t* w, int64_t rb, int64_t K, int W, RowOf&& row_of, int32_t* dst) {
+  const int64_t blocks = K / F::kValues;
+  for (int j = 0; j < W / 16; ++j) {
+    const uint8_t* rows[16];
+    for (int c = 0; c < 16; ++c) {
+      const int64_t r = row_of(j * 16 + c);
+      rows[c] = r < 0 ? nullptr : w + r * rb;
+    }
+    for (int64_t b = 0; b < blocks; ++b)
+      for (int g = 0; g < F::kGroups; ++g) {
+        __m512i v[16];
+        for (int c = 0; c < 16; ++c) {
+          if (rows[c] == nullptr) {
+            v[c] = _mm512_setzero_si512();
+            continue;
+          }
+          V16 w0, w1;
+          F::group(rows[c] + b * F::kBytes, g, w0, w1);
+#if defined(__AVX512BF16__)
+          v[c] = (__m512i)_mm512_cvtne2ps_pbh(w1.v, w0.v);
+#else
+          alignas(64) uint16_t h[32];
+          store_bf16(h, w0);
+          store_bf16(h + 16, w1);
+          v[c] = _mm512_load_si512(h);
+#endif
+        }
+        transpose16(v);
+        int32_t* out = dst + (b * F::kValues + g * 32) / 2 * W + j * 16;
+        for (int i = 0; i < 16; ++i) _mm512_storeu_si512(out + i * W, v[i]);
+      }
+  }
+}
+#else
+template <class F, typename RowOf>
+void fill_panel(const uint8_t* w, int64_t rb, int64_t K, int W, RowOf&& row_of, int32_t* dst) {
+  const int64_t pairs = K / 2;
+  std::vector<int32_t> row(static_cast<size_t>(pairs));
+  for (int c = 0; c < W; ++c) {
+    const int64_t r = row_of(c);
+    if (r < 0) {
+      for (int64_t p = 0; p < pairs; ++p) dst[p * W + c] = 0;
+      continue;
+    }
+    dequant_row_bf16<F>(w + r * rb, K / F::kValues, reinterpret_cast<uint16_t*>(row.data()));
+    for (int64_t p = 0; p < pairs; ++p) dst[p * W + c] = row[p];
+  }
+}
+#endif
+
 // Register tile of the many-row path: kTileM rows of x x kTileN dequantized weight rows.
 #if defined(__AVX512F__)
 constexpr int kTileM = 4, kTileN = 4;  // 16 accumulators, 4 weight and 1 x vector (hsum4 takes 4)
@@ -456,17 +572,6 @@ void dot_nibbles(const uint8_t* const* rows, int64_t blocks, const float* x, int
 // weights of quantization=none have too) and `vdpbf16ps` multiplies 32 pairs per instruction:
 // twice the float32 FMA's rate, which bounds steps of many rows.
 constexpr bool kBf16Dot = true;
-
-template <class F>
-void dequant_row_bf16(const uint8_t* row, int64_t blocks, uint16_t* out) {
-  for (int64_t b = 0; b < blocks; ++b) {
-    for (int g = 0; g < F::kGroups; ++g) {
-      V16 w0, w1;
-      F::group(row + b * F::kBytes, g, w0, w1);
-      _mm512_storeu_si512(out + b * F::kValues + g * 32, (__m512i)_mm512_cvtne2ps_pbh(w1.v, w0.v));
-    }
-  }
-}
 
 // c[m * ldc + j] = x[m, :] . wbuf[j, :] for MT rows of x and kTileN bf16 weight rows in wbuf
 template <int MT>
@@ -622,6 +727,18 @@ constexpr int64_t kGrain = 16;
 // of x whose bf16 bits are xh (nullptr: x is float32, or the build lacks AVX512-BF16).
 inline bool in_runs(const uint16_t* xh, int64_t M) { return kBf16Dot && xh != nullptr && M > kFewRows; }
 
+// Steps of more than kPanelRows rows of bf16 x go through linear_bf16.cpp's matmul, its panels
+// dequantized to bf16 on demand (fill_panel), where the build has that matmul: a panel is
+// dequantized once for all rows and its tiles keep 24 accumulators. The default model's GGUF
+// matrices, all layers, 2 threads (2-core Zen 4, AVX512-BF16), against the runs of 16 of
+// products_bf16: 24 rows 27.7 vs 23.4-26.0 ms, 32 rows 27.3 vs 27.4-32.0, 48 rows 35.3 vs
+// 38.6-42.6, 64 rows 41.9 vs 47.1-47.9 (bf16 weights: 34.3); prefill chunks of 256 rows 134 ms
+// (bf16 weights 127).
+constexpr int64_t kPanelRows = 32;
+inline bool in_panels(const at::Tensor& x) {
+  return x.dim() == 2 && x.size(0) > kPanelRows && x.scalar_type() == at::kBFloat16 && atomr_ops::has_bf16_matmul();
+}
+
 #if defined(__AVX512BF16__)
 constexpr int64_t kBlock = 16;  // products handed to the epilogue at once: one float32 vector
 
@@ -762,8 +879,6 @@ at::Tensor quant_linear(const at::Tensor& x_, const at::Tensor& w, int64_t type,
     using F = decltype(f);
     check_weight<F>(w, k);
     const at::Tensor x = x_.contiguous();
-    std::vector<float> xcopy;
-    const float* xp = float_rows(x, k, xcopy);
     const int64_t M = x.size(0), N = w.size(0);
     at::Tensor bias;
     if (bias_.has_value()) {
@@ -771,6 +886,16 @@ at::Tensor quant_linear(const at::Tensor& x_, const at::Tensor& w, int64_t type,
       TORCH_CHECK(bias.dim() == 1 && bias.size(0) == N, "bias must hold ", N, " values");
     }
     const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+    if (in_panels(x)) {  // x [M, K] with many bf16 rows: dequantized panels, the bf16 matmul's tiles
+      const uint8_t* wp = w.data_ptr<uint8_t>();
+      const int64_t rb = w.size(1);
+      constexpr int W = 3 * 16;  // linear_bf16's panel of 3 blocks
+      return atomr_ops::linear_bf16_filled(x, k, N, [&](int64_t panel, int32_t* dst) {
+        fill_panel<F>(wp, rb, k, W, [&](int c) { return panel * W + c < N ? panel * W + c : -1; }, dst);
+      }, bias_);
+    }
+    std::vector<float> xcopy;
+    const float* xp = float_rows(x, k, xcopy);
     at::Tensor y = at::empty({M, N}, x.options());
     const Out out(y);
 #if defined(__AVX512BF16__)
@@ -797,9 +922,19 @@ at::Tensor quant_linear_silu_mul(const at::Tensor& x_, const at::Tensor& w, int6
     check_weight<F>(w, k);
     TORCH_CHECK(w.size(0) % 2 == 0, "a gate|up weight has an even number of rows, got ", w.size(0));
     const at::Tensor x = x_.contiguous();
+    const int64_t M = x.size(0), n = w.size(0) / 2;
+    if (in_panels(x)) {  // as quant_linear; panels of 16 gate rows, then the same 16 up rows
+      const uint8_t* wp = w.data_ptr<uint8_t>();
+      const int64_t rb = w.size(1);
+      return atomr_ops::linear_silu_mul_bf16_filled(x, k, n, [&](int64_t panel, int32_t* dst) {
+        fill_panel<F>(wp, rb, k, 32, [&](int c) {
+          const int64_t j = panel * 16 + c % 16;
+          return j < n ? (c < 16 ? j : n + j) : -1;
+        }, dst);
+      });
+    }
     std::vector<float> xcopy;
     const float* xp = float_rows(x, k, xcopy);
-    const int64_t M = x.size(0), n = w.size(0) / 2;
     at::Tensor y = at::empty({M, n}, x.options());
     // the per-product paths keep gate and up apart and finish them in one vector pass after; the
     // bf16 many-row path needs neither (its runs of 16 hold both)
