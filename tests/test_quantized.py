@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -122,17 +123,26 @@ def test_prefill_chunks_of_every_length_reach_the_float_matmul_in_few_shapes(
     assert seen == (set() if in_panels else {(2 * quantized.DEQUANT_ROWS, 64), (3 * quantized.DEQUANT_ROWS, 64)})
 
 
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 needs_matmul = pytest.mark.skipif(not (native.kernels() and native.kernels().matmul_isa),  # type: ignore[union-attr]
                                   reason="the build has no native bf16 matmul")
 
 
 @needs_matmul
 @pytest.mark.parametrize("name", list(TYPES))
-@pytest.mark.parametrize("rows", [33, 80])  # past kPanelRows (32): one tile of 8 rows and a part, or 10
-def test_many_bf16_rows_match_the_bf16_weight_matmul(name: str, rows: int) -> None:
+@pytest.mark.parametrize("rows", [32, 33, 80])  # from kPanelRows (32): whole tiles of rows and a part
+def test_many_bf16_rows_match_the_bf16_weight_matmul(name: str, rows: int, two_threads: None) -> None:
     """Many bf16 rows take dequantized panels through the bf16 matmul: the weight rounded to bf16
     once, float32 sums, one rounding of each output. 100 outputs make three panels of 48 (the last
-    padded) and 2 x 37 gate|up outputs three panels of 16 (the last padded)."""
+    padded) and 2 x 37 gate|up outputs three panels of 16 (the last padded); with 2 threads, a
+    thread fills its buffer for a second panel whatever the host's core count."""
     t = TYPES[name]
     k = 512 if t == 12 else 96
     w = _blocks(t, 100, k, seed=rows + 7)
@@ -152,9 +162,25 @@ def test_many_bf16_rows_match_the_bf16_weight_matmul(name: str, rows: int) -> No
 
 
 @needs_native
+@pytest.mark.parametrize("rows", [3, 40])  # a few rows, and enough for the panels
+def test_a_weight_of_no_rows_gives_empty_products_and_a_bad_x_a_clear_error(rows: int) -> None:
+    k = native.kernels()
+    assert k is not None and k.quant_linear is not None and k.quant_linear_silu_mul is not None
+    none = torch.empty(0, 34, dtype=torch.uint8)  # Q8_0 rows of 32 values
+    x = torch.randn(rows, 32).to(torch.bfloat16)
+    assert k.quant_linear(x, none, 8, 32, None).shape == (rows, 0)
+    assert k.quant_linear_silu_mul(x, none, 8, 32).shape == (rows, 0)
+    w = _blocks(TYPES["Q8_0"], 4, 64, seed=1).data
+    with pytest.raises(RuntimeError, match="with 64 columns"):
+        k.quant_linear(x, w, 8, 64, None)  # x has 32
+    with pytest.raises(RuntimeError, match="2-D"):
+        k.quant_linear_silu_mul(torch.randn(64).to(torch.bfloat16), w, 8, 64)
+
+
+@needs_native
 @pytest.mark.parametrize("name", list(TYPES))
 @pytest.mark.parametrize("rows", [1, 2, 3, 17, 80])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16 4-64 rows: the vector epilogue
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16 4-31 rows: the vector epilogue
 def test_quant_silu_mul_matches_the_reference(name: str, rows: int, dtype: torch.dtype) -> None:
     t = TYPES[name]
     k = 256 if t == 12 else 64

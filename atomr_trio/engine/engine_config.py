@@ -33,10 +33,12 @@ DEFAULT_CPU_KV_BYTES = 1 << 30
 # tok/s level (16: 485-510 vs 491-520; 64: 569-586 vs 583-594); a lone 1900-token prompt's TTFT
 # 2-4% longer (8 steps instead of 2). Built for AVX2 (haswell) a prompt token costs ~4% more in
 # 256-token steps (prefill 806-836 vs 838-868 tok/s: each step widens the weight once). GGUF
-# weights keep 1024: each prefill step dequantizes every matrix once (quantized.py), a fixed cost
-# that 256-token steps pay 4 times as often (prefill 1590 -> 890 tok/s).
+# weights (--quantization gguf, the default model's Q4_1), 2 alternated runs: TTFT median at 16
+# concurrent 787-1042 -> 610-668 ms, at 64 1925-1957 -> 1233-2116; output tok/s 359-387 vs
+# 368-373 and 517-547 vs 529-550. (Where GGUF prefill still dequantizes whole matrices — float32
+# activations, or no native bf16 matmul: quantized.py — each step pays that once, 4 times as
+# often as in steps of 1024.)
 DEFAULT_STEP_TOKENS = {"cpu": 256, "cuda": 2048}
-GGUF_STEP_TOKENS = 1024
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 Dtype = Literal["auto", "float32", "bfloat16"]
 
@@ -55,8 +57,7 @@ class EngineSettings(BaseModel):
         default=None, ge=1, description="token budget of one engine step; longer prompts are chunked (default: "
                                         "256 on CPU, where a prompt token costs a good part of a millisecond and "
                                         "a smaller step lets running sequences decode and waiting prompts start "
-                                        "between chunks; 1024 with quantization gguf, whose prefill steps "
-                                        "dequantize every matrix; 2048 on CUDA)")
+                                        "between chunks; 2048 on CUDA)")
     kv_cache_memory_bytes: int | None = Field(
         default=None, ge=1, description="memory for the paged KV cache in bytes, per replica (default: 1 GiB on "
                                        "CPU; on CUDA what gpu_memory_utilization leaves)")
@@ -170,8 +171,7 @@ class EngineConfig(EngineOptions):
         if self.quantization != "none" and device != "cpu":
             raise ValueError(f"quantization {self.quantization!r} runs on the CPU only for now (device {device!r}); "
                              "use quantization='none' on a GPU")
-        step_tokens = self.max_num_batched_tokens or (
-            GGUF_STEP_TOKENS if self.quantization == "gguf" else DEFAULT_STEP_TOKENS[device.split(":")[0]])
+        step_tokens = self.max_num_batched_tokens or DEFAULT_STEP_TOKENS[device.split(":")[0]]
         resolved = self.model_copy(update={"device": device, "max_num_batched_tokens": step_tokens})
         per_block = resolved.kv_block_bytes(model)
         if self.num_kv_blocks:

@@ -90,7 +90,7 @@ class FusedDecode:
     ff: int
     scale: float
     eps: float
-    max_rows: int | None  # GGUF blocks: larger steps dequantize (QuantLinear), so they keep the loop
+    max_rows: int | None  # GGUF blocks: larger steps keep the loop, where QuantLinear picks their path
 
     def runs(self, rows: int) -> bool:
         return self.max_rows is None or rows <= self.max_rows

@@ -26,15 +26,16 @@ Invariants:
 - The native kernels are required: without them (no compiler, not x86-64, ATOMR_TRIO_NATIVE=0)
   or if their probe answers wrong, `require_kernels` raises `KernelUnavailable` with the reason,
   and the start fails (as a forced kernel path does). CUDA is refused at `EngineConfig.resolve`.
-- Steps of more than `DEQUANT_ROWS` rows (prefill chunks) are compute-bound, and the blocked
-  kernel's per-row dequantization would be repeated work there. With bf16 activations on a build
-  that has the native bf16 matmul (linear_bf16.cpp), quant_matmul.cpp dequantizes the weight to
-  bf16 one panel at a time, in the thread that needs it, and runs that matmul's tiles over it:
-  the weight is read once from its blocks and no dequantized copy of it exists. Measured on the
-  default model (2-core Zen 4, AVX512-BF16, prefill steps of 2 and 8 prompts of 128 tokens):
-  1461-1515 and 1632-1662 tok/s, against 880-890 and 1245-1588 when the whole weight was
-  dequantized for F.linear each step (bf16 weights: 1605-1798). Otherwise (float32 activations,
-  or no native bf16 matmul) the weight is dequantized once into the activations' dtype for
+- Steps of many rows (prefill chunks) are compute-bound, and the blocked kernel's per-row
+  dequantization would be repeated work there. With bf16 activations on a build that has the
+  native bf16 matmul (linear_bf16.cpp), quant_matmul.cpp takes steps of 32 rows or more
+  (kPanelRows) through that matmul: it dequantizes the weight to bf16 one panel at a time, in the
+  thread that needs it, and runs the matmul's tiles over it, so the weight is read once from its
+  blocks and no dequantized copy of it exists. Measured on the default model (2-core Zen 4,
+  AVX512-BF16, prefill steps of 2 and 8 prompts of 128 tokens): 1562-1648 and 1677-1698 tok/s,
+  against 880-890 and 1245-1588 when the whole weight was dequantized for F.linear each step
+  (bf16 weights: 1628-1798). Otherwise (float32 activations, or no native bf16 matmul) steps of
+  more than `DEQUANT_ROWS` rows dequantize the weight once into the activations' dtype for
   F.linear, the rows padded to a multiple of `DEQUANT_ROWS` so that F.linear sees few shapes:
   torch's bf16 matmul (oneDNN) keeps state per shape, and a chunk of every length made a
   server's memory grow for as long as it ran.
@@ -60,7 +61,7 @@ log = logging.getLogger(__name__)
 
 # GGML type id -> (name, values per block, bytes per block): the types the kernel takes
 KEPT = {8: ("Q8_0", 32, 34), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 12: ("Q4_K", 256, 144)}
-DEQUANT_ROWS = 64  # steps with more rows: dequantized panels (quant_matmul.cpp's kPanelRows) or F.linear
+DEQUANT_ROWS = 64  # steps with more rows of float32 x (or no native bf16 matmul): F.linear
 
 
 @dataclass

@@ -24,7 +24,7 @@
 // buffer (L1/L2) that every kTileM-row tile of x then reuses, so the dequantization is paid once
 // per weight row, not once per tile of x (with AVX512-BF16 and x in bf16: 16 rows into a bf16
 // buffer, `vdpbf16ps` tiles, and each row's 16 results stored by one vector epilogue). Steps of
-// more than kPanelRows rows of bf16 x, where the build has linear_bf16.cpp's matmul, hand it the
+// kPanelRows rows or more of bf16 x, where the build has linear_bf16.cpp's matmul, hand it the
 // weight panel by panel, dequantized to bf16 into its packed layout (fill_panel). Either way a
 // weight row is read from memory once per call, and x / y move in their own dtype (no extra
 // torch ops around the kernel). Vector code:
@@ -334,8 +334,12 @@ void dequant_row_bf16(const uint8_t* row, int64_t blocks, uint16_t* out) {
     for (int g = 0; g < F::kGroups; ++g) {
       V16 w0, w1;
       F::group(row + b * F::kBytes, g, w0, w1);
+#if defined(__AVX512BF16__)  // one conversion of 32 values (the 4-31 row path's inner loop)
+      _mm512_storeu_si512(out + b * F::kValues + g * 32, (__m512i)_mm512_cvtne2ps_pbh(w1.v, w0.v));
+#else
       store_bf16(out + b * F::kValues + g * 32, w0);
       store_bf16(out + b * F::kValues + g * 32 + 16, w1);
+#endif
     }
   }
 }
@@ -409,15 +413,15 @@ void fill_panel(const uint8_t* w, int64_t rb, int64_t K, int W, RowOf&& row_of, 
 template <class F, typename RowOf>
 void fill_panel(const uint8_t* w, int64_t rb, int64_t K, int W, RowOf&& row_of, int32_t* dst) {
   const int64_t pairs = K / 2;
-  std::vector<int32_t> row(static_cast<size_t>(pairs));
+  std::vector<uint16_t> row(static_cast<size_t>(K));
   for (int c = 0; c < W; ++c) {
     const int64_t r = row_of(c);
     if (r < 0) {
       for (int64_t p = 0; p < pairs; ++p) dst[p * W + c] = 0;
       continue;
     }
-    dequant_row_bf16<F>(w + r * rb, K / F::kValues, reinterpret_cast<uint16_t*>(row.data()));
-    for (int64_t p = 0; p < pairs; ++p) dst[p * W + c] = row[p];
+    dequant_row_bf16<F>(w + r * rb, K / F::kValues, row.data());
+    for (int64_t p = 0; p < pairs; ++p) std::memcpy(dst + p * W + c, row.data() + 2 * p, sizeof(int32_t));
   }
 }
 #endif
@@ -657,12 +661,16 @@ void dot_nibbles_bf16(const uint8_t* const* rows, int64_t blocks, const uint16_t
 constexpr bool kBf16Dot = false;
 #endif
 
-// x as float32 rows: the tensor's own data when it is float32, else a widened copy in `copy`.
-const float* float_rows(const at::Tensor& x, int64_t k, std::vector<float>& copy) {
+void check_x(const at::Tensor& x, int64_t k) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == k && x.device().is_cpu() && x.is_contiguous() &&
                   (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "x must be a contiguous 2-D float32 or bfloat16 CPU tensor with ", k, " columns, got ", x.sizes(),
               " ", x.scalar_type());
+}
+
+// x (checked by check_x) as float32 rows: the tensor's own data when it is float32, else a
+// widened copy in `copy`.
+const float* float_rows(const at::Tensor& x, std::vector<float>& copy) {
   if (x.scalar_type() == at::kFloat) return x.data_ptr<float>();
   const at::BFloat16* p = x.data_ptr<at::BFloat16>();
   copy.resize(x.numel());
@@ -727,7 +735,7 @@ constexpr int64_t kGrain = 16;
 // of x whose bf16 bits are xh (nullptr: x is float32, or the build lacks AVX512-BF16).
 inline bool in_runs(const uint16_t* xh, int64_t M) { return kBf16Dot && xh != nullptr && M > kFewRows; }
 
-// Steps of more than kPanelRows rows of bf16 x go through linear_bf16.cpp's matmul, its panels
+// Steps of kPanelRows rows or more of bf16 x go through linear_bf16.cpp's matmul, its panels
 // dequantized to bf16 on demand (fill_panel), where the build has that matmul: a panel is
 // dequantized once for all rows and its tiles keep 24 accumulators. The default model's GGUF
 // matrices, all layers, 2 threads (2-core Zen 4, AVX512-BF16), against the runs of 16 of
@@ -735,8 +743,9 @@ inline bool in_runs(const uint16_t* xh, int64_t M) { return kBf16Dot && xh != nu
 // 38.6-42.6, 64 rows 41.9 vs 47.1-47.9 (bf16 weights: 34.3); prefill chunks of 256 rows 134 ms
 // (bf16 weights 127).
 constexpr int64_t kPanelRows = 32;
-inline bool in_panels(const at::Tensor& x) {
-  return x.dim() == 2 && x.size(0) > kPanelRows && x.scalar_type() == at::kBFloat16 && atomr_ops::has_bf16_matmul();
+// (x already checked by check_x; n: the outputs, none of which leaves nothing to fill)
+inline bool in_panels(const at::Tensor& x, int64_t n) {
+  return x.size(0) >= kPanelRows && n > 0 && x.scalar_type() == at::kBFloat16 && atomr_ops::has_bf16_matmul();
 }
 
 #if defined(__AVX512BF16__)
@@ -879,6 +888,7 @@ at::Tensor quant_linear(const at::Tensor& x_, const at::Tensor& w, int64_t type,
     using F = decltype(f);
     check_weight<F>(w, k);
     const at::Tensor x = x_.contiguous();
+    check_x(x, k);
     const int64_t M = x.size(0), N = w.size(0);
     at::Tensor bias;
     if (bias_.has_value()) {
@@ -886,7 +896,7 @@ at::Tensor quant_linear(const at::Tensor& x_, const at::Tensor& w, int64_t type,
       TORCH_CHECK(bias.dim() == 1 && bias.size(0) == N, "bias must hold ", N, " values");
     }
     const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
-    if (in_panels(x)) {  // x [M, K] with many bf16 rows: dequantized panels, the bf16 matmul's tiles
+    if (in_panels(x, N)) {  // x [M, K] with many bf16 rows: dequantized panels, the bf16 matmul's tiles
       const uint8_t* wp = w.data_ptr<uint8_t>();
       const int64_t rb = w.size(1);
       constexpr int W = 3 * 16;  // linear_bf16's panel of 3 blocks
@@ -895,7 +905,7 @@ at::Tensor quant_linear(const at::Tensor& x_, const at::Tensor& w, int64_t type,
       }, bias_);
     }
     std::vector<float> xcopy;
-    const float* xp = float_rows(x, k, xcopy);
+    const float* xp = float_rows(x, xcopy);
     at::Tensor y = at::empty({M, N}, x.options());
     const Out out(y);
 #if defined(__AVX512BF16__)
@@ -922,8 +932,9 @@ at::Tensor quant_linear_silu_mul(const at::Tensor& x_, const at::Tensor& w, int6
     check_weight<F>(w, k);
     TORCH_CHECK(w.size(0) % 2 == 0, "a gate|up weight has an even number of rows, got ", w.size(0));
     const at::Tensor x = x_.contiguous();
+    check_x(x, k);
     const int64_t M = x.size(0), n = w.size(0) / 2;
-    if (in_panels(x)) {  // as quant_linear; panels of 16 gate rows, then the same 16 up rows
+    if (in_panels(x, n)) {  // as quant_linear; panels of 16 gate rows, then the same 16 up rows
       const uint8_t* wp = w.data_ptr<uint8_t>();
       const int64_t rb = w.size(1);
       return atomr_ops::linear_silu_mul_bf16_filled(x, k, n, [&](int64_t panel, int32_t* dst) {
@@ -934,7 +945,7 @@ at::Tensor quant_linear_silu_mul(const at::Tensor& x_, const at::Tensor& w, int6
       });
     }
     std::vector<float> xcopy;
-    const float* xp = float_rows(x, k, xcopy);
+    const float* xp = float_rows(x, xcopy);
     at::Tensor y = at::empty({M, n}, x.options());
     // the per-product paths keep gate and up apart and finish them in one vector pass after; the
     // bf16 many-row path needs neither (its runs of 16 hold both)
