@@ -409,6 +409,63 @@ void fill_panel(const uint8_t* w, int64_t rb, int64_t K, int W, RowOf&& row_of, 
       }
   }
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+// In place: lane k of r[i] <-> lane i of r[k] (8 x 8 int32; 24 shuffles).
+inline void transpose8(__m256i* r) {
+  __m256i t[8], u[8];
+  for (int m = 0; m < 4; ++m) {
+    t[2 * m] = _mm256_unpacklo_epi32(r[2 * m], r[2 * m + 1]);
+    t[2 * m + 1] = _mm256_unpackhi_epi32(r[2 * m], r[2 * m + 1]);
+  }
+  for (int q = 0; q < 2; ++q) {  // u[4q + e], 128-bit lane L: rows 4q..4q+3 at element 4L + e
+    u[4 * q] = _mm256_unpacklo_epi64(t[4 * q], t[4 * q + 2]);
+    u[4 * q + 1] = _mm256_unpackhi_epi64(t[4 * q], t[4 * q + 2]);
+    u[4 * q + 2] = _mm256_unpacklo_epi64(t[4 * q + 1], t[4 * q + 3]);
+    u[4 * q + 3] = _mm256_unpackhi_epi64(t[4 * q + 1], t[4 * q + 3]);
+  }
+  for (int e = 0; e < 4; ++e) {
+    r[e] = _mm256_permute2x128_si256(u[e], u[4 + e], 0x20);
+    r[4 + e] = _mm256_permute2x128_si256(u[e], u[4 + e], 0x31);
+  }
+}
+
+// As the AVX-512 fill, 8 rows (half a block of columns) at a time: each row's group of 32 values
+// becomes two vectors of 8 bf16 pairs, and two 8 x 8 transposes turn them into the pairs' vectors.
+// Measured against storing each pair on its own (the default model's GGUF matrices, all layers,
+// 2 threads, 2-core Zen 4 built for Haswell, 2 alternated runs): 64 rows 94-102 -> 85-95 ms, 128
+// rows 160-175 -> 152-167, 256 rows 287-317 -> 277-311 (bf16 weights: 79, 156, 298).
+template <class F, typename RowOf>
+void fill_panel(const uint8_t* w, int64_t rb, int64_t K, int W, RowOf&& row_of, int32_t* dst) {
+  const int64_t blocks = K / F::kValues;
+  for (int h = 0; h < W / 8; ++h) {
+    const uint8_t* rows[8];
+    for (int c = 0; c < 8; ++c) {
+      const int64_t r = row_of(h * 8 + c);
+      rows[c] = r < 0 ? nullptr : w + r * rb;
+    }
+    for (int64_t b = 0; b < blocks; ++b)
+      for (int g = 0; g < F::kGroups; ++g) {
+        __m256i lo[8], hi[8];  // pairs 0..7 and 8..15 of the group, one row each
+        for (int c = 0; c < 8; ++c) {
+          if (rows[c] == nullptr) {
+            lo[c] = hi[c] = _mm256_setzero_si256();
+            continue;
+          }
+          V16 w0, w1;
+          F::group(rows[c] + b * F::kBytes, g, w0, w1);
+          lo[c] = _mm256_set_m128i(atomr_avx2::to_bf16(w0.b), atomr_avx2::to_bf16(w0.a));
+          hi[c] = _mm256_set_m128i(atomr_avx2::to_bf16(w1.b), atomr_avx2::to_bf16(w1.a));
+        }
+        transpose8(lo);
+        transpose8(hi);
+        int32_t* out = dst + (b * F::kValues + g * 32) / 2 * W + h * 8;
+        for (int i = 0; i < 8; ++i) {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * W), lo[i]);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (8 + i) * W), hi[i]);
+        }
+      }
+  }
+}
 #else
 template <class F, typename RowOf>
 void fill_panel(const uint8_t* w, int64_t rb, int64_t K, int W, RowOf&& row_of, int32_t* dst) {
