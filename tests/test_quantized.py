@@ -21,6 +21,7 @@ from test_parity import PROMPTS  # the prompts of the other default-model checks
 
 from atomr_trio import LLM, SamplingParams
 from atomr_trio.model import native, quantized
+from atomr_trio.model.linear import pack_gate_up_panels, pack_panels
 from atomr_trio.model.quantized import QuantizedWeight, QuantLinear, random_blocks
 
 gguf = pytest.importorskip("gguf")
@@ -138,31 +139,38 @@ needs_matmul = pytest.mark.skipif(not (native.kernels() and native.kernels().mat
 @needs_matmul
 @pytest.mark.parametrize("name", list(TYPES))
 @pytest.mark.parametrize("rows", [32, 33, 80])  # from kPanelRows (32): whole tiles of rows and a part
-def test_many_bf16_rows_match_the_bf16_weight_matmul(name: str, rows: int, two_threads: None) -> None:
-    """Many bf16 rows take dequantized panels through the bf16 matmul: the weight rounded to bf16
-    once, float32 sums, one rounding of each output. 100 outputs make three panels of 48 (the last
-    padded) and 2 x 37 gate|up outputs three panels of 16 (the last padded); with 2 threads, a
-    thread fills its buffer for a second panel whatever the host's core count."""
+def test_many_bf16_rows_are_the_bf16_matmul_over_the_rounded_weight(name: str, rows: int, two_threads: None) -> None:
+    """Many bf16 rows take dequantized panels through the native bf16 matmul: bit for bit what
+    that matmul gives over the weight dequantized, rounded to bf16 and packed (linear.py) — which
+    the block tiles of fewer rows, summing in another order, would not be. That in turn is the
+    float64 product to within one rounding. 100 outputs make three panels of 48 (the last padded),
+    2 x 37 gate|up outputs three of 16; with 2 threads a thread fills its buffer for a second
+    panel whatever the host's core count."""
+    kernels = native.kernels()
+    assert kernels is not None and kernels.linear is not None and kernels.linear_silu_mul is not None
     t = TYPES[name]
     k = 512 if t == 12 else 96
     w = _blocks(t, 100, k, seed=rows + 7)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
     bias = torch.randn(100, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
-    ref = _reference(w).to(torch.bfloat16).double()  # what the panels hold
+    rounded = w.dequantize().to(torch.bfloat16)
     got = QuantLinear(w, bias)(x)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, 100)
+    assert torch.equal(got, kernels.linear(x, pack_panels(rounded), 100, bias))
+    ref = _reference(w).to(torch.bfloat16).double()
     _within_one_rounding(got, x.double() @ ref.T + bias.double(), x, ref)
 
     gu = _blocks(t, 2 * 37, k, seed=rows + 8)
-    gate, up = (x.double() @ _reference(gu).to(torch.bfloat16).double().T).chunk(2, dim=-1)
-    want = F.silu(gate) * up
     got = QuantLinear(gu, gate_up=True).silu_mul(x)
     assert got.shape == (rows, 37)
+    assert torch.equal(got, kernels.linear_silu_mul(x, pack_gate_up_panels(gu.dequantize().to(torch.bfloat16)), 37))
+    gate, up = (x.double() @ _reference(gu).to(torch.bfloat16).double().T).chunk(2, dim=-1)
+    want = F.silu(gate) * up
     assert torch.allclose(got.double(), want, rtol=2.0**-7, atol=1e-5 * float(want.abs().max()))
 
 
 @needs_native
-@pytest.mark.parametrize("rows", [3, 40])  # a few rows, and enough for the panels
+@pytest.mark.parametrize("rows", [3, 40])  # the block tiles' row counts, and the panels' (which n = 0 skips)
 def test_a_weight_of_no_rows_gives_empty_products_and_a_bad_x_a_clear_error(rows: int) -> None:
     k = native.kernels()
     assert k is not None and k.quant_linear is not None and k.quant_linear_silu_mul is not None
@@ -194,7 +202,7 @@ def test_quant_silu_mul_matches_the_reference(name: str, rows: int, dtype: torch
         assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
     elif rows <= 3:  # few rows: exact weights, float32 sums and silu, one rounding to bf16
         assert torch.allclose(got.double(), want, rtol=2.0**-8, atol=1e-5 * float(want.abs().max()))
-    else:  # the output rounded to bf16 (and, above DEQUANT_ROWS, the weight)
+    else:  # the output rounded to bf16, and the weight too (the bf16 tiles and panels; F.linear)
         assert torch.allclose(got.double(), want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
 
 
@@ -209,8 +217,8 @@ def test_other_builds_pass_the_block_kernel_tests(arch: str) -> None:
     here = Path(__file__)
     env = {**os.environ, "ATOMR_TRIO_NATIVE_ARCH": arch}
     tests = "matches_the_gguf_package or matches_dequantize_then_matmul or silu_mul_matches"
-    if arch != "x86-64":  # the panels of many bf16 rows (haswell: AVX2 matmul, one pair at a time;
-        tests += " or match_the_bf16_weight_matmul"  # skylake-avx512: the transpose, bf16 by integer rounding)
+    if arch != "x86-64":  # the panels of many bf16 rows (haswell: 8 x 8 transposes, the AVX2 matmul;
+        tests += " or are_the_bf16_matmul"  # skylake-avx512: 16 x 16, bf16 by integer rounding, AVX2 matmul)
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here), "-k", tests],
                           env=env, capture_output=True, text=True, timeout=600, cwd=here.parent.parent)
     assert done.returncode == 0, done.stdout[-3000:]

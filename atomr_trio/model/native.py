@@ -25,7 +25,8 @@ context out of the paged cache before a batch of tiny matmuls.
   AVX512-VNNI (`vpdpbusd`) where the -march has it, else for AVX2 (`vpmaddubsw`), else as plain
   C++ loops.
 - `csrc/quant_matmul.cpp`: the matmul over weights kept in GGUF's quantized blocks (Q8_0, Q4_0,
-  Q4_1, Q4_K), dequantized in registers (quantized.py); AVX-512, AVX2 or portable loops.
+  Q4_1, Q4_K), dequantized in registers (quantized.py); AVX-512, AVX2 or portable loops. From 32
+  bf16 rows it dequantizes panel by panel into linear_bf16.cpp's matmul (ops.h, PanelFill).
 
 How: the system C++ compiler builds the sources against torch's own headers and libraries with
 `-O3 -march=native` (or the -march in ATOMR_TRIO_NATIVE_ARCH) into one library, in a cache

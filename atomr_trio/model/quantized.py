@@ -5,7 +5,8 @@ are 5 bits per weight (Q8_0 8.5): kept as the file's blocks, a step reads 3-6x f
 bf16 / float32 weights. `QuantLinear` multiplies by them with csrc/quant_matmul.cpp, which
 dequantizes each block in registers and accumulates in float32 (activations stay float; no
 int8 requantization of x), so its results are float32 arithmetic on the dequantized weight, up
-to summation order.
+to summation order (bf16 activations from 4 rows on meet the weight rounded to bf16, as
+quantization=none holds it: see the invariants).
 
 Measured (default model, decode steps, shared 2-core Zen 4, benchmarks/profile_step.py, best runs):
 batch 1: gguf 8-10 ms, bf16 (native panels) 11.5 ms, float32 51 ms; batch 16: gguf 32 ms, bf16

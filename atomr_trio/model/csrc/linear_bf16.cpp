@@ -48,6 +48,8 @@ namespace {
 constexpr int64_t kCols = 16;  // output columns per packed block: one vector of float32
 constexpr int kMaxRows = 8;    // rows per tile
 constexpr int kPanel = 3;     // blocks per panel of a plain matmul's packed weight
+static_assert(kPanel * kCols == atomr_ops::kLinearPanelCols && 2 * kCols == atomr_ops::kSiluPanelCols,
+              "the panels that PanelFill writes (ops.h) are these");
 
 // wp [panels, K/2, blocks * 16, 2]; x [M, K].
 void check(const at::Tensor& x, const at::Tensor& wp, int64_t blocks) {
@@ -141,6 +143,7 @@ void matmul(const at::Tensor& x, const Panels& src, Epilogue&& epilogue) {
       const int32_t* w = src.at(panel, panel_size, own);
       for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
         const int mt = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
+        // (a packed weight only: a filled panel's successor does not exist yet)
         const bool last = m0 + kMaxRows >= M && m0 > 0 && panel + 1 < end && src.packed != nullptr;
         tile_rows<PW>(mt, xp + m0 * pairs, pairs, w, pairs, c, last ? w + panel_size : nullptr);
         epilogue(m0, mt, panel, c);
@@ -332,7 +335,8 @@ void matmul_avx2(const at::Tensor& x, const Panels& src, Epilogue&& epilogue) {
       }
       widen_panel<PW>(w, pairs, buf.data());
       const char* ahead = reinterpret_cast<const char*>(w + panel_size);  // the thread's next panel, if any
-      int64_t lines = panel + 1 < end && src.packed != nullptr ? panel_size * static_cast<int64_t>(sizeof(int32_t)) / 64 : 0;
+      int64_t lines =  // (a packed weight only: a filled panel's successor does not exist yet)
+          panel + 1 < end && src.packed != nullptr ? panel_size * static_cast<int64_t>(sizeof(int32_t)) / 64 : 0;
       for (int64_t m0 = 0; m0 < M; m0 += kRowsWide) {
         const int mt = static_cast<int>(std::min<int64_t>(kRowsWide, M - m0));
         panel_wide<PW>(mt, xf.data() + m0 * K, K, buf.data(), K, c, ahead, lines);

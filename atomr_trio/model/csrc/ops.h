@@ -15,9 +15,13 @@ namespace atomr_ops {
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& wp, int64_t n, const c10::optional<at::Tensor>& bias);
 at::Tensor linear_silu_mul_bf16(const at::Tensor& x, const at::Tensor& wp, int64_t n);
 // The same matmuls over a weight given panel by panel: fill(i, dst) writes panel i of the packed
-// layout (linear_bf16.cpp; [k/2][PW * 16] pairs of bf16 as int32, PW = 3 for linear_bf16_filled,
-// 2 gate|up blocks for the silu one) into dst, a buffer of the calling thread. x: [M, k] bf16.
+// layout into dst: [k/2][cols] int32, each the bf16 pair of inputs 2p (low half) and 2p + 1 of one
+// output column, cols = kLinearPanelCols (outputs 48i .. 48i + 47) for linear_bf16_filled and
+// kSiluPanelCols (16 gate outputs 16i .. 16i + 15, then the same 16 up outputs) for the silu one;
+// columns past the outputs hold zeros. fill runs on several threads at once, each with its own dst,
+// which it reuses from panel to panel: every int32 must be written each time. x: [M, k] bf16.
 // Both raise in a build without the bf16 matmul (has_bf16_matmul()).
+constexpr int kLinearPanelCols = 48, kSiluPanelCols = 32;
 using PanelFill = std::function<void(int64_t panel, int32_t* dst)>;
 at::Tensor linear_bf16_filled(const at::Tensor& x, int64_t k, int64_t n, const PanelFill& fill,
                               const c10::optional<at::Tensor>& bias);

@@ -6,7 +6,9 @@
 // accumulators: no float copy of the weight exists, so a decode step reads 4.5-8.5 bits per
 // weight instead of 16 or 32. Activations stay float32 (no int8 requantization of x): the error
 // against float32 arithmetic on the dequantized weight is float32 rounding — the summation order,
-// and at few rows over 4-bit blocks the block's offset taken out of the sum (see there).
+// and at few rows over 4-bit blocks the block's offset taken out of the sum (see there). bf16 x
+// from 4 rows on (with AVX512-BF16) and at kPanelRows rows or more (the panels) meets the weight
+// rounded to bf16 first, as quantization=none holds it.
 //
 // Block formats (the GGUF file format, as llama.cpp defines it; d, dmin, m are IEEE half):
 //   Q8_0  34 bytes / 32 values: d, int8 q[32];                    w = d * q
@@ -308,24 +310,7 @@ void dequant_row(const uint8_t* row, int64_t blocks, float* out) {
   }
 }
 
-// 16 values as bfloat16 (rounded to nearest even) at out.
-inline void store_bf16(uint16_t* out, V16 v) {
 #if defined(__AVX512BF16__)
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), (__m256i)_mm512_cvtneps_pbh(v.v));
-#elif defined(__AVX512F__)
-  const __m512i b = _mm512_castps_si512(v.v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v.v, v.v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(r));
-#elif defined(__AVX2__) && defined(__FMA__)
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), atomr_avx2::to_bf16(v.a));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 8), atomr_avx2::to_bf16(v.b));
-#else
-  for (int i = 0; i < 16; ++i) out[i] = c10::BFloat16(v.f[i]).x;
-#endif
-}
-
 // The weight row's values as bfloat16 into out (K values): the rounding that the bf16 weights of
 // quantization=none have too.
 template <class F>
@@ -334,20 +319,35 @@ void dequant_row_bf16(const uint8_t* row, int64_t blocks, uint16_t* out) {
     for (int g = 0; g < F::kGroups; ++g) {
       V16 w0, w1;
       F::group(row + b * F::kBytes, g, w0, w1);
-#if defined(__AVX512BF16__)  // one conversion of 32 values (the 4-31 row path's inner loop)
       _mm512_storeu_si512(out + b * F::kValues + g * 32, (__m512i)_mm512_cvtne2ps_pbh(w1.v, w0.v));
-#else
-      store_bf16(out + b * F::kValues + g * 32, w0);
-      store_bf16(out + b * F::kValues + g * 32 + 16, w1);
-#endif
     }
   }
 }
+#endif
 
-// A panel of the weight in linear_bf16.cpp's packed layout (see ops.h, PanelFill), W = PW * 16
-// columns: dst[p * W + c] holds values 2p and 2p + 1 of weight row row_of(c) as bf16 (zeros where
-// row_of(c) < 0: the padding of the last panel).
+// ---- GGUF panels for linear_bf16.cpp's matmul (steps of kPanelRows bf16 rows or more) ----------
+// fill_panel(w, rb, K, W, row_of, dst): one panel of the weight in the matmul's packed layout (ops.h,
+// PanelFill), W columns (kLinearPanelCols or kSiluPanelCols): dst[p * W + c] holds values 2p and
+// 2p + 1 of the weight row row_of(c) — rows of rb bytes of blocks at w, K values each — as bf16,
+// rounded to nearest even (the rounding of quantization=none's bf16 weights), or zeros where
+// row_of(c) < 0 (the padding of the last panel).
 #if defined(__AVX512F__)
+// One row's 32 values of a group as 16 bf16 pairs (value 2i in the low half of lane i).
+inline __m512i bf16_pairs(V16 w0, V16 w1) {
+#if defined(__AVX512BF16__)
+  return (__m512i)_mm512_cvtne2ps_pbh(w1.v, w0.v);
+#else  // AVX-512 without BF16: round to nearest even by integer arithmetic (NaN stays NaN)
+  auto half = [](__m512 v) {
+    const __m512i b = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+    return _mm512_cvtepi32_epi16(r);
+  };
+  return _mm512_inserti64x4(_mm512_castsi256_si512(half(w0.v)), half(w1.v), 1);
+#endif
+}
+
 // In place: lane k of r[i] <-> lane i of r[k] (16 x 16 int32; 64 shuffles).
 inline void transpose16(__m512i* r) {
   __m512i a[16], b[16];
@@ -394,14 +394,7 @@ void fill_panel(const uint8_t* w, int64_t rb, int64_t K, int W, RowOf&& row_of, 
           }
           V16 w0, w1;
           F::group(rows[c] + b * F::kBytes, g, w0, w1);
-#if defined(__AVX512BF16__)
-          v[c] = (__m512i)_mm512_cvtne2ps_pbh(w1.v, w0.v);
-#else
-          alignas(64) uint16_t h[32];
-          store_bf16(h, w0);
-          store_bf16(h + 16, w1);
-          v[c] = _mm512_load_si512(h);
-#endif
+          v[c] = bf16_pairs(w0, w1);
         }
         transpose16(v);
         int32_t* out = dst + (b * F::kValues + g * 32) / 2 * W + j * 16;
@@ -466,20 +459,10 @@ void fill_panel(const uint8_t* w, int64_t rb, int64_t K, int W, RowOf&& row_of, 
       }
   }
 }
-#else
+#else  // no bf16 matmul in this build, so in_panels is never true
 template <class F, typename RowOf>
-void fill_panel(const uint8_t* w, int64_t rb, int64_t K, int W, RowOf&& row_of, int32_t* dst) {
-  const int64_t pairs = K / 2;
-  std::vector<uint16_t> row(static_cast<size_t>(K));
-  for (int c = 0; c < W; ++c) {
-    const int64_t r = row_of(c);
-    if (r < 0) {
-      for (int64_t p = 0; p < pairs; ++p) dst[p * W + c] = 0;
-      continue;
-    }
-    dequant_row_bf16<F>(w + r * rb, K / F::kValues, row.data());
-    for (int64_t p = 0; p < pairs; ++p) std::memcpy(dst + p * W + c, row.data() + 2 * p, sizeof(int32_t));
-  }
+void fill_panel(const uint8_t*, int64_t, int64_t, int, RowOf&&, int32_t*) {
+  TORCH_CHECK(false, "this build has no bf16 matmul to fill GGUF panels for");
 }
 #endif
 
@@ -789,7 +772,8 @@ struct Out {
 constexpr int64_t kGrain = 16;
 
 // Whether `products` takes the bf16 many-row path (results in runs of 16, to emit16) for M rows
-// of x whose bf16 bits are xh (nullptr: x is float32, or the build lacks AVX512-BF16).
+// of x whose bf16 bits are xh (nullptr: x is float32, or the build lacks AVX512-BF16); with the
+// panels below it serves 4 to kPanelRows - 1 rows.
 inline bool in_runs(const uint16_t* xh, int64_t M) { return kBf16Dot && xh != nullptr && M > kFewRows; }
 
 // Steps of kPanelRows rows or more of bf16 x go through linear_bf16.cpp's matmul, its panels
@@ -798,9 +782,11 @@ inline bool in_runs(const uint16_t* xh, int64_t M) { return kBf16Dot && xh != nu
 // matrices, all layers, 2 threads (2-core Zen 4, AVX512-BF16), against the runs of 16 of
 // products_bf16: 24 rows 27.7 vs 23.4-26.0 ms, 32 rows 27.3 vs 27.4-32.0, 48 rows 35.3 vs
 // 38.6-42.6, 64 rows 41.9 vs 47.1-47.9 (bf16 weights: 34.3); prefill chunks of 256 rows 134 ms
-// (bf16 weights 127).
+// (bf16 weights 127). (Measured there; the AVX2 builds take the same bound: built for Haswell,
+// 48 rows 85 vs 117 ms and 64 rows 104 vs 157 against their float32 block tiles.)
 constexpr int64_t kPanelRows = 32;
-// (x already checked by check_x; n: the outputs, none of which leaves nothing to fill)
+// (x already checked by check_x; n = 0 outputs: nothing to fill, the block path returns the empty
+// product)
 inline bool in_panels(const at::Tensor& x, int64_t n) {
   return x.size(0) >= kPanelRows && n > 0 && x.scalar_type() == at::kBFloat16 && atomr_ops::has_bf16_matmul();
 }
@@ -808,12 +794,12 @@ inline bool in_panels(const at::Tensor& x, int64_t n) {
 #if defined(__AVX512BF16__)
 constexpr int64_t kBlock = 16;  // products handed to the epilogue at once: one float32 vector
 
-// The many-row path with x in bfloat16: kBlock weight rows at a time are dequantized (bf16) into a
+// The many-row path with x in bfloat16 (below kPanelRows rows): kBlock weight rows at a time are dequantized (bf16) into a
 // buffer that every tile of x rows reuses, kTileN rows per register tile, and each x row's kBlock
 // products go to `emit16(m, i0, v, valid)` together (v [kBlock], products i0 .. i0 + valid - 1;
 // zeros past `count`): a vector epilogue instead of one call per product, which cost a fifth of
 // the call at 64 rows (the default model's GGUF matrices, all layers: 70-72 ms with per-product
-// stores, 57 ms with none).
+// stores, 57 ms with none; 64 rows now take the panels).
 template <class F, typename Cols, typename Emit16>
 void products_bf16(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, int64_t rb, int64_t count,
                    Cols&& cols, Emit16&& emit16) {
@@ -947,20 +933,20 @@ at::Tensor quant_linear(const at::Tensor& x_, const at::Tensor& w, int64_t type,
     const at::Tensor x = x_.contiguous();
     check_x(x, k);
     const int64_t M = x.size(0), N = w.size(0);
+    if (in_panels(x, N)) {  // x [M, K] with many bf16 rows: dequantized panels, the bf16 matmul's tiles
+      const uint8_t* wp = w.data_ptr<uint8_t>();
+      const int64_t rb = w.size(1);
+      constexpr int W = atomr_ops::kLinearPanelCols;  // outputs 48i .. 48i + 47
+      return atomr_ops::linear_bf16_filled(x, k, N, [&](int64_t panel, int32_t* dst) {
+        fill_panel<F>(wp, rb, k, W, [&](int c) { return panel * W + c < N ? panel * W + c : -1; }, dst);
+      }, bias_);
+    }
     at::Tensor bias;
     if (bias_.has_value()) {
       bias = bias_->to(at::kFloat).contiguous();
       TORCH_CHECK(bias.dim() == 1 && bias.size(0) == N, "bias must hold ", N, " values");
     }
     const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
-    if (in_panels(x, N)) {  // x [M, K] with many bf16 rows: dequantized panels, the bf16 matmul's tiles
-      const uint8_t* wp = w.data_ptr<uint8_t>();
-      const int64_t rb = w.size(1);
-      constexpr int W = 3 * 16;  // linear_bf16's panel of 3 blocks
-      return atomr_ops::linear_bf16_filled(x, k, N, [&](int64_t panel, int32_t* dst) {
-        fill_panel<F>(wp, rb, k, W, [&](int c) { return panel * W + c < N ? panel * W + c : -1; }, dst);
-      }, bias_);
-    }
     std::vector<float> xcopy;
     const float* xp = float_rows(x, xcopy);
     at::Tensor y = at::empty({M, N}, x.options());
@@ -995,7 +981,7 @@ at::Tensor quant_linear_silu_mul(const at::Tensor& x_, const at::Tensor& w, int6
       const uint8_t* wp = w.data_ptr<uint8_t>();
       const int64_t rb = w.size(1);
       return atomr_ops::linear_silu_mul_bf16_filled(x, k, n, [&](int64_t panel, int32_t* dst) {
-        fill_panel<F>(wp, rb, k, 32, [&](int c) {
+        fill_panel<F>(wp, rb, k, atomr_ops::kSiluPanelCols, [&](int c) {
           const int64_t j = panel * 16 + c % 16;
           return j < n ? (c < 16 ? j : n + j) : -1;
         }, dst);
