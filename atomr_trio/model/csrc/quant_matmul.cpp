@@ -331,6 +331,35 @@ void dequant_row_bf16(const uint8_t* row, int64_t blocks, uint16_t* out) {
 // 2p + 1 of the weight row row_of(c) — rows of rb bytes of blocks at w, K values each — as bf16,
 // rounded to nearest even (the rounding of quantization=none's bf16 weights), or zeros where
 // row_of(c) < 0 (the padding of the last panel).
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+// The first two stages of an int32 transpose, which stay within 128-bit lanes, for 8 rows of
+// __m256i or 16 of __m512i: out[4q + e], lane L, holds element 4L + e of rows 4q .. 4q + 3.
+inline __m256i unpacklo32(__m256i a, __m256i b) { return _mm256_unpacklo_epi32(a, b); }
+inline __m256i unpackhi32(__m256i a, __m256i b) { return _mm256_unpackhi_epi32(a, b); }
+inline __m256i unpacklo64(__m256i a, __m256i b) { return _mm256_unpacklo_epi64(a, b); }
+inline __m256i unpackhi64(__m256i a, __m256i b) { return _mm256_unpackhi_epi64(a, b); }
+#if defined(__AVX512F__)
+inline __m512i unpacklo32(__m512i a, __m512i b) { return _mm512_unpacklo_epi32(a, b); }
+inline __m512i unpackhi32(__m512i a, __m512i b) { return _mm512_unpackhi_epi32(a, b); }
+inline __m512i unpacklo64(__m512i a, __m512i b) { return _mm512_unpacklo_epi64(a, b); }
+inline __m512i unpackhi64(__m512i a, __m512i b) { return _mm512_unpackhi_epi64(a, b); }
+#endif
+template <int N, typename V>
+void interleave4(const V* r, V* out) {
+  V t[N];
+  for (int m = 0; m < N / 2; ++m) {
+    t[2 * m] = unpacklo32(r[2 * m], r[2 * m + 1]);
+    t[2 * m + 1] = unpackhi32(r[2 * m], r[2 * m + 1]);
+  }
+  for (int q = 0; q < N / 4; ++q) {
+    out[4 * q] = unpacklo64(t[4 * q], t[4 * q + 2]);
+    out[4 * q + 1] = unpackhi64(t[4 * q], t[4 * q + 2]);
+    out[4 * q + 2] = unpacklo64(t[4 * q + 1], t[4 * q + 3]);
+    out[4 * q + 3] = unpackhi64(t[4 * q + 1], t[4 * q + 3]);
+  }
+}
+#endif
+
 #if defined(__AVX512F__)
 // One row's 32 values of a group as 16 bf16 pairs (value 2i in the low half of lane i).
 inline __m512i bf16_pairs(V16 w0, V16 w1) {
@@ -350,17 +379,8 @@ inline __m512i bf16_pairs(V16 w0, V16 w1) {
 
 // In place: lane k of r[i] <-> lane i of r[k] (16 x 16 int32; 64 shuffles).
 inline void transpose16(__m512i* r) {
-  __m512i a[16], b[16];
-  for (int m = 0; m < 8; ++m) {
-    a[2 * m] = _mm512_unpacklo_epi32(r[2 * m], r[2 * m + 1]);
-    a[2 * m + 1] = _mm512_unpackhi_epi32(r[2 * m], r[2 * m + 1]);
-  }
-  for (int q = 0; q < 4; ++q) {  // b[4q + e], 128-bit lane L: rows 4q..4q+3 at element 4L + e
-    b[4 * q] = _mm512_unpacklo_epi64(a[4 * q], a[4 * q + 2]);
-    b[4 * q + 1] = _mm512_unpackhi_epi64(a[4 * q], a[4 * q + 2]);
-    b[4 * q + 2] = _mm512_unpacklo_epi64(a[4 * q + 1], a[4 * q + 3]);
-    b[4 * q + 3] = _mm512_unpackhi_epi64(a[4 * q + 1], a[4 * q + 3]);
-  }
+  __m512i b[16];
+  interleave4<16>(r, b);
   for (int e = 0; e < 4; ++e) {  // element 4L + e gathers lane L of b[e], b[4 + e], b[8 + e], b[12 + e]
     const __m512i lo0 = _mm512_shuffle_i32x4(b[e], b[4 + e], 0x44), lo1 = _mm512_shuffle_i32x4(b[8 + e], b[12 + e], 0x44);
     const __m512i hi0 = _mm512_shuffle_i32x4(b[e], b[4 + e], 0xEE), hi1 = _mm512_shuffle_i32x4(b[8 + e], b[12 + e], 0xEE);
@@ -405,18 +425,9 @@ void fill_panel(const uint8_t* w, int64_t rb, int64_t K, int W, RowOf&& row_of, 
 #elif defined(__AVX2__) && defined(__FMA__)
 // In place: lane k of r[i] <-> lane i of r[k] (8 x 8 int32; 24 shuffles).
 inline void transpose8(__m256i* r) {
-  __m256i t[8], u[8];
-  for (int m = 0; m < 4; ++m) {
-    t[2 * m] = _mm256_unpacklo_epi32(r[2 * m], r[2 * m + 1]);
-    t[2 * m + 1] = _mm256_unpackhi_epi32(r[2 * m], r[2 * m + 1]);
-  }
-  for (int q = 0; q < 2; ++q) {  // u[4q + e], 128-bit lane L: rows 4q..4q+3 at element 4L + e
-    u[4 * q] = _mm256_unpacklo_epi64(t[4 * q], t[4 * q + 2]);
-    u[4 * q + 1] = _mm256_unpackhi_epi64(t[4 * q], t[4 * q + 2]);
-    u[4 * q + 2] = _mm256_unpacklo_epi64(t[4 * q + 1], t[4 * q + 3]);
-    u[4 * q + 3] = _mm256_unpackhi_epi64(t[4 * q + 1], t[4 * q + 3]);
-  }
-  for (int e = 0; e < 4; ++e) {
+  __m256i u[8];
+  interleave4<8>(r, u);
+  for (int e = 0; e < 4; ++e) {  // element 4L + e: lane L of u[e] (rows 0..3), of u[4 + e] (4..7)
     r[e] = _mm256_permute2x128_si256(u[e], u[4 + e], 0x20);
     r[4 + e] = _mm256_permute2x128_si256(u[e], u[4 + e], 0x31);
   }
