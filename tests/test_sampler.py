@@ -259,3 +259,15 @@ def test_row_argmax_is_torch_s_on_ties_nan_infinities_and_strided_rows() -> None
         assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
     x = torch.randn(3, 11, dtype=torch.bfloat16)
     assert torch.equal(argmax_rows(x), x.argmax(dim=-1))  # other dtypes stay with torch
+
+
+def test_a_repetition_penalty_too_small_for_float32_keeps_masked_tokens_out() -> None:
+    """1e-139 rounds to 0 in float32: the penalty once divided by zero and multiplied -inf (a
+    masked token) by zero, and the NaN that made was sampled (a fuzzed request, 503)."""
+    logits = torch.full((1, V), float("-inf"))
+    logits[0, 4], logits[0, 6] = 2.0, -1.0  # only 4 and 6 allowed; 0 masked but seen
+    params = SamplingParams(temperature=0.0, repetition_penalty=1e-139)
+    out = Sampler((EOS,))(logits.clone(), [row(params, prompt=[0, 4, 6])])
+    assert out.token_ids == [4]
+    sampled = SamplingParams(temperature=1.0, repetition_penalty=1e-139, seed=1)
+    assert Sampler((EOS,))(logits.clone(), [row(sampled, prompt=[0, 4, 6])]).token_ids[0] in (4, 6)

@@ -143,8 +143,13 @@ class Sampler:
         seen |= counts > 0
         sub = logits[idx]
         rep = torch.tensor([rows[i].params.repetition_penalty for i in idx], device=logits.device).unsqueeze(1)
-        # Repetition penalty (CTRL): make every token seen so far less likely.
-        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+        # Repetition penalty (CTRL): make every token seen so far less likely. A penalty too small
+        # for float32 (it would round to 0) or a quotient past float32's range stays finite, and a
+        # logit already at -inf (masked) stays there: an inf or NaN here would sample any token.
+        big = torch.finfo(sub.dtype).max
+        rep = rep.to(sub.dtype).clamp_min(torch.finfo(sub.dtype).tiny)
+        penalized = torch.where(sub > 0, sub / rep, sub * rep).clamp(-big, big)
+        sub = torch.where(seen & torch.isfinite(sub), penalized, sub)
         freq = torch.tensor([rows[i].params.frequency_penalty for i in idx], device=logits.device).unsqueeze(1)
         pres = torch.tensor([rows[i].params.presence_penalty for i in idx], device=logits.device).unsqueeze(1)
         sub = sub - freq * counts - pres * (counts > 0).float()
