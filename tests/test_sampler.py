@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from atomr_trio.executor.sampler import Sampler, SampleRow, argmax_rows
+from atomr_trio.executor.sampler import Sampler, SampleRow, argmax_rows, draw_rows, top_k_top_p
 from atomr_trio.sampling_params import SamplingParams
 
 EOS = 3
@@ -271,3 +271,58 @@ def test_a_repetition_penalty_too_small_for_float32_keeps_masked_tokens_out() ->
     assert out.token_ids == [4]
     sampled = SamplingParams(temperature=1.0, repetition_penalty=1e-139, seed=1)
     assert Sampler((EOS,))(logits.clone(), [row(sampled, prompt=[0, 4, 6])]).token_ids[0] in (4, 6)
+
+
+# ---- the large-vocabulary paths (no sort, one random number per row) --------------------------
+def sorted_cut(logits: torch.Tensor, top_k: int, top_p: float, tol: float = 0.0) -> tuple[set[int], set[int]]:
+    """The tokens a whole-row sort keeps (the top_k best, then the smallest best-first prefix
+    whose probability after top_k reaches top_p), exactly; and the tokens whose mass before them
+    lies within `tol` of top_p, where float32 rounding may decide either way."""
+    order = logits.argsort(descending=True)[:top_k]
+    probs = torch.softmax(logits[order].double(), dim=0)
+    before = probs.cumsum(0) - probs
+    return set(order[before < top_p].tolist()), set(order[(before - top_p).abs() <= tol].tolist())
+
+
+@pytest.mark.parametrize("scale", [0.3, 3.0, 30.0])  # flat (the histogram path) to peaked (the candidates)
+@pytest.mark.parametrize(("top_k", "top_p"), [(0, 0.9), (0, 0.5), (0, 0.999), (40, 0.9), (600, 0.95), (7, 1.0)])
+def test_top_k_top_p_over_a_large_vocabulary_keeps_what_a_sort_keeps(scale: float, top_k: int, top_p: float) -> None:
+    vocab = 49152
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(int(scale * 10) + top_k)) * scale
+    logits[5, 1000:] = float("-inf")  # a row that a grammar masked down to 1000 tokens
+    ks = [top_k if top_k else vocab] * 6
+    out = top_k_top_p(logits.clone(), ks, [top_p] * 6)
+    for i in range(6):
+        kept = set(torch.isfinite(out[i]).nonzero().squeeze(1).tolist())
+        expected, either = sorted_cut(logits[i], ks[i], top_p, tol=1e-5)  # float32 probabilities
+        assert kept - either == expected - either
+        assert len(either) < vocab // 100  # the check above still covers nearly every token
+        assert torch.equal(out[i][list(kept)], logits[i][list(kept)])  # kept logits untouched
+
+
+def test_top_p_over_a_large_vocabulary_keeps_the_first_ties_that_fit() -> None:
+    logits = torch.zeros(2, 4096)  # 4096 equally likely tokens (2**-12 each): 0.375 is reached by 1536
+    logits[1, :10] = 2.0
+    out = top_k_top_p(logits.clone(), [4096, 4096], [0.375, 0.375])
+    assert torch.isfinite(out[0]).nonzero().squeeze(1).tolist() == list(range(1536))
+    assert torch.isfinite(out[1]).sum().item() == len(sorted_cut(logits[1], 4096, 0.375)[0])
+
+
+def test_draw_rows_follows_the_probabilities_and_never_draws_a_zero() -> None:
+    vocab = 3000  # three chunks, the last one padded
+    probs = torch.zeros(4, vocab)
+    probs[0, [5, 1500, 2999]] = torch.tensor([0.2, 0.3, 0.5])
+    probs[1, 2999] = 1.0  # the very last entry
+    probs[2, 0] = 1.0  # the very first
+    probs[3] = torch.rand(vocab, generator=torch.Generator().manual_seed(0))
+    probs[3, ::2] = 0.0
+    n = 20000
+    u = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for i in range(3):
+        tokens = draw_rows(probs[i].expand(n, vocab), u)
+        assert set(tokens.tolist()) <= set(probs[i].nonzero().squeeze(1).tolist())
+    freq = torch.bincount(draw_rows(probs[0].expand(n, vocab), u), minlength=vocab)[[5, 1500, 2999]] / n
+    assert torch.allclose(freq, torch.tensor([0.2, 0.3, 0.5]), atol=0.015)
+    assert torch.all(draw_rows(probs[3].expand(n, vocab), u) % 2 == 1)
+    edges = torch.tensor([0.0, 1.0 - 2**-53], dtype=torch.float64)  # the ends of [0, 1)
+    assert draw_rows(probs[0].expand(2, vocab), edges).tolist() == [5, 2999]
