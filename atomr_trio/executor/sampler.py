@@ -113,12 +113,11 @@ class Sampler:
             scaled = self._truncate(scaled, rows)
             probs = torch.softmax(scaled, dim=-1)
             # one uniform draw per row, inverted through the row's cumulative probabilities
-            gen_dev = self.generator.device
-            u = torch.rand(n, dtype=torch.float64, generator=self.generator, device=gen_dev).cpu()
+            u = torch.rand(n, dtype=torch.float64, generator=self.generator, device=self.generator.device).to(dev)
             for i, r in enumerate(rows):
                 if r.generator is not None:  # a seeded row's own (CPU) generator: the same draws on every device
-                    u[i] = torch.rand((), dtype=torch.float64, generator=r.generator)
-            sampled = draw_rows(probs, u.to(dev))
+                    u[i] = torch.rand((), dtype=torch.float64, generator=r.generator).item()
+            sampled = draw_rows(probs, u)
             tokens = torch.where(greedy, argmax_rows(logits), sampled)
 
         token_list = tokens.tolist()  # the step's one device-to-host copy of sampled ids
