@@ -326,3 +326,32 @@ def test_draw_rows_follows_the_probabilities_and_never_draws_a_zero() -> None:
     assert torch.all(draw_rows(probs[3].expand(n, vocab), u) % 2 == 1)
     edges = torch.tensor([0.0, 1.0 - 2**-53], dtype=torch.float64)  # the ends of [0, 1)
     assert draw_rows(probs[0].expand(2, vocab), edges).tolist() == [5, 2999]
+
+
+def test_penalties_over_a_large_vocabulary_change_only_each_row_s_seen_tokens() -> None:
+    """Rows of different history lengths (one with none, one with repeats and a masked token) get
+    exactly the dense formula: seen tokens divided or multiplied by the repetition penalty, output
+    tokens lowered by frequency x count + presence, every other logit untouched."""
+    vocab, gen = 49152, torch.Generator().manual_seed(3)
+    logits = torch.randn(4, vocab, generator=gen) * 4
+    logits[2, 7] = float("-inf")
+    histories = [([5, 9, 9000], [9000, 9000, 12]), ([], []), ([7, 7, 100], [100, 7, 40000, 40000]), ([1], [])]
+    params = [SamplingParams(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.2),
+              SamplingParams(temperature=0.0, repetition_penalty=1.2),
+              SamplingParams(temperature=0.0, repetition_penalty=0.8, frequency_penalty=-0.5),
+              SamplingParams(temperature=0.0)]  # no penalties: left alone
+    rows = [row(p, prompt=h[0], output=h[1]) for p, h in zip(params, histories, strict=True)]
+    got = Sampler._penalize(logits.clone(), rows)
+    want = logits.clone()
+    for i, ((prompt, output), p) in enumerate(zip(histories, params, strict=True)):
+        if not p.uses_penalties:
+            continue
+        for t in set(prompt) | set(output):
+            x = want[i, t]
+            if torch.isfinite(x):
+                want[i, t] = x / p.repetition_penalty if x > 0 else x * p.repetition_penalty
+        for t in set(output):
+            want[i, t] -= p.frequency_penalty * output.count(t) + p.presence_penalty
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(got[2, 7], torch.tensor(float("-inf")))
+    assert torch.equal(got[1], logits[1]) and torch.equal(got[3], logits[3])
