@@ -355,3 +355,41 @@ def test_penalties_over_a_large_vocabulary_change_only_each_row_s_seen_tokens() 
     assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
     assert torch.equal(got[2, 7], torch.tensor(float("-inf")))
     assert torch.equal(got[1], logits[1]) and torch.equal(got[3], logits[3])
+
+
+def test_a_row_with_nothing_to_draw_still_gets_a_token_of_the_vocabulary() -> None:
+    """NaN logits or every token masked: the draw has no mass. The token is then the row's argmax
+    (a NaN first, as greedy takes it), never an index past the vocabulary's end (3000 tokens are
+    not a whole number of chunks)."""
+    logits = torch.randn(3, 3000)
+    logits[0] = float("nan")
+    logits[1] = float("-inf")
+    rows = [row(SamplingParams(temperature=1.0), seed=i) for i in range(3)]
+    tokens = Sampler((EOS,))(logits.clone(), rows).token_ids
+    assert tokens[:2] == [0, 0] and 0 <= tokens[2] < 3000
+
+
+def test_a_top_p_that_rounds_to_zero_keeps_the_best_token() -> None:
+    logits = torch.randn(8, 3000, generator=torch.Generator().manual_seed(4))
+    rows = [row(SamplingParams(temperature=1.0, top_p=1e-50), seed=i) for i in range(8)]
+    assert Sampler((EOS,))(logits.clone(), rows).token_ids == logits.argmax(dim=-1).tolist()
+
+
+def test_top_p_over_float64_logits_keeps_what_float32_keeps() -> None:
+    logits = torch.randn(2, 4096, generator=torch.Generator().manual_seed(5)) * 0.3  # flat: no candidate cut
+    out32 = top_k_top_p(logits.clone(), [4096, 4096], [0.6, 0.6])
+    out64 = top_k_top_p(logits.double(), [4096, 4096], [0.6, 0.6])
+    assert torch.equal(torch.isfinite(out32), torch.isfinite(out64))
+
+
+def test_which_ties_a_row_keeps_does_not_depend_on_its_neighbours() -> None:
+    """4096 equal logits under top_p 0.375: the row keeps 1536 of them, the same ones alone and
+    beside a row whose top_k of 2000 widens the batch's candidates."""
+    tied = torch.zeros(1, 4096)
+    alone = top_k_top_p(tied.clone(), [4096], [0.375])
+    other = torch.randn(1, 4096, generator=torch.Generator().manual_seed(6))
+    batched = top_k_top_p(torch.cat([tied, other]), [4096, 2000], [0.375, 0.9])
+    assert torch.equal(torch.isfinite(batched[0]), torch.isfinite(alone[0]))
+    assert torch.isfinite(alone[0]).sum().item() == 1536
+    assert torch.isfinite(batched[1]).nonzero().squeeze(1).tolist() == sorted(
+        top_k_top_p(other.clone(), [2000], [0.9])[0].isfinite().nonzero().squeeze(1).tolist())

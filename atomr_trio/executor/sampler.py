@@ -214,40 +214,59 @@ def draw_rows(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     y = (x - start).clamp_(min=0)
     y = torch.minimum(y, torch.nextafter(inner[:, -1:], torch.zeros_like(y)))
     j = torch.searchsorted(inner, y, right=True).clamp_(max=chunk - 1)
-    return (k * chunk + j).squeeze(1)
+    # a row with no mass to draw from (NaN logits, every token masked) takes its argmax, a token
+    # of the vocabulary like greedy's (NaN first), not an index past its end
+    return torch.where(total.squeeze(1) > 0, (k * chunk + j).squeeze(1), argmax_rows(probs))
 
 
 def top_k_top_p(logits: torch.Tensor, ks: list[int], ps: list[float]) -> torch.Tensor:
     """`logits` with every token outside each row's top_k best (ks[i] = vocab: no limit) and
     outside the smallest best-first set whose probability (after top_k) reaches ps[i] set to
-    -inf. The kept tokens are a prefix of the row sorted best first, found among the row's best
-    max(CANDIDATES, top_k) by torch.topk ([16, 49152]: ~2 ms where sorting it took ~28 ms); a
-    row whose prefix does not end there (a flat distribution under top_p, no top_k) takes
-    `_top_p_by_mass`."""
+    -inf (a top_p that float32 rounds to 0 keeps the best token). The kept tokens are a prefix of
+    the row sorted best first, found among the row's best max(CANDIDATES, top_k) by torch.topk
+    ([16, 49152]: ~2 ms where sorting it took ~28 ms); a row whose prefix does not end there (a
+    flat distribution under top_p, no top_k) takes `_top_p_by_mass`. Rows are grouped by that
+    width, so which of equal logits a row keeps never depends on the other rows of the batch."""
+    vocab = logits.shape[1]
+    widths = [min(vocab, max(CANDIDATES, k if k < vocab else 0)) for k in ks]
+    if len(set(widths)) == 1:
+        return _cut_among_best(logits, ks, ps, widths[0])
+    out = torch.empty_like(logits)
+    for width in set(widths):
+        rows = [i for i, w in enumerate(widths) if w == width]
+        sel = torch.tensor(rows, device=logits.device)
+        out[sel] = _cut_among_best(logits[sel], [ks[i] for i in rows], [ps[i] for i in rows], width)
+    return out
+
+
+def _cut_among_best(logits: torch.Tensor, ks: list[int], ps: list[float], width: int) -> torch.Tensor:
+    """top_k_top_p for rows whose candidates are their best `width` tokens."""
     n, vocab = logits.shape
     dev = logits.device
-    width = min(vocab, max([CANDIDATES] + [k for k in ks if k < vocab]))
     top_v, top_i = logits.topk(width, dim=-1)  # best first
     k_t = torch.tensor(ks, device=dev).unsqueeze(1)
-    p_t = torch.tensor(ps, device=dev).unsqueeze(1)
+    p_t = torch.tensor(ps, device=dev).clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
     pos = torch.arange(width, device=dev).unsqueeze(0)
     top_v = top_v.masked_fill(pos >= k_t, float("-inf"))
     m = top_v[:, :1]
     e = torch.exp(top_v - m)
     # each row's softmax denominator: over its top_k when that lies among the candidates, else over the row
-    whole = torch.exp(logits - m).sum(dim=-1, keepdim=True)
-    within = k_t <= width
-    probs = e / torch.where(within, e.sum(dim=-1, keepdim=True), whole)
+    within = [k <= width for k in ks]  # decided on the host, like every choice of path below
+    whole = torch.exp(logits - m).sum(dim=-1, keepdim=True) if not all(within) else e.sum(dim=-1, keepdim=True)
+    probs = e / torch.where(k_t <= width, e.sum(dim=-1, keepdim=True), whole)
     mass_before = probs.cumsum(dim=-1) - probs
     keep = torch.isfinite(top_v) & ~(mass_before >= p_t)
     out = torch.full_like(logits, float("-inf")).scatter_(1, top_i, top_v.masked_fill(~keep, float("-inf")))
-    untouched = ~within & (p_t >= 1.0)  # neither limit: the row stays as it is
-    out = torch.where(untouched, logits, out)
-    # the prefix ends among the candidates: its top_k does, or top_p (or -inf) leaves the last one out
-    found = (within | ~keep[:, -1:] | untouched).squeeze(1)
-    rest = (~found).nonzero().squeeze(1)
-    if len(rest):  # decided on the host: these rows sort their whole vocabulary
-        out[rest] = _top_p_by_mass(logits[rest], p_t[rest])
+    untouched = [not w and p >= 1.0 for w, p in zip(within, ps, strict=True)]  # neither limit
+    if any(untouched):
+        out = torch.where(torch.tensor(untouched, device=dev).unsqueeze(1), logits, out)
+    # a row without top_k whose last candidate is still kept may keep more than its candidates
+    open_rows = [i for i in range(n) if not within[i] and not untouched[i]]
+    if open_rows:
+        idx = torch.tensor(open_rows, device=dev)
+        rest = idx[keep[idx, -1]]
+        if len(rest):
+            out[rest] = _top_p_by_mass(logits[rest], p_t[rest])
     return out
 
 
@@ -260,7 +279,7 @@ def _top_p_by_mass(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     them stays under top_p (a sort keeps as many, in its own order). [16, 49152]: a few ms where
     sorting took ~28 ms (2-core Zen 4)."""
     n, dev = logits.shape[0], logits.device
-    probs = torch.softmax(logits, dim=-1)
+    probs = torch.softmax(logits.float(), dim=-1)
     bits = probs.view(torch.int32) & 0x7FFFFFFF  # a NaN's sign bit aside, the bits of a value >= 0
     mass = probs.double()
     prefix = torch.zeros(n, 1, dtype=torch.int32, device=dev)  # the bits of v found so far
