@@ -232,7 +232,8 @@ def bench(peer: Peer, hf_dir: Path, args: argparse.Namespace, concurrency: int, 
     ns = parser.parse_args([
         "--base-url", peer.url, "--model", MODEL_NAME, "--tokenizer", str(hf_dir), "--input-len", str(args.input_len),
         "--output-len", str(args.output_len), "--num-prompts", str(num_prompts), "--max-concurrency",
-        str(concurrency), "--ignore-eos", "--seed", str(seed)])
+        str(concurrency), "--ignore-eos", "--seed", str(seed),
+        *(["--extra-body", args.sampling] if args.sampling else [])])
     before = engine_time(peer)
     result = trio.run(bench_serve.run, ns)
     after = engine_time(peer)
@@ -392,7 +393,8 @@ def write_report(args: argparse.Namespace, peers: list[Peer], tf: dict[int, dict
         f"- Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {args.threads} compute threads per engine "
         f"(torch threads / OMP_NUM_THREADS / n_threads).",
         f"- Workload: random prompts of {args.input_len} tokens, {args.output_len} output tokens forced "
-        f"(ignore_eos / min_tokens), greedy, streamed over `/v1/completions`; {args.num_prompts_factor}× the "
+        f"(ignore_eos / min_tokens), {f'sampled with `{args.sampling}`' if args.sampling else 'greedy'}, streamed over "
+        f"`/v1/completions`; {args.num_prompts_factor}× the "
         "concurrency in prompts (at least 8), one warm-up round per engine first; each run has its own seed, so "
         "no engine's prefix cache has seen its prompts.",
         "- Model: SmolLM2-135M-Instruct (the default), weights dequantized once from its GGUF into an HF "
@@ -555,6 +557,8 @@ def main() -> int:
     p.add_argument("--agreement-rounds", type=int, default=2, help="runs of each generator")
     p.add_argument("--agreement-prompts-factor", type=int, default=4, help="prompts = factor × concurrency")
     p.add_argument("--profile", type=Path, help="a markdown file with the step profile to include")
+    p.add_argument("--sampling", help='a JSON object of sampling fields sent with every request, e.g. '
+                   '\'{"temperature": 1.0, "top_p": 0.9}\' (default: greedy)')
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = p.parse_args()
 
@@ -573,7 +577,8 @@ def main() -> int:
     for peer in peers:
         peer.results = {c: median_run(r) for c, r in runs[peer.name].items() if r}
     atomr = next((x for x in peers if x.name == "atomr"), None)
-    if atomr and args.agreement_concurrency and (args.vllm_venv / "bin" / "vllm").exists():
+    # the generators' agreement is checked greedy (vllm bench serve's own sampling flags differ)
+    if atomr and args.agreement_concurrency and not args.sampling and (args.vllm_venv / "bin" / "vllm").exists():
         print("load generator agreement ...", flush=True)
         try:
             atomr.start(logdir)
