@@ -107,9 +107,8 @@ class Sampler:
         if all(r.params.greedy for r in rows):
             tokens = argmax_rows(logits)
         else:
-            greedy = torch.tensor([r.params.greedy for r in rows], device=dev)
-            temps = torch.tensor([1.0 if r.params.greedy else r.params.temperature for r in rows], device=dev)
-            scaled = logits / temps.unsqueeze(1)
+            temps = [1.0 if r.params.greedy else r.params.temperature for r in rows]
+            scaled = logits if all(t == 1.0 for t in temps) else logits / torch.tensor(temps, device=dev).unsqueeze(1)
             scaled = self._truncate(scaled, rows)
             probs = torch.softmax(scaled, dim=-1)
             # one uniform draw per row, inverted through the row's cumulative probabilities
@@ -117,8 +116,10 @@ class Sampler:
             for i, r in enumerate(rows):
                 if r.generator is not None:  # a seeded row's own (CPU) generator: the same draws on every device
                     u[i] = torch.rand((), dtype=torch.float64, generator=r.generator).item()
-            sampled = draw_rows(probs, u)
-            tokens = torch.where(greedy, argmax_rows(logits), sampled)
+            tokens = draw_rows(probs, u)
+            if any(r.params.greedy for r in rows):
+                greedy = torch.tensor([r.params.greedy for r in rows], device=dev)
+                tokens = torch.where(greedy, argmax_rows(logits), tokens)
 
         token_list = tokens.tolist()  # the step's one device-to-host copy of sampled ids
         out: list[TokenLogprobs | None] = [None] * n
@@ -204,7 +205,7 @@ def draw_rows(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     n, vocab = probs.shape
     chunk = min(CHUNK, vocab)
     pad = (-vocab) % chunk
-    c = F.pad(probs, (0, pad)).view(n, -1, chunk)  # zeros past the end: never drawn
+    c = (F.pad(probs, (0, pad)) if pad else probs).view(n, -1, chunk)  # zeros past the end: never drawn
     ends = c.sum(dim=-1).double().cumsum(dim=-1)  # [n, chunks]
     total = ends[:, -1:]
     x = torch.minimum(u.view(n, 1) * total, torch.nextafter(total, torch.zeros_like(total)))
@@ -214,9 +215,11 @@ def draw_rows(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     y = (x - start).clamp_(min=0)
     y = torch.minimum(y, torch.nextafter(inner[:, -1:], torch.zeros_like(y)))
     j = torch.searchsorted(inner, y, right=True).clamp_(max=chunk - 1)
+    drawn = (k * chunk + j).squeeze(1)
     # a row with no mass to draw from (NaN logits, every token masked) takes its argmax, a token
     # of the vocabulary like greedy's (NaN first), not an index past its end
-    return torch.where(total.squeeze(1) > 0, (k * chunk + j).squeeze(1), argmax_rows(probs))
+    empty = ~(total.squeeze(1) > 0)
+    return torch.where(empty, argmax_rows(probs), drawn) if bool(empty.any()) else drawn
 
 
 def top_k_top_p(logits: torch.Tensor, ks: list[int], ps: list[float]) -> torch.Tensor:
