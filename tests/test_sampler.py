@@ -393,3 +393,17 @@ def test_which_ties_a_row_keeps_does_not_depend_on_its_neighbours() -> None:
     assert torch.isfinite(alone[0]).sum().item() == 1536
     assert torch.isfinite(batched[1]).nonzero().squeeze(1).tolist() == sorted(
         top_k_top_p(other.clone(), [2000], [0.9])[0].isfinite().nonzero().squeeze(1).tolist())
+
+
+def test_min_p_over_a_large_vocabulary_drops_what_the_probabilities_say() -> None:
+    """min_p compares logits with max + log(min_p); that is p < min_p * p_max, token for token."""
+    logits = torch.randn(4, 49152, generator=torch.Generator().manual_seed(7)) * 3
+    logits[3, 100:] = float("-inf")
+    min_ps = [0.05, 0.3, 0.0, 1.0]
+    out = Sampler._truncate(logits.clone(), [row(SamplingParams(min_p=m)) for m in min_ps])
+    ratio = torch.softmax(logits.double(), dim=-1)
+    ratio = ratio / ratio.max(dim=-1, keepdim=True).values
+    for i, m in enumerate(min_ps):
+        sure = (ratio[i] - m).abs() > 1e-5
+        assert torch.equal(torch.isfinite(out[i])[sure], (ratio[i] >= m)[sure] & torch.isfinite(logits[i])[sure])
+    assert torch.isfinite(out[2]).all() and torch.isfinite(out[3]).sum().item() == 1

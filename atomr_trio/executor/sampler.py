@@ -15,6 +15,7 @@ Invariants:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -183,10 +184,10 @@ class Sampler:
         if any(k < vocab for k in ks) or any(p < 1.0 for p in ps):  # decided on the host
             logits = top_k_top_p(logits, ks, ps)
         if any(r.params.min_p > 0 for r in rows):
-            min_p = torch.tensor([r.params.min_p for r in rows], device=dev)
-            probs = torch.softmax(logits, dim=-1)
-            floor = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
-            logits = logits.masked_fill(probs < floor, float("-inf"))
+            # p < min_p * p_max  <=>  logit < max logit + log(min_p): no softmax needed
+            log_min_p = [math.log(r.params.min_p) if r.params.min_p > 0 else -math.inf for r in rows]
+            floor = logits.amax(dim=-1, keepdim=True) + torch.tensor(log_min_p, device=dev).unsqueeze(1)
+            logits = logits.masked_fill(logits < floor, float("-inf"))
         return logits
 
 
