@@ -1,12 +1,16 @@
 """Sampler: turns one step's logits into one token per sampling sequence, batched in torch.
 
 Invariants:
-- Every operation is over the whole [rows, vocab] tensor; Python loops run over rows only for
-  per-request state that cannot be batched (a seeded generator, a sparse logit_bias).
-- A seeded row draws its randomness from its own generator alone, so its tokens do not depend
-  on what else is in the batch. Unseeded rows draw from the sampler's generator (one per
-  engine, seeded from `EngineConfig.seed`); the process-wide torch RNG is never read or reseeded,
-  so the user's own torch code and other engines in the process are not disturbed.
+- Every operation is batched over the rows, and no step sorts a vocabulary: a random row draws
+  one uniform number (`draw_rows`), top_k / top_p cut among a row's best tokens or by mass
+  histograms (`top_k_top_p`), penalties touch only the ids a row has seen. Python loops run over
+  rows only for per-request state that cannot be batched (a seeded generator, a sparse
+  logit_bias, a penalized row's history).
+- A seeded row draws its randomness from its own generator alone, and what top_k / top_p keep of
+  a row depends on that row alone, so its tokens do not depend on what else is in the batch.
+  Unseeded rows draw from the sampler's generator (one per engine, seeded from
+  `EngineConfig.seed`); the process-wide torch RNG is never read or reseeded, so the user's own
+  torch code and other engines in the process are not disturbed.
 - Constrained rows (a grammar's matcher) have every token their grammar forbids masked in one
   batched op after penalties, bias and min_tokens; rows without one pay nothing.
 - Returned logprobs are log-softmax of the model's raw logits (before penalties, temperature and
