@@ -196,7 +196,7 @@ class Sampler:
 
 
 CHUNK = 1024  # draw_rows: vocabulary entries per chunk
-CANDIDATES = 256  # top_k_top_p: the best tokens looked at before a whole row is sorted
+CANDIDATES = 256  # top_k_top_p: the best tokens looked at before a row takes the mass histograms
 
 
 def draw_rows(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -260,8 +260,10 @@ def _cut_among_best(logits: torch.Tensor, ks: list[int], ps: list[float], width:
     e = torch.exp(top_v - m)
     # each row's softmax denominator: over its top_k when that lies among the candidates, else over the row
     within = [k <= width for k in ks]  # decided on the host, like every choice of path below
-    whole = torch.exp(logits - m).sum(dim=-1, keepdim=True) if not all(within) else e.sum(dim=-1, keepdim=True)
-    probs = e / torch.where(k_t <= width, e.sum(dim=-1, keepdim=True), whole)
+    denominator = e.sum(dim=-1, keepdim=True)
+    if not all(within):
+        denominator = torch.where(k_t <= width, denominator, torch.exp(logits - m).sum(dim=-1, keepdim=True))
+    probs = e / denominator
     mass_before = probs.cumsum(dim=-1) - probs
     keep = torch.isfinite(top_v) & ~(mass_before >= p_t)
     out = torch.full_like(logits, float("-inf")).scatter_(1, top_i, top_v.masked_fill(~keep, float("-inf")))
