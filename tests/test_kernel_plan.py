@@ -168,6 +168,47 @@ def test_failing_native_ops_fall_back_with_float32_torch_tokens(
     assert _tokens(tiny_dir, "float32") == want  # served on torch ops, same greedy tokens
 
 
+SAMPLED = [SamplingParams(temperature=1.0, top_p=0.8, seed=1, max_tokens=12, ignore_eos=True),
+           SamplingParams(temperature=0.9, top_k=20, min_p=0.05, seed=2, max_tokens=12, ignore_eos=True)]
+
+
+def _sampled(tiny_dir: Path) -> list[list[int]]:
+    with LLM(str(tiny_dir), dtype="float32", max_model_len=256, num_kv_blocks=64) as llm:
+        return [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:2], SAMPLED, use_tqdm=False)]
+
+
+def test_the_sampler_cuts_with_the_native_op_and_samples_what_torch_ops_sample(
+        tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _needs("native", "ops", torch.float32)
+    monkeypatch.setenv(cpu_kernels.ENV, "torch")
+    want = _sampled(tiny_dir)
+    monkeypatch.delenv(cpu_kernels.ENV)
+    k = native.kernels()
+    assert k is not None and k.sample_cut is not None
+    calls = []
+
+    def spy(logits: torch.Tensor, *args: list) -> torch.Tensor:
+        calls.append(logits.shape[0])
+        return k.sample_cut(logits, *args)
+
+    monkeypatch.setitem(native._state, "k", dataclasses.replace(k, sample_cut=spy))
+    assert _sampled(tiny_dir) == want
+    assert len(calls) > 12  # the probe's call, then the steps'
+
+
+@pytest.mark.parametrize("how", ["raise", "keeps every token"])
+def test_a_failing_native_cut_falls_back_to_torch_ops(how: str, tiny_cfg: ModelConfig,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    _needs("native", "ops", torch.float32)
+    k = native.kernels()
+    assert k is not None
+    broken = _raise if how == "raise" else (lambda logits, *args: logits)
+    monkeypatch.setitem(native._state, "k", dataclasses.replace(k, sample_cut=broken))
+    plan = cpu_kernels.choose(tiny_cfg, torch.float32)
+    assert plan.ops == "torch"
+    assert ("raised RuntimeError" if how == "raise" else "sample_cut_: kept the wrong tokens") in plan.describe()
+
+
 def test_a_forced_path_that_cannot_run_is_an_error(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _needs("native", "ops", torch.float32)
     _break_native(monkeypatch, "decode_attention", "wrong")

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from atomr_trio.executor.sampler import Sampler, SampleRow, argmax_rows, draw_rows, top_k_top_p
+from atomr_trio.executor.sampler import NativeCut, Sampler, SampleRow, argmax_rows, draw_rows, top_k_top_p
+from atomr_trio.model import native
 from atomr_trio.sampling_params import SamplingParams
 
 EOS = 3
@@ -25,14 +26,37 @@ def row(
     return SampleRow(params, gen, list(prompt or []), out, len(out))
 
 
-def sample(logits: torch.Tensor | list[list[float]], rows: list[SampleRow]) -> list[int]:
+# the two implementations of the top_k / top_p / min_p cut: top_k_top_p's torch ops, and the
+# native op (model/csrc/sample_cut.cpp) that float32 CPU logits take when the kernels are built
+PATHS = ["torch", "native"]
+
+
+def native_cut(path: str) -> NativeCut | None:
+    if path == "torch":
+        return None
+    k = native.kernels()
+    if k is None or k.sample_cut is None:
+        pytest.skip("the native kernels did not build here")
+    return k.sample_cut
+
+
+def cut_rows(path: str, logits: torch.Tensor, ks: list[int], ps: list[float]) -> torch.Tensor:
+    """top_k_top_p's contract (ks[i] = vocab: no top_k) through either path."""
+    op = native_cut(path)
+    if op is None:
+        return top_k_top_p(logits, ks, ps)
+    vocab = logits.shape[1]
+    return op(logits, [k if k < vocab else 0 for k in ks], ps, [0.0] * len(ks))
+
+
+def sample(logits: torch.Tensor | list[list[float]], rows: list[SampleRow], path: str = "torch") -> list[int]:
     t = torch.as_tensor(logits, dtype=torch.float32).clone()
-    return Sampler((EOS,))(t, rows).token_ids
+    return Sampler((EOS,), native_cut=native_cut(path))(t, rows).token_ids
 
 
-def draws(logits: list[float], params: SamplingParams, n: int = 400) -> list[int]:
+def draws(logits: list[float], params: SamplingParams, n: int = 400, path: str = "torch") -> list[int]:
     """n independent samples of one distribution, each from its own seeded row (deterministic)."""
-    return sample([logits] * n, [row(params, seed=i) for i in range(n)])
+    return sample([logits] * n, [row(params, seed=i) for i in range(n)], path)
 
 
 def effective_logit_exceeds(
@@ -72,15 +96,17 @@ def test_greedy_row_is_argmax_inside_a_random_batch() -> None:
     assert (tokens[1], tokens[3]) == (expected[1], expected[3])
 
 
-def test_top_k_1_is_greedy_even_at_temperature_1() -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_top_k_1_is_greedy_even_at_temperature_1(path: str) -> None:
     logits = torch.randn(32, V, generator=torch.Generator().manual_seed(2))
     rows = [row(SamplingParams(temperature=1.0, top_k=1), seed=i) for i in range(32)]
-    assert sample(logits, rows) == logits.argmax(dim=-1).tolist()
+    assert sample(logits, rows, path) == logits.argmax(dim=-1).tolist()
 
 
-def test_top_k_limits_choices_to_the_k_best() -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_top_k_limits_choices_to_the_k_best(path: str) -> None:
     logits = [0.0, 1.0, 3.0, 2.9, 2.8] + [-1.0] * (V - 5)
-    assert set(draws(logits, SamplingParams(top_k=3))) == {2, 3, 4}
+    assert set(draws(logits, SamplingParams(top_k=3), path=path)) == {2, 3, 4}
 
 
 def test_temperature_scales_the_distribution() -> None:
@@ -91,25 +117,28 @@ def test_temperature_scales_the_distribution() -> None:
         assert freq == pytest.approx(p0, abs=0.03)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(
     ("top_p", "kept"), [(0.45, {0}), (0.7, {0, 1}), (0.85, {0, 1, 2}), (1.0, {0, 1, 2, 3})]
 )
-def test_top_p_keeps_the_smallest_set_reaching_mass_p(top_p: float, kept: set[int]) -> None:
+def test_top_p_keeps_the_smallest_set_reaching_mass_p(top_p: float, kept: set[int], path: str) -> None:
     probs = [0.5, 0.3, 0.15, 0.05]
     logits = [math.log(p) for p in probs] + [-1e4] * (V - 4)
-    assert set(draws(logits, SamplingParams(top_p=top_p))) == kept
+    assert set(draws(logits, SamplingParams(top_p=top_p), path=path)) == kept
 
 
-def test_top_p_boundary_keeps_the_smallest_set() -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_top_p_boundary_keeps_the_smallest_set(path: str) -> None:
     # Four equally likely tokens (p = 0.25 each, exact in binary): top_p = 0.5 is reached by two.
-    assert len(set(draws([0.0] * 4 + [-1e4] * (V - 4), SamplingParams(top_p=0.5)))) == 2
+    assert len(set(draws([0.0] * 4 + [-1e4] * (V - 4), SamplingParams(top_p=0.5), path=path))) == 2
 
 
-def test_min_p_drops_tokens_below_a_fraction_of_the_best() -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_min_p_drops_tokens_below_a_fraction_of_the_best(path: str) -> None:
     probs = [0.5, 0.3, 0.15, 0.05]
     logits = [math.log(p) for p in probs] + [-1e4] * (V - 4)
-    assert set(draws(logits, SamplingParams(min_p=0.4))) == {0, 1}  # floor 0.2
-    assert set(draws(logits, SamplingParams(min_p=0.2))) == {0, 1, 2}  # floor 0.1
+    assert set(draws(logits, SamplingParams(min_p=0.4), path=path)) == {0, 1}  # floor 0.2
+    assert set(draws(logits, SamplingParams(min_p=0.2), path=path)) == {0, 1, 2}  # floor 0.1
 
 
 # ---- seeds -------------------------------------------------------------------------------
@@ -278,20 +307,22 @@ def sorted_cut(logits: torch.Tensor, top_k: int, top_p: float, tol: float = 0.0)
     """The tokens a whole-row sort keeps (the top_k best, then the smallest best-first prefix
     whose probability after top_k reaches top_p), exactly; and the tokens whose mass before them
     lies within `tol` of top_p, where float32 rounding may decide either way."""
-    order = logits.argsort(descending=True)[:top_k]
+    order = logits.argsort(descending=True, stable=True)[:top_k]  # ties: by index
     probs = torch.softmax(logits[order].double(), dim=0)
     before = probs.cumsum(0) - probs
     return set(order[before < top_p].tolist()), set(order[(before - top_p).abs() <= tol].tolist())
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("scale", [0.3, 3.0, 30.0])  # flat (the histogram path) to peaked (the candidates)
 @pytest.mark.parametrize(("top_k", "top_p"), [(0, 0.9), (0, 0.5), (0, 0.999), (40, 0.9), (600, 0.95), (7, 1.0)])
-def test_top_k_top_p_over_a_large_vocabulary_keeps_what_a_sort_keeps(scale: float, top_k: int, top_p: float) -> None:
+def test_top_k_top_p_over_a_large_vocabulary_keeps_what_a_sort_keeps(
+        scale: float, top_k: int, top_p: float, path: str) -> None:
     vocab = 49152
     logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(int(scale * 10) + top_k)) * scale
     logits[5, 1000:] = float("-inf")  # a row that a grammar masked down to 1000 tokens
     ks = [top_k if top_k else vocab] * 6
-    out = top_k_top_p(logits.clone(), ks, [top_p] * 6)
+    out = cut_rows(path, logits.clone(), ks, [top_p] * 6)
     for i in range(6):
         kept = set(torch.isfinite(out[i]).nonzero().squeeze(1).tolist())
         expected, either = sorted_cut(logits[i], ks[i], top_p, tol=1e-5)  # float32 probabilities
@@ -300,10 +331,11 @@ def test_top_k_top_p_over_a_large_vocabulary_keeps_what_a_sort_keeps(scale: floa
         assert torch.equal(out[i][list(kept)], logits[i][list(kept)])  # kept logits untouched
 
 
-def test_top_p_over_a_large_vocabulary_keeps_the_first_ties_that_fit() -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_top_p_over_a_large_vocabulary_keeps_the_first_ties_that_fit(path: str) -> None:
     logits = torch.zeros(2, 4096)  # 4096 equally likely tokens (2**-12 each): 0.375 is reached by 1536
     logits[1, :10] = 2.0
-    out = top_k_top_p(logits.clone(), [4096, 4096], [0.375, 0.375])
+    out = cut_rows(path, logits.clone(), [4096, 4096], [0.375, 0.375])
     assert torch.isfinite(out[0]).nonzero().squeeze(1).tolist() == list(range(1536))
     assert torch.isfinite(out[1]).sum().item() == len(sorted_cut(logits[1], 4096, 0.375)[0])
 
@@ -357,22 +389,26 @@ def test_penalties_over_a_large_vocabulary_change_only_each_row_s_seen_tokens() 
     assert torch.equal(got[1], logits[1]) and torch.equal(got[3], logits[3])
 
 
-def test_a_row_with_nothing_to_draw_still_gets_a_token_of_the_vocabulary() -> None:
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0),
+                                    SamplingParams(temperature=1.0, top_k=5, top_p=0.5, min_p=0.1)])
+def test_a_row_with_nothing_to_draw_still_gets_a_token_of_the_vocabulary(params: SamplingParams, path: str) -> None:
     """NaN logits or every token masked: the draw has no mass. The token is then the row's argmax
     (a NaN first, as greedy takes it), never an index past the vocabulary's end (3000 tokens are
     not a whole number of chunks)."""
     logits = torch.randn(3, 3000)
     logits[0] = float("nan")
     logits[1] = float("-inf")
-    rows = [row(SamplingParams(temperature=1.0), seed=i) for i in range(3)]
-    tokens = Sampler((EOS,))(logits.clone(), rows).token_ids
+    rows = [row(params, seed=i) for i in range(3)]
+    tokens = sample(logits, rows, path)
     assert tokens[:2] == [0, 0] and 0 <= tokens[2] < 3000
 
 
-def test_a_top_p_that_rounds_to_zero_keeps_the_best_token() -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_a_top_p_that_rounds_to_zero_keeps_the_best_token(path: str) -> None:
     logits = torch.randn(8, 3000, generator=torch.Generator().manual_seed(4))
     rows = [row(SamplingParams(temperature=1.0, top_p=1e-50), seed=i) for i in range(8)]
-    assert Sampler((EOS,))(logits.clone(), rows).token_ids == logits.argmax(dim=-1).tolist()
+    assert sample(logits, rows, path) == logits.argmax(dim=-1).tolist()
 
 
 def test_top_p_over_float64_logits_keeps_what_float32_keeps() -> None:
@@ -382,28 +418,95 @@ def test_top_p_over_float64_logits_keeps_what_float32_keeps() -> None:
     assert torch.equal(torch.isfinite(out32), torch.isfinite(out64))
 
 
-def test_which_ties_a_row_keeps_does_not_depend_on_its_neighbours() -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_which_ties_a_row_keeps_does_not_depend_on_its_neighbours(path: str) -> None:
     """4096 equal logits under top_p 0.375: the row keeps 1536 of them, the same ones alone and
     beside a row whose top_k of 2000 widens the batch's candidates."""
     tied = torch.zeros(1, 4096)
-    alone = top_k_top_p(tied.clone(), [4096], [0.375])
+    alone = cut_rows(path, tied.clone(), [4096], [0.375])
     other = torch.randn(1, 4096, generator=torch.Generator().manual_seed(6))
-    batched = top_k_top_p(torch.cat([tied, other]), [4096, 2000], [0.375, 0.9])
+    batched = cut_rows(path, torch.cat([tied, other]), [4096, 2000], [0.375, 0.9])
     assert torch.equal(torch.isfinite(batched[0]), torch.isfinite(alone[0]))
     assert torch.isfinite(alone[0]).sum().item() == 1536
     assert torch.isfinite(batched[1]).nonzero().squeeze(1).tolist() == sorted(
-        top_k_top_p(other.clone(), [2000], [0.9])[0].isfinite().nonzero().squeeze(1).tolist())
+        cut_rows(path, other.clone(), [2000], [0.9])[0].isfinite().nonzero().squeeze(1).tolist())
 
 
-def test_min_p_over_a_large_vocabulary_drops_what_the_probabilities_say() -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_min_p_over_a_large_vocabulary_drops_what_the_probabilities_say(path: str) -> None:
     """min_p compares logits with max + log(min_p); that is p < min_p * p_max, token for token."""
     logits = torch.randn(4, 49152, generator=torch.Generator().manual_seed(7)) * 3
     logits[3, 100:] = float("-inf")
     min_ps = [0.05, 0.3, 0.0, 1.0]
-    out = Sampler._truncate(logits.clone(), [row(SamplingParams(min_p=m)) for m in min_ps])
+    sampler = Sampler((EOS,), native_cut=native_cut(path))
+    out = sampler._truncate(logits.clone(), [row(SamplingParams(min_p=m)) for m in min_ps])
     ratio = torch.softmax(logits.double(), dim=-1)
     ratio = ratio / ratio.max(dim=-1, keepdim=True).values
     for i, m in enumerate(min_ps):
         sure = (ratio[i] - m).abs() > 1e-5
         assert torch.equal(torch.isfinite(out[i])[sure], (ratio[i] >= m)[sure] & torch.isfinite(logits[i])[sure])
     assert torch.isfinite(out[2]).all() and torch.isfinite(out[3]).sum().item() == 1
+
+
+# ---- the native cut (model/csrc/sample_cut.cpp) against a sort, where its buckets are strained ----
+@pytest.mark.parametrize(("case", "top_k", "top_p"), [
+    ("far outlier", 300, 0.95),  # one finite logit 1e30 below: the span is capped, the rest still spread
+    ("very spread", 50, 1.0),  # scale 60: the 50th best lies past the capped span, in the last bucket
+    ("very spread", 20000, 1.0),  # the top_k boundary among the thousands of tokens of the last bucket
+    ("all tied", 1000, 0.5),  # one bucket holds every token: ties by index
+    ("odd vocabulary", 17, 0.8),  # 3001 tokens: every vector loop's remainder
+])
+def test_native_cut_keeps_what_a_sort_keeps_where_buckets_are_strained(case: str, top_k: int, top_p: float) -> None:
+    op = native_cut("native")
+    assert op is not None
+    gen = torch.Generator().manual_seed(11)
+    vocab = 3001 if case == "odd vocabulary" else 49152
+    logits = torch.randn(3, vocab, generator=gen) * (60.0 if case == "very spread" else 2.0)
+    if case == "far outlier":
+        logits[:, 123] = -1e30
+    if case == "all tied":
+        logits[:] = 0.5
+    logits[2, vocab // 2:] = float("-inf")  # a masked half
+    out = op(logits.clone(), [top_k] * 3, [top_p] * 3, [0.0] * 3)
+    for i in range(3):
+        kept = set(torch.isfinite(out[i]).nonzero().squeeze(1).tolist())
+        if top_p < 1:
+            expected, either = sorted_cut(logits[i], top_k or vocab, top_p, tol=1e-5)
+        else:  # no top_p: the top_k best, ties by index (a float64 cumulative sum may reach 1 early)
+            expected, either = set(logits[i].argsort(descending=True, stable=True)[:top_k].tolist()), set()
+        expected = {t for t in expected if math.isfinite(logits[i, t])}
+        assert kept - either == expected - either
+        assert len(either) < vocab // 100 or case == "all tied" and kept == expected
+    assert torch.equal(out[torch.isfinite(out)], logits[torch.isfinite(out)])
+
+
+def test_native_cut_leaves_rows_it_cannot_order_alone_and_combines_min_p() -> None:
+    op = native_cut("native")
+    assert op is not None
+    logits = torch.randn(4, 500, generator=torch.Generator().manual_seed(12))
+    logits[0, 7] = float("nan")
+    logits[1] = float("-inf")
+    logits[2, 9] = float("inf")
+    out = op(logits.clone(), [5] * 4, [0.9] * 4, [0.2] * 4)
+    assert torch.equal(out[:3].nan_to_num(), logits[:3].nan_to_num())  # left as they are
+    best = logits[3].topk(5).values
+    probs = torch.softmax(best.double(), dim=0)
+    by_p = int(((probs.cumsum(0) - probs) < 0.9).sum())
+    by_min_p = int((best[:by_p] >= logits[3].max() + math.log(0.2)).sum())
+    assert set(torch.isfinite(out[3]).nonzero().squeeze(1).tolist()) == set(logits[3].topk(by_min_p).indices.tolist())
+
+
+def test_native_and_torch_cuts_sample_the_same_tokens() -> None:
+    """A batch mixing every truncation (and greedy rows, which are never cut) draws the same
+    seeded tokens through either path."""
+    gen = torch.Generator().manual_seed(13)
+    logits = torch.randn(12, 5000, generator=gen) * torch.tensor([0.5, 2.0, 8.0]).repeat(4).unsqueeze(1)
+    params = [SamplingParams(temperature=0.0, top_p=0.5), SamplingParams(temperature=1.0, top_k=40),
+              SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=1.0, min_p=0.05),
+              SamplingParams(temperature=1.2, top_k=300, top_p=0.8, min_p=0.01), SamplingParams(temperature=1.0)]
+    for step in range(3):
+        def rows() -> list[SampleRow]:  # the same seeds for both paths
+            return [row(params[i % len(params)], seed=100 * step + i) for i in range(12)]  # noqa: B023
+
+        assert sample(logits, rows(), "torch") == sample(logits, rows(), "native")
+        logits = logits.roll(1, dims=0)

@@ -10,8 +10,9 @@ Parts and their paths, fastest first:
   where its own probe passes, else oneDNN) -> `torch` (F.linear as torch dispatches it).
   float32 weights have `torch` only: the other two are bf16 layouts.
 - `ops` — decode attention over the paged cache, residual add + RMS norm, rope + K/V cache
-  write, and bf16 prefill attention where the build has AVX512-BF16 (else prefills keep SDPA):
-  `native` (csrc/*.cpp, built by native.py; needs x86-64 and a C++ compiler) -> `torch`.
+  write, the sampler's top-k / top-p / min-p cut, and bf16 prefill attention where the build
+  has AVX512-BF16 (else prefills keep SDPA): `native` (csrc/*.cpp, built by native.py; needs
+  x86-64 and a C++ compiler) -> `torch`.
 
 Invariants:
 - A path runs only after its probe ran it here, on a tiny input shaped like this model's, and

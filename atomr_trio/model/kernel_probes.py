@@ -9,6 +9,7 @@ oneDNN's process-wide switch only through cpu_gemv's KernelChoice.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -97,6 +98,9 @@ def _probe_native_ops(dtype: torch.dtype, cfg: ModelConfig) -> str | None:
     assert k is not None
     if dtype not in native.DTYPES:
         return f"they compute in float32 or bfloat16, not {str(dtype).removeprefix('torch.')}"
+    bad = _probe_sample_cut(k)
+    if bad:
+        return bad
     g = _gen()
     nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     # residual add + RMS norm (transformers' rounding: normalize in float32, round, then scale)
@@ -149,6 +153,28 @@ def _probe_native_ops(dtype: torch.dtype, cfg: ModelConfig) -> str | None:
     meta = AttentionMetadata(torch.empty(0, dtype=torch.long), 0, None, None, [PrefillChunk(0, Q, cslots, mask)])
     want = paged_attention(q.float(), q.float()[:, :nkv], q.float()[:, :nkv], kv.float(), meta, write_kv=False)
     return _mismatch(k.prefill_attention(q, kv, cslots, hd**-0.5).reshape(Q, nq * hd), want, "prefill_attention")
+
+
+def _probe_sample_cut(k: native.Kernels) -> str | None:
+    """The sampler's cut against a float64 sort of each row: top_k, top_p, min_p, both of the first
+    two, and a row a grammar masked (each row's boundary lies well away from float rounding)."""
+    assert k.sample_cut is not None
+    logits = torch.randn(5, 64, generator=_gen()) * 2
+    logits[4, 40:] = float("-inf")
+    ks, ps, min_ps = [5, 0, 0, 10, 0], [1.0, 0.6, 1.0, 0.8, 0.7], [0.0, 0.0, 0.2, 0.0, 0.0]
+    got = torch.isfinite(k.sample_cut(logits.clone(), ks, ps, min_ps))
+    want = torch.zeros_like(got)
+    for i, row in enumerate(logits.double()):
+        order = row.argsort(descending=True)
+        order = order[torch.isfinite(row[order])][: ks[i] or None]
+        probs = torch.softmax(row[order], dim=0)
+        order = order[probs.cumsum(0) - probs < ps[i]]
+        if min_ps[i]:
+            order = order[row[order] >= row.max() + math.log(min_ps[i])]
+        want[i, order] = True
+    if not torch.equal(got, want):
+        return f"sample_cut_: kept the wrong tokens ({int((got != want).sum())} of {got.numel()} differ)"
+    return None
 
 
 def time_avx2_bf16_against_float32(rounds: int = 7) -> tuple[float, float]:
