@@ -85,6 +85,7 @@ def test_each_forced_path_is_the_plan(kernel_path: str, tiny_cfg: ModelConfig) -
     assert plan.matmul == kernel_path
     assert plan.ops == ("native" if kernel_path == "native" else "torch")
     assert plan.one_row_gemv == (kernel_path == "onednn")
+    assert plan.sample_cut == (kernel_path == "native")
     f32 = cpu_kernels.choose(tiny_cfg, torch.float32)  # float32 weights have one matmul: F.linear
     assert (f32.matmul, f32.ops) == ("torch", plan.ops)
 
@@ -197,16 +198,19 @@ def test_the_sampler_cuts_with_the_native_op_and_samples_what_torch_ops_sample(
 
 
 @pytest.mark.parametrize("how", ["raise", "keeps every token"])
-def test_a_failing_native_cut_falls_back_to_torch_ops(how: str, tiny_cfg: ModelConfig,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failing_native_cut_leaves_the_cut_to_torch_ops_and_the_rest_native(
+        how: str, tiny_cfg: ModelConfig, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _needs("native", "ops", torch.float32)
+    want = _sampled(tiny_dir)
     k = native.kernels()
     assert k is not None
     broken = _raise if how == "raise" else (lambda logits, *args: logits)
     monkeypatch.setitem(native._state, "k", dataclasses.replace(k, sample_cut=broken))
     plan = cpu_kernels.choose(tiny_cfg, torch.float32)
-    assert plan.ops == "torch"
-    assert ("raised RuntimeError" if how == "raise" else "sample_cut_: kept the wrong tokens") in plan.describe()
+    assert plan.ops == "native" and not plan.sample_cut
+    why = "raised RuntimeError" if how == "raise" else "sample_cut_: kept the wrong tokens"
+    assert "not sampler cut native: " in plan.describe() and why in plan.describe()
+    assert _sampled(tiny_dir) == want  # served with the torch cut: the same seeded tokens
 
 
 def test_a_forced_path_that_cannot_run_is_an_error(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -451,6 +451,10 @@ def test_min_p_over_a_large_vocabulary_drops_what_the_probabilities_say(path: st
 # ---- the native cut (model/csrc/sample_cut.cpp) against a sort, where its buckets are strained ----
 @pytest.mark.parametrize(("case", "top_k", "top_p"), [
     ("far outlier", 300, 0.95),  # one finite logit 1e30 below: the span is capped, the rest still spread
+    ("far outlier", 0, 0.9),  # ... and in the mass that top_p reads (its exp is 0, not inf or NaN)
+    ("lowest float mask", 0, 0.9),  # the HF way of masking: float32's lowest instead of -inf
+    ("lowest float mask", 5, 0.5),
+    ("tiny span", 0, 0.5),  # logits 1e-38 apart: buckets per logit unit past float32's range
     ("very spread", 50, 1.0),  # scale 60: the 50th best lies past the capped span, in the last bucket
     ("very spread", 20000, 1.0),  # the top_k boundary among the thousands of tokens of the last bucket
     ("all tied", 1000, 0.5),  # one bucket holds every token: ties by index
@@ -466,6 +470,10 @@ def test_native_cut_keeps_what_a_sort_keeps_where_buckets_are_strained(case: str
         logits[:, 123] = -1e30
     if case == "all tied":
         logits[:] = 0.5
+    if case == "lowest float mask":
+        logits[:, 10:] = torch.finfo(torch.float32).min
+    if case == "tiny span":
+        logits = logits.sign() * 1e-38
     logits[2, vocab // 2:] = float("-inf")  # a masked half
     out = op(logits.clone(), [top_k] * 3, [top_p] * 3, [0.0] * 3)
     for i in range(3):

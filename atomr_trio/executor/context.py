@@ -58,8 +58,8 @@ class Context:
             model.use_kernels(self.plan, int8=cfg.quantization == "int8")
             return_freed_heap()
         table_op = cuda_table_op() if cuda else None
-        native_ops = self.plan.kernels if self.plan is not None and self.plan.ops == "native" else None
-        sampler = Sampler(source.eos_token_ids, rng, native_ops.sample_cut if native_ops is not None else None)
+        cut = self.plan.kernels.sample_cut if self.plan and self.plan.sample_cut and self.plan.kernels else None
+        sampler = Sampler(source.eos_token_ids, rng, cut)
         self.memory: MemoryPlan | None = None
         blocks = cfg.num_kv_blocks
         if gpu is not None and cfg.kv_from_gpu_memory:

@@ -3,11 +3,13 @@
 Invariants:
 - Every operation is batched over the rows, and no step sorts a vocabulary: a random row draws
   one uniform number (`draw_rows`); top_k / top_p / min_p are cut by the native op where the
-  kernel plan runs native ops (float32 CPU logits), else by torch ops among a row's best tokens
-  or by mass histograms (`top_k_top_p`); both keep the same tokens (ties by index) up to float
-  rounding at the top_p boundary. Penalties touch only the ids a row has seen. Python loops run over
-  rows only for per-request state that cannot be batched (a seeded generator, a sparse
-  logit_bias, a penalized row's history).
+  kernel plan's probe of it passed (float32 CPU logits), else by torch ops among a row's best tokens
+  or by mass histograms (`top_k_top_p`). Both keep what a sort of the row keeps, up to float
+  rounding at the top_p boundary; of exactly tied logits the native op keeps the lower indices
+  first, the torch path the candidates in torch.topk's order, so there the two may keep different
+  tokens. Penalties touch only the ids a row has seen. Python loops run over rows only for
+  per-request state that cannot be batched (a seeded generator, a sparse logit_bias, a penalized
+  row's history).
 - A seeded row draws its randomness from its own generator alone, and what top_k / top_p keep of
   a row depends on that row alone, so its tokens do not depend on what else is in the batch.
   Unseeded rows draw from the sampler's generator (one per engine, seeded from

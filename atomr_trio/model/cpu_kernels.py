@@ -10,9 +10,10 @@ Parts and their paths, fastest first:
   where its own probe passes, else oneDNN) -> `torch` (F.linear as torch dispatches it).
   float32 weights have `torch` only: the other two are bf16 layouts.
 - `ops` — decode attention over the paged cache, residual add + RMS norm, rope + K/V cache
-  write, the sampler's top-k / top-p / min-p cut, and bf16 prefill attention where the build
-  has AVX512-BF16 (else prefills keep SDPA): `native` (csrc/*.cpp, built by native.py; needs
-  x86-64 and a C++ compiler) -> `torch`.
+  write, and bf16 prefill attention where the build has AVX512-BF16 (else prefills keep SDPA):
+  `native` (csrc/*.cpp, built by native.py; needs x86-64 and a C++ compiler) -> `torch`. With
+  native ops the sampler's top-k / top-p / min-p cut (csrc/sample_cut.cpp) is probed on its own
+  and runs native where it passes (else the sampler's torch ops), like the one-row GEMV below.
 
 Invariants:
 - A path runs only after its probe ran it here, on a tiny input shaped like this model's, and
@@ -70,6 +71,7 @@ class KernelPlan:
     passed_over: tuple[str, ...] = ()  # "<part> <path>: <why>" for each faster path not taken
     forced: str | None = None  # the ATOMR_TRIO_CPU_KERNELS value, if any
     one_row_gemv: bool = False  # `onednn` path: one-row matmuls switch oneDNN off for ATen's GEMV
+    sample_cut: bool = False  # `native` ops: the sampler's top-k / top-p / min-p cut runs native too
 
     def summary(self) -> str:
         return f"matmul={self.matmul}, ops={self.ops}"
@@ -129,9 +131,15 @@ def choose(cfg: ModelConfig, dtype: torch.dtype) -> KernelPlan:
         gemv = why is None
         if why:
             passed.append(f"one-row ATen GEMV: {why}")
+    cut = False
+    if picked["ops"] == "native":  # the sampler's cut, probed on its own: without it the sampler runs torch ops
+        why = _probe_quietly(kernel_probes.probe_sample_cut, dtype, cfg)
+        cut = why is None
+        if why:
+            passed.append(f"sampler cut native: {why}")
     uses_native = "native" in picked.values()
     return KernelPlan(dtype, picked["matmul"], picked["ops"], native.kernels() if uses_native else None,
-                      tuple(passed), os.environ.get(ENV) if force else None, gemv)
+                      tuple(passed), os.environ.get(ENV) if force else None, gemv, cut)
 
 
 def bf16_matmul_is_fast() -> bool:

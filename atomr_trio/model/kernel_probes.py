@@ -98,9 +98,6 @@ def _probe_native_ops(dtype: torch.dtype, cfg: ModelConfig) -> str | None:
     assert k is not None
     if dtype not in native.DTYPES:
         return f"they compute in float32 or bfloat16, not {str(dtype).removeprefix('torch.')}"
-    bad = _probe_sample_cut(k)
-    if bad:
-        return bad
     g = _gen()
     nq, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     # residual add + RMS norm (transformers' rounding: normalize in float32, round, then scale)
@@ -155,10 +152,12 @@ def _probe_native_ops(dtype: torch.dtype, cfg: ModelConfig) -> str | None:
     return _mismatch(k.prefill_attention(q, kv, cslots, hd**-0.5).reshape(Q, nq * hd), want, "prefill_attention")
 
 
-def _probe_sample_cut(k: native.Kernels) -> str | None:
-    """The sampler's cut against a float64 sort of each row: top_k, top_p, min_p, both of the first
-    two, and a row a grammar masked (each row's boundary lies well away from float rounding)."""
-    assert k.sample_cut is not None
+def probe_sample_cut(dtype: torch.dtype, cfg: ModelConfig) -> str | None:
+    """The sampler's native cut (float32 logits, whatever the model's dtype) against a float64 sort
+    of each row: top_k, top_p, min_p, both of the first two, and a row a grammar masked (each row's
+    boundary lies well away from float rounding)."""
+    k = native.kernels()
+    assert k is not None and k.sample_cut is not None
     logits = torch.randn(5, 64, generator=_gen()) * 2
     logits[4, 40:] = float("-inf")
     ks, ps, min_ps = [5, 0, 0, 10, 0], [1.0, 0.6, 1.0, 0.8, 0.7], [0.0, 0.0, 0.2, 0.0, 0.0]

@@ -15,8 +15,8 @@
 // How, without sorting the vocabulary: a token's distance below its row's best logit, d = m - x,
 // is bucketed into kBuckets even buckets over the row's span of logits (at most kSpan; d past it:
 // the last bucket). A bucket's index never decreases as the logit falls, and equal logits share a
-// bucket. Each bucket's count (and, for top_p, its mass: exp(x - m) in float32, summed in
-// float64), taken from the best bucket down, says in which bucket the top_k or top_p boundary
+// bucket. Each bucket's count (and, for top_p, its mass: exp(x - m) by the kernels' float32
+// vector exp, summed in float64), taken from the best bucket down, says in which bucket the top_k or top_p boundary
 // lies; only that bucket's tokens are sorted (logit descending, index ascending) to place the cut
 // inside it. A row costs a few passes over its logits: [64, 49152] flat under top_p ~3 ms on a
 // 2-core Zen 4, where the torch path's mass histograms took ~75 ms (see sampler.py).
@@ -56,17 +56,22 @@ struct Scratch {
   std::vector<int64_t> members;
 };
 
-// e[j] = exp(x[j] - m) for the row (x <= m; a -inf logit's value is never read).
+// e[j] = exp(x[j] - m) for the row (x <= m; a -inf logit's value is never read). x - m is raised
+// to kExpFloor first, below which float32's exp is 0 anyway: the vector exp's range reduction
+// would turn a logit far below the best (-1e20, float32's lowest as a mask) into inf or NaN.
+constexpr float kExpFloor = -104.f;
 void exp_below(const float* x, float m, float* e, int64_t V) {
   int64_t j = 0;
 #if defined(__AVX512BF16__)
-  const __m512 vm = _mm512_set1_ps(m);
-  for (; j + 16 <= V; j += 16) _mm512_storeu_ps(e + j, atomr_vec::exp_ps(_mm512_sub_ps(_mm512_loadu_ps(x + j), vm)));
+  const __m512 vm = _mm512_set1_ps(m), floor = _mm512_set1_ps(kExpFloor);
+  for (; j + 16 <= V; j += 16)
+    _mm512_storeu_ps(e + j, atomr_vec::exp_ps(_mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(x + j), vm), floor)));
 #elif defined(__AVX2__) && defined(__FMA__)
-  const __m256 vm = _mm256_set1_ps(m);
-  for (; j + 8 <= V; j += 8) _mm256_storeu_ps(e + j, atomr_avx2::exp_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm)));
+  const __m256 vm = _mm256_set1_ps(m), floor = _mm256_set1_ps(kExpFloor);
+  for (; j + 8 <= V; j += 8)
+    _mm256_storeu_ps(e + j, atomr_avx2::exp_ps(_mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm), floor)));
 #endif
-  for (; j < V; ++j) e[j] = std::exp(x[j] - m);
+  for (; j < V; ++j) e[j] = std::exp(std::max(x[j] - m, kExpFloor));
 }
 
 // The row's tokens in bucket b (there are `size` of them), best first: logit descending, then
@@ -109,13 +114,15 @@ void cut_row(float* x, int64_t V, int64_t top_k, double top_p, double min_p, Scr
   // Buckets spread evenly over the row's own span of logits (up to kSpan), so a flat row's
   // tokens do not crowd into a few buckets nor a peaked row's into the last one.
   const float span = std::min(m - low, kSpan);
-  const float per = span > 0 ? static_cast<float>(kLast) / span : 0.f;
+  // (capped: a span too small for 4095 / span to be finite would make the best token's 0 * inf NaN)
+  const float per = span > 0 ? std::min(static_cast<float>(kLast) / span, FLT_MAX) : 0.f;
   uint16_t* bucket = s.bucket.data();
   int64_t masked = 0;
 #pragma omp simd reduction(+ : masked)
   for (int64_t j = 0; j < V; ++j) {
-    const float t = std::min((m - x[j]) * per, static_cast<float>(kLast));  // never decreases as x falls
+    // t never decreases as x falls; a -inf logit skips it (inf * 0 would be NaN where the span is 0)
     const bool out = x[j] == kNegInf;
+    const float t = out ? 0.f : std::min((m - x[j]) * per, static_cast<float>(kLast));
     bucket[j] = out ? kMasked : static_cast<uint16_t>(t);
     masked += out;
   }
