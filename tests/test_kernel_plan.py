@@ -85,7 +85,7 @@ def test_each_forced_path_is_the_plan(kernel_path: str, tiny_cfg: ModelConfig) -
     assert plan.matmul == kernel_path
     assert plan.ops == ("native" if kernel_path == "native" else "torch")
     assert plan.one_row_gemv == (kernel_path == "onednn")
-    assert plan.sample_cut == (kernel_path == "native")
+    assert plan.sampling == (kernel_path == "native")
     f32 = cpu_kernels.choose(tiny_cfg, torch.float32)  # float32 weights have one matmul: F.linear
     assert (f32.matmul, f32.ops) == ("torch", plan.ops)
 
@@ -178,38 +178,45 @@ def _sampled(tiny_dir: Path) -> list[list[int]]:
         return [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:2], SAMPLED, use_tqdm=False)]
 
 
-def test_the_sampler_cuts_with_the_native_op_and_samples_what_torch_ops_sample(
+def test_the_sampler_draws_with_the_native_op_and_samples_what_torch_ops_sample(
         tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _needs("native", "ops", torch.float32)
     monkeypatch.setenv(cpu_kernels.ENV, "torch")
     want = _sampled(tiny_dir)
     monkeypatch.delenv(cpu_kernels.ENV)
     k = native.kernels()
-    assert k is not None and k.sample_cut is not None
+    assert k is not None and k.sample_rows is not None
     calls = []
 
     def spy(logits: torch.Tensor, *args: list) -> torch.Tensor:
         calls.append(logits.shape[0])
-        return k.sample_cut(logits, *args)
+        return k.sample_rows(logits, *args)
 
-    monkeypatch.setitem(native._state, "k", dataclasses.replace(k, sample_cut=spy))
+    monkeypatch.setitem(native._state, "k", dataclasses.replace(k, sample_rows=spy))
     assert _sampled(tiny_dir) == want
     assert len(calls) > 12  # the probe's call, then the steps'
 
 
-@pytest.mark.parametrize("how", ["raise", "keeps every token"])
-def test_a_failing_native_cut_leaves_the_cut_to_torch_ops_and_the_rest_native(
+@pytest.mark.parametrize("how", ["raise", "cuts nothing"])
+def test_a_failing_native_sampler_op_leaves_sampling_to_torch_ops_and_the_rest_native(
         how: str, tiny_cfg: ModelConfig, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _needs("native", "ops", torch.float32)
     want = _sampled(tiny_dir)
     k = native.kernels()
     assert k is not None
-    broken = _raise if how == "raise" else (lambda logits, *args: logits)
-    monkeypatch.setitem(native._state, "k", dataclasses.replace(k, sample_cut=broken))
+    real = k.sample_rows
+    assert real is not None
+
+    def uncut(logits: torch.Tensor, temps: list[float], *args: list) -> torch.Tensor:  # draws, cuts nothing
+        n = logits.shape[0]
+        return real(logits, temps, [0] * n, [1.0] * n, [0.0] * n, *args[3:])
+
+    broken = _raise if how == "raise" else uncut
+    monkeypatch.setitem(native._state, "k", dataclasses.replace(k, sample_rows=broken))
     plan = cpu_kernels.choose(tiny_cfg, torch.float32)
-    assert plan.ops == "native" and not plan.sample_cut
-    why = "raised RuntimeError" if how == "raise" else "sample_cut_: kept the wrong tokens"
-    assert "not sampler cut native: " in plan.describe() and why in plan.describe()
+    assert plan.ops == "native" and not plan.sampling
+    why = "raised RuntimeError" if how == "raise" else "sample_rows_: row 0 kept the wrong tokens"
+    assert "not sampling native: " in plan.describe() and why in plan.describe()
     assert _sampled(tiny_dir) == want  # served with the torch cut: the same seeded tokens
 
 

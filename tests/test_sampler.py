@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from atomr_trio.executor.sampler import NativeCut, Sampler, SampleRow, argmax_rows, draw_rows, top_k_top_p
+from atomr_trio.executor.sampler import NativeSample, Sampler, SampleRow, argmax_rows, draw_rows, top_k_top_p
 from atomr_trio.model import native
 from atomr_trio.sampling_params import SamplingParams
 
@@ -26,32 +26,41 @@ def row(
     return SampleRow(params, gen, list(prompt or []), out, len(out))
 
 
-# the two implementations of the top_k / top_p / min_p cut: top_k_top_p's torch ops, and the
-# native op (model/csrc/sample_cut.cpp) that float32 CPU logits take when the kernels are built
+# the two implementations of a step's random draws (temperature, the top_k / top_p / min_p cut, the
+# draw): the sampler's torch ops, and the native op (model/csrc/sampling.cpp) that float32 CPU
+# logits take when the kernels are built
 PATHS = ["torch", "native"]
 
 
-def native_cut(path: str) -> NativeCut | None:
+def native_sample(path: str) -> NativeSample | None:
     if path == "torch":
         return None
     k = native.kernels()
-    if k is None or k.sample_cut is None:
+    if k is None or k.sample_rows is None:
         pytest.skip("the native kernels did not build here")
-    return k.sample_cut
+    return k.sample_rows
+
+
+def native_cut(logits: torch.Tensor, ks: list[int], ps: list[float], min_ps: list[float] | None = None) -> torch.Tensor:
+    """The native op's cut at temperature 1 (top_k 0: none), read from the logits it leaves."""
+    op = native_sample("native")
+    assert op is not None
+    n = logits.shape[0]
+    op(logits, [1.0] * n, ks, ps, min_ps or [0.0] * n, [0.5] * n)
+    return logits
 
 
 def cut_rows(path: str, logits: torch.Tensor, ks: list[int], ps: list[float]) -> torch.Tensor:
     """top_k_top_p's contract (ks[i] = vocab: no top_k) through either path."""
-    op = native_cut(path)
-    if op is None:
+    if path == "torch":
         return top_k_top_p(logits, ks, ps)
     vocab = logits.shape[1]
-    return op(logits, [k if k < vocab else 0 for k in ks], ps, [0.0] * len(ks))
+    return native_cut(logits, [k if k < vocab else 0 for k in ks], ps)
 
 
 def sample(logits: torch.Tensor | list[list[float]], rows: list[SampleRow], path: str = "torch") -> list[int]:
     t = torch.as_tensor(logits, dtype=torch.float32).clone()
-    return Sampler((EOS,), native_cut=native_cut(path))(t, rows).token_ids
+    return Sampler((EOS,), native_sample=native_sample(path))(t, rows).token_ids
 
 
 def draws(logits: list[float], params: SamplingParams, n: int = 400, path: str = "torch") -> list[int]:
@@ -87,11 +96,12 @@ def test_greedy_is_argmax() -> None:
     assert sample(logits, [row(GREEDY) for _ in range(6)]) == logits.argmax(dim=-1).tolist()
 
 
-def test_greedy_row_is_argmax_inside_a_random_batch() -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_greedy_row_is_argmax_inside_a_random_batch(path: str) -> None:
     logits = torch.randn(4, V, generator=torch.Generator().manual_seed(1))
-    rows = [row(SamplingParams(temperature=1.0)), row(GREEDY), row(SamplingParams(temperature=2.0)),
-            row(GREEDY)]
-    tokens = sample(logits, rows)
+    rows = [row(SamplingParams(temperature=1.0)), row(SamplingParams(temperature=0.0, top_k=2, top_p=0.1)),
+            row(SamplingParams(temperature=2.0, top_p=0.5)), row(GREEDY)]
+    tokens = sample(logits, rows, path)
     expected = logits.argmax(dim=-1).tolist()
     assert (tokens[1], tokens[3]) == (expected[1], expected[3])
 
@@ -109,11 +119,12 @@ def test_top_k_limits_choices_to_the_k_best(path: str) -> None:
     assert set(draws(logits, SamplingParams(top_k=3), path=path)) == {2, 3, 4}
 
 
-def test_temperature_scales_the_distribution() -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_temperature_scales_the_distribution(path: str) -> None:
     logits = [math.log(3.0), 0.0] + [-1e4] * (V - 2)  # p = (0.75, 0.25) at temperature 1
     n = 4000
     for temperature, p0 in ((1.0, 0.75), (2.0, math.sqrt(3) / (math.sqrt(3) + 1))):
-        freq = draws(logits, SamplingParams(temperature=temperature), n).count(0) / n
+        freq = draws(logits, SamplingParams(temperature=temperature), n, path).count(0) / n
         assert freq == pytest.approx(p0, abs=0.03)
 
 
@@ -142,10 +153,11 @@ def test_min_p_drops_tokens_below_a_fraction_of_the_best(path: str) -> None:
 
 
 # ---- seeds -------------------------------------------------------------------------------
-def test_seeded_row_is_reproducible_alone_and_inside_a_batch() -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_seeded_row_is_reproducible_alone_and_inside_a_batch(path: str) -> None:
     logits = torch.zeros(1, V)  # uniform: every token is possible
     params = SamplingParams(temperature=1.0, seed=7)
-    sampler = Sampler((EOS,))
+    sampler = Sampler((EOS,), native_sample=native_sample(path))
 
     def run(batch: bool) -> list[int]:
         r = row(params, seed=7)
@@ -224,10 +236,11 @@ def test_min_tokens_blocks_eos_and_stop_tokens_until_reached() -> None:
     assert sample([logits], [row(params, output=[1, 1])]) == [7]
 
 
-def test_min_tokens_blocks_eos_for_random_sampling() -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_min_tokens_blocks_eos_for_random_sampling(path: str) -> None:
     logits = [0.0] * V
     logits[EOS] = 5.0
-    assert EOS not in draws(logits, SamplingParams(min_tokens=1), 100)
+    assert EOS not in draws(logits, SamplingParams(min_tokens=1), 100, path)
 
 
 def test_min_tokens_leaves_eos_alone_with_ignore_eos() -> None:
@@ -264,14 +277,19 @@ def test_logprobs_zero_gives_only_the_sampled_token_and_none_when_not_asked() ->
     assert lp.logprob == pytest.approx(float(torch.log_softmax(logits[0], -1)[1]))
 
 
-def test_logprobs_rank_of_a_random_sample() -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_logprobs_rank_of_a_random_sample(path: str) -> None:
+    """Logprobs are of the raw logits, which the native op then scales and cuts in place."""
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]] * 64)
-    rows = [row(SamplingParams(logprobs=2), seed=i) for i in range(64)]
-    out = Sampler((EOS,))(logits.clone(), rows)
+    rows = [row(SamplingParams(logprobs=2, temperature=0.5, top_k=3), seed=i) for i in range(64)]
+    out = Sampler((EOS,), native_sample=native_sample(path))(logits.clone(), rows)
+    assert len(set(out.token_ids)) > 1
+    raw = torch.log_softmax(logits[0], dim=0)
     for tok, lp in zip(out.token_ids, out.logprobs, strict=True):
         assert lp is not None
         assert lp.rank == 4 - tok  # token 3 is the best
         assert [t for t, _ in lp.top] == [3, 2]
+        assert lp.logprob == pytest.approx(raw[tok].item())
 
 
 def test_row_argmax_is_torch_s_on_ties_nan_infinities_and_strided_rows() -> None:
@@ -438,8 +456,10 @@ def test_min_p_over_a_large_vocabulary_drops_what_the_probabilities_say(path: st
     logits = torch.randn(4, 49152, generator=torch.Generator().manual_seed(7)) * 3
     logits[3, 100:] = float("-inf")
     min_ps = [0.05, 0.3, 0.0, 1.0]
-    sampler = Sampler((EOS,), native_cut=native_cut(path))
-    out = sampler._truncate(logits.clone(), [row(SamplingParams(min_p=m)) for m in min_ps])
+    if path == "torch":
+        out = Sampler._truncate(logits.clone(), [row(SamplingParams(min_p=m)) for m in min_ps])
+    else:
+        out = native_cut(logits.clone(), [0] * 4, [1.0] * 4, min_ps)
     ratio = torch.softmax(logits.double(), dim=-1)
     ratio = ratio / ratio.max(dim=-1, keepdim=True).values
     for i, m in enumerate(min_ps):
@@ -448,7 +468,7 @@ def test_min_p_over_a_large_vocabulary_drops_what_the_probabilities_say(path: st
     assert torch.isfinite(out[2]).all() and torch.isfinite(out[3]).sum().item() == 1
 
 
-# ---- the native cut (model/csrc/sample_cut.cpp) against a sort, where its buckets are strained ----
+# ---- the native op (model/csrc/sampling.cpp): its cut against a sort where its buckets are strained ----
 @pytest.mark.parametrize(("case", "top_k", "top_p"), [
     ("far outlier", 300, 0.95),  # one finite logit 1e30 below: the span is capped, the rest still spread
     ("far outlier", 0, 0.9),  # ... and in the mass that top_p reads (its exp is 0, not inf or NaN)
@@ -461,8 +481,6 @@ def test_min_p_over_a_large_vocabulary_drops_what_the_probabilities_say(path: st
     ("odd vocabulary", 17, 0.8),  # 3001 tokens: every vector loop's remainder
 ])
 def test_native_cut_keeps_what_a_sort_keeps_where_buckets_are_strained(case: str, top_k: int, top_p: float) -> None:
-    op = native_cut("native")
-    assert op is not None
     gen = torch.Generator().manual_seed(11)
     vocab = 3001 if case == "odd vocabulary" else 49152
     logits = torch.randn(3, vocab, generator=gen) * (60.0 if case == "very spread" else 2.0)
@@ -475,7 +493,7 @@ def test_native_cut_keeps_what_a_sort_keeps_where_buckets_are_strained(case: str
     if case == "tiny span":
         logits = logits.sign() * 1e-38
     logits[2, vocab // 2:] = float("-inf")  # a masked half
-    out = op(logits.clone(), [top_k] * 3, [top_p] * 3, [0.0] * 3)
+    out = native_cut(logits.clone(), [top_k] * 3, [top_p] * 3)
     for i in range(3):
         kept = set(torch.isfinite(out[i]).nonzero().squeeze(1).tolist())
         if top_p < 1:
@@ -488,31 +506,56 @@ def test_native_cut_keeps_what_a_sort_keeps_where_buckets_are_strained(case: str
     assert torch.equal(out[torch.isfinite(out)], logits[torch.isfinite(out)])
 
 
-def test_native_cut_leaves_rows_it_cannot_order_alone_and_combines_min_p() -> None:
-    op = native_cut("native")
+def test_native_op_leaves_rows_it_cannot_order_alone_and_combines_min_p() -> None:
+    op = native_sample("native")
     assert op is not None
     logits = torch.randn(4, 500, generator=torch.Generator().manual_seed(12))
     logits[0, 7] = float("nan")
     logits[1] = float("-inf")
     logits[2, 9] = float("inf")
-    out = op(logits.clone(), [5] * 4, [0.9] * 4, [0.2] * 4)
+    out = logits.clone()
+    tokens = op(out, [1.0] * 4, [5] * 4, [0.9] * 4, [0.2] * 4, [0.5] * 4).tolist()
     assert torch.equal(out[:3].nan_to_num(), logits[:3].nan_to_num())  # left as they are
+    assert tokens[:3] == [0, 0, 0]  # what the torch path's argmax of NaN probabilities gives
     best = logits[3].topk(5).values
     probs = torch.softmax(best.double(), dim=0)
     by_p = int(((probs.cumsum(0) - probs) < 0.9).sum())
     by_min_p = int((best[:by_p] >= logits[3].max() + math.log(0.2)).sum())
     assert set(torch.isfinite(out[3]).nonzero().squeeze(1).tolist()) == set(logits[3].topk(by_min_p).indices.tolist())
+    assert tokens[3] in logits[3].topk(by_min_p).indices.tolist()
 
 
-def test_native_and_torch_cuts_sample_the_same_tokens() -> None:
-    """A batch mixing every truncation (and greedy rows, which are never cut) draws the same
-    seeded tokens through either path."""
+def test_native_draws_follow_the_probabilities_and_never_draw_a_zero() -> None:
+    """The op's draw: one point u of [0, 1) inverted through the kept tokens' cumulative
+    probabilities in index order; tokens outside the cut, or of probability 0, never come."""
+    op = native_sample("native")
+    assert op is not None
+    vocab, n = 3000, 20000  # three chunks of 1024, the last one short
+    base = torch.full((vocab,), float("-inf"))
+    base[[5, 1500, 2999]] = torch.tensor([0.2, 0.3, 0.5]).log()
+    u = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).tolist()
+    tokens = op(base.expand(n, vocab).contiguous(), [1.0] * n, [0] * n, [1.0] * n, [0.0] * n, u)
+    assert set(tokens.tolist()) == {5, 1500, 2999}
+    freq = torch.bincount(tokens, minlength=vocab)[[5, 1500, 2999]] / n
+    assert torch.allclose(freq, torch.tensor([0.2, 0.3, 0.5], dtype=freq.dtype), atol=0.015)
+    edges = op(base.expand(2, vocab).contiguous(), [1.0] * 2, [0] * 2, [1.0] * 2, [0.0] * 2, [0.0, 1.0 - 2**-53])
+    assert edges.tolist() == [5, 2999]  # the ends of [0, 1): the first and the last token
+    flat = torch.zeros(2, vocab)  # the cut (top_k 2: tokens 0 and 1) bounds what the draw sees
+    assert set(op(flat, [1.0] * 2, [2, 2], [1.0] * 2, [0.0] * 2, [0.3, 0.7]).tolist()) == {0, 1}
+    hot = torch.tensor([[0.0, 3.0, 1.0, 3.0]])  # temperature 0: the first of the largest, uncut
+    assert op(hot.clone(), [0.0], [1], [0.1], [0.5], [0.9]).tolist() == [1]
+
+
+def test_native_and_torch_paths_sample_the_same_tokens() -> None:
+    """A batch mixing temperatures, every truncation and greedy rows (never cut) draws the same
+    seeded tokens through either path (both invert the same cumulative probabilities at the same
+    point; only float rounding at a token's edge, ~1e-7 of the mass, could tell them apart)."""
     gen = torch.Generator().manual_seed(13)
     logits = torch.randn(12, 5000, generator=gen) * torch.tensor([0.5, 2.0, 8.0]).repeat(4).unsqueeze(1)
     params = [SamplingParams(temperature=0.0, top_p=0.5), SamplingParams(temperature=1.0, top_k=40),
               SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=1.0, min_p=0.05),
               SamplingParams(temperature=1.2, top_k=300, top_p=0.8, min_p=0.01), SamplingParams(temperature=1.0)]
-    for step in range(3):
+    for step in range(10):
         def rows() -> list[SampleRow]:  # the same seeds for both paths
             return [row(params[i % len(params)], seed=100 * step + i) for i in range(12)]  # noqa: B023
 

@@ -58,8 +58,8 @@ class Context:
             model.use_kernels(self.plan, int8=cfg.quantization == "int8")
             return_freed_heap()
         table_op = cuda_table_op() if cuda else None
-        cut = self.plan.kernels.sample_cut if self.plan and self.plan.sample_cut and self.plan.kernels else None
-        sampler = Sampler(source.eos_token_ids, rng, cut)
+        draws = self.plan.kernels.sample_rows if self.plan and self.plan.sampling and self.plan.kernels else None
+        sampler = Sampler(source.eos_token_ids, rng, draws)
         self.memory: MemoryPlan | None = None
         blocks = cfg.num_kv_blocks
         if gpu is not None and cfg.kv_from_gpu_memory:

@@ -1,15 +1,17 @@
 """Sampler: turns one step's logits into one token per sampling sequence, batched in torch.
 
 Invariants:
-- Every operation is batched over the rows, and no step sorts a vocabulary: a random row draws
-  one uniform number (`draw_rows`); top_k / top_p / min_p are cut by the native op where the
-  kernel plan's probe of it passed (float32 CPU logits), else by torch ops among a row's best tokens
-  or by mass histograms (`top_k_top_p`). Both keep what a sort of the row keeps, up to float
-  rounding at the top_p boundary; of exactly tied logits the native op keeps the lower indices
-  first, the torch path the candidates in torch.topk's order, so there the two may keep different
-  tokens. Penalties touch only the ids a row has seen. Python loops run over rows only for
-  per-request state that cannot be batched (a seeded generator, a sparse logit_bias, a penalized
-  row's history).
+- Every operation is batched over the rows, and no step sorts a vocabulary. A random row draws
+  one uniform number, inverted through its cumulative probabilities after temperature and the
+  top_k / top_p / min_p cut: where the kernel plan's probe of the native op passed (float32 CPU
+  logits), that op scales, cuts and draws each row in a few passes; else torch ops do it
+  (`top_k_top_p`: among a row's best tokens or by mass histograms; a softmax; `draw_rows`). Both
+  keep what a sort of the row keeps, up to float rounding at the top_p boundary, and draw the
+  same token at the same point up to rounding at a token's edge; of exactly tied logits the
+  native op keeps the lower indices first, the torch path the candidates in torch.topk's order,
+  so there the two may keep different tokens. Penalties touch only the ids a row has seen.
+  Python loops run over rows only for per-request state that cannot be batched (a seeded
+  generator, a sparse logit_bias, a penalized row's history).
 - A seeded row draws its randomness from its own generator alone, and what top_k / top_p keep of
   a row depends on that row alone, so its tokens do not depend on what else is in the batch.
   Unseeded rows draw from the sampler's generator (one per engine, seeded from
@@ -81,21 +83,22 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]
 
 
-# The native cut (model/csrc/sample_cut.cpp): (logits [n, vocab] float32, top_k (0: none),
-# top_p, min_p) -> the same logits, cut in place as `Sampler._truncate` describes
-NativeCut = Callable[[torch.Tensor, list[int], list[float], list[float]], torch.Tensor]
+# The native draws (model/csrc/sampling.cpp): (logits [n, vocab] float32, temperature (0: greedy),
+# top_k (0: none), top_p, min_p, u) -> tokens [n]; the logits of random rows are scaled and cut in
+# place, as `Sampler._truncate` cuts them, and drawn from as `draw_rows` draws
+NativeSample = Callable[[torch.Tensor, list[float], list[int], list[float], list[float], list[float]], torch.Tensor]
 
 
 class Sampler:
     def __init__(self, eos_token_ids: tuple[int, ...], generator: torch.Generator | None = None,
-                 native_cut: NativeCut | None = None) -> None:
+                 native_sample: NativeSample | None = None) -> None:
         self.eos_token_ids = list(eos_token_ids)
         # For rows without a seed of their own; never torch's global generator.
         self.generator = generator if generator is not None else torch.Generator()
-        # float32 CPU logits take it for the top_k / top_p / min_p cut (a few passes over each row,
-        # [64, 49152] under top_p ~2.5 ms, where top_k_top_p's torch ops took 10-50 ms);
-        # others take top_k_top_p
-        self.native_cut = native_cut
+        # float32 CPU logits take it for their random rows (a few passes over each row: [64, 49152]
+        # at temperature 1 with top_p 0.9 ~3 ms, where the torch ops below took 5 ms, and 10-50 ms
+        # while they sorted); others take the torch ops
+        self.native_sample = native_sample
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SamplerOutput:
@@ -127,19 +130,18 @@ class Sampler:
         if all(r.params.greedy for r in rows):
             tokens = argmax_rows(logits)
         else:
-            temps = [1.0 if r.params.greedy else r.params.temperature for r in rows]
-            scaled = logits if all(t == 1.0 for t in temps) else logits / torch.tensor(temps, device=dev).unsqueeze(1)
-            scaled = self._truncate(scaled, rows)
-            probs = torch.softmax(scaled, dim=-1)
             # one uniform draw per row, inverted through the row's cumulative probabilities
             u = torch.rand(n, dtype=torch.float64, generator=self.generator, device=self.generator.device).to(dev)
             for i, r in enumerate(rows):
                 if r.generator is not None:  # a seeded row's own (CPU) generator: the same draws on every device
                     u[i] = torch.rand((), dtype=torch.float64, generator=r.generator).item()
-            tokens = draw_rows(probs, u)
-            if any(r.params.greedy for r in rows):
-                greedy = torch.tensor([r.params.greedy for r in rows], device=dev)
-                tokens = torch.where(greedy, argmax_rows(logits), tokens)
+            if (self.native_sample is not None and dev.type == "cpu" and logits.dtype == torch.float32
+                    and logits.is_contiguous()):
+                temps = [0.0 if r.params.greedy else r.params.temperature for r in rows]
+                ks, ps, min_ps = self._limits(rows, vocab)
+                tokens = self.native_sample(logits, temps, [k if k < vocab else 0 for k in ks], ps, min_ps, u.tolist())
+            else:
+                tokens = self._draw_with_torch(logits, rows, u)
 
         token_list = tokens.tolist()  # the step's one device-to-host copy of sampled ids
         out: list[TokenLogprobs | None] = [None] * n
@@ -195,19 +197,37 @@ class Sampler:
         logits[row_t, ids_t] = sub
         return logits
 
-    def _truncate(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
-        """Each random row's top_k, top_p and min_p cut (dropped tokens at -inf); greedy rows,
-        which take the argmax of the uncut logits, are left alone."""
-        vocab, dev = logits.shape[1], logits.device
+    def _draw_with_torch(self, logits: torch.Tensor, rows: list[SampleRow], u: torch.Tensor) -> torch.Tensor:
+        """The batch's tokens by torch ops: random rows scaled, cut and drawn at u, greedy rows'
+        argmax (of the logits as they came)."""
+        temps = [1.0 if r.params.greedy else r.params.temperature for r in rows]
+        if any(t != 1.0 for t in temps):
+            logits_t = torch.tensor(temps, device=logits.device).unsqueeze(1)
+            scaled = logits / logits_t
+        else:
+            scaled = logits
+        tokens = draw_rows(torch.softmax(self._truncate(scaled, rows), dim=-1), u)
+        if any(r.params.greedy for r in rows):
+            greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
+            tokens = torch.where(greedy, argmax_rows(logits), tokens)
+        return tokens
+
+    @staticmethod
+    def _limits(rows: list[SampleRow], vocab: int) -> tuple[list[int], list[float], list[float]]:
+        """Each row's top_k (vocab: none), top_p and min_p; none for greedy rows, which take the
+        argmax of the uncut logits."""
         ks = [r.params.top_k if not r.params.greedy and 0 < r.params.top_k < vocab else vocab for r in rows]
         ps = [1.0 if r.params.greedy else r.params.top_p for r in rows]
         min_ps = [0.0 if r.params.greedy else r.params.min_p for r in rows]
+        return ks, ps, min_ps
+
+    @classmethod
+    def _truncate(cls, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+        """Each random row's top_k, top_p and min_p cut by torch ops (dropped tokens at -inf);
+        greedy rows are left alone."""
+        vocab, dev = logits.shape[1], logits.device
+        ks, ps, min_ps = cls._limits(rows, vocab)
         by_k_or_p = any(k < vocab for k in ks) or any(p < 1.0 for p in ps)  # decided on the host
-        if not by_k_or_p and not any(m > 0 for m in min_ps):
-            return logits
-        if (self.native_cut is not None and dev.type == "cpu" and logits.dtype == torch.float32
-                and logits.is_contiguous()):
-            return self.native_cut(logits, [k if k < vocab else 0 for k in ks], ps, min_ps)
         if by_k_or_p:
             logits = top_k_top_p(logits, ks, ps)
         if any(m > 0 for m in min_ps):

@@ -12,8 +12,9 @@ Parts and their paths, fastest first:
 - `ops` — decode attention over the paged cache, residual add + RMS norm, rope + K/V cache
   write, and bf16 prefill attention where the build has AVX512-BF16 (else prefills keep SDPA):
   `native` (csrc/*.cpp, built by native.py; needs x86-64 and a C++ compiler) -> `torch`. With
-  native ops the sampler's top-k / top-p / min-p cut (csrc/sample_cut.cpp) is probed on its own
-  and runs native where it passes (else the sampler's torch ops), like the one-row GEMV below.
+  native ops the sampler's random draws (temperature, top-k / top-p / min-p, the draw:
+  csrc/sampling.cpp) are probed on their own and run native where they pass (else the sampler's
+  torch ops), like the one-row GEMV below.
 
 Invariants:
 - A path runs only after its probe ran it here, on a tiny input shaped like this model's, and
@@ -71,7 +72,7 @@ class KernelPlan:
     passed_over: tuple[str, ...] = ()  # "<part> <path>: <why>" for each faster path not taken
     forced: str | None = None  # the ATOMR_TRIO_CPU_KERNELS value, if any
     one_row_gemv: bool = False  # `onednn` path: one-row matmuls switch oneDNN off for ATen's GEMV
-    sample_cut: bool = False  # `native` ops: the sampler's top-k / top-p / min-p cut runs native too
+    sampling: bool = False  # `native` ops: the sampler's random rows are drawn natively too
 
     def summary(self) -> str:
         return f"matmul={self.matmul}, ops={self.ops}"
@@ -131,15 +132,15 @@ def choose(cfg: ModelConfig, dtype: torch.dtype) -> KernelPlan:
         gemv = why is None
         if why:
             passed.append(f"one-row ATen GEMV: {why}")
-    cut = False
-    if picked["ops"] == "native":  # the sampler's cut, probed on its own: without it the sampler runs torch ops
-        why = _probe_quietly(kernel_probes.probe_sample_cut, dtype, cfg)
-        cut = why is None
+    sampling = False
+    if picked["ops"] == "native":  # the sampler's op, probed on its own: without it the sampler runs torch ops
+        why = _probe_quietly(kernel_probes.probe_sampling, dtype, cfg)
+        sampling = why is None
         if why:
-            passed.append(f"sampler cut native: {why}")
+            passed.append(f"sampling native: {why}")
     uses_native = "native" in picked.values()
     return KernelPlan(dtype, picked["matmul"], picked["ops"], native.kernels() if uses_native else None,
-                      tuple(passed), os.environ.get(ENV) if force else None, gemv, cut)
+                      tuple(passed), os.environ.get(ENV) if force else None, gemv, sampling)
 
 
 def bf16_matmul_is_fast() -> bool:

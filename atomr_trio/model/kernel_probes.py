@@ -152,27 +152,37 @@ def _probe_native_ops(dtype: torch.dtype, cfg: ModelConfig) -> str | None:
     return _mismatch(k.prefill_attention(q, kv, cslots, hd**-0.5).reshape(Q, nq * hd), want, "prefill_attention")
 
 
-def probe_sample_cut(dtype: torch.dtype, cfg: ModelConfig) -> str | None:
-    """The sampler's native cut (float32 logits, whatever the model's dtype) against a float64 sort
-    of each row: top_k, top_p, min_p, both of the first two, and a row a grammar masked (each row's
-    boundary lies well away from float rounding)."""
+def probe_sampling(dtype: torch.dtype, cfg: ModelConfig) -> str | None:
+    """The sampler's native op (float32 logits, whatever the model's dtype) against float64 math:
+    the tokens each row keeps (top_k, top_p, min_p, both of the first two, a row a grammar masked;
+    every boundary well away from float rounding), the draws at points of the kept tokens'
+    cumulative probability, a temperature, and a greedy row's argmax."""
     k = native.kernels()
-    assert k is not None and k.sample_cut is not None
-    logits = torch.randn(5, 64, generator=_gen()) * 2
+    assert k is not None and k.sample_rows is not None
+    logits = torch.randn(6, 64, generator=_gen()) * 2
     logits[4, 40:] = float("-inf")
-    ks, ps, min_ps = [5, 0, 0, 10, 0], [1.0, 0.6, 1.0, 0.8, 0.7], [0.0, 0.0, 0.2, 0.0, 0.0]
-    got = torch.isfinite(k.sample_cut(logits.clone(), ks, ps, min_ps))
-    want = torch.zeros_like(got)
-    for i, row in enumerate(logits.double()):
-        order = row.argsort(descending=True)
-        order = order[torch.isfinite(row[order])][: ks[i] or None]
-        probs = torch.softmax(row[order], dim=0)
-        order = order[probs.cumsum(0) - probs < ps[i]]
-        if min_ps[i]:
-            order = order[row[order] >= row.max() + math.log(min_ps[i])]
-        want[i, order] = True
-    if not torch.equal(got, want):
-        return f"sample_cut_: kept the wrong tokens ({int((got != want).sum())} of {got.numel()} differ)"
+    temps, ks = [1.0, 1.0, 1.0, 1.0, 1.0, 0.5], [5, 0, 0, 10, 0, 0]
+    ps, min_ps = [1.0, 0.6, 1.0, 0.8, 0.7, 1.0], [0.0, 0.0, 0.2, 0.0, 0.0, 0.0]
+    for u in (0.1, 0.5, 0.9):
+        cut = logits.clone()
+        tokens = k.sample_rows(cut, temps, ks, ps, min_ps, [u] * 6).tolist()
+        for i, row in enumerate((logits / torch.tensor(temps).unsqueeze(1)).double()):
+            order = row.argsort(descending=True)
+            order = order[torch.isfinite(row[order])][: ks[i] or None]
+            probs = torch.softmax(row[order], dim=0)
+            order = order[probs.cumsum(0) - probs < ps[i]]
+            if min_ps[i]:
+                order = order[row[order] >= row.max() + math.log(min_ps[i])]
+            if set(torch.isfinite(cut[i]).nonzero().squeeze(1).tolist()) != set(order.tolist()):
+                return f"sample_rows_: row {i} kept the wrong tokens"
+            kept = order.sort().values  # index order: the draw's
+            cdf = torch.softmax(row[kept], dim=0).cumsum(0)
+            want = int(kept[int((cdf <= u).sum())])
+            if tokens[i] != want:
+                return f"sample_rows_: row {i} drew token {tokens[i]} at u = {u}, expected {want}"
+    greedy = k.sample_rows(logits.clone(), [0.0] * 6, [0] * 6, [1.0] * 6, [0.0] * 6, [0.5] * 6).tolist()
+    if greedy != logits.argmax(dim=-1).tolist():
+        return "sample_rows_: greedy rows are not their argmax"
     return None
 
 

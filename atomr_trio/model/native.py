@@ -21,9 +21,10 @@ context out of the paged cache before a batch of tiny matmuls.
 - `csrc/decode_layers.cpp`: a decode step's layers in one call, through the other kernels (bf16
   or int8 panels, or GGUF blocks) called from C++ (`ops.h`) instead of a Python loop over 30 layers x 8 ops:
   one-sequence bf16 step 11.0 -> 9.9 ms, and the GIL left to the Trio thread meanwhile.
-- `csrc/sample_cut.cpp`: the sampler's top-k / top-p / min-p cut of float32 logits, in place, by
-  bucketing each token's distance below its row's best logit instead of sorting the vocabulary
-  (sampler.py; the torch path there stays for CUDA and builds without the kernels).
+- `csrc/sampling.cpp`: a step's random draws from float32 logits — temperature, the top-k / top-p
+  / min-p cut (each token's distance below its row's best logit bucketed instead of sorting the
+  vocabulary) and the inverse-CDF draw without a softmax (sampler.py; the torch path there stays
+  for CUDA and builds without the kernels).
 - `csrc/linear_int8.cpp`: the int8 x int8 matmul of `quantization="int8"` (int8.py), built for
   AVX512-VNNI (`vpdpbusd`) where the -march has it, else for AVX2 (`vpmaddubsw`), else as plain
   C++ loops.
@@ -69,7 +70,7 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "paged_decode_attention.cpp", CSRC / "norm_rope.cpp", CSRC / "linear_bf16.cpp",
            CSRC / "linear_int8.cpp", CSRC / "quant_matmul.cpp", CSRC / "prefill_attention.cpp",
-           CSRC / "decode_layers.cpp", CSRC / "sample_cut.cpp")
+           CSRC / "decode_layers.cpp", CSRC / "sampling.cpp")
 # included by the sources: part of the build key too
 HEADERS = (CSRC / "vec_avx512.h", CSRC / "vec_avx2.h", CSRC / "ops.h")
 DTYPES = (torch.float32, torch.bfloat16)  # what the kernels compute in
@@ -123,8 +124,8 @@ class Kernels:
     prefill_attention: PrefillAttention | None = None
     # every layer of a decode step in one call (decode_layers.cpp), over bf16 or int8 panels or GGUF blocks
     decode_layers: Callable[..., torch.Tensor] | None = None
-    # the sampler's top-k / top-p / min-p cut, in place (sample_cut.cpp): (logits, top_k, top_p, min_p)
-    sample_cut: Callable[[torch.Tensor, list[int], list[float], list[float]], torch.Tensor] | None = None
+    # a step's random draws (sampling.cpp): (logits, temperature, top_k, top_p, min_p, u) -> tokens
+    sample_rows: Callable[..., torch.Tensor] | None = None
 
 
 _lock = threading.Lock()
@@ -219,7 +220,7 @@ def _load() -> Kernels | None:
         quant_linear=ops.quant_linear, quant_linear_silu_mul=ops.quant_linear_silu_mul,
         quant_dequantize=ops.quant_dequantize,
         prefill_attention=ops.prefill_attention if ops.prefill_attention_isa() else None,
-        decode_layers=ops.decode_layers, sample_cut=ops.sample_cut_,
+        decode_layers=ops.decode_layers, sample_rows=ops.sample_rows_,
     )
 
 

@@ -1,16 +1,26 @@
-// The top-k / top-p / min-p cut of a sampling step's logits, in place (CPU, float32).
+// One sampling step's random draws on the CPU: temperature, the top-k / top-p / min-p cut and the
+// draw itself, one row at a time (float32 logits).
 //
-// sample_cut_(logits [n, V] float32 contiguous, top_k [n], top_p [n], min_p [n]) -> logits, every
-// token outside row i's cut set to -inf, the kept logits untouched:
-// - top_k[i] in 1 .. V - 1: the row's top_k best tokens, ties broken by the lower index; any
-//   other value: no limit.
-// - top_p[i] < 1: of those, the smallest best-first prefix (the same order) such that every kept
-//   token has less than top_p of probability before it, the probabilities being the softmax over
-//   the top_k set (top_p is raised to FLT_MIN at least, so the best token always stays).
-// - min_p[i] > 0: then every token whose logit is below max + log(min_p) (its probability below
-//   min_p times the best one's), computed in float32 as m + (float)log(min_p).
-// A row with a NaN, or whose best logit is not finite (+inf, or every token -inf), is left as it
-// is (the sampler's draw then takes its argmax).
+// sample_rows_(logits [n, V] float32 contiguous, temperature [n], top_k [n], top_p [n], min_p [n],
+// u [n]) -> tokens [n] int64. Row i:
+// - temperature[i] == 0 (greedy): its argmax (the first of equal logits; a NaN counts as the
+//   largest, as numpy and torch take it); the row is not touched.
+// - otherwise the row is divided by its temperature (float32, in place; 1: left as it is), then cut
+//   in place, every token outside the cut set to -inf and the kept logits untouched:
+//   - top_k[i] in 1 .. V - 1: the row's top_k best tokens, ties broken by the lower index; any
+//     other value: no limit.
+//   - top_p[i] < 1: of those, the smallest best-first prefix (the same order) such that every kept
+//     token has less than top_p of probability before it, the probabilities being the softmax over
+//     the top_k set (top_p is raised to FLT_MIN at least, so the best token always stays).
+//   - min_p[i] > 0: then every token whose logit is below max + log(min_p) (its probability below
+//     min_p times the best one's), computed in float32 as m + (float)log(min_p).
+//   and the token is drawn by inverting the kept tokens' cumulative probability, in index order,
+//   at u[i] in [0, 1): sums of chunks of kChunk tokens find the chunk, then that chunk's tokens one
+//   by one (running sums in float64), so a token of probability 0 is never drawn. This is
+//   sampler.py's draw_rows over the softmax of the cut row, without the softmax.
+//   A row with a NaN, or whose best logit is not finite (+inf, or every token -inf), has nothing to
+//   draw from: it is left as it is and gets token 0, as the torch path's argmax of its NaN
+//   probabilities gives.
 //
 // How, without sorting the vocabulary: a token's distance below its row's best logit, d = m - x,
 // is bucketed into kBuckets even buckets over the row's span of logits (at most kSpan; d past it:
@@ -19,7 +29,8 @@
 // vector exp, summed in float64), taken from the best bucket down, says in which bucket the top_k or top_p boundary
 // lies; only that bucket's tokens are sorted (logit descending, index ascending) to place the cut
 // inside it. A row costs a few passes over its logits: [64, 49152] flat under top_p ~3 ms on a
-// 2-core Zen 4, where the torch path's mass histograms took ~75 ms (see sampler.py).
+// 2-core Zen 4, where the torch path's mass histograms took ~75 ms (see sampler.py). The draw
+// takes one pass more (exp and chunk sums) and one chunk.
 // Built and loaded at run time by native.py.
 
 #include <ATen/ATen.h>
@@ -92,8 +103,11 @@ void sorted_members(const float* x, const uint16_t* bucket, int64_t V, uint16_t 
   std::stable_sort(out.begin(), out.end(), [x](int64_t a, int64_t c) { return x[a] > x[c]; });  // ties: index order
 }
 
-void cut_row(float* x, int64_t V, int64_t top_k, double top_p, double min_p, Scratch& s) {
-  float m = kNegInf, low = std::numeric_limits<float>::infinity();  // the best and worst finite logits
+// Cuts row x in place; false if the row has nothing to draw from (a NaN, or no finite best
+// logit), left as it is. m: the row's best logit.
+bool cut_row(float* x, int64_t V, int64_t top_k, double top_p, double min_p, Scratch& s, float& m) {
+  m = kNegInf;
+  float low = std::numeric_limits<float>::infinity();  // the worst finite logit
   int64_t nans = 0;
 #pragma omp simd reduction(max : m) reduction(min : low) reduction(+ : nans)
   for (int64_t j = 0; j < V; ++j) {
@@ -102,13 +116,13 @@ void cut_row(float* x, int64_t V, int64_t top_k, double top_p, double min_p, Scr
     m = v > m ? v : m;
     low = v != kNegInf && v < low ? v : low;
   }
-  if (nans || !std::isfinite(m)) return;
+  if (nans || !std::isfinite(m)) return false;
   const bool by_k = top_k > 0 && top_k < V, by_p = top_p < 1.0;
   const float floor = min_p > 0 ? m + static_cast<float>(std::log(min_p)) : kNegInf;
   if (!by_k && !by_p) {
 #pragma omp simd
     for (int64_t j = 0; j < V; ++j) x[j] = x[j] < floor ? kNegInf : x[j];
-    return;
+    return true;
   }
 
   // Buckets spread evenly over the row's own span of logits (up to kSpan), so a flat row's
@@ -177,33 +191,95 @@ void cut_row(float* x, int64_t V, int64_t top_k, double top_p, double min_p, Scr
   for (int64_t j = 0; j < V; ++j) x[j] = bucket[j] > last || x[j] < floor ? kNegInf : x[j];
   if (cut < kBuckets)
     for (size_t i = static_cast<size_t>(keep); i < members.size(); ++i) x[members[i]] = kNegInf;
+  return true;
 }
 
-at::Tensor sample_cut_(at::Tensor logits, at::IntArrayRef top_k, at::ArrayRef<double> top_p,
-                       at::ArrayRef<double> min_p) {
+constexpr int64_t kChunk = 1024;  // tokens per chunk of the draw
+
+// The token drawn from cut row x (best logit m, finite) at u in [0, 1).
+int64_t draw_row(const float* x, int64_t V, float m, double u, Scratch& s) {
+  float* e = s.e.data();
+  exp_below(x, m, e, V);
+  const int64_t chunks = (V + kChunk - 1) / kChunk;
+  double total = 0;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t j1 = std::min(V, (c + 1) * kChunk);
+    float sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = c * kChunk; j < j1; ++j) {
+      e[j] = x[j] == kNegInf ? 0.f : e[j];  // a dropped token: probability 0 exactly
+      sum += e[j];
+    }
+    s.mass[c] = sum;
+    total += sum;
+  }
+  // the point, strictly below the total (u * total never rounds up to it, kept for safety)
+  const double point = std::min(u * total, std::nextafter(total, 0.0));
+  double before = 0;
+  int64_t c = 0;
+  while (c + 1 < chunks && before + s.mass[c] <= point) before += s.mass[c++];
+  const int64_t j0 = c * kChunk, j1 = std::min(V, j0 + kChunk);
+  int64_t last = j0;  // the chunk's last token of positive probability so far
+  for (int64_t j = j0; j < j1; ++j) {
+    if (e[j] <= 0.f) continue;
+    before += e[j];
+    last = j;
+    if (before > point) return j;
+  }
+  return last;  // float rounding left the point at the chunk's end: its last possible token
+}
+
+// The row's argmax: the first NaN if any, else the first of its largest values.
+int64_t argmax_row(const float* x, int64_t V) {
+  int64_t best = 0;
+  for (int64_t j = 0; j < V; ++j) {
+    if (x[j] != x[j]) return j;
+    if (x[j] > x[best]) best = j;
+  }
+  return best;
+}
+
+at::Tensor sample_rows_(at::Tensor logits, at::ArrayRef<double> temperature, at::IntArrayRef top_k,
+                        at::ArrayRef<double> top_p, at::ArrayRef<double> min_p, at::ArrayRef<double> u) {
   TORCH_CHECK(logits.device().is_cpu() && logits.scalar_type() == at::kFloat && logits.dim() == 2 &&
                   logits.is_contiguous(),
-              "sample_cut_: logits must be a contiguous float32 CPU matrix");
+              "sample_rows_: logits must be a contiguous float32 CPU matrix");
   const int64_t n = logits.size(0), V = logits.size(1);
-  TORCH_CHECK(static_cast<int64_t>(top_k.size()) == n && static_cast<int64_t>(top_p.size()) == n &&
-                  static_cast<int64_t>(min_p.size()) == n,
-              "sample_cut_: one top_k, top_p and min_p per row");
+  for (const size_t size : {temperature.size(), top_k.size(), top_p.size(), min_p.size(), u.size()})
+    TORCH_CHECK(static_cast<int64_t>(size) == n, "sample_rows_: one temperature, top_k, top_p, min_p and u per row");
+  TORCH_CHECK(V > 0 || n == 0, "sample_rows_: an empty vocabulary");
+  at::Tensor tokens = at::empty({n}, logits.options().dtype(at::kLong));
+  int64_t* out = tokens.data_ptr<int64_t>();
   float* base = logits.data_ptr<float>();
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     Scratch s;
     s.bucket.resize(V);
     s.e.resize(V);
     s.count.resize(kBuckets + 1);
-    s.mass.resize(kBuckets + 1);
-    for (int64_t i = begin; i < end; ++i) cut_row(base + i * V, V, top_k[i], top_p[i], min_p[i], s);
+    s.mass.resize(std::max<int64_t>(kBuckets + 1, (V + kChunk - 1) / kChunk));
+    for (int64_t i = begin; i < end; ++i) {
+      float* x = base + i * V;
+      if (temperature[i] == 0) {
+        out[i] = argmax_row(x, V);
+        continue;
+      }
+      if (temperature[i] != 1) {
+        const float t = static_cast<float>(temperature[i]);
+#pragma omp simd
+        for (int64_t j = 0; j < V; ++j) x[j] = x[j] / t;
+      }
+      float m = 0;
+      out[i] = cut_row(x, V, top_k[i], top_p[i], min_p[i], s, m) ? draw_row(x, V, m, u[i], s) : 0;
+    }
   });
-  return logits;
+  return tokens;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(atomr_trio, m) {
-  m.def("sample_cut_(Tensor(a!) logits, int[] top_k, float[] top_p, float[] min_p) -> Tensor(a!)");
+  m.def("sample_rows_(Tensor(a!) logits, float[] temperature, int[] top_k, float[] top_p, float[] min_p, "
+        "float[] u) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(atomr_trio, CPU, m) { m.impl("sample_cut_", &sample_cut_); }
+TORCH_LIBRARY_IMPL(atomr_trio, CPU, m) { m.impl("sample_rows_", &sample_rows_); }
