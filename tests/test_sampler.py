@@ -544,6 +544,11 @@ def test_native_draws_follow_the_probabilities_and_never_draw_a_zero() -> None:
     assert set(op(flat, [1.0] * 2, [2, 2], [1.0] * 2, [0.0] * 2, [0.3, 0.7]).tolist()) == {0, 1}
     hot = torch.tensor([[0.0, 3.0, 1.0, 3.0]])  # temperature 0: the first of the largest, uncut
     assert op(hot.clone(), [0.0], [1], [0.1], [0.5], [0.9]).tolist() == [1]
+    # a tiny temperature leaves every other token ~1e5 below the best: probability 0 on every build
+    # (the AVX2 exp answers 1.6e-38 there, not 0), so even u = 0 draws the best
+    peaked = torch.zeros(2, 16)
+    peaked[:, 5] = 1.0
+    assert op(peaked, [1e-5] * 2, [0, 2], [1.0] * 2, [0.0] * 2, [0.0, 0.0]).tolist() == [5, 5]
 
 
 def test_native_and_torch_paths_sample_the_same_tokens() -> None:

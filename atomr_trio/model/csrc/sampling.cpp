@@ -19,8 +19,9 @@
 //   by one (running sums in float64), so a token of probability 0 is never drawn. This is
 //   sampler.py's draw_rows over the softmax of the cut row, without the softmax.
 //   A row with a NaN, or whose best logit is not finite (+inf, or every token -inf), has nothing to
-//   draw from: it is left as it is and gets token 0, as the torch path's argmax of its NaN
-//   probabilities gives.
+//   draw from: it is left as its temperature made it and gets token 0, as the torch path's argmax
+//   of its NaN probabilities gives. A token more than 87 below the row's best (after the
+//   temperature) has probability 0 here (float32's exp of it is subnormal at most).
 //
 // How, without sorting the vocabulary: a token's distance below its row's best logit, d = m - x,
 // is bucketed into kBuckets even buckets over the row's span of logits (at most kSpan; d past it:
@@ -68,8 +69,9 @@ struct Scratch {
 };
 
 // e[j] = exp(x[j] - m) for the row (x <= m; a -inf logit's value is never read). x - m is raised
-// to kExpFloor first, below which float32's exp is 0 anyway: the vector exp's range reduction
-// would turn a logit far below the best (-1e20, float32's lowest as a mask) into inf or NaN.
+// to kExpFloor first (float32's exp is 0 or a subnormal there): the AVX-512 vector exp's range
+// reduction would turn a logit far below the best (-1e20, float32's lowest as a mask) into inf or
+// NaN. (The AVX2 one clamps at -87 by itself and gives 1.6e-38 below it, not 0: see draw_row.)
 constexpr float kExpFloor = -104.f;
 void exp_below(const float* x, float m, float* e, int64_t V) {
   int64_t j = 0;
@@ -195,6 +197,7 @@ bool cut_row(float* x, int64_t V, int64_t top_k, double top_p, double min_p, Scr
 }
 
 constexpr int64_t kChunk = 1024;  // tokens per chunk of the draw
+constexpr float kDrawFloor = -87.f;  // x - m below it: probability 0 (exp(-87) ~ 1.6e-38, float32's least normal ~1.2e-38)
 
 // The token drawn from cut row x (best logit m, finite) at u in [0, 1).
 int64_t draw_row(const float* x, int64_t V, float m, double u, Scratch& s) {
@@ -207,7 +210,9 @@ int64_t draw_row(const float* x, int64_t V, float m, double u, Scratch& s) {
     float sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = c * kChunk; j < j1; ++j) {
-      e[j] = x[j] == kNegInf ? 0.f : e[j];  // a dropped token: probability 0 exactly
+      // a dropped token, or one so far below the best that float32's exp of it is subnormal or 0
+      // (every exp here, vector or not, then answers 0): probability 0 exactly, never drawn
+      e[j] = x[j] - m < kDrawFloor ? 0.f : e[j];
       sum += e[j];
     }
     s.mass[c] = sum;
