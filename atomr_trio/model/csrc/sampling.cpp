@@ -27,9 +27,9 @@
 // is bucketed into kBuckets even buckets over the row's span of logits (at most kSpan; d past it:
 // the last bucket). A bucket's index never decreases as the logit falls, and equal logits share a
 // bucket. Each bucket's count (and, for top_p, its mass: exp(x - m) by the kernels' float32
-// vector exp, summed in float64), taken from the best bucket down, says in which bucket the top_k or top_p boundary
-// lies; only that bucket's tokens are sorted (logit descending, index ascending) to place the cut
-// inside it. A row costs a few passes over its logits: [64, 49152] flat under top_p ~3 ms on a
+// vector exp, summed in float64), taken from the best bucket down, says in which bucket the top_k
+// or top_p boundary lies; only that bucket's tokens are sorted (logit descending, index ascending)
+// to place the cut inside it. A row costs a few passes over its logits: [64, 49152] flat under top_p ~3 ms on a
 // 2-core Zen 4, where the torch path's mass histograms took ~75 ms (see sampler.py). The draw
 // takes one pass more (exp and chunk sums) and one chunk.
 // Built and loaded at run time by native.py.
@@ -102,7 +102,8 @@ void sorted_members(const float* x, const uint16_t* bucket, int64_t V, uint16_t 
       for (int64_t j = j0; j < j1; ++j)
         if (bucket[j] == b) out.push_back(j);
   }
-  std::stable_sort(out.begin(), out.end(), [x](int64_t a, int64_t c) { return x[a] > x[c]; });  // ties: index order
+  // (gathered in index order, and a stable sort keeps that order among equal logits)
+  std::stable_sort(out.begin(), out.end(), [x](int64_t a, int64_t c) { return x[a] > x[c]; });
 }
 
 // Cuts row x in place; false if the row has nothing to draw from (a NaN, or no finite best
@@ -197,7 +198,8 @@ bool cut_row(float* x, int64_t V, int64_t top_k, double top_p, double min_p, Scr
 }
 
 constexpr int64_t kChunk = 1024;  // tokens per chunk of the draw
-constexpr float kDrawFloor = -87.f;  // x - m below it: probability 0 (exp(-87) ~ 1.6e-38, float32's least normal ~1.2e-38)
+// x - m below it: probability 0 (exp(-87) ~ 1.6e-38, near float32's least normal, ~1.2e-38)
+constexpr float kDrawFloor = -87.f;
 
 // The token drawn from cut row x (best logit m, finite) at u in [0, 1).
 int64_t draw_row(const float* x, int64_t V, float m, double u, Scratch& s) {
