@@ -201,11 +201,9 @@ class Sampler:
         """The batch's tokens by torch ops: random rows scaled, cut and drawn at u, greedy rows'
         argmax (of the logits as they came)."""
         temps = [1.0 if r.params.greedy else r.params.temperature for r in rows]
+        scaled = logits
         if any(t != 1.0 for t in temps):
-            logits_t = torch.tensor(temps, device=logits.device).unsqueeze(1)
-            scaled = logits / logits_t
-        else:
-            scaled = logits
+            scaled = logits / torch.tensor(temps, device=logits.device).unsqueeze(1)
         tokens = draw_rows(torch.softmax(self._truncate(scaled, rows), dim=-1), u)
         if any(r.params.greedy for r in rows):
             greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)

@@ -66,6 +66,7 @@ struct Scratch {
   std::vector<int64_t> count;
   std::vector<double> mass;
   std::vector<int64_t> members;
+  bool e_is_row = false;  // e holds exp(x - m) of the row cut_row just cut (its top_p pass computed it)
 };
 
 // e[j] = exp(x[j] - m) for the row (x <= m; a -inf logit's value is never read). x - m is raised
@@ -109,6 +110,7 @@ void sorted_members(const float* x, const uint16_t* bucket, int64_t V, uint16_t 
 // Cuts row x in place; false if the row has nothing to draw from (a NaN, or no finite best
 // logit), left as it is. m: the row's best logit.
 bool cut_row(float* x, int64_t V, int64_t top_k, double top_p, double min_p, Scratch& s, float& m) {
+  s.e_is_row = false;
   m = kNegInf;
   float low = std::numeric_limits<float>::infinity();  // the worst finite logit
   int64_t nans = 0;
@@ -152,6 +154,7 @@ bool cut_row(float* x, int64_t V, int64_t top_k, double top_p, double min_p, Scr
   }
   if (by_p) {
     exp_below(x, m, s.e.data(), V);
+    s.e_is_row = true;  // the cut leaves m and the kept logits as they are: the draw reuses it
     std::fill(s.mass.begin(), s.mass.end(), 0.0);
     for (int64_t j = 0; j < V; ++j) mass[bucket[j]] += e[j];
   }
@@ -204,7 +207,7 @@ constexpr float kDrawFloor = -87.f;
 // The token drawn from cut row x (best logit m, finite) at u in [0, 1).
 int64_t draw_row(const float* x, int64_t V, float m, double u, Scratch& s) {
   float* e = s.e.data();
-  exp_below(x, m, e, V);
+  if (!s.e_is_row) exp_below(x, m, e, V);
   const int64_t chunks = (V + kChunk - 1) / kChunk;
   double total = 0;
   for (int64_t c = 0; c < chunks; ++c) {
