@@ -311,15 +311,57 @@ void dequant_row(const uint8_t* row, int64_t blocks, float* out) {
 }
 
 #if defined(__AVX512BF16__)
+// 4-bit formats (Q4_0, Q4_1, Q4_K): group g's 32 values as bfloat16 (value i in word i) by lookup.
+// A group's values are d * q + m for q in 0..15: those 16 are computed (the same float32 fma as
+// group()) and rounded once into a table, and vpermw looks each nibble up in it — bit for bit what
+// group() and a conversion give, without widening and converting all 32 values. The default
+// model's GGUF matrices, all layers, 2 threads (2-core Zen 4, builds alternated, 3 runs each):
+// 64 rows 42.0 -> 40.8 ms, 32 rows 26.8 -> 25.8, 16 rows 16.1 -> 15.8; prefill chunks of 256 rows
+// level (132 ms).
+template <class F>
+constexpr bool kLookupGroups = std::is_same_v<F, Q4_0> || std::is_same_v<F, Q4_1> || std::is_same_v<F, Q4_K>;
+
+template <class F>
+inline __m512i group_bf16(const uint8_t* b, int g) {
+  float d, m;
+  __m512i idx;  // word i: the nibble of value i in its low 4 bits (bit 4 may be set: see the table)
+  if constexpr (std::is_same_v<F, Q4_K>) {
+    int sc, mn;
+    Q4_K::scale_min(b + 4, g, sc, mn);
+    d = half_at(b) * static_cast<float>(sc);
+    m = -(half_at(b + 2) * static_cast<float>(mn));
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 + 32 * (g / 2)));
+    const __m512i q = _mm512_cvtepu8_epi16(bytes);
+    idx = g % 2 != 0 ? _mm512_srli_epi16(q, 4) : q;
+  } else {
+    d = half_at(b);
+    m = std::is_same_v<F, Q4_1> ? half_at(b + 2) : -8.f * d;
+    // the 16 bytes in both halves, widened to words; words 16..31 shifted to the high nibbles
+    const __m512i shift = _mm512_set_epi64(0x0004000400040004, 0x0004000400040004, 0x0004000400040004,
+                                           0x0004000400040004, 0, 0, 0, 0);
+    const int at = std::is_same_v<F, Q4_1> ? 4 : 2;
+    const __m256i q2 = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + at)));
+    idx = _mm512_srlv_epi16(_mm512_cvtepu8_epi16(q2), shift);
+  }
+  const __m512 q = _mm512_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f, 8.f, 9.f, 10.f, 11.f, 12.f, 13.f, 14.f, 15.f);
+  const __m256i t = (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(q, _mm512_set1_ps(d), _mm512_set1_ps(m)));
+  // vpermw reads an index's low 5 bits: the table twice, so bit 4 of a low nibble's byte is ignored
+  return _mm512_permutexvar_epi16(idx, _mm512_broadcast_i64x4(t));
+}
+
 // The weight row's values as bfloat16 into out (K values): the rounding that the bf16 weights of
 // quantization=none have too.
 template <class F>
 void dequant_row_bf16(const uint8_t* row, int64_t blocks, uint16_t* out) {
   for (int64_t b = 0; b < blocks; ++b) {
     for (int g = 0; g < F::kGroups; ++g) {
-      V16 w0, w1;
-      F::group(row + b * F::kBytes, g, w0, w1);
-      _mm512_storeu_si512(out + b * F::kValues + g * 32, (__m512i)_mm512_cvtne2ps_pbh(w1.v, w0.v));
+      if constexpr (kLookupGroups<F>) {
+        _mm512_storeu_si512(out + b * F::kValues + g * 32, group_bf16<F>(row + b * F::kBytes, g));
+      } else {
+        V16 w0, w1;
+        F::group(row + b * F::kBytes, g, w0, w1);
+        _mm512_storeu_si512(out + b * F::kValues + g * 32, (__m512i)_mm512_cvtne2ps_pbh(w1.v, w0.v));
+      }
     }
   }
 }
@@ -412,6 +454,12 @@ void fill_panel(const uint8_t* w, int64_t rb, int64_t K, int W, RowOf&& row_of, 
             v[c] = _mm512_setzero_si512();
             continue;
           }
+#if defined(__AVX512BF16__)
+          if constexpr (kLookupGroups<F>) {
+            v[c] = group_bf16<F>(rows[c] + b * F::kBytes, g);
+            continue;
+          }
+#endif
           V16 w0, w1;
           F::group(rows[c] + b * F::kBytes, g, w0, w1);
           v[c] = bf16_pairs(w0, w1);
