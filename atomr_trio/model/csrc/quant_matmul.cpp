@@ -217,6 +217,21 @@ inline void prefetch(const uint8_t* p, int64_t ahead) {
 #endif
 }
 
+// Ask for rows first .. first + count - 1 (rb bytes each, consecutive) into L2: a filled panel's
+// successor, which the thread most likely fills next, read while this one is filled and multiplied.
+inline void prefetch_rows(const uint8_t* w, int64_t rb, int64_t first, int64_t count) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+  if (count <= 0) return;
+  const char* p = reinterpret_cast<const char*>(w + first * rb);
+  for (int64_t b = 0; b < count * rb; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
+#else
+  (void)w;
+  (void)rb;
+  (void)first;
+  (void)count;
+#endif
+}
+
 // ---- the block formats: `group(block, g, w0, w1)` = values 32g..32g+15 and 32g+16..32g+31 ------
 enum GGMLType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12 };
 
@@ -997,6 +1012,7 @@ at::Tensor quant_linear(const at::Tensor& x_, const at::Tensor& w, int64_t type,
       const int64_t rb = w.size(1);
       constexpr int W = atomr_ops::kLinearPanelCols;  // outputs 48i .. 48i + 47
       return atomr_ops::linear_bf16_filled(x, k, N, [&](int64_t panel, int32_t* dst) {
+        prefetch_rows(wp, rb, (panel + 1) * W, std::min<int64_t>(W, N - (panel + 1) * W));
         fill_panel<F>(wp, rb, k, W, [&](int c) { return panel * W + c < N ? panel * W + c : -1; }, dst);
       }, bias_);
     }
@@ -1040,6 +1056,9 @@ at::Tensor quant_linear_silu_mul(const at::Tensor& x_, const at::Tensor& w, int6
       const uint8_t* wp = w.data_ptr<uint8_t>();
       const int64_t rb = w.size(1);
       return atomr_ops::linear_silu_mul_bf16_filled(x, k, n, [&](int64_t panel, int32_t* dst) {
+        const int64_t next = (panel + 1) * 16, count = std::min<int64_t>(16, n - next);
+        prefetch_rows(wp, rb, next, count);      // the next panel's gate rows
+        prefetch_rows(wp, rb, n + next, count);  // and its up rows
         fill_panel<F>(wp, rb, k, atomr_ops::kSiluPanelCols, [&](int c) {
           const int64_t j = panel * 16 + c % 16;
           return j < n ? (c < 16 ? j : n + j) : -1;
