@@ -226,8 +226,11 @@ def _load() -> Kernels | None:
 
 def _flags() -> list[str]:
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    return ["-O3", f"-march={march()}", "-fno-math-errno", "-fopenmp", "-std=c++20", "-shared", "-fPIC",
-            f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+    # -fno-trapping-math: the kernels never read floating-point exception flags, and without it GCC
+    # keeps a float compare inside a loop as a branch, so the portable loops (Arm, baseline x86-64)
+    # with a clamp or a select do not vectorize
+    return ["-O3", f"-march={march()}", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-std=c++20",
+            "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
 
 
 def _cache_dir() -> Path:

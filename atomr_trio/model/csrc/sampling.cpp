@@ -39,6 +39,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
@@ -74,18 +75,53 @@ struct Scratch {
 // reduction would turn a logit far below the best (-1e20, float32's lowest as a mask) into inf or
 // NaN. (The AVX2 one clamps at -87 by itself and gives 1.6e-38 below it, not 0: see draw_row.)
 constexpr float kExpFloor = -104.f;
+
+#if !defined(__AVX512BF16__) && !(defined(__AVX2__) && defined(__FMA__))
+// exp(x) for x in [kExpFloor, 0] (NaN stays NaN) without a library call: x = n ln 2 + r with n
+// rounded to nearest (the 1.5 * 2^23 trick leaves n in the low mantissa bits), exp(r) by the
+// degree-6 polynomial of vec_avx512.h's exp_ps, times 2^n as two normal powers of two (n reaches
+// -151, below float32's normal exponents; the product underflows to a subnormal or 0 as exp does).
+inline float exp_nonpositive(float x) {
+  constexpr float kRound = 12582912.f;
+  const float t = x * 1.44269504f + kRound;
+  const float n = t - kRound;
+  float r = x - n * 0.693145752f;
+  r = r - n * 1.42860677e-06f;
+  float p = 1.f / 720;
+  p = p * r + 1.f / 120;
+  p = p * r + 1.f / 24;
+  p = p * r + 1.f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t ni = std::bit_cast<int32_t>(t) - std::bit_cast<int32_t>(kRound);  // n, in [-151, 0]
+  const int32_t half = ni >> 1;
+  return p * std::bit_cast<float>((half + 127) << 23) * std::bit_cast<float>((ni - half + 127) << 23);
+}
+#endif
+
 void exp_below(const float* x, float m, float* e, int64_t V) {
+#if defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__))
   int64_t j = 0;
 #if defined(__AVX512BF16__)
   const __m512 vm = _mm512_set1_ps(m), floor = _mm512_set1_ps(kExpFloor);
   for (; j + 16 <= V; j += 16)
     _mm512_storeu_ps(e + j, atomr_vec::exp_ps(_mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(x + j), vm), floor)));
-#elif defined(__AVX2__) && defined(__FMA__)
+#else
   const __m256 vm = _mm256_set1_ps(m), floor = _mm256_set1_ps(kExpFloor);
   for (; j + 8 <= V; j += 8)
     _mm256_storeu_ps(e + j, atomr_avx2::exp_ps(_mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm), floor)));
 #endif
   for (; j < V; ++j) e[j] = std::exp(std::max(x[j] - m, kExpFloor));
+#else
+  // the vector builds' exp in a plain loop, which the compiler vectorizes (NEON on Arm, SSE2 on
+  // baseline x86-64); std::exp would be one call per token
+#pragma omp simd
+  for (int64_t j = 0; j < V; ++j) {
+    const float v = x[j] - m;
+    e[j] = exp_nonpositive(v > kExpFloor ? v : kExpFloor);
+  }
+#endif
 }
 
 // The row's tokens in bucket b (there are `size` of them), best first: logit descending, then
