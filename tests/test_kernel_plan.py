@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -237,12 +238,16 @@ def test_a_server_whose_every_deployment_failed_exits_non_zero(tmp_path: Path) -
     assert "ATOMR_TRIO_CPU_KERNELS='fast'" in done.stderr.splitlines()[-1]
 
 
-def test_arm_skips_the_native_build(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr("platform.machine", lambda: "aarch64")
+def test_a_cpu_the_kernels_do_not_build_for_skips_the_native_build(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr("platform.machine", lambda: "riscv64")
     with caplog.at_level("INFO", logger="atomr_trio.model.native"):
         assert native._load() is None
-    assert "x86-64 only" in caplog.text
-    assert "x86-64 only" in (cpu_kernels.unavailable("ops", "native", torch.float32) or "")
+    assert "x86-64 and 64-bit Arm only" in caplog.text
+    assert "x86-64 and 64-bit Arm only" in (cpu_kernels.unavailable("ops", "native", torch.float32) or "")
+    for arm in ("aarch64", "arm64"):  # 64-bit Arm builds the portable loops
+        monkeypatch.setattr("platform.machine", lambda arm=arm: arm)
+        assert native.builds_here() and "64-bit Arm only" not in (native.missing() or "")
 
 
 @pytest.mark.slow
@@ -250,6 +255,8 @@ def test_an_avx2_only_cpu_serves_bf16(tiny_dir: Path, tmp_path: Path) -> None:
     """This machine pretending to be an AVX2-only x86 (oneDNN and ATen capped at AVX2, kernels
     built for Haswell): bf16 serves on the AVX2 native matmul, dtype=auto is decided by timing it
     against float32, and forcing a path the CPU lacks names the missing feature."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("a Haswell build needs an x86-64 CPU")
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
            "ATOMR_TRIO_NATIVE_ARCH": "haswell"}
     env.pop(cpu_kernels.ENV, None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -17,9 +18,9 @@ from atomr_trio.model.attention import AttentionMetadata, PrefillChunk, paged_at
 from atomr_trio.model.llama import _rope
 
 needs_compiler = pytest.mark.skipif(  # elsewhere a failed build or probe is a bug: the tests fail
-    shutil.which("g++") is None or not native.is_x86_64(),
-    reason="native kernel path unavailable here: " + ("the kernels are x86-64 only" if not native.is_x86_64()
-                                                      else "no C++ compiler (g++)"))
+    shutil.which("g++") is None or not native.builds_here(),
+    reason="native kernel path unavailable here: " + ("the kernels build for x86-64 and 64-bit Arm only"
+                                                      if not native.builds_here() else "no C++ compiler (g++)"))
 
 
 def _kernels() -> native.Kernels:
@@ -271,6 +272,8 @@ def test_the_haswell_build_passes_the_kernel_tests():
     bf16 attention takes its AVX2 + FMA version) pass this file's tests too, and a decode step's
     layers in one native call give the Python loop's tokens there as well (test_decode_layers.py),
     in a subprocess whose library is a second cached build."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("a Haswell build needs an x86-64 CPU")
     here = Path(__file__)
     env = {**os.environ, "ATOMR_TRIO_NATIVE_ARCH": "haswell"}
     tests = [str(here), f"{here.with_name('test_gemma.py')}::test_native_decode_window",

@@ -11,7 +11,7 @@ Parts and their paths, fastest first:
   float32 weights have `torch` only: the other two are bf16 layouts.
 - `ops` — decode attention over the paged cache, residual add + RMS norm, rope + K/V cache
   write, and bf16 prefill attention where the build has AVX512-BF16 (else prefills keep SDPA):
-  `native` (csrc/*.cpp, built by native.py; needs x86-64 and a C++ compiler) -> `torch`. With
+  `native` (csrc/*.cpp, built by native.py; needs x86-64 or 64-bit Arm and a C++ compiler) -> `torch`. With
   native ops the sampler's random draws (temperature, top-k / top-p / min-p, the draw:
   csrc/sampling.cpp) are probed on their own and run native where they pass (else the sampler's
   torch ops), like the one-row GEMV below.

@@ -32,7 +32,7 @@ Invariants:
   not the embedding, norms or an MoE router, which picks the experts) is packed by `pack_int8`
   into one uint8 tensor (`Linear.use_int8`), its float weight dropped: 1 byte per weight plus 4
   per output. Packing goes a few panels at a time, so its float temporaries stay small.
-- The native kernels are required (any x86-64 build: AVX512-VNNI where the -march has it, AVX2's
+- The native kernels are required (any x86-64 or 64-bit Arm build: AVX512-VNNI where the -march has it, AVX2's
   `vpmaddubsw` where it has that (the same exact sums; built for Haswell, decode steps of the
   default model: batch 1 4.5-6.4 ms against bf16's 8.7-9.8 ms, batch 16 26-29 ms against 36-38,
   batch 64 97 ms against 103-114), plain C++ loops elsewhere: the same arithmetic, slow beyond

@@ -37,11 +37,13 @@ How: the system C++ compiler builds the sources against torch's own headers and 
 directory keyed by the sources, torch's version, the compiler and the CPU, so a machine builds
 once (~30 s on 2 cores, one compiler per source at once) and every later process loads it. It is written under a
 temporary name and renamed, so processes building at once never load a half-written file.
-The sources use x86 intrinsics: on other CPUs (Arm) nothing is built. With no compiler, a failed
-build, or ATOMR_TRIO_NATIVE=0, nothing is loaded. Whether a loaded op is then used is
-cpu_kernels.py's choice (each is probed first); otherwise llama.py / attention.py / linear.py keep
-their torch path (same results to rounding; the native kernels keep float32 sums and round once,
-so they are the closer of the two to exact arithmetic).
+The sources build for x86-64 (AVX-512 / AVX2 intrinsics where the -march has them, else portable
+loops) and for 64-bit Arm (the portable loops, which the compiler vectorizes for NEON: no bf16
+matmul or bf16 prefill attention there, the rest as on an x86-64 without AVX2); on other CPUs
+nothing is built. With no compiler, a failed build, or ATOMR_TRIO_NATIVE=0, nothing is loaded.
+Whether a loaded op is then used is cpu_kernels.py's choice (each is probed first); otherwise
+llama.py / attention.py / linear.py keep their torch path (same results to rounding; the native
+kernels keep float32 sums and round once, so they are the closer of the two to exact arithmetic).
 """
 
 from __future__ import annotations
@@ -112,11 +114,11 @@ class Kernels:
     linear: NativeLinear | None
     linear_silu_mul: NativeSiluMul | None
     matmul_isa: str = ""  # what `linear` was built for: "avx512bf16", "avx2", or "" (none)
-    # int8 matmuls (linear_int8.cpp, every x86-64 build): see int8.py
+    # int8 matmuls (linear_int8.cpp, every build): see int8.py
     int8_linear: NativeLinear | None = None
     int8_linear_silu_mul: NativeSiluMul | None = None
     int8_isa: str = ""  # "avx512vnni", "avx2" or "portable"
-    # GGUF-block matmuls (quant_matmul.cpp, every x86-64 build): see quantized.py
+    # GGUF-block matmuls (quant_matmul.cpp, every build): see quantized.py
     quant_linear: Callable[..., torch.Tensor] | None = None
     quant_linear_silu_mul: Callable[..., torch.Tensor] | None = None
     quant_dequantize: Callable[..., torch.Tensor] | None = None
@@ -140,15 +142,19 @@ def kernels() -> Kernels | None:
         return _state["k"]
 
 
-def is_x86_64() -> bool:
-    """The kernels' sources use x86 intrinsics; elsewhere (Arm) they are not built."""
-    return platform.machine().lower() in ("x86_64", "amd64")
+# the CPUs the kernels build for: x86-64 (intrinsics or portable loops) and 64-bit Arm (portable loops)
+MACHINES = ("x86_64", "amd64", "aarch64", "arm64")
+
+
+def builds_here() -> bool:
+    """Whether this CPU is one the kernels build for (`MACHINES`)."""
+    return platform.machine().lower() in MACHINES
 
 
 def missing() -> str | None:
     """Why the native kernels cannot be built or loaded here (before trying); None if they may be."""
-    if not is_x86_64():
-        return f"the native kernels are x86-64 only (this CPU is {platform.machine()})"
+    if not builds_here():
+        return f"the native kernels build for x86-64 and 64-bit Arm only (this CPU is {platform.machine()})"
     if os.environ.get("ATOMR_TRIO_NATIVE", "1") == "0":
         return "the native kernels are switched off by ATOMR_TRIO_NATIVE=0"
     if shutil.which(os.environ.get("CXX", "g++")) is None:
@@ -195,8 +201,9 @@ def march() -> str:
 
 
 def _load() -> Kernels | None:
-    if not is_x86_64():
-        log.info("native CPU kernels are x86-64 only; on this %s CPU plain torch ops run", platform.machine())
+    if not builds_here():
+        log.info("native CPU kernels build for x86-64 and 64-bit Arm only; on this %s CPU plain torch ops run",
+                 platform.machine())
         return None
     if os.environ.get("ATOMR_TRIO_NATIVE", "1") == "0":
         log.info("native CPU kernels switched off (ATOMR_TRIO_NATIVE=0)")

@@ -24,7 +24,7 @@ Invariants:
   reader as before. A concatenation over mixed types dequantizes that group (`cat_rows`).
 - Norms, biases, MoE experts and the router, and Gemma's weights are float (the loader
   dequantizes a `QuantizedWeight` it does not keep: `LlamaModel.keeps_quantized`).
-- The native kernels are required: without them (no compiler, not x86-64, ATOMR_TRIO_NATIVE=0)
+- The native kernels are required: without them (no compiler, neither x86-64 nor 64-bit Arm, ATOMR_TRIO_NATIVE=0)
   or if their probe answers wrong, `require_kernels` raises `KernelUnavailable` with the reason,
   and the start fails (as a forced kernel path does). CUDA is refused at `EngineConfig.resolve`.
 - Steps of many rows (prefill chunks) are compute-bound, and the blocked kernel's per-row
@@ -224,7 +224,7 @@ def _op(name: str) -> Callable[..., torch.Tensor]:
 
 
 def _kernels() -> native.Kernels | None:
-    return native.kernels() if native.is_x86_64() else None
+    return native.kernels() if native.builds_here() else None
 
 
 def require_kernels() -> native.Kernels:
