@@ -25,7 +25,7 @@ needs_compiler = pytest.mark.skipif(  # elsewhere a failed build or probe is a b
 
 def _kernels() -> native.Kernels:
     k = native.kernels()
-    assert k is not None, "g++ is here on x86-64, so the kernels must build and load"
+    assert k is not None, "g++ is here on a CPU the kernels build for, so they must build and load"
     return k
 
 

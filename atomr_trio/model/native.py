@@ -143,7 +143,7 @@ def kernels() -> Kernels | None:
 
 
 # the CPUs the kernels build for: x86-64 (intrinsics or portable loops) and 64-bit Arm (portable loops)
-MACHINES = ("x86_64", "amd64", "aarch64", "arm64")
+MACHINES = ("x86_64", "amd64", "aarch64")
 
 
 def builds_here() -> bool:

@@ -39,10 +39,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <bit>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -77,10 +77,22 @@ struct Scratch {
 constexpr float kExpFloor = -104.f;
 
 #if !defined(__AVX512BF16__) && !(defined(__AVX2__) && defined(__FMA__))
+// (memcpy, not std::bit_cast: GCC 10, which Debian 11 ships for Arm, has -std=c++20 but no bit_cast)
+inline int32_t bits_of(float f) {
+  int32_t i;
+  std::memcpy(&i, &f, sizeof i);
+  return i;
+}
+inline float float_of(int32_t i) {
+  float f;
+  std::memcpy(&f, &i, sizeof f);
+  return f;
+}
+
 // exp(x) for x in [kExpFloor, 0] (NaN stays NaN) without a library call: x = n ln 2 + r with n
 // rounded to nearest (the 1.5 * 2^23 trick leaves n in the low mantissa bits), exp(r) by the
 // degree-6 polynomial of vec_avx512.h's exp_ps, times 2^n as two normal powers of two (n reaches
-// -151, below float32's normal exponents; the product underflows to a subnormal or 0 as exp does).
+// -150, below float32's normal exponents; the product underflows to a subnormal or 0 as exp does).
 inline float exp_nonpositive(float x) {
   constexpr float kRound = 12582912.f;
   const float t = x * 1.44269504f + kRound;
@@ -94,9 +106,9 @@ inline float exp_nonpositive(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.f;
   p = p * r + 1.f;
-  const int32_t ni = std::bit_cast<int32_t>(t) - std::bit_cast<int32_t>(kRound);  // n, in [-151, 0]
+  const int32_t ni = bits_of(t) - bits_of(kRound);  // n, in [-150, 0]
   const int32_t half = ni >> 1;
-  return p * std::bit_cast<float>((half + 127) << 23) * std::bit_cast<float>((ni - half + 127) << 23);
+  return p * float_of((half + 127) << 23) * float_of((ni - half + 127) << 23);
 }
 #endif
 
