@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -100,7 +99,7 @@ ARCH_FLAGS = {"x86-64": set(), "haswell": {"avx2", "fma", "f16c", "bmi2"},
 
 def skip_unless_host_runs(arch: str) -> None:
     """Skip unless this host can build the native kernels for `arch` and execute them."""
-    if platform.machine().lower() not in ("x86_64", "amd64") or shutil.which("g++") is None:
+    if not native.is_x86_cpu() or shutil.which("g++") is None:
         pytest.skip("the x86 builds need x86-64 and g++")
     if native.kernels() is None:
         pytest.skip("the native kernels are off or did not build here")

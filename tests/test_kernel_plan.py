@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -247,6 +246,7 @@ def test_a_cpu_the_kernels_do_not_build_for_skips_the_native_build(
     assert "x86-64 and 64-bit Arm only" in (cpu_kernels.unavailable("ops", "native", torch.float32) or "")
     monkeypatch.setattr("platform.machine", lambda: "aarch64")  # 64-bit Arm (Linux) builds the portable loops
     assert native.builds_here() and "64-bit Arm only" not in (native.missing() or "")
+    assert "x86 CPUs only" in (cpu_kernels.unavailable("matmul", "onednn", torch.bfloat16) or "")
 
 
 @pytest.mark.slow
@@ -254,7 +254,7 @@ def test_an_avx2_only_cpu_serves_bf16(tiny_dir: Path, tmp_path: Path) -> None:
     """This machine pretending to be an AVX2-only x86 (oneDNN and ATen capped at AVX2, kernels
     built for Haswell): bf16 serves on the AVX2 native matmul, dtype=auto is decided by timing it
     against float32, and forcing a path the CPU lacks names the missing feature."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    if not native.is_x86_cpu():
         pytest.skip("a Haswell build needs an x86-64 CPU")
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
            "ATOMR_TRIO_NATIVE_ARCH": "haswell"}

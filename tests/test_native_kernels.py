@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -272,7 +271,7 @@ def test_the_haswell_build_passes_the_kernel_tests():
     bf16 attention takes its AVX2 + FMA version) pass this file's tests too, and a decode step's
     layers in one native call give the Python loop's tokens there as well (test_decode_layers.py),
     in a subprocess whose library is a second cached build."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    if not native.is_x86_cpu():
         pytest.skip("a Haswell build needs an x86-64 CPU")
     here = Path(__file__)
     env = {**os.environ, "ATOMR_TRIO_NATIVE_ARCH": "haswell"}

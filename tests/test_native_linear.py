@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -170,7 +169,7 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def avx2_excess() -> dict[str, float]:
     """Each case's worst error beyond its bound (<= 0: within it), from the Haswell build."""
-    if platform.machine().lower() not in ("x86_64", "amd64") or shutil.which("g++") is None:
+    if not native.is_x86_cpu() or shutil.which("g++") is None:
         pytest.skip("the Haswell build needs x86-64 and g++")
     script = AVX2_SCRIPT.replace("ROWS", repr(AVX2_ROWS)).replace("SHAPES", repr(AVX2_SHAPES))
     env = {**os.environ, "ATOMR_TRIO_NATIVE_ARCH": "haswell"}

@@ -151,6 +151,11 @@ def builds_here() -> bool:
     return platform.machine().lower() in MACHINES
 
 
+def is_x86_cpu() -> bool:
+    """Whether this CPU is x86-64 (the AVX-512 / AVX2 builds and oneDNN's bf16 path are x86 only)."""
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
 def missing() -> str | None:
     """Why the native kernels cannot be built or loaded here (before trying); None if they may be."""
     if not builds_here():
