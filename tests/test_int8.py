@@ -108,6 +108,16 @@ def skip_unless_host_runs(arch: str) -> None:
         pytest.skip(f"this CPU cannot run a {arch} build (no {', '.join(sorted(lacking))})")
 
 
+def assert_tests_pass_on_build(arch: str, tests: list[str], k: str, timeout: int = 600) -> None:
+    """Run pytest on `tests` (selected by -k `k`) in a subprocess whose native kernels are built
+    for `arch` (a second cached build): it passes, and no selected test is skipped."""
+    env = {**os.environ, "ATOMR_TRIO_NATIVE_ARCH": arch}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests, "-k", k],
+                          env=env, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1], done.stdout[-500:]
+
+
 def _other_build(arch: str) -> dict[str, Any]:
     skip_unless_host_runs(arch)
     script = (f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_int8; "

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from test_int8 import assert_tests_pass_on_build, skip_unless_host_runs
 
 from atomr_trio.model import native
 from atomr_trio.model.attention import AttentionMetadata, PrefillChunk, paged_attention
@@ -271,13 +269,8 @@ def test_the_haswell_build_passes_the_kernel_tests():
     bf16 attention takes its AVX2 + FMA version) pass this file's tests too, and a decode step's
     layers in one native call give the Python loop's tokens there as well (test_decode_layers.py),
     in a subprocess whose library is a second cached build."""
-    if not native.is_x86_cpu():
-        pytest.skip("a Haswell build needs an x86-64 CPU")
+    skip_unless_host_runs("haswell")
     here = Path(__file__)
-    env = {**os.environ, "ATOMR_TRIO_NATIVE_ARCH": "haswell"}
     tests = [str(here), f"{here.with_name('test_gemma.py')}::test_native_decode_window",
              str(here.with_name("test_decode_layers.py"))]
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests, "-k", "not haswell"],
-                          env=env, capture_output=True, text=True, timeout=500, cwd=here.parent.parent)
-    assert done.returncode == 0, done.stdout[-3000:]
-    assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1], done.stdout[-500:]
+    assert_tests_pass_on_build("haswell", tests, "not haswell", timeout=500)

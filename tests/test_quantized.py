@@ -5,9 +5,6 @@ against our own float32 path on the same file: first tokens and logprob gap, and
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_int8 import skip_unless_host_runs
+from test_int8 import assert_tests_pass_on_build, skip_unless_host_runs
 from test_parity import PROMPTS  # the prompts of the other default-model checks
 
 from atomr_trio import LLM, SamplingParams
@@ -214,15 +211,10 @@ def test_other_builds_pass_the_block_kernel_tests(arch: str) -> None:
     (skylake-avx512: float32 x in the block tiles) pass the tests above, in a subprocess whose
     library is a second cached build."""
     skip_unless_host_runs(arch)
-    here = Path(__file__)
-    env = {**os.environ, "ATOMR_TRIO_NATIVE_ARCH": arch}
     tests = "matches_the_gguf_package or matches_dequantize_then_matmul or silu_mul_matches"
     if arch != "x86-64":  # the panels of many bf16 rows (haswell: 8 x 8 transposes, the AVX2 matmul;
         tests += " or are_the_bf16_matmul"  # skylake-avx512: 16 x 16, bf16 by integer rounding, AVX2 matmul)
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here), "-k", tests],
-                          env=env, capture_output=True, text=True, timeout=600, cwd=here.parent.parent)
-    assert done.returncode == 0, done.stdout[-3000:]
-    assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1], done.stdout[-500:]
+    assert_tests_pass_on_build(arch, [__file__], tests)
 
 
 def test_row_operations_act_on_block_rows() -> None:

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from test_int8 import skip_unless_host_runs
+from test_int8 import assert_tests_pass_on_build, skip_unless_host_runs
 
 from atomr_trio.executor.sampler import NativeSample, Sampler, SampleRow, argmax_rows, draw_rows, top_k_top_p
 from atomr_trio.model import native
@@ -581,10 +577,4 @@ def test_other_builds_pass_the_native_sampler_tests(arch: str) -> None:
     answers 1.6e-38 below -87) passes this file's native cases, in a subprocess whose library is a
     second cached build."""
     skip_unless_host_runs(arch)
-    here = Path(__file__)
-    env = {**os.environ, "ATOMR_TRIO_NATIVE_ARCH": arch}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here), "-k",
-                           "native and not other_builds"],
-                          env=env, capture_output=True, text=True, timeout=600, cwd=here.parent.parent)
-    assert done.returncode == 0, done.stdout[-3000:]
-    assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1], done.stdout[-500:]
+    assert_tests_pass_on_build(arch, [__file__], "native and not other_builds")

@@ -244,9 +244,9 @@ def _missing_feature(part: str, path: str) -> str | None:
     if path == "onednn":
         if not torch.backends.mkldnn.is_available():
             return "this torch build has no oneDNN"
-        flags = cpu_flags()
         if not native.is_x86_cpu():
             return f"oneDNN's bf16 path is taken on x86 CPUs only (this CPU is {platform.machine()})"
+        flags = cpu_flags()
         if flags and not (all(f in flags for f in ONEDNN_BF16_FLAGS) or "avx_ne_convert" in flags):
             return "this CPU lacks avx512bw, avx512vl and avx512dq (or avx_ne_convert) for oneDNN's bf16"
         cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()

@@ -163,21 +163,23 @@ def probe_sampling(dtype: torch.dtype, cfg: ModelConfig) -> str | None:
     logits[4, 40:] = float("-inf")
     temps, ks = [1.0, 1.0, 1.0, 1.0, 1.0, 0.5], [5, 0, 0, 10, 0, 0]
     ps, min_ps = [1.0, 0.6, 1.0, 0.8, 0.7, 1.0], [0.0, 0.0, 0.2, 0.0, 0.0, 0.0]
+    kept, cdfs = [], []  # per row, in float64: the tokens a sort keeps (index order: the draw's), their CDF
+    for i, row in enumerate((logits / torch.tensor(temps).unsqueeze(1)).double()):
+        order = row.argsort(descending=True)
+        order = order[torch.isfinite(row[order])][: ks[i] or None]
+        probs = torch.softmax(row[order], dim=0)
+        order = order[probs.cumsum(0) - probs < ps[i]]
+        if min_ps[i]:
+            order = order[row[order] >= row.max() + math.log(min_ps[i])]
+        kept.append(order.sort().values)
+        cdfs.append(torch.softmax(row[kept[i]], dim=0).cumsum(0))
     for u in (0.1, 0.5, 0.9):
         cut = logits.clone()
         tokens = k.sample_rows(cut, temps, ks, ps, min_ps, [u] * 6).tolist()
-        for i, row in enumerate((logits / torch.tensor(temps).unsqueeze(1)).double()):
-            order = row.argsort(descending=True)
-            order = order[torch.isfinite(row[order])][: ks[i] or None]
-            probs = torch.softmax(row[order], dim=0)
-            order = order[probs.cumsum(0) - probs < ps[i]]
-            if min_ps[i]:
-                order = order[row[order] >= row.max() + math.log(min_ps[i])]
-            if set(torch.isfinite(cut[i]).nonzero().squeeze(1).tolist()) != set(order.tolist()):
+        for i in range(len(kept)):
+            if set(torch.isfinite(cut[i]).nonzero().squeeze(1).tolist()) != set(kept[i].tolist()):
                 return f"sample_rows_: row {i} kept the wrong tokens"
-            kept = order.sort().values  # index order: the draw's
-            cdf = torch.softmax(row[kept], dim=0).cumsum(0)
-            want = int(kept[int((cdf <= u).sum())])
+            want = int(kept[i][int((cdfs[i] <= u).sum())])
             if tokens[i] != want:
                 return f"sample_rows_: row {i} drew token {tokens[i]} at u = {u}, expected {want}"
     greedy = k.sample_rows(logits.clone(), [0.0] * 6, [0] * 6, [1.0] * 6, [0.0] * 6, [0.5] * 6).tolist()

@@ -143,7 +143,8 @@ def kernels() -> Kernels | None:
 
 
 # the CPUs the kernels build for: x86-64 (intrinsics or portable loops) and 64-bit Arm (portable loops)
-MACHINES = ("x86_64", "amd64", "aarch64")
+X86_64 = ("x86_64", "amd64")
+MACHINES = (*X86_64, "aarch64")
 
 
 def builds_here() -> bool:
@@ -153,7 +154,7 @@ def builds_here() -> bool:
 
 def is_x86_cpu() -> bool:
     """Whether this CPU is x86-64 (the AVX-512 / AVX2 builds and oneDNN's bf16 path are x86 only)."""
-    return platform.machine().lower() in ("x86_64", "amd64")
+    return platform.machine().lower() in X86_64
 
 
 def missing() -> str | None:
