@@ -69,6 +69,9 @@ def test_auto_dtype_is_bf16_only_with_a_bf16_matmul_path_beyond_torch(monkeypatc
         assert EngineConfig().resolved_dtype() == want, forced
     monkeypatch.delenv(cpu_kernels.ENV)
     real = cpu_kernels.unavailable
+    # a native matmul that widens bf16 (AVX2, NEON) is also timed against float32: the next test's
+    # subject; here it times faster
+    monkeypatch.setattr(cpu_kernels.kernel_probes, "time_widened_bf16_against_float32", lambda: (0.03, 0.07))
     for lacking in (("native",), ("onednn",), ("native", "onednn")):
         cpu_kernels._probed_bf16_matmul.cache_clear()
         monkeypatch.setattr(cpu_kernels, "unavailable", lambda part, path, dtype, cfg=None, lacking=lacking:
@@ -281,32 +284,36 @@ def test_an_avx2_only_cpu_serves_bf16(tiny_dir: Path, tmp_path: Path) -> None:
     assert done.returncode != 0 and "avx512bw, avx512vl and avx512dq" in done.stderr
 
 
-def test_auto_dtype_times_the_avx2_matmul_when_it_is_the_only_bf16_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where the only bf16 path beyond torch is the AVX2 native matmul, bf16 iff it timed faster
-    than float32 (the timing itself is stubbed here; the slow AVX2 test above runs it for real)."""
+@pytest.mark.parametrize("isa", ["avx2", "neon"])
+def test_auto_dtype_times_the_widened_matmul_when_it_is_the_only_bf16_path(isa: str,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the only bf16 path beyond torch is a native matmul that widens bf16 (AVX2, NEON), bf16
+    iff it timed faster than float32 (the timing itself is stubbed here; the slow AVX2 test above
+    runs it for real)."""
     _needs("native", "matmul")
     k = native.kernels()
     assert k is not None
     monkeypatch.delenv(cpu_kernels.ENV, raising=False)
-    monkeypatch.setitem(native._state, "k", dataclasses.replace(k, matmul_isa="avx2"))
+    monkeypatch.setitem(native._state, "k", dataclasses.replace(k, matmul_isa=isa))
     monkeypatch.setattr(cpu_kernels, "unavailable", lambda part, path, dtype, cfg=None:
                         "lacks it" if path == "onednn" else None)
     for times, want in (((0.03, 0.07), "bfloat16"), ((0.08, 0.07), "float32")):
         cpu_kernels._probed_bf16_matmul.cache_clear()
-        monkeypatch.setattr(cpu_kernels.kernel_probes, "time_avx2_bf16_against_float32", lambda t=times: t)
+        monkeypatch.setattr(cpu_kernels.kernel_probes, "time_widened_bf16_against_float32", lambda t=times: t)
         assert EngineConfig().resolved_dtype() == want, times
     cpu_kernels._probed_bf16_matmul.cache_clear()
 
 
 def test_the_avx2_timing_measures_both_kernels() -> None:
     _needs("native", "matmul")
-    native_ms, float32_ms = cpu_kernels.kernel_probes.time_avx2_bf16_against_float32(rounds=2)
+    native_ms, float32_ms = cpu_kernels.kernel_probes.time_widened_bf16_against_float32(rounds=2)
     assert 0 < native_ms < 50 and 0 < float32_ms < 50
 
 
 def test_kernel_path_skips_name_the_missing_feature(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: frozenset({"avx", "avx2", "fma", "f16c"}))
-    assert "avx512bw" in (kernel_path_unavailable("onednn") or "")
+    # (off x86 the reason is the CPU's kind, whatever its flags)
+    assert ("avx512bw" if native.is_x86_cpu() else "x86 CPUs only") in (kernel_path_unavailable("onednn") or "")
     monkeypatch.setenv("ATOMR_TRIO_NATIVE", "0")
     assert "ATOMR_TRIO_NATIVE=0" in (kernel_path_unavailable("native") or "")
     assert kernel_path_unavailable("torch") is None

@@ -114,16 +114,17 @@ def test_bad_input_is_a_clear_error() -> None:
         k.linear(torch.randn(2, 32).to(torch.bfloat16), torch.randn(48, 32).to(torch.bfloat16), 48, None)
 
 
-# ---- the AVX2 + FMA build (no AVX512-BF16), built for Haswell in a subprocess --------------------
-# One subprocess builds that library (a second cached one: the build key holds the -march) and
-# measures every case; the tests below read its answers. Shapes: out features not a multiple of
+# ---- the matmul that widens bf16 in registers: AVX2 + FMA (no AVX512-BF16), or NEON on Arm -------
+# On x86 one subprocess builds that library for Haswell (a second cached one: the build key holds
+# the -march); on 64-bit Arm the native build is it. The subprocess measures every case; the tests
+# below read its answers. Shapes: out features not a multiple of
 # 16 or 48 (the padding of the last panel, the 8-column half stores), in features even but not a
 # multiple of 32; rows 1 (the one-pass GEMV) and 2-5, 7-9, 17, 64 (widened panels: a panel's
 # first tile, which asks for the thread's next panel, of 2-6 rows, and later tiles of 1-6 rows;
 # 2 threads, so that a thread holds several panels of the larger shapes).
-AVX2_ROWS = (1, 2, 3, 4, 5, 7, 8, 9, 17, 64)
-AVX2_SHAPES = ((100, 34), (61, 194), (40, 578), (1541, 2))
-AVX2_SCRIPT = r"""
+WIDE_ROWS = (1, 2, 3, 4, 5, 7, 8, 9, 17, 64)
+WIDE_SHAPES = ((100, 34), (61, 194), (40, 578), (1541, 2))
+WIDE_SCRIPT = r"""
 import json
 import torch
 import torch.nn.functional as F
@@ -167,24 +168,31 @@ print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def avx2_excess() -> dict[str, float]:
-    """Each case's worst error beyond its bound (<= 0: within it), from the Haswell build."""
-    if not native.is_x86_cpu() or shutil.which("g++") is None:
-        pytest.skip("the Haswell build needs x86-64 and g++")
-    script = AVX2_SCRIPT.replace("ROWS", repr(AVX2_ROWS)).replace("SHAPES", repr(AVX2_SHAPES))
-    env = {**os.environ, "ATOMR_TRIO_NATIVE_ARCH": "haswell"}
+def widened_excess() -> dict[str, float]:
+    """Each case's worst error beyond its bound (<= 0: within it), from the Haswell build on x86,
+    or this machine's build on 64-bit Arm."""
+    if native.is_x86_cpu():
+        if shutil.which("g++") is None:
+            pytest.skip("the Haswell build needs g++")
+        env, isa = {**os.environ, "ATOMR_TRIO_NATIVE_ARCH": "haswell"}, "avx2"
+    else:
+        k = native.kernels()
+        if k is None or k.matmul_isa != "neon":
+            pytest.skip("no matmul that widens bf16 builds here (x86-64 with g++, or 64-bit Arm)")
+        env, isa = dict(os.environ), "neon"
+    script = WIDE_SCRIPT.replace("ROWS", repr(WIDE_ROWS)).replace("SHAPES", repr(WIDE_SHAPES))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=500)
     assert done.returncode == 0, done.stderr[-3000:]
     answers: dict[str, float] = json.loads(done.stdout.splitlines()[-1])
-    assert answers.pop("isa") == "avx2"
+    assert answers.pop("isa") == isa
     return answers
 
 
-@pytest.mark.parametrize("rows", AVX2_ROWS)
-@pytest.mark.parametrize("n,k", AVX2_SHAPES)
+@pytest.mark.parametrize("rows", WIDE_ROWS)
+@pytest.mark.parametrize("n,k", WIDE_SHAPES)
 @pytest.mark.parametrize("op", ["linear", "silu_mul"])
-def test_avx2_build_matches_float64_to_rounding(avx2_excess: dict[str, float], op: str, rows: int,
-                                                n: int, k: int) -> None:
-    """The AVX2 + FMA matmul (and its fused silu_mul) round the float32 sum once to bf16: within
-    half a bf16 step of the float64 product, plus float32 summation error."""
-    assert avx2_excess[f"{op} {rows}x{k}->{n}"] <= 0
+def test_widened_build_matches_float64_to_rounding(widened_excess: dict[str, float], op: str, rows: int,
+                                                   n: int, k: int) -> None:
+    """The AVX2 + FMA or NEON matmul (and its fused silu_mul) round the float32 sum once to bf16:
+    within half a bf16 step of the float64 product, plus float32 summation error."""
+    assert widened_excess[f"{op} {rows}x{k}->{n}"] <= 0

@@ -151,11 +151,11 @@ def bf16_matmul_is_fast() -> bool:
     - oneDNN's bf16 path or the AVX512-BF16 native one passes its probe: bf16. Steps bound by
       reading weights read half the bytes, and those matmuls are faster than float32's
       (16 rows x 576 -> 1536, one thread, 2-core Zen 4: bf16 0.22 ms vs float32 0.43 ms).
-    - Only the AVX2 native matmul passes (no bf16 dot instruction; the weights are widened in
-      registers): decided by timing it, once per process (15-45 ms with the setup), against
+    - Only a native matmul that widens the weights in registers passes (AVX2 + FMA, or NEON on
+      64-bit Arm; no bf16 dot instruction): decided by timing it, once per process (15-45 ms with the setup), against
       plain torch float32 `F.linear` on the default model's MLP weight (1536 x 576) at one row,
       the batch-1 decode GEMV, one thread each, best of 7 alternated rounds
-      (`kernel_probes.time_avx2_bf16_against_float32`); bf16 only if it is faster. Measured so
+      (`kernel_probes.time_widened_bf16_against_float32`); bf16 only if it is faster. Measured so
       on a 2-core Zen 4 built for Haswell with oneDNN, ATen and MKL capped at AVX2: 0.034 ms vs
       0.070 ms; streaming 24 such weights on 2 threads 0.073 vs 0.374 ms (2.8 vs 13.4 ms for the
       49152 x 576 lm_head), and a whole batch-1 decode step of the default model 12.1 vs 56.8 ms.
@@ -176,12 +176,12 @@ def _probed_bf16_matmul() -> bool:
     if unavailable("matmul", "native", torch.bfloat16) is not None:
         return False
     k = native.kernels()
-    if k is None or k.matmul_isa != "avx2":
+    if k is None or k.matmul_isa not in WIDENED_MATMULS:
         return True
-    native_ms, float32_ms = kernel_probes.time_avx2_bf16_against_float32()
+    native_ms, float32_ms = kernel_probes.time_widened_bf16_against_float32()
     faster = native_ms < float32_ms
-    log.info("dtype auto: the AVX2 bf16 matmul took %.3f ms, float32 F.linear %.3f ms (1 x 576 -> 1536): %s",
-             native_ms, float32_ms, "bfloat16" if faster else "float32")
+    log.info("dtype auto: the %s bf16 matmul took %.3f ms, float32 F.linear %.3f ms (1 x 576 -> 1536): %s",
+             k.matmul_isa.upper(), native_ms, float32_ms, "bfloat16" if faster else "float32")
     return faster
 
 
@@ -257,14 +257,16 @@ def _missing_feature(part: str, path: str) -> str | None:
 
 
 # the CPU flags each build of the native matmul executes (Kernels.matmul_isa)
-NATIVE_MATMUL_FLAGS = {"avx512bf16": ("avx512_bf16",), "avx2": ("avx2", "fma")}
+NATIVE_MATMUL_FLAGS = {"avx512bf16": ("avx512_bf16",), "avx2": ("avx2", "fma"), "neon": ("asimd",)}
+# the builds whose matmul widens bf16 to float32 in registers: dtype=auto times them against float32
+WIDENED_MATMULS = ("avx2", "neon")
 
 
 def _native_matmul_missing(k: Kernels) -> str | None:
     """The build's matmul decides what the CPU must have: a build for another -march
     (ATOMR_TRIO_NATIVE_ARCH=haswell on an AVX-512 CPU) runs its own instructions, not the CPU's best."""
     if k.linear is None:
-        return f"the kernels were built without AVX512-BF16 or AVX2 + FMA (-march={native.march()})"
+        return f"the kernels were built without AVX512-BF16, AVX2 + FMA or Arm NEON (-march={native.march()})"
     flags = cpu_flags()
     lacking = [f for f in NATIVE_MATMUL_FLAGS.get(k.matmul_isa, ()) if flags and f not in flags]
     return f"this CPU lacks {' and '.join(lacking)}" if lacking else None

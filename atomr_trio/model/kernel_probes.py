@@ -188,12 +188,13 @@ def probe_sampling(dtype: torch.dtype, cfg: ModelConfig) -> str | None:
     return None
 
 
-def time_avx2_bf16_against_float32(rounds: int = 7) -> tuple[float, float]:
+def time_widened_bf16_against_float32(rounds: int = 7) -> tuple[float, float]:
     """(native bf16 ms, torch float32 ms) per one-row matmul by the default model's MLP weight
     (576 -> 1536), for cpu_kernels' dtype=auto decision where the only bf16 path beyond torch is
-    the AVX2 native one. One thread (torch's count is restored after): with two, a neighbour
-    holding a core stalls every parallel call for a scheduler slice (measured: 7.8 ms instead of
-    0.03 ms per call on a busy 2-core machine), which would decide by the neighbour. Each the best
+    the native one that widens bf16 to float32 in registers (AVX2 + FMA, or Arm NEON). One
+    thread (torch's count is restored after): with two, a neighbour holding a core stalls every
+    parallel call for a scheduler slice (measured: 7.8 ms instead of 0.03 ms per call on a busy
+    2-core machine), which would decide by the neighbour. Each the best
     of `rounds` rounds of 3 calls, taken in alternation after a warm-up round: ~5 ms in all."""
     k = native.kernels()
     assert k is not None and k.linear is not None and k.linear_silu_mul is not None

@@ -11,9 +11,10 @@ context out of the paged cache before a batch of tiny matmuls.
 - `csrc/norm_rope.cpp` fuses residual add + RMS norm, and rotary embedding + the K/V cache write,
   each into one op (one row, bf16: add + norm ~28 -> ~4 us, rope + K/V write ~62 -> ~4 us).
 - `csrc/linear_bf16.cpp`: the bf16 matmul over weights packed in panels (see linear.py), built
-  for AVX512-BF16 (`vdpbf16ps`) where the -march has it, else for AVX2 + FMA (the bf16 pairs
-  widened to float32 in registers; `Kernels.matmul_isa` says which). Where the -march has
-  neither, `Kernels.linear` is None. The AVX512-BF16 paths of the other kernels are compiled out
+  for AVX512-BF16 (`vdpbf16ps`) where the -march has it, else for AVX2 + FMA or 64-bit Arm's
+  NEON (the bf16 pairs widened to float32 in registers, one source for both through
+  `csrc/vec_wide.h`; `Kernels.matmul_isa` says which). Where the -march has none of them,
+  `Kernels.linear` is None. The AVX512-BF16 paths of the other kernels are compiled out
   without those instructions (their portable loops remain).
 - `csrc/prefill_attention.cpp`: causal attention of a bf16 prompt chunk over its keys in the cache,
   built for AVX512-BF16 only (elsewhere `Kernels.prefill_attention` is None and prefills keep
@@ -38,8 +39,9 @@ directory keyed by the sources, torch's version, the compiler and the CPU, so a 
 once (~30 s on 2 cores, one compiler per source at once) and every later process loads it. It is written under a
 temporary name and renamed, so processes building at once never load a half-written file.
 The sources build for x86-64 (AVX-512 / AVX2 intrinsics where the -march has them, else portable
-loops) and for 64-bit Arm (the portable loops, which the compiler vectorizes for NEON: no bf16
-matmul or bf16 prefill attention there, the rest as on an x86-64 without AVX2); on other CPUs
+loops) and for 64-bit Arm (the bf16 matmul in NEON intrinsics, through vec_wide.h as AVX2's;
+the rest the portable loops, which the compiler vectorizes for NEON: no bf16 prefill attention
+there, the rest as on an x86-64 without AVX2); on other CPUs
 nothing is built. With no compiler, a failed build, or ATOMR_TRIO_NATIVE=0, nothing is loaded.
 Whether a loaded op is then used is cpu_kernels.py's choice (each is probed first); otherwise
 llama.py / attention.py / linear.py keep their torch path (same results to rounding; the native
@@ -74,7 +76,7 @@ SOURCES = (CSRC / "paged_decode_attention.cpp", CSRC / "norm_rope.cpp", CSRC / "
            CSRC / "linear_int8.cpp", CSRC / "quant_matmul.cpp", CSRC / "prefill_attention.cpp",
            CSRC / "decode_layers.cpp", CSRC / "sampling.cpp")
 # included by the sources: part of the build key too
-HEADERS = (CSRC / "vec_avx512.h", CSRC / "vec_avx2.h", CSRC / "ops.h")
+HEADERS = (CSRC / "vec_avx512.h", CSRC / "vec_avx2.h", CSRC / "vec_wide.h", CSRC / "ops.h")
 DTYPES = (torch.float32, torch.bfloat16)  # what the kernels compute in
 
 
@@ -109,11 +111,11 @@ class Kernels:
     decode_attention: DecodeAttention
     add_rms_norm_: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, float], torch.Tensor]
     rope_store_kv: Callable[..., torch.Tensor]
-    # bf16 matmul over packed panels (linear.py); None where the build has neither AVX512-BF16
-    # nor AVX2 + FMA
+    # bf16 matmul over packed panels (linear.py); None where the build has none of AVX512-BF16,
+    # AVX2 + FMA and Arm NEON
     linear: NativeLinear | None
     linear_silu_mul: NativeSiluMul | None
-    matmul_isa: str = ""  # what `linear` was built for: "avx512bf16", "avx2", or "" (none)
+    matmul_isa: str = ""  # what `linear` was built for: "avx512bf16", "avx2", "neon", or "" (none)
     # int8 matmuls (linear_int8.cpp, every build): see int8.py
     int8_linear: NativeLinear | None = None
     int8_linear_silu_mul: NativeSiluMul | None = None

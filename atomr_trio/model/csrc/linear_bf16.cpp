@@ -1,5 +1,5 @@
 // bfloat16 matmul by a weight packed for the AVX512-BF16 dot instruction (CPU); built for
-// AVX2 + FMA where the -march lacks AVX512-BF16 (the second half of this file).
+// AVX2 + FMA, or NEON on 64-bit Arm, where the -march lacks AVX512-BF16 (the second half of this file).
 //
 // y[m, n] = sum_k x[m, k] * W[n, k], float32 accumulation, one rounding to bfloat16 at the end.
 // The weight is packed once (linear.py) into panels of PW blocks of 16 output columns, as
@@ -16,7 +16,7 @@
 // linear_silu_mul_bf16(x [M, K], wp, n) -> silu(x W_gate^T) * (x W_up^T) as [M, n], where wp
 //   has panels of 2 blocks: gate columns 16b..16b+15, then the same up columns (PW = 2).
 // has_bf16_matmul() -> whether this build has a matmul (else the ops raise and linear.py keeps
-//   oneDNN / ATen); bf16_matmul_isa() -> "avx512bf16", "avx2" or "" (none): which one.
+//   oneDNN / ATen); bf16_matmul_isa() -> "avx512bf16", "avx2", "neon" or "" (none): which one.
 // In C++ only (ops.h): linear_bf16_filled / linear_silu_mul_bf16_filled, the same matmuls over
 //   panels that a callback writes into a thread's buffer when needed (quant_matmul.cpp's GGUF
 //   blocks at many rows) instead of a packed weight.
@@ -39,8 +39,8 @@
 
 #if defined(__AVX512BF16__)
 #include "vec_avx512.h"
-#elif defined(__AVX2__) && defined(__FMA__)
-#include "vec_avx2.h"
+#else
+#include "vec_wide.h"  // AVX2 + FMA or NEON: ATOMR_WIDE
 #endif
 
 namespace {
@@ -189,11 +189,12 @@ at::Tensor silu_mul_impl(const at::Tensor& x, const Panels& src, int64_t n) {
 bool has_bf16_matmul() { return true; }
 std::string bf16_matmul_isa() { return "avx512bf16"; }
 
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(ATOMR_WIDE)
 
-// AVX2 + FMA (no bf16 dot instruction): the same packed panels, widened to float32 in registers.
+// AVX2 + FMA, or NEON on 64-bit Arm (no bf16 dot instruction): the same packed panels, widened to
+// float32 in registers, written once in vec_wide.h's 8-float vector (one AVX register, or two NEON ones).
 // A 32-bit lane of a panel holds one column's pair (k even in the low 16 bits, k odd in the
-// high 16), so widening costs one shift and one mask (atomr_avx2::widen_pairs) and no shuffle.
+// high 16), so widening costs one shift and one mask (atomr_wide::widen_pairs) and no shuffle.
 // - One row (the batch-1 decode GEMV, bound by reading the weight): the pair's two float32
 //   vectors take two FMAs against the broadcast x[2p], x[2p+1]; a whole panel (3 blocks x 2
 //   halves = 6 accumulators) is one pass, so every weight byte is read once.
@@ -212,6 +213,8 @@ std::string bf16_matmul_isa() { return "avx512bf16"; }
 //   F.linear (MKL capped at AVX2): 16 rows 1.1-1.4x faster, 64 rows level, 512 rows level to
 //   1.2x slower.
 // x is widened to float32 once per call.
+namespace wide = atomr_wide;
+using wide::f8;
 constexpr int kRowsWide = 6;
 
 // f(std::integral_constant<int, mt>{}) for a tile of 1 <= mt <= kRowsWide rows.
@@ -231,18 +234,17 @@ void with_wide_rows(int mt, F&& f) {
 // stored to c [PW * 16].
 template <int PW>
 void gemv_panel(const float* x, const int32_t* w, int64_t pairs, float* c) {
-  __m256 acc[2 * PW];
-  for (int h = 0; h < 2 * PW; ++h) acc[h] = _mm256_setzero_ps();
+  f8 acc[2 * PW];
+  for (int h = 0; h < 2 * PW; ++h) acc[h] = wide::zero();
   for (int64_t p = 0; p < pairs; ++p) {
-    const __m256 xe = _mm256_broadcast_ss(x + 2 * p), xo = _mm256_broadcast_ss(x + 2 * p + 1);
+    const f8 xe = wide::broadcast(x + 2 * p), xo = wide::broadcast(x + 2 * p + 1);
     for (int h = 0; h < 2 * PW; ++h) {
-      __m256 even, odd;
-      atomr_avx2::widen_pairs(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (p * 2 * PW + h) * 8)),
-                              even, odd);
-      acc[h] = _mm256_fmadd_ps(odd, xo, _mm256_fmadd_ps(even, xe, acc[h]));
+      f8 even, odd;
+      wide::widen_pairs(w + (p * 2 * PW + h) * 8, even, odd);
+      acc[h] = wide::fmadd(odd, xo, wide::fmadd(even, xe, acc[h]));
     }
   }
-  for (int h = 0; h < 2 * PW; ++h) _mm256_storeu_ps(c + h * 8, acc[h]);
+  for (int h = 0; h < 2 * PW; ++h) wide::store(c + h * 8, acc[h]);
 }
 
 // A panel [pairs][PW * 16][2] of bf16 pairs -> float32 [PW][2 * pairs][16] in buf.
@@ -251,11 +253,11 @@ void widen_panel(const int32_t* w, int64_t pairs, float* buf) {
   constexpr int W = PW * kCols;
   for (int64_t p = 0; p < pairs; ++p)
     for (int c = 0; c < W; c += 8) {
-      __m256 even, odd;
-      atomr_avx2::widen_pairs(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p * W + c)), even, odd);
+      f8 even, odd;
+      wide::widen_pairs(w + p * W + c, even, odd);
       float* dst = buf + ((c / kCols) * 2 * pairs + 2 * p) * kCols + c % kCols;
-      _mm256_storeu_ps(dst, even);
-      _mm256_storeu_ps(dst + kCols, odd);
+      wide::store(dst, even);
+      wide::store(dst + kCols, odd);
     }
 }
 
@@ -266,19 +268,19 @@ template <int PW, int MT, bool kAhead>
 void tile_wide(const float* x, int64_t ldx, const float* bj, int64_t K, int j, float* c, const char* ahead,
                int64_t lines) {
   constexpr int W = PW * kCols;
-  __m256 acc[MT][2];
-  for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  f8 acc[MT][2];
+  for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = wide::zero();
   for (int64_t k = 0; k < K; ++k) {
     if (kAhead && k < lines) __builtin_prefetch(ahead + k * 64, 0, 2);
-    const __m256 w0 = _mm256_loadu_ps(bj + k * kCols), w1 = _mm256_loadu_ps(bj + k * kCols + 8);
+    const f8 w0 = wide::load(bj + k * kCols), w1 = wide::load(bj + k * kCols + 8);
     for (int m = 0; m < MT; ++m) {
-      const __m256 xv = _mm256_broadcast_ss(x + m * ldx + k);
-      acc[m][0] = _mm256_fmadd_ps(w0, xv, acc[m][0]);
-      acc[m][1] = _mm256_fmadd_ps(w1, xv, acc[m][1]);
+      const f8 xv = wide::broadcast(x + m * ldx + k);
+      acc[m][0] = wide::fmadd(w0, xv, acc[m][0]);
+      acc[m][1] = wide::fmadd(w1, xv, acc[m][1]);
     }
   }
   for (int m = 0; m < MT; ++m)
-    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(c + m * W + j * kCols + h * 8, acc[m][h]);
+    for (int h = 0; h < 2; ++h) wide::store(c + m * W + j * kCols + h * 8, acc[m][h]);
 }
 
 // mt (<= kRowsWide) rows over a whole widened panel: c [mt][PW * 16]. Meanwhile its inputs ask
@@ -306,7 +308,7 @@ std::vector<float> widen_rows(const at::Tensor& x) {
   std::vector<float> out(static_cast<size_t>(n));
   const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out.data() + i, atomr_avx2::load_bf16(src + i));
+  for (; i + 8 <= n; i += 8) wide::store(out.data() + i, wide::load_bf16(src + i));
   for (; i < n; ++i) {
     const uint32_t bits = static_cast<uint32_t>(src[i]) << 16;
     std::memcpy(&out[i], &bits, sizeof(float));
@@ -317,7 +319,7 @@ std::vector<float> widen_rows(const at::Tensor& x) {
 // As the AVX512-BF16 `matmul`: tiles panel by panel, each finished tile handed to
 // `epilogue(row0, rows, panel, c)` with c [rows][PW * 16]; threads take contiguous runs of panels.
 template <int PW, typename Epilogue>
-void matmul_avx2(const at::Tensor& x, const Panels& src, Epilogue&& epilogue) {
+void matmul_wide(const at::Tensor& x, const Panels& src, Epilogue&& epilogue) {
   const int64_t M = x.size(0), panels = src.count, pairs = src.pairs, K = 2 * pairs;
   if (M == 0) return;  // no rows: nothing to widen or store
   const std::vector<float> xf = widen_rows(x);
@@ -349,20 +351,20 @@ void matmul_avx2(const at::Tensor& x, const Panels& src, Epilogue&& epilogue) {
 at::Tensor linear_impl(const at::Tensor& x, const Panels& src, int64_t n, const float* bp) {
   at::Tensor y = at::empty({x.size(0), n}, x.options());
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  matmul_avx2<kPanel>(x, src, [&](int64_t m0, int mt, int64_t panel, const float* c) {
+  matmul_wide<kPanel>(x, src, [&](int64_t m0, int mt, int64_t panel, const float* c) {
     for (int j = 0; j < kPanel; ++j)
       for (int h = 0; h < 2; ++h) {
         const int64_t col = (panel * kPanel + j) * kCols + h * 8, valid = std::min<int64_t>(8, n - col);
         if (valid <= 0) return;  // padding columns of the last panel
-        __m256 b = _mm256_setzero_ps();
+        f8 b = wide::zero();
         if (bp != nullptr) {
           alignas(32) float tmp[8] = {};
           std::memcpy(tmp, bp + col, static_cast<size_t>(valid) * sizeof(float));
-          b = _mm256_load_ps(tmp);
+          b = wide::load(tmp);
         }
         for (int m = 0; m < mt; ++m)
-          atomr_avx2::store_bf16(yp + (m0 + m) * n + col,
-                                 _mm256_add_ps(_mm256_loadu_ps(c + (m * kPanel + j) * kCols + h * 8), b), valid);
+          wide::store_bf16(yp + (m0 + m) * n + col, wide::add(wide::load(c + (m * kPanel + j) * kCols + h * 8), b),
+                           valid);
       }
   });
   return y;
@@ -371,17 +373,16 @@ at::Tensor linear_impl(const at::Tensor& x, const Panels& src, int64_t n, const 
 at::Tensor silu_mul_impl(const at::Tensor& x, const Panels& src, int64_t n) {
   at::Tensor y = at::empty({x.size(0), n}, x.options());
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  const __m256 one = _mm256_set1_ps(1.f);
-  matmul_avx2<2>(x, src, [&](int64_t m0, int mt, int64_t panel, const float* c) {
+  const f8 one = wide::set1(1.f);
+  matmul_wide<2>(x, src, [&](int64_t m0, int mt, int64_t panel, const float* c) {
     for (int h = 0; h < 2; ++h) {
       const int64_t col = panel * kCols + h * 8, valid = std::min<int64_t>(8, n - col);
       if (valid <= 0) return;
       for (int m = 0; m < mt; ++m) {
-        const __m256 g = _mm256_loadu_ps(c + (2 * m) * kCols + h * 8);
-        const __m256 u = _mm256_loadu_ps(c + (2 * m + 1) * kCols + h * 8);
-        const __m256 e = atomr_avx2::exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), g));
-        const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, e));
-        atomr_avx2::store_bf16(yp + (m0 + m) * n + col, _mm256_mul_ps(silu, u), valid);
+        const f8 g = wide::load(c + (2 * m) * kCols + h * 8);
+        const f8 u = wide::load(c + (2 * m + 1) * kCols + h * 8);
+        const f8 silu = wide::div(g, wide::add(one, wide::exp(wide::neg(g))));
+        wide::store_bf16(yp + (m0 + m) * n + col, wide::mul(silu, u), valid);
       }
     }
   });
@@ -389,16 +390,20 @@ at::Tensor silu_mul_impl(const at::Tensor& x, const Panels& src, int64_t n) {
 }
 
 bool has_bf16_matmul() { return true; }
+#if defined(__AVX2__)
 std::string bf16_matmul_isa() { return "avx2"; }
+#else
+std::string bf16_matmul_isa() { return "neon"; }
+#endif
 
-#else  // neither AVX512-BF16 nor AVX2 + FMA: the Python side keeps oneDNN / ATen
+#else  // neither AVX512-BF16 nor AVX2 + FMA nor NEON: the Python side keeps oneDNN / ATen
 
 at::Tensor linear_impl(const at::Tensor&, const Panels&, int64_t, const float*) {
-  TORCH_CHECK(false, "the bf16 matmul needs AVX512-BF16 or AVX2 + FMA");
+  TORCH_CHECK(false, "the bf16 matmul needs AVX512-BF16, AVX2 + FMA or 64-bit Arm NEON");
   return {};
 }
 at::Tensor silu_mul_impl(const at::Tensor&, const Panels&, int64_t) {
-  TORCH_CHECK(false, "the bf16 matmul needs AVX512-BF16 or AVX2 + FMA");
+  TORCH_CHECK(false, "the bf16 matmul needs AVX512-BF16, AVX2 + FMA or 64-bit Arm NEON");
   return {};
 }
 bool has_bf16_matmul() { return false; }

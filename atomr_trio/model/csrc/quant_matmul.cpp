@@ -522,10 +522,34 @@ void fill_panel(const uint8_t* w, int64_t rb, int64_t K, int W, RowOf&& row_of, 
       }
   }
 }
-#else  // no bf16 matmul in this build, so in_panels is never true
+#else
+// Portable (64-bit Arm's NEON matmul takes these panels; a build without a bf16 matmul never
+// asks, since in_panels is false there): column by column, each group of 32 values dequantized
+// as the matmul paths do, then rounded to bf16 pairs one value at a time (c10's rounding: to
+// nearest even, NaN -> 0x7fc0).
 template <class F, typename RowOf>
-void fill_panel(const uint8_t*, int64_t, int64_t, int, RowOf&&, int32_t*) {
-  TORCH_CHECK(false, "this build has no bf16 matmul to fill GGUF panels for");
+void fill_panel(const uint8_t* w, int64_t rb, int64_t K, int W, RowOf&& row_of, int32_t* dst) {
+  const int64_t blocks = K / F::kValues;
+  for (int c = 0; c < W; ++c) {
+    const int64_t r = row_of(c);
+    for (int64_t b = 0; b < blocks; ++b)
+      for (int g = 0; g < F::kGroups; ++g) {
+        int32_t* out = dst + (b * F::kValues + g * 32) / 2 * W + c;
+        if (r < 0) {
+          for (int i = 0; i < 16; ++i) out[i * W] = 0;
+          continue;
+        }
+        V16 half[2];
+        F::group(w + r * rb + b * F::kBytes, g, half[0], half[1]);
+        float v[32];
+        store(v, half[0]);
+        store(v + 16, half[1]);
+        for (int i = 0; i < 16; ++i) {
+          const uint32_t lo = c10::BFloat16(v[2 * i]).x, hi = c10::BFloat16(v[2 * i + 1]).x;
+          out[i * W] = static_cast<int32_t>(lo | hi << 16);
+        }
+      }
+  }
 }
 #endif
 

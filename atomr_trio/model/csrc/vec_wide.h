@@ -1,0 +1,119 @@
+// The 8-float vector that the widened bf16 matmul (linear_bf16.cpp, for CPUs without a bf16 dot
+// instruction) is written in: one __m256 on AVX2 + FMA, two float32x4_t on 64-bit Arm (NEON,
+// part of every AArch64 CPU). ATOMR_WIDE is defined where one of them is available.
+//
+// Every function has the same meaning on both: loads and stores of 8 floats, a broadcast, fused
+// multiply-add, bf16 <-> float32 (round to nearest even, NaN -> 0x7fc0, as c10 does), and exp
+// (the same degree-6 polynomial, x clamped to [-87, 88.3], NaN kept). Results agree to the bit
+// except where FMA contraction differs, and both keep float32 sums of exact bf16 products.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include "vec_avx2.h"
+#define ATOMR_WIDE 1
+
+namespace atomr_wide {
+
+using f8 = __m256;
+
+inline f8 zero() { return _mm256_setzero_ps(); }
+inline f8 set1(float v) { return _mm256_set1_ps(v); }
+inline f8 load(const float* p) { return _mm256_loadu_ps(p); }
+inline void store(float* p, f8 v) { _mm256_storeu_ps(p, v); }
+inline f8 broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+inline f8 fmadd(f8 a, f8 b, f8 c) { return _mm256_fmadd_ps(a, b, c); }  // a * b + c
+inline f8 add(f8 a, f8 b) { return _mm256_add_ps(a, b); }
+inline f8 mul(f8 a, f8 b) { return _mm256_mul_ps(a, b); }
+inline f8 div(f8 a, f8 b) { return _mm256_div_ps(a, b); }
+inline f8 neg(f8 a) { return _mm256_sub_ps(_mm256_setzero_ps(), a); }
+inline f8 exp(f8 x) { return atomr_avx2::exp_ps(x); }
+inline f8 load_bf16(const uint16_t* p) { return atomr_avx2::load_bf16(p); }
+inline void store_bf16(void* dst, f8 v, int64_t valid) { atomr_avx2::store_bf16(dst, v, valid); }
+// 8 int32 lanes of a packed bf16 weight, each a pair (k even low, k odd high) -> two float32 vectors
+inline void widen_pairs(const int32_t* p, f8& even, f8& odd) {
+  atomr_avx2::widen_pairs(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), even, odd);
+}
+
+}  // namespace atomr_wide
+
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#define ATOMR_WIDE 1
+
+namespace atomr_wide {
+
+struct f8 {
+  float32x4_t lo, hi;
+};
+
+inline f8 zero() { return {vdupq_n_f32(0.f), vdupq_n_f32(0.f)}; }
+inline f8 set1(float v) { return {vdupq_n_f32(v), vdupq_n_f32(v)}; }
+inline f8 load(const float* p) { return {vld1q_f32(p), vld1q_f32(p + 4)}; }
+inline void store(float* p, f8 v) {
+  vst1q_f32(p, v.lo);
+  vst1q_f32(p + 4, v.hi);
+}
+inline f8 broadcast(const float* p) {
+  const float32x4_t v = vld1q_dup_f32(p);
+  return {v, v};
+}
+inline f8 fmadd(f8 a, f8 b, f8 c) { return {vfmaq_f32(c.lo, a.lo, b.lo), vfmaq_f32(c.hi, a.hi, b.hi)}; }
+inline f8 add(f8 a, f8 b) { return {vaddq_f32(a.lo, b.lo), vaddq_f32(a.hi, b.hi)}; }
+inline f8 mul(f8 a, f8 b) { return {vmulq_f32(a.lo, b.lo), vmulq_f32(a.hi, b.hi)}; }
+inline f8 div(f8 a, f8 b) { return {vdivq_f32(a.lo, b.lo), vdivq_f32(a.hi, b.hi)}; }
+inline f8 neg(f8 a) { return {vnegq_f32(a.lo), vnegq_f32(a.hi)}; }
+
+// 2^n * e^r with |r| <= ln2 / 2, as atomr_avx2::exp_ps (vmaxq / vminq keep NaN)
+inline float32x4_t exp4(float32x4_t x) {
+  x = vmaxq_f32(vdupq_n_f32(-87.f), vminq_f32(vdupq_n_f32(88.3f), x));
+  const float32x4_t n = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(1.44269504f)));
+  float32x4_t r = vfmsq_f32(x, n, vdupq_n_f32(0.693145752f));  // x - n * c
+  r = vfmsq_f32(r, n, vdupq_n_f32(1.42860677e-06f));
+  float32x4_t p = vdupq_n_f32(1.f / 720);
+  p = vfmaq_f32(vdupq_n_f32(1.f / 120), p, r);
+  p = vfmaq_f32(vdupq_n_f32(1.f / 24), p, r);
+  p = vfmaq_f32(vdupq_n_f32(1.f / 6), p, r);
+  p = vfmaq_f32(vdupq_n_f32(0.5f), p, r);
+  p = vfmaq_f32(vdupq_n_f32(1.f), p, r);
+  p = vfmaq_f32(vdupq_n_f32(1.f), p, r);
+  const int32x4_t scale = vshlq_n_s32(vaddq_s32(vcvtnq_s32_f32(n), vdupq_n_s32(127)), 23);
+  return vmulq_f32(p, vreinterpretq_f32_s32(scale));
+}
+inline f8 exp(f8 x) { return {exp4(x.lo), exp4(x.hi)}; }
+
+inline f8 load_bf16(const uint16_t* p) {
+  const uint16x8_t h = vld1q_u16(p);
+  return {vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(h), 16)), vreinterpretq_f32_u32(vshll_high_n_u16(h, 16))};
+}
+
+inline uint16x4_t to_bf16(float32x4_t v) {
+  const uint32x4_t b = vreinterpretq_u32_f32(v);
+  const uint32x4_t lsb = vandq_u32(vshrq_n_u32(b, 16), vdupq_n_u32(1));
+  const uint32x4_t r = vshrq_n_u32(vaddq_u32(b, vaddq_u32(lsb, vdupq_n_u32(0x7fff))), 16);
+  return vmovn_u32(vbslq_u32(vceqq_f32(v, v), r, vdupq_n_u32(0x7fc0)));  // v != v: NaN
+}
+inline void store_bf16(void* dst, f8 v, int64_t valid) {
+  const uint16x8_t h = vcombine_u16(to_bf16(v.lo), to_bf16(v.hi));
+  if (valid >= 8) {
+    vst1q_u16(static_cast<uint16_t*>(dst), h);
+  } else if (valid > 0) {
+    uint16_t tmp[8];
+    vst1q_u16(tmp, h);
+    std::memcpy(dst, tmp, static_cast<size_t>(valid) * sizeof(uint16_t));
+  }
+}
+
+inline void widen_pairs(const int32_t* p, f8& even, f8& odd) {
+  const uint32x4_t mask = vdupq_n_u32(0xffff0000u);
+  const uint32x4_t a = vld1q_u32(reinterpret_cast<const uint32_t*>(p));
+  const uint32x4_t b = vld1q_u32(reinterpret_cast<const uint32_t*>(p) + 4);
+  even = {vreinterpretq_f32_u32(vshlq_n_u32(a, 16)), vreinterpretq_f32_u32(vshlq_n_u32(b, 16))};
+  odd = {vreinterpretq_f32_u32(vandq_u32(a, mask)), vreinterpretq_f32_u32(vandq_u32(b, mask))};
+}
+
+}  // namespace atomr_wide
+
+#endif
