@@ -6,8 +6,9 @@ context out of the paged cache before a batch of tiny matmuls.
 - `csrc/paged_decode_attention.cpp` reads K/V where they lie instead (measured on a 2-core EPYC,
   bf16, 16 sequences x 156 tokens: ~475 -> ~200 us per layer with the portable loops, ~80 us
   with the AVX512-BF16 version; one sequence: 61 -> 26 -> 12 us). Built for AVX2 + FMA without
-  AVX512-BF16, bf16 caches take an AVX2 version (the same machine built for Haswell: ~240 -> ~80 us
-  at 16 x 156, 19-31 -> 9-11 us for one sequence; see the source).
+  AVX512-BF16, or for 64-bit Arm, bf16 caches take a version in vec_wide.h's vectors (AVX2 or
+  NEON; the same machine built for Haswell: ~240 -> ~80 us at 16 x 156, 19-31 -> 9-11 us for one
+  sequence; see the source).
 - `csrc/norm_rope.cpp` fuses residual add + RMS norm, and rotary embedding + the K/V cache write,
   each into one op (one row, bf16: add + norm ~28 -> ~4 us, rope + K/V write ~62 -> ~4 us).
 - `csrc/linear_bf16.cpp`: the bf16 matmul over weights packed in panels (see linear.py), built

@@ -31,8 +31,8 @@
 
 #if defined(__AVX512BF16__)
 #include "vec_avx512.h"
-#elif defined(__AVX2__) && defined(__FMA__)
-#include "vec_avx2.h"
+#else
+#include "vec_wide.h"  // AVX2 + FMA or NEON: ATOMR_WIDE
 #endif
 
 namespace {
@@ -241,15 +241,12 @@ struct Bf16 {
                             (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[g][i], _mm512_set1_ps(inv[g]))));
   }
 };
-#elif defined(__AVX2__) && defined(__FMA__)
-// Lane i of the result: the sum of v[i]'s 8 lanes.
-inline __m256 sum_each8(const __m256* v) {
-  const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
-  const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
-  return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
-}
+#elif defined(ATOMR_WIDE)
+namespace wide = atomr_wide;
+using wide::f8;
 
-// bfloat16 with AVX2 + FMA (no bf16 dot instruction), G query heads per KV head, head size D.
+// bfloat16 with AVX2 + FMA, or NEON on 64-bit Arm (no bf16 dot instruction; vec_wide.h's 8-float
+// vector), G query heads per KV head, head size D.
 // Scores: each key row is widened once (D/8 vectors) and dotted with the G float32 query rows,
 // the dot products of 8 keys finished together by `sum_each8` (the portable loop reduces each
 // one on its own). Softmax numerators by a vector exp (the portable loop calls std::exp per
@@ -258,50 +255,51 @@ inline __m256 sum_each8(const __m256* v) {
 // 3 KV heads, G = 3, D = 64, one layer; a busy machine, so best of 30 and ranges over runs):
 // one sequence x 156 tokens 19-31 -> 9-11 us; 16 x 156: 2 threads ~240 -> ~80 us, one thread
 // 375-466 -> 151-205 us; 16 x 1024, one thread: 4.0-5.8 -> 1.9-3.6 ms. (float32 caches keep
-// the portable loop: they read twice the bytes, and it was level with bf16's before.)
+// the portable loop: they read twice the bytes, and it was level with bf16's before.) On Arm it
+// has been run under emulation only: its results are tested, its speed not measured.
 template <int G, int D>
-struct Bf16Avx2 {
+struct Bf16Wide {
   static constexpr int NV = D / 8;  // float32 vectors per row
   int64_t L;
   float scale, softcap;
   std::vector<float> qf, scores;
-  Bf16Avx2(int64_t L_, float s, float cap)
+  Bf16Wide(int64_t L_, float s, float cap)
       : L((L_ + 7) / 8 * 8), scale(s), softcap(cap), qf(G * D), scores(G * L) {}
 
   void operator()(const Unit<c10::BFloat16>& u) {
     const int64_t len = u.len;
     for (int i = 0; i < G * D; i += 8)
-      _mm256_storeu_ps(qf.data() + i, _mm256_mul_ps(atomr_avx2::load_bf16(u.q + i), _mm256_set1_ps(scale)));
+      wide::store(qf.data() + i, wide::mul(wide::load_bf16(u.q + i), wide::set1(scale)));
 
     // scores, 8 keys at a time
     float top[G];
     for (int g = 0; g < G; ++g) top[g] = -std::numeric_limits<float>::infinity();
     for (int64_t l0 = 0; l0 < len; l0 += 8) {
       const int n = static_cast<int>(std::min<int64_t>(8, len - l0));
-      __m256 part[G][8];
+      f8 part[G][8];
       for (int i = 0; i < 8; ++i) {
         if (i >= n) {
-          for (int g = 0; g < G; ++g) part[g][i] = _mm256_setzero_ps();
+          for (int g = 0; g < G; ++g) part[g][i] = wide::zero();
           continue;
         }
         const c10::BFloat16* k = u.k + u.slots[l0 + i] * D;
         prefetch_row<3>(u.v, u.slots[l0 + i], D);
         if (u.next != nullptr && l0 + i < u.next->len) prefetch_row<2>(u.next->k, u.next->slots[l0 + i], D);
-        __m256 kf[NV];
-        for (int j = 0; j < NV; ++j) kf[j] = atomr_avx2::load_bf16(k + j * 8);
+        f8 kf[NV];
+        for (int j = 0; j < NV; ++j) kf[j] = wide::load_bf16(k + j * 8);
         for (int g = 0; g < G; ++g) {
           const float* qg = qf.data() + g * D;
-          __m256 a0 = _mm256_mul_ps(kf[0], _mm256_loadu_ps(qg)), a1 = _mm256_mul_ps(kf[1], _mm256_loadu_ps(qg + 8));
+          f8 a0 = wide::mul(kf[0], wide::load(qg)), a1 = wide::mul(kf[1], wide::load(qg + 8));
           for (int j = 2; j < NV; j += 2) {
-            a0 = _mm256_fmadd_ps(kf[j], _mm256_loadu_ps(qg + j * 8), a0);
-            a1 = _mm256_fmadd_ps(kf[j + 1], _mm256_loadu_ps(qg + j * 8 + 8), a1);
+            a0 = wide::fmadd(kf[j], wide::load(qg + j * 8), a0);
+            a1 = wide::fmadd(kf[j + 1], wide::load(qg + j * 8 + 8), a1);
           }
-          part[g][i] = _mm256_add_ps(a0, a1);
+          part[g][i] = wide::add(a0, a1);
         }
       }
       for (int g = 0; g < G; ++g) {
         alignas(32) float s[8];
-        _mm256_store_ps(s, sum_each8(part[g]));
+        wide::store(s, wide::sum_each8(part[g]));
         for (int i = 0; i < n; ++i) {
           scores[g * L + l0 + i] = s[i];
           top[g] = std::max(top[g], s[i]);
@@ -317,16 +315,16 @@ struct Bf16Avx2 {
         for (int64_t l = 0; l < len; ++l) sg[l] = softcap * std::tanh(sg[l] / softcap);
         top[g] = softcap * std::tanh(top[g] / softcap);
       }
-      const __m256 m = _mm256_set1_ps(top[g]);
-      __m256 sum = _mm256_setzero_ps();
+      const f8 m = wide::set1(top[g]);
+      f8 sum = wide::zero();
       int64_t l = 0;
       for (; l + 8 <= len; l += 8) {
-        const __m256 e = atomr_avx2::exp_ps(_mm256_sub_ps(_mm256_loadu_ps(sg + l), m));
-        _mm256_storeu_ps(sg + l, e);
-        sum = _mm256_add_ps(sum, e);
+        const f8 e = wide::exp(wide::sub(wide::load(sg + l), m));
+        wide::store(sg + l, e);
+        sum = wide::add(sum, e);
       }
       alignas(32) float lanes[8];
-      _mm256_store_ps(lanes, sum);
+      wide::store(lanes, sum);
       float d = 0.f;
       for (float v : lanes) d += v;
       for (; l < len; ++l) {
@@ -338,22 +336,21 @@ struct Bf16Avx2 {
 
     // out_g = sum_l p[g, l] * v_l / denominator, 16 columns at a time
     for (int c = 0; c < D; c += 16) {
-      __m256 acc[G][2];
-      for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
+      f8 acc[G][2];
+      for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = wide::zero();
       for (int64_t l = 0; l < len; ++l) {
         const c10::BFloat16* v = u.v + u.slots[l] * D + c;
         if (c == 0 && u.next != nullptr && l < u.next->len) prefetch_row<2>(u.next->v, u.next->slots[l], D);
-        const __m256 v0 = atomr_avx2::load_bf16(v), v1 = atomr_avx2::load_bf16(v + 8);
+        const f8 v0 = wide::load_bf16(v), v1 = wide::load_bf16(v + 8);
         for (int g = 0; g < G; ++g) {
-          const __m256 p = _mm256_broadcast_ss(scores.data() + g * L + l);
-          acc[g][0] = _mm256_fmadd_ps(p, v0, acc[g][0]);
-          acc[g][1] = _mm256_fmadd_ps(p, v1, acc[g][1]);
+          const f8 p = wide::broadcast(scores.data() + g * L + l);
+          acc[g][0] = wide::fmadd(p, v0, acc[g][0]);
+          acc[g][1] = wide::fmadd(p, v1, acc[g][1]);
         }
       }
       for (int g = 0; g < G; ++g)
         for (int h = 0; h < 2; ++h)
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(u.out + g * D + c + h * 8),
-                           atomr_avx2::to_bf16(_mm256_mul_ps(acc[g][h], _mm256_set1_ps(inv[g]))));
+          wide::store_bf16(u.out + g * D + c + h * 8, wide::mul(acc[g][h], wide::set1(inv[g])), 8);
     }
   }
 };
@@ -421,11 +418,11 @@ void dispatch(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& slots
     ATOMR_BF16_CASE(5) ATOMR_BF16_CASE(6) ATOMR_BF16_CASE(7) ATOMR_BF16_CASE(8)
 #undef ATOMR_BF16_CASE
   }
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(ATOMR_WIDE)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
 #define ATOMR_BF16_CASE(g)                                                      \
-  if (G == g && D == 64) return run_units<T, Bf16Avx2<g, 64>>(q, kv, slots, ctx_lens, window, out, L, scale, softcap); \
-  if (G == g && D == 128) return run_units<T, Bf16Avx2<g, 128>>(q, kv, slots, ctx_lens, window, out, L, scale, softcap);
+  if (G == g && D == 64) return run_units<T, Bf16Wide<g, 64>>(q, kv, slots, ctx_lens, window, out, L, scale, softcap); \
+  if (G == g && D == 128) return run_units<T, Bf16Wide<g, 128>>(q, kv, slots, ctx_lens, window, out, L, scale, softcap);
     ATOMR_BF16_CASE(1) ATOMR_BF16_CASE(2) ATOMR_BF16_CASE(3) ATOMR_BF16_CASE(4)
     ATOMR_BF16_CASE(5) ATOMR_BF16_CASE(6) ATOMR_BF16_CASE(7) ATOMR_BF16_CASE(8)
 #undef ATOMR_BF16_CASE

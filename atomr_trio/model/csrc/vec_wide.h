@@ -1,10 +1,11 @@
-// The 8-float vector that the widened bf16 matmul (linear_bf16.cpp, for CPUs without a bf16 dot
-// instruction) is written in: one __m256 on AVX2 + FMA, two float32x4_t on 64-bit Arm (NEON,
+// The 8-float vector that the kernels for CPUs without a bf16 dot instruction are written in (the
+// widened bf16 matmul of linear_bf16.cpp, the bf16 decode attention of paged_decode_attention.cpp): one __m256 on AVX2 + FMA, two float32x4_t on 64-bit Arm (NEON,
 // part of every AArch64 CPU). ATOMR_WIDE is defined where one of them is available.
 //
 // Every function has the same meaning on both: loads and stores of 8 floats, a broadcast, fused
-// multiply-add, bf16 <-> float32 (round to nearest even, NaN -> 0x7fc0, as c10 does), and exp
-// (the same degree-6 polynomial, x clamped to [-87, 88.3], NaN kept). Results agree to the bit
+// multiply-add, bf16 <-> float32 (round to nearest even, NaN -> 0x7fc0, as c10 does), exp
+// (the same degree-6 polynomial, x clamped to [-87, 88.3], NaN kept), and sum_each8 (8 vectors'
+// lane sums at once; the order of the additions differs between the two). Results agree to the bit
 // except where FMA contraction differs, and both keep float32 sums of exact bf16 products.
 #pragma once
 
@@ -28,9 +29,16 @@ inline f8 fmadd(f8 a, f8 b, f8 c) { return _mm256_fmadd_ps(a, b, c); }  // a * b
 inline f8 add(f8 a, f8 b) { return _mm256_add_ps(a, b); }
 inline f8 mul(f8 a, f8 b) { return _mm256_mul_ps(a, b); }
 inline f8 div(f8 a, f8 b) { return _mm256_div_ps(a, b); }
+inline f8 sub(f8 a, f8 b) { return _mm256_sub_ps(a, b); }
 inline f8 neg(f8 a) { return _mm256_sub_ps(_mm256_setzero_ps(), a); }
 inline f8 exp(f8 x) { return atomr_avx2::exp_ps(x); }
-inline f8 load_bf16(const uint16_t* p) { return atomr_avx2::load_bf16(p); }
+// lane i: the sum of v[i]'s 8 lanes
+inline f8 sum_each8(const f8* v) {
+  const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+inline f8 load_bf16(const void* p) { return atomr_avx2::load_bf16(p); }
 inline void store_bf16(void* dst, f8 v, int64_t valid) { atomr_avx2::store_bf16(dst, v, valid); }
 // 8 int32 lanes of a packed bf16 weight, each a pair (k even low, k odd high) -> two float32 vectors
 inline void widen_pairs(const int32_t* p, f8& even, f8& odd) {
@@ -64,7 +72,15 @@ inline f8 fmadd(f8 a, f8 b, f8 c) { return {vfmaq_f32(c.lo, a.lo, b.lo), vfmaq_f
 inline f8 add(f8 a, f8 b) { return {vaddq_f32(a.lo, b.lo), vaddq_f32(a.hi, b.hi)}; }
 inline f8 mul(f8 a, f8 b) { return {vmulq_f32(a.lo, b.lo), vmulq_f32(a.hi, b.hi)}; }
 inline f8 div(f8 a, f8 b) { return {vdivq_f32(a.lo, b.lo), vdivq_f32(a.hi, b.hi)}; }
+inline f8 sub(f8 a, f8 b) { return {vsubq_f32(a.lo, b.lo), vsubq_f32(a.hi, b.hi)}; }
 inline f8 neg(f8 a) { return {vnegq_f32(a.lo), vnegq_f32(a.hi)}; }
+// lane i: the sum of v[i]'s 8 lanes (pairwise adds: [a0+a1, a2+a3, b0+b1, b2+b3])
+inline f8 sum_each8(const f8* v) {
+  float32x4_t s[8];
+  for (int i = 0; i < 8; ++i) s[i] = vaddq_f32(v[i].lo, v[i].hi);
+  return {vpaddq_f32(vpaddq_f32(s[0], s[1]), vpaddq_f32(s[2], s[3])),
+          vpaddq_f32(vpaddq_f32(s[4], s[5]), vpaddq_f32(s[6], s[7]))};
+}
 
 // 2^n * e^r with |r| <= ln2 / 2, as atomr_avx2::exp_ps (vmaxq / vminq keep NaN)
 inline float32x4_t exp4(float32x4_t x) {
@@ -84,8 +100,8 @@ inline float32x4_t exp4(float32x4_t x) {
 }
 inline f8 exp(f8 x) { return {exp4(x.lo), exp4(x.hi)}; }
 
-inline f8 load_bf16(const uint16_t* p) {
-  const uint16x8_t h = vld1q_u16(p);
+inline f8 load_bf16(const void* p) {
+  const uint16x8_t h = vld1q_u16(static_cast<const uint16_t*>(p));
   return {vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(h), 16)), vreinterpretq_f32_u32(vshll_high_n_u16(h, 16))};
 }
 
