@@ -247,7 +247,7 @@ def test_a_cpu_the_kernels_do_not_build_for_skips_the_native_build(
         assert native._load() is None
     assert "x86-64 and 64-bit Arm only" in caplog.text
     assert "x86-64 and 64-bit Arm only" in (cpu_kernels.unavailable("ops", "native", torch.float32) or "")
-    monkeypatch.setattr("platform.machine", lambda: "aarch64")  # 64-bit Arm (Linux) builds the portable loops
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")  # 64-bit Arm (Linux) builds NEON and portable loops
     assert native.builds_here() and "64-bit Arm only" not in (native.missing() or "")
     assert "x86 CPUs only" in (cpu_kernels.unavailable("matmul", "onednn", torch.bfloat16) or "")
 
@@ -304,10 +304,25 @@ def test_auto_dtype_times_the_widened_matmul_when_it_is_the_only_bf16_path(isa: 
     cpu_kernels._probed_bf16_matmul.cache_clear()
 
 
-def test_the_avx2_timing_measures_both_kernels() -> None:
+def test_the_widened_timing_measures_both_kernels() -> None:
     _needs("native", "matmul")
     native_ms, float32_ms = cpu_kernels.kernel_probes.time_widened_bf16_against_float32(rounds=2)
     assert 0 < native_ms < 50 and 0 < float32_ms < 50
+
+
+def test_arm_cpus_with_bf16_instructions_keep_torchs_bf16_matmul(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The NEON matmul widens bf16 to float32; on Arm CPUs with FEAT_BF16 torch's bf16 matmul
+    multiplies in bf16, so the native path is passed over there with that reason."""
+    _needs("native", "matmul")
+    k = native.kernels()
+    assert k is not None and k.linear is not None
+    neon = dataclasses.replace(k, matmul_isa="neon")
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: frozenset({"fp", "asimd", "bf16", "i8mm"}))
+    assert "FEAT_BF16" in (cpu_kernels._native_matmul_missing(neon) or "")
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: frozenset({"fp", "asimd", "asimddp"}))
+    assert cpu_kernels._native_matmul_missing(neon) is None
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: frozenset({"fp"}))
+    assert "lacks asimd" in (cpu_kernels._native_matmul_missing(neon) or "")
 
 
 def test_kernel_path_skips_name_the_missing_feature(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -218,7 +218,7 @@ def validation_message(e: ValidationError, names: dict[str, str] | None = None) 
 def _cpu_has_fast_bf16() -> bool:
     """Is bfloat16 faster than float32 on this CPU? Only where a bf16 matmul path beyond plain
     torch passed its probe (cpu_kernels.py): with those, steps that are bound by reading weights
-    read half the bytes. Where that path is the AVX2 native matmul, it is timed against float32
+    read half the bytes. Where that path is the AVX2 or NEON native matmul, it is timed against float32
     once per process and must be the faster. Plain torch's bf16 matmul on an AVX2-only CPU is
     slower than its float32 one (measured: see `cpu_kernels.bf16_matmul_is_fast`), so a CPU with
     nothing beyond it gets float32."""

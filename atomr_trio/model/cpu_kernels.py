@@ -2,7 +2,8 @@
 
 Parts and their paths, fastest first:
 - `matmul` over bfloat16 weights: `native` (csrc/linear_bf16.cpp over packed panels; built for
-  AVX512-BF16 where the -march has it, else for AVX2 + FMA: the CPU must have what the build
+  AVX512-BF16 where the -march has it, else for AVX2 + FMA, or NEON on 64-bit Arm (where a CPU
+  with bf16 instructions keeps torch's bf16 matmul instead): the CPU must have what the build
   used; the AVX2 build stays first on AVX-512 CPUs without AVX512-BF16 too: built for
   skylake-avx512 with oneDNN capped at AVX512_CORE, one core, it took half oneDNN's time at
   1-256 rows, e.g. 16 x 576 -> 1536 0.46 vs 1.01 ms) -> `onednn` (oneDNN-packed weights for
@@ -269,4 +270,11 @@ def _native_matmul_missing(k: Kernels) -> str | None:
         return f"the kernels were built without AVX512-BF16, AVX2 + FMA or Arm NEON (-march={native.march()})"
     flags = cpu_flags()
     lacking = [f for f in NATIVE_MATMUL_FLAGS.get(k.matmul_isa, ()) if flags and f not in flags]
-    return f"this CPU lacks {' and '.join(lacking)}" if lacking else None
+    if lacking:
+        return f"this CPU lacks {' and '.join(lacking)}"
+    if k.matmul_isa == "neon" and "bf16" in flags:
+        # Arm CPUs with bf16 instructions (FEAT_BF16: Graviton3 and later, Neoverse V1/V2/N2) have
+        # torch's own bf16 matmul through oneDNN / Arm's libraries, which multiply in bf16 (BFMMLA);
+        # ours widens to float32 and would be the slower for prefills. Neither is measured here.
+        return "this Arm CPU has bf16 instructions (FEAT_BF16), which torch's bf16 matmul uses"
+    return None

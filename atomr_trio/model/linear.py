@@ -1,14 +1,15 @@
 """Linear: one weight matrix of the model and the kernel that multiplies by it.
 
 Three kernels, chosen once per Context by probing them (cpu_kernels.py, `LlamaModel.use_kernels`):
-- native (CPU with AVX512-BF16 or AVX2 + FMA, bf16): `csrc/linear_bf16.cpp`, over the weight
-  packed into panels for the `vdpbf16ps` instruction (`pack_panels`). Measured on a 2-core Zen 4,
+- native (CPU with AVX512-BF16 or AVX2 + FMA, or 64-bit Arm without bf16 instructions; bf16):
+  `csrc/linear_bf16.cpp`, over the weight packed into panels for the `vdpbf16ps` instruction
+  (`pack_panels`). Measured on a 2-core Zen 4,
   streaming every layer of the default model: 1.25x ATen's GEMV at one row, 1.4x oneDNN at 16
   rows, 1.15x at 64, and level with oneDNN for prefill chunks of 128-2048 rows. The plain weight
   is then dropped: the matrices are held once. A gate|up weight also multiplies and applies
   silu(gate) * up in one pass (`silu_mul`).
-  Built for AVX2 + FMA (no bf16 dot instruction), the same panels are widened to float32 in
-  registers: a 32-bit lane holds one column's pair, so widening is a shift and a mask (layout
+  Built for AVX2 + FMA or Arm NEON (no bf16 dot instruction), the same panels are widened to
+  float32 in registers: a 32-bit lane holds one column's pair, so widening is a shift and a mask (layout
   kept: one packing for both builds, and it measured fast). The same Zen 4 built for Haswell,
   oneDNN/ATen/MKL capped at AVX2, per call (best of alternated rounds on a busy machine):
   1 row x 576 -> 1536 0.07 ms vs float32 F.linear 0.37 ms and plain bf16 F.linear 0.09 ms;
@@ -19,7 +20,8 @@ Three kernels, chosen once per Context by probing them (cpu_kernels.py, `LlamaMo
   the same product is 1.2-2.7x faster from 2 rows on, bit-identical. For one row ATen's GEMV
   over the plain weight is faster still (see `cpu_gemv.py`), so the plain weight is kept beside
   the packed one (≈270 MB more for the default model).
-- plain `F.linear` (float32, CUDA, and bf16 where neither of the above runs, e.g. CPUs without AVX2).
+- plain `F.linear` (float32, CUDA, and bf16 where neither of the above runs, e.g. x86 CPUs without
+  AVX2, Arm CPUs with bf16 instructions).
 """
 
 from __future__ import annotations

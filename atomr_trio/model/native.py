@@ -40,9 +40,9 @@ directory keyed by the sources, torch's version, the compiler and the CPU, so a 
 once (~30 s on 2 cores, one compiler per source at once) and every later process loads it. It is written under a
 temporary name and renamed, so processes building at once never load a half-written file.
 The sources build for x86-64 (AVX-512 / AVX2 intrinsics where the -march has them, else portable
-loops) and for 64-bit Arm (the bf16 matmul in NEON intrinsics, through vec_wide.h as AVX2's;
-the rest the portable loops, which the compiler vectorizes for NEON: no bf16 prefill attention
-there, the rest as on an x86-64 without AVX2); on other CPUs
+loops) and for 64-bit Arm (the bf16 matmul and bf16 decode attention in NEON intrinsics,
+through vec_wide.h as AVX2's; the rest the portable loops, which the compiler vectorizes for
+NEON; no bf16 prefill attention there); on other CPUs
 nothing is built. With no compiler, a failed build, or ATOMR_TRIO_NATIVE=0, nothing is loaded.
 Whether a loaded op is then used is cpu_kernels.py's choice (each is probed first); otherwise
 llama.py / attention.py / linear.py keep their torch path (same results to rounding; the native
@@ -145,7 +145,7 @@ def kernels() -> Kernels | None:
         return _state["k"]
 
 
-# the CPUs the kernels build for: x86-64 (intrinsics or portable loops) and 64-bit Arm (portable loops)
+# the CPUs the kernels build for: x86-64 (intrinsics or portable loops) and 64-bit Arm (NEON or portable loops)
 X86_64 = ("x86_64", "amd64")
 MACHINES = (*X86_64, "aarch64")
 

@@ -212,10 +212,16 @@ std::string bf16_matmul_isa() { return "avx512bf16"; }
 //   16 rows 1.1-1.2x, 64 rows 1.2-1.6x, 512 rows 1.3-1.7x faster; and against torch float32
 //   F.linear (MKL capped at AVX2): 16 rows 1.1-1.4x faster, 64 rows level, 512 rows level to
 //   1.2x slower.
-// x is widened to float32 once per call.
+// x is widened to float32 once per call. NEON tiles take 5 rows: 6 rows' 24 accumulator halves,
+// 4 weight halves and the broadcasts need more than Arm's 32 vector registers (GCC 12 spills 6
+// rows' accumulators in every step, not 5 rows'; the speed on Arm is not measured).
 namespace wide = atomr_wide;
 using wide::f8;
+#if defined(__AVX2__)
 constexpr int kRowsWide = 6;
+#else
+constexpr int kRowsWide = 5;
+#endif
 
 // f(std::integral_constant<int, mt>{}) for a tile of 1 <= mt <= kRowsWide rows.
 template <typename F>
@@ -225,7 +231,7 @@ void with_wide_rows(int mt, F&& f) {
     case 2: f(std::integral_constant<int, 2>{}); break;
     case 3: f(std::integral_constant<int, 3>{}); break;
     case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;  // (kRowsWide on NEON: the default is the same)
     default: f(std::integral_constant<int, kRowsWide>{});
   }
 }
@@ -235,15 +241,18 @@ void with_wide_rows(int mt, F&& f) {
 template <int PW>
 void gemv_panel(const float* x, const int32_t* w, int64_t pairs, float* c) {
   f8 acc[2 * PW];
+#pragma GCC unroll 8
   for (int h = 0; h < 2 * PW; ++h) acc[h] = wide::zero();
   for (int64_t p = 0; p < pairs; ++p) {
     const f8 xe = wide::broadcast(x + 2 * p), xo = wide::broadcast(x + 2 * p + 1);
+#pragma GCC unroll 8
     for (int h = 0; h < 2 * PW; ++h) {
       f8 even, odd;
       wide::widen_pairs(w + (p * 2 * PW + h) * 8, even, odd);
       acc[h] = wide::fmadd(odd, xo, wide::fmadd(even, xe, acc[h]));
     }
   }
+#pragma GCC unroll 8
   for (int h = 0; h < 2 * PW; ++h) wide::store(c + h * 8, acc[h]);
 }
 
@@ -268,17 +277,22 @@ template <int PW, int MT, bool kAhead>
 void tile_wide(const float* x, int64_t ldx, const float* bj, int64_t K, int j, float* c, const char* ahead,
                int64_t lines) {
   constexpr int W = PW * kCols;
+  // (the unroll pragmas keep GCC's aarch64 code from storing every accumulator to the stack in
+  // every step: it leaves NEON's two-register f8 arrays in memory unless their loops unroll early)
   f8 acc[MT][2];
+#pragma GCC unroll 8
   for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = wide::zero();
   for (int64_t k = 0; k < K; ++k) {
     if (kAhead && k < lines) __builtin_prefetch(ahead + k * 64, 0, 2);
     const f8 w0 = wide::load(bj + k * kCols), w1 = wide::load(bj + k * kCols + 8);
+#pragma GCC unroll 8
     for (int m = 0; m < MT; ++m) {
       const f8 xv = wide::broadcast(x + m * ldx + k);
       acc[m][0] = wide::fmadd(w0, xv, acc[m][0]);
       acc[m][1] = wide::fmadd(w1, xv, acc[m][1]);
     }
   }
+#pragma GCC unroll 8
   for (int m = 0; m < MT; ++m)
     for (int h = 0; h < 2; ++h) wide::store(c + m * W + j * kCols + h * 8, acc[m][h]);
 }

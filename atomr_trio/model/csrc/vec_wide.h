@@ -73,7 +73,9 @@ inline f8 add(f8 a, f8 b) { return {vaddq_f32(a.lo, b.lo), vaddq_f32(a.hi, b.hi)
 inline f8 mul(f8 a, f8 b) { return {vmulq_f32(a.lo, b.lo), vmulq_f32(a.hi, b.hi)}; }
 inline f8 div(f8 a, f8 b) { return {vdivq_f32(a.lo, b.lo), vdivq_f32(a.hi, b.hi)}; }
 inline f8 sub(f8 a, f8 b) { return {vsubq_f32(a.lo, b.lo), vsubq_f32(a.hi, b.hi)}; }
-inline f8 neg(f8 a) { return {vnegq_f32(a.lo), vnegq_f32(a.hi)}; }
+inline f8 neg(f8 a) {  // 0 - a, as AVX2's (vnegq would give -0 for +0 and flip a NaN's sign)
+  return {vsubq_f32(vdupq_n_f32(0.f), a.lo), vsubq_f32(vdupq_n_f32(0.f), a.hi)};
+}
 // lane i: the sum of v[i]'s 8 lanes (pairwise adds: [a0+a1, a2+a3, b0+b1, b2+b3])
 inline f8 sum_each8(const f8* v) {
   float32x4_t s[8];
