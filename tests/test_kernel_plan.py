@@ -20,7 +20,7 @@ from test_hf_dir import write_tiny_model
 
 from atomr_trio import LLM, SamplingParams
 from atomr_trio.engine.engine_config import EngineConfig
-from atomr_trio.model import cpu_kernels, native
+from atomr_trio.model import cpu_kernels, kernel_probes, native
 from atomr_trio.model.config import ModelConfig
 from atomr_trio.model_source import ModelSource
 
@@ -71,7 +71,7 @@ def test_auto_dtype_is_bf16_only_with_a_bf16_matmul_path_beyond_torch(monkeypatc
     real = cpu_kernels.unavailable
     # a native matmul that widens bf16 (AVX2, NEON) is also timed against float32: the next test's
     # subject; here it times faster
-    monkeypatch.setattr(cpu_kernels.kernel_probes, "time_widened_bf16_against_float32", lambda: (0.03, 0.07))
+    monkeypatch.setattr(cpu_kernels.kernel_probes, "time_bf16_against_float32", lambda path="native": (0.03, 0.07))
     for lacking in (("native",), ("onednn",), ("native", "onednn")):
         cpu_kernels._probed_bf16_matmul.cache_clear()
         monkeypatch.setattr(cpu_kernels, "unavailable", lambda part, path, dtype, cfg=None, lacking=lacking:
@@ -299,30 +299,43 @@ def test_auto_dtype_times_the_widened_matmul_when_it_is_the_only_bf16_path(isa: 
                         "lacks it" if path == "onednn" else None)
     for times, want in (((0.03, 0.07), "bfloat16"), ((0.08, 0.07), "float32")):
         cpu_kernels._probed_bf16_matmul.cache_clear()
-        monkeypatch.setattr(cpu_kernels.kernel_probes, "time_widened_bf16_against_float32", lambda t=times: t)
+        monkeypatch.setattr(cpu_kernels.kernel_probes, "time_bf16_against_float32", lambda path="native", t=times: t)
         assert EngineConfig().resolved_dtype() == want, times
     cpu_kernels._probed_bf16_matmul.cache_clear()
 
 
 def test_the_widened_timing_measures_both_kernels() -> None:
     _needs("native", "matmul")
-    native_ms, float32_ms = cpu_kernels.kernel_probes.time_widened_bf16_against_float32(rounds=2)
-    assert 0 < native_ms < 50 and 0 < float32_ms < 50
+    for path in ("native", "torch"):
+        bf16_ms, float32_ms = cpu_kernels.kernel_probes.time_bf16_against_float32(path, rounds=2)
+        assert 0 < bf16_ms < 50 and 0 < float32_ms < 50
 
 
 def test_arm_cpus_with_bf16_instructions_keep_torchs_bf16_matmul(monkeypatch: pytest.MonkeyPatch) -> None:
     """The NEON matmul widens bf16 to float32; on Arm CPUs with FEAT_BF16 torch's bf16 matmul
-    multiplies in bf16, so the native path is passed over there with that reason."""
+    multiplies in bf16, so the plan passes the native one over there (unless forced), and
+    dtype=auto times torch's bf16 F.linear, the path the plan takes, against float32."""
     _needs("native", "matmul")
     k = native.kernels()
-    assert k is not None and k.linear is not None
-    neon = dataclasses.replace(k, matmul_isa="neon")
-    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: frozenset({"fp", "asimd", "bf16", "i8mm"}))
-    assert "FEAT_BF16" in (cpu_kernels._native_matmul_missing(neon) or "")
-    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: frozenset({"fp", "asimd", "asimddp"}))
-    assert cpu_kernels._native_matmul_missing(neon) is None
-    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: frozenset({"fp"}))
-    assert "lacks asimd" in (cpu_kernels._native_matmul_missing(neon) or "")
+    assert k is not None
+    monkeypatch.setitem(native._state, "k", dataclasses.replace(k, matmul_isa="neon"))
+    monkeypatch.delenv(cpu_kernels.ENV, raising=False)
+    timed: list[str] = []
+    monkeypatch.setattr(cpu_kernels.kernel_probes, "time_bf16_against_float32",
+                        lambda path="native": (timed.append(path), (0.03, 0.07))[1])
+    for flags, matmul, path in (({"fp", "asimd", "bf16", "i8mm"}, "torch", "torch"),
+                                ({"fp", "asimd", "asimddp"}, "native", "native")):
+        monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda f=frozenset(flags): f)
+        plan = cpu_kernels.choose(kernel_probes.TINY, torch.bfloat16)
+        assert plan.matmul == matmul, plan.describe()
+        assert ("FEAT_BF16" in plan.describe()) == (matmul == "torch")
+        cpu_kernels._probed_bf16_matmul.cache_clear()
+        timed.clear()
+        assert EngineConfig().resolved_dtype() == "bfloat16" and timed == [path]
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: frozenset({"fp", "asimd", "bf16"}))
+    monkeypatch.setenv(cpu_kernels.ENV, "native")  # forced: the NEON matmul runs all the same
+    assert cpu_kernels.choose(kernel_probes.TINY, torch.bfloat16).matmul == "native"
+    cpu_kernels._probed_bf16_matmul.cache_clear()
 
 
 def test_kernel_path_skips_name_the_missing_feature(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -121,6 +121,10 @@ def choose(cfg: ModelConfig, dtype: torch.dtype) -> KernelPlan:
         if force:  # a part whose paths this dtype does not have (float32 matmul) runs plain torch
             candidates = [force[part]] if force[part] in candidates else ["torch"]
         for path in candidates:
+            preferred = _prefers_torch_bf16() if not force and (part, path) == ("matmul", "native") else None
+            if preferred:
+                passed.append(f"{part} {path}: {preferred}")
+                continue
             reason = unavailable(part, path, dtype, cfg)
             if reason is None:
                 picked[part] = path
@@ -153,10 +157,12 @@ def bf16_matmul_is_fast() -> bool:
       reading weights read half the bytes, and those matmuls are faster than float32's
       (16 rows x 576 -> 1536, one thread, 2-core Zen 4: bf16 0.22 ms vs float32 0.43 ms).
     - Only a native matmul that widens the weights in registers passes (AVX2 + FMA, or NEON on
-      64-bit Arm; no bf16 dot instruction): decided by timing it, once per process (15-45 ms with the setup), against
-      plain torch float32 `F.linear` on the default model's MLP weight (1536 x 576) at one row,
+      64-bit Arm; no bf16 dot instruction): decided by timing it (on an Arm CPU with bf16
+      instructions, where the plan takes torch's bf16 F.linear instead, by timing that), once
+      per process (15-45 ms with the setup), against plain torch float32 `F.linear` on the
+      default model's MLP weight (1536 x 576) at one row,
       the batch-1 decode GEMV, one thread each, best of 7 alternated rounds
-      (`kernel_probes.time_widened_bf16_against_float32`); bf16 only if it is faster. Measured so
+      (`kernel_probes.time_bf16_against_float32`); bf16 only if it is faster. Measured so
       on a 2-core Zen 4 built for Haswell with oneDNN, ATen and MKL capped at AVX2: 0.034 ms vs
       0.070 ms; streaming 24 such weights on 2 threads 0.073 vs 0.374 ms (2.8 vs 13.4 ms for the
       49152 x 576 lm_head), and a whole batch-1 decode step of the default model 12.1 vs 56.8 ms.
@@ -174,15 +180,20 @@ def _probed_bf16_matmul() -> bool:
     # oneDNN's probe first: it is cheap, and every CPU with the AVX512-BF16 path has oneDNN's too
     if unavailable("matmul", "onednn", torch.bfloat16) is None:
         return True
-    if unavailable("matmul", "native", torch.bfloat16) is not None:
-        return False
-    k = native.kernels()
-    if k is None or k.matmul_isa not in WIDENED_MATMULS:
-        return True
-    native_ms, float32_ms = kernel_probes.time_widened_bf16_against_float32()
-    faster = native_ms < float32_ms
-    log.info("dtype auto: the %s bf16 matmul took %.3f ms, float32 F.linear %.3f ms (1 x 576 -> 1536): %s",
-             k.matmul_isa.upper(), native_ms, float32_ms, "bfloat16" if faster else "float32")
+    if _prefers_torch_bf16():  # the plan takes torch's bf16 matmul there: that is the one to time
+        bf16_ms, float32_ms = kernel_probes.time_bf16_against_float32("torch")
+        name = "torch bf16 F.linear"
+    else:
+        if unavailable("matmul", "native", torch.bfloat16) is not None:
+            return False
+        k = native.kernels()
+        if k is None or k.matmul_isa not in WIDENED_MATMULS:
+            return True
+        bf16_ms, float32_ms = kernel_probes.time_bf16_against_float32("native")
+        name = f"the {k.matmul_isa.upper()} bf16 matmul"
+    faster = bf16_ms < float32_ms
+    log.info("dtype auto: %s took %.3f ms, float32 F.linear %.3f ms (1 x 576 -> 1536): %s",
+             name, bf16_ms, float32_ms, "bfloat16" if faster else "float32")
     return faster
 
 
@@ -270,11 +281,17 @@ def _native_matmul_missing(k: Kernels) -> str | None:
         return f"the kernels were built without AVX512-BF16, AVX2 + FMA or Arm NEON (-march={native.march()})"
     flags = cpu_flags()
     lacking = [f for f in NATIVE_MATMUL_FLAGS.get(k.matmul_isa, ()) if flags and f not in flags]
-    if lacking:
-        return f"this CPU lacks {' and '.join(lacking)}"
-    if k.matmul_isa == "neon" and "bf16" in flags:
-        # Arm CPUs with bf16 instructions (FEAT_BF16: Graviton3 and later, Neoverse V1/V2/N2) have
-        # torch's own bf16 matmul through oneDNN / Arm's libraries, which multiply in bf16 (BFMMLA);
-        # ours widens to float32 and would be the slower for prefills. Neither is measured here.
-        return "this Arm CPU has bf16 instructions (FEAT_BF16), which torch's bf16 matmul uses"
-    return None
+    return f"this CPU lacks {' and '.join(lacking)}" if lacking else None
+
+
+def _prefers_torch_bf16() -> str | None:
+    """Why the plan passes over a NEON build's matmul on this CPU, unless forced; None if it does not.
+    Arm CPUs with bf16 instructions (FEAT_BF16: Graviton3 and later, Neoverse V1/V2/N2) have torch's
+    own bf16 matmul through oneDNN / Arm's libraries, which multiply in bf16 (BFMMLA); ours widens
+    to float32 and would be the slower for prefills. Neither is measured on such a CPU here."""
+    if "bf16" not in cpu_flags() or native.missing() is not None:  # (x86 flags name it avx512_bf16)
+        return None
+    k = native.kernels()
+    if k is None or k.matmul_isa != "neon":
+        return None
+    return "this Arm CPU has bf16 instructions (FEAT_BF16), which torch's bf16 matmul uses"

@@ -188,22 +188,24 @@ def probe_sampling(dtype: torch.dtype, cfg: ModelConfig) -> str | None:
     return None
 
 
-def time_widened_bf16_against_float32(rounds: int = 7) -> tuple[float, float]:
-    """(native bf16 ms, torch float32 ms) per one-row matmul by the default model's MLP weight
+def time_bf16_against_float32(path: str = "native", rounds: int = 7) -> tuple[float, float]:
+    """(bf16 ms, torch float32 ms) per one-row matmul by the default model's MLP weight
     (576 -> 1536), for cpu_kernels' dtype=auto decision where the only bf16 path beyond torch is
-    the native one that widens bf16 to float32 in registers (AVX2 + FMA, or Arm NEON). One
+    the native one that widens bf16 to float32 in registers (AVX2 + FMA, or Arm NEON), or, on an
+    Arm CPU with bf16 instructions, torch's own bf16 F.linear (`path` "native" or "torch"). One
     thread (torch's count is restored after): with two, a neighbour holding a core stalls every
     parallel call for a scheduler slice (measured: 7.8 ms instead of 0.03 ms per call on a busy
     2-core machine), which would decide by the neighbour. Each the best
     of `rounds` rounds of 3 calls, taken in alternation after a warm-up round: ~5 ms in all."""
-    k = native.kernels()
-    assert k is not None and k.linear is not None and k.linear_silu_mul is not None
     w = torch.full((1536, 576), 0.01)  # the values do not matter to the time (no denormals)
     x = torch.full((1, 576), 0.5)
     lin = Linear(w.to(torch.bfloat16), None)
-    assert lin.pack_native(k.linear, k.linear_silu_mul)
+    if path == "native":
+        k = native.kernels()
+        assert k is not None and k.linear is not None and k.linear_silu_mul is not None
+        assert lin.pack_native(k.linear, k.linear_silu_mul)
     xb = x.to(torch.bfloat16)
-    calls = {"native": lambda: lin(xb), "float32": lambda: F.linear(x, w)}
+    calls = {"bf16": lambda: lin(xb), "float32": lambda: F.linear(x, w)}
     times: dict[str, list[float]] = {name: [] for name in calls}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -217,7 +219,7 @@ def time_widened_bf16_against_float32(rounds: int = 7) -> tuple[float, float]:
                     times[name].append((time.perf_counter() - t0) / 3 * 1e3)
     finally:
         torch.set_num_threads(threads)
-    return min(times["native"]), min(times["float32"])
+    return min(times["bf16"]), min(times["float32"])
 
 
 PROBES: dict[tuple[str, str], Callable[[torch.dtype, ModelConfig], str | None]] = {

@@ -200,7 +200,7 @@ std::string bf16_matmul_isa() { return "avx512bf16"; }
 //   halves = 6 accumulators) is one pass, so every weight byte is read once.
 // - 2+ rows: each panel is first widened into a thread-local float32 buffer, block by block
 //   ([PW][K][16]: the 16 columns of a block for every input, one contiguous stretch), then tiles
-//   of kRowsWide rows x one block (12 accumulators; per input 2 loads and kRowsWide broadcasts
+//   of kRowsWide rows x one block (12 accumulators on AVX2; per input 2 loads and kRowsWide broadcasts
 //   feed 2 * kRowsWide FMAs, the shape of an fp32 GEMM micro-kernel) run over it: widening is
 //   paid once per panel for all rows. While the first tiles of a panel compute, they ask for the
 //   thread's next panel, one cache line per input, so that its widening does not wait on memory.
@@ -212,9 +212,10 @@ std::string bf16_matmul_isa() { return "avx512bf16"; }
 //   16 rows 1.1-1.2x, 64 rows 1.2-1.6x, 512 rows 1.3-1.7x faster; and against torch float32
 //   F.linear (MKL capped at AVX2): 16 rows 1.1-1.4x faster, 64 rows level, 512 rows level to
 //   1.2x slower.
-// x is widened to float32 once per call. NEON tiles take 5 rows: 6 rows' 24 accumulator halves,
-// 4 weight halves and the broadcasts need more than Arm's 32 vector registers (GCC 12 spills 6
-// rows' accumulators in every step, not 5 rows'; the speed on Arm is not measured).
+// x is widened to float32 once per call. NEON tiles take 5 rows: with 6, the 24 accumulator
+// halves, 4 weight halves and the broadcasts fill Arm's 32 vector registers, and GCC 12 spills
+// accumulators in every step (even with the unroll pragmas); with 5 it does not. The speed on
+// Arm is not measured.
 namespace wide = atomr_wide;
 using wide::f8;
 #if defined(__AVX2__)
