@@ -9,7 +9,8 @@
 
 namespace atomr_avx2 {
 
-// exp(x) for float32 vectors: 2^n * e^r with |r| <= ln2 / 2, degree-6 polynomial (~1 ulp).
+// exp(x) for float32 vectors: 2^n * e^r with |r| <= ln2 / 2, degree-6 polynomial (within 3 ulp:
+// 2.7 at worst over [-87, 88.3], measured here and on vec_wide.h's NEON copy).
 // x is clamped to [-87, 88.3] first, so 2^n stays a normal float (exp(88.3) ~ 2e38, not inf;
 // exp(-87) ~ 1.6e-38, not 0): callers that need exact inf / 0 past those points must not use it.
 // NaN stays NaN.
