@@ -405,11 +405,7 @@ at::Tensor silu_mul_impl(const at::Tensor& x, const Panels& src, int64_t n) {
 }
 
 bool has_bf16_matmul() { return true; }
-#if defined(__AVX2__)
-std::string bf16_matmul_isa() { return "avx2"; }
-#else
-std::string bf16_matmul_isa() { return "neon"; }
-#endif
+std::string bf16_matmul_isa() { return wide::kIsa; }
 
 #else  // neither AVX512-BF16 nor AVX2 + FMA nor NEON: the Python side keeps oneDNN / ATen
 

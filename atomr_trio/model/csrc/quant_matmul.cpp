@@ -524,31 +524,23 @@ void fill_panel(const uint8_t* w, int64_t rb, int64_t K, int W, RowOf&& row_of, 
 }
 #else
 // Portable (64-bit Arm's NEON matmul takes these panels; a build without a bf16 matmul never
-// asks, since in_panels is false there): column by column, each group of 32 values dequantized
-// as the matmul paths do, then rounded to bf16 pairs one value at a time (c10's rounding: to
-// nearest even, NaN -> 0x7fc0).
+// asks, since in_panels is false there): column by column, the row dequantized by dequant_row,
+// then rounded to bf16 pairs one value at a time (c10's rounding: to nearest even, NaN -> 0x7fc0).
 template <class F, typename RowOf>
 void fill_panel(const uint8_t* w, int64_t rb, int64_t K, int W, RowOf&& row_of, int32_t* dst) {
-  const int64_t blocks = K / F::kValues;
+  thread_local std::vector<float> v;
+  v.resize(static_cast<size_t>(K));
   for (int c = 0; c < W; ++c) {
     const int64_t r = row_of(c);
-    for (int64_t b = 0; b < blocks; ++b)
-      for (int g = 0; g < F::kGroups; ++g) {
-        int32_t* out = dst + (b * F::kValues + g * 32) / 2 * W + c;
-        if (r < 0) {
-          for (int i = 0; i < 16; ++i) out[i * W] = 0;
-          continue;
-        }
-        V16 half[2];
-        F::group(w + r * rb + b * F::kBytes, g, half[0], half[1]);
-        float v[32];
-        store(v, half[0]);
-        store(v + 16, half[1]);
-        for (int i = 0; i < 16; ++i) {
-          const uint32_t lo = c10::BFloat16(v[2 * i]).x, hi = c10::BFloat16(v[2 * i + 1]).x;
-          out[i * W] = static_cast<int32_t>(lo | hi << 16);
-        }
-      }
+    if (r < 0) {  // the padding of the last panel
+      for (int64_t p = 0; p < K / 2; ++p) dst[p * W + c] = 0;
+      continue;
+    }
+    dequant_row<F>(w + r * rb, K / F::kValues, v.data());
+    for (int64_t p = 0; p < K / 2; ++p) {
+      const uint32_t lo = c10::BFloat16(v[2 * p]).x, hi = c10::BFloat16(v[2 * p + 1]).x;
+      dst[p * W + c] = static_cast<int32_t>(lo | hi << 16);
+    }
   }
 }
 #endif

@@ -19,6 +19,7 @@
 namespace atomr_wide {
 
 using f8 = __m256;
+constexpr const char* kIsa = "avx2";  // (Kernels.matmul_isa)
 
 inline f8 zero() { return _mm256_setzero_ps(); }
 inline f8 set1(float v) { return _mm256_set1_ps(v); }
@@ -56,6 +57,7 @@ namespace atomr_wide {
 struct f8 {
   float32x4_t lo, hi;
 };
+constexpr const char* kIsa = "neon";  // (Kernels.matmul_isa)
 
 inline f8 zero() { return {vdupq_n_f32(0.f), vdupq_n_f32(0.f)}; }
 inline f8 set1(float v) { return {vdupq_n_f32(v), vdupq_n_f32(v)}; }
