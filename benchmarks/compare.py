@@ -29,6 +29,10 @@ notes its absence); llama.cpp one thread per core for decode and batch. The bind
 because vLLM's default (`auto`) keeps one core for its scheduler process: on a 2-core machine that
 left it one compute thread (measured on a 2-core Zen 4: 240-249 output tok/s at 16 concurrent
 against 333-351 bound to both cores).
+vLLM runs bf16 where its CPU guide supports bf16 (x86 with AVX-512, or 64-bit Arm) and float32
+on x86 CPUs without AVX-512 (`--vllm-dtype auto`), the faster of its two there (measured on a
+2-core Zen 4 without AVX-512: bf16 20 output tok/s at 1 concurrent and 28.5 at 16, float32 24
+and 143). atomr_trio runs bf16 everywhere (`--atomr-dtype`; its dtype=auto picks bf16 there too).
 `atomr-gguf` and `llamacpp-gguf` serve the default model's own quantized GGUF (Q4_1 weights, a
 Q8_0 embedding), ours with `--quantization gguf`: the same weights format on both sides.
 `atomr-int8` serves the HF directory with `--quantization int8` (weights and activations int8,
@@ -164,10 +168,14 @@ def make_peers(args: argparse.Namespace, hf_dir: Path, gguf: Path | None) -> lis
             if not vllm.exists():
                 print(f"vllm: {vllm} not found; skipped (how to install it: this script's docstring)")
                 continue
+            dtype = vllm_dtype() if args.vllm_dtype == "auto" else args.vllm_dtype
             peers.append(Peer("vllm", "vLLM CPU 0.32", [
                 str(vllm), "serve", str(hf_dir), "--served-model-name", MODEL_NAME, "--host", "127.0.0.1",
-                "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "2048",
-            ], vllm_env(args.threads), "bfloat16", port))
+                "--port", str(port), "--dtype", dtype, "--max-model-len", "2048",
+            ], vllm_env(args.threads), dtype, port))
+            if args.vllm_dtype == "auto" and dtype == "float32":
+                peers[-1].note += ("float32: this x86 CPU lacks AVX-512, which vLLM's CPU guide names for its bf16 "
+                                   "(`--vllm-dtype auto`; see this script's docstring). ")
             if "LD_PRELOAD" not in peers[-1].env:
                 peers[-1].note += ("ran without TCMalloc, which its CPU guide recommends (not installed here: "
                                    "apt-get install libtcmalloc-minimal4). ")
@@ -206,6 +214,24 @@ def default_gguf() -> Path:
     from atomr_trio.model_source import default_model_path
 
     return default_model_path()
+
+
+def vllm_dtype() -> str:
+    """vLLM's dtype here: bfloat16, unless this is an x86 CPU without AVX-512 (float32)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return "bfloat16"
+    return "bfloat16" if "avx512f" in cpu_flags() else "float32"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo; empty where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def vllm_env(threads: int) -> dict[str, str]:
@@ -459,9 +485,9 @@ def write_report(args: argparse.Namespace, peers: list[Peer], tf: dict[int, dict
             q, v = by["atomr-int8"].results.get(c), by["vllm"].results.get(c)
             if q and v:
                 r = q["output_throughput"] / v["output_throughput"]
-                lines.append(f"| {c} concurrent, `--quantization int8` (W8A8) against vLLM CPU in bf16: output "
-                             f"tok/s ≥ 1.5× | {r:.2f} | {'yes' if r >= 1.5 else '**no**'} (not the same weights "
-                             "format) |")
+                lines.append(f"| {c} concurrent, `--quantization int8` (W8A8) against vLLM CPU in "
+                             f"{by['vllm'].dtype}: output tok/s ≥ 1.5× | {r:.2f} | "
+                             f"{'yes' if r >= 1.5 else '**no**'} (not the same weights format) |")
                 t = q["ttft_ms"]["median"] / v["ttft_ms"]["median"]
                 lines.append(f"| {c} concurrent, `--quantization int8`: TTFT median ≤ vLLM CPU's (ratio) | {t:.2f} | "
                              f"{'yes' if t <= 1.0 else '**no**'} |")
@@ -548,6 +574,8 @@ def main() -> int:
     p.add_argument("--atomr-dtype", default="bfloat16", help="bfloat16, like the peers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3, help="runs per engine and level; the median run is reported")
+    p.add_argument("--vllm-dtype", default="auto",
+                   help="auto: bfloat16, or float32 on x86 CPUs without AVX-512 (see the docstring)")
     p.add_argument("--vllm-venv", type=Path, default=ROOT.parent / "venv-vllm")
     p.add_argument("--llama-venv", type=Path, default=ROOT.parent / "venv-llama")
     p.add_argument("--llama-cpp-src", type=Path, help="llama.cpp tree for the bf16 GGUF (when not made yet)")

@@ -52,6 +52,21 @@ def _close(got: torch.Tensor, want: torch.Tensor, x: torch.Tensor, w: torch.Tens
     assert float(err) <= 1.0, f"off by {float(err):.3g} x the tolerance"
 
 
+def _x_as_taken(name: str, x: torch.Tensor) -> torch.Tensor:
+    """x (float64) as the kernel multiplies it. Builds whose `quant_int8_x_rows` covers these rows
+    of bf16 x over Q4_0 / Q4_1 (AVX2 without AVX-512) round each 32-value block of x to
+    d * q: d = max|x| / 127 and q = x * (1 / d) rounded to nearest even, in float32 (the same
+    operations as quant_matmul.cpp); every other case takes x as it is."""
+    k = native.kernels()
+    if (k is None or x.dtype != torch.bfloat16 or x.shape[0] > k.quant_int8_x_rows
+            or name not in ("Q4_0", "Q4_1")):
+        return x.double()
+    xb = x.float().reshape(x.shape[0], -1, 32)
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    return (torch.round(xb * inv).double() * d.double()).reshape(x.shape)
+
+
 def _within_one_rounding(got: torch.Tensor, exact: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
     """got is exact rounded once to bf16 (half a step: 2^-8 of the value at most) after float32 sums."""
     slack = 1e-5 * (x.double().norm(dim=1, keepdim=True) * w.norm(dim=1)) + 1e-30
@@ -88,8 +103,8 @@ def test_quant_linear_matches_dequantize_then_matmul(name: str, rows: int, dtype
     _close(got, want, x, ref, 1e-5 if dtype == torch.float32 else 2e-2)
     if dtype == torch.float32:
         assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4)
-    elif rows <= 3:  # few rows: the weight enters exactly, so one rounding of the float32 sum to bf16
-        exact = x.double() @ ref.T + bias.to(dtype).double()
+    elif rows <= 3:  # few rows: the weight enters exactly (and x as taken), so one rounding of the float32 sum to bf16
+        exact = _x_as_taken(name, x) @ ref.T + bias.to(dtype).double()
         _within_one_rounding(got, exact, x, ref)
 
 
@@ -193,6 +208,9 @@ def test_quant_silu_mul_matches_the_reference(name: str, rows: int, dtype: torch
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(6)).to(dtype)
     gate, up = (x.double() @ _reference(w).T).chunk(2, dim=-1)
     want = F.silu(gate) * up
+    if dtype == torch.bfloat16 and rows <= 3:  # few rows: x as taken (8-bit blocks on AVX2 builds)
+        gate, up = (_x_as_taken(name, x) @ _reference(w).T).chunk(2, dim=-1)
+        want = F.silu(gate) * up
     got = QuantLinear(w, gate_up=True).silu_mul(x)
     assert got.shape == (rows, 21) and got.dtype == dtype
     if dtype == torch.float32:
@@ -203,6 +221,23 @@ def test_quant_silu_mul_matches_the_reference(name: str, rows: int, dtype: torch
         assert torch.allclose(got.double(), want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
 
 
+@needs_native
+@pytest.mark.parametrize("name", list(TYPES))
+@pytest.mark.parametrize("rows", [2, 3, 5])
+def test_an_infinite_or_nan_x_gives_products_that_are_not_finite(name: str, rows: int) -> None:
+    """A non-finite value in a row of x makes that row's products non-finite on every path (the
+    8-bit blocks of x included), and leaves the other rows' products finite."""
+    t = TYPES[name]
+    k = 512 if t == 12 else 96
+    w = _blocks(t, 21, k, seed=4)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    x[0, 40] = float("nan")
+    x[1, 70] = float("inf")
+    got = QuantLinear(w)(x)
+    assert not got[:2].isfinite().any()
+    assert got[2:].isfinite().all()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["x86-64", "haswell", "skylake-avx512"])
 def test_other_builds_pass_the_block_kernel_tests(arch: str) -> None:
@@ -211,7 +246,7 @@ def test_other_builds_pass_the_block_kernel_tests(arch: str) -> None:
     (skylake-avx512: float32 x in the block tiles) pass the tests above, in a subprocess whose
     library is a second cached build."""
     skip_unless_host_runs(arch)
-    tests = "matches_the_gguf_package or matches_dequantize_then_matmul or silu_mul_matches"
+    tests = "matches_the_gguf_package or matches_dequantize_then_matmul or silu_mul_matches or not_finite"
     if arch != "x86-64":  # the panels of many bf16 rows (haswell: 8 x 8 transposes, the AVX2 matmul;
         tests += " or are_the_bf16_matmul"  # skylake-avx512: 16 x 16, bf16 by integer rounding, AVX2 matmul)
     assert_tests_pass_on_build(arch, [__file__], tests)

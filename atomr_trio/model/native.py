@@ -125,6 +125,8 @@ class Kernels:
     quant_linear: Callable[..., torch.Tensor] | None = None
     quant_linear_silu_mul: Callable[..., torch.Tensor] | None = None
     quant_dequantize: Callable[..., torch.Tensor] | None = None
+    # rows of bf16 x up to which the GGUF matmul quantizes x to 8-bit blocks (AVX2 builds: 3; else 0)
+    quant_int8_x_rows: int = 0
     # bf16 prefill attention (prefill_attention.cpp); None where the build lacks AVX512-BF16
     prefill_attention: PrefillAttention | None = None
     # every layer of a decode step in one call (decode_layers.cpp), over bf16 or int8 panels or GGUF blocks
@@ -234,7 +236,7 @@ def _load() -> Kernels | None:
         ops.linear_bf16 if isa else None, ops.linear_silu_mul_bf16 if isa else None, isa,
         int8_linear=ops.int8_linear, int8_linear_silu_mul=ops.int8_linear_silu_mul, int8_isa=ops.int8_matmul_isa(),
         quant_linear=ops.quant_linear, quant_linear_silu_mul=ops.quant_linear_silu_mul,
-        quant_dequantize=ops.quant_dequantize,
+        quant_dequantize=ops.quant_dequantize, quant_int8_x_rows=ops.quant_int8_x_rows(),
         prefill_attention=ops.prefill_attention if ops.prefill_attention_isa() else None,
         decode_layers=ops.decode_layers, sample_rows=ops.sample_rows_,
     )
