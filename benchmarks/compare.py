@@ -32,11 +32,12 @@ against 333-351 bound to both cores).
 vLLM runs bf16 where its CPU guide supports bf16 (x86 with AVX-512, or 64-bit Arm) and float32
 on x86 CPUs without AVX-512 (`--vllm-dtype auto`), the faster of its two there (measured on a
 2-core Zen 4 without AVX-512: bf16 20 output tok/s at 1 concurrent and 28.5 at 16, float32 24
-and 143). atomr_trio runs bf16 everywhere (`--atomr-dtype`; its dtype=auto picks bf16 there too).
+and 143). atomr_trio runs bf16 everywhere (`--atomr-dtype`; on that machine its dtype=auto timed
+bf16 faster than float32 too).
 `atomr-gguf` and `llamacpp-gguf` serve the default model's own quantized GGUF (Q4_1 weights, a
 Q8_0 embedding), ours with `--quantization gguf`: the same weights format on both sides.
 `atomr-int8` serves the HF directory with `--quantization int8` (weights and activations int8,
-model/int8.py): opt-in and lossy, so its ratios to vLLM (bf16) are reported apart from the targets.
+model/int8.py): opt-in and lossy, so its ratios to vLLM are reported apart from the targets.
 """
 
 from __future__ import annotations
@@ -218,20 +219,11 @@ def default_gguf() -> Path:
 
 def vllm_dtype() -> str:
     """vLLM's dtype here: bfloat16, unless this is an x86 CPU without AVX-512 (float32)."""
+    from atomr_trio.model.cpu_kernels import cpu_flags
+
     if platform.machine() not in ("x86_64", "AMD64"):
         return "bfloat16"
     return "bfloat16" if "avx512f" in cpu_flags() else "float32"
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (/proc/cpuinfo; empty where it cannot be read)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def vllm_env(threads: int) -> dict[str, str]:
@@ -571,7 +563,8 @@ def main() -> int:
                    help="llama.cpp and transformers (one request / one static batch at a time) run only "
                         "concurrency levels up to this")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    p.add_argument("--atomr-dtype", default="bfloat16", help="bfloat16, like the peers")
+    p.add_argument("--atomr-dtype", default="bfloat16", help="bfloat16 (what dtype=auto gives where the native "
+                   "bf16 matmul exists)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3, help="runs per engine and level; the median run is reported")
     p.add_argument("--vllm-dtype", default="auto",

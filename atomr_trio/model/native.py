@@ -125,7 +125,8 @@ class Kernels:
     quant_linear: Callable[..., torch.Tensor] | None = None
     quant_linear_silu_mul: Callable[..., torch.Tensor] | None = None
     quant_dequantize: Callable[..., torch.Tensor] | None = None
-    # rows of bf16 x up to which the GGUF matmul quantizes x to 8-bit blocks (AVX2 builds: 3; else 0)
+    # rows of bf16 x up to which the GGUF matmul quantizes x to 8-bit blocks over Q4_0 / Q4_1
+    # (AVX2 builds without AVX-512: 3; else 0)
     quant_int8_x_rows: int = 0
     # bf16 prefill attention (prefill_attention.cpp); None where the build lacks AVX512-BF16
     prefill_attention: PrefillAttention | None = None

@@ -3,10 +3,12 @@
 Why: a batch-1 decode step is bound by reading the weights. The default model's Q4_1 layers
 are 5 bits per weight (Q8_0 8.5): kept as the file's blocks, a step reads 3-6x fewer bytes than
 bf16 / float32 weights. `QuantLinear` multiplies by them with csrc/quant_matmul.cpp, which
-dequantizes each block in registers and accumulates in float32 (activations stay float; no
-int8 requantization of x), so its results are float32 arithmetic on the dequantized weight, up
-to summation order (bf16 activations from 4 rows on meet the weight rounded to bf16, as
-quantization=none holds it: see the invariants).
+dequantizes each block in registers and accumulates in float32 (activations stay float), so its
+results are float32 arithmetic on the dequantized weight, up to summation order (bf16 activations
+from 4 rows on meet the weight rounded to bf16, as quantization=none holds it: see the
+invariants). One exception, for speed: AVX2 builds without AVX-512 quantize 1-3 rows of bf16
+activations to int8 per 32-value block over Q4_0 / Q4_1 and multiply as integers, as llama.cpp
+does (`native.Kernels.quant_int8_x_rows`; the kernel's header says what it costs in precision).
 
 Measured (default model, decode steps, shared 2-core Zen 4, benchmarks/profile_step.py, best runs):
 batch 1: gguf 8-10 ms, bf16 (native panels) 11.5 ms, float32 51 ms; batch 16: gguf 32 ms, bf16
@@ -238,7 +240,8 @@ def _probed() -> native.Probed:
 
 
 def _probe(k: native.Kernels) -> str | None:
-    """Each kept type's kernel on a small random block matrix against the gguf package's dequantize."""
+    """Each kept type's kernel on a small random block matrix, float32 and bf16 x, against the gguf
+    package's dequantize."""
     from gguf.constants import GGMLQuantizationType
     from gguf.quants import dequantize
 
@@ -252,6 +255,12 @@ def _probe(k: native.Kernels) -> str | None:
         got = k.quant_linear(x, data, t, 256, None).double()
         if not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
             return f"{name}: wrong answer (off by {float((got - want).abs().max()):.3g})"
+        # bf16 x: rounded outputs, and (AVX2 builds, Q4_0 / Q4_1) x in 8-bit blocks; a wrong lane is far off
+        xh = x.to(torch.bfloat16)
+        want = xh.double() @ ref.double().T
+        off = float((k.quant_linear(xh, data, t, 256, None).double() - want).abs().max())
+        if not off <= 2e-2 * float(want.abs().max()):
+            return f"{name}, bf16 x: wrong answer (off by {off:.3g})"
     return None
 
 

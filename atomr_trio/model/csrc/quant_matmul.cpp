@@ -4,11 +4,12 @@
 // one row of `row_bytes` per output), x float32 or bfloat16 (widened to float32 once). Each
 // block is dequantized in registers, 32 values at a time, and multiplied into float32
 // accumulators: no float copy of the weight exists, so a decode step reads 4.5-8.5 bits per
-// weight instead of 16 or 32. Activations stay float32 (no int8 requantization of x): the error
-// against float32 arithmetic on the dequantized weight is float32 rounding — the summation order,
-// and at few rows over 4-bit blocks the block's offset taken out of the sum (see there). bf16 x
-// from 4 rows on (with AVX512-BF16) and at kPanelRows rows or more (the panels) meets the weight
-// rounded to bf16 first, as quantization=none holds it.
+// weight instead of 16 or 32. Activations stay float (no int8 requantization of x) except on
+// AVX2 builds without AVX-512 at 1-3 rows of bf16 x over Q4_0 / Q4_1 (see "bf16 x at few rows on
+// AVX2"): the error against float32 arithmetic on the dequantized weight is float32 rounding —
+// the summation order, and at few rows over 4-bit blocks the block's offset taken out of the sum
+// (see there). bf16 x from 4 rows on (with AVX512-BF16) and at kPanelRows rows or more (the
+// panels) meets the weight rounded to bf16 first, as quantization=none holds it.
 //
 // Block formats (the GGUF file format, as llama.cpp defines it; d, dmin, m are IEEE half):
 //   Q8_0  34 bytes / 32 values: d, int8 q[32];                    w = d * q
@@ -22,7 +23,8 @@
 // Threads split the output rows (at::parallel_for). Steps of up to kFewRows rows (batch-1 and
 // small-batch decode) dequantize each block in registers and use it for every row at once; over
 // 4-bit blocks they apply the block's scale and offset once per block instead of once per value
-// (see "4-bit blocks at few rows"). Larger steps dequantize kTileN weight rows at a time into a small float32
+// (see "4-bit blocks at few rows"; AVX2 builds multiply bf16 x's 8-bit blocks by the nibbles as
+// integers there instead: "bf16 x at few rows on AVX2"). Larger steps dequantize kTileN weight rows at a time into a small float32
 // buffer (L1/L2) that every kTileM-row tile of x then reuses, so the dequantization is paid once
 // per weight row, not once per tile of x (with AVX512-BF16 and x in bf16: 16 rows into a bf16
 // buffer, `vdpbf16ps` tiles, and each row's 16 results stored by one vector epilogue). Steps of
@@ -38,6 +40,8 @@
 //   for a gate|up stacked weight (gate rows first).
 // quant_dequantize(w [N, row_bytes], type, K, rows?) -> float32 [len(rows) or N, K]: the
 //   weight's rows (an embedding lookup, or the whole weight for prefill chunks of float32 x).
+// quant_int8_x_rows() -> the rows of bf16 x up to which Q4_0 / Q4_1 products take x in 8-bit
+//   blocks (3 on AVX2 builds without AVX-512, else 0).
 // Built and loaded at run time by native.py.
 
 #include <ATen/ATen.h>
@@ -708,7 +712,8 @@ void dot_nibbles(const uint8_t* const* rows, int64_t blocks, const float* x, int
 // x on the float path: 0.22). Q8_0 keeps the float path: the default model's Q8_0 matrix is the
 // tied embedding and lm_head, whose logits the 8-bit x moved by 0.63, for 0.05 ms of the TPOT.
 // float32 x keeps the float paths too: its products stay within float32 rounding of the
-// dequantized weight's. A block of x holding inf or NaN gives NaN products.
+// dequantized weight's. A block of x holding inf or NaN gives NaN products. (A GGUF whose tied
+// lm_head is Q4_0 / Q4_1 takes this path for its logits too.)
 struct XBlocks {  // x [M, K] in 32-value blocks: q [M, K], d and s [M, K / 32]
   std::vector<int8_t> q;
   std::vector<float> d, s;
@@ -717,7 +722,7 @@ struct XBlocks {  // x [M, K] in 32-value blocks: q [M, K], d and s [M, K / 32]
 template <class F>
 constexpr bool kInt8Blocks = kNibbleBlocks<F>;
 
-#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 constexpr int64_t kInt8XRows = kFewRows;
 
 inline float hmax8(__m256 v) {
@@ -748,7 +753,8 @@ void quantize_blocks(const at::BFloat16* x, int64_t M, int64_t K, XBlocks& xb) {
       nan = _mm256_or_ps(nan, _mm256_cmp_ps(v[i], v[i], _CMP_UNORD_Q));
     }
     const float a = hmax8(amax), d = a / 127.f;
-    const __m256 inv = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
+    // d below the normal floats (|x| < 4e-36, or all zeros): q = 0, where 1 / d would overflow
+    const __m256 inv = _mm256_set1_ps(d >= std::numeric_limits<float>::min() ? 1.f / d : 0.f);
     __m256i q[4];
     for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
     const int32_t sum = hsum8_epi32(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
@@ -1038,7 +1044,7 @@ void products(const float* x, const uint16_t* xh, [[maybe_unused]] const XBlocks
               const uint8_t* w, int64_t rb, int64_t count, Cols&& cols, Emit&& emit, [[maybe_unused]] Emit16&& emit16) {
   if (M == 0 || count == 0) return;  // nothing to compute (the tiles assume at least one row)
   const int64_t blocks = K / F::kValues;
-#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
   if constexpr (kInt8Blocks<F>) {
     if (x8 != nullptr) {  // see "bf16 x at few rows on AVX2"; 4 weight rows per tile at one row of x, else 2
       with_few_rows(M, [&](auto mt) {
