@@ -458,7 +458,7 @@ def test_default_model_quantized_batch_one_decode_stays_close_to_float32(make_ll
     """The second token of each prompt, decoded alone (a step of one row: on AVX2 builds the
     integer path over x in 8-bit blocks, see _x_as_taken), with bf16 activations against float32
     on the same GGUF blocks: the bound of the first tokens' bf16 check."""
-    params = SamplingParams(temperature=0.0, max_tokens=2, logprobs=5)
+    params = SamplingParams(temperature=0.0, max_tokens=2, logprobs=5, ignore_eos=True)
     ref = make_llm(dtype="float32", quantization="gguf", max_model_len=1024, num_kv_blocks=256)
     want = [o.outputs[0] for o in ref.generate(PROMPTS, params, use_tqdm=False)]
     llm = make_llm(dtype="bfloat16", quantization="gguf", max_model_len=1024, num_kv_blocks=256)
@@ -471,4 +471,3 @@ def test_default_model_quantized_batch_one_decode_stays_close_to_float32(make_ll
     print(f"batch-1 decode, gguf bf16: {same}/{len(pairs)} second tokens as float32, worst logprob gap {gap:.4f}")
     assert same >= len(pairs) - 1
     assert gap < 0.5, gap
-

@@ -4,9 +4,10 @@
 // one row of `row_bytes` per output), x float32 or bfloat16 (widened to float32 once). Each
 // block is dequantized in registers, 32 values at a time, and multiplied into float32
 // accumulators: no float copy of the weight exists, so a decode step reads 4.5-8.5 bits per
-// weight instead of 16 or 32. Activations stay float (no int8 requantization of x) except on
-// AVX2 builds without AVX-512 at 1-3 rows of bf16 x over Q4_0 / Q4_1 (see "bf16 x at few rows on
-// AVX2"): the error against float32 arithmetic on the dequantized weight is float32 rounding —
+// weight instead of 16 or 32. Activations stay float (no int8 requantization of x; the one
+// exception: AVX2 builds without AVX-512 at 1-3 rows of bf16 x over Q4_0 / Q4_1, "bf16 x at few
+// rows on AVX2", which rounds x first): the error against float32 arithmetic on the dequantized
+// weight is float32 rounding —
 // the summation order, and at few rows over 4-bit blocks the block's offset taken out of the sum
 // (see there). bf16 x from 4 rows on (with AVX512-BF16) and at kPanelRows rows or more (the
 // panels) meets the weight rounded to bf16 first, as quantization=none holds it.
@@ -23,8 +24,8 @@
 // Threads split the output rows (at::parallel_for). Steps of up to kFewRows rows (batch-1 and
 // small-batch decode) dequantize each block in registers and use it for every row at once; over
 // 4-bit blocks they apply the block's scale and offset once per block instead of once per value
-// (see "4-bit blocks at few rows"; AVX2 builds multiply bf16 x's 8-bit blocks by the nibbles as
-// integers there instead: "bf16 x at few rows on AVX2"). Larger steps dequantize kTileN weight rows at a time into a small float32
+// (see "4-bit blocks at few rows"; AVX2 builds without AVX-512 multiply bf16 x's 8-bit blocks by
+// the nibbles as integers there instead: "bf16 x at few rows on AVX2"). Larger steps dequantize kTileN weight rows at a time into a small float32
 // buffer (L1/L2) that every kTileM-row tile of x then reuses, so the dequantization is paid once
 // per weight row, not once per tile of x (with AVX512-BF16 and x in bf16: 16 rows into a bf16
 // buffer, `vdpbf16ps` tiles, and each row's 16 results stored by one vector epilogue). Steps of
@@ -704,13 +705,16 @@ void dot_nibbles(const uint8_t* const* rows, int64_t blocks, const float* x, int
 // Q4_0: -8 d_w * s). The nibbles never become floats: on AVX2 that widening and converting, not
 // reading the blocks, bound batch-1 decode. The default model's GGUF matrices, all layers, 2
 // threads, 2-core Zen 4 without AVX-512: the Q4_1 layers at one row 6.4 -> 4.3 ms, two rows 8.7
-// -> 6.7, three 10.3 (float32 x) -> 9.3; served batch-1 TPOT 11.2 -> 8.7 ms (llama.cpp on the same
-// file: 11.4; it multiplies these formats the same way).
+// -> 6.7, three 10.3 (float32 x) -> 9.3; served batch-1 TPOT, one run each, 11.2 -> 8.7 ms against
+// llama.cpp's 11.4 on the same file (which multiplies these formats the same way); in
+// docs/benchmarks_avx2.md's run 11.0 against 15.4 ms.
 // The products are float32 arithmetic on the weight's exact values and x' = d q: x rounded to
-// 8 bits per block, where bf16 x holds 8 significant bits per value. Measured on the default
-// model, the second token's top-5 logprobs against the float32 path moved by 0.38 at worst (bf16
-// x on the float path: 0.22). Q8_0 keeps the float path: the default model's Q8_0 matrix is the
-// tied embedding and lm_head, whose logits the 8-bit x moved by 0.63, for 0.05 ms of the TPOT.
+// 8 bits per block, where bf16 x holds 8 significant bits per value. On the default model, the
+// second token's top-5 logprobs (decoded alone) against float32 on the same blocks moved by 0.38
+// at worst with a float32 reference decoded alone too (bf16 x on the float path: 0.22), and by
+// 0.23 in test_quantized's batch-1 check. Q8_0 and Q4_K keep the float path: the default model's
+// Q8_0 matrix is the tied embedding and lm_head, whose logits 8-bit x moved by 0.63, for 0.05 ms
+// of the TPOT.
 // float32 x keeps the float paths too: its products stay within float32 rounding of the
 // dequantized weight's. A block of x holding inf or NaN gives NaN products. (A GGUF whose tied
 // lm_head is Q4_0 / Q4_1 takes this path for its logits too.)
@@ -753,7 +757,7 @@ void quantize_blocks(const at::BFloat16* x, int64_t M, int64_t K, XBlocks& xb) {
       nan = _mm256_or_ps(nan, _mm256_cmp_ps(v[i], v[i], _CMP_UNORD_Q));
     }
     const float a = hmax8(amax), d = a / 127.f;
-    // d below the normal floats (|x| < 4e-36, or all zeros): q = 0, where 1 / d would overflow
+    // d below the normal floats (max |x| < 127 FLT_MIN ~ 1.5e-36, or all zeros): q = 0 (1 / d may overflow)
     const __m256 inv = _mm256_set1_ps(d >= std::numeric_limits<float>::min() ? 1.f / d : 0.f);
     __m256i q[4];
     for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
