@@ -1039,6 +1039,25 @@ void products_bf16(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, in
 }
 #endif
 
+// Threads take tiles of NR products i0 .. i0 + nt - 1 (NR weight rows, the row of product i being
+// cols(i)): tile(rows, c) fills c[m * NR + j] = x[m] . W row rows[j] for MT rows of x, and each
+// product goes to emit(m, i, cols(i), v). Past the last product a tile gets its row again, and
+// those results are dropped.
+template <int MT, int NR, typename Cols, typename Emit, typename Tile>
+void row_tiles(const uint8_t* w, int64_t rb, int64_t count, Cols&& cols, Emit&& emit, Tile&& tile) {
+  at::parallel_for(0, (count + NR - 1) / NR, kGrain / NR, [&](int64_t begin, int64_t end) {
+    float c[MT * NR];
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t i0 = g * NR, nt = std::min<int64_t>(NR, count - i0);
+      const uint8_t* rows[NR];
+      for (int64_t j = 0; j < NR; ++j) rows[j] = w + cols(i0 + std::min(j, nt - 1)) * rb;
+      tile(rows, c);
+      for (int64_t j = 0; j < nt; ++j)
+        for (int64_t m = 0; m < MT; ++m) emit(m, i0 + j, cols(i0 + j), c[m * NR + j]);
+    }
+  });
+}
+
 // Calls emit(m, i, col, v) for every product x[m] . W[col] of the weight rows col = `cols(i)`, i
 // in [0, count) — or, on the bf16 many-row path, emit16 for runs of kBlock of them (see
 // products_bf16): steps of few rows dequantize in registers; others dequantize kTileN rows at a
@@ -1053,17 +1072,8 @@ void products(const float* x, const uint16_t* xh, [[maybe_unused]] const XBlocks
     if (x8 != nullptr) {  // see "bf16 x at few rows on AVX2"; 4 weight rows per tile at one row of x, else 2
       with_few_rows(M, [&](auto mt) {
         constexpr int MT = decltype(mt)::value, NR = MT == 1 ? 4 : 2;
-        at::parallel_for(0, (count + NR - 1) / NR, kGrain / NR, [&](int64_t begin, int64_t end) {
-          float c[MT * NR];
-          for (int64_t g = begin; g < end; ++g) {
-            const int64_t i0 = g * NR, nt = std::min<int64_t>(NR, count - i0);
-            const uint8_t* rows[NR];  // past the last product: its row again, results dropped
-            for (int64_t j = 0; j < NR; ++j) rows[j] = w + cols(i0 + std::min(j, nt - 1)) * rb;
-            dot_int8<F, MT, NR>(rows, blocks, *x8, K, c);
-            for (int64_t j = 0; j < nt; ++j)
-              for (int64_t m = 0; m < MT; ++m) emit(m, i0 + j, cols(i0 + j), c[m * NR + j]);
-          }
-        });
+        row_tiles<MT, NR>(w, rb, count, cols, emit,
+                          [&](const uint8_t* const* rows, float* c) { dot_int8<F, MT, NR>(rows, blocks, *x8, K, c); });
       });
       return;
     }
@@ -1079,22 +1089,14 @@ void products(const float* x, const uint16_t* xh, [[maybe_unused]] const XBlocks
     if (M <= kNibbleMaxRows) {  // see "4-bit blocks at few rows"
       std::vector<float> xsum;
       block_sums(x, M, K, xsum);
-      at::parallel_for(0, (count + kNibRows - 1) / kNibRows, kGrain / kNibRows, [&](int64_t begin, int64_t end) {
-        float c[kFewRows * kNibRows];
-        for (int64_t g = begin; g < end; ++g) {
-          const int64_t i0 = g * kNibRows, nt = std::min<int64_t>(kNibRows, count - i0);
-          const uint8_t* rows[kNibRows];  // past the last product: its row again, results dropped
-          for (int64_t j = 0; j < kNibRows; ++j) rows[j] = w + cols(i0 + std::min(j, nt - 1)) * rb;
-          with_few_rows(M, [&](auto mt) {
-            constexpr int MT = decltype(mt)::value;
+      with_few_rows(M, [&](auto mt) {
+        constexpr int MT = decltype(mt)::value;
+        row_tiles<MT, kNibRows>(w, rb, count, cols, emit, [&](const uint8_t* const* rows, float* c) {
 #if defined(__AVX512BF16__)
-            if (xh != nullptr) return dot_nibbles_bf16<F, MT>(rows, blocks, xh, K, xsum.data(), c);
+          if (xh != nullptr) return dot_nibbles_bf16<F, MT>(rows, blocks, xh, K, xsum.data(), c);
 #endif
-            dot_nibbles<F, MT>(rows, blocks, x, K, xsum.data(), c);
-          });
-          for (int64_t j = 0; j < nt; ++j)
-            for (int64_t m = 0; m < M; ++m) emit(m, i0 + j, cols(i0 + j), c[m * kNibRows + j]);
-        }
+          dot_nibbles<F, MT>(rows, blocks, x, K, xsum.data(), c);
+        });
       });
       return;
     }
