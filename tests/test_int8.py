@@ -6,8 +6,10 @@ default model against float32: first tokens and logprob gap, and its memory."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -108,9 +110,42 @@ def skip_unless_host_runs(arch: str) -> None:
         pytest.skip(f"this CPU cannot run a {arch} build (no {', '.join(sorted(lacking))})")
 
 
+@functools.cache
+def native_is_like(arch: str) -> bool:
+    """Does this machine's own build (-march=native) compile the same branches of the kernel sources
+    as a build for `arch`? It does when g++ predefines the same value for every macro the sources
+    test (__AVX2__, __AVX512BF16__, ...) under both flags, as for an AVX2-only CPU and haswell."""
+    if not native.is_x86_cpu() or shutil.which("g++") is None:
+        return False  # (the x86 builds need both; the callers skip or fail without them as before)
+    sources = (*native.SOURCES, *native.HEADERS)
+    tested = {m for src in sources for m in re.findall(r"\b__[A-Z0-9_]+__\b", src.read_text())}
+
+    def defined(march: str) -> set[str]:
+        done = subprocess.run(["g++", f"-march={march}", "-dM", "-E", "-x", "c++", "-"], input="",
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return {line for line in done.stdout.splitlines() if line.split()[1:2] and line.split()[1] in tested}
+
+    return defined("native") == defined(arch)
+
+
+def skip_if_native_is_like(arch: str) -> None:
+    """Skip a test that would build the kernels for `arch` only to run what this process already ran."""
+    if native_is_like(arch):
+        pytest.skip(f"this machine's build compiles the same kernel branches as a {arch} build: its tests ran here")
+
+
+def build_env(arch: str) -> dict[str, str]:
+    """The environment of a subprocess whose kernels are built for `arch`: a second cached build, or
+    this machine's own where it compiles the same branches (no second build)."""
+    return dict(os.environ) if native_is_like(arch) else {**os.environ, "ATOMR_TRIO_NATIVE_ARCH": arch}
+
+
 def assert_tests_pass_on_build(arch: str, tests: list[str], k: str, timeout: int = 600) -> None:
     """Run pytest on `tests` (selected by -k `k`) in a subprocess whose native kernels are built
-    for `arch` (a second cached build): it passes, and no selected test is skipped."""
+    for `arch` (a second cached build): it passes, and no selected test is skipped. Skipped where
+    this machine's build is like `arch`'s: the main run has run those tests on it."""
+    skip_if_native_is_like(arch)
     env = {**os.environ, "ATOMR_TRIO_NATIVE_ARCH": arch}
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests, "-k", k],
                           env=env, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parent.parent)
@@ -120,6 +155,7 @@ def assert_tests_pass_on_build(arch: str, tests: list[str], k: str, timeout: int
 
 def _other_build(arch: str) -> dict[str, Any]:
     skip_unless_host_runs(arch)
+    skip_if_native_is_like(arch)  # (then test_this_machines_build_... checks the same table)
     script = (f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_int8; "
               "print(json.dumps(test_int8.excess_table()))")
     env = {**os.environ, "ATOMR_TRIO_NATIVE_ARCH": arch}

@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import kernel_path_unavailable
 from test_hf_dir import write_tiny_model
+from test_int8 import build_env
 
 from atomr_trio import LLM, SamplingParams
 from atomr_trio.engine.engine_config import EngineConfig
@@ -259,8 +260,7 @@ def test_an_avx2_only_cpu_serves_bf16(tiny_dir: Path, tmp_path: Path) -> None:
     against float32, and forcing a path the CPU lacks names the missing feature."""
     if not native.is_x86_cpu():
         pytest.skip("a Haswell build needs an x86-64 CPU")
-    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
-           "ATOMR_TRIO_NATIVE_ARCH": "haswell"}
+    env = {**build_env("haswell"), "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
     env.pop(cpu_kernels.ENV, None)
     script = ("import json, logging, sys\nfrom atomr_trio import LLM, SamplingParams\n"
               "from atomr_trio.engine.engine_config import EngineConfig\n"

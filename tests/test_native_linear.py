@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from test_int8 import build_env
 
 from atomr_trio.model import cpu_kernels, native
 from atomr_trio.model.linear import Linear, pack_panels
@@ -174,7 +175,7 @@ def widened_excess() -> dict[str, float]:
     if native.is_x86_cpu():
         if shutil.which("g++") is None:
             pytest.skip("the Haswell build needs g++")
-        env, isa = {**os.environ, "ATOMR_TRIO_NATIVE_ARCH": "haswell"}, "avx2"
+        env, isa = build_env("haswell"), "avx2"
     else:
         k = native.kernels()
         if k is None or k.matmul_isa != "neon":
