@@ -112,21 +112,28 @@ def skip_unless_host_runs(arch: str) -> None:
 
 @functools.cache
 def native_is_like(arch: str) -> bool:
-    """Does this machine's own build (-march=native) compile the same branches of the kernel sources
-    as a build for `arch`? It does when g++ predefines the same value for every macro the sources
-    test (__AVX2__, __AVX512BF16__, ...) under both flags, as for an AVX2-only CPU and haswell."""
-    if not native.is_x86_cpu() or shutil.which("g++") is None:
+    """Does this machine's own kernel build (-march=native, or ATOMR_TRIO_NATIVE_ARCH) take the same
+    preprocessor branches of the kernel sources as a build for `arch`? It does when the compiler
+    predefines the same value for every macro the sources test (__AVX2__, __AVX512BF16__, ...)
+    under both flags, as on an AVX2-only CPU for haswell. False wherever that cannot be told."""
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    if not native.is_x86_cpu() or cxx is None:
         return False  # (the x86 builds need both; the callers skip or fail without them as before)
     sources = (*native.SOURCES, *native.HEADERS)
     tested = {m for src in sources for m in re.findall(r"\b__[A-Z0-9_]+__\b", src.read_text())}
 
-    def defined(march: str) -> set[str]:
-        done = subprocess.run(["g++", f"-march={march}", "-dM", "-E", "-x", "c++", "-"], input="",
-                              capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr
+    def defined(march: str) -> set[str] | None:
+        try:
+            done = subprocess.run([cxx, f"-march={march}", "-dM", "-E", "-x", "c++", "-"], input="",
+                                  capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if done.returncode != 0:
+            return None
         return {line for line in done.stdout.splitlines() if line.split()[1:2] and line.split()[1] in tested}
 
-    return defined("native") == defined(arch)
+    own = defined(native.march())
+    return own is not None and own == defined(arch)
 
 
 def skip_if_native_is_like(arch: str) -> None:

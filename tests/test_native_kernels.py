@@ -268,7 +268,8 @@ def test_the_haswell_build_passes_the_kernel_tests():
     """The kernels built for an AVX2-only CPU (ATOMR_TRIO_NATIVE_ARCH=haswell: no AVX-512, so
     bf16 attention takes its AVX2 + FMA version) pass this file's tests too, and a decode step's
     layers in one native call give the Python loop's tokens there as well (test_decode_layers.py),
-    in a subprocess whose library is a second cached build."""
+    in a subprocess whose library is a second cached build (skipped where this machine's own build
+    takes the same branches: the tests above ran on it)."""
     skip_unless_host_runs("haswell")
     here = Path(__file__)
     tests = [str(here), f"{here.with_name('test_gemma.py')}::test_native_decode_window",

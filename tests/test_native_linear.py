@@ -170,8 +170,9 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def widened_excess() -> dict[str, float]:
-    """Each case's worst error beyond its bound (<= 0: within it), from the Haswell build on x86,
-    or this machine's build on 64-bit Arm."""
+    """Each case's worst error beyond its bound (<= 0: within it), from the Haswell build on x86
+    (this machine's own where it takes the same branches: an AVX2-only CPU), or this machine's
+    build on 64-bit Arm."""
     if native.is_x86_cpu():
         if shutil.which("g++") is None:
             pytest.skip("the Haswell build needs g++")

@@ -244,7 +244,8 @@ def test_other_builds_pass_the_block_kernel_tests(arch: str) -> None:
     """The block kernels built for a baseline x86-64 CPU (x86-64: the portable loops), an AVX2-only
     CPU (haswell: 8-lane vectors, one-row tiles of the 4-bit path) and AVX-512 without BF16
     (skylake-avx512: float32 x in the block tiles) pass the tests above, in a subprocess whose
-    library is a second cached build."""
+    library is a second cached build (skipped where this machine's own build takes the same
+    branches: the tests above ran on it)."""
     skip_unless_host_runs(arch)
     tests = "matches_the_gguf_package or matches_dequantize_then_matmul or silu_mul_matches or not_finite"
     if arch != "x86-64":  # the panels of many bf16 rows (haswell: 8 x 8 transposes, the AVX2 matmul;

@@ -575,6 +575,6 @@ def test_other_builds_pass_the_native_sampler_tests(arch: str) -> None:
     """The sampler's op built for a baseline x86-64 CPU (portable loops: the polynomial exp in a
     loop the compiler vectorizes, as on Arm) and for an AVX2-only CPU (the AVX2 vector exp, which
     answers 1.6e-38 below -87) passes this file's native cases, in a subprocess whose library is a
-    second cached build."""
+    second cached build (skipped where this machine's own build takes the same branches)."""
     skip_unless_host_runs(arch)
     assert_tests_pass_on_build(arch, [__file__], "native and not other_builds")

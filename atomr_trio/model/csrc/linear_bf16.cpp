@@ -214,7 +214,7 @@ std::string bf16_matmul_isa() { return "avx512bf16"; }
 //   1.2x slower.
 //   Not taken: passes over ~256 inputs at a time, so that a widened block's stretch stays in L1
 //   while every tile of rows runs over it (partial sums kept per panel): on a 2-core AMD EPYC with
-//   AVX2 (all layers, 3 alternated runs) level at 2-16 rows, 6-9% slower at 64 and 256.
+//   AVX2 (all layers, 3 alternated runs) level at 2-16 rows, 6-9% slower at 64 and 256 rows.
 // x is widened to float32 once per call. NEON tiles take 5 rows: with 6, the 24 accumulator
 // halves, 4 weight halves and the broadcasts fill Arm's 32 vector registers, and GCC 12 spills
 // accumulators in every step (even with the unroll pragmas); with 5 it does not. The speed on
