@@ -31,9 +31,10 @@ left it one compute thread (measured on a 2-core Zen 4: 240-249 output tok/s at 
 against 333-351 bound to both cores).
 vLLM runs bf16 where its CPU guide supports bf16 (x86 with AVX-512, or 64-bit Arm) and float32
 on x86 CPUs without AVX-512 (`--vllm-dtype auto`), the faster of its two there (measured on a
-2-core Zen 4 without AVX-512, one run each: bf16 20 output tok/s at 1 concurrent and 28.5 at 16,
-float32 24 and 143). atomr_trio's HF-directory peers run bf16 (`--atomr-dtype`; on that machine
-its dtype=auto timed bf16 faster than float32 too), its GGUF peer dtype=auto.
+2-core AMD EPYC (Zen 2) with AVX2 and no AVX-512, one run each: bf16 20 output tok/s at 1
+concurrent and 28.5 at 16, float32 24 and 143). atomr_trio's HF-directory peers run bf16
+(`--atomr-dtype`; on that machine its dtype=auto timed bf16 faster than float32 too), its GGUF
+peer dtype=auto.
 `atomr-gguf` and `llamacpp-gguf` serve the default model's own quantized GGUF (Q4_1 weights, a
 Q8_0 embedding), ours with `--quantization gguf`: the same weights format on both sides.
 `atomr-int8` serves the HF directory with `--quantization int8` (weights and activations int8,

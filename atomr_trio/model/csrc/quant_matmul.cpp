@@ -704,10 +704,10 @@ void dot_nibbles(const uint8_t* const* rows, int64_t blocks, const float* x, int
 // int32, one float32 FMA applies d_w * d_x, and the offset is added once per block (Q4_1: m * s;
 // Q4_0: -8 d_w * s). The nibbles never become floats: on AVX2 that widening and converting, not
 // reading the blocks, bound batch-1 decode. The default model's GGUF matrices, all layers, 2
-// threads, 2-core Zen 4 without AVX-512: the Q4_1 layers at one row 6.4 -> 4.3 ms, two rows 8.7
-// -> 6.7, three 10.3 (float32 x) -> 9.3; served batch-1 TPOT, one run each, 11.2 -> 8.7 ms against
-// llama.cpp's 11.4 on the same file (which multiplies these formats the same way); in
-// docs/benchmarks_avx2.md's run 11.0 against 15.4 ms.
+// threads, 2-core AMD EPYC (Zen 2) with AVX2, no AVX-512: the Q4_1 layers at one row 6.4 ->
+// 4.3 ms, two rows 8.7 -> 6.7, three 10.3 (float32 x) -> 9.3; served batch-1 TPOT, one run
+// each, 11.2 -> 8.7 ms against llama.cpp's 11.4 on the same file (which multiplies these formats
+// the same way); in docs/benchmarks_avx2.md's run 11.0 against 15.4 ms.
 // The products are float32 arithmetic on the weight's exact values and x' = d q: x rounded to
 // 8 bits per block, where bf16 x holds 8 significant bits per value. On the default model, the
 // second token's top-5 logprobs (decoded alone) against float32 on the same blocks moved by 0.38
