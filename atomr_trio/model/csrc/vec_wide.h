@@ -45,6 +45,14 @@ inline void store_bf16(void* dst, f8 v, int64_t valid) { atomr_avx2::store_bf16(
 inline void widen_pairs(const int32_t* p, f8& even, f8& odd) {
   atomr_avx2::widen_pairs(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), even, odd);
 }
+// the even (low) or the odd (high) halves of those 8 pairs alone: one load and one shift or mask
+inline f8 widen_even(const int32_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), 16));
+}
+inline f8 widen_odd(const int32_t* p) {
+  return _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
+                                              _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+}
 
 }  // namespace atomr_wide
 
@@ -132,6 +140,15 @@ inline void widen_pairs(const int32_t* p, f8& even, f8& odd) {
   const uint32x4_t b = vld1q_u32(reinterpret_cast<const uint32_t*>(p) + 4);
   even = {vreinterpretq_f32_u32(vshlq_n_u32(a, 16)), vreinterpretq_f32_u32(vshlq_n_u32(b, 16))};
   odd = {vreinterpretq_f32_u32(vandq_u32(a, mask)), vreinterpretq_f32_u32(vandq_u32(b, mask))};
+}
+inline f8 widen_even(const int32_t* p) {
+  const uint32_t* q = reinterpret_cast<const uint32_t*>(p);
+  return {vreinterpretq_f32_u32(vshlq_n_u32(vld1q_u32(q), 16)), vreinterpretq_f32_u32(vshlq_n_u32(vld1q_u32(q + 4), 16))};
+}
+inline f8 widen_odd(const int32_t* p) {
+  const uint32_t* q = reinterpret_cast<const uint32_t*>(p);
+  const uint32x4_t mask = vdupq_n_u32(0xffff0000u);
+  return {vreinterpretq_f32_u32(vandq_u32(vld1q_u32(q), mask)), vreinterpretq_f32_u32(vandq_u32(vld1q_u32(q + 4), mask))};
 }
 
 }  // namespace atomr_wide
