@@ -199,16 +199,20 @@ std::string bf16_matmul_isa() { return "avx512bf16"; }
 // - One row (the batch-1 decode GEMV, bound by reading the weight): the pair's two float32
 //   vectors take two FMAs against the broadcast x[2p], x[2p+1]; a whole panel (3 blocks x 2
 //   halves = 6 accumulators) is one pass, so every weight byte is read once.
-// - 2 to kRegsRows rows (x86): tiles of kRowsWide rows x one block run straight over the packed
-//   panel, each pair's even weights widened in registers for the even input, then its odd ones
-//   for the odd input (tile_pairs: per pair 2 loads, 2 shifts, 2 masks and 2 * kRowsWide
-//   broadcasts feed 4 * kRowsWide FMAs). Measured on the default model's four matrices of all
-//   30 layers and its lm_head, 2-core AMD EPYC (Zen 2, AVX2), 3-4 alternated runs against the
-//   buffer below: 2 rows 23.5-24.5 -> 20.0-20.7 ms, 4 rows 25.1-26.2 -> 21.1-21.9, 16 rows
-//   48.5-52.9 -> 41.4-43.3, 64 rows 117-123 -> 112-120 (level from 80 rows; 128 and 512 rows
-//   2-4% slower, so they keep the buffer). On Arm, unmeasured, every step of 2+ rows keeps
-//   the buffer. The order of the sums is the buffer's, so a row's result does not depend on
-//   which path (or how many rows) its step took.
+// - 2 to kRegsRows rows (the AVX2 build): tiles of kRowsWide rows x one block run straight over
+//   the packed panel, each pair's even weights widened in registers for the even input, then its
+//   odd ones for the odd input (tile_pairs: per pair 4 loads of weights — each half reloads its
+//   2 vectors, which keeps 15 of the 16 registers busy instead of 17 — 2 shifts, 2 masks and
+//   2 * kRowsWide broadcasts feed 4 * kRowsWide FMAs). Measured on the default model's four
+//   matrices of all 30 layers and its lm_head, 2-core AMD EPYC (Zen 2, AVX2), 3-4 alternated
+//   runs against the buffer below: 2 rows 23.5-24.5 -> 20.0-20.7 ms, 4 rows 25.1-26.2 ->
+//   21.1-21.9, 16 rows 48.5-52.9 -> 41.4-43.3, 64 rows 117-123 -> 112-120 (level to slightly
+//   faster; level at 80-96 rows; 128 and 512 rows 2-4% slower, so they keep the buffer). Not
+//   measured on an Intel AVX2 CPU (where shifts and masks share ports with the FMAs) nor for
+//   the GGUF panels that quant_matmul.cpp fills at 32-64 rows, which take it too. On Arm,
+//   unmeasured, every step of 2+ rows keeps the buffer (the NEON tile_pairs is compiled, not
+//   run). The order of the sums is the buffer's, so a row's result does not depend on which
+//   path (or how many rows) its step took.
 // - more rows: each panel is first widened into a thread-local float32 buffer, block by block
 //   ([PW][K][16]: the 16 columns of a block for every input, one contiguous stretch), then tiles
 //   of kRowsWide rows x one block (12 accumulators on AVX2; per input 2 loads and kRowsWide broadcasts
@@ -216,10 +220,12 @@ std::string bf16_matmul_isa() { return "avx512bf16"; }
 //   paid once per panel for all rows. While the first tiles of a panel compute, they ask for the
 //   thread's next panel, one cache line per input, so that its widening does not wait on memory.
 //   Measured on the default model's four matrices of all 30 layers, streamed from memory, 2-core
-//   Zen 4 built for Haswell (3 alternated runs of best-of-5), against 4-row x 3-half tiles over a
+//   Zen 4 built for Haswell (3 alternated runs of best-of-5; when every count from 2 rows took
+//   this buffer), against 4-row x 3-half tiles over a
 //   [K][PW * 16] buffer without the prefetch: 4 rows 51-55 -> 60-62 GFLOPS, 16 rows 105-112 ->
 //   133-140, 64 rows 139-156 -> 168-191, 512 rows 171-173 -> 186-207 (the float32 FMA peak of
-//   the two cores: 234). Before that, against widening in registers per tile: 2 rows 1.0-1.3x,
+//   the two cores: 234). Before that, against an earlier widening in registers per tile (4 rows
+//   x 1 block, not tile_pairs; Zen 4): 2 rows 1.0-1.3x,
 //   16 rows 1.1-1.2x, 64 rows 1.2-1.6x, 512 rows 1.3-1.7x faster; and against torch float32
 //   F.linear (MKL capped at AVX2): 16 rows 1.1-1.4x faster, 64 rows level, 512 rows level to
 //   1.2x slower.
@@ -329,6 +335,7 @@ void tile_pairs(const float* x, int64_t ldx, const int32_t* w, int64_t pairs, in
     if (kAhead && 2 * p < lines) __builtin_prefetch(ahead + 2 * p * 64, 0, 2);
     if (kAhead && 2 * p + 1 < lines) __builtin_prefetch(ahead + (2 * p + 1) * 64, 0, 2);
     const int32_t* wp = wj + p * W;
+#pragma GCC unroll 2
     for (int half = 0; half < 2; ++half) {  // the even input, then the odd one
       const f8 w0 = half == 0 ? wide::widen_even(wp) : wide::widen_odd(wp);
       const f8 w1 = half == 0 ? wide::widen_even(wp + 8) : wide::widen_odd(wp + 8);

@@ -998,7 +998,9 @@ inline bool in_runs(const uint16_t* xh, int64_t M) { return kBf16Dot && xh != nu
 // products_bf16: 24 rows 27.7 vs 23.4-26.0 ms, 32 rows 27.3 vs 27.4-32.0, 48 rows 35.3 vs
 // 38.6-42.6, 64 rows 41.9 vs 47.1-47.9 (bf16 weights: 34.3); prefill chunks of 256 rows 134 ms
 // (bf16 weights 127). (Measured there; the AVX2 builds take the same bound: built for Haswell,
-// 48 rows 85 vs 117 ms and 64 rows 104 vs 157 against their float32 block tiles.)
+// 48 rows 85 vs 117 ms and 64 rows 104 vs 157 against their float32 block tiles — measured
+// when the AVX2 matmul read every step of 2+ rows from its widened buffer; its steps of up to
+// 64 rows now widen the filled panel in registers instead, not measured on GGUF panels.)
 constexpr int64_t kPanelRows = 32;
 // (x already checked by check_x; n = 0 outputs: nothing to fill, the block path returns the empty
 // product)

@@ -141,14 +141,17 @@ inline void widen_pairs(const int32_t* p, f8& even, f8& odd) {
   even = {vreinterpretq_f32_u32(vshlq_n_u32(a, 16)), vreinterpretq_f32_u32(vshlq_n_u32(b, 16))};
   odd = {vreinterpretq_f32_u32(vandq_u32(a, mask)), vreinterpretq_f32_u32(vandq_u32(b, mask))};
 }
+// (as AVX2's; compiled, not run: the NEON matmul keeps its buffer for 2+ rows, linear_bf16.cpp)
 inline f8 widen_even(const int32_t* p) {
   const uint32_t* q = reinterpret_cast<const uint32_t*>(p);
-  return {vreinterpretq_f32_u32(vshlq_n_u32(vld1q_u32(q), 16)), vreinterpretq_f32_u32(vshlq_n_u32(vld1q_u32(q + 4), 16))};
+  return {vreinterpretq_f32_u32(vshlq_n_u32(vld1q_u32(q), 16)),
+          vreinterpretq_f32_u32(vshlq_n_u32(vld1q_u32(q + 4), 16))};
 }
 inline f8 widen_odd(const int32_t* p) {
   const uint32_t* q = reinterpret_cast<const uint32_t*>(p);
   const uint32x4_t mask = vdupq_n_u32(0xffff0000u);
-  return {vreinterpretq_f32_u32(vandq_u32(vld1q_u32(q), mask)), vreinterpretq_f32_u32(vandq_u32(vld1q_u32(q + 4), mask))};
+  return {vreinterpretq_f32_u32(vandq_u32(vld1q_u32(q), mask)),
+          vreinterpretq_f32_u32(vandq_u32(vld1q_u32(q + 4), mask))};
 }
 
 }  // namespace atomr_wide
