@@ -352,37 +352,18 @@ void tile_pairs(const float* x, int64_t ldx, const int32_t* w, int64_t pairs, in
     for (int h = 0; h < 2; ++h) wide::store(c + m * W + j * kCols + h * 8, acc[m][h]);
 }
 
-// mt (<= kRowsWide) rows over a whole packed panel, widened in registers: c [mt][PW * 16];
-// `ahead` and `lines` as panel_wide's.
-template <int PW>
-void panel_pairs(int mt, const float* x, int64_t ldx, const int32_t* w, int64_t pairs, float* c, const char*& ahead,
-                 int64_t& lines) {
-  for (int j = 0; j < PW; ++j) {
-    const int64_t n = std::min(lines, 2 * pairs);
-    with_wide_rows(mt, [&](auto rows) {
-      if (n > 0)
-        tile_pairs<PW, rows(), true>(x, ldx, w, pairs, j, c, ahead, n);
-      else
-        tile_pairs<PW, rows(), false>(x, ldx, w, pairs, j, c, ahead, 0);
-    });
-    ahead += n * 64;
-    lines -= n;
-  }
-}
-
-// mt (<= kRowsWide) rows over a whole widened panel: c [mt][PW * 16]. Meanwhile its inputs ask
-// for up to `lines` cache lines from `ahead` (advanced past those asked for).
-template <int PW>
-void panel_wide(int mt, const float* x, int64_t ldx, const float* buf, int64_t K, float* c, const char*& ahead,
-                int64_t& lines) {
+// mt (<= kRowsWide) rows over a whole panel, block by block: tile(rows, ask, j, n) runs block j's
+// tile (tile_pairs or tile_wide), whose first n inputs each ask for one cache line of `ahead`
+// when ask() is true (up to `lines` in all; `ahead` is advanced past those asked for).
+template <int PW, typename Tile>
+void over_blocks(int mt, int64_t K, const char*& ahead, int64_t& lines, Tile&& tile) {
   for (int j = 0; j < PW; ++j) {
     const int64_t n = std::min(lines, K);
-    const float* bj = buf + j * K * kCols;
     with_wide_rows(mt, [&](auto rows) {
       if (n > 0)
-        tile_wide<PW, rows(), true>(x, ldx, bj, K, j, c, ahead, n);
+        tile(rows, std::true_type{}, j, n);
       else
-        tile_wide<PW, rows(), false>(x, ldx, bj, K, j, c, ahead, 0);
+        tile(rows, std::false_type{}, j, int64_t{0});
     });
     ahead += n * 64;
     lines -= n;
@@ -430,10 +411,15 @@ void matmul_wide(const at::Tensor& x, const Panels& src, Epilogue&& epilogue) {
           panel + 1 < end && src.packed != nullptr ? panel_size * static_cast<int64_t>(sizeof(int32_t)) / 64 : 0;
       for (int64_t m0 = 0; m0 < M; m0 += kRowsWide) {
         const int mt = static_cast<int>(std::min<int64_t>(kRowsWide, M - m0));
+        const float* xt = xf.get() + m0 * K;
         if (in_registers)
-          panel_pairs<PW>(mt, xf.get() + m0 * K, K, w, pairs, c, ahead, lines);
+          over_blocks<PW>(mt, K, ahead, lines, [&](auto rows, auto ask, int j, int64_t n) {
+            tile_pairs<PW, rows(), ask()>(xt, K, w, pairs, j, c, ahead, n);
+          });
         else
-          panel_wide<PW>(mt, xf.get() + m0 * K, K, buf.get(), K, c, ahead, lines);
+          over_blocks<PW>(mt, K, ahead, lines, [&](auto rows, auto ask, int j, int64_t n) {
+            tile_wide<PW, rows(), ask()>(xt, K, buf.get() + j * K * kCols, K, j, c, ahead, n);
+          });
         epilogue(m0, mt, panel, c);
       }
     }
