@@ -250,16 +250,42 @@ using wide::f8;
 // Scores: each key row is widened once (D/8 vectors) and dotted with the G float32 query rows,
 // the dot products of 8 keys finished together by `sum_each8` (the portable loop reduces each
 // one on its own). Softmax numerators by a vector exp (the portable loop calls std::exp per
-// score). Values: 16 columns at a time, G x 2 float32 accumulators in registers across the
-// whole context. Measured against the portable loop on bf16 (2-core Zen 4 built for Haswell,
+// score). Values: NC * 8 columns at a time (value_columns below), G x NC float32 accumulators in
+// registers across the whole context. Measured against the portable loop on bf16 (2-core Zen 4 built for Haswell,
 // 3 KV heads, G = 3, D = 64, one layer; a busy machine, so best of 30 and ranges over runs):
 // one sequence x 156 tokens 19-31 -> 9-11 us; 16 x 156: 2 threads ~240 -> ~80 us, one thread
 // 375-466 -> 151-205 us; 16 x 1024, one thread: 4.0-5.8 -> 1.9-3.6 ms. (float32 caches keep
 // the portable loop: they read twice the bytes, and it was level with bf16's before.) On Arm it
 // has been run under emulation only: its results are tested, its speed not measured.
+// The values took 16 columns (G x 2 accumulators) per pass over the context until passes of
+// NC * 8 columns (G x NC accumulators, value_columns below: 32 columns for the default model's
+// G = 3): half the passes, each position's G weights broadcast half as often, and 12 independent
+// FMA chains instead of 6 (each waits on its own previous FMA). The scores of 8 keys are stored
+// straight into the padded score row (a copy of 8 floats had compiled to `rep movs`). Same sums
+// in the same order, so the same bits. Measured on 30 layers' caches, 64 sequences x 130-260
+// positions, 2 threads, G = 3, D = 64 (2-core AMD EPYC, Zen 2, AVX2; alternated runs): cache
+// resident 15.0-15.8 -> 12.3-12.7 ms; each sequence's blocks adjacent in memory 18.8 -> 15.8-16.5
+// ms; blocks scattered 23.5-25.8 -> 22.1-23.7 ms (there the reads from memory bound it).
+//
+// Value vectors per pass of Bf16Wide: the most of 8, 4, 2, 1 dividing a row's NV vectors with
+// G * NC accumulators in at most kAccs (of AVX2's 16 registers, G broadcast weights and a value
+// vector take the rest; NEON's f8 is two of its 32 registers, and GCC's aarch64 code has spilled
+// f8 arrays that fill them, so it keeps the G x 2 of before for G = 3: unmeasured there).
+#if defined(__AVX2__)
+constexpr int kAccs = 12;
+#else
+constexpr int kAccs = 8;
+#endif
+constexpr int value_columns(int G, int NV) {
+  for (int nc = 8; nc > 1; nc /= 2)
+    if (NV % nc == 0 && G * nc <= kAccs) return nc;
+  return 1;
+}
+
 template <int G, int D>
 struct Bf16Wide {
   static constexpr int NV = D / 8;  // float32 vectors per row
+  static constexpr int NC = value_columns(G, NV);
   int64_t L;
   float scale, softcap;
   std::vector<float> qf, scores;
@@ -297,13 +323,10 @@ struct Bf16Wide {
           part[g][i] = wide::add(a0, a1);
         }
       }
-      for (int g = 0; g < G; ++g) {
-        alignas(32) float s[8];
-        wide::store(s, wide::sum_each8(part[g]));
-        for (int i = 0; i < n; ++i) {
-          scores[g * L + l0 + i] = s[i];
-          top[g] = std::max(top[g], s[i]);
-        }
+      for (int g = 0; g < G; ++g) {  // (L is a multiple of 8: the 8 lanes fit past the last key)
+        float* sg = scores.data() + g * L + l0;
+        wide::store(sg, wide::sum_each8(part[g]));
+        for (int i = 0; i < n; ++i) top[g] = std::max(top[g], sg[i]);
       }
     }
 
@@ -334,23 +357,29 @@ struct Bf16Wide {
       inv[g] = d > 0.f ? 1.f / d : 0.f;  // len == 0: zeros
     }
 
-    // out_g = sum_l p[g, l] * v_l / denominator, 16 columns at a time
-    for (int c = 0; c < D; c += 16) {
-      f8 acc[G][2];
-      for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = wide::zero();
+    // out_g = sum_l p[g, l] * v_l / denominator, NC * 8 columns at a time
+    for (int c = 0; c < D; c += NC * 8) {
+      f8 acc[G][NC];
+#pragma GCC unroll 8
+      for (int g = 0; g < G; ++g)
+#pragma GCC unroll 8
+        for (int j = 0; j < NC; ++j) acc[g][j] = wide::zero();
       for (int64_t l = 0; l < len; ++l) {
         const c10::BFloat16* v = u.v + u.slots[l] * D + c;
         if (c == 0 && u.next != nullptr && l < u.next->len) prefetch_row<2>(u.next->v, u.next->slots[l], D);
-        const f8 v0 = wide::load_bf16(v), v1 = wide::load_bf16(v + 8);
-        for (int g = 0; g < G; ++g) {
-          const f8 p = wide::broadcast(scores.data() + g * L + l);
-          acc[g][0] = wide::fmadd(p, v0, acc[g][0]);
-          acc[g][1] = wide::fmadd(p, v1, acc[g][1]);
+        f8 p[G];
+#pragma GCC unroll 8
+        for (int g = 0; g < G; ++g) p[g] = wide::broadcast(scores.data() + g * L + l);
+#pragma GCC unroll 8
+        for (int j = 0; j < NC; ++j) {
+          const f8 vj = wide::load_bf16(v + j * 8);
+#pragma GCC unroll 8
+          for (int g = 0; g < G; ++g) acc[g][j] = wide::fmadd(p[g], vj, acc[g][j]);
         }
       }
       for (int g = 0; g < G; ++g)
-        for (int h = 0; h < 2; ++h)
-          wide::store_bf16(u.out + g * D + c + h * 8, wide::mul(acc[g][h], wide::set1(inv[g])), 8);
+        for (int j = 0; j < NC; ++j)
+          wide::store_bf16(u.out + g * D + c + j * 8, wide::mul(acc[g][j], wide::set1(inv[g])), 8);
     }
   }
 };
