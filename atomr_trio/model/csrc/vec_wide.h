@@ -3,7 +3,7 @@
 // part of every AArch64 CPU). ATOMR_WIDE is defined where one of them is available.
 //
 // Every function has the same meaning on both: loads and stores of 8 floats, a broadcast, fused
-// multiply-add, bf16 <-> float32 (round to nearest even, NaN -> 0x7fc0, as c10 does), exp
+// multiply-add, max, bf16 <-> float32 (round to nearest even, NaN -> 0x7fc0, as c10 does), exp
 // (the same degree-6 polynomial, x clamped to [-87, 88.3], NaN kept), and sum_each8 (8 vectors'
 // lane sums at once; the order of the additions differs between the two). Results agree to the bit
 // except where FMA contraction differs, and both keep float32 sums of exact bf16 products.
@@ -32,6 +32,7 @@ inline f8 mul(f8 a, f8 b) { return _mm256_mul_ps(a, b); }
 inline f8 div(f8 a, f8 b) { return _mm256_div_ps(a, b); }
 inline f8 sub(f8 a, f8 b) { return _mm256_sub_ps(a, b); }
 inline f8 neg(f8 a) { return _mm256_sub_ps(_mm256_setzero_ps(), a); }
+inline f8 max(f8 a, f8 b) { return _mm256_max_ps(a, b); }  // (b where either is NaN)
 inline f8 exp(f8 x) { return atomr_avx2::exp_ps(x); }
 // lane i: the sum of v[i]'s 8 lanes
 inline f8 sum_each8(const f8* v) {
@@ -83,6 +84,10 @@ inline f8 add(f8 a, f8 b) { return {vaddq_f32(a.lo, b.lo), vaddq_f32(a.hi, b.hi)
 inline f8 mul(f8 a, f8 b) { return {vmulq_f32(a.lo, b.lo), vmulq_f32(a.hi, b.hi)}; }
 inline f8 div(f8 a, f8 b) { return {vdivq_f32(a.lo, b.lo), vdivq_f32(a.hi, b.hi)}; }
 inline f8 sub(f8 a, f8 b) { return {vsubq_f32(a.lo, b.lo), vsubq_f32(a.hi, b.hi)}; }
+inline f8 max(f8 a, f8 b) {  // as AVX2's: b where either is NaN (vmaxq would give NaN)
+  const uint32x4_t lo = vcgtq_f32(a.lo, b.lo), hi = vcgtq_f32(a.hi, b.hi);
+  return {vbslq_f32(lo, a.lo, b.lo), vbslq_f32(hi, a.hi, b.hi)};
+}
 inline f8 neg(f8 a) {  // 0 - a, as AVX2's (vnegq would give -0 for +0 and flip a NaN's sign)
   return {vsubq_f32(vdupq_n_f32(0.f), a.lo), vsubq_f32(vdupq_n_f32(0.f), a.hi)};
 }
