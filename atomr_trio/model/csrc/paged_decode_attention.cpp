@@ -259,26 +259,29 @@ using wide::f8;
 // has been run under emulation only: its results are tested, its speed not measured.
 // The values took 16 columns (G x 2 accumulators) per pass over the context until passes of
 // NC * 8 columns (G x NC accumulators, value_columns below: 32 columns for the default model's
-// G = 3): half the passes, each position's G weights broadcast half as often, and 12 independent
-// FMA chains instead of 6 (each waits on its own previous FMA). The scores of 8 keys are stored
+// G = 3, 64 for G = 1, 16 for G = 4-6, 8 for G = 7-8 where 16 spilled): for G = 3 half the
+// passes, each position's G weights broadcast half as often, and 12 independent FMA chains
+// instead of 6 (each waits on its own previous FMA). The scores of 8 keys are stored
 // straight into the padded score row (a copy of 8 floats had compiled to `rep movs`). Same sums
 // in the same order, so the same bits. Measured on 30 layers' caches, 64 sequences x 130-260
 // positions, 2 threads, G = 3, D = 64 (2-core AMD EPYC, Zen 2, AVX2; alternated runs): cache
 // resident 15.0-15.8 -> 12.3-12.7 ms; each sequence's blocks adjacent in memory 18.8 -> 15.8-16.5
 // ms; blocks scattered 23.5-25.8 -> 22.1-23.7 ms (there the reads from memory bound it).
 //
-// Value vectors per pass of Bf16Wide: the most of 8, 4, 2, 1 dividing a row's NV vectors with
-// G * NC accumulators in at most kAccs (of AVX2's 16 registers, G broadcast weights and a value
-// vector take the rest; NEON's f8 is two of its 32 registers, and GCC's aarch64 code has spilled
-// f8 arrays that fill them, so it keeps the G x 2 of before for G = 3: unmeasured there).
+// Value vectors per pass of Bf16Wide: the most of 8, 4, 2, 1 dividing a row's NV vectors whose
+// G * NC accumulators, plus what the inner loop keeps live beside them — G broadcast weights
+// when G <= NC (each value vector then loaded once and used at once), else NC value vectors
+// (each weight broadcast and used at once) — and one more, fit in kRegs f8 registers: AVX2's 16.
+// NEON's f8 is two of its 32 registers, but GCC's aarch64 code has spilled f8 arrays that fill
+// them, so it budgets 12 (for G = 3 the G x 2 accumulators of before; unmeasured there).
 #if defined(__AVX2__)
-constexpr int kAccs = 12;
+constexpr int kRegs = 16;
 #else
-constexpr int kAccs = 8;
+constexpr int kRegs = 12;
 #endif
 constexpr int value_columns(int G, int NV) {
   for (int nc = 8; nc > 1; nc /= 2)
-    if (NV % nc == 0 && G * nc <= kAccs) return nc;
+    if (NV % nc == 0 && G * nc + (G <= nc ? G : nc) + 1 <= kRegs) return nc;
   return 1;
 }
 
@@ -367,14 +370,26 @@ struct Bf16Wide {
       for (int64_t l = 0; l < len; ++l) {
         const c10::BFloat16* v = u.v + u.slots[l] * D + c;
         if (c == 0 && u.next != nullptr && l < u.next->len) prefetch_row<2>(u.next->v, u.next->slots[l], D);
-        f8 p[G];
+        if constexpr (G <= NC) {  // (value_columns: which of the two stays in registers)
+          f8 p[G];
 #pragma GCC unroll 8
-        for (int g = 0; g < G; ++g) p[g] = wide::broadcast(scores.data() + g * L + l);
+          for (int g = 0; g < G; ++g) p[g] = wide::broadcast(scores.data() + g * L + l);
 #pragma GCC unroll 8
-        for (int j = 0; j < NC; ++j) {
-          const f8 vj = wide::load_bf16(v + j * 8);
+          for (int j = 0; j < NC; ++j) {
+            const f8 vj = wide::load_bf16(v + j * 8);
 #pragma GCC unroll 8
-          for (int g = 0; g < G; ++g) acc[g][j] = wide::fmadd(p[g], vj, acc[g][j]);
+            for (int g = 0; g < G; ++g) acc[g][j] = wide::fmadd(p[g], vj, acc[g][j]);
+          }
+        } else {
+          f8 vj[NC];
+#pragma GCC unroll 8
+          for (int j = 0; j < NC; ++j) vj[j] = wide::load_bf16(v + j * 8);
+#pragma GCC unroll 8
+          for (int g = 0; g < G; ++g) {
+            const f8 p = wide::broadcast(scores.data() + g * L + l);
+#pragma GCC unroll 8
+            for (int j = 0; j < NC; ++j) acc[g][j] = wide::fmadd(p, vj[j], acc[g][j]);
+          }
         }
       }
       for (int g = 0; g < G; ++g)

@@ -291,7 +291,7 @@ void unit(const Problem& pb, int64_t h, int64_t q0, int64_t q1, Scratch<D>& s) {
       const int64_t hi = std::min<int64_t>(n - 1, pos - k0);
       const int64_t lo = pb.window > 0 ? std::max<int64_t>(0, pos - pb.window + 1 - k0) : 0;
       float* pr = s.p.data() + r * KB;
-      if (hi < lo) {  // (a window that ends before this block): nothing seen, nothing changes
+      if (hi < lo) {  // nothing of this block seen (unreachable as the units are cut: kept as a guard)
         std::fill(pr, pr + KB, 0.f);
         s.corr[r] = 1.f;
         continue;
@@ -339,7 +339,8 @@ void unit(const Problem& pb, int64_t h, int64_t q0, int64_t q1, Scratch<D>& s) {
       const int64_t r = (i - q0) * G + g;
       const f8 inv = wide::set1(s.den[r] > 0.f ? 1.f / s.den[r] : 0.f);
       c10::BFloat16* o = pb.out + (i * pb.H + h * G + g) * D;
-      for (int c = 0; c < NV; ++c) wide::store_bf16(o + c * 8, wide::mul(wide::load(s.acc.data() + r * D + c * 8), inv), 8);
+      for (int c = 0; c < NV; ++c)
+        wide::store_bf16(o + c * 8, wide::mul(wide::load(s.acc.data() + r * D + c * 8), inv), 8);
     }
 }
 

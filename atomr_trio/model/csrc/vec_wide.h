@@ -1,6 +1,7 @@
 // The 8-float vector that the kernels for CPUs without a bf16 dot instruction are written in (the
-// widened bf16 matmul of linear_bf16.cpp, the bf16 decode attention of paged_decode_attention.cpp): one __m256 on AVX2 + FMA, two float32x4_t on 64-bit Arm (NEON,
-// part of every AArch64 CPU). ATOMR_WIDE is defined where one of them is available.
+// widened bf16 matmul of linear_bf16.cpp, the bf16 decode attention of paged_decode_attention.cpp,
+// the bf16 prefill attention of prefill_attention.cpp): one __m256 on AVX2 + FMA, two float32x4_t
+// on 64-bit Arm (NEON, part of every AArch64 CPU). ATOMR_WIDE is defined where one of them is available.
 //
 // Every function has the same meaning on both: loads and stores of 8 floats, a broadcast, fused
 // multiply-add, max, bf16 <-> float32 (round to nearest even, NaN -> 0x7fc0, as c10 does), exp
