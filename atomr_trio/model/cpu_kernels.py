@@ -11,7 +11,8 @@ Parts and their paths, fastest first:
   where its own probe passes, else oneDNN) -> `torch` (F.linear as torch dispatches it).
   float32 weights have `torch` only: the other two are bf16 layouts.
 - `ops` — decode attention over the paged cache, residual add + RMS norm, rope + K/V cache
-  write, and bf16 prefill attention where the build has AVX512-BF16 (else prefills keep SDPA):
+  write, and bf16 prefill attention where the build has AVX512-BF16, AVX2 + FMA or NEON (else
+  prefills keep SDPA):
   `native` (csrc/*.cpp, built by native.py; needs x86-64 or 64-bit Arm and a C++ compiler) -> `torch`. With
   native ops the sampler's random draws (temperature, top-k / top-p / min-p, the draw:
   csrc/sampling.cpp) are probed on their own and run native where they pass (else the sampler's

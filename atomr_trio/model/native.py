@@ -41,9 +41,9 @@ directory keyed by the sources, torch's version, the compiler and the CPU, so a 
 once (~30 s on 2 cores, one compiler per source at once) and every later process loads it. It is written under a
 temporary name and renamed, so processes building at once never load a half-written file.
 The sources build for x86-64 (AVX-512 / AVX2 intrinsics where the -march has them, else portable
-loops) and for 64-bit Arm (the bf16 matmul and bf16 decode attention in NEON intrinsics,
-through vec_wide.h as AVX2's; the rest the portable loops, which the compiler vectorizes for
-NEON; no bf16 prefill attention there); on other CPUs
+loops) and for 64-bit Arm (the bf16 matmul and the bf16 decode and prefill attention in NEON
+intrinsics, through vec_wide.h as AVX2's; the rest the portable loops, which the compiler
+vectorizes for NEON); on other CPUs
 nothing is built. With no compiler, a failed build, or ATOMR_TRIO_NATIVE=0, nothing is loaded.
 Whether a loaded op is then used is cpu_kernels.py's choice (each is probed first); otherwise
 llama.py / attention.py / linear.py keep their torch path (same results to rounding; the native
@@ -129,7 +129,8 @@ class Kernels:
     # rows of bf16 x up to which the GGUF matmul quantizes x to 8-bit blocks over Q4_0 / Q4_1
     # (AVX2 builds without AVX-512: 3; else 0)
     quant_int8_x_rows: int = 0
-    # bf16 prefill attention (prefill_attention.cpp); None where the build lacks AVX512-BF16
+    # bf16 prefill attention (prefill_attention.cpp); None where the build has no bf16 matmul either
+    # (none of AVX512-BF16, AVX2 + FMA and NEON)
     prefill_attention: PrefillAttention | None = None
     # every layer of a decode step in one call (decode_layers.cpp), over bf16 or int8 panels or GGUF blocks
     decode_layers: Callable[..., torch.Tensor] | None = None
