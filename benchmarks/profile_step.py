@@ -108,6 +108,8 @@ def _group(op: str) -> str:
         return "embedding rows dequantized (GGUF blocks)"
     if op == "atomr_trio::paged_decode_attention":
         return "decode attention (native kernel, reads the paged cache in place)"
+    if op == "atomr_trio::prefill_attention":
+        return "prefill attention (native kernel, reads the paged cache in place)"
     if op.startswith("aten::_scaled_dot") or "flash" in op:
         return "attention kernel (SDPA: prefills; decodes without the native kernel)"
     return "other (" + op + ")" if op.startswith("aten::") else "Python / dispatch (" + op + ")"

@@ -131,8 +131,8 @@ def _exact_prefill(q, kv, slots, scale, window=None, softcap=None):
 
 
 def _prefill_op() -> native.PrefillAttention | None:
-    """The bf16 prefill kernel; None exactly where the build has no bf16 matmul either (neither
-    AVX512-BF16, nor AVX2 + FMA, nor NEON: both are written in the same one; asserted)."""
+    """The bf16 prefill kernel; None exactly where the build has no bf16 matmul either (none of
+    AVX512-BF16, AVX2 + FMA and NEON): both are built for the same vector ISA (asserted)."""
     k = _kernels()
     assert torch.ops.atomr_trio.prefill_attention_isa() == k.matmul_isa, "the prefill kernel and the matmul disagree"
     if k.prefill_attention is None:
@@ -150,12 +150,13 @@ def _prefill_op() -> native.PrefillAttention | None:
      (17, 17, 3, 3, 64, None, None), (128, 128, 3, 3, 64, None, None), (21, 37, 3, 3, 64, None, None),
      (1, 50, 1, 8, 128, None, None), (33, 70, 2, 5, 128, None, None), (40, 90, 1, 2, 64, 17, None),
      (30, 30, 2, 2, 64, None, 20.0), (9, 9, 1, 7, 64, 4, 30.0),
-     # group sizes whose rows end mid-tile, D = 128 with each, a long cached prefix, windows at block edges
+     # group sizes whose rows end mid-tile (G = 6 only on NEON's 5-row tiles), D = 128 with each, a long
+     # cached prefix, windows at block edges
      (20, 52, 1, 6, 64, None, None), (19, 45, 2, 6, 128, None, None), (48, 48, 2, 3, 128, None, None),
      (16, 100, 1, 4, 128, None, None), (23, 23, 4, 1, 128, None, None), (21, 40, 1, 1, 64, None, None),
      (25, 61, 2, 2, 128, 20, None), (9, 40, 1, 7, 128, 6, 30.0), (5, 1000, 1, 3, 64, None, None),
      (3, 517, 2, 4, 128, None, 50.0), (37, 301, 1, 3, 64, 100, None), (17, 40, 1, 3, 64, 1, None),
-     (10, 30, 1, 3, 64, 64, None), (33, 80, 1, 2, 64, 16, None), (33, 80, 1, 2, 64, 15, None),
+     (10, 100, 1, 3, 64, 64, None), (33, 80, 1, 2, 64, 16, None), (33, 80, 1, 2, 64, 15, None),
      (21, 37, 3, 3, 64, None, 20.0)],
 )
 def test_prefill_kernel_matches_exact_attention(Q, C, kvh, group, d, window, softcap):
