@@ -232,32 +232,16 @@ std::string bf16_matmul_isa() { return "avx512bf16"; }
 //   Not taken: passes over ~256 inputs at a time, so that a widened block's stretch stays in L1
 //   while every tile of rows runs over it (partial sums kept per panel): on a 2-core AMD EPYC with
 //   AVX2 (all layers, 3 alternated runs) level at 2-16 rows, 6-9% slower at 64 and 256 rows.
-// x is widened to float32 once per call. NEON tiles take 5 rows: with 6, the 24 accumulator
-// halves, 4 weight halves and the broadcasts fill Arm's 32 vector registers, and GCC 12 spills
-// accumulators in every step (even with the unroll pragmas); with 5 it does not. The speed on
-// Arm is not measured.
+// x is widened to float32 once per call. NEON tiles take 5 rows (vec_wide.h's kRows). The speed
+// on Arm is not measured.
 namespace wide = atomr_wide;
 using wide::f8;
+constexpr int kRowsWide = wide::kRows;
 #if defined(__AVX2__)
-constexpr int kRowsWide = 6;
 constexpr int64_t kRegsRows = 64;  // steps of 2..64 rows widen in registers (tile_pairs)
 #else
-constexpr int kRowsWide = 5;
 constexpr int64_t kRegsRows = 1;  // NEON: none (unmeasured there)
 #endif
-
-// f(std::integral_constant<int, mt>{}) for a tile of 1 <= mt <= kRowsWide rows.
-template <typename F>
-void with_wide_rows(int mt, F&& f) {
-  switch (mt) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;  // (kRowsWide on NEON: the default is the same)
-    default: f(std::integral_constant<int, kRowsWide>{});
-  }
-}
 
 // acc[h] = x . W[block j, columns 8h..8h+7] for every block j of a panel of PW blocks, one row,
 // stored to c [PW * 16].
@@ -359,7 +343,7 @@ template <int PW, typename Tile>
 void over_blocks(int mt, int64_t K, const char*& ahead, int64_t& lines, Tile&& tile) {
   for (int j = 0; j < PW; ++j) {
     const int64_t n = std::min(lines, K);
-    with_wide_rows(mt, [&](auto rows) {
+    wide::with_rows(mt, [&](auto rows) {
       if (n > 0)
         tile(rows, std::true_type{}, j, n);
       else

@@ -255,11 +255,13 @@ using wide::f8;
 // 3 KV heads, G = 3, D = 64, one layer; a busy machine, so best of 30 and ranges over runs):
 // one sequence x 156 tokens 19-31 -> 9-11 us; 16 x 156: 2 threads ~240 -> ~80 us, one thread
 // 375-466 -> 151-205 us; 16 x 1024, one thread: 4.0-5.8 -> 1.9-3.6 ms. (float32 caches keep
-// the portable loop: they read twice the bytes, and it was level with bf16's before.) On Arm it
-// has been run under emulation only: its results are tested, its speed not measured.
+// the portable loop: they read twice the bytes, and it was level with bf16's before.) On Arm the
+// kernel ran under emulation (results tested, speed not measured) before the value passes became
+// value_columns' NC * 8 columns; that NEON code is compiled, not run.
 // The values took 16 columns (G x 2 accumulators) per pass over the context until passes of
-// NC * 8 columns (G x NC accumulators, value_columns below: 32 columns for the default model's
-// G = 3, 64 for G = 1, 16 for G = 4-6, 8 for G = 7-8 where 16 spilled): for G = 3 half the
+// NC * 8 columns (G x NC accumulators, value_columns below — AVX2: 64 columns for G = 1, 32 for
+// G = 2-3 (the default model's G = 3), 16 for G = 4-6, 8 for G = 7-8, where 16 would need 17-19
+// registers; NEON: 64, 32, 16 for G = 3-4, 8 for G = 5-8; unmeasured but for G = 3 on AVX2): for G = 3 half the
 // passes, each position's G weights broadcast half as often, and 12 independent FMA chains
 // instead of 6 (each waits on its own previous FMA). The scores of 8 keys are stored
 // straight into the padded score row (a copy of 8 floats had compiled to `rep movs`). Same sums
@@ -272,8 +274,9 @@ using wide::f8;
 // G * NC accumulators, plus what the inner loop keeps live beside them — G broadcast weights
 // when G <= NC (each value vector then loaded once and used at once), else NC value vectors
 // (each weight broadcast and used at once) — and one more, fit in kRegs f8 registers: AVX2's 16.
-// NEON's f8 is two of its 32 registers, but GCC's aarch64 code has spilled f8 arrays that fill
-// them, so it budgets 12 (for G = 3 the G x 2 accumulators of before; unmeasured there).
+// NEON's f8 is two of its 32 registers; it budgets 12, a cautious choice (GCC's aarch64 code has
+// spilled f8 arrays that fill the registers; the matmul's 5-row NEON tiles keep 13 live without
+// spilling) that keeps G = 3 at its G x 2 accumulators of before; unmeasured there.
 #if defined(__AVX2__)
 constexpr int kRegs = 16;
 #else

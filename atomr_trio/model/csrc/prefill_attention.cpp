@@ -15,8 +15,8 @@
 // accumulator rescaled when the maximum grows), so nothing of size Q x C is materialised.
 // Without AVX512-BF16 (AVX2 + FMA, or NEON on 64-bit Arm, in vec_wide.h's 8-float vector) the
 // same units and online softmax run as a float32 matmul: each key block (16 keys) widened and
-// transposed once, tiles of 6 rows (5 on NEON) x 16 keys for the scores and 6 rows x 16 columns
-// for the values, per step 2 loads and 6 broadcasts for 12 FMAs. Measured on the default model,
+// transposed once, tiles of kRows = 6 rows (5 on NEON) x 16 keys for the scores and x 16 columns
+// for the values, per step 2 loads and kRows broadcasts for 2 * kRows FMAs. Measured on the default model,
 // bf16, 2 threads, a whole prefill step (2-core AMD EPYC, Zen 2, AVX2; 3 alternated runs of
 // best-of-3) against torch's SDPA: 2 prompts x 128 tokens 363-373 -> 343-346 ms, one prompt of
 // 1024 tokens 1773-1825 -> 1595-1643 ms. On Arm it is compiled, not run.
@@ -52,6 +52,7 @@ namespace {
 #if defined(__AVX512BF16__) || defined(ATOMR_WIDE)
 
 constexpr int64_t QB = 16;  // query tokens per unit
+constexpr int64_t KB = 16;  // keys per block (one AVX-512 score vector, or two f8)
 
 struct Problem {
   const c10::BFloat16* q;
@@ -67,8 +68,6 @@ struct Problem {
 };
 
 #if defined(__AVX512BF16__)
-
-constexpr int64_t KB = 16;  // keys per block (one score vector)
 
 // One thread's scratch: the key block in pair layout, the value block widened, and each row's
 // accumulator, running maximum and denominator.
@@ -175,13 +174,6 @@ void unit(const Problem& pb, int64_t h, int64_t q0, int64_t q1, Scratch<D>& s) {
 namespace wide = atomr_wide;
 using wide::f8;
 
-constexpr int64_t KB = 16;  // keys per block: two f8 of scores per row
-#if defined(__AVX2__)
-constexpr int kRows = 6;  // rows per tile: 12 accumulators, 2 key or value vectors, a broadcast
-#else
-constexpr int kRows = 5;  // NEON: f8 is two of its 32 registers (as linear_bf16.cpp's tiles)
-#endif
-
 // One thread's scratch: the unit's query rows widened to float32, the key block widened and
 // transposed (kt[d] holds element d of the block's 16 keys), the value block widened, each
 // row's block of scores (then softmax numerators), accumulator, running maximum, denominator
@@ -195,22 +187,9 @@ struct Scratch {
       : qf(rows * D), p(rows * KB), acc(rows * D), mx(rows), den(rows), corr(rows) {}
 };
 
-// f(std::integral_constant<int, mt>{}) for a tile of 1 <= mt <= kRows rows.
-template <typename F>
-void with_rows(int mt, F&& f) {
-  switch (mt) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    default: f(std::integral_constant<int, kRows>{});
-  }
-}
-
-// out[m][0..15] = sum_d x[m * D + d] * b[d][0..15] for MT rows (a 16-column strip b [K][16]):
-// scores (x: query rows, b: kt) and, with acc = true, accumulator rows += numerators x values
-// (x: numerator rows of KB, b: value columns of the block, ldo the row stride of out).
+// out[m * ldo + 0..15] = sum_k x[m * ldx + k] * b[k * ldb + 0..15] for MT rows: the scores
+// (x: query rows, b: kt, K = D); with kAcc, out rows = scale[m] * out rows + numerators x values
+// (x: numerator rows of KB, b: the block's value columns, K = KB).
 template <int MT, bool kAcc>
 void tile16(const float* x, int64_t ldx, const float* b, int64_t ldb, int64_t K, float* out, int64_t ldo,
             const float* scale) {
@@ -282,8 +261,8 @@ void unit(const Problem& pb, int64_t h, int64_t q0, int64_t q1, Scratch<D>& s) {
     // the rows that see a key of this block: tokens ilo .. q1-1 (causal: position >= k0)
     const int64_t ilo = std::max(q0, k0 - offset);
     const int64_t r_lo = (ilo - q0) * G;
-    for (int64_t r = r_lo; r < rows; r += kRows)
-      with_rows(static_cast<int>(std::min<int64_t>(kRows, rows - r)), [&](auto mt) {
+    for (int64_t r = r_lo; r < rows; r += wide::kRows)
+      wide::with_rows(static_cast<int>(std::min<int64_t>(wide::kRows, rows - r)), [&](auto mt) {
         tile16<mt(), false>(s.qf.data() + r * D, D, &s.kt[0][0], KB, D, s.p.data() + r * KB, KB, nullptr);
       });
     for (int64_t r = r_lo; r < rows; ++r) {  // online softmax over the keys row r sees
@@ -327,8 +306,8 @@ void unit(const Problem& pb, int64_t h, int64_t q0, int64_t q1, Scratch<D>& s) {
       s.den[r] = s.den[r] * c + add;
       s.corr[r] = c;
     }
-    for (int64_t r = r_lo; r < rows; r += kRows)  // acc = corr * acc + numerators x values
-      with_rows(static_cast<int>(std::min<int64_t>(kRows, rows - r)), [&](auto mt) {
+    for (int64_t r = r_lo; r < rows; r += wide::kRows)  // acc = corr * acc + numerators x values
+      wide::with_rows(static_cast<int>(std::min<int64_t>(wide::kRows, rows - r)), [&](auto mt) {
         for (int c = 0; c < D; c += 16)
           tile16<mt(), true>(s.p.data() + r * KB, KB, &s.vf[0][c], D, KB, s.acc.data() + r * D + c, D,
                              s.corr.data() + r);

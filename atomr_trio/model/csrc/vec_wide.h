@@ -21,6 +21,9 @@ namespace atomr_wide {
 
 using f8 = __m256;
 constexpr const char* kIsa = "avx2";  // (Kernels.matmul_isa)
+// rows per tile of the float32 matmul micro-kernels (linear_bf16.cpp, prefill_attention.cpp):
+// 6 rows x 2 vectors = 12 accumulators, 2 weight vectors and a broadcast in the 16 registers
+constexpr int kRows = 6;
 
 inline f8 zero() { return _mm256_setzero_ps(); }
 inline f8 set1(float v) { return _mm256_set1_ps(v); }
@@ -68,6 +71,10 @@ struct f8 {
   float32x4_t lo, hi;
 };
 constexpr const char* kIsa = "neon";  // (Kernels.matmul_isa)
+// rows per tile (as AVX2's kRows): with 6, the 24 accumulator halves, 4 weight halves and the
+// broadcasts fill Arm's 32 vector registers, and GCC 12 spills accumulators in every step (even
+// with the unroll pragmas); with 5 it does not
+constexpr int kRows = 5;
 
 inline f8 zero() { return {vdupq_n_f32(0.f), vdupq_n_f32(0.f)}; }
 inline f8 set1(float v) { return {vdupq_n_f32(v), vdupq_n_f32(v)}; }
@@ -162,4 +169,25 @@ inline f8 widen_odd(const int32_t* p) {
 
 }  // namespace atomr_wide
 
+#endif
+
+#if defined(ATOMR_WIDE)
+#include <type_traits>
+
+namespace atomr_wide {
+
+// f(std::integral_constant<int, mt>{}) for a tile of 1 <= mt <= kRows rows.
+template <typename F>
+void with_rows(int mt, F&& f) {
+  switch (mt) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;  // (kRows on NEON: the default is the same)
+    default: f(std::integral_constant<int, kRows>{});
+  }
+}
+
+}  // namespace atomr_wide
 #endif
