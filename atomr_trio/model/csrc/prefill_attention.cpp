@@ -67,6 +67,37 @@ struct Problem {
   c10::BFloat16* out;  // [Q, H, D]
 };
 
+// What a unit (KV head h, query tokens q0 .. q1-1, G query heads each) reads and which keys its
+// rows see; both builds' units start from it.
+struct Span {
+  int64_t rows, offset;  // G * (q1 - q0) rows; query i is at position offset + i
+  int64_t first, last;   // the first and the last key any row sees
+  const c10::BFloat16* kh;  // this KV head's key and value rows
+  const c10::BFloat16* vh;
+  Span(const Problem& pb, int64_t G, int64_t h, int64_t q0, int64_t q1)
+      : rows((q1 - q0) * G),
+        offset(pb.C - pb.Q),
+        first(pb.window > 0 ? std::max<int64_t>(0, offset + q0 - pb.window + 1) : 0),
+        last(offset + q1 - 1),
+        kh(pb.k + h * pb.head_stride),
+        vh(pb.v + h * pb.head_stride) {}
+};
+
+// The lanes lo .. hi of the key block at k0 (n keys) that the query at position pos sees (none
+// where hi < lo).
+inline void visible(const Problem& pb, int64_t pos, int64_t k0, int64_t n, int64_t& lo, int64_t& hi) {
+  hi = std::min<int64_t>(n - 1, pos - k0);
+  lo = pb.window > 0 ? std::max<int64_t>(0, pos - pb.window + 1 - k0) : 0;
+}
+
+// Each row's running state cleared: accumulator, maximum, denominator.
+template <int D, typename Scratch>
+void clear_rows(Scratch& s, int64_t rows) {
+  std::fill(s.acc.begin(), s.acc.begin() + rows * D, 0.f);
+  std::fill(s.mx.begin(), s.mx.begin() + rows, -std::numeric_limits<float>::infinity());
+  std::fill(s.den.begin(), s.den.begin() + rows, 0.f);
+}
+
 #if defined(__AVX512BF16__)
 
 // One thread's scratch: the key block in pair layout, the value block widened, and each row's
@@ -84,21 +115,16 @@ struct Scratch {
 template <int G, int D>
 void unit(const Problem& pb, int64_t h, int64_t q0, int64_t q1, Scratch<D>& s) {
   constexpr int NA = D / 16;
-  const int64_t rows = (q1 - q0) * G, offset = pb.C - pb.Q;  // query i is at position offset + i
-  const c10::BFloat16* kh = pb.k + h * pb.head_stride;
-  const c10::BFloat16* vh = pb.v + h * pb.head_stride;
-  std::fill(s.acc.begin(), s.acc.begin() + rows * D, 0.f);
-  std::fill(s.mx.begin(), s.mx.begin() + rows, -std::numeric_limits<float>::infinity());
-  std::fill(s.den.begin(), s.den.begin() + rows, 0.f);
-  const int64_t last = offset + q1 - 1;  // the last key any row sees
-  const int64_t first = pb.window > 0 ? std::max<int64_t>(0, offset + q0 - pb.window + 1) : 0;
-  for (int64_t k0 = first; k0 <= last; k0 += KB) {
-    const int64_t n = std::min<int64_t>(KB, last + 1 - k0);
+  const Span u(pb, G, h, q0, q1);
+  const int64_t rows = u.rows, offset = u.offset;
+  clear_rows<D>(s, rows);
+  for (int64_t k0 = u.first; k0 <= u.last; k0 += KB) {
+    const int64_t n = std::min<int64_t>(KB, u.last + 1 - k0);
     for (int64_t j = 0; j < KB; ++j) {  // the key block, transposed into pairs; values widened
       if (j < n) {
-        const uint32_t* kr = reinterpret_cast<const uint32_t*>(kh + pb.slots[k0 + j] * D);
+        const uint32_t* kr = reinterpret_cast<const uint32_t*>(u.kh + pb.slots[k0 + j] * D);
         for (int p = 0; p < D / 2; ++p) s.kp[p][j] = kr[p];
-        const c10::BFloat16* vr = vh + pb.slots[k0 + j] * D;
+        const c10::BFloat16* vr = u.vh + pb.slots[k0 + j] * D;
         for (int c = 0; c < NA; ++c) _mm512_store_ps(s.vf[j] + c * 16, atomr_vec::load_bf16(vr + c * 16));
       } else {
         for (int p = 0; p < D / 2; ++p) s.kp[p][j] = 0;
@@ -107,8 +133,8 @@ void unit(const Problem& pb, int64_t h, int64_t q0, int64_t q1, Scratch<D>& s) {
     for (int64_t i = q0; i < q1; ++i) {
       const int64_t pos = offset + i;
       // visible keys of this block: lo .. hi (block lanes)
-      const int64_t hi = std::min<int64_t>(n - 1, pos - k0);
-      const int64_t lo = pb.window > 0 ? std::max<int64_t>(0, pos - pb.window + 1 - k0) : 0;
+      int64_t lo, hi;
+      visible(pb, pos, k0, n, lo, hi);
       if (hi < lo) continue;
       const __mmask16 mask = static_cast<__mmask16>(((1u << (hi + 1)) - 1) & ~((1u << lo) - 1));
       const c10::BFloat16* qi = pb.q + i * pb.q_stride + h * G * D;
@@ -228,30 +254,25 @@ void tile16(const float* x, int64_t ldx, const float* b, int64_t ldb, int64_t K,
 template <int G, int D>
 void unit(const Problem& pb, int64_t h, int64_t q0, int64_t q1, Scratch<D>& s) {
   constexpr int NV = D / 8;
-  const int64_t rows = (q1 - q0) * G, offset = pb.C - pb.Q;  // query i is at position offset + i
-  const c10::BFloat16* kh = pb.k + h * pb.head_stride;
-  const c10::BFloat16* vh = pb.v + h * pb.head_stride;
+  const Span u(pb, G, h, q0, q1);
+  const int64_t rows = u.rows, offset = u.offset;
   for (int64_t i = q0; i < q1; ++i)  // the unit's query rows, widened and scaled
     for (int g = 0; g < G; ++g)
       for (int c = 0; c < NV; ++c)
         wide::store(s.qf.data() + ((i - q0) * G + g) * D + c * 8,
                     wide::mul(wide::load_bf16(pb.q + i * pb.q_stride + (h * G + g) * D + c * 8),
                               wide::set1(pb.scale)));
-  std::fill(s.acc.begin(), s.acc.begin() + rows * D, 0.f);
-  std::fill(s.mx.begin(), s.mx.begin() + rows, -std::numeric_limits<float>::infinity());
-  std::fill(s.den.begin(), s.den.begin() + rows, 0.f);
-  const int64_t last = offset + q1 - 1;  // the last key any row sees
-  const int64_t first = pb.window > 0 ? std::max<int64_t>(0, offset + q0 - pb.window + 1) : 0;
-  for (int64_t k0 = first; k0 <= last; k0 += KB) {
-    const int64_t n = std::min<int64_t>(KB, last + 1 - k0);
+  clear_rows<D>(s, rows);
+  for (int64_t k0 = u.first; k0 <= u.last; k0 += KB) {
+    const int64_t n = std::min<int64_t>(KB, u.last + 1 - k0);
     for (int64_t j = 0; j < KB; ++j) {  // the key block, widened and transposed; values widened
       if (j < n) {
-        const uint16_t* kr = reinterpret_cast<const uint16_t*>(kh + pb.slots[k0 + j] * D);
+        const uint16_t* kr = reinterpret_cast<const uint16_t*>(u.kh + pb.slots[k0 + j] * D);
         for (int d = 0; d < D; ++d) {
           const uint32_t bits = static_cast<uint32_t>(kr[d]) << 16;
           std::memcpy(&s.kt[d][j], &bits, sizeof(float));
         }
-        const c10::BFloat16* vr = vh + pb.slots[k0 + j] * D;
+        const c10::BFloat16* vr = u.vh + pb.slots[k0 + j] * D;
         for (int c = 0; c < NV; ++c) wide::store(s.vf[j] + c * 8, wide::load_bf16(vr + c * 8));
       } else {
         for (int d = 0; d < D; ++d) s.kt[d][j] = 0.f;
@@ -267,8 +288,8 @@ void unit(const Problem& pb, int64_t h, int64_t q0, int64_t q1, Scratch<D>& s) {
       });
     for (int64_t r = r_lo; r < rows; ++r) {  // online softmax over the keys row r sees
       const int64_t pos = offset + q0 + r / G;
-      const int64_t hi = std::min<int64_t>(n - 1, pos - k0);
-      const int64_t lo = pb.window > 0 ? std::max<int64_t>(0, pos - pb.window + 1 - k0) : 0;
+      int64_t lo, hi;
+      visible(pb, pos, k0, n, lo, hi);
       float* pr = s.p.data() + r * KB;
       if (hi < lo) {  // nothing of this block seen (unreachable as the units are cut: kept as a guard)
         std::fill(pr, pr + KB, 0.f);
