@@ -256,8 +256,8 @@ using wide::f8;
 // one sequence x 156 tokens 19-31 -> 9-11 us; 16 x 156: 2 threads ~240 -> ~80 us, one thread
 // 375-466 -> 151-205 us; 16 x 1024, one thread: 4.0-5.8 -> 1.9-3.6 ms. (float32 caches keep
 // the portable loop: they read twice the bytes, and it was level with bf16's before.) On Arm the
-// kernel ran under emulation (results tested, speed not measured) before the value passes became
-// value_columns' NC * 8 columns; that NEON code is compiled, not run.
+// kernel, value passes included, runs under emulation (scripts/emulated_arm.sh: results tested,
+// speed not measured).
 // The values took 16 columns (G x 2 accumulators) per pass over the context until passes of
 // NC * 8 columns (G x NC accumulators, value_columns below — AVX2: 64 columns for G = 1, 32 for
 // G = 2-3 (the default model's G = 3), 16 for G = 4-6, 8 for G = 7-8, where 16 would need 17-19

