@@ -182,6 +182,12 @@ for n, kin in [(3001, 1538)]:
         if not torch.equal(torch.cat([f(x[i : i + 1]) for i in range(70)]), full):  # every row alone
             differ.insert(0, 1)
         out[f"same rows {op} {kin}->{n}"] = differ
+    # an x of more than 1 << 20 floats is widened once and shared by the threads (each widens its
+    # own copy of a smaller one): its rows give the bits they give in a smaller input
+    xb = torch.randn(700, kin, generator=g).to(torch.bfloat16)
+    for op, f in (("linear", lin), ("silu_mul", gate_up.silu_mul)):
+        big = f(xb)
+        out[f"shared copy {op}"] = torch.equal(big[:64], f(xb[:64])) and torch.equal(big[630:], f(xb[630:]))
 print(json.dumps(out))
 """
 
@@ -226,3 +232,10 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(widened_excess: dic
     widened in registers, the widened buffer): a sequence's tokens do not change with the batch
     it shares a step with."""
     assert widened_excess[f"same rows {op} 1538->3001"] == []
+
+
+@pytest.mark.parametrize("op", ["linear", "silu_mul"])
+def test_a_big_input_gives_the_bits_of_a_small_one(widened_excess: dict[str, Any], op: str) -> None:
+    """700 rows x 1538 inputs, past what each thread widens for itself (the threads then widen
+    one shared copy together): its first 64 and last 70 rows give the same bits as those rows alone."""
+    assert widened_excess[f"shared copy {op}"]

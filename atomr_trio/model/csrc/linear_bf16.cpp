@@ -233,13 +233,17 @@ std::string bf16_matmul_isa() { return "avx512bf16"; }
 //   while every tile of rows runs over it (partial sums kept per panel): on a 2-core AMD EPYC with
 //   AVX2 (all layers, 3 alternated runs) level at 2-16 rows, 6-9% slower at 64 and 256 rows.
 // Each thread widens the whole of x to float32 itself, into its own buffer, before its panels:
-// the copy its tiles read is then in its own core's cache, and no thread waits while another
-// widens. Measured against one copy widened by the calling thread before the threads start
-// (2-core AMD EPYC Zen 2, AVX2, the default model's matrices of all 30 layers, 2 alternated runs
-// each): 64 rows q|k|v 452 -> 430 us, o 288 -> 260, gate|up 1354 -> 1325, down 726 -> 675; 256
-// rows 1609 -> 1530, 1028 -> 925, 4955 -> 4830, 2645 -> 2410; a step of 54 decodes and 202
-// prompt tokens 374 -> 354 ms. Threads splitting the rows of one shared copy instead: between
-// the two (the down matrix at 256 rows 2551 us). NEON tiles take 5 rows (vec_wide.h's kRows). The speed
+// no thread idles while one widens, and the copy each one's tiles read is one it wrote (in its
+// own core's L2 at 64 rows, 147-393 KiB for the default model; its L3 at 256). Measured against
+// one copy widened by the calling thread before the threads start (2-core AMD EPYC Zen 2, AVX2,
+// the default model's matrices of all 30 layers, 2 alternated runs each): 64 rows q|k|v 452 ->
+// 430 us, o 288 -> 260, gate|up 1354 -> 1325, down 726 -> 675; 256 rows 1609 -> 1530, 1028 ->
+// 925, 4955 -> 4830, 2645 -> 2410; a step of 54 decodes and 202 prompt tokens 374 -> 354 ms.
+// Every thread widening all of x costs each of T threads ~2T/n of its share of an n-column
+// matmul, and T copies of x in memory: past kOwnCopyFloats of x, or with more than n / 64
+// threads, the threads widen one shared copy together instead, each taking a run of rows (on
+// the machine above: between the two, the down matrix at 256 rows 2551 us; many-core machines
+// unmeasured). NEON tiles take 5 rows (vec_wide.h's kRows). The speed
 // on Arm is not measured.
 namespace wide = atomr_wide;
 using wide::f8;
@@ -361,19 +365,20 @@ void over_blocks(int mt, int64_t K, const char*& ahead, int64_t& lines, Tile&& t
   }
 }
 
-// x [M, K] bf16 -> float32 [M * K] (a buffer left uninitialised: every float is written here).
-std::unique_ptr<float[]> widen_rows(const at::Tensor& x) {
-  const int64_t n = x.numel();
-  std::unique_ptr<float[]> out(new float[static_cast<size_t>(n)]);
-  const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) wide::store(out.get() + i, wide::load_bf16(src + i));
+// Rows first .. last - 1 of x [M, K] (bf16, `src`) -> float32 at the same offsets of `out`.
+void widen_rows(const uint16_t* src, int64_t first, int64_t last, int64_t K, float* out) {
+  int64_t i = first * K;
+  const int64_t n = last * K;
+  for (; i + 8 <= n; i += 8) wide::store(out + i, wide::load_bf16(src + i));
   for (; i < n; ++i) {
     const uint32_t bits = static_cast<uint32_t>(src[i]) << 16;
     std::memcpy(&out[i], &bits, sizeof(float));
   }
-  return out;
 }
+
+// Up to this many floats of x (4 MiB: the default CPU step of 256 rows at 1536 inputs is 393216)
+// each thread may widen its own copy (see above).
+constexpr int64_t kOwnCopyFloats = int64_t{1} << 20;
 
 // As the AVX512-BF16 `matmul`: tiles panel by panel, each finished tile handed to
 // `epilogue(row0, rows, panel, c)` with c [rows][PW * 16]; threads take contiguous runs of panels.
@@ -383,9 +388,23 @@ void matmul_wide(const at::Tensor& x, const Panels& src, Epilogue&& epilogue) {
   if (M == 0) return;  // no rows: nothing to widen or store
   const int64_t panel_size = pairs * PW * kCols;  // int32 units
   const bool in_registers = M <= kRegsRows;  // (M == 1: the GEMV below)
+  const uint16_t* xs = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const int64_t team = std::min<int64_t>(at::get_num_threads(), panels);
+  const bool own_copies = M * K <= kOwnCopyFloats && team * 64 <= panels * PW * kCols;
+  std::unique_ptr<float[]> shared;  // (uninitialised: widen_rows writes every float)
+  if (!own_copies) {
+    shared.reset(new float[static_cast<size_t>(M * K)]);
+    at::parallel_for(0, M, std::max<int64_t>(1, 4096 / K), [&](int64_t first, int64_t last) {
+      widen_rows(xs, first, last, K, shared.get());
+    });
+  }
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-    const std::unique_ptr<float[]> xown = widen_rows(x);
-    const float* xf = xown.get();  // each thread its own copy (see above)
+    std::unique_ptr<float[]> xown;  // this thread's copy of x (see above)
+    if (own_copies) {
+      xown.reset(new float[static_cast<size_t>(M * K)]);
+      widen_rows(xs, 0, M, K, xown.get());
+    }
+    const float* xf = own_copies ? xown.get() : shared.get();
     alignas(32) float c[kRowsWide * PW * kCols];
     // (uninitialised: widen_panel writes all of it before the tiles read it)
     std::unique_ptr<float[]> buf(in_registers ? nullptr : new float[static_cast<size_t>(K * PW * kCols)]);
