@@ -245,24 +245,26 @@ std::string bf16_matmul_isa() { return "avx512bf16"; }
 // the machine above: between the two, the down matrix at 256 rows 2551 us; many-core machines
 // unmeasured). NEON tiles take 5 rows (vec_wide.h's kRows). The speed
 // on Arm is not measured.
-// Two requests keep a thread's weights coming from memory ahead of its tiles at 2+ rows (a
-// packed weight; the GEMV keeps the hardware's own prefetch, measured level with either):
-// - the first panel of its run is asked for while it widens x, a share of the panel's lines
-//   after each row: its tiles would otherwise start on a panel that no one asked for, and a
-//   decode step's matrix gives a thread only 6-10 panels of the default model;
-// - tile_pairs asks for the next panel a few lines per tile over all the panel's tiles (one line
-//   every K / n inputs), not one line per input in the first tiles: that burst asks for a
-//   110 KB panel within ~3 us, faster than a core's share of memory serves it. (tile_wide keeps
-//   the burst: the buffer's widening reads its panel at once, and spreading measured 8-11%
-//   slower at 256 rows.)
+// Two requests keep a thread's weights coming from memory ahead of its tiles at 2+ rows of a
+// packed weight (not the panels quant_matmul.cpp fills; the GEMV keeps the hardware's own
+// prefetch: asking for its next panel measured level):
+// - where a thread widens its own copy of x, it asks for the first panel of its run meanwhile,
+//   a share of the panel's lines after each row: its tiles would otherwise start on a panel that
+//   no one asked for, and a decode step's matrix gives a thread only 6-10 panels of the default
+//   model (also on NEON and in the buffered path, where it is unmeasured / measured level);
+// - tile_pairs asks for the next panel over all the panel's tiles, a share of its lines per tile
+//   spread over the tile's pairs, not one line per input in the first tiles: that burst asked for
+//   a whole panel (36-144 KiB in the default model) within its first few tiles of ~1 us each,
+//   faster than a core's share of memory serves it. (tile_wide keeps the burst: the buffer's
+//   widening reads its panel at once, and spreading measured 8-11% slower at 256 rows.)
 // Measured on a 2-core AMD EPYC (Zen 2, AVX2), 2 threads, the default model's matrices of all 30
 // layers, 2 alternated runs against one-line-per-input requests in the first tiles only:
 // 4 rows q|k|v 82-93 -> 69-70 us, gate|up 224-228 -> 171-175, down 131-138 -> 98-105; 16 rows
 // 155-166 -> 128-130, 444-458 -> 366-368, 238-253 -> 200-204; 64 rows 424-425 -> 406-415,
 // 1310 -> 1276-1279, 674-678 -> 648; 256 rows level. (A standalone loop of the 6-row tile over
-// 400 panels streamed from memory, one thread: 89-90 GFLOPS with the burst, 95-97 spread, 100
-// with the panels in L2.) Served, 2 alternated rounds: 16 concurrent 238-239 -> 260-262 tok/s,
-// 64 concurrent 278 -> 282-286.
+// 400 q|k|v-sized panels streamed from memory, one thread: 89-90 GFLOPS with the burst, 95-97
+// spread, 100 with the panels in L2.) Served, 2 alternated rounds: 16 concurrent 238-239 ->
+// 260-262 tok/s, 64 concurrent 278 -> 282-286.
 namespace wide = atomr_wide;
 using wide::f8;
 constexpr int kRowsWide = wide::kRows;
@@ -335,19 +337,20 @@ void tile_wide(const float* x, int64_t ldx, const float* bj, int64_t K, int j, f
 
 // As tile_wide, but over the packed panel w [pairs][PW * 16][2] itself: for each pair, block j's
 // even weights are widened in registers and meet x's even input, then its odd ones the odd input
-// (tile_wide's order of sums). kAhead: `lines` cache lines of `ahead` are asked for one every
-// `every` inputs, spread over the tile instead of one per input from its start.
+// (tile_wide's order of sums). kAhead: the `lines` (<= pairs) cache lines of `ahead` are asked
+// for one every pairs / lines pairs, spread over the tile instead of one per input from its start.
 template <int PW, int MT, bool kAhead>
 void tile_pairs(const float* x, int64_t ldx, const int32_t* w, int64_t pairs, int j, float* c, const char* ahead,
-                int64_t lines, int64_t every) {
+                int64_t lines) {
   constexpr int W = PW * kCols;
   f8 acc[MT][2];
 #pragma GCC unroll 8
   for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = wide::zero();
   const int32_t* wj = w + j * kCols;
+  const int64_t every = kAhead && lines > 0 ? std::max<int64_t>(1, pairs / lines) : pairs;
   int64_t asked = 0, wait = 0;
   for (int64_t p = 0; p < pairs; ++p) {
-    if (kAhead && (wait -= 2) <= 0 && asked < lines) {
+    if (kAhead && --wait <= 0 && asked < lines) {
       __builtin_prefetch(ahead + asked++ * 64, 0, 2);
       wait = every;
     }
@@ -369,19 +372,19 @@ void tile_pairs(const float* x, int64_t ldx, const int32_t* w, int64_t pairs, in
     for (int h = 0; h < 2; ++h) wide::store(c + m * W + j * kCols + h * 8, acc[m][h]);
 }
 
-// mt (<= kRowsWide) rows over a whole panel, block by block: tile(rows, ask, j, n, every) runs
-// block j's tile (tile_pairs or tile_wide), which asks for n cache lines of `ahead` when ask() is
-// true — at most per_block of the `lines` left, one every `every` = K / n inputs where the tile
-// spreads them; `ahead` is advanced past those asked for.
+// mt (<= kRowsWide) rows over a whole panel, block by block: tile(rows, ask, j, n) runs block j's
+// tile (tile_pairs or tile_wide), which asks for n cache lines of `ahead` when ask() is true: at
+// most per_block of the `lines` left (tile_wide's caller passes K, tile_pairs' a share of the
+// panel's tiles, at most its pairs); `ahead` is advanced past those asked for.
 template <int PW, typename Tile>
-void over_blocks(int mt, int64_t K, int64_t per_block, const char*& ahead, int64_t& lines, Tile&& tile) {
+void over_blocks(int mt, int64_t per_block, const char*& ahead, int64_t& lines, Tile&& tile) {
   for (int j = 0; j < PW; ++j) {
-    const int64_t n = std::min(lines, per_block), every = n > 0 ? std::max<int64_t>(1, K / n) : K;
+    const int64_t n = std::min(lines, per_block);
     wide::with_rows(mt, [&](auto rows) {
       if (n > 0)
-        tile(rows, std::true_type{}, j, n, every);
+        tile(rows, std::true_type{}, j, n);
       else
-        tile(rows, std::false_type{}, j, int64_t{0}, every);
+        tile(rows, std::false_type{}, j, int64_t{0});
     });
     ahead += n * 64;
     lines -= n;
@@ -453,17 +456,17 @@ void matmul_wide(const at::Tensor& x, const Panels& src, Epilogue&& epilogue) {
       const char* ahead = reinterpret_cast<const char*>(w + panel_size);  // the thread's next panel, if any
       int64_t lines =  // (a packed weight only: a filled panel's successor does not exist yet)
           panel + 1 < end && src.packed != nullptr ? panel_size * static_cast<int64_t>(sizeof(int32_t)) / 64 : 0;
-      const int64_t tile_blocks = (M + kRowsWide - 1) / kRowsWide * PW,
-                    per_block = (lines + tile_blocks - 1) / tile_blocks;  // (tile_pairs' share)
+      const int64_t tile_blocks = (M + kRowsWide - 1) / kRowsWide * PW,  // tile_pairs' share of them
+                    per_block = std::min(pairs, (lines + tile_blocks - 1) / tile_blocks);
       for (int64_t m0 = 0; m0 < M; m0 += kRowsWide) {
         const int mt = static_cast<int>(std::min<int64_t>(kRowsWide, M - m0));
         const float* xt = xf + m0 * K;
         if (in_registers)
-          over_blocks<PW>(mt, K, per_block, ahead, lines, [&](auto rows, auto ask, int j, int64_t n, int64_t every) {
-            tile_pairs<PW, rows(), ask()>(xt, K, w, pairs, j, c, ahead, n, every);
+          over_blocks<PW>(mt, per_block, ahead, lines, [&](auto rows, auto ask, int j, int64_t n) {
+            tile_pairs<PW, rows(), ask()>(xt, K, w, pairs, j, c, ahead, n);
           });
         else
-          over_blocks<PW>(mt, K, K, ahead, lines, [&](auto rows, auto ask, int j, int64_t n, int64_t) {
+          over_blocks<PW>(mt, K, ahead, lines, [&](auto rows, auto ask, int j, int64_t n) {
             tile_wide<PW, rows(), ask()>(xt, K, buf.get() + j * K * kCols, K, j, c, ahead, n);
           });
         epilogue(m0, mt, panel, c);
