@@ -413,6 +413,7 @@ void matmul_wide(const at::Tensor& x, const Panels& src, Epilogue&& epilogue) {
   const int64_t M = x.size(0), panels = src.count, pairs = src.pairs, K = 2 * pairs;
   if (M == 0) return;  // no rows: nothing to widen or store
   const int64_t panel_size = pairs * PW * kCols;  // int32 units
+  const int64_t panel_lines = panel_size * static_cast<int64_t>(sizeof(int32_t)) / 64;  // its cache lines
   const bool in_registers = M <= kRegsRows;  // (M == 1: the GEMV below)
   const uint16_t* xs = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const int64_t team = std::min<int64_t>(at::get_num_threads(), panels);
@@ -432,10 +433,9 @@ void matmul_wide(const at::Tensor& x, const Panels& src, Epilogue&& epilogue) {
         widen_rows(xs, 0, M, K, xown.get());
       } else {  // ask for the first panel while widening, a share of its lines after each row
         const char* first = reinterpret_cast<const char*>(src.packed + begin * panel_size);
-        const int64_t lines = panel_size * static_cast<int64_t>(sizeof(int32_t)) / 64;
         for (int64_t m = 0, asked = 0; m < M; ++m) {
           widen_rows(xs, m, m + 1, K, xown.get());
-          for (const int64_t upto = lines * (m + 1) / M; asked < upto; ++asked)
+          for (const int64_t upto = panel_lines * (m + 1) / M; asked < upto; ++asked)
             __builtin_prefetch(first + asked * 64, 0, 2);
         }
       }
@@ -455,7 +455,7 @@ void matmul_wide(const at::Tensor& x, const Panels& src, Epilogue&& epilogue) {
       if (!in_registers) widen_panel<PW>(w, pairs, buf.get());
       const char* ahead = reinterpret_cast<const char*>(w + panel_size);  // the thread's next panel, if any
       int64_t lines =  // (a packed weight only: a filled panel's successor does not exist yet)
-          panel + 1 < end && src.packed != nullptr ? panel_size * static_cast<int64_t>(sizeof(int32_t)) / 64 : 0;
+          panel + 1 < end && src.packed != nullptr ? panel_lines : 0;
       const int64_t tile_blocks = (M + kRowsWide - 1) / kRowsWide * PW,  // tile_pairs' share of them
                     per_block = std::min(pairs, (lines + tile_blocks - 1) / tile_blocks);
       for (int64_t m0 = 0; m0 < M; m0 += kRowsWide) {
