@@ -232,6 +232,11 @@ std::string bf16_matmul_isa() { return "avx512bf16"; }
 //   Not taken: passes over ~256 inputs at a time, so that a widened block's stretch stays in L1
 //   while every tile of rows runs over it (partial sums kept per panel): on a 2-core AMD EPYC with
 //   AVX2 (all layers, 3 alternated runs) level at 2-16 rows, 6-9% slower at 64 and 256 rows.
+//   Nor with x packed per 6-row tile (one stream of broadcasts instead of six): a standalone copy
+//   of this path at 256 rows (one thread, 24 panels of the q|k|v and down shapes, Zen 2) already
+//   runs at 102 GFLOPS, the micro-kernel's rate with its data in L2; packed x 102-104, packed x
+//   with passes of 128-384 inputs 93-99. What the real matmul loses below that (94-98 a thread)
+//   is the widening of x and the epilogue, not x streaming through L2.
 // Each thread widens the whole of x to float32 itself, into its own buffer, before its panels:
 // no thread idles while one widens, and the copy each one's tiles read is one it wrote (in its
 // own core's L2 at 64 rows, 147-393 KiB for the default model; its L3 at 256). Measured against
@@ -245,6 +250,13 @@ std::string bf16_matmul_isa() { return "avx512bf16"; }
 // the machine above: between the two, the down matrix at 256 rows 2551 us; many-core machines
 // unmeasured). NEON tiles take 5 rows (vec_wide.h's kRows). The speed
 // on Arm is not measured.
+// Threads keep static runs. Two ways around a thread that the OS preempts (on a 2-core machine
+// the server's own Python thread takes a core ~5% of the time at 64 concurrent) measured no gain
+// (Zen 2): work stealing, a thread that finished its run taking single panels from the back of
+// the others', served at 16 and 64 concurrent 259-263 / 287 vs 259-261 / 286 tok/s (2 alternated
+// rounds); and one thread per matmul while a flag says that Python thread is busy: with a thread
+// busy 12 ms of every 130 in the process, a 64-row decode step 119-121 -> 128-129 ms without and
+// 130 with it. A preempted thread still holds up every parallel region it has not joined.
 // Two requests keep a thread's weights coming from memory ahead of its tiles at 2+ rows of a
 // packed weight (not the panels quant_matmul.cpp fills; the GEMV keeps the hardware's own
 // prefetch: asking for its next panel measured level):
