@@ -232,8 +232,17 @@ def test_without_a_gpu_auto_is_the_cpu_and_cuda_is_refused(tiny_source: ModelSou
 
 
 def test_the_step_token_budget_defaults_by_device_and_keeps_a_set_one(tiny_source: ModelSource) -> None:
-    cpu = engine_config(dtype="float32", device="cpu").resolve(tiny_source.config)
-    assert cpu.max_num_batched_tokens == 256  # a CPU step of 1024 prompt tokens holds everyone back ~0.6 s
-    assert engine_config(dtype="float32", device="cpu", max_num_batched_tokens=96).resolve(
-        tiny_source.config).max_num_batched_tokens == 96
+    def budget(**settings: object) -> tuple[int | None, int | None]:
+        cfg = engine_config(dtype="float32", device="cpu", **settings).resolve(tiny_source.config)
+        return cfg.max_num_batched_tokens, cfg.max_prefill_tokens
+
+    # a CPU step of 1024 prompt tokens holds everyone back ~0.6 s: 256 of them, and room for
+    # every running sequence's next token beside them
+    assert budget() == (256 + 256, 256)
+    assert budget(max_num_seqs=64) == (256 + 64, 256)
+    assert budget(max_prefill_tokens=100, max_num_seqs=8) == (108, 100)
+    assert budget(max_num_batched_tokens=96) == (96, 96)  # a set step budget is shared, as before
+    assert budget(max_num_batched_tokens=96, max_prefill_tokens=32) == (96, 32)
+    with pytest.raises(ValueError, match=r"max_prefill_tokens \(128\) exceeds max_num_batched_tokens \(96\)"):
+        budget(max_num_batched_tokens=96, max_prefill_tokens=128)
     assert engine_config().max_num_batched_tokens is None  # unresolved: the device decides

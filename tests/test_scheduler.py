@@ -21,9 +21,10 @@ _fresh_tokens = itertools.count(1000)  # prompts made of these never share a pre
 
 
 def make_scheduler(
-    num_blocks: int = 64, max_num_seqs: int = 8, budget: int = 64, prefix_caching: bool = True
+    num_blocks: int = 64, max_num_seqs: int = 8, budget: int = 64, prefix_caching: bool = True,
+    prefill: int | None = None,
 ) -> Scheduler:
-    return Scheduler(BlockManager(num_blocks, BS, prefix_caching), max_num_seqs, budget)
+    return Scheduler(BlockManager(num_blocks, BS, prefix_caching), max_num_seqs, budget, prefill)
 
 
 def make_seq(
@@ -86,6 +87,37 @@ def test_running_decodes_come_before_new_prompt_chunks() -> None:
     for expect_c, c_samples in ((14, False), (14, False), (2, True)):
         _, items = step(sched)
         assert items == [(a, 1, True), (b, 1, True), (c, expect_c, c_samples)]
+
+
+def test_with_a_prefill_budget_decodes_do_not_shrink_the_prompt_chunks() -> None:
+    sched = make_scheduler(budget=16 + 8, prefill=16)  # room for 8 decodes beside the prompt chunks
+    a, b = make_seq(5, request_id="a"), make_seq(5, request_id="b")
+    sched.add(a)
+    sched.add(b)
+    _, items = step(sched)
+    assert items == [(a, 5, True), (b, 5, True)]
+    c = make_seq(30, request_id="c")
+    sched.add(c)
+    for expect_c, c_samples in ((16, False), (14, True)):
+        _, items = step(sched)
+        assert items == [(a, 1, True), (b, 1, True), (c, expect_c, c_samples)]
+
+
+def test_the_step_budget_still_caps_decodes_and_chunks_together() -> None:
+    sched = make_scheduler(budget=16 + 1, prefill=16)  # room for one decode beside a full chunk
+    a, b = make_seq(3, request_id="a"), make_seq(3, request_id="b")
+    sched.add(a)
+    sched.add(b)
+    step(sched)
+    c, d = make_seq(40, request_id="c"), make_seq(8, request_id="d")
+    sched.add(c)
+    sched.add(d)
+    _, items = step(sched)
+    assert items == [(a, 1, True), (b, 1, True), (c, 15, False)]  # 17 in all
+    _, items = step(sched)  # c's next chunk (a running prompt) and d share the prompt budget
+    assert items == [(a, 1, True), (b, 1, True), (c, 15, False)]
+    _, items = step(sched)
+    assert items == [(a, 1, True), (b, 1, True), (c, 10, True), (d, 5, False)]
 
 
 def test_max_num_seqs_is_respected() -> None:

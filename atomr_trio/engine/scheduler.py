@@ -3,7 +3,10 @@
 Invariants (docs/architecture.md, "The engine step"):
 - There is no prefill or decode phase: each step spends a token budget, first on running
   sequences (one token each for decodes, or the next prompt chunk), then on waiting sequences
-  in priority/FCFS order (chunked prefill).
+  in priority/FCFS order (chunked prefill). Prompt chunks also spend a budget of their own
+  (`max_prefill_tokens`, at most the step's): a decode — a sequence with only its last token
+  to compute — spends only the step's, so on a CPU, where the step's budget leaves room for
+  every running sequence beside the prompt budget, decodes do not shrink the prompt chunks.
 - A sequence with prompt-logprob entries still to compute takes no cached block past the row
   its next entry needs: cached blocks carry K/V, not logits.
 - When blocks run out, the lowest-priority, most recently admitted running sequence is preempted:
@@ -52,12 +55,14 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_prefill_tokens: int | None = None):
         self.bm = block_manager
         self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
         self.cap = BatchCap(max_num_seqs, max_num_batched_tokens)  # the configured limits, and any OOM cap
+        self.max_prefill_tokens = max_prefill_tokens or max_num_batched_tokens
 
     @property
     def max_num_seqs(self) -> int:
@@ -89,11 +94,13 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self.cap.num_tokens
+        budget = self.cap.num_tokens  # every token of the step
+        prefill = min(self.max_prefill_tokens, budget)  # ... of which prompt chunks
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            left = seq.num_tokens - seq.num_computed_tokens
+            n = min(left, budget) if left == 1 else min(left, budget, prefill)
             if n == 0 or seq.awaiting:  # everything it has is in flight, or its next token must be known
                 i += 1
                 continue
@@ -107,10 +114,12 @@ class Scheduler:
                 self.bm.allocate(seq, seq.num_computed_tokens + n)
                 out.scheduled.append(Scheduled(seq, n))
                 budget -= n
+                if left > 1:
+                    prefill -= n
                 i += 1
         if out.preempted:
             return out  # memory is tight: admit nobody new this step
-        while self.waiting and len(self.running) < self.cap.num_seqs and budget > 0:
+        while self.waiting and len(self.running) < self.cap.num_seqs and min(budget, prefill) > 0:
             seq = self.waiting[0]
             if not _leader_ready(seq):
                 break
@@ -121,10 +130,11 @@ class Scheduler:
                 # missing prompt-logprob entry (a fresh request takes no cached block at all).
                 hits = hits[: (pending - 1) // self.bm.block_size]
             computed = len(hits) * self.bm.block_size
-            n = min(seq.num_tokens - computed, budget)
+            chunk = min(budget, prefill)
+            n = min(seq.num_tokens - computed, chunk)
             if hits and self.bm.window is not None and not self.bm.can_allocate(seq, computed + n, hits):
                 # windowed: a long cached prefix may not fit, though the sequence alone always does
-                hits, computed, n = [], 0, min(seq.num_tokens, budget)
+                hits, computed, n = [], 0, min(seq.num_tokens, chunk)
             if not self.bm.can_allocate(seq, computed + n, hits):
                 break
             self.waiting.pop(0)
@@ -136,6 +146,7 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append(Scheduled(seq, n))
             budget -= n
+            prefill -= n
         return out
 
     def _pick_victim(self, first: int) -> Sequence:

@@ -69,8 +69,8 @@ def check_request(ids: Sequence[int], params: SamplingParams, config: EngineConf
     params.check_for_model(vocab_size)
     longest = min(len(ids) + (max_len if asked is None else asked), max_len)
     if kv_window is not None:  # at most W - 1 older tokens, a chunk and two partial blocks
-        assert config.max_num_batched_tokens is not None
-        longest = min(longest, kv_window - 1 + config.max_num_batched_tokens + 2 * config.block_size)
+        assert config.max_prefill_tokens is not None
+        longest = min(longest, kv_window - 1 + config.max_prefill_tokens + 2 * config.block_size)
     if -(-longest // config.block_size) > blocks:
         raise ValueError(f"the request needs up to {longest} tokens of KV cache; this engine holds "
                          f"{blocks * config.block_size}")
