@@ -243,6 +243,6 @@ def test_the_step_token_budget_defaults_by_device_and_keeps_a_set_one(tiny_sourc
     assert budget(max_prefill_tokens=100, max_num_seqs=8) == (108, 100)
     assert budget(max_num_batched_tokens=96) == (96, 96)  # a set step budget is shared, as before
     assert budget(max_num_batched_tokens=96, max_prefill_tokens=32) == (96, 32)
-    with pytest.raises(ValueError, match=r"max_prefill_tokens \(128\) exceeds max_num_batched_tokens \(96\)"):
+    with pytest.raises(ValueError, match=r"max_prefill_tokens \(128\) exceeds max_num_batched_tokens \(96\):"):
         budget(max_num_batched_tokens=96, max_prefill_tokens=128)
     assert engine_config().max_num_batched_tokens is None  # unresolved: the device decides

@@ -44,6 +44,9 @@ def step(sched: Scheduler, token: int = 1) -> tuple[SchedulerOutput, list[tuple[
     """One engine step: returns the scheduler output and (seq, num_new_tokens, sampled) per item."""
     out = sched.schedule()
     assert out.num_tokens <= sched.max_num_batched_tokens
+    chunks = sum(s.num_new_tokens for s in out.scheduled
+                 if s.num_new_tokens > 1 or s.seq.num_computed_tokens < s.seq.num_prompt_tokens)
+    assert chunks <= sched.max_prefill_tokens
     assert len(sched.running) <= sched.max_num_seqs
     done = []
     for s in out.scheduled:
@@ -114,10 +117,35 @@ def test_the_step_budget_still_caps_decodes_and_chunks_together() -> None:
     sched.add(d)
     _, items = step(sched)
     assert items == [(a, 1, True), (b, 1, True), (c, 15, False)]  # 17 in all
-    _, items = step(sched)  # c's next chunk (a running prompt) and d share the prompt budget
+    _, items = step(sched)  # c's next chunk takes what the step leaves; d waits
     assert items == [(a, 1, True), (b, 1, True), (c, 15, False)]
     _, items = step(sched)
     assert items == [(a, 1, True), (b, 1, True), (c, 10, True), (d, 5, False)]
+
+
+def test_running_and_waiting_prompts_share_the_prefill_budget() -> None:
+    sched = make_scheduler(budget=24, prefill=16)
+    c, d = make_seq(40, request_id="c"), make_seq(40, request_id="d")
+    sched.add(c)
+    sched.add(d)
+    _, items = step(sched)
+    assert items == [(c, 16, False)]  # 8 of the step's tokens are left, none of the prompts'
+    assert sched.waiting == [d]
+    _, items = step(sched)
+    assert items == [(c, 16, False)]
+    _, items = step(sched)
+    assert items == [(c, 8, True), (d, 8, False)]
+    _, items = step(sched)  # c decodes beside d's full chunk
+    assert items == [(c, 1, True), (d, 16, False)]
+
+
+def test_a_prompts_last_token_is_a_prompt_token() -> None:
+    sched = make_scheduler(budget=24, prefill=16)
+    c, d = make_seq(17, request_id="c"), make_seq(40, request_id="d")
+    sched.add(c)
+    sched.add(d)
+    assert step(sched)[1] == [(c, 16, False)]
+    assert step(sched)[1] == [(c, 1, True), (d, 15, False)]  # not 16: c's last prompt token counts
 
 
 def test_max_num_seqs_is_respected() -> None:

@@ -25,10 +25,12 @@ from ..model.config import ModelConfig
 from . import memory_plan
 
 DEFAULT_CPU_KV_BYTES = 1 << 30
-# The step token budget by device. On a CPU a prompt token costs about the same in steps of 256
-# as of 1024 (the matmuls are compute-bound from a few hundred rows), while every running
-# sequence's next token and every waiting prompt's first wait for the whole step. Served on the
-# default model (2-core Zen 4, bf16, 128 in / 128 out, 2 alternated runs each), 256 against 1024:
+# The prompt tokens of a step on a CPU (max_prefill_tokens), the whole step's on CUDA
+# (max_num_batched_tokens, which max_prefill_tokens defaults to there). On a CPU a prompt token
+# costs about the same in steps of 256 as of 1024 (the matmuls are compute-bound from a few
+# hundred rows), while every running sequence's next token and every waiting prompt's first
+# wait for the whole step. Served on the default model (2-core Zen 4, bf16, 128 in / 128 out,
+# 2 alternated runs each), 256 against 1024:
 # TTFT median at 16 concurrent 717-818 -> 521-535 ms, at 64 1828-1975 -> 1251-1320 ms; output
 # tok/s level (16: 485-510 vs 491-520; 64: 569-586 vs 583-594); a lone 1900-token prompt's TTFT
 # 2-4% longer (8 steps instead of 2). Built for AVX2 (haswell) a prompt token costs ~4% more in
@@ -178,8 +180,9 @@ class EngineConfig(EngineOptions):
         step = self.max_num_batched_tokens or DEFAULT_STEP_TOKENS[kind]
         prefill = self.max_prefill_tokens or step
         if prefill > step:
-            raise ValueError(f"max_prefill_tokens ({prefill}) exceeds max_num_batched_tokens ({step}): a step "
-                             "cannot hold its prompt chunks")
+            which = "" if self.max_num_batched_tokens else f", the default on {kind}"
+            raise ValueError(f"max_prefill_tokens ({prefill}) exceeds max_num_batched_tokens ({step}{which}): a "
+                             "step cannot hold its prompt chunks")
         return step, prefill
 
     def resolve(self, model: ModelConfig) -> EngineConfig:

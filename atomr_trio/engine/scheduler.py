@@ -4,9 +4,9 @@ Invariants (docs/architecture.md, "The engine step"):
 - There is no prefill or decode phase: each step spends a token budget, first on running
   sequences (one token each for decodes, or the next prompt chunk), then on waiting sequences
   in priority/FCFS order (chunked prefill). Prompt chunks also spend a budget of their own
-  (`max_prefill_tokens`, at most the step's): a decode — a sequence with only its last token
-  to compute — spends only the step's, so on a CPU, where the step's budget leaves room for
-  every running sequence beside the prompt budget, decodes do not shrink the prompt chunks.
+  (`max_prefill_tokens`, at most the step's): a decode — one token to compute, past the
+  prompt — spends only the step's, so on a CPU, where the step's budget leaves room for every
+  running sequence beside the prompt budget, decodes do not shrink the prompt chunks.
 - A sequence with prompt-logprob entries still to compute takes no cached block past the row
   its next entry needs: cached blocks carry K/V, not logits.
 - When blocks run out, the lowest-priority, most recently admitted running sequence is preempted:
@@ -100,7 +100,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             left = seq.num_tokens - seq.num_computed_tokens
-            n = min(left, budget) if left == 1 else min(left, budget, prefill)
+            # a chunk (of its prompt, or of a preempted sequence's tokens), not a decode
+            chunk = left > 1 or seq.num_computed_tokens < seq.num_prompt_tokens
+            n = min(left, budget, prefill) if chunk else min(left, budget)
             if n == 0 or seq.awaiting:  # everything it has is in flight, or its next token must be known
                 i += 1
                 continue
@@ -114,7 +116,7 @@ class Scheduler:
                 self.bm.allocate(seq, seq.num_computed_tokens + n)
                 out.scheduled.append(Scheduled(seq, n))
                 budget -= n
-                if left > 1:
+                if chunk:
                     prefill -= n
                 i += 1
         if out.preempted:
@@ -130,11 +132,11 @@ class Scheduler:
                 # missing prompt-logprob entry (a fresh request takes no cached block at all).
                 hits = hits[: (pending - 1) // self.bm.block_size]
             computed = len(hits) * self.bm.block_size
-            chunk = min(budget, prefill)
-            n = min(seq.num_tokens - computed, chunk)
+            most = min(budget, prefill)  # the longest chunk this step can take
+            n = min(seq.num_tokens - computed, most)
             if hits and self.bm.window is not None and not self.bm.can_allocate(seq, computed + n, hits):
                 # windowed: a long cached prefix may not fit, though the sequence alone always does
-                hits, computed, n = [], 0, min(seq.num_tokens, chunk)
+                hits, computed, n = [], 0, min(seq.num_tokens, most)
             if not self.bm.can_allocate(seq, computed + n, hits):
                 break
             self.waiting.pop(0)

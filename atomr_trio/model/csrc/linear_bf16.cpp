@@ -414,7 +414,8 @@ void widen_rows(const uint16_t* src, int64_t first, int64_t last, int64_t K, flo
   }
 }
 
-// Up to this many floats of x (4 MiB: the default CPU step of 256 rows at 1536 inputs is 393216)
+// Up to this many floats of x (4 MiB: the widest default CPU step — 256 prompt tokens beside 256
+// decodes, 512 rows — at 1536 inputs is 786432)
 // each thread may widen its own copy (see above).
 constexpr int64_t kOwnCopyFloats = int64_t{1} << 20;
 
