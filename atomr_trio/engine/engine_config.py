@@ -25,8 +25,7 @@ from ..model.config import ModelConfig
 from . import memory_plan
 
 DEFAULT_CPU_KV_BYTES = 1 << 30
-# The prompt tokens of a step on a CPU (max_prefill_tokens), the whole step's on CUDA
-# (max_num_batched_tokens, which max_prefill_tokens defaults to there). On a CPU a prompt token
+# The prompt tokens of a step on a CPU (max_prefill_tokens). A prompt token
 # costs about the same in steps of 256 as of 1024 (the matmuls are compute-bound from a few
 # hundred rows), while every running sequence's next token and every waiting prompt's first
 # wait for the whole step. Served on the default model (2-core Zen 4, bf16, 128 in / 128 out,
@@ -48,7 +47,8 @@ DEFAULT_CPU_KV_BYTES = 1 << 30
 # median at 16 concurrent 1211-1226 -> 1065-1070 ms, at 64 2640-2652 -> 1369-1396 ms (mean
 # 4373-4400 -> 3804-3820, p99 12.95-13.04 -> 12.42-12.43 s); output tok/s level (16: 260-264 vs
 # 262-263; 64: 286-288 vs 288-290).
-DEFAULT_STEP_TOKENS = {"cpu": 256, "cuda": 2048}
+DEFAULT_CPU_PREFILL_TOKENS = 256
+DEFAULT_CUDA_STEP_TOKENS = 2048  # every token of a step on CUDA (max_num_batched_tokens)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 Dtype = Literal["auto", "float32", "bfloat16"]
 
@@ -175,9 +175,9 @@ class EngineConfig(EngineOptions):
         """(max_num_batched_tokens, max_prefill_tokens) on `device`, defaults filled in."""
         kind = device.split(":")[0]
         if self.max_num_batched_tokens is None and kind == "cpu":
-            prefill = self.max_prefill_tokens or DEFAULT_STEP_TOKENS[kind]
+            prefill = self.max_prefill_tokens or DEFAULT_CPU_PREFILL_TOKENS
             return prefill + self.max_num_seqs, prefill
-        step = self.max_num_batched_tokens or DEFAULT_STEP_TOKENS[kind]
+        step = self.max_num_batched_tokens or DEFAULT_CUDA_STEP_TOKENS  # (set by the user, or CUDA's)
         prefill = self.max_prefill_tokens or step
         if prefill > step:
             which = "" if self.max_num_batched_tokens else f", the default on {kind}"
