@@ -154,3 +154,41 @@ def test_on_launch_runs_once_per_step_before_the_layers_write_the_cache(runner: 
         seen.clear()
         if len(steps) < 3:  # then two decode steps
             steps.append(BatchItem(sid, [out.sampled.token_ids[0]], item.start + len(item.token_ids), table, row()))
+
+
+def _huge_kib_at(addr: int) -> int:
+    """AnonHugePages (KiB) of this process's mapping that holds `addr`."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "AnonHugePages:":
+                return int(line.split()[1])
+    return 0
+
+
+def test_the_cpu_kv_cache_asks_for_huge_pages_before_its_first_touch(tiny_source: ModelSource) -> None:
+    """advise_huge_pages: a tensor advised before it is first written is backed by 2 MiB pages
+    where Linux hands them out on request (THP `madvise` or `always`); the KV cache of a CPU
+    Context is built that way and still starts as zeros."""
+    from pathlib import Path
+
+    from atomr_trio.executor.context import advise_huge_pages
+
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("no transparent huge pages on this system")
+    t = torch.empty(16 << 20, dtype=torch.uint8)  # 16 MiB: whole 2 MiB pages inside it
+    assert advise_huge_pages(t)
+    t.zero_()
+    assert _huge_kib_at(t.data_ptr()) >= 2048
+    assert not advise_huge_pages(torch.empty(0))
+    cfg = engine_config(dtype="float32", block_size=16, num_kv_blocks=2048, max_model_len=256,
+                        torch_threads=1).resolve(tiny_source.config)
+    kv = Context(tiny_source, cfg).runner.kv_cache
+    assert kv.numel() * kv.element_size() >= 8 << 20, "the test needs a cache of several huge pages"
+    assert _huge_kib_at(kv.data_ptr()) >= 2048
+    assert not kv.any()

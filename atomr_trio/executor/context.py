@@ -8,6 +8,7 @@ Worker's DeviceThread. A Context that failed stays failed (like a GPU after a st
 from __future__ import annotations
 
 import ctypes
+import mmap
 from collections.abc import Callable
 
 import torch
@@ -67,10 +68,13 @@ class Context:
             blocks = self.memory.blocks
         self.num_kv_blocks = blocks
         scratch = 1 if cuda else 0  # one block more on CUDA: the padding rows of graph replays write there
-        kv = torch.zeros(
+        kv = torch.empty(
             mc.num_layers, 2, mc.num_kv_heads, (blocks + scratch) * cfg.block_size, mc.head_dim,
             dtype=cfg.torch_dtype, device=cfg.device,
         )
+        if not cuda:
+            advise_huge_pages(kv)  # before the zeros below first touch its pages
+        kv.zero_()
         self.runner = ModelRunner(model, kv, cfg.block_size, sampler, table_op=table_op)
         if cuda and table_op is not None and not cfg.enforce_eager and model.graph_safe:
             graphs = DecodeGraphs(model, kv, cfg.block_size, table_op, capture_sizes(cfg.max_num_seqs),
@@ -106,6 +110,34 @@ class Context:
             return False
         probe = torch.ones(2, device=self.runner.kv_cache.device)
         return float(probe.sum().item()) == 2.0
+
+
+def advise_huge_pages(t: torch.Tensor) -> bool:
+    """Ask Linux to back a CPU tensor's memory with transparent huge pages (2 MiB) where the
+    system allows them on request (`/sys/kernel/mm/transparent_hugepage/enabled` is `madvise`,
+    the common default; with `always` they come anyway, with `never` not at all). Called on the
+    KV cache before its pages are first touched. Why: a decode step reads every sequence's
+    context through its block table, 2 KiB of keys (or values) per block and head for the default
+    model, so nearly every block read lands on a page whose address translation is not cached;
+    with 2 MiB pages a few hundred entries cover the whole cache. Measured on a 2-core AMD EPYC
+    with AVX512-BF16 (Zen 5), the default model's decode attention over 30 layers' caches, 64
+    sequences x 233 positions, blocks scattered, 3 alternated runs: 12.8-14.7 -> 10.1-10.4 ms;
+    a whole decode step of 64 sequences (context ~183, blocks scattered) 37.1-37.9 -> 35.8-36.2 ms
+    mean; on a 2-core Zen 2 (AVX2) ~0.7% faster. (The matmul weights are streamed in order and
+    measured level with huge pages.) Returns whether
+    the advice was taken; False where there is no such call (not Linux) or it is refused."""
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is None or t.device.type != "cpu" or t.numel() == 0:
+        return False
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError, TypeError):
+        return False
+    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    start = t.data_ptr()
+    page = mmap.PAGESIZE
+    aligned = start - start % page  # madvise takes whole pages (advice only: a shared first page is harmless)
+    return madvise(aligned, start + t.numel() * t.element_size() - aligned, advice) == 0
 
 
 def return_freed_heap() -> None:
