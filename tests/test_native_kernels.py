@@ -112,6 +112,15 @@ def test_a_slot_outside_the_cache_is_an_error_not_a_crash():
         _op()(q, kv, bad, lens, 0.125)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         _op()(q.half(), kv.half(), slots, lens, 0.125)
+    # bf16 (the AVX512-BF16 kernel asks for the rows of the units one and two ahead): a bad slot in
+    # any sequence, first, middle or last of a thread's run, is refused before anything reads it
+    q, kv, slots, lens = _paged_case(5, 20, 3, 3, 64, torch.bfloat16)
+    lens[:] = 20
+    for seq in range(5):
+        bad = slots.clone()
+        bad[seq * 20 + 3] = kv.shape[2] + 10**9  # far outside: a read there would crash, not return
+        with pytest.raises(RuntimeError, match="outside the cache"):
+            _op()(q, kv, bad, lens, 0.125)
 
 
 def _exact_prefill(q, kv, slots, scale, window=None, softcap=None):
