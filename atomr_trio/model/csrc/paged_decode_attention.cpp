@@ -57,7 +57,7 @@ struct Unit {
   int64_t len;
   T* out;              // [G, D]
   const Unit* next = nullptr;  // the unit this thread works on after this one, if any; its own
-                               // `next` is set too (the AVX512-BF16 kernel reads two units ahead)
+                               // `next` is set too, or nullptr (the AVX512-BF16 kernel reads two units ahead)
 };
 
 // The rows of a unit are gathered through its slots, which leaves the hardware prefetcher
@@ -71,7 +71,7 @@ struct Unit {
 // The AVX512-BF16 kernel also asks for the rows of the unit after next (locality 1, the T2 hint): it
 // computes fast enough that one unit of lead left it waiting on memory. Measured on a 2-core
 // AMD EPYC (Zen 5), 30 layers' caches on huge pages, 64 sequences x 233 positions, blocks
-// scattered, 3 alternated runs: 10.6-11.1 -> 9.6-10.1 ms (the AVX2 and portable kernels keep one).
+// scattered, 3 alternated runs: 10.6-11.1 -> 9.6-10.1 ms (the AVX2 kernel keeps one unit of lead).
 constexpr int kFarLocality = 1;
 template <int Locality, typename T>
 inline void prefetch_row(const T* base, int64_t slot, int64_t D) {
