@@ -72,8 +72,7 @@ class Context:
             mc.num_layers, 2, mc.num_kv_heads, (blocks + scratch) * cfg.block_size, mc.head_dim,
             dtype=cfg.torch_dtype, device=cfg.device,
         )
-        if not cuda:
-            advise_huge_pages(kv)  # before the zeros below first touch its pages
+        advise_huge_pages(kv)  # (CPU only) before the zeros below first touch its pages
         kv.zero_()
         self.runner = ModelRunner(model, kv, cfg.block_size, sampler, table_op=table_op)
         if cuda and table_op is not None and not cfg.enforce_eager and model.graph_safe:
@@ -131,11 +130,9 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
     if advice is None or t.device.type != "cpu" or t.numel() == 0:
         return False
-    try:
-        madvise = ctypes.CDLL(None).madvise
-    except (OSError, AttributeError, TypeError):
+    madvise = _libc("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int])
+    if madvise is None:
         return False
-    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
     storage = t.untyped_storage()  # all of the tensor's memory, whatever its strides
     start = storage.data_ptr()
     aligned = start - start % mmap.PAGESIZE  # whole pages (advice only: a shared first page is harmless)
@@ -148,9 +145,16 @@ def return_freed_heap() -> None:
     blocks, bf16 panels, int8 packing), and glibc keeps what those freed in its arenas. Measured
     on the default model right after loading: bf16 833 -> 721 MiB resident, int8 815 -> 595 MiB.
     Elsewhere (not glibc) nothing happens."""
+    trim = _libc("malloc_trim", [ctypes.c_size_t])
+    if trim is not None:
+        trim(0)
+
+
+def _libc(name: str, argtypes: list[type]) -> Callable[..., int] | None:
+    """The C library's function `name` (returning an int), or None where there is none."""
     try:
-        trim = ctypes.CDLL(None).malloc_trim
+        fn = getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError, TypeError):  # no C library by that call (Windows) or no such function
-        return
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    trim(0)
+        return None
+    fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    return fn

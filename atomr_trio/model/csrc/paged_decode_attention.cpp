@@ -185,6 +185,7 @@ struct Bf16 {
   void operator()(const Unit<c10::BFloat16>& u) {
     using atomr_vec::first_lanes;
     const int64_t len = u.len;
+    const Unit<c10::BFloat16>* far = u.next != nullptr ? u.next->next : nullptr;  // the unit after next
     __m512bh qv[G][NK];
     for (int g = 0; g < G; ++g)
       for (int i = 0; i < NK; ++i) qv[g][i] = (__m512bh)_mm512_loadu_si512(u.q + g * D + i * 32);
@@ -203,8 +204,7 @@ struct Bf16 {
         const c10::BFloat16* k = u.k + u.slots[l0 + i] * D;
         prefetch_row<3>(u.v, u.slots[l0 + i], D);
         if (u.next != nullptr && l0 + i < u.next->len) prefetch_row<2>(u.next->k, u.next->slots[l0 + i], D);
-        if (u.next != nullptr && u.next->next != nullptr && l0 + i < u.next->next->len)
-          prefetch_row<kFarLocality>(u.next->next->k, u.next->next->slots[l0 + i], D);
+        if (far != nullptr && l0 + i < far->len) prefetch_row<kFarLocality>(far->k, far->slots[l0 + i], D);
         __m512bh kv[NK];
         for (int j = 0; j < NK; ++j) kv[j] = (__m512bh)_mm512_loadu_si512(k + j * 32);
         for (int g = 0; g < G; ++g) {
@@ -249,8 +249,7 @@ struct Bf16 {
     for (int64_t l = 0; l < len; ++l) {
       const c10::BFloat16* v = u.v + u.slots[l] * D;
       if (u.next != nullptr && l < u.next->len) prefetch_row<2>(u.next->v, u.next->slots[l], D);
-      if (u.next != nullptr && u.next->next != nullptr && l < u.next->next->len)
-        prefetch_row<kFarLocality>(u.next->next->v, u.next->next->slots[l], D);
+      if (far != nullptr && l < far->len) prefetch_row<kFarLocality>(far->v, far->slots[l], D);
       __m512 vf[NA];
       for (int i = 0; i < NA; ++i) vf[i] = atomr_vec::load_bf16(v + i * 16);
       for (int g = 0; g < G; ++g) {
