@@ -298,3 +298,14 @@ def test_the_haswell_build_passes_the_kernel_tests():
     tests = [str(here), f"{here.with_name('test_gemma.py')}::test_native_decode_window",
              str(here.with_name("test_decode_layers.py"))]
     assert_tests_pass_on_build("haswell", tests, "not haswell", timeout=500)
+
+
+def test_an_empty_arch_variable_builds_for_this_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ATOMR_TRIO_NATIVE_ARCH= cmd` (set but empty) is the default, this CPU, not `-march=`
+    (which fails to build, leaving every kernel unavailable)."""
+    monkeypatch.setenv("ATOMR_TRIO_NATIVE_ARCH", "")
+    assert native.march() == "native"
+    monkeypatch.setenv("ATOMR_TRIO_NATIVE_ARCH", "haswell")
+    assert native.march() == "haswell"
+    monkeypatch.delenv("ATOMR_TRIO_NATIVE_ARCH")
+    assert native.march() == "native"

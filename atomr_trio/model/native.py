@@ -211,8 +211,9 @@ def require(result: Probed, what: str) -> Kernels:
 
 def march() -> str:
     """The -march the kernels are built for: this CPU unless ATOMR_TRIO_NATIVE_ARCH names another
-    (e.g. `haswell` builds what an AVX2-only machine gets, to test that build anywhere)."""
-    return os.environ.get("ATOMR_TRIO_NATIVE_ARCH", "native")
+    (e.g. `haswell` builds what an AVX2-only machine gets, to test that build anywhere); set but
+    empty (`ATOMR_TRIO_NATIVE_ARCH= cmd`) means this CPU too, not an empty `-march=`."""
+    return os.environ.get("ATOMR_TRIO_NATIVE_ARCH") or "native"
 
 
 def _load() -> Kernels | None:
