@@ -98,6 +98,51 @@ async def test_bench_serve_counts_tokens_itself_when_the_server_sends_no_usage(t
     assert s["itl_ms"]["median"] >= 5  # three gaps of ~10 ms per request
 
 
+async def _serve_raw(reply: bytes, byte_by_byte: bool) -> tuple[bench_serve.RequestResult, bytes]:
+    """One bench request against a server that answers `reply` (one byte per send when asked)."""
+    seen = []
+
+    async def handle(stream: trio.SocketStream) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await stream.receive_some()
+        seen.append(data)
+        for i in range(len(reply)) if byte_by_byte else [None]:
+            await stream.send_all(reply if i is None else reply[i:i + 1])
+            await trio.sleep(0)
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        res = await bench_serve.one_request(f"http://127.0.0.1:{port}/v1/completions?x=1", {"prompt": "hi"},
+                                            {"Authorization": "Bearer k"})
+        nursery.cancel_scope.cancel()
+    return res, seen[0]
+
+
+async def test_bench_serve_reads_events_split_anywhere_and_crlf_lines() -> None:
+    """An SSE event may arrive in pieces (here a byte per read), its lines ended by CRLF, in a
+    chunked body: every chunk is still read once, in order, and its usage counted."""
+    events = [{"choices": [{"index": 0, "text": t}]} for t in ("Hel", "lo", "!")]
+    events.append({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 3}})
+    sse = b"".join(b"data: " + json.dumps(e).encode() + b"\r\n\r\n" for e in events) + b"data: [DONE]\r\n\r\n"
+    body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(sse), sse)
+    reply = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n" + body
+    res, request = await _serve_raw(reply, byte_by_byte=True)
+    assert res.ok and res.error == ""
+    assert res.text == "Hello!" and len(res.itl) == 2
+    assert (res.prompt_tokens, res.output_tokens) == (5, 3)
+    assert request.startswith(b"POST /v1/completions?x=1 HTTP/1.1\r\n") and b"authorization: bearer k" in request.lower()
+
+
+async def test_bench_serve_reports_an_http_error_as_a_failed_request() -> None:
+    reply = (b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\ncontent-length: 19\r\n\r\n"
+             b'{"error": "full"}\r\n')
+    res, _ = await _serve_raw(reply, byte_by_byte=False)
+    assert not res.ok and res.error.startswith("HTTP 429") and "full" in res.error
+
+
 @pytest.mark.real_model
 def test_random_prompts_encode_to_the_length_asked_for() -> None:
     tok = ModelSource.open(None).tokenizer  # the default model's (a real BPE vocabulary)
