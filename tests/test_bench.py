@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import ssl
 import subprocess
 import sys
 from functools import partial
@@ -98,25 +100,29 @@ async def test_bench_serve_counts_tokens_itself_when_the_server_sends_no_usage(t
     assert s["itl_ms"]["median"] >= 5  # three gaps of ~10 ms per request
 
 
-async def _serve_raw(reply: bytes, byte_by_byte: bool) -> tuple[bench_serve.RequestResult, bytes]:
-    """One bench request against a server that answers `reply` (one byte per send when asked)."""
+async def _serve_raw(reply: bytes, byte_by_byte: bool, url: str = "http://127.0.0.1:{port}/v1/completions?x=1",
+                     server_ssl: ssl.SSLContext | None = None) -> tuple[bench_serve.RequestResult, bytes]:
+    """One bench request against a server that answers `reply` (one byte per send when asked),
+    then closes the connection (over TLS with `server_ssl`, without close_notify)."""
     seen = []
 
     async def handle(stream: trio.SocketStream) -> None:
+        conn: trio.abc.Stream = stream
+        if server_ssl is not None:
+            conn = trio.SSLStream(stream, server_ssl, server_side=True)
         data = b""
         while b"\r\n\r\n" not in data:
-            data += await stream.receive_some()
+            data += await conn.receive_some()
         seen.append(data)
         for i in range(len(reply)) if byte_by_byte else [None]:
-            await stream.send_all(reply if i is None else reply[i:i + 1])
+            await conn.send_all(reply if i is None else reply[i:i + 1])
             await trio.sleep(0)
-        await stream.aclose()
+        await stream.aclose()  # the TCP stream: no TLS close_notify, as many HTTPS servers
 
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
         port = listeners[0].socket.getsockname()[1]
-        res = await bench_serve.one_request(f"http://127.0.0.1:{port}/v1/completions?x=1", {"prompt": "hi"},
-                                            {"Authorization": "Bearer k"})
+        res = await bench_serve.one_request(url.format(port=port), {"prompt": "hi"}, {"Authorization": "Bearer k"})
         nursery.cancel_scope.cancel()
     return res, seen[0]
 
@@ -142,6 +148,51 @@ async def test_bench_serve_reports_an_http_error_as_a_failed_request() -> None:
              b'{"error": "full"}\r\n')
     res, _ = await _serve_raw(reply, byte_by_byte=False)
     assert not res.ok and res.error.startswith("HTTP 429") and "full" in res.error
+
+
+_CLOSE_DELIMITED = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+                    b": keep-alive\n\nevent: x\ndata:{\"choices\": [{\"index\": 0, \"text\": \"a\"}]}\n\n"
+                    b'data: {"choices": [{"index": 0, "text": "b"}]}')  # the last event without its blank line
+
+
+async def test_bench_serve_reads_a_body_that_ends_at_the_close() -> None:
+    """A body that runs to the connection's close (llama.cpp's server, HTTP/1.0 style): comments
+    and other fields skipped, `data:` without its space read, a last event without its blank line
+    kept."""
+    res, _ = await _serve_raw(_CLOSE_DELIMITED, byte_by_byte=False)
+    assert res.ok and res.text == "ab" and len(res.itl) == 1
+
+
+async def test_bench_serve_over_https_reads_a_body_that_ends_without_close_notify(tmp_path: Path,
+                                                                                monkeypatch) -> None:
+    """Over TLS a server may close without close_notify; the body still ends there, as HTTPS
+    clients (httpx, browsers) accept, instead of failing every request."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ssl.load_cert_chain(cert, key)
+    monkeypatch.setattr(bench_serve, "_ssl_context", lambda: ssl.create_default_context(cafile=str(cert)))
+    res, _ = await _serve_raw(_CLOSE_DELIMITED, byte_by_byte=False, url="https://localhost:{port}/v1/completions",
+                              server_ssl=server_ssl)
+    assert res.ok and res.text == "ab", res.error
+
+
+async def test_bench_serve_without_text_says_so() -> None:
+    reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+    res, _ = await _serve_raw(reply, byte_by_byte=False)
+    assert not res.ok and res.error == "the stream carried no text"
+
+
+def test_bench_serve_refuses_a_base_url_without_scheme_or_host() -> None:
+    p = argparse.ArgumentParser()
+    bench_serve.add_arguments(p)
+    for bad in ("localhost:8000", "ftp://h/", "http:///v1"):
+        with pytest.raises(SystemExit, match="--base-url"):
+            trio.run(bench_serve.run, p.parse_args(["--base-url", bad, "--num-prompts", "1"]))
 
 
 @pytest.mark.real_model
