@@ -66,8 +66,7 @@ def _ssl_context() -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
-async def _connect(url: SplitResult) -> trio.abc.Stream:
-    host = url.hostname or "127.0.0.1"
+async def _connect(url: SplitResult, host: str) -> trio.abc.Stream:
     if url.scheme == "https":
         # https_compatible: a server may close without TLS close_notify, which ends a body that
         # runs to the connection's close (as HTTPS clients accept)
@@ -121,7 +120,7 @@ async def one_request(url: str, body: dict[str, Any], headers: dict[str, str]) -
                 last = now
 
     try:
-        async with await _connect(target) as stream:
+        async with await _connect(target, host) as stream:
             await stream.send_all(b"".join(conn.send(e) or b"" for e in (request, h11.Data(data=payload),
                                                                         h11.EndOfMessage())))
             status, pending, error = 0, b"", b""
