@@ -79,7 +79,7 @@ SOURCES = (CSRC / "paged_decode_attention.cpp", CSRC / "norm_rope.cpp", CSRC / "
            CSRC / "linear_int8.cpp", CSRC / "quant_matmul.cpp", CSRC / "prefill_attention.cpp",
            CSRC / "decode_layers.cpp", CSRC / "sampling.cpp")
 # included by the sources: part of the build key too
-HEADERS = (CSRC / "vec_avx512.h", CSRC / "vec_avx2.h", CSRC / "vec_wide.h", CSRC / "ops.h")
+HEADERS = (CSRC / "vec_avx512.h", CSRC / "vec_avx2.h", CSRC / "vec_wide.h", CSRC / "ops.h", CSRC / "prefetch.h")
 DTYPES = (torch.float32, torch.bfloat16)  # what the kernels compute in
 
 

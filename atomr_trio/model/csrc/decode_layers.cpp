@@ -16,7 +16,9 @@
 // updated in place). Each matrix is the packed bf16 panels of linear.py (`Linear.panels`; its
 // entry in `qtypes` is -1), the int8 panels of int8.py (also `Linear.panels`; -2) or GGUF blocks
 // (quantized.py's `QuantLinear`; its GGML type),
-// `qtypes` holding 4 entries per layer: q|k|v, o, gate|up, down.
+// `qtypes` holding 4 entries per layer: q|k|v, o, gate|up, down. Where two matrices in a row are
+// bf16 panels with no attention between them (o -> gate|up -> down -> the next layer's q|k|v), the
+// first matmul is told the second, whose first panels it asks for as it ends (linear_bf16.cpp).
 // Measured level and not taken: splitting the rows between the threads, each running every layer
 // on its own rows with one-thread kernels (no barrier between ops; the second reads each layer's
 // weights from L3): 64 sequences (2-core Zen 5) 32.2-36.1 ms a step vs 32.2-34.2 split by
@@ -51,15 +53,20 @@ at::Tensor decode_layers(at::Tensor h, const at::Tensor& positions, const at::Te
                   static_cast<int64_t>(windows.size()) == L && static_cast<int64_t>(qtypes.size()) == 4 * L,
               "one entry per layer in every list (four in qtypes)");
   const int64_t hidden = h.size(1), hd = kv_cache.size(4), n_qkv = (nq + 2 * nkv) * hd;
+  // `w`, the matrix multiplied after matrix j, where both are bf16 panels: matrix j's matmul asks
+  // for w's first panels as it ends
+  auto then = [&](int64_t j, const at::Tensor& w) -> const at::Tensor* {
+    return qtypes[j] == kBf16Panels && qtypes[j + 1] == kBf16Panels ? &w : nullptr;
+  };
   // x times matrix j of layer i (n outputs, k inputs): bf16 panels, int8 panels or GGUF blocks
   auto linear = [&](const at::Tensor& x, const at::Tensor& w, int64_t j, int64_t n, int64_t k,
-                    const std::optional<at::Tensor>& bias) {
-    if (qtypes[j] == kBf16Panels) return atomr_ops::linear_bf16(x, w, n, bias);
+                    const std::optional<at::Tensor>& bias, const at::Tensor* next = nullptr) {
+    if (qtypes[j] == kBf16Panels) return atomr_ops::linear_bf16(x, w, n, bias, next);
     if (qtypes[j] == kInt8Panels) return atomr_ops::int8_linear(x, w, n, bias);
     return atomr_ops::quant_linear(x, w, qtypes[j], k, bias);
   };
-  auto silu_mul = [&](const at::Tensor& x, const at::Tensor& w, int64_t j) {
-    if (qtypes[j] == kBf16Panels) return atomr_ops::linear_silu_mul_bf16(x, w, ff);
+  auto silu_mul = [&](const at::Tensor& x, const at::Tensor& w, int64_t j, const at::Tensor* next) {
+    if (qtypes[j] == kBf16Panels) return atomr_ops::linear_silu_mul_bf16(x, w, ff, next);
     if (qtypes[j] == kInt8Panels) return atomr_ops::int8_linear_silu_mul(x, w, ff);
     return atomr_ops::quant_linear_silu_mul(x, w, qtypes[j], hidden);
   };
@@ -74,9 +81,11 @@ at::Tensor decode_layers(at::Tensor h, const at::Tensor& positions, const at::Te
     at::Tensor attn = atomr_ops::paged_decode_attention(qk.narrow(1, 0, nq), kv, dslots, dlens, scale, window,
                                                         std::nullopt)
                           .view({-1, nq * hd});
-    x = atomr_ops::add_rms_norm_(h, linear(attn, o[i], 4 * i + 1, hidden, nq * hd, std::nullopt), post_norm[i], eps);
-    at::Tensor act = silu_mul(x, gate_up[i], 4 * i + 2);
-    delta = linear(act, down[i], 4 * i + 3, hidden, ff, std::nullopt);
+    x = atomr_ops::add_rms_norm_(
+        h, linear(attn, o[i], 4 * i + 1, hidden, nq * hd, std::nullopt, then(4 * i + 1, gate_up[i])), post_norm[i],
+        eps);
+    at::Tensor act = silu_mul(x, gate_up[i], 4 * i + 2, then(4 * i + 2, down[i]));
+    delta = linear(act, down[i], 4 * i + 3, hidden, ff, std::nullopt, i + 1 < L ? then(4 * i + 3, qkv[i + 1]) : nullptr);
   }
   return delta.has_value() ? h.add_(*delta) : h;
 }

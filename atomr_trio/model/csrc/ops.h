@@ -12,8 +12,11 @@
 
 namespace atomr_ops {
 
-at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& wp, int64_t n, const c10::optional<at::Tensor>& bias);
-at::Tensor linear_silu_mul_bf16(const at::Tensor& x, const at::Tensor& wp, int64_t n);
+// next (optional): the packed bf16 weight of the matmul that runs after this one; in the
+// AVX512-BF16 build each thread asks for its first panel of it while finishing its own last one.
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& wp, int64_t n, const c10::optional<at::Tensor>& bias,
+                       const at::Tensor* next = nullptr);
+at::Tensor linear_silu_mul_bf16(const at::Tensor& x, const at::Tensor& wp, int64_t n, const at::Tensor* next = nullptr);
 // The same matmuls over a weight given panel by panel: fill(i, dst) writes panel i of the packed
 // layout into dst: [k/2][cols] int32, each the bf16 pair of inputs 2p (low half) and 2p + 1 of one
 // output column, cols = kLinearPanelCols (outputs 48i .. 48i + 47) for linear_bf16_filled and
