@@ -1,6 +1,7 @@
 """The ModelRunner on the tiny model, fast enough for `make test-fast`: a prompt computed in
 chunks gives the same logits and greedy tokens as one unchunked prefill, and a batch mixing
-decodes, a first chunk and a later chunk gives each sequence what it gets alone. Both with the
+decodes, a first chunk and a later chunk gives each sequence what it gets alone, and decode steps
+give what one prefill of the same tokens gives. Both with the
 native CPU kernels (when they load) and on the plain torch path."""
 
 from __future__ import annotations
@@ -135,6 +136,29 @@ def test_a_mixed_batch_gives_each_sequence_what_it_gets_alone(runner: Runner) ->
         tok, logits = mixed[item.seq_id]
         assert tok == tok_alone
         torch.testing.assert_close(logits, logits_alone, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_steps_give_what_one_prefill_of_the_same_tokens_gives(runner: Runner) -> None:
+    """Two sequences of different lengths decode together, their blocks interleaved in the cache;
+    each step's logits are those of one prefill of the same tokens in fresh blocks (the decode
+    rows' positions, cache slots and context tables are built right)."""
+    r = runner
+    seqs = []
+    for salt, n in ((5, 9), (6, 14)):
+        sid, table = r.new_seq()
+        seqs.append((sid, table, prompt_of(n, salt)))
+    firsts = [r.step([BatchItem(sid, p, 0, table, row())])[sid][0] for sid, table, p in seqs]
+    tokens = [p + [t] for (_, _, p), t in zip(seqs, firsts, strict=True)]
+    for _ in range(4):
+        out = r.step([BatchItem(sid, [toks[-1]], len(toks) - 1, table, row())
+                      for (sid, table, _), toks in zip(seqs, tokens, strict=True)])
+        for (sid, _, _), toks in zip(seqs, tokens, strict=True):
+            tok, logits = out[sid]
+            fresh, table = r.new_seq()
+            ((want_tok, want_logits),) = r.step([BatchItem(fresh, toks, 0, table, row())]).values()
+            assert tok == want_tok
+            torch.testing.assert_close(logits, want_logits, atol=1e-4, rtol=1e-4)
+            toks.append(tok)
 
 
 def test_on_launch_runs_once_per_step_before_the_layers_write_the_cache(runner: Runner) -> None:
