@@ -14,7 +14,12 @@ from conftest import worker_of
 from test_hf_dir import write_tiny_model
 
 from atomr_trio import LLM, SamplingParams
+from atomr_trio.async_llm import engine_config
+from atomr_trio.executor.context import Context
+from atomr_trio.executor.model_runner import BatchItem, StepBatch
+from atomr_trio.executor.sampler import SampleRow
 from atomr_trio.model import cpu_kernels, llama, native
+from atomr_trio.model_source import ModelSource
 
 PROMPTS = ["hello there", "a longer prompt that spans more than one block of sixteen tokens", "x", "1 2 3"]
 PARAMS = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=3)
@@ -70,6 +75,29 @@ def test_fused_decode_gives_the_python_loops_tokens_and_logprobs(tiny_dir: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     fused = _fused_equals_loop(tiny_dir, monkeypatch)
     assert set(fused.qtypes) == {-1}  # every matrix on the bf16 panels
+
+
+def test_fused_decode_of_many_rows(tiny_dir: Path) -> None:
+    """A decode step of 12 rows (more than one tile of rows: each matmul asks for its next panels
+    and, in the fused call, for the next matmul's first ones, linear_bf16.cpp): the fused call's
+    hidden states are the Python loop's, bit for bit. (At the model's forward, not through LLM:
+    two LLM runs of 12 prompts were seen to differ in their bits, with either path.)"""
+    _needs_native()
+    source = ModelSource.open(str(tiny_dir))
+    cfg = engine_config(dtype="bfloat16", max_model_len=256, num_kv_blocks=64).resolve(source.config)
+    runner = Context(source, cfg).runner
+    model = runner.model
+    assert model.fused_decode is not None
+    row = SampleRow(SamplingParams(temperature=0.0), None, None, None, 0)
+    rows = 12
+    tables = [[2 * i, 2 * i + 1] for i in range(rows)]
+    runner.execute(StepBatch([BatchItem(i, [(7 * i + 3 * j) % 200 + 3 for j in range(10)], 0, tables[i], row)
+                              for i in range(rows)]))
+    ids, positions, meta, _ = runner._prepare([BatchItem(i, [i + 5], 10, tables[i], row) for i in range(rows)])
+    fused = model.forward(ids, positions, meta, runner.kv_cache).clone()
+    model.fused_decode = None
+    loop = model.forward(ids, positions, meta, runner.kv_cache)
+    assert torch.equal(fused, loop)
 
 
 def test_fused_decode_over_int8_panels(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -139,17 +139,21 @@ def test_a_mixed_batch_gives_each_sequence_what_it_gets_alone(runner: Runner) ->
 
 
 def test_decode_steps_give_what_one_prefill_of_the_same_tokens_gives(runner: Runner) -> None:
-    """Two sequences of different lengths decode together, their blocks interleaved in the cache;
-    each step's logits are those of one prefill of the same tokens in fresh blocks (the decode
-    rows' positions, cache slots and context tables are built right)."""
+    """Two sequences of different lengths decode together, their blocks interleaved in the cache
+    and each table only as long as its sequence needs (the shorter one padded in the step's
+    context table); each step's logits are those of one prefill of the same tokens in fresh
+    blocks (the decode rows' positions, cache slots and context tables are built right)."""
     r = runner
+    steps = 4
+    blocks = [next(r._next_block) for _ in range(10)]
     seqs = []
-    for salt, n in ((5, 9), (6, 14)):
-        sid, table = r.new_seq()
-        seqs.append((sid, table, prompt_of(n, salt)))
+    for salt, n, table in ((5, 9, blocks[0::2]), (6, 14, blocks[1::2])):
+        table = table[: -(-(n + steps + 1) // BS)]
+        seqs.append((next(r._next_seq), table, prompt_of(n, salt)))
+    assert len(seqs[0][1]) < len(seqs[1][1])
     firsts = [r.step([BatchItem(sid, p, 0, table, row())])[sid][0] for sid, table, p in seqs]
     tokens = [p + [t] for (_, _, p), t in zip(seqs, firsts, strict=True)]
-    for _ in range(4):
+    for _ in range(steps):
         out = r.step([BatchItem(sid, [toks[-1]], len(toks) - 1, table, row())
                       for (sid, table, _), toks in zip(seqs, tokens, strict=True)])
         for (sid, _, _), toks in zip(seqs, tokens, strict=True):

@@ -230,7 +230,7 @@ class ModelRunner:
             ctx_lens = np.array([d.start + 1 for d in decodes], dtype=np.int64)
             L = int(ctx_lens.max())  # the longest context among them
             width = -(-L // bs)  # padding reads block 0, masked
-            table = np.array([d.block_table[:width] + [0] * (width - len(d.block_table)) for d in decodes],
+            table = np.array([list(d.block_table[:width]) + [0] * (width - len(d.block_table)) for d in decodes],
                              dtype=np.int64)
             np.maximum(table, 0, out=table)
             decode_slots = self._on_device(torch.from_numpy(_slots(table, np.arange(L), bs).reshape(-1)))

@@ -70,7 +70,7 @@ struct Panels {
   const int32_t* packed = nullptr;               // [count][pairs][PW * 16] int32, or nullptr
   const atomr_ops::PanelFill* fill = nullptr;    // else this
   int64_t count = 0, pairs = 0;
-  // The packed weight of the matmul that runs next, if known (a decode step's layers): its
+  // The packed bf16 weight of the matmul that runs next, if known (a decode step's layers): its
   // panels, their count and size in bytes.
   const char* next = nullptr;
   int64_t next_count = 0, next_bytes = 0;
@@ -78,6 +78,9 @@ struct Panels {
   static Panels of(const at::Tensor& wp, const at::Tensor* next = nullptr) {
     Panels p{reinterpret_cast<const int32_t*>(wp.data_ptr<at::BFloat16>()), nullptr, wp.size(0), wp.size(1)};
     if (next != nullptr) {
+      TORCH_CHECK(next->dim() == 4 && next->size(0) > 0 && next->scalar_type() == at::kBFloat16 &&
+                      next->is_contiguous(),
+                  "the next matmul's weight must be packed bf16 panels, got ", next->sizes());
       p.next = reinterpret_cast<const char*>(next->data_ptr<at::BFloat16>());
       p.next_count = next->size(0);
       p.next_bytes = next->numel() / next->size(0) * 2;
@@ -159,7 +162,8 @@ void matmul(const at::Tensor& x, const Panels& src, Epilogue&& epilogue) {
     alignas(64) float c[kMaxRows * PW * kCols];
     std::vector<int32_t> own;
     const int64_t tiles = (M + kMaxRows - 1) / kMaxRows;
-    // this thread's first panel of the next matmul (at::parallel_for's split: runs of ceil(n / threads))
+    // this thread's first panel of the next matmul (at::parallel_for's split: runs of ceil(n / threads),
+    // threads as at::get_num_threads() says; a team that OpenMP shrank would only ask for the wrong panel)
     const int64_t threads = at::get_num_threads(), tid = at::get_thread_num();
     const int64_t next_first = tid * ((src.next_count + threads - 1) / threads);
     const char* after = src.next != nullptr && next_first < src.next_count ? src.next + next_first * src.next_bytes

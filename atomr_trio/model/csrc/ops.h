@@ -13,7 +13,8 @@
 namespace atomr_ops {
 
 // next (optional): the packed bf16 weight of the matmul that runs after this one; in the
-// AVX512-BF16 build each thread asks for its first panel of it while finishing its own last one.
+// AVX512-BF16 build, with more than one tile of rows (9+), each thread asks for its first panel of
+// it while finishing its own last one.
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& wp, int64_t n, const c10::optional<at::Tensor>& bias,
                        const at::Tensor* next = nullptr);
 at::Tensor linear_silu_mul_bf16(const at::Tensor& x, const at::Tensor& wp, int64_t n, const at::Tensor* next = nullptr);

@@ -12,20 +12,19 @@ namespace atomr_prefetch {
 struct Ask {
   const char* from = nullptr;
   int64_t lines = 0;
-  int64_t owed = 0;  // lines * (iterations so far) not yet asked for, in units of 1 / steps
+  int64_t asked = 0;  // lines asked for so far
+  int64_t owed = 0;   // lines * (iterations so far) not yet asked for, in units of 1 / steps
 
   void on(int64_t steps) {
-    for (owed += lines; owed >= steps; owed -= steps) {
-      __builtin_prefetch(from, 0, 2);
-      from += 64;
-    }
+    for (owed += lines; owed >= steps; owed -= steps) __builtin_prefetch(from + 64 * asked++, 0, 2);
   }
 };
 
-// Part `part` of `parts` of the `bytes` from `from` (whole lines; the parts together cover them all).
+// Part `part` of `parts` of the lines holding the `bytes` from `from` (the parts together cover
+// every line once).
 inline Ask share(const void* from, int64_t bytes, int64_t part, int64_t parts) {
   if (from == nullptr || parts <= 0) return {};
-  const int64_t lines = bytes / 64, first = lines * part / parts;
+  const int64_t lines = (bytes + 63) / 64, first = lines * part / parts;
   return {static_cast<const char*>(from) + first * 64, lines * (part + 1) / parts - first};
 }
 
