@@ -81,7 +81,8 @@ def test_fused_decode_of_many_rows(tiny_dir: Path) -> None:
     """A decode step of 12 rows (more than one tile of rows: each matmul asks for its next panels
     and, in the fused call, for the next matmul's first ones, linear_bf16.cpp): the fused call's
     hidden states are the Python loop's, bit for bit. (At the model's forward, not through LLM:
-    two LLM runs of 12 prompts were seen to differ in their bits, with either path.)"""
+    there how many of 12 prompts the first step takes depends on when they arrive, which moves
+    where the 256-token prompt budget cuts a prompt into chunks, and with it the prompt's bits.)"""
     _needs_native()
     source = ModelSource.open(str(tiny_dir))
     cfg = engine_config(dtype="bfloat16", max_model_len=256, num_kv_blocks=64).resolve(source.config)
