@@ -170,12 +170,15 @@ void matmul(const at::Tensor& x, const Panels& src, Epilogue&& epilogue) {
                                                                             : nullptr;
     for (int64_t panel = begin; panel < end; ++panel) {
       const int32_t* w = src.at(panel, panel_size, own);
-      // the panel this thread reads next: its own next one, or the next matmul's first (a packed
-      // weight only: a filled panel's successor does not exist yet)
-      const char* ahead = src.packed == nullptr ? nullptr
-                          : panel + 1 < end     ? reinterpret_cast<const char*>(w + panel_size)
-                                                : after;
-      const int64_t bytes = tiles > 1 ? (panel + 1 < end ? panel_size * 4 : src.next_bytes) : 0;
+      // what the tiles ask for: the panel this thread reads next, its own next one or the next
+      // matmul's first (a packed weight only: a filled panel's successor does not exist yet)
+      const char* ahead = nullptr;
+      int64_t bytes = 0;
+      if (tiles > 1 && src.packed != nullptr) {
+        const bool own = panel + 1 < end;
+        ahead = own ? reinterpret_cast<const char*>(w + panel_size) : after;
+        bytes = own ? panel_size * 4 : src.next_bytes;
+      }
       for (int64_t t = 0; t < tiles; ++t) {
         const int64_t m0 = t * kMaxRows;
         const int mt = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
