@@ -36,6 +36,9 @@ class RecordingSampler:
         self.logits = logits.clone()
         return self.sampler(logits, rows)
 
+    def takes_argmax(self, rows: list[SampleRow]) -> bool:
+        return False  # every step through logits, which it records
+
 
 class Runner:
     """A Context with fresh blocks handed out per sequence, and a step that returns
@@ -224,3 +227,44 @@ def test_the_cpu_kv_cache_asks_for_huge_pages_before_its_first_touch(tiny_source
     assert kv.numel() * kv.element_size() >= 64 << 20, "the test needs a cache past glibc's mmap threshold"
     assert _huge_kib_at(kv.data_ptr()) >= 2048
     assert not kv.any()
+
+
+def test_greedy_steps_take_the_lm_heads_argmax_and_the_same_tokens(tiny_source: ModelSource) -> None:
+    """bf16 on the native matmul: a step whose rows are all plain greedy takes the lm_head's argmax
+    (`greedy_tokens`; the logits are never computed) and samples what the logits path samples; a
+    row that asks for logprobs, or may not stop yet, sends the step through logits and the sampler."""
+    cfg = engine_config(dtype="bfloat16", block_size=BS, num_kv_blocks=256, max_model_len=256,
+                        torch_threads=2).resolve(tiny_source.config)
+    ctx = Context(tiny_source, cfg)
+    runner = ctx.runner
+    if not runner.model.lm_head.has_argmax:
+        pytest.skip("no native bf16 matmul here: the lm_head has no argmax kernel")
+    calls = {"logits": 0, "greedy": 0}
+    logits, greedy = runner.model.logits, runner.model.greedy_tokens
+
+    def counting(name: str, f: Any) -> Any:
+        def g(*a: Any) -> Any:
+            calls[name] += 1
+            return f(*a)
+        return g
+
+    runner.model.logits = counting("logits", logits)  # type: ignore[method-assign]
+    runner.model.greedy_tokens = counting("greedy", greedy)  # type: ignore[method-assign]
+
+    def step(params: list[SamplingParams]) -> list[int]:  # fresh prompts, each step in the same blocks
+        blocks = itertools.count()
+        items = [BatchItem(i, prompt_of(9 + i, i), 0, [next(blocks) for _ in range(6)],
+                           SampleRow(p, None, None, None, 0)) for i, p in enumerate(params)]
+        return runner.execute(StepBatch(items)).sampled.token_ids
+
+    plain = step([GREEDY] * 12)
+    assert calls == {"logits": 0, "greedy": 1}
+    with_logprobs = step([GREEDY] * 11 + [SamplingParams(temperature=0, logprobs=1)])
+    assert calls == {"logits": 1, "greedy": 1}
+    assert with_logprobs == plain
+    # min_tokens forbids EOS in the first outputs: the sampler must see the logits
+    step([SamplingParams(temperature=0, min_tokens=2)] * 12)
+    assert calls == {"logits": 2, "greedy": 1}
+    # unless the row ignores EOS and has no stop tokens: nothing is forbidden
+    assert step([SamplingParams(temperature=0, min_tokens=2, ignore_eos=True)] * 12) == plain
+    assert calls == {"logits": 2, "greedy": 2}

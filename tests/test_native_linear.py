@@ -4,6 +4,7 @@ every row count and shape, silu(gate) * up in one pass, clear errors on bad inpu
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -34,7 +35,7 @@ def _native_linear(w: torch.Tensor, bias: torch.Tensor | None = None, gate_up: b
     k = _matmul_kernels()
     assert k.linear is not None and k.linear_silu_mul is not None
     lin = Linear(w, bias, gate_up=gate_up)
-    assert lin.pack_native(k.linear, k.linear_silu_mul)
+    assert lin.pack_native(k.linear, k.linear_silu_mul, k.linear_argmax)
     return lin
 
 
@@ -131,6 +132,7 @@ WIDE_ROWS = (1, 2, 3, 4, 5, 7, 8, 9, 17, 64, 65, 67, 68, 69)
 WIDE_SHAPES = ((100, 34), (61, 194), (40, 578), (1541, 2))
 WIDE_SCRIPT = r"""
 import json
+import math
 import torch
 import torch.nn.functional as F
 from atomr_trio.model import native
@@ -154,14 +156,14 @@ for rows in ROWS:
         b = torch.randn(n, generator=g).to(torch.bfloat16)
         x = torch.randn(rows, kin, generator=g).to(torch.bfloat16)
         lin = Linear(w.clone(), b)
-        assert lin.pack_native(k.linear, k.linear_silu_mul)
+        assert lin.pack_native(k.linear, k.linear_silu_mul, k.linear_argmax)
         xd, wd = x.double(), w.double()
         exact = xd @ wd.T + b.double()
         err32 = 2 * (kin + 1) * 2.0**-24 * (xd.abs() @ wd.abs().T + b.double().abs())
         out[f"linear {rows}x{kin}->{n}"] = excess(lin(x), exact, bound(exact, err32))
         gate_up = torch.cat([w, w.roll(1, 0)]).contiguous()
         lin = Linear(gate_up.clone(), gate_up=True)
-        assert lin.pack_native(k.linear, k.linear_silu_mul)
+        assert lin.pack_native(k.linear, k.linear_silu_mul, k.linear_argmax)
         both = xd @ gate_up.double().T
         gate, up = both[:, :n], both[:, n:]
         exact = F.silu(gate) * up
@@ -239,3 +241,58 @@ def test_a_big_input_gives_the_bits_of_a_small_one(widened_excess: dict[str, Any
     """700 rows x 1538 inputs, past what each thread widens for itself (the threads then widen
     one shared copy together): its first 64 and last 70 rows give the same bits as those rows alone."""
     assert widened_excess[f"shared copy {op}"]
+
+
+def _argmax_case(rows: int, n: int, seed: int) -> tuple[Linear, torch.Tensor, torch.Tensor]:
+    """A weight whose rows' largest outputs tie across panels (and threads: equal columns far
+    apart), with biases that put NaN, inf and -inf into some outputs."""
+    g = torch.Generator().manual_seed(seed)
+    k = 64
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    w[n - 3] = w[7]  # equal columns in the first and the last panel: the first must win
+    w[n // 2] = w[7]
+    b = torch.zeros(n)
+    b[7] = b[n // 2] = b[n - 3] = 50.0  # the tie is each row's maximum (up to rows where x flips it)
+    return _native_linear(w, b.to(torch.bfloat16)), torch.randn(rows, k, generator=g).to(torch.bfloat16), b
+
+
+@pytest.mark.parametrize("rows", [1, 2, 8, 9, 17, 64])
+@pytest.mark.parametrize("n", [100, 4099])
+def test_argmax_is_the_first_largest_of_the_rounded_outputs(rows: int, n: int) -> None:
+    """linear_argmax_bf16 (the lm_head of greedy steps) picks what NumPy's argmax picks of
+    linear_bf16(...).float() — the sampler's greedy choice — ties to the first column, padding
+    columns past n never chosen."""
+    lin, x, _ = _argmax_case(rows, n, rows)
+    want = torch.from_numpy(lin(x).float().numpy().argmax(axis=-1))
+    assert lin.has_argmax
+    got = lin.argmax(x)
+    assert got is not None and got.dtype == torch.int64
+    assert torch.equal(got, want)
+    # the tie itself: rows whose best is one of the equal columns take the first of them
+    tied = lin(x).float()[:, 7] == lin(x).float().amax(dim=-1)
+    assert bool(tied.any()) and bool((got[tied] == 7).all())
+
+
+@pytest.mark.parametrize("special", ["nan", "inf", "-inf"])
+def test_argmax_of_nan_and_infinite_outputs_is_numpys(special: str) -> None:
+    """A NaN output counts as the largest (the first NaN wins), inf beats every number, and a row
+    of nothing but -inf takes column 0: NumPy's argmax, as the sampler's greedy rows."""
+    n = 4099
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(n, 64, generator=g).to(torch.bfloat16)
+    b = torch.zeros(n)
+    if special == "-inf":
+        b[:] = -math.inf
+    else:
+        b[[40, 3000, 4000]] = float(special)
+    lin = _native_linear(w, b.to(torch.bfloat16))
+    x = torch.randn(9, 64, generator=g).to(torch.bfloat16)
+    want = torch.from_numpy(lin(x).float().numpy().argmax(axis=-1))
+    got = lin.argmax(x)
+    assert got is not None and torch.equal(got, want)
+    assert got.tolist() == [0 if special == "-inf" else 40] * 9
+
+
+def test_argmax_is_none_where_the_weight_has_no_native_kernel() -> None:
+    lin = Linear(torch.randn(100, 64).to(torch.bfloat16))  # not packed: torch's F.linear
+    assert not lin.has_argmax and lin.argmax(torch.randn(2, 64).to(torch.bfloat16)) is None

@@ -105,10 +105,17 @@ class ModelRunner:
         sampling = [(row, it) for row, it in zip(last_rows, items, strict=True) if it.sample]
         if not sampling:
             return StepResult([], SamplerOutput([], []), time.perf_counter() - t0, prompt_lps)
-        with self._matmuls(len(sampling)):
-            logits = self.model.logits(hidden[self._on_device(torch.tensor([r for r, _ in sampling]))])
-        forward_s = time.perf_counter() - t0
         rows = [it.sample for _, it in sampling if it.sample is not None]
+        with self._matmuls(len(sampling)):
+            last = hidden[self._on_device(torch.tensor([r for r, _ in sampling]))]
+            # greedy rows that read nothing else of their logits: the lm_head's argmax, logits never stored
+            tokens = self.model.greedy_tokens(last) if self.sampler.takes_argmax(rows) else None
+            logits = self.model.logits(last) if tokens is None else None
+        forward_s = time.perf_counter() - t0
+        if tokens is not None:
+            return StepResult([it.seq_id for _, it in sampling], SamplerOutput(tokens.tolist(), [None] * len(rows)),
+                              forward_s, prompt_lps)
+        assert logits is not None
         out = self.sampler(logits, rows)
         return StepResult([it.seq_id for _, it in sampling], out, forward_s, prompt_lps)
 

@@ -100,6 +100,20 @@ class Sampler:
         # while they sorted); others take the torch ops
         self.native_sample = native_sample
 
+    def takes_argmax(self, rows: list[SampleRow]) -> bool:
+        """Whether every row's token is the argmax of its raw logits, nothing else read of them: greedy,
+        no logprobs, penalties, logit_bias or grammar, and no stop token forbidden yet (min_tokens).
+        Such a step may take the model's `greedy_tokens` in place of logits and this sampler."""
+        return all(r.params.greedy and r.params.logprobs is None and not r.params.uses_penalties
+                   and not r.params.logit_bias and r.matcher is None and not self._forbidden(r) for r in rows)
+
+    def _forbidden(self, r: SampleRow) -> list[int]:
+        """The tokens a row may not take yet: its stop tokens and (unless it ignores EOS) EOS while it
+        has fewer than min_tokens outputs; none for a constrained row, whose grammar decides."""
+        if r.num_output_tokens >= r.params.min_tokens or r.matcher is not None:
+            return []
+        return list(r.params.stop_token_ids or []) + ([] if r.params.ignore_eos else self.eos_token_ids)
+
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SamplerOutput:
         n, vocab = logits.shape
@@ -114,15 +128,8 @@ class Sampler:
                 ids = torch.tensor(list(r.params.logit_bias), dtype=torch.long, device=dev)
                 vals = torch.tensor(list(r.params.logit_bias.values()), dtype=logits.dtype, device=dev)
                 logits[i].index_add_(0, ids, vals)
-        blocked = [  # a grammar decides when a constrained row may stop
-            i for i, r in enumerate(rows)
-            if r.num_output_tokens < r.params.min_tokens and r.matcher is None
-        ]
-        for i in blocked:  # too early to stop: forbid EOS and the request's stop tokens
-            stops = list(rows[i].params.stop_token_ids or [])
-            if not rows[i].params.ignore_eos:
-                stops += self.eos_token_ids
-            if stops:
+        for i, r in enumerate(rows):  # too early to stop: forbid EOS and the request's stop tokens
+            if stops := self._forbidden(r):
                 logits[i, stops] = float("-inf")
         if any(r.matcher is not None for r in rows):
             mask_logits(logits, [r.matcher for r in rows])

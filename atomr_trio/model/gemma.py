@@ -177,3 +177,11 @@ class GemmaModel(LlamaModel):
         out = self.lm_head(self._gemma_norm(hidden.contiguous(), self.final_norm)).float()
         cap = self.cfg.final_logit_softcapping
         return out if cap is None else torch.tanh(out / cap) * cap
+
+    @torch.inference_mode()
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """LlamaModel's, after Gemma's final norm; None with soft-capped logits (two logits that
+        differ may cap to one float32, whose first index would then win)."""
+        if not self.lm_head.has_argmax or self.cfg.final_logit_softcapping is not None:
+            return None
+        return self.lm_head.argmax(self._gemma_norm(hidden.contiguous(), self.final_norm))

@@ -61,11 +61,15 @@ def _probe_native_matmul(dtype: torch.dtype, cfg: ModelConfig) -> str | None:
     for rows in (1, 9):
         w, b, x = _matmul_case(dtype, cfg.hidden_size, rows)
         lin = Linear(w.clone(), b)
-        if not lin.pack_native(k.linear, k.linear_silu_mul):
+        if not lin.pack_native(k.linear, k.linear_silu_mul, k.linear_argmax):
             return "it cannot take this model's weight shapes"
-        bad = _mismatch(lin(x), F.linear(x.float(), w.float(), b.float()), f"linear_bf16, {rows} rows")
+        y = lin(x)
+        bad = _mismatch(y, F.linear(x.float(), w.float(), b.float()), f"linear_bf16, {rows} rows")
         if bad:
             return bad
+        best = lin.argmax(x)
+        if best is not None and not torch.equal(best, y.float().argmax(dim=-1)):
+            return f"linear_argmax_bf16, {rows} rows: not the argmax of linear_bf16's outputs"
         gate_up = Linear(w[:96].clone(), gate_up=True)
         gate_up.pack_native(k.linear, k.linear_silu_mul)
         gate, up = F.linear(x.float(), w[:96].float()).chunk(2, dim=-1)

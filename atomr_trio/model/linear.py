@@ -71,18 +71,20 @@ class Linear:
         self.panels: torch.Tensor | None = None  # the same weight packed for the native kernel
         self._native: NativeLinear | None = None
         self._native_silu_mul: NativeSiluMul | None = None
+        self._native_argmax: NativeLinear | None = None
 
     def pack(self) -> None:
         assert self.weight is not None
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 16)
 
-    def pack_native(self, linear: NativeLinear, silu_mul: NativeSiluMul) -> bool:
-        """Repack for the native bf16 kernel and drop the plain weight; False if it cannot take it."""
+    def pack_native(self, linear: NativeLinear, silu_mul: NativeSiluMul, argmax: NativeLinear | None = None) -> bool:
+        """Repack for the native bf16 kernel and drop the plain weight; False if it cannot take it.
+        `argmax` (the kernel's linear_argmax_bf16), if given, serves `argmax`."""
         w = self.weight
         if w is None or w.dtype != torch.bfloat16 or w.device.type != "cpu" or self.in_features % 2:
             return False
         self.panels = pack_gate_up_panels(w) if self.gate_up else pack_panels(w)
-        self._native, self._native_silu_mul = linear, silu_mul
+        self._native, self._native_silu_mul, self._native_argmax = linear, silu_mul, argmax
         self.weight = None
         return True
 
@@ -90,7 +92,7 @@ class Linear:
         """Multiply by `packed`, this weight quantized by int8.py's `pack_int8`, on linear_int8.cpp's
         ops from now on, and drop the float weight."""
         self.panels = packed
-        self._native, self._native_silu_mul = linear, silu_mul
+        self._native, self._native_silu_mul, self._native_argmax = linear, silu_mul, None
         self.weight, self.packed = None, None
 
     @property
@@ -107,6 +109,20 @@ class Linear:
         if self.packed is not None and x.shape[0] > 1:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+    @property
+    def has_argmax(self) -> bool:
+        """Whether `argmax` runs here (else it returns None)."""
+        return self._native_argmax is not None
+
+    def argmax(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Each row's index of its largest value of `self(x).float()` (the first of equal ones, a NaN
+        above all), found by the native bf16 kernel as it computes the outputs, which it never
+        stores; None where this weight has no such kernel (int8, GGUF blocks, oneDNN, torch)."""
+        if self._native_argmax is None:
+            return None
+        assert self.panels is not None
+        return self._native_argmax(x.reshape(-1, self.in_features), self.panels, self.out_features, self.bias)
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         """silu(x gate^T) * (x up^T) for a gate|up stacked weight."""

@@ -290,7 +290,7 @@ class LlamaModel:
                 continue
             if plan.matmul == "native":
                 assert k is not None and k.linear is not None and k.linear_silu_mul is not None
-                if not lin.pack_native(k.linear, k.linear_silu_mul):
+                if not lin.pack_native(k.linear, k.linear_silu_mul, k.linear_argmax):
                     raise ModelLoadError(f"the native matmul cannot take a {lin.in_features}-wide weight")
             elif plan.matmul == "onednn":
                 lin.pack()
@@ -399,6 +399,17 @@ class LlamaModel:
         """float32 logits [N, vocab] for the given rows of hidden states."""
         _, x = self._add_norm(hidden.contiguous(), None, self.norm)
         return self.lm_head(x).float()
+
+    @torch.inference_mode()
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Each row's index of its largest logit — the token greedy sampling takes of `logits(hidden)`,
+        the first of equal logits — found without storing the logits, where the lm_head's kernel can
+        (native bf16 panels: `Linear.argmax`); else None. A 64-row decode step of the default model
+        (2-core Zen 5, AVX512-BF16): lm_head, logits and argmax 4.8 -> 3.7 ms."""
+        if not self.lm_head.has_argmax:
+            return None
+        _, x = self._add_norm(hidden.contiguous(), None, self.norm)
+        return self.lm_head.argmax(x)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -165,11 +165,12 @@ class QuantLinear(Linear):
         self.panels = None
         self._native = None
         self._native_silu_mul = None
+        self._native_argmax = None
 
     def pack(self) -> None:
         """Nothing to pack: the blocks are the layout."""
 
-    def pack_native(self, linear: NativeLinear, silu_mul: NativeSiluMul) -> bool:
+    def pack_native(self, linear: NativeLinear, silu_mul: NativeSiluMul, argmax: NativeLinear | None = None) -> bool:
         return True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -32,8 +32,10 @@
 #include "prefetch.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -96,6 +98,45 @@ struct Panels {
   }
 };
 
+
+// Each row's best output column so far (linear_argmax_bf16): the largest value, the first column of
+// equal ones, a NaN above every number and the first NaN kept — NumPy's argmax, which the
+// sampler's greedy rows take of the rounded logits. One per row and thread: threads see their
+// columns in ascending order, so `offer` keeps the first of equal values, and `ranks_before`
+// combines the threads' in any order.
+struct Best {
+  float v = 0.f;
+  int64_t i = -1;  // no column yet
+
+  void offer(float f, int64_t col) {
+    if (i < 0 || (std::isnan(f) ? !std::isnan(v) : f > v)) *this = {f, col};
+  }
+  bool ranks_before(const Best& o) const {
+    if (o.i < 0 || i < 0) return i >= 0;
+    const bool nan = std::isnan(v), onan = std::isnan(o.v);
+    if (nan || onan) return nan && (!onan || i < o.i);
+    return v > o.v || (v == o.v && i < o.i);
+  }
+};
+
+// Runs `matmul(epilogue)` with an epilogue that offers each finished value to its row's Best of
+// the running thread (offer(best, m, value_column...) as the build's epilogue calls it), then
+// returns each row's winning column: int64 [M].
+template <typename Run>
+at::Tensor argmax_rows(const at::Tensor& x, Run&& run) {
+  const int64_t M = x.size(0), threads = at::get_num_threads();
+  std::vector<Best> best(static_cast<size_t>(threads * M));
+  run([&](int64_t m0) { return best.data() + at::get_thread_num() * M + m0; });
+  at::Tensor out = at::empty({M}, x.options().dtype(at::kLong));
+  int64_t* op = out.data_ptr<int64_t>();
+  for (int64_t m = 0; m < M; ++m) {
+    Best b;
+    for (int64_t t = 0; t < threads; ++t)
+      if (best[t * M + m].ranks_before(b)) b = best[t * M + m];
+    op[m] = b.i;
+  }
+  return out;
+}
 
 #if defined(__AVX512BF16__)
 
@@ -221,6 +262,56 @@ at::Tensor silu_mul_impl(const at::Tensor& x, const Panels& src, int64_t n) {
     }
   });
   return y;
+}
+
+// linear_impl's products, rounded to bf16 as it stores them, reduced to each row's argmax
+// (Best) in place of being stored: 16 columns compared at once, a scalar pass only where a block
+// holds a NaN.
+at::Tensor argmax_impl(const at::Tensor& x, const Panels& src, int64_t n, const float* bp) {
+  return argmax_rows(x, [&](auto mine) {
+    matmul<kPanel>(x, src, [&](int64_t m0, int mt, int64_t panel, const float* c) {
+      Best* best = mine(m0);
+      __m512 b[kPanel];
+      __mmask16 valid[kPanel];
+      int64_t col[kPanel];
+      for (int j = 0; j < kPanel; ++j) {
+        col[j] = (panel * kPanel + j) * kCols;
+        valid[j] = first_lanes(std::max<int64_t>(0, n - col[j]));
+        b[j] = bp != nullptr ? _mm512_maskz_loadu_ps(valid[j], bp + col[j]) : _mm512_setzero_ps();
+      }
+      const __m512 none = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      for (int m = 0; m < mt; ++m) {
+        __m512 v[kPanel];
+        bool nan = false;
+        for (int j = 0; j < kPanel; ++j) {
+          const __m256bh r = _mm512_cvtneps_pbh(_mm512_add_ps(_mm512_loadu_ps(c + (m * kPanel + j) * kCols), b[j]));
+          const __m512 f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)r), 16));
+          v[j] = _mm512_mask_mov_ps(none, valid[j], f);  // padding columns never win
+          nan |= _mm512_mask_cmp_ps_mask(valid[j], f, f, _CMP_UNORD_Q) != 0;
+        }
+        Best& row = best[m];
+        if (nan) {
+          alignas(64) float lanes[kCols];
+          for (int j = 0; j < kPanel; ++j) {
+            _mm512_store_ps(lanes, v[j]);
+            for (int l = 0; l < kCols && col[j] + l < n; ++l) row.offer(lanes[l], col[j] + l);
+          }
+          continue;
+        }
+        __m512 top = v[0];
+        for (int j = 1; j < kPanel; ++j) top = _mm512_max_ps(top, v[j]);
+        const float t = _mm512_reduce_max_ps(top);
+        if (row.i >= 0 && !(t > row.v)) continue;  // (a NaN kept stays)
+        for (int j = 0; j < kPanel; ++j) {
+          const __mmask16 at = _mm512_mask_cmp_ps_mask(valid[j], v[j], _mm512_set1_ps(t), _CMP_EQ_OQ);
+          if (at != 0) {
+            row = {t, col[j] + __builtin_ctz(at)};
+            break;
+          }
+        }
+      }
+    });
+  });
 }
 
 bool has_bf16_matmul() { return true; }
@@ -565,6 +656,37 @@ at::Tensor silu_mul_impl(const at::Tensor& x, const Panels& src, int64_t n) {
   return y;
 }
 
+// linear_impl's products, rounded to bf16 as it stores them, reduced to each row's argmax
+// (Best) in place of being stored.
+at::Tensor argmax_impl(const at::Tensor& x, const Panels& src, int64_t n, const float* bp) {
+  return argmax_rows(x, [&](auto mine) {
+    matmul_wide<kPanel>(x, src, [&](int64_t m0, int mt, int64_t panel, const float* c) {
+      Best* best = mine(m0);
+      for (int j = 0; j < kPanel; ++j)
+        for (int h = 0; h < 2; ++h) {
+          const int64_t col = (panel * kPanel + j) * kCols + h * 8, valid = std::min<int64_t>(8, n - col);
+          if (valid <= 0) return;  // padding columns of the last panel
+          f8 b = wide::zero();
+          if (bp != nullptr) {
+            alignas(32) float tmp[8] = {};
+            std::memcpy(tmp, bp + col, static_cast<size_t>(valid) * sizeof(float));
+            b = wide::load(tmp);
+          }
+          for (int m = 0; m < mt; ++m) {
+            uint16_t r[8];
+            wide::store_bf16(r, wide::add(wide::load(c + (m * kPanel + j) * kCols + h * 8), b), valid);
+            for (int l = 0; l < valid; ++l) {
+              const uint32_t bits = static_cast<uint32_t>(r[l]) << 16;
+              float f;
+              std::memcpy(&f, &bits, sizeof(float));
+              best[m].offer(f, col + l);
+            }
+          }
+        }
+    });
+  });
+}
+
 bool has_bf16_matmul() { return true; }
 std::string bf16_matmul_isa() { return wide::kIsa; }
 
@@ -575,6 +697,10 @@ at::Tensor linear_impl(const at::Tensor&, const Panels&, int64_t, const float*) 
   return {};
 }
 at::Tensor silu_mul_impl(const at::Tensor&, const Panels&, int64_t) {
+  TORCH_CHECK(false, "the bf16 matmul needs AVX512-BF16, AVX2 + FMA or 64-bit Arm NEON");
+  return {};
+}
+at::Tensor argmax_impl(const at::Tensor&, const Panels&, int64_t, const float*) {
   TORCH_CHECK(false, "the bf16 matmul needs AVX512-BF16, AVX2 + FMA or 64-bit Arm NEON");
   return {};
 }
@@ -599,6 +725,18 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& wp, int64_t n, con
   at::Tensor keep;
   const float* bp = bias_of(bias, n, keep);
   return linear_impl(x.contiguous(), Panels::of(wp, next), n, bp);
+}
+
+// The column of each row's largest output of linear_bf16 (its bf16 values, the first of equal ones,
+// a NaN above all: NumPy's argmax of linear_bf16(...).float()), without storing the outputs.
+at::Tensor linear_argmax_bf16(const at::Tensor& x, const at::Tensor& wp, int64_t n,
+                              const c10::optional<at::Tensor>& bias) {
+  check(x, wp, kPanel);
+  TORCH_CHECK(n > 0 && (n + kPanel * kCols - 1) / (kPanel * kCols) == wp.size(0), "n = ", n,
+              " does not fit ", wp.size(0), " panels");
+  at::Tensor keep;
+  const float* bp = bias_of(bias, n, keep);
+  return argmax_impl(x.contiguous(), Panels::of(wp), n, bp);
 }
 
 at::Tensor linear_silu_mul_bf16(const at::Tensor& x, const at::Tensor& wp, int64_t n,
@@ -645,6 +783,7 @@ bool has_bf16_matmul() { return ::has_bf16_matmul(); }
 TORCH_LIBRARY_FRAGMENT(atomr_trio, m) {
   m.def("linear_bf16(Tensor x, Tensor wp, int n, Tensor? bias) -> Tensor");
   m.def("linear_silu_mul_bf16(Tensor x, Tensor wp, int n) -> Tensor");
+  m.def("linear_argmax_bf16(Tensor x, Tensor wp, int n, Tensor? bias) -> Tensor");
   m.def("has_bf16_matmul() -> bool", &::has_bf16_matmul);
   m.def("bf16_matmul_isa() -> str", &bf16_matmul_isa);
 }
@@ -653,6 +792,7 @@ TORCH_LIBRARY_IMPL(atomr_trio, CPU, m) {
   m.impl("linear_bf16", [](const at::Tensor& x, const at::Tensor& wp, int64_t n, const c10::optional<at::Tensor>& bias) {
     return linear_bf16(x, wp, n, bias);
   });
+  m.impl("linear_argmax_bf16", &linear_argmax_bf16);
   m.impl("linear_silu_mul_bf16",
          [](const at::Tensor& x, const at::Tensor& wp, int64_t n) { return linear_silu_mul_bf16(x, wp, n); });
 }
