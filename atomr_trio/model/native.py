@@ -120,7 +120,7 @@ class Kernels:
     linear_silu_mul: NativeSiluMul | None
     matmul_isa: str = ""  # what `linear` was built for: "avx512bf16", "avx2", "neon", or "" (none)
     # (x, panels, n, bias) -> each row's argmax of linear(x, panels, n, bias).float(), the outputs
-    # never stored (the lm_head of greedy steps); None with `linear`
+    # never stored (the lm_head of greedy steps); the AVX512-BF16 build only (linear_bf16.cpp says why)
     linear_argmax: NativeLinear | None = None
     # int8 matmuls (linear_int8.cpp, every build): see int8.py
     int8_linear: NativeLinear | None = None
@@ -242,7 +242,7 @@ def _load() -> Kernels | None:
     return Kernels(
         ops.paged_decode_attention, ops.add_rms_norm_, ops.rope_store_kv,
         ops.linear_bf16 if isa else None, ops.linear_silu_mul_bf16 if isa else None, isa,
-        linear_argmax=ops.linear_argmax_bf16 if isa else None,
+        linear_argmax=ops.linear_argmax_bf16 if isa == "avx512bf16" else None,
         int8_linear=ops.int8_linear, int8_linear_silu_mul=ops.int8_linear_silu_mul, int8_isa=ops.int8_matmul_isa(),
         quant_linear=ops.quant_linear, quant_linear_silu_mul=ops.quant_linear_silu_mul,
         quant_dequantize=ops.quant_dequantize, quant_int8_x_rows=ops.quant_int8_x_rows(),

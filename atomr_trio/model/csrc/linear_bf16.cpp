@@ -99,6 +99,12 @@ struct Panels {
 };
 
 
+#if defined(__AVX512BF16__)
+
+using atomr_vec::exp_ps;
+using atomr_vec::first_lanes;
+using atomr_prefetch::Ask;
+
 // Each row's best output column so far (linear_argmax_bf16): the largest value, the first column of
 // equal ones, a NaN above every number and the first NaN kept — NumPy's argmax, which the
 // sampler's greedy rows take of the rounded logits. One per row and thread: threads see their
@@ -119,9 +125,8 @@ struct Best {
   }
 };
 
-// Runs `matmul(epilogue)` with an epilogue that offers each finished value to its row's Best of
-// the running thread (offer(best, m, value_column...) as the build's epilogue calls it), then
-// returns each row's winning column: int64 [M].
+// Calls run(mine), whose matmul epilogue offers each finished value to mine(m0)[m], the running
+// thread's Best of row m0 + m; then returns each row's winning column over the threads: int64 [M].
 template <typename Run>
 at::Tensor argmax_rows(const at::Tensor& x, Run&& run) {
   const int64_t M = x.size(0), threads = at::get_num_threads();
@@ -137,12 +142,6 @@ at::Tensor argmax_rows(const at::Tensor& x, Run&& run) {
   }
   return out;
 }
-
-#if defined(__AVX512BF16__)
-
-using atomr_vec::exp_ps;
-using atomr_vec::first_lanes;
-using atomr_prefetch::Ask;
 
 // acc[m][j] = x[m, :] . W[block j] for an MT x PW tile of a panel of PW blocks, stored to
 // c [MT][PW * 16]. For pair p, block j's 16 x 2 weights lie at w + (p * PW + j) * 16.
@@ -656,37 +655,6 @@ at::Tensor silu_mul_impl(const at::Tensor& x, const Panels& src, int64_t n) {
   return y;
 }
 
-// linear_impl's products, rounded to bf16 as it stores them, reduced to each row's argmax
-// (Best) in place of being stored.
-at::Tensor argmax_impl(const at::Tensor& x, const Panels& src, int64_t n, const float* bp) {
-  return argmax_rows(x, [&](auto mine) {
-    matmul_wide<kPanel>(x, src, [&](int64_t m0, int mt, int64_t panel, const float* c) {
-      Best* best = mine(m0);
-      for (int j = 0; j < kPanel; ++j)
-        for (int h = 0; h < 2; ++h) {
-          const int64_t col = (panel * kPanel + j) * kCols + h * 8, valid = std::min<int64_t>(8, n - col);
-          if (valid <= 0) return;  // padding columns of the last panel
-          f8 b = wide::zero();
-          if (bp != nullptr) {
-            alignas(32) float tmp[8] = {};
-            std::memcpy(tmp, bp + col, static_cast<size_t>(valid) * sizeof(float));
-            b = wide::load(tmp);
-          }
-          for (int m = 0; m < mt; ++m) {
-            uint16_t r[8];
-            wide::store_bf16(r, wide::add(wide::load(c + (m * kPanel + j) * kCols + h * 8), b), valid);
-            for (int l = 0; l < valid; ++l) {
-              const uint32_t bits = static_cast<uint32_t>(r[l]) << 16;
-              float f;
-              std::memcpy(&f, &bits, sizeof(float));
-              best[m].offer(f, col + l);
-            }
-          }
-        }
-    });
-  });
-}
-
 bool has_bf16_matmul() { return true; }
 std::string bf16_matmul_isa() { return wide::kIsa; }
 
@@ -700,13 +668,20 @@ at::Tensor silu_mul_impl(const at::Tensor&, const Panels&, int64_t) {
   TORCH_CHECK(false, "the bf16 matmul needs AVX512-BF16, AVX2 + FMA or 64-bit Arm NEON");
   return {};
 }
-at::Tensor argmax_impl(const at::Tensor&, const Panels&, int64_t, const float*) {
-  TORCH_CHECK(false, "the bf16 matmul needs AVX512-BF16, AVX2 + FMA or 64-bit Arm NEON");
-  return {};
-}
 bool has_bf16_matmul() { return false; }
 std::string bf16_matmul_isa() { return ""; }
 
+#endif
+
+#if !defined(__AVX512BF16__)
+// The argmax is AVX512-BF16's alone: in the AVX2 build a scalar reduction of each row's outputs
+// cost what not storing them saves (64 rows of the default model's lm_head, a Zen 5 built for
+// Haswell: 14.7 ms both ways), so greedy steps keep logits and the sampler there (native.py
+// offers linear_argmax only with AVX512-BF16).
+at::Tensor argmax_impl(const at::Tensor&, const Panels&, int64_t, const float*) {
+  TORCH_CHECK(false, "linear_argmax_bf16 needs the AVX512-BF16 build");
+  return {};
+}
 #endif
 
 // bias as float32 (kept alive by `keep`), or nullptr
