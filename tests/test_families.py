@@ -116,6 +116,29 @@ def test_bf16_on_each_kernel_path_stays_close(arch: str, kernel_path: str, famil
     check_bf16_first_token(families[arch], kernel_path)
 
 
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_bf16_plain_greedy_decodes_what_the_logits_path_decodes(arch: str, families: dict[str, Family]) -> None:
+    check_fused_greedy(families[arch])
+
+
+def check_fused_greedy(fam: Family) -> None:
+    """bf16 on the native matmul: plain greedy requests take the lm_head's argmax (the model's
+    `greedy_tokens`, the logits never stored) and decode the tokens that the same requests asking
+    for logprobs (logits and the sampler) decode. One prompt per call: every step holds one
+    sequence in both runs, so their steps are the same."""
+    why = kernel_path_unavailable("native")
+    if why:
+        pytest.skip(f"the native matmul is unavailable here: {why}")
+    plain = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    scored = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
+    with LLM(str(fam.path), dtype="bfloat16", num_kv_blocks=64, block_size=8) as llm:
+        assert llm.stats()["kernels"].startswith("matmul=native")
+        for p in PROMPTS:
+            (fused,) = llm.generate([{"prompt_token_ids": p}], plain, use_tqdm=False)
+            (via_logits,) = llm.generate([{"prompt_token_ids": p}], scored, use_tqdm=False)
+            assert fused.outputs[0].token_ids == via_logits.outputs[0].token_ids, f"{fam.arch}: prompt {p[:4]}..."
+
+
 def check_bf16_first_token(fam: Family, kernel_path: str) -> None:
     """bf16 on the forced kernel path: each prompt's first token equals transformers' float32
     one and its logprob is within 0.1."""

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import kernel_path_unavailable
-from test_families import GREEDY, LLM_ARGS, PROMPTS, Family, check_bf16_first_token
+from test_families import GREEDY, LLM_ARGS, PROMPTS, Family, check_bf16_first_token, check_fused_greedy
 from test_hf_dir import copy_with_config
 
 from atomr_trio import LLM
@@ -240,6 +240,19 @@ def test_bf16_on_each_kernel_path_stays_close(arch: str, kernel_path: str, model
     """bf16 on each CPU kernel path (native panels and oneDNN packing lay out the GeGLU too):
     the first token's logprob stays close to transformers' float32 one."""
     check_bf16_first_token(models[arch], kernel_path)
+
+
+@pytest.mark.parametrize("arch", list(WINDOWED))
+def test_bf16_plain_greedy_decodes_what_the_logits_path_decodes(arch: str, models: dict[str, Family]) -> None:
+    """Soft-capped final logits (these tiny Gemmas) keep the logits path (GemmaModel.greedy_tokens);
+    the others take the lm_head's argmax; both decode what the logits path decodes."""
+    check_fused_greedy(models[arch])
+
+
+def test_gemma3_without_a_final_soft_cap_takes_the_argmax_after_its_own_norm(tmp_path: Path) -> None:
+    """Gemma 3 as released (final_logit_softcapping null): greedy steps take the lm_head's argmax of
+    Gemma's final norm of the hidden states, and decode what the logits path decodes."""
+    check_fused_greedy(Family("gemma3", tmp_path / "gemma3", {"final_logit_softcapping": None}))
 
 
 def test_all_windowed_request_longer_than_the_cache(models: dict[str, Family]) -> None:

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -243,18 +244,14 @@ def test_a_big_input_gives_the_bits_of_a_small_one(widened_excess: dict[str, Any
     assert widened_excess[f"shared copy {op}"]
 
 
-def _argmax_case(rows: int, n: int, seed: int) -> tuple[Linear, torch.Tensor]:
-    """A weight whose rows' largest outputs tie across panels (and threads: equal columns far
-    apart), with biases that put NaN, inf and -inf into some outputs."""
-    g = torch.Generator().manual_seed(seed)
-    k = 64
-    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
-    w[n - 3] = w[7]  # equal columns in the first and the last panel: the first must win
-    w[n // 2] = w[7]
-    b = torch.zeros(n)
-    b[7] = b[n // 2] = b[n - 3] = 50.0  # the tie is each row's maximum (up to rows where x flips it)
-    lin = _with_argmax(_native_linear(w, b.to(torch.bfloat16)))
-    return lin, torch.randn(rows, k, generator=g).to(torch.bfloat16)
+@pytest.fixture(params=[1, 2, 3])
+def threads(request: pytest.FixtureRequest) -> Iterator[int]:
+    """torch's thread count for the test (1: one thread sees every panel; 3: more threads than
+    some matmuls have panels)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
 
 
 def _with_argmax(lin: Linear) -> Linear:
@@ -263,42 +260,73 @@ def _with_argmax(lin: Linear) -> Linear:
     return lin
 
 
+def _argmax_case(rows: int, n: int, seed: int) -> tuple[Linear, torch.Tensor]:
+    """A weight whose rows' largest outputs tie: column 23 (a panel's second block) equals column
+    40 (its third) and two columns in later panels (later threads), each with a bias that makes
+    the tie the row's maximum, so the first of them, 23, must win."""
+    g = torch.Generator().manual_seed(seed)
+    k = 64
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    b = torch.zeros(n)
+    for col in (40, n // 2, n - 3):
+        w[col] = w[23]
+    b[[23, 40, n // 2, n - 3]] = 50.0
+    lin = _with_argmax(_native_linear(w, b.to(torch.bfloat16)))
+    return lin, torch.randn(rows, k, generator=g).to(torch.bfloat16)
+
+
+def _numpy_argmax(lin: Linear, x: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(lin(x).float().numpy().argmax(axis=-1))
+
+
 @pytest.mark.parametrize("rows", [1, 2, 8, 9, 17, 64])
 @pytest.mark.parametrize("n", [100, 4099])
-def test_argmax_is_the_first_largest_of_the_rounded_outputs(rows: int, n: int) -> None:
+def test_argmax_is_the_first_largest_of_the_rounded_outputs(rows: int, n: int, threads: int) -> None:
     """linear_argmax_bf16 (the lm_head of greedy steps) picks what NumPy's argmax picks of
     linear_bf16(...).float() — the sampler's greedy choice — ties to the first column, padding
-    columns past n never chosen."""
+    columns past n never chosen, on any number of threads."""
     lin, x = _argmax_case(rows, n, rows)
-    want = torch.from_numpy(lin(x).float().numpy().argmax(axis=-1))
     got = lin.argmax(x)
     assert got is not None and got.dtype == torch.int64
-    assert torch.equal(got, want)
-    # the tie itself: rows whose best is one of the equal columns take the first of them
-    tied = lin(x).float()[:, 7] == lin(x).float().amax(dim=-1)
-    assert bool(tied.any()) and bool((got[tied] == 7).all())
+    assert torch.equal(got, _numpy_argmax(lin, x))
+    y = lin(x).float()
+    tied = y[:, 23] == y.amax(dim=-1)
+    assert bool(tied.any()) and bool((got[tied] == 23).all())
 
 
-@pytest.mark.parametrize("special", ["nan", "inf", "-inf"])
-def test_argmax_of_nan_and_infinite_outputs_is_numpys(special: str) -> None:
+@pytest.mark.parametrize("special", ["nan", "inf", "-inf", "nan-in-one-row"])
+def test_argmax_of_nan_and_infinite_outputs_is_numpys(special: str, threads: int) -> None:
     """A NaN output counts as the largest (the first NaN wins), inf beats every number, and a row
-    of nothing but -inf takes column 0: NumPy's argmax, as the sampler's greedy rows."""
+    of nothing but -inf takes column 0: NumPy's argmax, as the sampler's greedy rows. In one row
+    only, a NaN in the last panels (the last thread's) beats that row's +inf outputs before it."""
     n = 4099
     g = torch.Generator().manual_seed(3)
     w = torch.randn(n, 64, generator=g).to(torch.bfloat16)
+    x = torch.randn(9, 64, generator=g).to(torch.bfloat16)
     b = torch.zeros(n)
+    want = None
     if special == "-inf":
         b[:] = -math.inf
+        want = [0] * 9
+    elif special == "nan-in-one-row":
+        w[4000, 0] = 0.0  # 0 * inf: NaN in column 4000 of the row whose input 0 is inf; +-inf elsewhere
+        x[4, 0] = math.inf
     else:
         b[[40, 3000, 4000]] = float(special)
+        want = [40] * 9
     lin = _with_argmax(_native_linear(w, b.to(torch.bfloat16)))
-    x = torch.randn(9, 64, generator=g).to(torch.bfloat16)
-    want = torch.from_numpy(lin(x).float().numpy().argmax(axis=-1))
     got = lin.argmax(x)
-    assert got is not None and torch.equal(got, want)
-    assert got.tolist() == [0 if special == "-inf" else 40] * 9
+    assert got is not None and torch.equal(got, _numpy_argmax(lin, x))
+    if want is not None:
+        assert got.tolist() == want
+    else:
+        assert got[4] == 4000 and bool((got[torch.arange(9) != 4] != 4000).all())
 
 
-def test_argmax_is_none_where_the_weight_has_no_native_kernel() -> None:
-    lin = Linear(torch.randn(100, 64).to(torch.bfloat16))  # not packed: torch's F.linear
-    assert not lin.has_argmax and lin.argmax(torch.randn(2, 64).to(torch.bfloat16)) is None
+def test_argmax_runs_only_on_plain_native_panels() -> None:
+    """A gate|up weight (silu panels) and a weight left to torch have no argmax kernel: None."""
+    x = torch.randn(2, 64).to(torch.bfloat16)
+    gate_up = _native_linear(torch.randn(64, 64).to(torch.bfloat16), gate_up=True)
+    plain = Linear(torch.randn(100, 64).to(torch.bfloat16))
+    for lin in (gate_up, plain):
+        assert not lin.has_argmax and lin.argmax(x) is None

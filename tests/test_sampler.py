@@ -251,6 +251,41 @@ def test_min_tokens_leaves_eos_alone_with_ignore_eos() -> None:
     assert sample([logits], [row(params)]) == [EOS]
 
 
+# ---- which steps may take the lm_head's argmax instead of logits ----------------------------------
+ARGMAX_ROWS = [  # (params, outputs so far, constrained, whether the raw argmax is the row's token)
+    (SamplingParams(temperature=0.0), [], False, True),
+    (SamplingParams(temperature=0.0, min_tokens=2, ignore_eos=True), [], False, True),  # nothing forbidden
+    (SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[7]), [1, 1], False, True),  # reached
+    (SamplingParams(temperature=0.0, min_tokens=2), [], False, False),  # EOS forbidden yet
+    (SamplingParams(temperature=0.0, min_tokens=2, ignore_eos=True, stop_token_ids=[7]), [1], False, False),
+    (SamplingParams(temperature=0.0, logprobs=0), [], False, False),  # reads the logits
+    (SamplingParams(temperature=0.0, presence_penalty=0.5), [], False, False),
+    (SamplingParams(temperature=0.0, repetition_penalty=1.2), [], False, False),
+    (SamplingParams(temperature=0.0, logit_bias={5: 1.0}), [], False, False),
+    (SamplingParams(temperature=0.0), [], True, False),  # a grammar masks the logits
+    (SamplingParams(temperature=0.7), [], False, False),  # draws
+]
+
+
+@pytest.mark.parametrize(("params", "output", "constrained", "argmax"), ARGMAX_ROWS)
+def test_takes_argmax_only_where_the_token_is_the_raw_argmax(params: SamplingParams, output: list[int],
+                                                             constrained: bool, argmax: bool) -> None:
+    """`takes_argmax` lets a step skip logits and the sampler (ModelRunner: the lm_head's argmax)
+    only when every row is one whose token is its raw logits' argmax; one row that is not keeps
+    the whole step on logits."""
+    r = row(params, output=output)
+    if constrained:
+        r.matcher = object()  # type: ignore[assignment]  # (only its presence is read)
+    plain = row(SamplingParams(temperature=0.0))
+    sampler = Sampler((EOS,))
+    assert sampler.takes_argmax([plain, r]) is argmax
+    if argmax:  # the sampler itself gives the argmax there
+        g = torch.Generator().manual_seed(len(output))
+        logits = torch.randn(2, V, generator=g)
+        logits[:, EOS] = 9.0  # EOS the best: a row that still forbade it would take another token
+        assert sampler(logits.clone(), [plain, r]).token_ids == logits.argmax(dim=-1).tolist()
+
+
 # ---- logprobs -----------------------------------------------------------------------------
 def test_logprobs_are_raw_log_softmax_with_rank_and_sorted_top() -> None:
     logits = torch.tensor([[0.5, 2.0, -1.0, 1.0, 3.0, 0.0, 0.2, 0.1]])

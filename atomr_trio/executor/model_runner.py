@@ -76,7 +76,7 @@ def fill_placeholders(batch: StepBatch, sampled: dict[int, int]) -> StepBatch:
 class StepResult:
     seq_ids: list[int]  # sampled sequences, in the order of the sampler output
     sampled: SamplerOutput
-    forward_s: float  # seconds spent in the model forward (and logits)
+    forward_s: float  # seconds spent in the model forward and logits (or the lm_head's argmax: greedy_tokens)
     prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)  # by seq_id
 
 

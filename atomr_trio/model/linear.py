@@ -79,12 +79,14 @@ class Linear:
 
     def pack_native(self, linear: NativeLinear, silu_mul: NativeSiluMul, argmax: NativeLinear | None = None) -> bool:
         """Repack for the native bf16 kernel and drop the plain weight; False if it cannot take it.
-        `argmax` (the kernel's linear_argmax_bf16), if given, serves `argmax`."""
+        `argmax` (the kernel's linear_argmax_bf16), if given, serves `argmax` (not for a gate|up
+        weight: its panels are the silu kind)."""
         w = self.weight
         if w is None or w.dtype != torch.bfloat16 or w.device.type != "cpu" or self.in_features % 2:
             return False
         self.panels = pack_gate_up_panels(w) if self.gate_up else pack_panels(w)
-        self._native, self._native_silu_mul, self._native_argmax = linear, silu_mul, argmax
+        self._native, self._native_silu_mul = linear, silu_mul
+        self._native_argmax = None if self.gate_up else argmax
         self.weight = None
         return True
 
@@ -116,9 +118,10 @@ class Linear:
         return self._native_argmax is not None
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Each row's index of its largest value of `self(x).float()` (the first of equal ones, a NaN
-        above all), found by the native bf16 kernel as it computes the outputs, which it never
-        stores; None where this weight has no such kernel (int8, GGUF blocks, oneDNN, torch)."""
+        """For each row of x (flattened to [rows, in_features]), the index of its largest value of
+        `self(x).float()` (the first of equal ones, a NaN above all): int64 [rows], found by the native
+        bf16 kernel as it computes the outputs, which it never stores; None where this weight has no
+        such kernel (int8, GGUF blocks, oneDNN, torch, a gate|up weight)."""
         if self._native_argmax is None:
             return None
         assert self.panels is not None

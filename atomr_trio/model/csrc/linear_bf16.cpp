@@ -15,6 +15,8 @@
 // linear_bf16(x [M, K], wp, n, bias?) -> y [M, n]; wp in panels of 3 blocks (PW = 3)
 // linear_silu_mul_bf16(x [M, K], wp, n) -> silu(x W_gate^T) * (x W_up^T) as [M, n], where wp
 //   has panels of 2 blocks: gate columns 16b..16b+15, then the same up columns (PW = 2).
+// linear_argmax_bf16(x [M, K], wp, n, bias?) -> int64 [M]: each row's column of its largest output of
+//   linear_bf16 (AVX512-BF16 build only), the outputs never stored
 // has_bf16_matmul() -> whether this build has a matmul (else the ops raise and linear.py keeps
 //   oneDNN / ATen); bf16_matmul_isa() -> "avx512bf16", "avx2", "neon" or "" (none): which one.
 // In C++ only (ops.h): linear_bf16_filled / linear_silu_mul_bf16_filled, the same matmuls over
@@ -131,13 +133,18 @@ template <typename Run>
 at::Tensor argmax_rows(const at::Tensor& x, Run&& run) {
   const int64_t M = x.size(0), threads = at::get_num_threads();
   std::vector<Best> best(static_cast<size_t>(threads * M));
-  run([&](int64_t m0) { return best.data() + at::get_thread_num() * M + m0; });
+  run([&](int64_t m0) {
+    const int64_t t = at::get_thread_num();
+    TORCH_CHECK(t < threads, "linear_argmax_bf16: thread ", t, " of ", threads);
+    return best.data() + t * M + m0;
+  });
   at::Tensor out = at::empty({M}, x.options().dtype(at::kLong));
   int64_t* op = out.data_ptr<int64_t>();
   for (int64_t m = 0; m < M; ++m) {
     Best b;
     for (int64_t t = 0; t < threads; ++t)
       if (best[t * M + m].ranks_before(b)) b = best[t * M + m];
+    TORCH_CHECK(b.i >= 0, "linear_argmax_bf16: no thread saw row ", m);
     op[m] = b.i;
   }
   return out;
@@ -692,11 +699,16 @@ const float* bias_of(const c10::optional<at::Tensor>& bias, int64_t n, at::Tenso
   return keep.data_ptr<float>();
 }
 
-at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& wp, int64_t n, const c10::optional<at::Tensor>& bias,
-                       const at::Tensor* next = nullptr) {
+// linear_bf16's and linear_argmax_bf16's checks: x and a plain weight's panels for n outputs
+void check_linear(const at::Tensor& x, const at::Tensor& wp, int64_t n) {
   check(x, wp, kPanel);
   TORCH_CHECK(n > 0 && (n + kPanel * kCols - 1) / (kPanel * kCols) == wp.size(0), "n = ", n,
               " does not fit ", wp.size(0), " panels");
+}
+
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& wp, int64_t n, const c10::optional<at::Tensor>& bias,
+                       const at::Tensor* next = nullptr) {
+  check_linear(x, wp, n);
   at::Tensor keep;
   const float* bp = bias_of(bias, n, keep);
   return linear_impl(x.contiguous(), Panels::of(wp, next), n, bp);
@@ -706,9 +718,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& wp, int64_t n, con
 // a NaN above all: NumPy's argmax of linear_bf16(...).float()), without storing the outputs.
 at::Tensor linear_argmax_bf16(const at::Tensor& x, const at::Tensor& wp, int64_t n,
                               const c10::optional<at::Tensor>& bias) {
-  check(x, wp, kPanel);
-  TORCH_CHECK(n > 0 && (n + kPanel * kCols - 1) / (kPanel * kCols) == wp.size(0), "n = ", n,
-              " does not fit ", wp.size(0), " panels");
+  check_linear(x, wp, n);
   at::Tensor keep;
   const float* bp = bias_of(bias, n, keep);
   return argmax_impl(x.contiguous(), Panels::of(wp), n, bp);
