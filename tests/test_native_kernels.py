@@ -166,7 +166,9 @@ def _prefill_op() -> native.PrefillAttention | None:
      (25, 61, 2, 2, 128, 20, None), (9, 40, 1, 7, 128, 6, 30.0), (5, 1000, 1, 3, 64, None, None),
      (3, 517, 2, 4, 128, None, 50.0), (37, 301, 1, 3, 64, 100, None), (17, 40, 1, 3, 64, 1, None),
      (10, 100, 1, 3, 64, 64, None), (33, 80, 1, 2, 64, 16, None), (33, 80, 1, 2, 64, 15, None),
-     (21, 37, 3, 3, 64, None, 20.0)],
+     (21, 37, 3, 3, 64, None, 20.0),
+     # past 16384 positions (AVX512: each unit lays out its own keys, as with a window)
+     (3, 16400, 1, 3, 64, None, None)],
 )
 def test_prefill_kernel_matches_exact_attention(Q, C, kvh, group, d, window, softcap):
     """bf16 prefill attention over cached keys, causal (with a prefix already cached, a window,
