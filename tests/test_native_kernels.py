@@ -167,8 +167,8 @@ def _prefill_op() -> native.PrefillAttention | None:
      (3, 517, 2, 4, 128, None, 50.0), (37, 301, 1, 3, 64, 100, None), (17, 40, 1, 3, 64, 1, None),
      (10, 100, 1, 3, 64, 64, None), (33, 80, 1, 2, 64, 16, None), (33, 80, 1, 2, 64, 15, None),
      (21, 37, 3, 3, 64, None, 20.0),
-     # past 16384 positions (AVX512: each unit lays out its own keys, as with a window)
-     (3, 16400, 1, 3, 64, None, None)],
+     # past 32 MiB of laid-out keys (each unit lays out its own, as with a window)
+     (2, 16400, 8, 1, 128, None, None)],
 )
 def test_prefill_kernel_matches_exact_attention(Q, C, kvh, group, d, window, softcap):
     """bf16 prefill attention over cached keys, causal (with a prefix already cached, a window,

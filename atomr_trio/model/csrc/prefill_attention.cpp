@@ -13,7 +13,7 @@
 // 16 query tokens), so one row's 16 scores cost D/2 `vdpbf16ps` and no horizontal sums; the
 // softmax runs online (flash-attention style: a running maximum and denominator per row, the
 // accumulator rescaled when the maximum grows), so nothing of size Q x C is materialised.
-// AVX512-BF16: without a window the context's keys are laid out so once per call for all units
+// AVX512-BF16: without a window the context's keys are laid out so once per call for all units (up to kSharedBytes)
 // (each unit laid out every block it sees again: with causal masks ~C/32 times each); a query
 // token's G rows keep their accumulators in registers across up to KC key blocks; the scores of
 // two blocks are computed at once (each broadcast of q serves both, 4G independent chains); the
@@ -28,7 +28,10 @@
 // for the values, per step 2 loads and kRows broadcasts for 2 * kRows FMAs. Measured on the default model,
 // bf16, 2 threads, a whole prefill step (2-core AMD EPYC, Zen 2, AVX2; 3 alternated runs of
 // best-of-3) against torch's SDPA: 2 prompts x 128 tokens 363-373 -> 343-346 ms, one prompt of
-// 1024 tokens 1773-1825 -> 1595-1643 ms. On Arm it runs under emulation (scripts/emulated_arm.sh:
+// 1024 tokens 1773-1825 -> 1595-1643 ms. Here too, without a window, the blocks are laid out once per
+// call for all units (kSharedBytes): a Zen 5 built for Haswell, one layer's attention, 128 tokens
+// 140 -> 122 us, 512 1.91 -> 1.66 ms, 2048 29.8 -> 25.1 ms, same bits (not measured on an AVX2-only
+// CPU). On Arm it runs under emulation (scripts/emulated_arm.sh:
 // results tested, speed not measured).
 //
 // Layouts: q [Q, H, D] (heads contiguous, any token stride); kv [2, KVH, num_slots, D]
@@ -110,6 +113,12 @@ void clear_rows(Scratch& s, int64_t rows) {
   std::fill(s.den.begin(), s.den.begin() + rows, 0.f);
 }
 
+// Without a window every unit's key blocks start at position 0, so each build lays the context's
+// blocks out once per call for all units (shared_keys), up to this many bytes of layout (32 MiB:
+// 16384 positions of 8 KV heads of 128 in the AVX512-BF16 layout, a quarter of that in the float32
+// keys and values of the others).
+constexpr int64_t kSharedBytes = int64_t{32} << 20;
+
 #if defined(__AVX512BF16__)
 
 constexpr int64_t KC = 32;  // key blocks laid out at once (512 keys: ~384 KiB of scratch at D = 128)
@@ -145,16 +154,15 @@ void lay_out_keys(const c10::BFloat16* kh, const int64_t* slots, int64_t k0, int
   }
 }
 
-// Without a window every unit's key blocks start at position 0, so the keys of the whole context
-// are laid out once, [kvh][blocks][D/2][KB], where a unit would lay out each block again for itself
-// (a unit's later blocks hold keys it does not see: its masks leave them out). Up to
-// kSharedKeys positions (the layout is as large as the context's keys); else empty.
-constexpr int64_t kSharedKeys = 16384;
+// The keys of the whole context laid out once, [kvh][blocks][D/2][KB] (see kSharedBytes), where a
+// unit would lay out each block again for itself (a unit's later blocks hold keys it does not see:
+// its masks leave them out); null past kSharedBytes.
 using Keys = std::unique_ptr<uint32_t[], void (*)(void*)>;  // 64-byte aligned (the tiles' loads)
 template <int D>
 Keys shared_keys(const Problem& pb, int64_t kvh) {
-  if (pb.window > 0 || pb.C > kSharedKeys) return Keys(nullptr, std::free);
   const int64_t blocks = (pb.C + KB - 1) / KB, per = (D / 2) * KB;  // (per * 4 bytes: a multiple of 64)
+  if (pb.window > 0 || kvh * blocks * per * static_cast<int64_t>(sizeof(uint32_t)) > kSharedBytes)
+    return Keys(nullptr, std::free);
   Keys keys(static_cast<uint32_t*>(std::aligned_alloc(64, kvh * blocks * per * sizeof(uint32_t))), std::free);
   TORCH_CHECK(keys != nullptr, "prefill_attention: out of memory for the laid-out keys");
   at::parallel_for(0, kvh * blocks, 1, [&](int64_t begin, int64_t end) {
@@ -305,9 +313,55 @@ struct Scratch {
   alignas(32) float kt[D][KB];
   alignas(32) float vf[KB][D];
   std::vector<float> qf, p, acc, mx, den, corr;
+  const float* shared = nullptr;  // every unit's blocks laid out once (shared_keys), if so
+  int64_t shared_blocks = 0;      // ... per KV head
   explicit Scratch(int64_t rows)
       : qf(rows * D), p(rows * KB), acc(rows * D), mx(rows), den(rows), corr(rows) {}
 };
+
+// Keys k0 .. k0+n-1 of one KV head widened and transposed into kt [D][KB] (kt[d * KB + j]: element d
+// of key j), their values widened into vf [KB][D]; lanes and rows n .. KB-1 zero.
+template <int D>
+void lay_out_block(const c10::BFloat16* kh, const c10::BFloat16* vh, const int64_t* slots, int64_t k0, int64_t n,
+                   float* kt, float* vf) {
+  constexpr int NV = D / 8;
+  for (int64_t j = 0; j < KB; ++j) {
+    if (j < n) {
+      const uint16_t* kr = reinterpret_cast<const uint16_t*>(kh + slots[k0 + j] * D);
+      for (int d = 0; d < D; ++d) {
+        const uint32_t bits = static_cast<uint32_t>(kr[d]) << 16;
+        std::memcpy(&kt[d * KB + j], &bits, sizeof(float));
+      }
+      const c10::BFloat16* vr = vh + slots[k0 + j] * D;
+      for (int c = 0; c < NV; ++c) wide::store(vf + j * D + c * 8, wide::load_bf16(vr + c * 8));
+    } else {
+      for (int d = 0; d < D; ++d) kt[d * KB + j] = 0.f;
+      for (int c = 0; c < NV; ++c) wide::store(vf + j * D + c * 8, wide::zero());
+    }
+  }
+}
+
+// The AVX512-BF16 build's shared_keys for this build's blocks (keys and values in float32,
+// [kvh][blocks][kt | vf]); a unit's later blocks hold keys and values it does not see: its
+// numerators there are 0. Null past kSharedBytes.
+using Keys = std::unique_ptr<float[], void (*)(void*)>;
+template <int D>
+Keys shared_keys(const Problem& pb, int64_t kvh) {
+  const int64_t blocks = (pb.C + KB - 1) / KB, per = 2 * KB * D;
+  if (pb.window > 0 || kvh * blocks * per * static_cast<int64_t>(sizeof(float)) > kSharedBytes)
+    return Keys(nullptr, std::free);
+  Keys keys(static_cast<float*>(std::aligned_alloc(64, kvh * blocks * per * sizeof(float))), std::free);
+  TORCH_CHECK(keys != nullptr, "prefill_attention: out of memory for the laid-out keys");
+  at::parallel_for(0, kvh * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t h = w / blocks, k0 = (w % blocks) * KB;
+      float* kt = keys.get() + w * per;
+      lay_out_block<D>(pb.k + h * pb.head_stride, pb.v + h * pb.head_stride, pb.slots, k0,
+                       std::min<int64_t>(KB, pb.C - k0), kt, kt + KB * D);
+    }
+  });
+  return keys;
+}
 
 // out[m * ldo + 0..15] = sum_k x[m * ldx + k] * b[k * ldb + 0..15] for MT rows: the scores
 // (x: query rows, b: kt, K = D); with kAcc, out rows = scale[m] * out rows + numerators x values
@@ -361,26 +415,21 @@ void unit(const Problem& pb, int64_t h, int64_t q0, int64_t q1, Scratch<D>& s) {
   clear_rows<D>(s, rows);
   for (int64_t k0 = u.first; k0 <= u.last; k0 += KB) {
     const int64_t n = std::min<int64_t>(KB, u.last + 1 - k0);
-    for (int64_t j = 0; j < KB; ++j) {  // the key block, widened and transposed; values widened
-      if (j < n) {
-        const uint16_t* kr = reinterpret_cast<const uint16_t*>(u.kh + pb.slots[k0 + j] * D);
-        for (int d = 0; d < D; ++d) {
-          const uint32_t bits = static_cast<uint32_t>(kr[d]) << 16;
-          std::memcpy(&s.kt[d][j], &bits, sizeof(float));
-        }
-        const c10::BFloat16* vr = u.vh + pb.slots[k0 + j] * D;
-        for (int c = 0; c < NV; ++c) wide::store(s.vf[j] + c * 8, wide::load_bf16(vr + c * 8));
-      } else {
-        for (int d = 0; d < D; ++d) s.kt[d][j] = 0.f;
-        for (int c = 0; c < NV; ++c) wide::store(s.vf[j] + c * 8, wide::zero());
-      }
+    // the key block widened and transposed, its values widened: laid out here, or once for all units
+    const float* kt = &s.kt[0][0];
+    const float* vf = &s.vf[0][0];
+    if (s.shared != nullptr) {
+      kt = s.shared + (h * s.shared_blocks + k0 / KB) * 2 * KB * D;
+      vf = kt + KB * D;
+    } else {
+      lay_out_block<D>(u.kh, u.vh, pb.slots, k0, n, &s.kt[0][0], &s.vf[0][0]);
     }
     // the rows that see a key of this block: tokens ilo .. q1-1 (causal: position >= k0)
     const int64_t ilo = std::max(q0, k0 - offset);
     const int64_t r_lo = (ilo - q0) * G;
     for (int64_t r = r_lo; r < rows; r += wide::kRows)
       wide::with_rows(static_cast<int>(std::min<int64_t>(wide::kRows, rows - r)), [&](auto mt) {
-        tile16<mt(), false>(s.qf.data() + r * D, D, &s.kt[0][0], KB, D, s.p.data() + r * KB, KB, nullptr);
+        tile16<mt(), false>(s.qf.data() + r * D, D, kt, KB, D, s.p.data() + r * KB, KB, nullptr);
       });
     for (int64_t r = r_lo; r < rows; ++r) {  // online softmax over the keys row r sees
       const int64_t pos = offset + q0 + r / G;
@@ -426,7 +475,7 @@ void unit(const Problem& pb, int64_t h, int64_t q0, int64_t q1, Scratch<D>& s) {
     for (int64_t r = r_lo; r < rows; r += wide::kRows)  // acc = corr * acc + numerators x values
       wide::with_rows(static_cast<int>(std::min<int64_t>(wide::kRows, rows - r)), [&](auto mt) {
         for (int c = 0; c < D; c += 16)
-          tile16<mt(), true>(s.p.data() + r * KB, KB, &s.vf[0][c], D, KB, s.acc.data() + r * D + c, D,
+          tile16<mt(), true>(s.p.data() + r * KB, KB, vf + c, D, KB, s.acc.data() + r * D + c, D,
                              s.corr.data() + r);
       });
   }
@@ -447,17 +496,13 @@ void run(const Problem& pb, int64_t kvh) {
   const int64_t nqb = (pb.Q + QB - 1) / QB, units = kvh * nqb;
   // Later query blocks see more keys: units are taken first, last, second, second to last ...
   // so that the contiguous ranges parallel_for hands each thread carry similar work.
-#if defined(__AVX512BF16__)
   const Keys keys = shared_keys<D>(pb, kvh);
-#endif
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
     Scratch<D> s(QB * pb.G);
-#if defined(__AVX512BF16__)
     if (keys != nullptr) {
       s.shared = keys.get();
       s.shared_blocks = (pb.C + KB - 1) / KB;
     }
-#endif
     for (int64_t u = begin; u < end; ++u) {
       const int64_t b = u / kvh, h = u % kvh;
       const int64_t qb = b % 2 == 0 ? b / 2 : nqb - 1 - b / 2;
