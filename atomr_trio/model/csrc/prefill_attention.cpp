@@ -119,6 +119,25 @@ void clear_rows(Scratch& s, int64_t rows) {
 // keys and values of the others).
 constexpr int64_t kSharedBytes = int64_t{32} << 20;
 
+// Every block of the context for every KV head laid out once, [kvh][blocks][per] elements of T
+// (64-byte aligned), block (h, k0) of n keys written by lay(h, k0, n, out); null with a window or
+// past kSharedBytes.
+template <typename T, typename Lay>
+std::unique_ptr<T[], void (*)(void*)> lay_out_context(const Problem& pb, int64_t kvh, int64_t per, Lay&& lay) {
+  const int64_t blocks = (pb.C + KB - 1) / KB, bytes = kvh * blocks * per * static_cast<int64_t>(sizeof(T));
+  std::unique_ptr<T[], void (*)(void*)> out(nullptr, std::free);
+  if (pb.window > 0 || bytes > kSharedBytes) return out;
+  out.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));  // (per * sizeof(T): a multiple of 64)
+  TORCH_CHECK(out != nullptr, "prefill_attention: out of memory for the laid-out keys");
+  at::parallel_for(0, kvh * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t h = w / blocks, k0 = (w % blocks) * KB;
+      lay(h, k0, std::min<int64_t>(KB, pb.C - k0), out.get() + w * per);
+    }
+  });
+  return out;
+}
+
 #if defined(__AVX512BF16__)
 
 constexpr int64_t KC = 32;  // key blocks laid out at once (512 keys: ~384 KiB of scratch at D = 128)
@@ -157,21 +176,12 @@ void lay_out_keys(const c10::BFloat16* kh, const int64_t* slots, int64_t k0, int
 // The keys of the whole context laid out once, [kvh][blocks][D/2][KB] (see kSharedBytes), where a
 // unit would lay out each block again for itself (a unit's later blocks hold keys it does not see:
 // its masks leave them out); null past kSharedBytes.
-using Keys = std::unique_ptr<uint32_t[], void (*)(void*)>;  // 64-byte aligned (the tiles' loads)
+using Keys = std::unique_ptr<uint32_t[], void (*)(void*)>;
 template <int D>
 Keys shared_keys(const Problem& pb, int64_t kvh) {
-  const int64_t blocks = (pb.C + KB - 1) / KB, per = (D / 2) * KB;  // (per * 4 bytes: a multiple of 64)
-  if (pb.window > 0 || kvh * blocks * per * static_cast<int64_t>(sizeof(uint32_t)) > kSharedBytes)
-    return Keys(nullptr, std::free);
-  Keys keys(static_cast<uint32_t*>(std::aligned_alloc(64, kvh * blocks * per * sizeof(uint32_t))), std::free);
-  TORCH_CHECK(keys != nullptr, "prefill_attention: out of memory for the laid-out keys");
-  at::parallel_for(0, kvh * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t w = begin; w < end; ++w) {
-      const int64_t h = w / blocks, k0 = (w % blocks) * KB;
-      lay_out_keys<D>(pb.k + h * pb.head_stride, pb.slots, k0, std::min<int64_t>(KB, pb.C - k0), keys.get() + w * per);
-    }
+  return lay_out_context<uint32_t>(pb, kvh, (D / 2) * KB, [&](int64_t h, int64_t k0, int64_t n, uint32_t* out) {
+    lay_out_keys<D>(pb.k + h * pb.head_stride, pb.slots, k0, n, out);
   });
-  return keys;
 }
 
 // The unit (KV head h, query tokens q0 .. q1-1): G * (q1 - q0) rows. Its keys are laid out KC
@@ -347,20 +357,9 @@ void lay_out_block(const c10::BFloat16* kh, const c10::BFloat16* vh, const int64
 using Keys = std::unique_ptr<float[], void (*)(void*)>;
 template <int D>
 Keys shared_keys(const Problem& pb, int64_t kvh) {
-  const int64_t blocks = (pb.C + KB - 1) / KB, per = 2 * KB * D;
-  if (pb.window > 0 || kvh * blocks * per * static_cast<int64_t>(sizeof(float)) > kSharedBytes)
-    return Keys(nullptr, std::free);
-  Keys keys(static_cast<float*>(std::aligned_alloc(64, kvh * blocks * per * sizeof(float))), std::free);
-  TORCH_CHECK(keys != nullptr, "prefill_attention: out of memory for the laid-out keys");
-  at::parallel_for(0, kvh * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t w = begin; w < end; ++w) {
-      const int64_t h = w / blocks, k0 = (w % blocks) * KB;
-      float* kt = keys.get() + w * per;
-      lay_out_block<D>(pb.k + h * pb.head_stride, pb.v + h * pb.head_stride, pb.slots, k0,
-                       std::min<int64_t>(KB, pb.C - k0), kt, kt + KB * D);
-    }
+  return lay_out_context<float>(pb, kvh, 2 * KB * D, [&](int64_t h, int64_t k0, int64_t n, float* out) {
+    lay_out_block<D>(pb.k + h * pb.head_stride, pb.v + h * pb.head_stride, pb.slots, k0, n, out, out + KB * D);
   });
-  return keys;
 }
 
 // out[m * ldo + 0..15] = sum_k x[m * ldx + k] * b[k * ldb + 0..15] for MT rows: the scores
