@@ -119,16 +119,25 @@ void clear_rows(Scratch& s, int64_t rows) {
 // keys and values of the others).
 constexpr int64_t kSharedBytes = int64_t{32} << 20;
 
+// n elements of T, 64-byte aligned (the tiles' aligned loads), uninitialised.
+template <typename T>
+using Aligned = std::unique_ptr<T[], void (*)(void*)>;
+template <typename T>
+Aligned<T> aligned(int64_t n) {
+  const int64_t bytes = (n * static_cast<int64_t>(sizeof(T)) + 63) / 64 * 64;
+  Aligned<T> p(static_cast<T*>(std::aligned_alloc(64, bytes)), std::free);
+  TORCH_CHECK(p != nullptr, "prefill_attention: out of memory for ", bytes, " bytes of scratch");
+  return p;
+}
+
 // Every block of the context for every KV head laid out once, [kvh][blocks][per] elements of T
 // (64-byte aligned), block (h, k0) of n keys written by lay(h, k0, n, out); null with a window or
 // past kSharedBytes.
 template <typename T, typename Lay>
-std::unique_ptr<T[], void (*)(void*)> lay_out_context(const Problem& pb, int64_t kvh, int64_t per, Lay&& lay) {
+Aligned<T> lay_out_context(const Problem& pb, int64_t kvh, int64_t per, Lay&& lay) {
   const int64_t blocks = (pb.C + KB - 1) / KB, bytes = kvh * blocks * per * static_cast<int64_t>(sizeof(T));
-  std::unique_ptr<T[], void (*)(void*)> out(nullptr, std::free);
-  if (pb.window > 0 || bytes > kSharedBytes) return out;
-  out.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));  // (per * sizeof(T): a multiple of 64)
-  TORCH_CHECK(out != nullptr, "prefill_attention: out of memory for the laid-out keys");
+  if (pb.window > 0 || bytes > kSharedBytes) return Aligned<T>(nullptr, std::free);
+  Aligned<T> out = aligned<T>(kvh * blocks * per);
   at::parallel_for(0, kvh * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       const int64_t h = w / blocks, k0 = (w % blocks) * KB;
@@ -146,16 +155,16 @@ constexpr int64_t KC = 32;  // key blocks laid out at once (512 keys: ~384 KiB o
 // each row's accumulator, running maximum and denominator between chunks of KC blocks.
 template <int D>
 struct Scratch {
-  std::unique_ptr<uint32_t[], void (*)(void*)> kp{nullptr, std::free};  // [KC][D/2][KB]: key j's elements 2p, 2p+1
-  std::unique_ptr<float[], void (*)(void*)> vf{nullptr, std::free};     // [KC][KB][D]
+  Aligned<uint32_t> kp{nullptr, std::free};  // [KC][D/2][KB]: key j's elements 2p, 2p+1 (none with `shared`)
+  Aligned<float> vf{nullptr, std::free};     // [KC][KB][D]
   std::vector<float> acc, mx, den;
   const uint32_t* shared = nullptr;  // every unit's keys laid out once (shared_keys), if so
   int64_t shared_blocks = 0;         // ... per KV head
-  explicit Scratch(int64_t rows) : acc(rows * D), mx(rows), den(rows) {
-    kp.reset(static_cast<uint32_t*>(std::aligned_alloc(64, KC * (D / 2) * KB * sizeof(uint32_t))));
-    vf.reset(static_cast<float*>(std::aligned_alloc(64, KC * KB * D * sizeof(float))));
+  explicit Scratch(int64_t rows) : vf(aligned<float>(KC * KB * D)), acc(rows * D), mx(rows), den(rows) {}
+  uint32_t* keys(int64_t b) {  // (allocated on first use: not at all where `shared` serves)
+    if (kp == nullptr) kp = aligned<uint32_t>(KC * (D / 2) * KB);
+    return kp.get() + b * (D / 2) * KB;
   }
-  uint32_t* keys(int64_t b) { return kp.get() + b * (D / 2) * KB; }
   float* values(int64_t b) { return vf.get() + b * KB * D; }
 };
 
@@ -176,7 +185,7 @@ void lay_out_keys(const c10::BFloat16* kh, const int64_t* slots, int64_t k0, int
 // The keys of the whole context laid out once, [kvh][blocks][D/2][KB] (see kSharedBytes), where a
 // unit would lay out each block again for itself (a unit's later blocks hold keys it does not see:
 // its masks leave them out); null past kSharedBytes.
-using Keys = std::unique_ptr<uint32_t[], void (*)(void*)>;
+using Keys = Aligned<uint32_t>;
 template <int D>
 Keys shared_keys(const Problem& pb, int64_t kvh) {
   return lay_out_context<uint32_t>(pb, kvh, (D / 2) * KB, [&](int64_t h, int64_t k0, int64_t n, uint32_t* out) {
@@ -354,7 +363,7 @@ void lay_out_block(const c10::BFloat16* kh, const c10::BFloat16* vh, const int64
 // The AVX512-BF16 build's shared_keys for this build's blocks (keys and values in float32,
 // [kvh][blocks][kt | vf]); a unit's later blocks hold keys and values it does not see: its
 // numerators there are 0. Null past kSharedBytes.
-using Keys = std::unique_ptr<float[], void (*)(void*)>;
+using Keys = Aligned<float>;
 template <int D>
 Keys shared_keys(const Problem& pb, int64_t kvh) {
   return lay_out_context<float>(pb, kvh, 2 * KB * D, [&](int64_t h, int64_t k0, int64_t n, float* out) {
