@@ -96,7 +96,7 @@ class LLM:
             return "LLM(closed)"
         c = self._engine.config
         return (f"LLM(model={self._engine.model_name!r}, dtype={c.dtype}, device={c.device}, "
-                f"max_model_len={c.max_model_len}, kv_blocks={c.num_kv_blocks}x{c.block_size})")
+                f"max_model_len={c.max_model_len}, kv_blocks={c.num_kv_blocks}x{c.resolved_block_size()})")
 
     # ---- generation -------------------------------------------------------------------------
     def generate(

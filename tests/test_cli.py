@@ -172,7 +172,9 @@ def test_python_m_atomr_trio_help() -> None:
     done = subprocess.run([sys.executable, "-m", "atomr_trio", "--help"], capture_output=True, text=True,
                           timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
-    assert "--data-parallel-size" in done.stdout and "tokens per KV block (default: 16)" in done.stdout
+    words = " ".join(done.stdout.split())
+    assert "--data-parallel-size" in words and "tokens per KV block, the unit of cache allocation and prefix " \
+        "reuse (default: 64 on CPU" in words
 
 
 def test_the_model_contract_forbids_every_other_part_of_the_package() -> None:

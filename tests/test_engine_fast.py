@@ -150,7 +150,7 @@ async def test_finished_requests_leave_the_table_and_are_counted_exactly(tiny_so
 async def test_abort_mid_generation_frees_every_block_at_once(tiny_source: ModelSource) -> None:
     params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
     short = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    async with engine_on(tiny_source, enable_prefix_caching=False) as engine:
+    async with engine_on(tiny_source, enable_prefix_caching=False, block_size=16) as engine:
         core, bm = core_of(engine), core_of(engine).block_manager
         other_alone = tokens(await engine.generate_one(prompt(1), short))
         outbox: Outbox[SeqDelta] = Outbox()

@@ -17,6 +17,7 @@ import trio
 
 from atomr_trio import SamplingParams
 from atomr_trio.async_llm import engine_config
+from atomr_trio.engine.engine_config import EngineConfig
 from atomr_trio.engine.memory_plan import MemoryPlanError, plan_kv_cache, weight_bytes
 from atomr_trio.executor import worker as worker_module
 from atomr_trio.executor.context import Context
@@ -246,3 +247,20 @@ def test_the_step_token_budget_defaults_by_device_and_keeps_a_set_one(tiny_sourc
     with pytest.raises(ValueError, match=r"max_prefill_tokens \(128\) exceeds max_num_batched_tokens \(96\):"):
         budget(max_num_batched_tokens=96, max_prefill_tokens=128)
     assert engine_config().max_num_batched_tokens is None  # unresolved: the device decides
+
+
+def test_the_kv_block_size_defaults_by_device_and_keeps_a_set_one(tiny_source: ModelSource, monkeypatch) -> None:
+    def resolved(**settings: object) -> EngineConfig:
+        return engine_config(dtype="float32", device="cpu", **settings).resolve(tiny_source.config)
+
+    # on a CPU 64 tokens: decode attention reads a block's rows in one run, and short runs wait on memory
+    cpu = resolved()
+    assert cpu.block_size == cpu.resolved_block_size() == 64
+    assert resolved(block_size=16).block_size == 16
+    # the default cache is 1 GiB whatever the block size: 4x the tokens per block, a quarter of the blocks
+    assert resolved(block_size=16).num_kv_blocks // 4 == cpu.num_kv_blocks
+    assert cpu.num_kv_blocks * cpu.kv_block_bytes(tiny_source.config) <= 1 << 30
+    assert engine_config().block_size is None  # unresolved: the device decides
+    monkeypatch.setattr(EngineConfig, "resolved_device", lambda self: "cuda:0")
+    assert engine_config().resolved_block_size() == 16  # CUDA keeps 16
+    assert engine_config(block_size=32).resolved_block_size() == 32

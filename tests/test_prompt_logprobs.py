@@ -215,7 +215,7 @@ STORY = ("Once upon a time, in a small village at the edge of a great forest, th
 
 @pytest.mark.real_model
 def test_default_model_in_small_chunks_matches_transformers(make_llm, reference) -> None:
-    llm = make_llm(dtype="float32", max_model_len=2048, num_kv_blocks=1024, max_num_batched_tokens=16)
+    llm = make_llm(dtype="float32", max_model_len=2048, num_kv_blocks=256, max_num_batched_tokens=16)
     ids = llm.get_tokenizer().encode(STORY)
     assert len(ids) > 3 * 16
     out = llm.generate(STORY, SamplingParams(max_tokens=0, prompt_logprobs=2), use_tqdm=False)[0]
@@ -228,7 +228,7 @@ def test_default_model_preempted_matches_transformers(reference) -> None:
     texts = [STORY[: 120 + 40 * i] for i in range(4)]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, prompt_logprobs=1)
     # 12 blocks x 16 = 192 tokens of KV for 4 requests of 50-80 tokens each.
-    with LLM(dtype="float32", max_model_len=512, num_kv_blocks=12, max_num_batched_tokens=32) as llm:
+    with LLM(dtype="float32", max_model_len=512, num_kv_blocks=12, block_size=16, max_num_batched_tokens=32) as llm:
         rows = count_rows(llm)
         outs = llm.generate(texts, params, use_tqdm=False)
         assert llm.stats()["num_preemptions"] > 0

@@ -65,7 +65,8 @@ def test_stop_string_cuts_exactly(llm32: LLM, include: bool) -> None:
 
 def test_n_samples_share_the_prompt_and_differ(llm32: LLM) -> None:
     prompt = ("List three unusual hobbies that people enjoy on weekends, with a reason for each one, "
-              "and say which of them costs the least money and which needs the most free time:")
+              "and say which of them costs the least money and which needs the most free time. " * 5
+              + "Answer:")
     before = llm32.stats()
     out = llm32.generate(prompt, SamplingParams(n=4, temperature=1.0, max_tokens=16, ignore_eos=True),
                          use_tqdm=False)[0]
@@ -75,8 +76,9 @@ def test_n_samples_share_the_prompt_and_differ(llm32: LLM) -> None:
     assert all(len(o.token_ids) == 16 for o in out.outputs)
     assert len(set(texts)) > 1
     # samples 1..3 found sample 0's full prompt blocks in the cache
-    full_blocks = (len(out.prompt_token_ids) - 1) // 16 * 16
-    assert full_blocks >= 32
+    block = llm32.engine.config.resolved_block_size()
+    full_blocks = (len(out.prompt_token_ids) - 1) // block * block
+    assert full_blocks >= 2 * block
     assert after["prefix_cache_hits"] - before["prefix_cache_hits"] >= 3 * full_blocks
 
 

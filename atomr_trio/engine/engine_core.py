@@ -102,7 +102,8 @@ class EngineCore:
         assert cfg.num_kv_blocks and cfg.max_model_len and cfg.max_num_batched_tokens, "resolve cfg first"
         self.cfg = cfg
         window = self.source.config.window_of_every_layer
-        self.block_manager = BlockManager(cfg.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching, window=window)
+        self.block_manager = BlockManager(cfg.num_kv_blocks, cfg.resolved_block_size(), cfg.enable_prefix_caching,
+                                          window=window)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                    cfg.max_prefill_tokens)
         self.requests = RequestTable(self.scheduler, self.block_manager, cfg, self.source.config.vocab_size,

@@ -100,5 +100,5 @@ def provisional_blocks(cfg: EngineConfig, model: ModelConfig, block_bytes: int) 
     plan = plan_kv_cache(total=total, free_at_start=free, weights=weight_bytes(model, itemsize),
                          activations=activation_estimate(model, cfg.max_num_batched_tokens, itemsize),
                          other=0, utilization=cfg.gpu_memory_utilization, block_bytes=block_bytes,
-                         block_tokens=cfg.block_size)
+                         block_tokens=cfg.resolved_block_size())
     return plan.blocks

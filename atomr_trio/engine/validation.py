@@ -70,7 +70,7 @@ def check_request(ids: Sequence[int], params: SamplingParams, config: EngineConf
     longest = min(len(ids) + (max_len if asked is None else asked), max_len)
     if kv_window is not None:  # at most W - 1 older tokens, a chunk and two partial blocks
         assert config.max_prefill_tokens is not None
-        longest = min(longest, kv_window - 1 + config.max_prefill_tokens + 2 * config.block_size)
-    if -(-longest // config.block_size) > blocks:
+        longest = min(longest, kv_window - 1 + config.max_prefill_tokens + 2 * config.resolved_block_size())
+    if -(-longest // config.resolved_block_size()) > blocks:
         raise ValueError(f"the request needs up to {longest} tokens of KV cache; this engine holds "
-                         f"{blocks * config.block_size}")
+                         f"{blocks * config.resolved_block_size()}")

@@ -68,16 +68,17 @@ class Context:
             blocks = self.memory.blocks
         self.num_kv_blocks = blocks
         scratch = 1 if cuda else 0  # one block more on CUDA: the padding rows of graph replays write there
+        bs = cfg.resolved_block_size()
         kv = torch.empty(
-            mc.num_layers, 2, mc.num_kv_heads, (blocks + scratch) * cfg.block_size, mc.head_dim,
+            mc.num_layers, 2, mc.num_kv_heads, (blocks + scratch) * bs, mc.head_dim,
             dtype=cfg.torch_dtype, device=cfg.device,
         )
         advise_huge_pages(kv)  # (CPU only) before the zeros below first touch its pages
         kv.zero_()
-        self.runner = ModelRunner(model, kv, cfg.block_size, sampler, table_op=table_op)
+        self.runner = ModelRunner(model, kv, bs, sampler, table_op=table_op)
         if cuda and table_op is not None and not cfg.enforce_eager and model.graph_safe:
-            graphs = DecodeGraphs(model, kv, cfg.block_size, table_op, capture_sizes(cfg.max_num_seqs),
-                                  -(-cfg.max_model_len // cfg.block_size), blocks * cfg.block_size, cuda=True)
+            graphs = DecodeGraphs(model, kv, bs, table_op, capture_sizes(cfg.max_num_seqs),
+                                  -(-cfg.max_model_len // bs), blocks * bs, cuda=True)
             graphs.capture()
             self.runner.graphs = graphs
 

@@ -69,7 +69,7 @@ def profile_batches(cfg: EngineConfig) -> list[list[BatchItem]]:
     chunk of max_num_batched_tokens tokens ending at max_model_len: its attention reads the whole
     context through a mask). Each sequence writes blocks of its own."""
     assert cfg.max_model_len is not None and cfg.max_num_batched_tokens is not None, "resolve cfg first"
-    bs = cfg.block_size
+    bs = cfg.resolved_block_size()
     sampled = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, logprobs=20, max_tokens=1)
     tokens = min(cfg.max_num_batched_tokens, cfg.max_num_seqs * cfg.max_model_len)
     n = max(1, min(cfg.max_num_seqs, tokens))
@@ -106,9 +106,9 @@ def measure_kv_plan(model: LlamaModel, cfg: EngineConfig, before: GpuMemory, tab
     activations = 0
     for items in profile_batches(cfg):
         blocks = 1 + max(b for it in items for b in it.block_table)
-        scratch = torch.zeros(mc.num_layers, 2, mc.num_kv_heads, blocks * cfg.block_size, mc.head_dim,
+        scratch = torch.zeros(mc.num_layers, 2, mc.num_kv_heads, blocks * cfg.resolved_block_size(), mc.head_dim,
                               dtype=cfg.torch_dtype, device=dev)
-        runner = ModelRunner(model, scratch, cfg.block_size, sampler, table_op=table_op)
+        runner = ModelRunner(model, scratch, cfg.resolved_block_size(), sampler, table_op=table_op)
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         start = torch.cuda.memory_allocated(dev)
@@ -122,7 +122,7 @@ def measure_kv_plan(model: LlamaModel, cfg: EngineConfig, before: GpuMemory, tab
     other = max(0, (before.free - free) - (torch.cuda.memory_reserved(dev) - before.reserved))
     plan = plan_kv_cache(total=total, free_at_start=before.free, weights=weights, activations=activations,
                          other=other, utilization=cfg.gpu_memory_utilization,
-                         block_bytes=cfg.kv_block_bytes(mc), block_tokens=cfg.block_size)
+                         block_bytes=cfg.kv_block_bytes(mc), block_tokens=cfg.resolved_block_size())
     log.info("%s: %s", dev, plan.describe())
     return plan
 

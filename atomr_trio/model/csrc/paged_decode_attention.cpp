@@ -72,10 +72,13 @@ struct Unit {
 // computes fast enough that one unit of lead left it waiting on memory. Measured on a 2-core
 // AMD EPYC (Zen 5), 30 layers' caches on huge pages, 64 sequences x 233 positions, blocks
 // scattered, 3 alternated runs: 10.6-11.1 -> 9.6-10.1 ms (the AVX2 kernel keeps one unit of lead).
-// Measured level there and not taken: the far rows into L2 (locality 2) instead; cache blocks of
-// 32-128 positions instead of 16; and asking for the next layer's rows from the tiles of the
-// MLP matmuls, whose DRAM bandwidth sits mostly idle (all of them: a 64-sequence decode step
-// 33.3-35.3 -> 35.7-37.3 ms; ~40% of them: level, 33.7-34.8 vs 34.0-36.9).
+// Measured level there and not taken: the far rows into L2 (locality 2) instead; and asking for
+// the next layer's rows from the tiles of the MLP matmuls, whose DRAM bandwidth sits mostly idle
+// (all of them: a 64-sequence decode step 33.3-35.3 -> 35.7-37.3 ms; ~40% of them: level,
+// 33.7-34.8 vs 34.0-36.9). Cache blocks of 32-128 positions instead of 16 measured level on
+// caches just large enough for their sequences, but not on a cache of the served size (1 GiB,
+// blocks handed out by its LRU queue): there a block's rows of one head, read in one run, pay,
+// and the CPU default is 64 (engine_config.py has the figures).
 // Every line needs its own request: one line per 128-byte row (the other left to the adjacent-line
 // prefetcher) took 19.4 ms instead of 9.7-9.9, the next units' rows asked for only at the first
 // position of each 16 (the rest left to the stream prefetchers, blocks of 16 or 64 positions)
