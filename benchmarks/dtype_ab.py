@@ -42,7 +42,9 @@ def main() -> None:
     row = SampleRow(SamplingParams(temperature=0), None, None, None, 0)
     contexts = {}
     for dtype in ("bfloat16", "float32"):
-        cfg = EngineConfig(dtype=dtype, max_model_len=1024, num_kv_blocks=64 * 16 + 8).resolve(source.config)
+        settings = EngineConfig(dtype=dtype, max_model_len=1024)
+        per = -(-256 // settings.resolved_block_size())  # blocks for 256 tokens a sequence
+        cfg = settings.model_copy(update={"num_kv_blocks": 64 * per + 8}).resolve(source.config)
         ctx = Context(source, cfg)
         assert ctx.plan is not None
         contexts[dtype] = ctx
@@ -52,7 +54,7 @@ def main() -> None:
         return [rng.randrange(100, 40000) for _ in range(PROMPT)]
 
     def tables(n: int) -> list[list[int]]:
-        return [list(range(i * 16, i * 16 + 16)) for i in range(n)]
+        return [list(range(i * per, (i + 1) * per)) for i in range(n)]
 
     def prefill(ctx: Context, n: int) -> None:
         ctx.runner.execute(StepBatch([BatchItem(i, prompt_ids(), 0, t, row) for i, t in enumerate(tables(n))]))

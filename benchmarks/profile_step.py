@@ -26,15 +26,16 @@ from atomr_trio.sampling_params import SamplingParams
 
 def run(args: argparse.Namespace) -> str:
     source = ModelSource.open(args.model)
-    cfg = EngineConfig(dtype=args.dtype, quantization=args.quantization, max_model_len=1024,
-                       num_kv_blocks=args.batch * 16 + 8).resolve(source.config)
+    settings = EngineConfig(dtype=args.dtype, quantization=args.quantization, max_model_len=1024)
+    per = -(-256 // settings.resolved_block_size())  # blocks for 256 tokens a sequence
+    cfg = settings.model_copy(update={"num_kv_blocks": args.batch * per + 8}).resolve(source.config)
     torch.set_num_threads(cfg.torch_threads or 1)
     ctx = Context(source, cfg)
     runner = ctx.runner
     rng = random.Random(0)
     greedy = SamplingParams(temperature=0)
     row = SampleRow(greedy, None, None, None, 0)
-    tables = [list(range(i * 16, i * 16 + 16)) for i in range(args.batch)]
+    tables = [list(range(i * per, (i + 1) * per)) for i in range(args.batch)]
     prompt = 128
     runner.execute(StepBatch([BatchItem(i, [rng.randrange(100, 40000) for _ in range(prompt)], 0, tables[i], row)
                               for i in range(args.batch)]))

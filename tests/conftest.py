@@ -171,7 +171,7 @@ def make_llm(_llm_cache: dict[tuple, LLM]) -> Callable[..., LLM]:
 @pytest.fixture
 def llm32(make_llm: Callable[..., LLM]) -> LLM:
     """The default model in float32 (token parity with transformers holds in float32)."""
-    return make_llm(dtype="float32", max_model_len=2048, num_kv_blocks=256)  # 256 x 64 tokens
+    return make_llm(dtype="float32", max_model_len=2048, num_kv_blocks=256, block_size=64)
 
 
 class Reference:

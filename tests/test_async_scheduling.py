@@ -29,7 +29,9 @@ MAX_MODEL_LEN = 96
 
 @asynccontextmanager
 async def engine(source: ModelSource, asynchronous: bool, **settings: Any) -> AsyncIterator[AsyncLLM]:
-    settings = {"dtype": "float32", "num_kv_blocks": 64, "max_model_len": MAX_MODEL_LEN, "torch_threads": 1,
+    # 16-token blocks: requests of a few dozen tokens fill blocks while steps are in flight
+    settings = {"dtype": "float32", "num_kv_blocks": 64, "block_size": 16, "max_model_len": MAX_MODEL_LEN,
+                "torch_threads": 1,
                 "async_scheduling": asynchronous, **settings}
     async with open_engine(source, **settings) as llm:
         yield llm

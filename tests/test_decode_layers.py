@@ -21,7 +21,8 @@ from atomr_trio.executor.sampler import SampleRow
 from atomr_trio.model import cpu_kernels, llama, native
 from atomr_trio.model_source import ModelSource
 
-PROMPTS = ["hello there", "a longer prompt that spans more than one block of sixteen tokens", "x", "1 2 3"]
+PROMPTS = ["hello there", ("a longer prompt that spans more than one block of the KV cache,"
+                          " whether a block holds sixteen or sixty-four tokens"), "x", "1 2 3"]
 PARAMS = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=3)
 
 

@@ -65,7 +65,7 @@ def test_llm_works_inside_a_running_asyncio_loop() -> None:
 async def test_abort_frees_blocks_before_the_next_step_and_spares_the_batch() -> None:
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     prompts = ["The history of the printing press", "A recipe for bread:", "The rules of chess are"]
-    async with open_engine(dtype="float32", num_kv_blocks=128, max_model_len=512) as engine:
+    async with open_engine(dtype="float32", num_kv_blocks=128, block_size=16, max_model_len=512) as engine:
         core = core_of(engine)
         alone = [(await engine.generate_one(p, params)).outputs[0].token_ids for p in prompts[1:]]
 
@@ -212,7 +212,7 @@ def test_close_ends_calls_in_flight_with_abort() -> None:
     import threading
     import time
 
-    llm = LLM(dtype="float32", num_kv_blocks=128, max_model_len=4096)
+    llm = LLM(dtype="float32", num_kv_blocks=128, block_size=64, max_model_len=4096)
     long = SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True)
     got: dict[str, object] = {}
 

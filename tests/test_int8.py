@@ -307,7 +307,8 @@ def _float_and_int8(model_dir: Path, prompts: list[str]) -> tuple[list[Any], lis
 
 @needs_native
 def test_every_matrix_is_int8_and_the_tiny_model_stays_close(tiny_model_dir: Path) -> None:
-    prompts = ["hello there", "a longer prompt that spans more than one block of sixteen tokens", "1 2 3"]
+    prompts = ["hello there", ("a longer prompt that spans more than one block of the KV cache,"
+                          " whether a block holds sixteen or sixty-four tokens"), "1 2 3"]
     want, got, (gap, seen) = _float_and_int8(tiny_model_dir, prompts)
     linears = [lin for qkv, o, mlp, _ in seen["layers"] for lin in (qkv, o, *mlp)]
     assert all(lin.int8 and lin.weight is None for lin in [*linears, seen["lm_head"]])

@@ -26,7 +26,8 @@ from atomr_trio.model.config import ModelConfig
 from atomr_trio.model_source import ModelSource
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-PROMPTS = ["hello there", "a longer prompt that spans more than one block of sixteen tokens", "x"]
+PROMPTS = ["hello there", ("a longer prompt that spans more than one block of the KV cache,"
+                          " whether a block holds sixteen or sixty-four tokens"), "x"]
 
 
 @pytest.fixture(scope="module")

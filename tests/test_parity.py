@@ -56,14 +56,14 @@ def test_greedy_parity_on_each_kernel_path(path: str, monkeypatch, reference) ->
     if why:
         pytest.skip(f"{path} kernel path unavailable here: {why}")
     monkeypatch.setenv(cpu_kernels.ENV, path)
-    with LLM(dtype="float32", max_model_len=2048, num_kv_blocks=128) as llm:
+    with LLM(dtype="float32", max_model_len=2048, num_kv_blocks=128, block_size=64) as llm:
         assert llm.stats()["kernels"] == f"matmul=torch, ops={path}"
         outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
         _check(llm, reference, outs)
 
 
 def test_greedy_parity_small_prefill_chunks(make_llm, reference) -> None:
-    llm = make_llm(dtype="float32", max_model_len=2048, num_kv_blocks=256, max_num_batched_tokens=16)
+    llm = make_llm(dtype="float32", max_model_len=2048, num_kv_blocks=256, block_size=64, max_num_batched_tokens=16)
     outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     _check(llm, reference, outs)
     assert max(len(o.prompt_token_ids) for o in outs) > 16  # chunking really happened

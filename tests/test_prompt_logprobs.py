@@ -215,7 +215,7 @@ STORY = ("Once upon a time, in a small village at the edge of a great forest, th
 
 @pytest.mark.real_model
 def test_default_model_in_small_chunks_matches_transformers(make_llm, reference) -> None:
-    llm = make_llm(dtype="float32", max_model_len=2048, num_kv_blocks=256, max_num_batched_tokens=16)
+    llm = make_llm(dtype="float32", max_model_len=2048, num_kv_blocks=256, block_size=64, max_num_batched_tokens=16)
     ids = llm.get_tokenizer().encode(STORY)
     assert len(ids) > 3 * 16
     out = llm.generate(STORY, SamplingParams(max_tokens=0, prompt_logprobs=2), use_tqdm=False)[0]

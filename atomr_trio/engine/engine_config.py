@@ -49,16 +49,18 @@ DEFAULT_CPU_KV_BYTES = 1 << 30
 # 262-263; 64: 286-288 vs 288-290).
 DEFAULT_CPU_PREFILL_TOKENS = 256
 DEFAULT_CUDA_STEP_TOKENS = 2048  # every token of a step on CUDA (max_num_batched_tokens)
-# Tokens per KV block on a CPU. Decode attention reads each sequence's keys and values through its
-# block table, one run of block_size rows per block, KV head and K or V; the blocks of a sequence
-# lie wherever the free queue had them, so at 16 tokens (2 KiB runs for the default model) the
-# reads are short and scattered and the step waits on memory. Measured on the default model
-# (2-core AMD EPYC Zen 5, bf16): decode steps of 64 sequences (context ~250) whose block tables
-# come from simulating the served 1 GiB cache (LRU free queue, 128-token prompts, 128 tokens out),
-# 2 alternated rounds: 16 tokens 32.8 / 33.6 ms, 32 31.0 / 29.6, 64 29.4 / 28.9, 128 30.7 / 31.0;
-# served 64 concurrent (128 in / 128 out, 3 alternated rounds) 1150-1200 -> 1175-1194 tok/s (128:
-# 1156-1263), 16 concurrent 1011-1032 -> 1012-1051. 64 rather than vLLM CPU's 128: a block is
-# also the unit of prefix reuse and of the space a sequence holds beyond its tokens.
+# Tokens per KV block on a CPU. Decode attention reads each sequence's keys and values through
+# its block table: a block's rows of one KV head (K or V) lie adjacent, block_size of them, while
+# the blocks of a sequence lie wherever the free queue had them; at 16 tokens (2 KiB runs for the
+# default model) the reads are short and scattered and the step waits on memory. Measured on the
+# default model (2-core AMD EPYC Zen 5, bf16): decode steps of 64 sequences (context ~250) whose
+# block tables come from simulating the served 1 GiB cache (LRU free queue, 128-token prompts,
+# 128 tokens out), 2 alternated rounds: 16 tokens 32.8 / 33.6 ms, 32 31.0 / 29.6, 64 29.4 / 28.9,
+# 128 30.7 / 31.0; the AVX2 kernels (built for Haswell, same machine) 16 tokens 87.2 / 83.1 ms,
+# 64 83.7 / 80.7; served 64 concurrent (128 in / 128 out, 3 alternated rounds) 1150-1200 ->
+# 1175-1194 tok/s (128: 1156-1263), 16 concurrent 1011-1032 -> 1012-1051. 64 rather than vLLM
+# CPU's 128: a block is also the unit of prefix reuse and of the space a sequence holds beyond
+# its tokens.
 DEFAULT_CPU_BLOCK_SIZE = 64
 DEFAULT_CUDA_BLOCK_SIZE = 16
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -89,8 +91,8 @@ class EngineSettings(BaseModel):
                                        "CPU; on CUDA what gpu_memory_utilization leaves)")
     block_size: int | None = Field(
         default=None, ge=1, le=1024, description="tokens per KV block, the unit of cache allocation and prefix "
-                                                 "reuse (default: 64 on CPU, where longer runs of a context "
-                                                 "lie together in memory for decode attention; 16 on CUDA)")
+                                                 "reuse (default: 64 on CPU, where decode attention then finds "
+                                                 "longer runs of a context's rows adjacent in memory; 16 on CUDA)")
     device: str = Field(
         default="auto", description="where the weights, KV cache and steps live: auto (cuda when torch sees a GPU, "
                                     "else cpu), cpu, cuda or cuda:N; a deployment's replicas on cuda are "
@@ -138,7 +140,8 @@ class EngineOptions(EngineSettings):
     chooses the threads and the replica index is the seed."""
 
     num_kv_blocks: int | None = Field(
-        default=None, ge=1, description="number of KV blocks; overrides kv_cache_memory_bytes")
+        default=None, ge=1, description="number of KV blocks, of block_size tokens each; overrides "
+                                        "kv_cache_memory_bytes")
     enable_prefix_caching: bool = Field(default=True, description="reuse the KV blocks of shared prompt prefixes")
     torch_threads: int | None = Field(default=None, ge=1, description="CPU threads (default: all of this process)")
     seed: int = Field(default=0, description="seeds this engine's own generator for unseeded sampling "
