@@ -253,7 +253,7 @@ def test_the_kv_block_size_defaults_by_device_and_keeps_a_set_one(tiny_source: M
     def resolved(**settings: object) -> EngineConfig:
         return engine_config(dtype="float32", device="cpu", **settings).resolve(tiny_source.config)
 
-    # on a CPU 64 tokens: decode attention reads a block's rows in one run, and short runs wait on memory
+    # on a CPU 64 tokens: a block's rows of one head lie adjacent, and short runs of them wait on memory
     cpu = resolved()
     assert cpu.block_size == cpu.resolved_block_size() == 64
     assert resolved(block_size=16).block_size == 16

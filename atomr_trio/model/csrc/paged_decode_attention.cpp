@@ -77,8 +77,8 @@ struct Unit {
 // (all of them: a 64-sequence decode step 33.3-35.3 -> 35.7-37.3 ms; ~40% of them: level,
 // 33.7-34.8 vs 34.0-36.9). Cache blocks of 32-128 positions instead of 16 measured level on
 // caches just large enough for their sequences, but not on a cache of the served size (1 GiB,
-// blocks handed out by its LRU queue): there longer runs of adjacent rows (a block's of one head) pay,
-// and the CPU default is 64 (engine_config.py has the figures).
+// blocks handed out by its LRU queue): there longer runs of adjacent rows (a block's rows of one
+// head) pay, and the CPU default is 64 (engine_config.py has the figures).
 // Every line needs its own request: one line per 128-byte row (the other left to the adjacent-line
 // prefetcher) took 19.4 ms instead of 9.7-9.9, the next units' rows asked for only at the first
 // position of each 16 (the rest left to the stream prefetchers, blocks of 16 or 64 positions)
