@@ -68,9 +68,10 @@ def check_request(ids: Sequence[int], params: SamplingParams, config: EngineConf
         raise ContextLengthExceeded(len(ids), max_len)
     params.check_for_model(vocab_size)
     longest = min(len(ids) + (max_len if asked is None else asked), max_len)
+    block = config.resolved_block_size()
     if kv_window is not None:  # at most W - 1 older tokens, a chunk and two partial blocks
         assert config.max_prefill_tokens is not None
-        longest = min(longest, kv_window - 1 + config.max_prefill_tokens + 2 * config.resolved_block_size())
-    if -(-longest // config.resolved_block_size()) > blocks:
+        longest = min(longest, kv_window - 1 + config.max_prefill_tokens + 2 * block)
+    if -(-longest // block) > blocks:
         raise ValueError(f"the request needs up to {longest} tokens of KV cache; this engine holds "
-                         f"{blocks * config.resolved_block_size()}")
+                         f"{blocks * block}")

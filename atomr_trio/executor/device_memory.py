@@ -104,11 +104,12 @@ def measure_kv_plan(model: LlamaModel, cfg: EngineConfig, before: GpuMemory, tab
     weights = held_bytes(model)
     mc = model.cfg
     activations = 0
+    bs = cfg.resolved_block_size()
     for items in profile_batches(cfg):
         blocks = 1 + max(b for it in items for b in it.block_table)
-        scratch = torch.zeros(mc.num_layers, 2, mc.num_kv_heads, blocks * cfg.resolved_block_size(), mc.head_dim,
+        scratch = torch.zeros(mc.num_layers, 2, mc.num_kv_heads, blocks * bs, mc.head_dim,
                               dtype=cfg.torch_dtype, device=dev)
-        runner = ModelRunner(model, scratch, cfg.resolved_block_size(), sampler, table_op=table_op)
+        runner = ModelRunner(model, scratch, bs, sampler, table_op=table_op)
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         start = torch.cuda.memory_allocated(dev)
@@ -122,7 +123,7 @@ def measure_kv_plan(model: LlamaModel, cfg: EngineConfig, before: GpuMemory, tab
     other = max(0, (before.free - free) - (torch.cuda.memory_reserved(dev) - before.reserved))
     plan = plan_kv_cache(total=total, free_at_start=before.free, weights=weights, activations=activations,
                          other=other, utilization=cfg.gpu_memory_utilization,
-                         block_bytes=cfg.kv_block_bytes(mc), block_tokens=cfg.resolved_block_size())
+                         block_bytes=cfg.kv_block_bytes(mc), block_tokens=bs)
     log.info("%s: %s", dev, plan.describe())
     return plan
 
