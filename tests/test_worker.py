@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -17,6 +18,7 @@ import trio
 from atomr_trio.async_llm import engine_config
 from atomr_trio.engine.nurseries import unwrapped
 from atomr_trio.engine.sequence import Sequence
+from atomr_trio.executor import worker as worker_module
 from atomr_trio.executor.context import InjectedFault
 from atomr_trio.executor.device_thread import DeviceThreadClosed, open_device_thread
 from atomr_trio.executor.model_runner import BatchItem, StepBatch
@@ -237,3 +239,29 @@ async def test_a_worker_answers_through_its_handle_and_rebuilds_within_its_budge
     with pytest.raises(WorkerStopped):
         await worker.execute(one_step(tiny_source))
     assert not await worker.healthy()
+
+
+async def test_a_rebuild_drops_the_old_context_before_building_the_next(
+        tiny_source: ModelSource, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a rebuild must never need two models' memory at once, even right after the first build
+    # (whose outcome carried the Context through the device thread)
+    cfg = engine_config(None, dtype="float32", num_kv_blocks=16, max_model_len=64,
+                        torch_threads=1).resolve(tiny_source.config)
+    worker = Worker(tiny_source, cfg, "w-drop-first")
+    built: list[weakref.ref[object]] = []
+    old_alive_at_build: list[bool] = []
+    real_context = worker_module.Context
+
+    def building(*args: object) -> object:
+        old_alive_at_build.append(any(ref() is not None for ref in built))
+        ctx = real_context(*args)  # type: ignore[arg-type]
+        built.append(weakref.ref(ctx))
+        return ctx
+
+    monkeypatch.setattr(worker_module, "Context", building)
+    async with trio.open_nursery() as nursery:
+        handle = await nursery.start(worker.run)
+        assert await handle.restart()
+        assert await handle.restart()
+        handle.close()
+    assert old_alive_at_build == [False, False, False] and len(built) == 3

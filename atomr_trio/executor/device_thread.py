@@ -158,6 +158,10 @@ class DeviceThread:
             result = outcome.capture(fn, hand_over)
             hand_over()  # the job did not call it
             held = (deliver, result)
+            # Only `held` keeps the outcome now: once it is posted, nothing here pins what the job
+            # returned while the next job runs (a Context built by the last job, say, that the next
+            # one drops before building its successor).
+            del job, fn, deliver, result
 
     async def run(self, fn: Callable[[], T]) -> T:
         """Run fn() on the device thread and return its result (or raise its exception)."""
