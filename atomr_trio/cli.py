@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.fields import FieldInfo
 
 from .engine.engine_config import EngineSettings, validation_message
+from .executor import heap
 from .model.config import ModelLoadError
 from .model_source import DEFAULT_MODEL_NAME
 from .runtime.deployment_spec import DeploymentSpec
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        trio.run(serve, settings_from_flags(args))
+        trio.run(_serve_process, settings_from_flags(args))
     except (ValueError, ModelLoadError, OSError, tomllib.TOMLDecodeError) as e:
         print(f"atomr_trio: {e}", file=sys.stderr)
         return 2
@@ -144,6 +145,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"atomr_trio: {failed}", file=sys.stderr)
         return 1
     return 0
+
+
+async def _serve_process(settings: ServerSettings) -> None:
+    """`serve` as the whole of this process's work: once it listens (its models built, no request
+    taken yet), the heap it started with leaves the garbage collector's walks (executor/heap.py)."""
+
+    class Listening:  # serve reports its bound URLs through the task_status protocol
+        def started(self, value: object = None) -> None:
+            heap.freeze()
+
+    await serve(settings, task_status=Listening())
 
 
 def settings_from_flags(args: argparse.Namespace) -> ServerSettings:

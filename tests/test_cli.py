@@ -6,6 +6,7 @@ everywhere; an unknown library setting is a TypeError."""
 from __future__ import annotations
 
 import argparse
+import gc
 import subprocess
 import sys
 import tomllib
@@ -16,6 +17,7 @@ import pytest
 from pydantic import ValidationError
 
 import atomr_trio
+import atomr_trio.cli
 from atomr_trio import LLM, open_engine
 from atomr_trio.async_llm import engine_config
 from atomr_trio.cli import main, parser, settings_from_flags, spec_from_flags
@@ -112,6 +114,25 @@ def test_a_refused_value_stops_the_start_naming_its_flag(
     assert main(argv) == 2  # before anything loads: validation comes first
     err = capsys.readouterr().err
     assert err.startswith(f"atomr_trio: {flag}: "), err
+
+
+def test_the_server_process_freezes_its_heap_once_it_listens(monkeypatch: pytest.MonkeyPatch) -> None:
+    # python -m atomr_trio owns its process: once the server listens (models built), the objects
+    # of its start-up leave the garbage collector's walks (executor/heap.py); not before
+    frozen_when: list[tuple[str, bool]] = []
+
+    async def listening_server(settings: ServerSettings, *, task_status: object) -> None:
+        frozen_when.append(("starting", gc.get_freeze_count() > 0))
+        task_status.started(["http://127.0.0.1:8000"])  # type: ignore[attr-defined]
+        frozen_when.append(("listening", gc.get_freeze_count() > 0))
+
+    assert gc.get_freeze_count() == 0
+    monkeypatch.setattr(atomr_trio.cli, "serve", listening_server)
+    try:
+        assert main([]) == 0
+    finally:
+        gc.unfreeze()
+    assert frozen_when == [("starting", False), ("listening", True)]
 
 
 def test_argparse_refuses_what_the_types_refuse(capsys: pytest.CaptureFixture[str]) -> None:

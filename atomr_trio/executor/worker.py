@@ -20,7 +20,6 @@ Invariants:
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from collections import deque
@@ -35,6 +34,7 @@ import trio
 from ..engine.engine_config import EngineConfig
 from ..engine.messages import Board, reply
 from ..model_source import ModelSource
+from . import heap
 from .context import Context, InjectedFault
 from .device_memory import held_bytes
 from .device_thread import DeviceThread, open_device_thread
@@ -144,6 +144,8 @@ class Worker:
         finally:
             self._thread = None
             self.context = None  # the thread is joined: no job can hold it
+            if heap.frozen():  # frozen with the server's heap, a cycle through it would outlive it
+                heap.collect()
             self._close_inbox()
             self._move("stopped")
 
@@ -244,7 +246,7 @@ class Worker:
         def build() -> tuple[Context, int]:
             self.context = None
             self._sampled = None
-            gc.collect()
+            heap.collect()
             ctx = Context(self.source, self.cfg, inject)
             return ctx, context_bytes(ctx)
 
