@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.fields import FieldInfo
 
 from .engine.engine_config import EngineSettings, validation_message
-from .executor import heap
+from .executor import gc_heap
 from .model.config import ModelLoadError
 from .model_source import DEFAULT_MODEL_NAME
 from .runtime.deployment_spec import DeploymentSpec
@@ -148,12 +148,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _serve_process(settings: ServerSettings) -> None:
-    """`serve` as the whole of this process's work: once it listens (its models built, no request
-    taken yet), the heap it started with leaves the garbage collector's walks (executor/heap.py)."""
+    """`serve` as the whole of this process's work: once it listens (its models built), before it
+    carries load, the objects it started with leave the garbage collector's walks (executor/gc_heap.py)."""
 
     class Listening:  # serve reports its bound URLs through the task_status protocol
         def started(self, value: object = None) -> None:
-            heap.freeze()
+            gc_heap.freeze()
 
     await serve(settings, task_status=Listening())
 

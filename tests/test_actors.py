@@ -6,6 +6,8 @@ ends its drain when its last ticket comes back (an event, not a poll)."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -14,6 +16,8 @@ import pytest
 import trio
 import trio.testing
 
+from atomr_trio.executor import gc_heap
+from atomr_trio.executor.context import Context
 from atomr_trio.runtime.deployment import DeploymentUnavailable
 from atomr_trio.runtime.deployment_spec import DeploymentSpec, ServingPolicy
 from atomr_trio.runtime.deployment_state import IllegalTransition, next_state
@@ -165,3 +169,30 @@ async def test_a_drain_ends_when_the_last_ticket_comes_back(tiny_model_dir: Path
         await trio.testing.wait_all_tasks_blocked()  # the manager takes it out of the catalog
         assert runtime.manager.get("tiny") is None
         assert dep.snapshot().replicas[0].state == "stopped"
+
+
+async def test_a_removed_deployment_is_freed_although_the_server_froze_its_heap(tiny_model_dir: Path) -> None:
+    # python -m atomr_trio freezes its heap once it listens (executor/gc_heap.py): a deployment
+    # alive then and removed later must still be freed, a reference cycle through it included
+    before = {id(o) for o in gc.get_objects() if isinstance(o, Context)}
+    assert not gc_heap.frozen() and gc.get_freeze_count() == 0
+    try:
+        async with open_runtime([_tiny(tiny_model_dir)]) as runtime:
+            (ctx,) = [o for o in gc.get_objects() if isinstance(o, Context) and id(o) not in before]
+            ctx.cycle = ctx  # type: ignore[attr-defined]
+            gone = weakref.ref(ctx)
+            del ctx
+            gc_heap.freeze()
+            removed = await runtime.manager.remove("tiny")
+            assert removed is not None
+            dep = runtime.manager.get("tiny")
+            assert dep is not None
+            with trio.fail_after(10):
+                await dep.wait_ended()
+            del dep
+            await trio.testing.wait_all_tasks_blocked()  # the manager takes it out of the catalog
+            assert runtime.manager.get("tiny") is None
+            assert gone() is None
+            assert gc_heap.frozen() and gc.get_freeze_count() > 0, "what survived is frozen again"
+    finally:
+        gc_heap.thaw()

@@ -22,6 +22,7 @@ from atomr_trio import LLM, open_engine
 from atomr_trio.async_llm import engine_config
 from atomr_trio.cli import main, parser, settings_from_flags, spec_from_flags
 from atomr_trio.engine.engine_config import Dtype, EngineConfig, EngineOptions, EngineSettings
+from atomr_trio.executor import gc_heap
 from atomr_trio.model_source import DEFAULT_MODEL_NAME
 from atomr_trio.runtime.deployment_spec import DeploymentSpec
 from atomr_trio.server.serve import ServerSettings
@@ -118,21 +119,22 @@ def test_a_refused_value_stops_the_start_naming_its_flag(
 
 def test_the_server_process_freezes_its_heap_once_it_listens(monkeypatch: pytest.MonkeyPatch) -> None:
     # python -m atomr_trio owns its process: once the server listens (models built), the objects
-    # of its start-up leave the garbage collector's walks (executor/heap.py); not before
-    frozen_when: list[tuple[str, bool]] = []
+    # of its start-up leave the garbage collector's walks (executor/gc_heap.py); not before
+    frozen_when: list[tuple[str, bool, bool]] = []
 
     async def listening_server(settings: ServerSettings, *, task_status: object) -> None:
-        frozen_when.append(("starting", gc.get_freeze_count() > 0))
+        frozen_when.append(("starting", gc_heap.frozen(), gc.get_freeze_count() > 0))
         task_status.started(["http://127.0.0.1:8000"])  # type: ignore[attr-defined]
-        frozen_when.append(("listening", gc.get_freeze_count() > 0))
+        frozen_when.append(("listening", gc_heap.frozen(), gc.get_freeze_count() > 0))
 
-    assert gc.get_freeze_count() == 0
+    assert not gc_heap.frozen() and gc.get_freeze_count() == 0
     monkeypatch.setattr(atomr_trio.cli, "serve", listening_server)
     try:
         assert main([]) == 0
     finally:
-        gc.unfreeze()
-    assert frozen_when == [("starting", False), ("listening", True)]
+        gc_heap.thaw()
+    assert frozen_when == [("starting", False, False), ("listening", True, True)]
+    assert gc.get_freeze_count() == 0
 
 
 def test_argparse_refuses_what_the_types_refuse(capsys: pytest.CaptureFixture[str]) -> None:

@@ -34,7 +34,7 @@ import trio
 from ..engine.engine_config import EngineConfig
 from ..engine.messages import Board, reply
 from ..model_source import ModelSource
-from . import heap
+from . import gc_heap
 from .context import Context, InjectedFault
 from .device_memory import held_bytes
 from .device_thread import DeviceThread, open_device_thread
@@ -144,8 +144,6 @@ class Worker:
         finally:
             self._thread = None
             self.context = None  # the thread is joined: no job can hold it
-            if heap.frozen():  # frozen with the server's heap, a cycle through it would outlive it
-                heap.collect()
             self._close_inbox()
             self._move("stopped")
 
@@ -246,7 +244,7 @@ class Worker:
         def build() -> tuple[Context, int]:
             self.context = None
             self._sampled = None
-            heap.collect()
+            gc_heap.collect()  # a cycle through a frozen Context is freed too
             ctx = Context(self.source, self.cfg, inject)
             return ctx, context_bytes(ctx)
 

@@ -21,6 +21,7 @@ from typing import Any
 import trio
 
 from ..engine.messages import Board, reply
+from ..executor import gc_heap
 from .deployment import Deployment, DeploymentHandle
 from .deployment_spec import DeploymentSpec
 from .deployment_state import DeploymentSnapshot
@@ -139,6 +140,9 @@ class DeploymentManager:
                 del self._deployments[dep.name]
                 self._publish()
                 log.info("deployment %s removed", dep.name)
+            del dep
+            if gc_heap.frozen():  # a cycle through what the server froze at its start is freed too
+                gc_heap.collect()
 
     async def _remove(self, msg: Remove) -> None:
         dep = self._deployments.get(msg.name)
